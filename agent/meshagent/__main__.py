@@ -1,0 +1,3 @@
+from meshagent.cli import main
+
+main()

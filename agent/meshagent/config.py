@@ -1,0 +1,121 @@
+"""Agent configuration: parsing, validation and the -D cflags for the BPF."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshagent.errors import MeshError
+
+DEFAULT_STATE_DIR = Path("/run/meshagent")
+DEFAULT_PORT = 15001
+# "MESH" in ASCII: the SO_MARK of the forwarder's upstream sockets.
+DEFAULT_SKIP_MARK = 0x4D455348
+EXCL_MAX = 256
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What `meshagent run` was asked for."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    cgroup: str | None = None  # None: the cgroup v2 root
+    port: int = DEFAULT_PORT
+    exclude_ports: tuple[int, ...] = ()
+    exclude_cidrs: tuple[str, ...] = ()
+    log_format: str = "text"
+    skip_mark: int = DEFAULT_SKIP_MARK
+    pods_max: int = 1024
+    conns_max: int = 65536
+    check_listener: bool = True
+    debug: bool = False
+    extra_cflags: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_port(self.port, "--port")
+        if self.log_format not in LOG_FORMATS:
+            raise MeshError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if not 16 <= self.conns_max <= 1 << 22:
+            raise MeshError("conns_max must be between 16 and 4194304")
+        if not 1 <= self.pods_max <= 1 << 16:
+            raise MeshError("pods_max must be between 1 and 65536")
+        if not 0 < self.skip_mark < 1 << 32:
+            raise MeshError("skip mark must be a non-zero 32-bit value")
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "agent.sock"
+
+
+def check_port(port: int, what: str = "port") -> int:
+    if not 1 <= port <= 65535:
+        raise MeshError(f"{what}: {port} is not a TCP port (1-65535)")
+    return port
+
+
+def parse_ports(text: str | None) -> tuple[int, ...]:
+    """'22,53,8000-8003' -> (22, 53, 8000, 8001, 8002, 8003)."""
+    if not text:
+        return ()
+    ports: set[int] = set()
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        lo_text, _, hi_text = item.partition("-")
+        try:
+            lo = int(lo_text)
+            hi = int(hi_text) if hi_text else lo
+        except ValueError:
+            raise MeshError(f"--exclude-ports: {item!r} is not a port or a range a-b") from None
+        check_port(lo, "--exclude-ports")
+        check_port(hi, "--exclude-ports")
+        if hi < lo:
+            raise MeshError(f"--exclude-ports: range {item!r} runs backwards")
+        ports.update(range(lo, hi + 1))
+        if len(ports) > EXCL_MAX:
+            raise MeshError(f"--exclude-ports: more than {EXCL_MAX} ports")
+    return tuple(sorted(ports))
+
+
+def parse_cidrs(text: str | None) -> tuple[str, ...]:
+    """'10.96.0.0/12,fd00::/8' -> normalized networks (host bits refused)."""
+    if not text:
+        return ()
+    nets: list[str] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError as exc:
+            raise MeshError(f"--exclude-cidrs: {item!r}: {exc}") from None
+        if str(net) not in nets:
+            nets.append(str(net))
+    if len(nets) > EXCL_MAX:
+        raise MeshError(f"--exclude-cidrs: more than {EXCL_MAX} networks")
+    return tuple(nets)
+
+
+def cidr_lpm_key(cidr: str) -> tuple[int, bytes]:
+    """A network as the mesh_excl_cidr trie keys it: (prefix length over the
+    16-byte form, 16 address bytes); IPv4 as IPv4-mapped (/n -> /96+n)."""
+    net = ipaddress.ip_network(cidr)
+    if net.version == 4:
+        return 96 + net.prefixlen, b"\x00" * 10 + b"\xff\xff" + net.network_address.packed
+    return net.prefixlen, net.network_address.packed
+
+
+def bpf_cflags(cfg: AgentConfig) -> list[str]:
+    """The only way configuration enters the C: -DMESH_* flags."""
+    flags = [
+        f"-DMESH_SKIP_MARK={cfg.skip_mark:#x}",
+        f"-DMESH_PODS_MAX={cfg.pods_max}",
+        f"-DMESH_CONNS_MAX={cfg.conns_max}",
+        f"-DMESH_EXCL_MAX={EXCL_MAX}",
+        f"-DMESH_CHECK_LISTENER={int(cfg.check_listener)}",
+        f"-DMESH_DEBUG={int(cfg.debug)}",
+    ]
+    flags.extend(cfg.extra_cflags)
+    return flags

@@ -1,0 +1,74 @@
+"""Network namespaces by name (/run/netns/NAME): enter, make sockets inside."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from meshagent.errors import MeshError
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_lock = threading.Lock()
+
+
+def path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def exists(name: str) -> bool:
+    return path(name).exists()
+
+
+def open_fd(name: str) -> int:
+    try:
+        return os.open(path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MeshError(f"network namespace {name} does not exist") from None
+
+
+def setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise MeshError(f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def entered(fd: int) -> Iterator[None]:
+    """Run the block with this thread inside the netns given by fd; come back
+    after. Sockets made inside stay in that netns for their whole life."""
+    with _lock:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(fd)
+            try:
+                yield
+            finally:
+                setns(home)
+        finally:
+            os.close(home)
+
+
+def socket_in(fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    with entered(fd):
+        return socket.socket(family, kind)
+
+
+def cookie_of(sock: socket.socket) -> int:
+    """The netns cookie of the namespace a socket lives in (kernel 5.14+)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+    return int.from_bytes(raw, "little")
+
+
+def cookie(fd: int) -> int:
+    with socket_in(fd, socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        return cookie_of(probe)

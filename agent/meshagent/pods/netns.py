@@ -1,0 +1,205 @@
+"""The standalone runtime: a pod is a named netns on the node bridge.
+
+Links, addresses and routes go through pyroute2 only.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+
+from meshagent import cgroup, netns
+from meshagent.errors import MeshError
+from meshagent.pods.model import (
+    NodeConfig,
+    Pod,
+    allocate,
+    host_veth_name,
+    netns_name,
+    validate_name,
+)
+from meshagent.pods.store import PodStore
+
+IFA_F_NODAD = 0x02
+
+
+def _netlink_error(exc: Exception, what: str) -> MeshError:
+    code = getattr(exc, "code", None)
+    reason = os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
+    return MeshError(f"{what}: {reason}")
+
+
+def _ensure_bridge(node: NodeConfig) -> bool:
+    """Make the node bridge with the gateways if absent; True if made now."""
+    from pyroute2 import IPRoute
+
+    net4_len = int(node.cidr4.split("/")[1])
+    net6_len = int(node.cidr6.split("/")[1])
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=node.bridge):
+            return False
+        try:
+            ipr.link("add", ifname=node.bridge, kind="bridge")
+            index = ipr.link_lookup(ifname=node.bridge)[0]
+            ipr.addr("add", index=index, address=node.gateway4, prefixlen=net4_len)
+            ipr.addr(
+                "add", index=index, address=node.gateway6, prefixlen=net6_len, flags=IFA_F_NODAD
+            )
+            ipr.link("set", index=index, state="up")
+        except Exception as exc:
+            _delete_link(node.bridge)
+            raise _netlink_error(exc, f"bridge {node.bridge}") from None
+    return True
+
+
+def _delete_link(ifname: str) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=ifname):
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise
+
+
+def _setup_pod_side(pod: Pod, node: NodeConfig) -> None:
+    from pyroute2 import IPRoute
+
+    net4_len = int(node.cidr4.split("/")[1])
+    net6_len = int(node.cidr6.split("/")[1])
+    with IPRoute(netns=pod.netns, flags=0) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        ipr.addr("add", index=eth0, address=pod.ip4, prefixlen=net4_len)
+        ipr.addr("add", index=eth0, address=pod.ip6, prefixlen=net6_len, flags=IFA_F_NODAD)
+        ipr.link("set", index=eth0, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=node.gateway4)
+        ipr.route("add", dst="::/0", gateway=node.gateway6)
+
+
+def create_pod(
+    store: PodStore, name: str, ip: str | None = None, node: NodeConfig | None = None
+) -> Pod:
+    """Make the pod: netns, veth to the bridge, dual-stack addresses, default
+    routes, a cgroup. Undoes everything it made if any step fails."""
+    from pyroute2 import IPRoute, netns as pyr_netns
+
+    validate_name(name)
+    with store.locked(), ExitStack() as undo:
+        if store.find(name) is not None:
+            raise MeshError(f"pod {name} already exists")
+        ns_name = netns_name(name)
+        if netns.exists(ns_name):
+            raise MeshError(f"pod {name}: network namespace {ns_name} already exists")
+        current = store.node()
+        if current is not None and node is not None and node != current:
+            raise MeshError(
+                f"this node's pods already use {current.bridge} {current.cidr4} {current.cidr6}"
+                f" cgroup {current.cgroup_parent}: delete all pods to change it"
+            )
+        node = current or node or NodeConfig()
+        ip4, ip6 = allocate(node, {p.ip4 for p in store.all()}, ip)
+        cg_root = cgroup.cgroup2_mount()
+        pod = Pod(
+            name=name,
+            netns=ns_name,
+            ip4=ip4,
+            ip6=ip6,
+            host_veth=host_veth_name(name),
+            cgroup=f"{node.cgroup_parent.strip('/')}/{name}",
+            bridge=node.bridge,
+        )
+        if current is None:
+            store.save_node(node)
+            undo.callback(store.drop_node)
+        if _ensure_bridge(node):
+            undo.callback(_delete_link, node.bridge)
+        try:
+            pyr_netns.create(ns_name)
+            undo.callback(pyr_netns.remove, ns_name)
+            with IPRoute() as ipr:
+                ipr.link(
+                    "add",
+                    ifname=pod.host_veth,
+                    kind="veth",
+                    peer={"ifname": "eth0", "net_ns_fd": ns_name},
+                )
+                undo.callback(_delete_link, pod.host_veth)
+                index = ipr.link_lookup(ifname=pod.host_veth)[0]
+                bridge = ipr.link_lookup(ifname=node.bridge)[0]
+                ipr.link("set", index=index, master=bridge, state="up")
+            _setup_pod_side(pod, node)
+        except MeshError:
+            raise
+        except Exception as exc:
+            raise _netlink_error(exc, f"pod {name}") from None
+        cg_path = cgroup.create(cg_root / pod.cgroup)
+        undo.callback(cgroup.remove, cg_path)
+        store.save(pod)
+        undo.pop_all()
+        return pod
+
+
+def delete_pod(store: PodStore, name: str) -> Pod:
+    """Kill the pod's processes, remove its cgroup, netns, veth and record;
+    the bridge and node record go with the last pod."""
+    from pyroute2 import netns as pyr_netns
+
+    with store.locked():
+        pod = store.get(name)
+        cgroup.remove(cgroup.resolve(pod.cgroup, must_exist=False))
+        if netns.exists(pod.netns):
+            pyr_netns.remove(pod.netns)
+        _delete_link(pod.host_veth)
+        store.drop(name)
+        if not store.all():
+            node = store.node()
+            if node is not None:
+                _delete_link(node.bridge)
+                _remove_empty_parents(node)
+            store.drop_node()
+    if not store.all():
+        store.cleanup_dirs()
+    return pod
+
+
+def _remove_empty_parents(node: NodeConfig) -> None:
+    root = cgroup.cgroup2_mount()
+    parts = node.cgroup_parent.strip("/").split("/")
+    for depth in range(len(parts), 0, -1):
+        path = root.joinpath(*parts[:depth])
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
+def enter_fn(pod: Pod) -> Callable[[], None]:
+    """A preexec_fn: join the pod's cgroup and network namespace."""
+    cg_procs = str(cgroup.cgroup2_mount() / pod.cgroup / "cgroup.procs")
+    ns_path = str(netns.path(pod.netns))
+
+    def enter() -> None:
+        with open(cg_procs, "w") as procs:
+            procs.write("0\n")
+        fd = os.open(ns_path, os.O_RDONLY)
+        netns.setns(fd)
+        os.close(fd)
+
+    return enter
+
+
+def popen(pod: Pod, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+    """Start argv inside the pod (its netns and cgroup)."""
+    if not netns.exists(pod.netns):
+        raise MeshError(f"pod {pod.name}: network namespace {pod.netns} is gone")
+    try:
+        return subprocess.Popen(list(argv), preexec_fn=enter_fn(pod), **kwargs)
+    except FileNotFoundError:
+        raise MeshError(f"pod {pod.name}: command not found: {argv[0]}") from None

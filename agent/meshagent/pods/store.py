@@ -1,0 +1,88 @@
+"""Pod records under the state dir, shared by the CLI and the agent."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from meshagent.errors import MeshError
+from meshagent.pods.model import NodeConfig, Pod, validate_name
+
+
+class PodStore:
+    """state_dir/node.json and state_dir/pods/NAME.json, under a flock."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = Path(state_dir)
+        self.pods_dir = self.state_dir / "pods"
+        self.node_file = self.state_dir / "node.json"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        self.pods_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd = os.open(self.state_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def node(self) -> NodeConfig | None:
+        try:
+            return NodeConfig(**json.loads(self.node_file.read_text()))
+        except FileNotFoundError:
+            return None
+
+    def save_node(self, node: NodeConfig) -> None:
+        _write_json(self.node_file, node.to_dict())
+
+    def drop_node(self) -> None:
+        self.node_file.unlink(missing_ok=True)
+
+    def get(self, name: str) -> Pod:
+        validate_name(name)
+        try:
+            return Pod(**json.loads((self.pods_dir / f"{name}.json").read_text()))
+        except FileNotFoundError:
+            raise MeshError(f"pod {name}: no such pod (see `meshagent pod list`)") from None
+
+    def find(self, name: str) -> Pod | None:
+        try:
+            return self.get(name)
+        except MeshError:
+            return None
+
+    def save(self, pod: Pod) -> None:
+        _write_json(self.pods_dir / f"{pod.name}.json", pod.to_dict())
+
+    def drop(self, name: str) -> None:
+        (self.pods_dir / f"{name}.json").unlink(missing_ok=True)
+
+    def all(self) -> list[Pod]:
+        if not self.pods_dir.is_dir():
+            return []
+        pods = []
+        for path in sorted(self.pods_dir.glob("*.json")):
+            try:
+                pods.append(Pod(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        return pods
+
+    def cleanup_dirs(self) -> None:
+        """Remove the state dir's pod parts once no pod is left."""
+        for path in (self.pods_dir, self.state_dir / ".lock"):
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:
+                pass
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

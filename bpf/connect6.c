@@ -1,0 +1,31 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* cgroup/connect6: the IPv6 twin of connect4.c. A destination given as
+ * IPv4-mapped (::ffff:a.b.c.d, a dual-stack socket reaching IPv4) is steered
+ * to ::ffff:127.0.0.1, the IPv4 listener; any other to [::1]:<port>.
+ * Must never: fail a connect, steer the forwarder's upstream, steer when
+ * nobody listens. Minimum kernel: 5.7. */
+#include "include/steer.h"
+
+int mesh_connect6(struct bpf_sock_addr *ctx)
+{
+	struct mesh_addr dst;
+	__u16 port;
+
+	dst.a[0] = ctx->user_ip6[0];
+	dst.a[1] = ctx->user_ip6[1];
+	dst.a[2] = ctx->user_ip6[2];
+	dst.a[3] = ctx->user_ip6[3];
+	port = mesh_steer(ctx, &dst, bpf_ntohs(ctx->user_port));
+	if (!port)
+		return 1;
+	if (mesh_addr_is_mapped(&dst)) {
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(port);
+	return 1;
+}

@@ -1,0 +1,58 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Configuration: every knob enters as a -DMESH_* cflag built by
+ * meshagent.config.bpf_cflags(); each has a default here. */
+#ifndef MESH_CONFIG_H
+#define MESH_CONFIG_H
+
+/* The forwarder's upstream sockets carry this SO_MARK: never steered. */
+#ifndef MESH_SKIP_MARK
+#define MESH_SKIP_MARK 0x4d455348
+#endif
+
+/* Capacity of the attached-pod map. */
+#ifndef MESH_PODS_MAX
+#define MESH_PODS_MAX 1024
+#endif
+
+/* Capacity of the original-destination maps (connections in flight). */
+#ifndef MESH_CONNS_MAX
+#define MESH_CONNS_MAX 65536
+#endif
+
+/* Capacity of the excluded port and CIDR maps. */
+#ifndef MESH_EXCL_MAX
+#define MESH_EXCL_MAX 256
+#endif
+
+/* Kernel-side fail-open: look for the pod's listener before rewriting. */
+#ifndef MESH_CHECK_LISTENER
+#define MESH_CHECK_LISTENER 1
+#endif
+
+/* Debug printing compiles out unless asked for. */
+#ifndef MESH_DEBUG
+#define MESH_DEBUG 0
+#endif
+
+/* Kernel ABI constants (from linux/socket.h, linux/in.h, linux/net.h),
+ * spelled out so the programs need no more headers than BCC's. */
+#define MESH_AF_INET 2
+#define MESH_AF_INET6 10
+#define MESH_SOCK_STREAM 1
+#define MESH_IPPROTO_TCP 6
+
+#if MESH_CONNS_MAX < 16
+#error "MESH_CONNS_MAX must be at least 16"
+#endif
+
+#ifndef barrier_var
+#define barrier_var(var) asm volatile("" : "+r"(var))
+#endif
+
+#if MESH_DEBUG
+#define mesh_dbg(fmt, ...) bpf_trace_printk(fmt, ##__VA_ARGS__)
+#else
+#define mesh_dbg(fmt, ...) do { } while (0)
+#endif
+
+#endif /* MESH_CONFIG_H */

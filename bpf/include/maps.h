@@ -1,0 +1,63 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Every map of meshagent, defined once. Names: mesh_*, at most 15 chars.
+ * Python names them through meshagent.names.MAPS (a test checks both). */
+#ifndef MESH_MAPS_H
+#define MESH_MAPS_H
+
+#include "config.h"
+#include "reasons.h"
+
+/* An address in 16 bytes: IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d),
+ * so one key shape serves both families. Network byte order. */
+struct mesh_addr {
+	__u32 a[4];
+};
+
+/* Value of mesh_pods: what an attached pod's netns gets. */
+struct mesh_pod {
+	__u32 pod_id;        /* the agent's id for the pod */
+	__u16 port;          /* forwarder listener port, host order */
+	__u16 flags;         /* reserved (per-pod policy) */
+};
+
+/* An original destination, as the application asked for it. */
+struct mesh_orig {
+	struct mesh_addr addr;  /* destination address */
+	__u16 port;             /* destination port, host order */
+	__u16 pad;
+	__u32 pod_id;
+	__u64 netns;            /* netns cookie of the pod */
+};
+
+/* Key of mesh_orig_tup: the client end of a steered connection, as the
+ * forwarder sees it from the accepted socket's peer. */
+struct mesh_tuple {
+	__u64 netns;
+	struct mesh_addr addr;  /* client address */
+	__u16 port;             /* client port, host order */
+	__u16 pad1;
+	__u32 pad2;
+};
+
+struct mesh_lpm_key {
+	__u32 prefixlen;
+	struct mesh_addr addr;
+};
+
+/* netns cookie -> pod: the set of attached pods. */
+BPF_HASH(mesh_pods, __u64, struct mesh_pod, MESH_PODS_MAX);
+/* socket cookie -> original destination, between connect() and established. */
+BPF_TABLE("lru_hash", __u64, struct mesh_orig, mesh_orig_sk, MESH_CONNS_MAX);
+/* client 4-tuple half -> original destination, until the connection closes. */
+BPF_HASH(mesh_orig_tup, struct mesh_tuple, struct mesh_orig, MESH_CONNS_MAX);
+/* excluded destination ports (host order) and CIDRs. */
+BPF_HASH(mesh_excl_port, __u16, __u8, MESH_EXCL_MAX);
+BPF_LPM_TRIE(mesh_excl_cidr, struct mesh_lpm_key, __u8, MESH_EXCL_MAX);
+/* [0]: live entries of mesh_orig_tup, kept by the hooks. */
+BPF_ARRAY(mesh_state, __u64, 4);
+/* per-CPU decision counters, index reason * MESH_DIR_MAX + direction. */
+BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX * MESH_DIR_MAX);
+
+#define MESH_STATE_TUP_LIVE 0
+
+#endif /* MESH_MAPS_H */

@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Why a hook did what it did. APPEND ONLY: never renumber or reuse a value,
+ * Python (meshagent.names.REASONS) and dashboards depend on them. */
+#ifndef MESH_REASONS_H
+#define MESH_REASONS_H
+
+#define MESH_REASON_STEERED       0  /* connect rewritten to the pod's listener */
+#define MESH_REASON_NOT_ATTACHED  1  /* socket's netns is not an attached pod */
+#define MESH_REASON_NOT_TCP       2  /* not a TCP stream socket */
+#define MESH_REASON_LOOPBACK      3  /* destination is loopback */
+#define MESH_REASON_EXCL_PORT     4  /* destination port is excluded */
+#define MESH_REASON_EXCL_CIDR     5  /* destination address is excluded */
+#define MESH_REASON_SKIP_MARK     6  /* the forwarder's own upstream socket */
+#define MESH_REASON_NO_LISTENER   7  /* fail-open: no forwarder listening in the pod */
+#define MESH_REASON_MAP_FULL      8  /* fail-open: original-destination map full */
+#define MESH_REASON_REKEYED       9  /* sock_ops stored the original dst by 4-tuple */
+#define MESH_REASON_REKEY_MISS   10  /* sock_ops found no original dst by cookie */
+#define MESH_REASON_CLOSED       11  /* a steered connection closed, entry removed */
+#define MESH_REASON_INTERNAL     12  /* fail-open: an unexpected internal error */
+
+#define MESH_REASON_MAX          13  /* one past the last reason */
+
+#define MESH_DIR_EGRESS 0
+#define MESH_DIR_INGRESS 1
+#define MESH_DIR_MAX 2
+
+#endif /* MESH_REASONS_H */

@@ -1,0 +1,91 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* sock_ops: when a steered connection is established (the client's active
+ * side), move its original destination from the socket-cookie map to the
+ * 4-tuple map, keyed by (netns cookie, client address, client port), so the
+ * forwarder finds it from the accepted socket's peer; delete it when the
+ * client socket closes.
+ * Must never: affect a socket that was not steered (it only reads maps).
+ * Minimum kernel: 5.15 (bpf_get_netns_cookie in sock_ops programs). */
+#include "include/maps.h"
+#include "include/metrics.h"
+#include "include/addr.h"
+
+static __always_inline void mesh_client_key(struct bpf_sock_ops *skops,
+					    struct mesh_tuple *key)
+{
+	/* Each field is read on its own path: the verifier refuses a context
+	 * load through a pointer that the compiler merged across branches. */
+	if (skops->family == MESH_AF_INET) {
+		__u32 ip4 = skops->local_ip4;
+
+		barrier_var(ip4);
+		mesh_addr_from4(&key->addr, ip4);
+	} else {
+		__u32 a0 = skops->local_ip6[0], a1 = skops->local_ip6[1];
+		__u32 a2 = skops->local_ip6[2], a3 = skops->local_ip6[3];
+
+		barrier_var(a3);
+		key->addr.a[0] = a0;
+		key->addr.a[1] = a1;
+		key->addr.a[2] = a2;
+		key->addr.a[3] = a3;
+	}
+	key->port = (__u16)skops->local_port;
+}
+
+static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
+{
+	__u32 live_idx = MESH_STATE_TUP_LIVE;
+	struct mesh_tuple key = {};
+	struct mesh_orig *found;
+	struct mesh_orig orig;
+	__u64 cookie, *live;
+
+	cookie = bpf_get_socket_cookie(skops);
+	found = mesh_orig_sk.lookup(&cookie);
+	if (!found)
+		return;
+	orig = *found;
+	mesh_orig_sk.delete(&cookie);
+	key.netns = orig.netns;
+	mesh_client_key(skops, &key);
+	if (mesh_orig_tup.update(&key, &orig)) {
+		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
+		return;
+	}
+	live = mesh_state.lookup(&live_idx);
+	if (live)
+		__sync_fetch_and_add(live, 1);
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	mesh_count(MESH_REASON_REKEYED, MESH_DIR_EGRESS);
+}
+
+static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
+{
+	__u32 live_idx = MESH_STATE_TUP_LIVE;
+	struct mesh_tuple key = {};
+	__u64 *live;
+
+	key.netns = bpf_get_netns_cookie(skops);
+	mesh_client_key(skops, &key);
+	if (mesh_orig_tup.delete(&key))
+		return;
+	live = mesh_state.lookup(&live_idx);
+	if (live)
+		__sync_fetch_and_add(live, -1);
+	mesh_count(MESH_REASON_CLOSED, MESH_DIR_EGRESS);
+}
+
+int mesh_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		mesh_rekey(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			mesh_forget(skops);
+		break;
+	}
+	return 1;
+}
