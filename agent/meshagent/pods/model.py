@@ -104,12 +104,16 @@ def allocate(node: NodeConfig, used4: set[str], wanted: str | None = None) -> tu
         if ip.version != 4 or ip not in net4:
             raise MeshError(f"--ip {wanted}: not in the pod network {node.cidr4}")
         if ip in (net4.network_address, net4.broadcast_address, gateway):
-            raise MeshError(f"--ip {wanted}: reserved in {node.cidr4} (network, gateway or broadcast)")
+            raise MeshError(
+                f"--ip {wanted}: reserved in {node.cidr4} (network, gateway or broadcast)"
+            )
         if str(ip) in used4:
             raise MeshError(f"--ip {wanted}: already used by another pod")
     else:
         ip = next((h for h in net4.hosts() if h != gateway and str(h) not in used4), None)
         if ip is None:
-            raise MeshError(f"pod network {node.cidr4} is exhausted: delete a pod or use a larger --pod-cidr")
+            raise MeshError(
+                f"pod network {node.cidr4} is exhausted: delete a pod or use a larger --pod-cidr"
+            )
     index = int(ip) - int(net4.network_address)
     return str(ip), str(net6.network_address + index)

@@ -10,6 +10,7 @@ import os
 import subprocess
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from meshagent import cgroup, netns
 from meshagent.errors import MeshError
@@ -88,7 +89,8 @@ def create_pod(
 ) -> Pod:
     """Make the pod: netns, veth to the bridge, dual-stack addresses, default
     routes, a cgroup. Undoes everything it made if any step fails."""
-    from pyroute2 import IPRoute, netns as pyr_netns
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pyr_netns
 
     validate_name(name)
     with store.locked(), ExitStack() as undo:
@@ -116,10 +118,12 @@ def create_pod(
             bridge=node.bridge,
         )
         if current is None:
-            store.save_node(node)
+            made: dict = {"bridge": False, "cgroups": []}
+            undo.callback(_unmake_node, node, made)
+            made["bridge"] = _ensure_bridge(node)
+            _make_parents(cg_root, node, made["cgroups"])
+            store.save_node(node, made)
             undo.callback(store.drop_node)
-        if _ensure_bridge(node):
-            undo.callback(_delete_link, node.bridge)
         try:
             pyr_netns.create(ns_name)
             undo.callback(pyr_netns.remove, ns_name)
@@ -161,23 +165,35 @@ def delete_pod(store: PodStore, name: str) -> Pod:
         if not store.all():
             node = store.node()
             if node is not None:
-                _delete_link(node.bridge)
-                _remove_empty_parents(node)
+                _unmake_node(node, store.node_made())
             store.drop_node()
     if not store.all():
         store.cleanup_dirs()
     return pod
 
 
-def _remove_empty_parents(node: NodeConfig) -> None:
-    root = cgroup.cgroup2_mount()
+def _make_parents(root: Path, node: NodeConfig, made: list[str]) -> None:
+    """Create the pod cgroup parent, noting each level made here (outermost first)."""
     parts = node.cgroup_parent.strip("/").split("/")
-    for depth in range(len(parts), 0, -1):
-        path = root.joinpath(*parts[:depth])
+    for depth in range(1, len(parts) + 1):
+        rel = "/".join(parts[:depth])
+        if not (root / rel).exists():
+            (root / rel).mkdir()
+            made.append(rel)
+
+
+def _unmake_node(node: NodeConfig, made: dict) -> None:
+    """Remove the bridge and cgroup levels the first pod made, nothing else."""
+    if made.get("bridge"):
+        _delete_link(node.bridge)
+    root = cgroup.cgroup2_mount()
+    for rel in reversed(made.get("cgroups", [])):
         try:
-            path.rmdir()
+            (root / rel).rmdir()
+        except FileNotFoundError:
+            pass
         except OSError:
-            return
+            break
 
 
 def enter_fn(pod: Pod) -> Callable[[], None]:

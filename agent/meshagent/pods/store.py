@@ -32,13 +32,25 @@ class PodStore:
             os.close(fd)
 
     def node(self) -> NodeConfig | None:
+        data = self._node_data()
+        if data is None:
+            return None
+        return NodeConfig(**{k: v for k, v in data.items() if k != "made"})
+
+    def node_made(self) -> dict:
+        """What the first pod made for the node (and the last pod removes):
+        {"bridge": bool, "cgroups": [relative paths, outermost first]}."""
+        data = self._node_data() or {}
+        return data.get("made", {"bridge": False, "cgroups": []})
+
+    def _node_data(self) -> dict | None:
         try:
-            return NodeConfig(**json.loads(self.node_file.read_text()))
+            return json.loads(self.node_file.read_text())
         except FileNotFoundError:
             return None
 
-    def save_node(self, node: NodeConfig) -> None:
-        _write_json(self.node_file, node.to_dict())
+    def save_node(self, node: NodeConfig, made: dict) -> None:
+        _write_json(self.node_file, {**node.to_dict(), "made": made})
 
     def drop_node(self) -> None:
         self.node_file.unlink(missing_ok=True)

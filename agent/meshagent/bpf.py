@@ -1,0 +1,249 @@
+"""The BPF loader: render the C, compile with BCC, load, attach as links,
+and typed access to the maps.
+
+BCC's rewriter only handles the main file, so the sources are rendered into
+one text with our own quoted includes expanded in place; `render_source()`
+is exactly what is compiled (`meshagent run --dump-bpf` prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import struct
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshagent import bpfsys, kernel, names
+from meshagent.addrs import to_addr16
+from meshagent.config import AgentConfig, bpf_cflags, cidr_lpm_key
+from meshagent.errors import MeshError
+
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+
+# struct mesh_pod {u32 pod_id; u16 port; u16 flags}
+POD_FMT = "=IHH"
+# struct mesh_orig {addr[16]; u16 port; u16 pad; u32 pod_id; u64 netns}
+ORIG_FMT = "=16sHHIQ"
+# struct mesh_tuple {u64 netns; addr[16]; u16 port; u16 pad1; u32 pad2}
+TUPLE_FMT = "=Q16sHHI"
+
+
+def bpf_dir() -> Path:
+    """bpf/ sources: inside the installed package, else the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "bpf", here.parent.parent / "bpf"):
+        if (candidate / "include" / "maps.h").exists():
+            return candidate
+    raise MeshError("BPF sources not found (expected meshagent/bpf or bpf/ in the source tree)")
+
+
+def render_source(files: tuple[str, ...] = tuple(names.PROGRAM_FILES.values())) -> str:
+    """The single C text BCC compiles: the entry files with our headers inlined."""
+    root = bpf_dir()
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> list[str]:
+        path = path.resolve()
+        if path in seen:
+            return []
+        seen.add(path)
+        rel = path.relative_to(root)
+        out = [f'#line 1 "{rel}"']
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = _INCLUDE_RE.match(line)
+            if match:
+                out.extend(expand(path.parent / match.group(1)))
+                out.append(f'#line {number + 1} "{rel}"')
+            else:
+                out.append(line)
+        return out
+
+    lines: list[str] = []
+    for name in files:
+        lines.extend(expand(root / name))
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Datapath:
+    """Loaded programs attached to one cgroup; owns the BCC object and links."""
+
+    bpf: Any
+    cgroup: Path
+    links: dict[str, int] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack)
+
+    # -- attach / detach ---------------------------------------------------
+    def attach(self) -> None:
+        from bcc import BPF
+
+        cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._stack.callback(os.close, cgroup_fd)
+        plan = (
+            (names.PROG_CONNECT4, BPF.CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET4_CONNECT),
+            (names.PROG_CONNECT6, BPF.CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET6_CONNECT),
+            (names.PROG_SOCKOPS, BPF.SOCK_OPS, bpfsys.BPF_CGROUP_SOCK_OPS),
+        )
+        try:
+            for prog, prog_type, attach_type in plan:
+                fn = _load(self.bpf, prog, prog_type, attach_type)
+                try:
+                    link = bpfsys.link_create(fn.fd, cgroup_fd, attach_type)
+                except OSError as exc:
+                    raise MeshError(
+                        f"cannot attach {prog} at cgroup {self.cgroup}: {exc.strerror}"
+                        f" (needs kernel {kernel.MIN_KERNEL['bpf_link']}+ for BPF links)"
+                    ) from None
+                self.links[prog] = link
+                self._stack.callback(self._unlink, prog)
+        except BaseException:
+            self.close()
+            raise
+
+    def _unlink(self, prog: str) -> None:
+        link = self.links.pop(prog, None)
+        if link is None:
+            return
+        try:
+            bpfsys.link_detach(link)
+        except OSError:
+            pass
+        os.close(link)
+
+    def close(self) -> None:
+        """Detach every program and free the BPF object; safe to call twice."""
+        self._stack.close()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    # -- maps --------------------------------------------------------------
+    def table(self, name: str) -> Any:
+        return self.bpf[name]
+
+    def set_pod(self, netns_cookie: int, pod_id: int, port: int) -> None:
+        _update(
+            self.table(names.MAP_PODS),
+            struct.pack("=Q", netns_cookie),
+            struct.pack(POD_FMT, pod_id, port, 0),
+        )
+
+    def del_pod(self, netns_cookie: int) -> None:
+        _delete(self.table(names.MAP_PODS), struct.pack("=Q", netns_cookie))
+
+    def pods(self) -> dict[int, tuple[int, int]]:
+        out = {}
+        for key, value in self.table(names.MAP_PODS).items():
+            pod_id, port, _ = struct.unpack(POD_FMT, bytes(value))
+            out[key.value] = (pod_id, port)
+        return out
+
+    def lookup_orig(
+        self, netns_cookie: int, client_ip: str, client_port: int
+    ) -> tuple[str, int] | None:
+        """The original destination of a steered connection, by its client end."""
+        key = struct.pack(TUPLE_FMT, netns_cookie, to_addr16(client_ip), client_port, 0, 0)
+        raw = _lookup(self.table(names.MAP_ORIG_TUP), key)
+        if raw is None:
+            return None
+        addr, port, _, _, _ = struct.unpack(ORIG_FMT, raw)
+        from meshagent.addrs import from_addr16
+
+        return from_addr16(addr), port
+
+    def set_excludes(self, ports: tuple[int, ...], cidrs: tuple[str, ...]) -> None:
+        port_table = self.table(names.MAP_EXCL_PORT)
+        for port in ports:
+            _update(port_table, struct.pack("=H", port), b"\x01")
+        cidr_table = self.table(names.MAP_EXCL_CIDR)
+        for cidr in cidrs:
+            prefixlen, addr = cidr_lpm_key(cidr)
+            _update(cidr_table, struct.pack("=I16s", prefixlen, addr), b"\x01")
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """{reason: {direction: count}} summed over CPUs; zeros left out."""
+        table = self.table(names.MAP_METRICS)
+        out: dict[str, dict[str, int]] = {}
+        for r_index, reason in enumerate(names.REASONS):
+            for d_index, direction in enumerate(names.DIRECTIONS):
+                idx = r_index * len(names.DIRECTIONS) + d_index
+                total = sum(table[ctypes.c_int(idx)])
+                if total:
+                    out.setdefault(reason, {})[direction] = total
+        return out
+
+    def live_connections(self) -> int:
+        return self.table(names.MAP_STATE)[ctypes.c_int(names.STATE_TUP_LIVE)].value
+
+
+def _load(bpf: Any, prog: str, prog_type: int, attach_type: int) -> Any:
+    try:
+        if prog_type == bpf.CGROUP_SOCK_ADDR:
+            return bpf.load_func(prog, prog_type, attach_type=attach_type)
+        return bpf.load_func(prog, prog_type)
+    except Exception as exc:
+        raise MeshError(
+            f"the kernel refused {prog} ({names.PROGRAM_FILES[prog]}): {exc};"
+            f" {kernel.feature_hint(prog)}"
+        ) from None
+
+
+def _buf(table: Any, attr: str, raw: bytes) -> Any:
+    ctype = getattr(table, attr)
+    if ctypes.sizeof(ctype) != len(raw):
+        raise MeshError(f"map {table.name}: {attr} is {ctypes.sizeof(ctype)} bytes, not {len(raw)}")
+    return ctype.from_buffer_copy(raw)
+
+
+def _update(table: Any, key: bytes, value: bytes) -> None:
+    table[_buf(table, "Key", key)] = _buf(table, "Leaf", value)
+
+
+def _delete(table: Any, key: bytes) -> None:
+    try:
+        del table[_buf(table, "Key", key)]
+    except KeyError:
+        pass
+
+
+def _lookup(table: Any, key: bytes) -> bytes | None:
+    try:
+        return bytes(table[_buf(table, "Key", key)])
+    except KeyError:
+        return None
+
+
+def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
+    """Compile the programs with BCC, load them, attach them at the cgroup."""
+    kernel.require_for_ebpf()
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise MeshError(
+            "BCC is not installed (Debian package python3-bpfcc): run scripts/bootstrap"
+        ) from None
+    text = render_source()
+    try:
+        bpf = BPF(text=text, cflags=bpf_cflags(cfg))
+    except Exception as exc:
+        raise MeshError(
+            f"BCC could not compile the BPF programs ({exc}); check the kernel headers"
+            f" at {kernel.headers_path()} or run scripts/bootstrap"
+        ) from None
+    datapath = Datapath(bpf=bpf, cgroup=cgroup_path)
+    try:
+        datapath.set_excludes(cfg.exclude_ports, cfg.exclude_cidrs)
+        datapath.attach()
+    except BaseException:
+        datapath.close()
+        raise
+    return datapath
+
+
+def is_missing(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOENT, errno.ESRCH)

@@ -1,0 +1,88 @@
+"""meshagent's command line. One module per command group; heavy imports
+(bcc, pyroute2) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from meshagent.config import DEFAULT_STATE_DIR
+from meshagent.errors import MeshError
+
+EPILOG = """\b
+Examples:
+  meshagent pod create client && meshagent pod create server
+  meshagent run --cgroup /sys/fs/cgroup/unified/mytest &   # foreground agent
+  meshagent attach client
+  meshagent pod exec client -- curl -s http://10.244.0.3/
+  meshagent status -o json
+  meshagent detach client
+  meshagent demo                                          # all of the above
+"""
+
+
+@dataclass
+class App:
+    state_dir: Path
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "agent.sock"
+
+    def store(self):
+        from meshagent.pods.store import PodStore
+
+        return PodStore(self.state_dir)
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise MeshError(f"{what} needs root")
+
+
+class MeshGroup(click.Group):
+    """Every MeshError becomes one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MeshError as exc:
+            click.echo(f"meshagent: error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("meshagent: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=MeshGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_STATE_DIR,
+    envvar="MESHAGENT_STATE_DIR",
+    show_default=True,
+    help="Where pod records and the agent's socket live.",
+)
+@click.version_option(package_name="meshagent")
+@click.pass_context
+def cli(ctx: click.Context, state_dir: Path) -> None:
+    """meshagent: kernel-accelerated transparent proxy agent for pod traffic.
+
+    Steers the outbound TCP connections of attached pods, with no change to
+    the applications, to a per-pod forwarder listener, using cgroup eBPF
+    hooks; the forwarder connects upstream from inside the pod.
+    """
+    ctx.obj = App(state_dir=state_dir)
+
+
+def main() -> None:
+    from meshagent.cli import agent_cmds, demo, pod
+
+    pod.register(cli)
+    agent_cmds.register(cli)
+    demo.register(cli)
+    cli(prog_name="meshagent")

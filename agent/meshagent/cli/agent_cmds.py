@@ -1,0 +1,145 @@
+"""meshagent run | attach | detach | status: the agent and its local API."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from meshagent.cli import App, require_root
+from meshagent.config import DEFAULT_PORT
+
+RUN_EPILOG = """\b
+Examples:
+  meshagent run                                   # attach at the cgroup v2 root
+  meshagent run --cgroup meshtest --exclude-ports 22,9000-9010
+  meshagent run --exclude-cidrs 10.96.0.0/12 --log-format json
+"""
+
+
+@click.command(epilog=RUN_EPILOG)
+@click.option(
+    "--cgroup",
+    "cgroup_path",
+    help="cgroup v2 path to attach at (absolute, or relative to the mount). Default: the root.",
+)
+@click.option(
+    "--port", type=int, default=DEFAULT_PORT, show_default=True, help="Forwarder listener port."
+)
+@click.option("--exclude-ports", help="Destination ports never steered: 22,53,9000-9010.")
+@click.option("--exclude-cidrs", help="Destination networks never steered: 10.96.0.0/12,fd00::/8.")
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
+)
+@click.option(
+    "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
+)
+@click.pass_obj
+def run(
+    app: App,
+    cgroup_path: str | None,
+    port: int,
+    exclude_ports: str | None,
+    exclude_cidrs: str | None,
+    log_format: str,
+    conns_max: int,
+    dump_bpf: bool,
+) -> None:
+    """Run the agent in the foreground until SIGTERM/SIGINT.
+
+    Compiles and attaches cgroup/connect4, cgroup/connect6 and sock_ops at the
+    cgroup, serves the control API at STATE_DIR/agent.sock and forwards the
+    connections of attached pods. On stop it removes everything it made.
+    """
+    from meshagent.config import AgentConfig, bpf_cflags, parse_cidrs, parse_ports
+
+    cfg = AgentConfig(
+        state_dir=app.state_dir,
+        cgroup=cgroup_path,
+        port=port,
+        exclude_ports=parse_ports(exclude_ports),
+        exclude_cidrs=parse_cidrs(exclude_cidrs),
+        log_format=log_format,
+        conns_max=conns_max,
+    )
+    if dump_bpf:
+        from meshagent.bpf import render_source
+
+        click.echo("// cflags: " + " ".join(bpf_cflags(cfg)))
+        click.echo(render_source(), nl=False)
+        return
+    require_root("meshagent run")
+    from meshagent.agent import run as run_agent
+
+    run_agent(cfg)
+
+
+@click.command(epilog="\b\nExample:\n  meshagent attach client")
+@click.argument("pod")
+@click.pass_obj
+def attach(app: App, pod: str) -> None:
+    """Steer POD's outbound TCP through the running agent's forwarder."""
+    from meshagent import control
+
+    reply = control.request(app.socket_path, "attach", pod=pod)
+    click.echo(
+        f"pod {pod} {'was already' if reply.get('already') else ''} attached".replace("  ", " ")
+    )
+
+
+@click.command(epilog="\b\nExample:\n  meshagent detach client")
+@click.argument("pod")
+@click.pass_obj
+def detach(app: App, pod: str) -> None:
+    """Stop steering POD's new connections; open ones finish as they are."""
+    from meshagent import control
+
+    control.request(app.socket_path, "detach", pod=pod)
+    click.echo(f"pod {pod} detached")
+
+
+@click.command(epilog="\b\nExamples:\n  meshagent status\n  meshagent status -o json | jq .pods")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--connections", is_flag=True, help="Also list recent and live connections.")
+@click.pass_obj
+def status(app: App, output: str, connections: bool) -> None:
+    """Attached pods, their counters, the backend and kernel features."""
+    from meshagent import control
+
+    reply = control.request(app.socket_path, "status")
+    if connections or output == "json":
+        reply["connections"] = control.request(app.socket_path, "connections")["connections"]
+    if output == "json":
+        click.echo(json.dumps(reply, indent=2))
+        return
+    click.echo(
+        f"agent pid {reply['pid']}  backend {reply['backend']}  datapath {reply['datapath']}"
+        f"  port {reply['port']}"
+    )
+    click.echo(f"cgroup {reply['cgroup']}  kernel {reply['kernel']}")
+    click.echo("features: " + ", ".join(reply["kernel_features"]))
+    if not reply["pods"]:
+        click.echo("no pods attached")
+    else:
+        click.echo(f"{'POD':20} {'CONNS':>7} {'ACTIVE':>7} {'OUT':>12} {'IN':>12} {'ERRORS':>7}")
+        for pod in reply["pods"]:
+            errors = pod["no_orig_dst"] + pod["upstream_errors"]
+            click.echo(
+                f"{pod['name']:20} {pod['connections_total']:7} {pod['connections_active']:7}"
+                f" {pod['bytes_out']:12} {pod['bytes_in']:12} {errors:7}"
+            )
+    decisions = ", ".join(f"{k}={sum(v.values())}" for k, v in reply["decisions"].items())
+    click.echo(f"kernel decisions: {decisions or 'none yet'}")
+    for conn in reply.get("connections", []):
+        click.echo(
+            f"  {conn['pod']:12} {conn['client']:>22} -> {conn['orig_dst']:22} {conn['state']:10}"
+            f" out={conn['bytes_out']} in={conn['bytes_in']}"
+        )
+
+
+def register(cli: click.Group) -> None:
+    for command in (run, attach, detach, status):
+        cli.add_command(command)

@@ -1,0 +1,126 @@
+"""meshagent pod create|delete|list|exec: the standalone pod runtime."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from meshagent.cli import App, require_root
+from meshagent.errors import MeshError
+
+POD_EPILOG = """\b
+Examples:
+  meshagent pod create web --ip 10.244.0.10
+  meshagent pod exec web -- nginx -g 'daemon off;'
+  meshagent pod list -o json
+  meshagent pod delete web
+"""
+
+
+@click.group(epilog=POD_EPILOG)
+def pod() -> None:
+    """Standalone pods: a named netns on the node bridge, with a cgroup."""
+
+
+@pod.command(epilog="\b\nExample:\n  meshagent pod create client --ip 10.244.0.5")
+@click.argument("name")
+@click.option("--ip", help="IPv4 address in the pod network (default: lowest free).")
+@click.option(
+    "--pod-cidr", envvar="MESHAGENT_POD_CIDR", help="Node IPv4 pod network [10.244.0.0/24]."
+)
+@click.option(
+    "--pod-cidr6", envvar="MESHAGENT_POD_CIDR6", help="Node IPv6 ULA /64 [fd6d:6573:6800::/64]."
+)
+@click.option("--bridge", envvar="MESHAGENT_BRIDGE", help="Node bridge name [mesh0].")
+@click.option(
+    "--cgroup-parent",
+    envvar="MESHAGENT_CGROUP_PARENT",
+    help="cgroup (under the v2 mount) that holds pod cgroups [meshagent/pods].",
+)
+@click.pass_obj
+def create(
+    app: App,
+    name: str,
+    ip: str | None,
+    pod_cidr: str | None,
+    pod_cidr6: str | None,
+    bridge: str | None,
+    cgroup_parent: str | None,
+) -> None:
+    """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""
+    from meshagent.pods.model import NodeConfig
+    from meshagent.pods.netns import create_pod
+
+    require_root("meshagent pod create")
+    node = None
+    if any((pod_cidr, pod_cidr6, bridge, cgroup_parent)):
+        defaults = NodeConfig()
+        node = NodeConfig(
+            bridge=bridge or defaults.bridge,
+            cidr4=pod_cidr or defaults.cidr4,
+            cidr6=pod_cidr6 or defaults.cidr6,
+            cgroup_parent=cgroup_parent or defaults.cgroup_parent,
+        )
+    made = create_pod(app.store(), name, ip, node)
+    click.echo(f"pod {made.name} created: {made.ip4} {made.ip6} (netns {made.netns})")
+
+
+@pod.command()
+@click.argument("name")
+@click.pass_obj
+def delete(app: App, name: str) -> None:
+    """Delete pod NAME (detaches it from a running agent first)."""
+    from meshagent import control
+    from meshagent.pods.netns import delete_pod
+
+    require_root("meshagent pod delete")
+    app.store().get(name)
+    if app.socket_path.exists():
+        try:
+            control.request(app.socket_path, "detach", pod=name)
+        except MeshError:
+            pass  # not attached, or no agent
+    delete_pod(app.store(), name)
+    click.echo(f"pod {name} deleted")
+
+
+@pod.command(name="list")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_obj
+def list_(app: App, output: str) -> None:
+    """List pods."""
+    pods = app.store().all()
+    if output == "json":
+        click.echo(json.dumps([p.to_dict() for p in pods], indent=2))
+        return
+    if not pods:
+        click.echo("no pods")
+        return
+    click.echo(f"{'NAME':20} {'IPV4':15} {'IPV6':28} NETNS")
+    for p in pods:
+        click.echo(f"{p.name:20} {p.ip4:15} {p.ip6:28} {p.netns}")
+
+
+@pod.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_(app: App, name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside pod NAME's netns and cgroup; exits with its status."""
+    import sys
+
+    from meshagent.pods.netns import popen
+
+    require_root("meshagent pod exec")
+    proc = popen(app.store().get(name), command)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    sys.exit(code if code >= 0 else 128 - code)
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(pod)

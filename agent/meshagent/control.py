@@ -1,0 +1,160 @@
+"""The running agent's local API: JSON lines on a root-only unix socket.
+
+Request:  {"op": "attach", "pod": "client"}\n
+Response: {"ok": true, ...}\n  or  {"ok": false, "error": "one line"}\n
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from meshagent.errors import MeshError
+from meshagent.forwarder.loop import Loop
+
+MAX_REQUEST = 64 * 1024
+Dispatch = Callable[[dict], dict]
+
+
+class ControlServer:
+    def __init__(self, loop: Loop, path: Path, dispatch: Dispatch) -> None:
+        self.loop = loop
+        self.path = path
+        self.dispatch = dispatch
+        self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        _claim_socket_path(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        loop.add(self.sock.fileno(), select.EPOLLIN, self._accept)
+
+    def _accept(self, _events: int) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            conn.setblocking(False)
+            self.clients[conn.fileno()] = (conn, bytearray())
+            self.loop.add(conn.fileno(), select.EPOLLIN, self._reader(conn))
+
+    def _reader(self, conn: socket.socket) -> Callable[[int], None]:
+        def handle(_events: int) -> None:
+            _sock, buf = self.clients[conn.fileno()]
+            try:
+                data = conn.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(conn)
+                return
+            buf += data
+            while b"\n" in buf:
+                line, _, rest = bytes(buf).partition(b"\n")
+                buf[:] = rest
+                self._answer(conn, line)
+            if len(buf) > MAX_REQUEST:
+                self._drop(conn)
+
+        return handle
+
+    def _answer(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            reply = {"ok": False, "error": f"bad request: {exc}"}
+        else:
+            try:
+                reply = {"ok": True, **self.dispatch(request)}
+            except MeshError as exc:
+                reply = {"ok": False, "error": str(exc)}
+        conn.setblocking(True)
+        try:
+            conn.settimeout(5)
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            self._drop(conn)
+            return
+        conn.settimeout(None)
+        conn.setblocking(False)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.clients.pop(conn.fileno(), None)
+        self.loop.remove(conn.fileno())
+        conn.close()
+
+    def close(self) -> None:
+        for conn, _buf in list(self.clients.values()):
+            self._drop(conn)
+        self.loop.remove(self.sock.fileno())
+        self.sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Refuse when another agent answers; remove a stale socket file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise MeshError(f"an agent already runs at {path}: stop it first, or use another --state-dir")
+
+
+def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -> dict:
+    """Ask the running agent; MeshError with its one-line answer on failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(socket_path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise MeshError(f"no agent at {socket_path}: start one with `meshagent run`") from None
+        except PermissionError:
+            raise MeshError(f"no permission for {socket_path}: run as root") from None
+        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise MeshError(f"the agent at {socket_path} closed the connection")
+            data += chunk
+    except TimeoutError:
+        raise MeshError(f"the agent at {socket_path} did not answer within {timeout:g}s") from None
+    finally:
+        sock.close()
+    reply = json.loads(data)
+    if not reply.pop("ok", False):
+        raise MeshError(reply.get("error", "the agent refused the request"))
+    return reply
+
+
+def agent_running(socket_path: Path) -> bool:
+    try:
+        request(socket_path, "ping", timeout=5)
+    except MeshError:
+        return False
+    return True

@@ -1,0 +1,281 @@
+"""Accept steered connections, find where they were going, connect there
+from inside the pod, and hand both sockets to a relay."""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from meshagent import log, netns
+from meshagent.addrs import format_endpoint
+from meshagent.errors import MeshError
+from meshagent.forwarder.loop import Loop, Timer
+from meshagent.forwarder.relay import Relay, reset_close
+
+CONNECT_TIMEOUT = 10.0
+ACCEPT_BATCH = 64
+RECENT_MAX = 256
+
+# Where the original destination comes from: (netns cookie, client ip, port)
+OrigLookup = Callable[[int, str, int], "tuple[str, int] | None"]
+
+
+@dataclass
+class PodStats:
+    connections_total: int = 0
+    connections_active: int = 0
+    bytes_out: int = 0  # pod -> destination
+    bytes_in: int = 0  # destination -> pod
+    no_orig_dst: int = 0
+    upstream_errors: int = 0
+    resets: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PodSlot:
+    """One attached pod as the forwarder sees it."""
+
+    name: str
+    pod_id: int
+    netns_fd: int
+    netns_cookie: int
+    listeners: list[socket.socket] = field(default_factory=list)
+    stats: PodStats = field(default_factory=PodStats)
+
+
+@dataclass
+class ConnRecord:
+    pod: str
+    client: str
+    orig_dst: str
+    started: float
+    state: str = "connecting"
+    bytes_out: int = 0
+    bytes_in: int = 0
+    ended: float | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Forwarder:
+    def __init__(self, loop: Loop, lookup: OrigLookup, skip_mark: int, port: int) -> None:
+        self.loop = loop
+        self.lookup = lookup
+        self.skip_mark = skip_mark
+        self.port = port
+        self.pods: dict[str, PodSlot] = {}
+        self.relays: dict[Relay, tuple[PodSlot, ConnRecord]] = {}
+        self.pending: dict[socket.socket, tuple[PodSlot, ConnRecord, socket.socket, Timer]] = {}
+        self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
+        self.log = log.get()
+
+    # -- listeners ---------------------------------------------------------
+    def open_pod(self, name: str, pod_id: int, netns_fd: int, netns_cookie: int) -> PodSlot:
+        """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
+        slot = PodSlot(name, pod_id, netns_fd, netns_cookie)
+        try:
+            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                sock = netns.socket_in(netns_fd, family)
+                slot.listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((host, self.port))
+                except OSError as exc:
+                    raise MeshError(
+                        f"pod {name}: cannot listen on {format_endpoint(host, self.port)}:"
+                        f" {exc.strerror}"
+                    ) from None
+                sock.listen(4096)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in slot.listeners:
+                sock.close()
+            raise
+        for sock in slot.listeners:
+            self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
+        self.pods[name] = slot
+        return slot
+
+    def close_pod(self, name: str) -> PodSlot | None:
+        """Stop listening for a pod. Connections already queued on the
+        listener are accepted first; forwarded ones keep running."""
+        slot = self.pods.pop(name, None)
+        if slot is None:
+            return None
+        for sock in slot.listeners:
+            self._accept_all(slot, sock)
+            self.loop.remove(sock.fileno())
+            sock.close()
+        slot.listeners.clear()
+        return slot
+
+    def _acceptor(self, slot: PodSlot, sock: socket.socket) -> Callable[[int], None]:
+        def handle(_events: int) -> None:
+            self._accept_all(slot, sock, ACCEPT_BATCH)
+
+        return handle
+
+    def _accept_all(self, slot: PodSlot, listener: socket.socket, limit: int = 1 << 20) -> None:
+        for _ in range(limit):
+            try:
+                client, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.log.warning(
+                        "accept failed", extra={"pod": slot.name, "reason": exc.strerror}
+                    )
+                    return
+                continue
+            self._forward(slot, client, peer[0], peer[1])
+
+    # -- one connection ----------------------------------------------------
+    def _forward(self, slot: PodSlot, client: socket.socket, peer_ip: str, peer_port: int) -> None:
+        client.setblocking(False)
+        conn = format_endpoint(peer_ip, peer_port)
+        orig = self.lookup(slot.netns_cookie, peer_ip, peer_port)
+        if orig is None:
+            slot.stats.no_orig_dst += 1
+            self.log.warning(
+                "no original destination; closing",
+                extra={"pod": slot.name, "conn": conn, "reason": "no_orig_dst"},
+            )
+            reset_close(client)
+            return
+        orig_ip, orig_port = orig
+        record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
+        slot.stats.connections_total += 1
+        slot.stats.connections_active += 1
+        family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
+        try:
+            upstream = netns.socket_in(slot.netns_fd, family)
+        except (OSError, MeshError) as exc:
+            self._fail(slot, record, client, None, f"upstream socket: {exc}")
+            return
+        try:
+            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.skip_mark)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            upstream.setblocking(False)
+            err = upstream.connect_ex((orig_ip, orig_port))
+        except OSError as exc:
+            self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}")
+            return
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(
+                slot, record, client, upstream, f"upstream connect: {errno.errorcode.get(err, err)}"
+            )
+            return
+        timer = self.loop.call_later(
+            CONNECT_TIMEOUT,
+            lambda: self._connect_done(upstream, timed_out=True),
+        )
+        self.pending[upstream] = (slot, record, client, timer)
+        self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
+
+    def _connect_done(self, upstream: socket.socket, timed_out: bool = False) -> None:
+        entry = self.pending.pop(upstream, None)
+        if entry is None:
+            return
+        slot, record, client, timer = entry
+        timer.cancel()
+        self.loop.remove(upstream.fileno())
+        err = (
+            errno.ETIMEDOUT
+            if timed_out
+            else upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        )
+        if err:
+            self._fail(
+                slot, record, client, upstream, f"upstream connect: {errno.errorcode.get(err, err)}"
+            )
+            return
+        record.state = "forwarding"
+        relay = Relay(self.loop, client, upstream, self._relay_done)
+        self.relays[relay] = (slot, record)
+        self.log.debug(
+            "forwarding",
+            extra={"pod": slot.name, "conn": record.client, "orig_dst": record.orig_dst},
+        )
+
+    def _fail(
+        self,
+        slot: PodSlot,
+        record: ConnRecord,
+        client: socket.socket,
+        upstream: socket.socket | None,
+        reason: str,
+    ) -> None:
+        slot.stats.upstream_errors += 1
+        slot.stats.connections_active -= 1
+        reset_close(client)
+        if upstream is not None:
+            upstream.close()
+        self._end(record, "failed", reason)
+        self.log.warning(
+            "upstream failed; reset the pod's connection",
+            extra={
+                "pod": slot.name,
+                "conn": record.client,
+                "orig_dst": record.orig_dst,
+                "reason": reason,
+            },
+        )
+
+    def _relay_done(self, relay: Relay, reason: str | None) -> None:
+        slot, record = self.relays.pop(relay)
+        slot.stats.connections_active -= 1
+        slot.stats.bytes_out += relay.bytes_out
+        slot.stats.bytes_in += relay.bytes_in
+        record.bytes_out, record.bytes_in = relay.bytes_out, relay.bytes_in
+        if reason is not None:
+            slot.stats.resets += 1
+        self._end(record, "reset" if reason else "closed", reason)
+
+    def _end(self, record: ConnRecord, state: str, reason: str | None) -> None:
+        record.state = state
+        record.reason = reason
+        record.ended = time.time()
+        self.recent.append(record)
+
+    # -- reporting ---------------------------------------------------------
+    def live_bytes(self, name: str) -> tuple[int, int]:
+        out = inn = 0
+        for relay, (slot, _record) in self.relays.items():
+            if slot.name == name:
+                out += relay.bytes_out
+                inn += relay.bytes_in
+        return out, inn
+
+    def connections(self) -> list[dict]:
+        live = []
+        for relay, (_slot, record) in self.relays.items():
+            record.bytes_out, record.bytes_in = relay.bytes_out, relay.bytes_in
+            live.append(record.to_dict())
+        live.extend(record.to_dict() for _slot, record, _c, _t in self.pending.values())
+        return [r.to_dict() for r in self.recent] + live
+
+    def close(self) -> None:
+        for name in list(self.pods):
+            self.close_pod(name)
+        for relay in list(self.relays):
+            relay.finish("agent stopped")
+        for upstream in list(self.pending):
+            _slot, _record, client, timer = self.pending.pop(upstream)
+            timer.cancel()
+            self.loop.remove(upstream.fileno())
+            upstream.close()
+            client.close()

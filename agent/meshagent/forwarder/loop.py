@@ -1,0 +1,86 @@
+"""A small single-threaded epoll loop: fd handlers and timers.
+
+The forwarder, the listeners and the control API all live on it, so no
+state is shared between threads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import select
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Handler = Callable[[int], None]
+
+
+@dataclass(order=True)
+class Timer:
+    deadline: float
+    seq: int
+    fn: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.handlers: dict[int, Handler] = {}
+        self.masks: dict[int, int] = {}
+        self.timers: list[Timer] = []
+        self._seq = itertools.count()
+        self.running = False
+
+    def add(self, fd: int, mask: int, handler: Handler) -> None:
+        self.epoll.register(fd, mask)
+        self.handlers[fd] = handler
+        self.masks[fd] = mask
+
+    def modify(self, fd: int, mask: int) -> None:
+        if self.masks.get(fd) != mask:
+            self.epoll.modify(fd, mask)
+            self.masks[fd] = mask
+
+    def remove(self, fd: int) -> None:
+        if self.handlers.pop(fd, None) is None:
+            return
+        self.masks.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + delay, next(self._seq), fn)
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def _run_timers(self) -> float:
+        now = time.monotonic()
+        while self.timers and self.timers[0].deadline <= now:
+            timer = heapq.heappop(self.timers)
+            if not timer.cancelled:
+                timer.fn()
+        if not self.timers:
+            return 1.0
+        return max(0.0, min(1.0, self.timers[0].deadline - time.monotonic()))
+
+    def run(self) -> None:
+        self.running = True
+        while self.running:
+            timeout = self._run_timers()
+            for fd, events in self.epoll.poll(timeout, 512):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler(events)
+
+    def stop(self) -> None:
+        self.running = False
+
+    def close(self) -> None:
+        self.epoll.close()

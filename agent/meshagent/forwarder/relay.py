@@ -1,0 +1,183 @@
+"""The userspace copy path: both directions of one forwarded connection.
+
+Back-pressure: a direction stops reading when HIGH bytes wait for its peer.
+Half-close is propagated with shutdown(SHUT_WR) once a direction's bytes are
+all sent; an error or reset on one side resets the other (SO_LINGER 0).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+from collections.abc import Callable
+
+from meshagent.forwarder.loop import Loop
+
+CHUNK = 256 * 1024
+HIGH = 1024 * 1024
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with an RST rather than a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+class Leg:
+    """One direction: bytes read from src, written to dst."""
+
+    __slots__ = ("buf", "dst", "eof", "nbytes", "shut", "src")
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        self.src = src
+        self.dst = dst
+        self.buf = bytearray()
+        self.eof = False
+        self.shut = False
+        self.nbytes = 0
+
+    def wants_read(self) -> bool:
+        return not self.eof and len(self.buf) < HIGH
+
+    def read(self) -> None:
+        data = self.src.recv(CHUNK)
+        if not data:
+            self.eof = True
+        else:
+            self.nbytes += len(data)
+            if self.buf:
+                self.buf += data
+            else:
+                try:
+                    sent = self.dst.send(data)
+                except BlockingIOError:
+                    sent = 0
+                if sent < len(data):
+                    self.buf += data[sent:]
+        self._maybe_shut()
+
+    def flush(self) -> None:
+        if self.buf:
+            try:
+                sent = self.dst.send(self.buf)
+            except BlockingIOError:
+                sent = 0
+            del self.buf[:sent]
+        self._maybe_shut()
+
+    def _maybe_shut(self) -> None:
+        if self.eof and not self.buf and not self.shut:
+            self.shut = True
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+class Relay:
+    """Copies both ways between client and upstream until both are done."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        client: socket.socket,
+        upstream: socket.socket,
+        on_done: Callable[[Relay, str | None], None],
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.upstream = upstream
+        self.on_done = on_done
+        self.out = Leg(client, upstream)  # pod -> destination
+        self.back = Leg(upstream, client)  # destination -> pod
+        self.closed = False
+        for sock in (client, upstream):
+            loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
+
+    @property
+    def bytes_out(self) -> int:
+        return self.out.nbytes
+
+    @property
+    def bytes_in(self) -> int:
+        return self.back.nbytes
+
+    def _mask(self, sock: socket.socket) -> int:
+        reading = self.out if sock is self.client else self.back
+        writing = self.back if sock is self.client else self.out
+        mask = 0
+        if reading.wants_read():
+            mask |= EPOLLIN
+        if writing.buf:
+            mask |= EPOLLOUT
+        return mask
+
+    def _handler(self, sock: socket.socket) -> Callable[[int], None]:
+        reading = self.out if sock is self.client else self.back
+        writing = self.back if sock is self.client else self.out
+
+        def handle(events: int) -> None:
+            if self.closed:
+                return
+            try:
+                if events & (EPOLLIN | EPOLL_BAD) and reading.wants_read():
+                    reading.read()
+                if events & EPOLLOUT or writing.buf:
+                    writing.flush()
+                if events & select.EPOLLERR:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, "socket error")
+                if events & select.EPOLLHUP and reading.eof:
+                    # Closed both ways: nothing more can be delivered to it.
+                    if writing.buf:
+                        raise ConnectionResetError("peer hung up with data pending")
+                    writing.eof = writing.shut = True
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self.abort(sock, exc)
+                return
+            self._update()
+
+        return handle
+
+    def _update(self) -> None:
+        if self.out.shut and self.back.shut:
+            self.finish(None)
+            return
+        for sock in (self.client, self.upstream):
+            self.loop.modify(sock.fileno(), self._mask(sock))
+
+    def abort(self, failed: socket.socket, exc: OSError) -> None:
+        """An error on one side: reset the other side too."""
+        other = self.upstream if failed is self.client else self.client
+        side = "pod" if failed is self.client else "upstream"
+        reason = f"{side} {type(exc).__name__}: {exc.strerror or exc}"
+        self._unregister()
+        reset_close(other)
+        reset_close(failed)
+        self.closed = True
+        self.on_done(self, reason)
+
+    def finish(self, reason: str | None) -> None:
+        self._unregister()
+        self.client.close()
+        self.upstream.close()
+        self.closed = True
+        self.on_done(self, reason)
+
+    def _unregister(self) -> None:
+        for sock in (self.client, self.upstream):
+            if sock.fileno() >= 0:
+                self.loop.remove(sock.fileno())
