@@ -1,0 +1,292 @@
+"""Shared fixtures. Everything a fixture makes, it removes, even on failure:
+its cgroup, pods (netns, veth, bridge), agent processes and state dir.
+Tests attach only at a cgroup of their own, never at the root."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+TCPTOOL = TESTS / "helpers" / "tcptool.py"
+AGENT_READY_TIMEOUT = 120.0
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+needs_root = pytest.mark.skipif(not is_root(), reason="needs root: BPF, netns, cgroups")
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.02):
+    """Poll until predicate() is truthy; fail the test with `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Server:
+    """A tcptool server; its JSON lines arrive on a queue (one per connection)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(json.loads(line))
+        self.lines.put(None)
+
+    def next(self, timeout: float = 60) -> dict:
+        try:
+            item = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"server printed nothing within {timeout}s") from None
+        assert item is not None, f"server exited {self.proc.poll()}"
+        return item
+
+
+@dataclass
+class MeshEnv:
+    """One test run's sandbox: state dir, cgroup, bridge and pod networks."""
+
+    tag: str
+    state_dir: Path
+    cgroup_rel: str
+    bridge: str
+    cidr4: str
+    cidr6: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def cgroup_path(self) -> Path:
+        from meshagent import cgroup
+
+        return cgroup.cgroup2_mount() / self.cgroup_rel
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for meshagent CLI processes in this sandbox."""
+        return {
+            **os.environ,
+            "MESHAGENT_STATE_DIR": str(self.state_dir),
+            "MESHAGENT_BRIDGE": self.bridge,
+            "MESHAGENT_POD_CIDR": self.cidr4,
+            "MESHAGENT_POD_CIDR6": self.cidr6,
+            "MESHAGENT_CGROUP_PARENT": f"{self.cgroup_rel}/pods",
+        }
+
+    def node(self):
+        from meshagent.pods.model import NodeConfig
+
+        return NodeConfig(
+            bridge=self.bridge,
+            cidr4=self.cidr4,
+            cidr6=self.cidr6,
+            cgroup_parent=f"{self.cgroup_rel}/pods",
+        )
+
+    def store(self):
+        from meshagent.pods.store import PodStore
+
+        return PodStore(self.state_dir)
+
+    def create_pod(self, name: str, ip: str | None = None):
+        from meshagent.pods.netns import create_pod
+
+        return create_pod(self.store(), name, ip, self.node())
+
+    def popen(self, pod, argv, **kwargs) -> subprocess.Popen:
+        from meshagent.pods.netns import popen
+
+        proc = popen(pod, argv, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def tcptool(self, pod, *args: str, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("text", True)
+        return self.popen(pod, [sys.executable, str(TCPTOOL), *args], **kwargs)
+
+    def client(self, pod, host: str, port: int, *args: str, timeout: float = 60) -> dict:
+        """Run the tcptool client in pod to host:port; return its JSON line."""
+        proc = self.tcptool(pod, "client", "--host", host, "--port", str(port), *args)
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"client in pod {pod.name} failed: {out!r}"
+        return json.loads(out.strip().splitlines()[-1])
+
+    def server(self, pod, port: int, *args: str) -> Server:
+        proc = self.tcptool(pod, "serve", "--port", str(port), *args)
+        server = Server(proc)
+        first = server.next(timeout=30)
+        assert "listening" in first, f"server in pod {pod.name} did not start: {first!r}"
+        return server
+
+    def meshagent(self, *args: str, check: bool = True, timeout: float = 120):
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshagent", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check:
+            assert proc.returncode == 0, f"meshagent {' '.join(args)}: {proc.stderr}"
+        return proc
+
+    def cleanup(self) -> None:
+        from meshagent import cgroup
+        from meshagent.pods.netns import delete_pod
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        store = self.store()
+        for pod in store.all():
+            try:
+                delete_pod(store, pod.name)
+            except Exception as exc:  # keep cleaning the rest
+                print(f"cleanup: pod {pod.name}: {exc}", file=sys.stderr)
+        try:
+            cgroup.remove(self.cgroup_path)
+        except Exception as exc:
+            print(f"cleanup: cgroup {self.cgroup_path}: {exc}", file=sys.stderr)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _make_env() -> MeshEnv:
+    from meshagent import cgroup
+
+    tag = secrets.token_hex(3)
+    octet = 100 + secrets.randbelow(100)
+    env = MeshEnv(
+        tag=tag,
+        state_dir=Path(tempfile.mkdtemp(prefix=f"meshtest-{tag}-")),
+        cgroup_rel=f"meshtest-{tag}",
+        bridge=f"mt{tag}",
+        cidr4=f"10.250.{octet}.0/24",
+        cidr6=f"fd6d:6573:74{octet:02x}::/64",
+    )
+    cgroup.create(env.cgroup_path)
+    return env
+
+
+@pytest.fixture
+def mesh_env() -> Iterator[MeshEnv]:
+    if not is_root():
+        pytest.skip("needs root: BPF, netns, cgroups")
+    env = _make_env()
+    try:
+        yield env
+    finally:
+        env.cleanup()
+
+
+@dataclass
+class AgentProc:
+    env: MeshEnv
+    proc: subprocess.Popen
+    log_path: Path
+
+    def request(self, op: str, **args):
+        from meshagent import control
+
+        return control.request(self.env.state_dir / "agent.sock", op, **args)
+
+    def attach(self, pod) -> dict:
+        return self.request("attach", pod=pod.name)
+
+    def detach(self, pod) -> dict:
+        return self.request("detach", pod=pod.name)
+
+    def pod_status(self, name: str) -> dict | None:
+        for pod in self.request("status")["pods"]:
+            if pod["name"] == name:
+                return pod
+        return None
+
+    def decisions(self) -> dict[str, int]:
+        return {k: sum(v.values()) for k, v in self.request("status")["decisions"].items()}
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+def start_agent(env: MeshEnv, *extra: str, in_cgroup: bool = True) -> AgentProc:
+    """Start `meshagent run` attached at env's cgroup. With in_cgroup the agent
+    itself runs inside that cgroup, so its own upstream sockets pass through
+    the hooks (the no-loop rule is then really exercised)."""
+    from meshagent import cgroup, control
+
+    agent_cg = cgroup.create(env.cgroup_path / "agent")
+    log_path = env.state_dir / "agent.log"
+    procs_file = str(agent_cg / "cgroup.procs")
+
+    def join_cgroup() -> None:
+        if in_cgroup:
+            with open(procs_file, "w") as procs:
+                procs.write("0\n")
+
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "meshagent", "run", "--cgroup", env.cgroup_rel, *extra],
+            env=env.env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=join_cgroup,
+        )
+    env.procs.append(proc)
+    agent = AgentProc(env, proc, log_path)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"agent exited {proc.returncode}: {agent.log()}")
+        return control.agent_running(env.state_dir / "agent.sock")
+
+    wait_for(ready, AGENT_READY_TIMEOUT, "the agent to answer on its socket", interval=0.1)
+    return agent
+
+
+@pytest.fixture
+def agent(mesh_env: MeshEnv) -> Iterator[AgentProc]:
+    proc = start_agent(mesh_env)
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        assert code == 0, f"agent exited {code}: {proc.log()}"

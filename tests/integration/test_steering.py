@@ -1,0 +1,175 @@
+"""The eBPF redirect and the copy forwarder, against the running kernel.
+
+Each test has its own cgroup, pods and agent (attached at that cgroup only).
+"Steered" is seen three ways: the client's socket is connected to the
+forwarder listener (the kernel rewrote connect), the agent counts the
+connection, and the hooks count the decision.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import TCPTOOL, start_agent, wait_for
+
+PORT = 9100
+MB = 1024 * 1024
+
+
+def steered(result: dict) -> bool:
+    return result["connected_to"].rpartition(":")[0] in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def test_steers_ipv4_and_ipv6_and_server_sees_the_pod(mesh_env, agent):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "1000")
+    agent.attach(client)
+
+    for host, source in ((server.ip4, client.ip4), (server.ip6, client.ip6)):
+        out = mesh_env.client(client, host, PORT, "--send", "5000")
+        assert steered(out), out["connected_to"]
+        seen = srv.next()
+        assert seen["peer"] == source
+        assert seen["recv_sha"] == out["sent_sha"]
+        assert out["recv_sha"] == seen["sent_sha"]
+
+    stats = agent.pod_status("client")
+    assert stats["connections_total"] == 2
+    assert stats["bytes_out"] == 10000 and stats["bytes_in"] == 2000
+    conns = agent.request("connections")["connections"]
+    assert {c["orig_dst"] for c in conns} == {f"{server.ip4}:{PORT}", f"[{server.ip6}]:{PORT}"}
+    assert agent.decisions()["steered"] == 2
+
+
+def test_ten_megabytes_each_way_keep_their_digests(mesh_env, agent):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", str(10 * MB), "--seed", "7")
+    agent.attach(client)
+    for host in (server.ip4, server.ip6):
+        out = mesh_env.client(client, host, PORT, "--send", str(10 * MB), "--seed", "3")
+        seen = srv.next()
+        assert steered(out)
+        assert out["recv_bytes"] == seen["sent_bytes"] == 10 * MB
+        assert out["recv_sha"] == seen["sent_sha"]
+        assert seen["recv_bytes"] == out["sent_bytes"] == 10 * MB
+        assert seen["recv_sha"] == out["sent_sha"]
+
+
+def test_root_netns_and_unattached_pod_are_not_steered(mesh_env, agent):
+    client = mesh_env.create_pod("client")
+    other = mesh_env.create_pod("other")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent.attach(client)
+
+    out = mesh_env.client(other, server.ip4, PORT)
+    assert not steered(out)
+    assert srv.next()["peer"] == other.ip4
+
+    # A process of the root netns, inside the attached cgroup: hooks run, no steering.
+    host_cg = mesh_env.cgroup_path / "host"
+    host_cg.mkdir()
+
+    def join() -> None:
+        (host_cg / "cgroup.procs").write_text("0\n")
+
+    proc = subprocess.run(
+        [sys.executable, str(TCPTOOL), "client", "--host", server.ip4, "--port", str(PORT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=join,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"{server.ip4}:{PORT}" in proc.stdout
+    assert srv.next()["peer"] == mesh_env.node().gateway4
+
+    assert agent.pod_status("client")["connections_total"] == 0
+    decisions = agent.decisions()
+    assert decisions.get("steered", 0) == 0
+    assert decisions["not_attached"] >= 2
+
+
+def test_excluded_port_and_cidr_are_not_steered(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    agent = start_agent(
+        mesh_env, "--exclude-ports", "9200,9300-9301", "--exclude-cidrs", f"{server.ip4}/32"
+    )
+    try:
+        mesh_env.server(server, PORT)
+        mesh_env.server(server, 9301)
+        agent.attach(client)
+        assert not steered(mesh_env.client(client, server.ip6, 9301))
+        assert not steered(mesh_env.client(client, server.ip4, PORT))
+        assert steered(mesh_env.client(client, server.ip6, PORT))
+        decisions = agent.decisions()
+        assert decisions["excluded_port"] == 1
+        assert decisions["excluded_cidr"] == 1
+        assert decisions["steered"] == 1
+    finally:
+        assert agent.stop() == 0
+
+
+def test_forwarder_upstream_is_never_steered_again(mesh_env, agent):
+    # The agent runs inside the attached cgroup and connects upstream from
+    # inside the attached pod: only the skip mark keeps it from looping.
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent.attach(client)
+    for _ in range(3):
+        assert steered(mesh_env.client(client, server.ip4, PORT))
+        assert srv.next()["peer"] == client.ip4
+    decisions = agent.decisions()
+    assert decisions["steered"] == 3
+    assert decisions["skip_mark"] == 3
+    assert agent.pod_status("client")["connections_total"] == 3
+
+
+def test_detach_stops_new_steering_while_an_open_connection_finishes(mesh_env, agent, tmp_path):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", str(2 * MB))
+    agent.attach(client)
+    go = tmp_path / "go"
+    first = mesh_env.tcptool(
+        client, "client", "--host", server.ip4, "--port", str(PORT),
+        "--send", str(2 * MB), "--pause-at", str(MB), "--wait-file", str(go),
+    )  # fmt: skip
+    wait_for(
+        lambda: agent.pod_status("client")["connections_active"] == 1, what="the open connection"
+    )
+    agent.detach(client)
+    assert agent.pod_status("client") is None
+    later = mesh_env.client(client, server.ip4, PORT)
+    assert not steered(later)
+    assert srv.next()["peer"] == client.ip4
+
+    go.write_text("")
+    out, _ = first.communicate(timeout=60)
+    import json
+
+    result = json.loads(out)
+    seen = srv.next()
+    assert steered(result)
+    assert result["recv_bytes"] == 2 * MB and result["recv_sha"] == seen["sent_sha"]
+    assert seen["recv_bytes"] == 2 * MB and seen["recv_sha"] == result["sent_sha"]
+
+
+def test_server_that_speaks_first(mesh_env, agent):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    banner = "220 mail.example ESMTP ready\r\n"
+    srv = mesh_env.server(server, PORT, "--banner", banner)
+    agent.attach(client)
+    out = mesh_env.client(client, server.ip4, PORT)
+    assert steered(out)
+    assert out["recv_bytes"] == len(banner)
+    import hashlib
+
+    assert out["recv_sha"] == hashlib.sha256(banner.encode()).hexdigest()
+    assert srv.next()["peer"] == client.ip4
