@@ -124,7 +124,7 @@ class Datapath:
 
     # -- maps --------------------------------------------------------------
     def table(self, name: str) -> Any:
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def set_pod(self, netns_cookie: int, pod_id: int, port: int) -> None:
         _update(
@@ -184,8 +184,8 @@ class Datapath:
 def _load(bpf: Any, prog: str, prog_type: int, attach_type: int) -> Any:
     try:
         if prog_type == bpf.CGROUP_SOCK_ADDR:
-            return bpf.load_func(prog, prog_type, attach_type=attach_type)
-        return bpf.load_func(prog, prog_type)
+            return bpf.load_func(prog.encode(), prog_type, attach_type=attach_type)
+        return bpf.load_func(prog.encode(), prog_type)
     except Exception as exc:
         raise MeshError(
             f"the kernel refused {prog} ({names.PROGRAM_FILES[prog]}): {exc};"

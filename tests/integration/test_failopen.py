@@ -1,0 +1,120 @@
+"""Fail-open: no pod loses connectivity because the agent or a map failed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from conftest import start_agent, wait_for
+
+PORT = 9100
+
+
+def steered(result: dict) -> bool:
+    return result["connected_to"].rpartition(":")[0] in ("127.0.0.1", "::1")
+
+
+def cgroup_programs(path) -> list:
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def test_killed_agent_leaves_pods_talking_directly_and_restarts_clean(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env)
+    agent.attach(client)
+    assert steered(mesh_env.client(client, server.ip4, PORT))
+    srv.next()
+    assert len(cgroup_programs(mesh_env.cgroup_path)) == 3
+
+    agent.proc.kill()
+    agent.proc.wait(timeout=30)
+    # BPF links die with their last fd: nothing stays attached, nothing steers.
+    wait_for(lambda: not cgroup_programs(mesh_env.cgroup_path), what="programs to detach")
+    out = mesh_env.client(client, server.ip4, PORT)
+    assert not steered(out)
+    assert srv.next()["peer"] == client.ip4
+
+    # A new agent takes over the stale socket and works.
+    again = start_agent(mesh_env)
+    try:
+        again.attach(client)
+        assert steered(mesh_env.client(client, server.ip6, PORT))
+        assert srv.next()["peer"] == client.ip6
+    finally:
+        assert again.stop() == 0
+    assert not cgroup_programs(mesh_env.cgroup_path)
+    assert not (mesh_env.state_dir / "agent.sock").exists()
+
+
+def test_no_listener_in_the_pod_means_the_connect_goes_direct(mesh_env):
+    """The kernel checks for the pod's listener before rewriting: a pod in
+    the map without a listener (agent wedged, listener lost) talks directly."""
+    from meshagent import netns
+    from meshagent.bpf import compile_and_attach
+    from meshagent.config import AgentConfig
+
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    datapath = compile_and_attach(AgentConfig(state_dir=mesh_env.state_dir), mesh_env.cgroup_path)
+    try:
+        fd = netns.open_fd(client.netns)
+        try:
+            datapath.set_pod(netns.cookie(fd), 1, 15001)
+        finally:
+            import os
+
+            os.close(fd)
+        out = mesh_env.client(client, server.ip4, PORT)
+        assert not steered(out)
+        assert srv.next()["peer"] == client.ip4
+        metrics = datapath.metrics()
+        assert metrics["no_listener"]["egress"] == 1
+        assert "steered" not in metrics
+    finally:
+        datapath.close()
+    assert not cgroup_programs(mesh_env.cgroup_path)
+
+
+def test_full_map_means_the_connect_goes_direct(mesh_env, tmp_path):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--conns-max", "16")  # room for 8 live connections
+    try:
+        agent.attach(client)
+        go = tmp_path / "go"
+        held = [
+            mesh_env.tcptool(
+                client, "client", "--host", server.ip4, "--port", str(PORT),
+                "--send", "10", "--pause-at", "5", "--wait-file", str(go),
+            )  # fmt: skip
+            for _ in range(12)
+        ]
+        wait_for(
+            lambda: sum(agent.decisions().get(k, 0) for k in ("steered", "map_full")) == 12,
+            what="12 connects decided",
+        )
+        go.write_text("")
+        results = []
+        for proc in held:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0
+            results.append(json.loads(out))
+        for _ in held:
+            srv.next()
+        decisions = agent.decisions()
+        assert decisions["steered"] == 8
+        assert decisions["map_full"] == 4
+        assert sum(steered(r) for r in results) == 8
+        assert all(r["sent_bytes"] == 10 for r in results)
+        # Entries leave with their connections: room again.
+        wait_for(lambda: agent.request("status")["live_steered"] == 0, what="entries to go")
+        assert steered(mesh_env.client(client, server.ip4, PORT))
+    finally:
+        assert agent.stop() == 0
