@@ -95,6 +95,7 @@ class MeshEnv:
             "MESHAGENT_POD_CIDR": self.cidr4,
             "MESHAGENT_POD_CIDR6": self.cidr6,
             "MESHAGENT_CGROUP_PARENT": f"{self.cgroup_rel}/pods",
+            "MESHAGENT_NETNS_PREFIX": f"mt{self.tag}-",
         }
 
     def node(self):
@@ -105,6 +106,7 @@ class MeshEnv:
             cidr4=self.cidr4,
             cidr6=self.cidr6,
             cgroup_parent=f"{self.cgroup_rel}/pods",
+            netns_prefix=f"mt{self.tag}-",
         )
 
     def store(self):

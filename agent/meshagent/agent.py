@@ -47,6 +47,7 @@ class Agent:
         self.forwarder: Forwarder | None = None
         self.cgroup_path: Path | None = None
         self.started = time.time()
+        self.ready = False
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -75,6 +76,7 @@ class Agent:
         self._write_info()
         self.stack.callback(self._info_path().unlink, missing_ok=True)
         self._install_signals()
+        self.ready = True
         self.log.info(
             "agent ready",
             extra={"reason": f"cgroup={self.cgroup_path} socket={self.cfg.socket_path}"},
@@ -122,7 +124,9 @@ class Agent:
 
     def stop(self) -> None:
         self.stack.close()
-        self.log.info("agent stopped; everything it made is removed")
+        if self.ready:
+            self.ready = False
+            self.log.info("agent stopped; everything it made is removed")
 
     # -- pods --------------------------------------------------------------
     def attach(self, name: str) -> dict:

@@ -229,7 +229,7 @@ def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
         ) from None
     text = render_source()
     try:
-        bpf = BPF(text=text, cflags=bpf_cflags(cfg))
+        bpf = BPF(text=text.encode(), cflags=bpf_cflags(cfg))
     except Exception as exc:
         raise MeshError(
             f"BCC could not compile the BPF programs ({exc}); check the kernel headers"

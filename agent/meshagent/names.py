@@ -46,7 +46,6 @@ REASONS = (
     "no_listener",
     "map_full",
     "rekeyed",
-    "rekey_miss",
     "closed",
     "internal",
 )

@@ -14,11 +14,10 @@
 #define MESH_REASON_NO_LISTENER   7  /* fail-open: no forwarder listening in the pod */
 #define MESH_REASON_MAP_FULL      8  /* fail-open: original-destination map full */
 #define MESH_REASON_REKEYED       9  /* sock_ops stored the original dst by 4-tuple */
-#define MESH_REASON_REKEY_MISS   10  /* sock_ops found no original dst by cookie */
-#define MESH_REASON_CLOSED       11  /* a steered connection closed, entry removed */
-#define MESH_REASON_INTERNAL     12  /* fail-open: an unexpected internal error */
+#define MESH_REASON_CLOSED       10  /* a steered connection closed, entry removed */
+#define MESH_REASON_INTERNAL     11  /* fail-open: an unexpected internal error */
 
-#define MESH_REASON_MAX          13  /* one past the last reason */
+#define MESH_REASON_MAX          12  /* one past the last reason */
 
 #define MESH_DIR_EGRESS 0
 #define MESH_DIR_INGRESS 1

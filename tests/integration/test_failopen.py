@@ -89,11 +89,9 @@ def test_full_map_means_the_connect_goes_direct(mesh_env, tmp_path):
     try:
         agent.attach(client)
         go = tmp_path / "go"
+        hold = ["--send", "10", "--pause-at", "5", "--wait-file", str(go)]
         held = [
-            mesh_env.tcptool(
-                client, "client", "--host", server.ip4, "--port", str(PORT),
-                "--send", "10", "--pause-at", "5", "--wait-file", str(go),
-            )  # fmt: skip
+            mesh_env.tcptool(client, "client", "--host", server.ip4, "--port", str(PORT), *hold)
             for _ in range(12)
         ]
         wait_for(

@@ -4,47 +4,22 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import textwrap
 
 import pytest
 
 from conftest import wait_for
+from meshagent.demo import nginx_conf
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def nginx_conf(prefix) -> str:
-    return textwrap.dedent(
-        f"""
-        daemon off;
-        worker_processes 1;
-        pid {prefix}/nginx.pid;
-        error_log {prefix}/error.log;
-        events {{ worker_connections 128; }}
-        http {{
-            access_log {prefix}/access.log;
-            client_body_temp_path {prefix}/body;
-            proxy_temp_path {prefix}/proxy;
-            fastcgi_temp_path {prefix}/fastcgi;
-            uwsgi_temp_path {prefix}/uwsgi;
-            scgi_temp_path {prefix}/scgi;
-            server {{
-                listen 80;
-                listen [::]:80;
-                location / {{ return 200 "hello from the server pod\\n"; }}
-            }}
-        }}
-        """
-    )
-
-
 @pytest.fixture
 def nginx(mesh_env, tmp_path):
-    if not shutil.which("nginx") and not shutil.os.path.exists(NGINX):
+    if not shutil.which(NGINX):
         pytest.fail("nginx is missing: run scripts/bootstrap")
     server = mesh_env.create_pod("web")
     conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_conf(tmp_path))
+    conf.write_text(nginx_conf(tmp_path, "hello from the server pod"))
     mesh_env.popen(server, [NGINX, "-c", str(conf), "-p", str(tmp_path)])
     log = tmp_path / "access.log"
     wait_for(lambda: (tmp_path / "nginx.pid").exists(), what="nginx to start")

@@ -61,7 +61,7 @@ class MeshGroup(click.Group):
 @click.group(cls=MeshGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--state-dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, file_okay=False, readable=False),
     default=DEFAULT_STATE_DIR,
     envvar="MESHAGENT_STATE_DIR",
     show_default=True,

@@ -38,6 +38,7 @@ def pod() -> None:
     envvar="MESHAGENT_CGROUP_PARENT",
     help="cgroup (under the v2 mount) that holds pod cgroups [meshagent/pods].",
 )
+@click.option("--netns-prefix", envvar="MESHAGENT_NETNS_PREFIX", help="Pod netns names [mesh-].")
 @click.pass_obj
 def create(
     app: App,
@@ -47,6 +48,7 @@ def create(
     pod_cidr6: str | None,
     bridge: str | None,
     cgroup_parent: str | None,
+    netns_prefix: str | None,
 ) -> None:
     """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""
     from meshagent.pods.model import NodeConfig
@@ -54,13 +56,14 @@ def create(
 
     require_root("meshagent pod create")
     node = None
-    if any((pod_cidr, pod_cidr6, bridge, cgroup_parent)):
+    if any((pod_cidr, pod_cidr6, bridge, cgroup_parent, netns_prefix)):
         defaults = NodeConfig()
         node = NodeConfig(
             bridge=bridge or defaults.bridge,
             cidr4=pod_cidr or defaults.cidr4,
             cidr6=pod_cidr6 or defaults.cidr6,
             cgroup_parent=cgroup_parent or defaults.cgroup_parent,
+            netns_prefix=netns_prefix or defaults.netns_prefix,
         )
     made = create_pod(app.store(), name, ip, node)
     click.echo(f"pod {made.name} created: {made.ip4} {made.ip6} (netns {made.netns})")

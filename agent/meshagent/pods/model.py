@@ -10,7 +10,6 @@ from meshagent.errors import MeshError
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 NAME_MAX = 40  # leaves room for the netns prefix and stays readable
-NETNS_PREFIX = "mesh-"
 
 
 @dataclass(frozen=True)
@@ -21,8 +20,11 @@ class NodeConfig:
     cidr4: str = "10.244.0.0/24"
     cidr6: str = "fd6d:6573:6800::/64"
     cgroup_parent: str = "meshagent/pods"
+    netns_prefix: str = "mesh-"  # netns of pod NAME: <prefix>NAME
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9][-a-z0-9]{0,15}", self.netns_prefix):
+            raise MeshError(f"netns prefix {self.netns_prefix!r}: 1-16 of a-z, 0-9, '-'")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", self.bridge):
             raise MeshError(f"bridge {self.bridge!r}: 1-15 letters, digits, '_', '.', '-'")
         net4 = _network(self.cidr4, 4, "pod network")
@@ -79,15 +81,12 @@ def validate_name(name: str) -> str:
     return name
 
 
-def netns_name(name: str) -> str:
-    return NETNS_PREFIX + name
-
-
-def host_veth_name(name: str) -> str:
-    """A stable, unique host-side veth name within the 15-character limit."""
+def host_veth_name(netns: str) -> str:
+    """A stable host-side veth name within the 15-character limit, derived
+    from the pod's netns name (unique on the machine)."""
     import hashlib
 
-    return "mesh" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return "mesh" + hashlib.sha1(netns.encode()).hexdigest()[:10]
 
 
 def allocate(node: NodeConfig, used4: set[str], wanted: str | None = None) -> tuple[str, str]:

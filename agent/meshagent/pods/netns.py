@@ -19,7 +19,6 @@ from meshagent.pods.model import (
     Pod,
     allocate,
     host_veth_name,
-    netns_name,
     validate_name,
 )
 from meshagent.pods.store import PodStore
@@ -96,9 +95,6 @@ def create_pod(
     with store.locked(), ExitStack() as undo:
         if store.find(name) is not None:
             raise MeshError(f"pod {name} already exists")
-        ns_name = netns_name(name)
-        if netns.exists(ns_name):
-            raise MeshError(f"pod {name}: network namespace {ns_name} already exists")
         current = store.node()
         if current is not None and node is not None and node != current:
             raise MeshError(
@@ -106,6 +102,9 @@ def create_pod(
                 f" cgroup {current.cgroup_parent}: delete all pods to change it"
             )
         node = current or node or NodeConfig()
+        ns_name = node.netns_prefix + name
+        if netns.exists(ns_name):
+            raise MeshError(f"pod {name}: network namespace {ns_name} already exists")
         ip4, ip6 = allocate(node, {p.ip4 for p in store.all()}, ip)
         cg_root = cgroup.cgroup2_mount()
         pod = Pod(
@@ -113,7 +112,7 @@ def create_pod(
             netns=ns_name,
             ip4=ip4,
             ip6=ip6,
-            host_veth=host_veth_name(name),
+            host_veth=host_veth_name(ns_name),
             cgroup=f"{node.cgroup_parent.strip('/')}/{name}",
             bridge=node.bridge,
         )

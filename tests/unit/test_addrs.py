@@ -1,0 +1,13 @@
+from meshagent.addrs import format_endpoint, from_addr16, to_addr16
+
+
+def test_roundtrip_and_mapping():
+    assert to_addr16("10.1.2.3") == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    for address in ("10.1.2.3", "fd00::1", "::1", "127.0.0.1"):
+        assert from_addr16(to_addr16(address)) == address
+    assert from_addr16(to_addr16("::ffff:10.0.0.1")) == "10.0.0.1"
+
+
+def test_endpoint_format():
+    assert format_endpoint("10.0.0.1", 80) == "10.0.0.1:80"
+    assert format_endpoint("fd00::1", 80) == "[fd00::1]:80"
