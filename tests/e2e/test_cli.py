@@ -105,6 +105,15 @@ def test_bad_input_gets_one_clear_line(mesh_env):
     assert not (env.state_dir / "agent.sock").exists()
     assert [p.name for p in env.store().all()] == ["a"]
 
+    # Kernel headers missing: say which, and the fix; nothing attached.
+    no_headers = {**env.env, "BCC_KERNEL_SOURCE": str(env.state_dir / "no-headers")}
+    proc = subprocess.run([*MESHAGENT, "run", "--cgroup", env.cgroup_rel], env=no_headers,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "kernel headers" in proc.stderr
+    assert "scripts/bootstrap" in proc.stderr
+    assert not (env.state_dir / "agent.sock").exists()
+
     # Exhaust a tiny pod network: /29 holds 5 pods besides the gateway.
     tiny = {**env.env, "MESHAGENT_STATE_DIR": str(env.state_dir / "tiny")}
     tiny["MESHAGENT_POD_CIDR"] = "10.250.99.0/29"
