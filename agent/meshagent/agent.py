@@ -22,6 +22,7 @@ from meshagent.control import ControlServer
 from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
 from meshagent.forwarder.loop import Loop
+from meshagent.forwarder.sockmap import SockmapMaps
 from meshagent.pods.store import PodStore
 
 
@@ -48,6 +49,8 @@ class Agent:
         self.cgroup_path: Path | None = None
         self.started = time.time()
         self.ready = False
+        self.datapath_reason = ""
+        self._sweep_failures = 0
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -70,8 +73,13 @@ class Agent:
         self.datapath = compile_and_attach(self.cfg, self.cgroup_path)
         self.stack.callback(self.datapath.close)
         self.forwarder = Forwarder(
-            self.loop, self.datapath.lookup_orig, self.cfg.skip_mark, self.cfg.port
+            self.loop,
+            self.datapath.lookup_orig,
+            self.cfg.skip_mark,
+            self.cfg.port,
+            maps=None if self.datapath.sockmap_error else SockmapMaps(self.datapath),
         )
+        self._choose_datapath()
         self.stack.callback(self._detach_all)
         self._write_info()
         self.stack.callback(self._info_path().unlink, missing_ok=True)
@@ -81,6 +89,40 @@ class Agent:
             "agent ready",
             extra={"reason": f"cgroup={self.cgroup_path} socket={self.cfg.socket_path}"},
         )
+
+    def _choose_datapath(self) -> None:
+        from meshagent.forwarder import selftest
+
+        wanted = self.cfg.datapath
+        if wanted == "auto":
+            mode, why = selftest.choose(self.forwarder.maps)
+        elif wanted == "sockmap" and self.forwarder.maps is None:
+            raise MeshError(
+                f"--datapath sockmap: not available ({self.datapath.sockmap_error});"
+                " use --datapath auto"
+            )
+        else:
+            mode, why = wanted, f"asked for with --datapath {wanted}"
+        self.forwarder.set_mode(mode)
+        self.datapath_reason = why
+        self.log.info(f"data path {mode}", extra={"reason": why})
+        self._sweep_failures = 0
+        self.loop.call_later(1.0, self._sweep)
+
+    def _sweep(self) -> None:
+        """Once a second: if a verdict redirect failed since the last look,
+        recheck spliced connections for bytes left in a queue."""
+        failed = self.datapath.metrics().get("redirect_failed", {}).get("egress", 0)
+        if failed != self._sweep_failures:
+            self._sweep_failures = failed
+            self.forwarder.sweep()
+        self.loop.call_later(1.0, self._sweep)
+
+    def set_datapath(self, mode: str) -> dict:
+        self.forwarder.set_mode(mode)
+        self.datapath_reason = "set while running (`meshagent datapath set`)"
+        self.log.info(f"data path {mode} for new connections", extra={"reason": "datapath set"})
+        return {"datapath": mode}
 
     def _info_path(self) -> Path:
         return self.cfg.state_dir / "agent.json"
@@ -195,7 +237,9 @@ class Agent:
         return {
             "pid": os.getpid(),
             "backend": "ebpf",
-            "datapath": "copy",
+            "datapath": self.forwarder.mode,
+            "datapath_reason": self.datapath_reason,
+            "datapaths": {k: v.to_dict() for k, v in self.forwarder.paths.items()},
             "cgroup": str(self.cgroup_path),
             "port": self.cfg.port,
             "exclude_ports": list(self.cfg.exclude_ports),
@@ -228,6 +272,11 @@ class Agent:
             return self.status()
         if op == "connections":
             return {"connections": self.forwarder.connections()}
+        if op == "datapath":
+            mode = request.get("set")
+            if mode is not None:
+                return self.set_datapath(str(mode))
+            return {"datapath": self.forwarder.mode, "reason": self.datapath_reason}
         raise MeshError(f"unknown request {op!r}")
 
 

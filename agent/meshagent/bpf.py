@@ -76,7 +76,9 @@ class Datapath:
     bpf: Any
     cgroup: Path
     links: dict[str, int] = field(default_factory=dict)
+    sockmap_error: str | None = None  # why the sockmap data path is unavailable
     _stack: ExitStack = field(default_factory=ExitStack)
+    _fds: dict[str, bpfsys.MapFd] = field(default_factory=dict)
 
     # -- attach / detach ---------------------------------------------------
     def attach(self) -> None:
@@ -104,6 +106,30 @@ class Datapath:
         except BaseException:
             self.close()
             raise
+
+    def attach_verdict(self) -> None:
+        """Attach the sk_skb stream verdict to the sockhash. A failure only
+        makes the sockmap data path unavailable (recorded, not raised)."""
+        from bcc import BPF
+
+        try:
+            fn = self.bpf.load_func(names.PROG_VERDICT.encode(), BPF.SK_SKB)
+            bpfsys.prog_attach(
+                fn.fd, self.map_fd(names.MAP_SOCKHASH).fd, bpfsys.BPF_SK_SKB_STREAM_VERDICT
+            )
+        except Exception as exc:
+            self.sockmap_error = f"sk_skb verdict: {exc}"
+
+    def map_fd(self, name: str) -> bpfsys.MapFd:
+        """A map by raw fd (also the ones BCC 0.26 has no table class for)."""
+        if name not in self._fds:
+            from bcc.libbcc import lib
+
+            fd = lib.bpf_table_fd(self.bpf.module, name.encode())
+            if fd < 0:
+                raise MeshError(f"map {name} not found in the loaded programs")
+            self._fds[name] = bpfsys.MapFd(fd, name)
+        return self._fds[name]
 
     def _unlink(self, prog: str) -> None:
         link = self.links.pop(prog, None)
@@ -239,6 +265,7 @@ def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
     try:
         datapath.set_excludes(cfg.exclude_ports, cfg.exclude_cidrs)
         datapath.attach()
+        datapath.attach_verdict()
     except BaseException:
         datapath.close()
         raise

@@ -17,6 +17,7 @@ BPF_LINK_DETACH = 34
 
 # enum bpf_attach_type
 BPF_CGROUP_SOCK_OPS = 3
+BPF_SK_SKB_STREAM_VERDICT = 5
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 
@@ -39,6 +40,68 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _bpf(BPF_LINK_CREATE, struct.pack("=IIII", prog_fd, target_fd, attach_type, 0))
 
 
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """BPF_PROG_ATTACH (for a verdict program on a sockhash)."""
+    _bpf(8, struct.pack("=IIII", target_fd, prog_fd, attach_type, 0))
+
+
 def link_detach(link_fd: int) -> None:
     """Detach now, before the fd closes (closing alone would also do it)."""
     _bpf(BPF_LINK_DETACH, struct.pack("=I", link_fd))
+
+
+class MapFd:
+    """A BPF map used through its fd with u64 keys (socket cookies); no BCC
+    table objects on the per-connection path."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self._key = ctypes.c_uint64()
+        self._value = ctypes.c_uint64()
+        from bcc.libbcc import lib
+
+        self._lib = lib
+
+    def update(self, key: int, value: int) -> None:
+        self._key.value = key
+        self._value.value = value
+        if (
+            self._lib.bpf_update_elem(
+                self.fd, ctypes.byref(self._key), ctypes.byref(self._value), 0
+            )
+            < 0
+        ):
+            err = ctypes.get_errno()
+            raise OSError(err, f"{self.name} update: {os.strerror(err)}")
+
+    def lookup(self, key: int) -> int | None:
+        self._key.value = key
+        if (
+            self._lib.bpf_lookup_elem(self.fd, ctypes.byref(self._key), ctypes.byref(self._value))
+            < 0
+        ):
+            return None
+        return self._value.value
+
+    def delete(self, key: int) -> None:
+        self._key.value = key
+        self._lib.bpf_delete_elem(self.fd, ctypes.byref(self._key))
+
+    def keys(self) -> list[int]:
+        out: list[int] = []
+        key = ctypes.c_uint64()
+        nxt = ctypes.c_uint64()
+        first = True
+        while (
+            self._lib.bpf_get_next_key(
+                self.fd, None if first else ctypes.byref(key), ctypes.byref(nxt)
+            )
+            == 0
+        ):
+            out.append(nxt.value)
+            key.value = nxt.value
+            first = False
+            if len(out) > 1 << 22:
+                break
+        return out

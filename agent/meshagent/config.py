@@ -14,6 +14,7 @@ DEFAULT_PORT = 15001
 DEFAULT_SKIP_MARK = 0x4D455348
 EXCL_MAX = 256
 LOG_FORMATS = ("text", "json")
+DATAPATHS = ("auto", "sockmap", "splice", "copy")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class AgentConfig:
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
     log_format: str = "text"
+    datapath: str = "auto"
     skip_mark: int = DEFAULT_SKIP_MARK
     pods_max: int = 1024
     conns_max: int = 65536
@@ -37,6 +39,8 @@ class AgentConfig:
         check_port(self.port, "--port")
         if self.log_format not in LOG_FORMATS:
             raise MeshError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.datapath not in DATAPATHS:
+            raise MeshError(f"--datapath must be one of {', '.join(DATAPATHS)}")
         if not 16 <= self.conns_max <= 1 << 22:
             raise MeshError("conns_max must be between 16 and 4194304")
         if not 1 <= self.pods_max <= 1 << 16:

@@ -14,6 +14,10 @@ MAP_EXCL_PORT = "mesh_excl_port"
 MAP_EXCL_CIDR = "mesh_excl_cidr"
 MAP_STATE = "mesh_state"
 MAP_METRICS = "mesh_metrics"
+MAP_SOCKHASH = "mesh_sockhash"
+MAP_PEER = "mesh_peer"
+MAP_PASSED = "mesh_passed"
+MAP_SENT = "mesh_sent"
 MAPS = (
     MAP_PODS,
     MAP_ORIG_SK,
@@ -22,16 +26,22 @@ MAPS = (
     MAP_EXCL_CIDR,
     MAP_STATE,
     MAP_METRICS,
+    MAP_SOCKHASH,
+    MAP_PEER,
+    MAP_PASSED,
+    MAP_SENT,
 )
 
 # Entry functions, one per attach point, with their source file.
 PROG_CONNECT4 = "mesh_connect4"
 PROG_CONNECT6 = "mesh_connect6"
 PROG_SOCKOPS = "mesh_sockops"
+PROG_VERDICT = "mesh_verdict"
 PROGRAM_FILES = {
     PROG_CONNECT4: "connect4.c",
     PROG_CONNECT6: "connect6.c",
     PROG_SOCKOPS: "sockops.c",
+    PROG_VERDICT: "skb_verdict.c",
 }
 
 # Decision reasons, index = MESH_REASON_* value. Append only.
@@ -48,6 +58,11 @@ REASONS = (
     "rekeyed",
     "closed",
     "internal",
+    "spliced",
+    "handoff",
+    "eof_drop",
+    "redirect_failed",
+    "untracked",
 )
 DIRECTIONS = ("egress", "ingress")
 

@@ -16,8 +16,13 @@
 #define MESH_REASON_REKEYED       9  /* sock_ops stored the original dst by 4-tuple */
 #define MESH_REASON_CLOSED       10  /* a steered connection closed, entry removed */
 #define MESH_REASON_INTERNAL     11  /* fail-open: an unexpected internal error */
+#define MESH_REASON_SPLICED      12  /* verdict: segment redirected to the peer */
+#define MESH_REASON_HANDOFF      13  /* verdict: passed to Python (hand-off not done) */
+#define MESH_REASON_EOF_DROP     14  /* verdict: zero-length skb (FIN) dropped */
+#define MESH_REASON_REDIR_FAIL   15  /* verdict: redirect failed, passed instead */
+#define MESH_REASON_UNTRACKED    16  /* verdict: socket has no counters, passed */
 
-#define MESH_REASON_MAX          12  /* one past the last reason */
+#define MESH_REASON_MAX          17  /* one past the last reason */
 
 #define MESH_DIR_EGRESS 0
 #define MESH_DIR_INGRESS 1

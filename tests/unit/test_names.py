@@ -39,7 +39,11 @@ def test_reasons_match_the_c_in_order():
     by_value = sorted(values.items(), key=lambda item: item[1])
     assert [v for _, v in by_value] == list(range(count))
     c_names = [n for n, _ in by_value]
-    short = {"excluded_port": "excl_port", "excluded_cidr": "excl_cidr"}
+    short = {
+        "excluded_port": "excl_port",
+        "excluded_cidr": "excl_cidr",
+        "redirect_failed": "redir_fail",
+    }
     assert [short.get(n, n) for n in names.REASONS] == c_names
 
 

@@ -35,6 +35,13 @@ Examples:
     "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
 )
 @click.option(
+    "--datapath",
+    type=click.Choice(["auto", "sockmap", "splice", "copy"]),
+    default="auto",
+    show_default=True,
+    help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
+)
+@click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
 @click.pass_obj
@@ -46,6 +53,7 @@ def run(
     exclude_cidrs: str | None,
     log_format: str,
     conns_max: int,
+    datapath: str,
     dump_bpf: bool,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
@@ -64,6 +72,7 @@ def run(
         exclude_cidrs=parse_cidrs(exclude_cidrs),
         log_format=log_format,
         conns_max=conns_max,
+        datapath=datapath,
     )
     if dump_bpf:
         from meshagent.bpf import render_source
@@ -119,6 +128,7 @@ def status(app: App, output: str, connections: bool) -> None:
         f"agent pid {reply['pid']}  backend {reply['backend']}  datapath {reply['datapath']}"
         f"  port {reply['port']}"
     )
+    click.echo(f"datapath: {reply['datapath_reason']}")
     click.echo(f"cgroup {reply['cgroup']}  kernel {reply['kernel']}")
     click.echo("features: " + ", ".join(reply["kernel_features"]))
     if not reply["pods"]:
@@ -140,6 +150,42 @@ def status(app: App, output: str, connections: bool) -> None:
         )
 
 
+DATAPATH_EPILOG = """\b
+Examples:
+  meshagent datapath                 # which one, and why
+  meshagent datapath set copy        # the kill switch: new connections copy in userspace
+  meshagent datapath set sockmap
+"""
+
+
+@click.group(invoke_without_command=True, epilog=DATAPATH_EPILOG)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.pass_context
+def datapath(ctx: click.Context, output: str) -> None:
+    """Show or switch the data path used for new connections."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from meshagent import control
+
+    app: App = ctx.obj
+    reply = control.request(app.socket_path, "datapath")
+    if output == "json":
+        click.echo(json.dumps(reply, indent=2))
+    else:
+        click.echo(f"{reply['datapath']}: {reply['reason']}")
+
+
+@datapath.command(name="set", epilog="\b\nExample:\n  meshagent datapath set splice")
+@click.argument("mode", type=click.Choice(["sockmap", "splice", "copy"]))
+@click.pass_obj
+def datapath_set(app: App, mode: str) -> None:
+    """Use MODE for new connections; open ones keep theirs."""
+    from meshagent import control
+
+    control.request(app.socket_path, "datapath", set=mode)
+    click.echo(f"data path {mode} for new connections")
+
+
 def register(cli: click.Group) -> None:
-    for command in (run, attach, detach, status):
+    for command in (run, attach, detach, status, datapath):
         cli.add_command(command)

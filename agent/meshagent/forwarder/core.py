@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 from meshagent import log, netns
 from meshagent.addrs import format_endpoint
 from meshagent.errors import MeshError
+from meshagent.forwarder.datapaths import MODES, DatapathStats
 from meshagent.forwarder.loop import Loop, Timer
-from meshagent.forwarder.relay import Relay, reset_close
+from meshagent.forwarder.relay import Relay, SpliceLeg, reset_close
+from meshagent.forwarder.sockmap import SockmapMaps, SockmapRelay, cookie_of
 
 CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
@@ -62,22 +64,52 @@ class ConnRecord:
     bytes_in: int = 0
     ended: float | None = None
     reason: str | None = None
+    datapath: str = "copy"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class Pending:
+    """A steered connection whose upstream connect is in flight."""
+
+    slot: PodSlot
+    record: ConnRecord
+    client: socket.socket
+    timer: Timer
+    client_cookie: int | None = None  # set when the client is in the sockhash
+
+
 class Forwarder:
-    def __init__(self, loop: Loop, lookup: OrigLookup, skip_mark: int, port: int) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        lookup: OrigLookup,
+        skip_mark: int,
+        port: int,
+        maps: SockmapMaps | None = None,
+        mode: str = "copy",
+    ) -> None:
         self.loop = loop
         self.lookup = lookup
         self.skip_mark = skip_mark
         self.port = port
+        self.maps = maps
+        self.mode = mode
         self.pods: dict[str, PodSlot] = {}
-        self.relays: dict[Relay, tuple[PodSlot, ConnRecord]] = {}
-        self.pending: dict[socket.socket, tuple[PodSlot, ConnRecord, socket.socket, Timer]] = {}
+        self.relays: dict[Relay | SockmapRelay, tuple[PodSlot, ConnRecord]] = {}
+        self.pending: dict[socket.socket, Pending] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
+        self.paths = {mode: DatapathStats() for mode in MODES}
         self.log = log.get()
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise MeshError(f"data path {mode!r}: choose one of {', '.join(MODES)}")
+        if mode == "sockmap" and self.maps is None:
+            raise MeshError("data path sockmap is not available on this agent (see status)")
+        self.mode = mode
 
     # -- listeners ---------------------------------------------------------
     def open_pod(self, name: str, pod_id: int, netns_fd: int, netns_cookie: int) -> PodSlot:
@@ -157,13 +189,15 @@ class Forwarder:
             return
         orig_ip, orig_port = orig
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
+        record.datapath = self.mode
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
+        client_cookie = self._enter_sockhash(client, record) if self.mode == "sockmap" else None
         family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
         try:
             upstream = netns.socket_in(slot.netns_fd, family)
         except (OSError, MeshError) as exc:
-            self._fail(slot, record, client, None, f"upstream socket: {exc}")
+            self._fail(slot, record, client, None, f"upstream socket: {exc}", client_cookie)
             return
         try:
             upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.skip_mark)
@@ -172,26 +206,37 @@ class Forwarder:
             upstream.setblocking(False)
             err = upstream.connect_ex((orig_ip, orig_port))
         except OSError as exc:
-            self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}")
+            reason = f"upstream connect: {exc.strerror}"
+            self._fail(slot, record, client, upstream, reason, client_cookie)
             return
         if err not in (0, errno.EINPROGRESS):
-            self._fail(
-                slot, record, client, upstream, f"upstream connect: {errno.errorcode.get(err, err)}"
-            )
+            reason = f"upstream connect: {errno.errorcode.get(err, err)}"
+            self._fail(slot, record, client, upstream, reason, client_cookie)
             return
         timer = self.loop.call_later(
-            CONNECT_TIMEOUT,
-            lambda: self._connect_done(upstream, timed_out=True),
+            CONNECT_TIMEOUT, lambda: self._connect_done(upstream, timed_out=True)
         )
-        self.pending[upstream] = (slot, record, client, timer)
+        self.pending[upstream] = Pending(slot, record, client, timer, client_cookie)
         self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
+
+    def _enter_sockhash(self, sock: socket.socket, record: ConnRecord) -> int | None:
+        """Put a socket into the sockhash before anything reads from it; on
+        failure (no longer ESTABLISHED) the pair is copied in userspace."""
+        cookie = cookie_of(sock)
+        try:
+            self.maps.insert(sock, cookie)
+        except OSError:
+            self.paths["sockmap"].fallbacks += 1
+            record.datapath = "copy"
+            return None
+        return cookie
 
     def _connect_done(self, upstream: socket.socket, timed_out: bool = False) -> None:
         entry = self.pending.pop(upstream, None)
         if entry is None:
             return
-        slot, record, client, timer = entry
-        timer.cancel()
+        slot, record, client = entry.slot, entry.record, entry.client
+        entry.timer.cancel()
         self.loop.remove(upstream.fileno())
         err = (
             errno.ETIMEDOUT
@@ -199,17 +244,46 @@ class Forwarder:
             else upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         )
         if err:
-            self._fail(
-                slot, record, client, upstream, f"upstream connect: {errno.errorcode.get(err, err)}"
-            )
+            reason = f"upstream connect: {errno.errorcode.get(err, err)}"
+            self._fail(slot, record, client, upstream, reason, entry.client_cookie)
             return
         record.state = "forwarding"
-        relay = Relay(self.loop, client, upstream, self._relay_done)
+        relay: Relay | SockmapRelay
+        upstream_cookie = None
+        if entry.client_cookie is not None:
+            upstream_cookie = self._enter_sockhash(upstream, record)
+            if upstream_cookie is None:
+                self.maps.forget(entry.client_cookie)  # stays in the sockhash, peerless
+        if upstream_cookie is not None:
+            relay = SockmapRelay(
+                self.loop, self.maps, client, entry.client_cookie, upstream, upstream_cookie,
+                self._relay_done, self._stalled,
+            )  # fmt: skip
+        else:
+            leg = SpliceLeg if record.datapath == "splice" else Relay.default_leg
+            relay = Relay(self.loop, client, upstream, self._relay_done, leg)
         self.relays[relay] = (slot, record)
-        self.log.debug(
-            "forwarding",
-            extra={"pod": slot.name, "conn": record.client, "orig_dst": record.orig_dst},
+        self.paths[record.datapath].connections_active += 1
+        if isinstance(relay, SockmapRelay):
+            relay.start()
+
+    def _stalled(self, relay: SockmapRelay) -> None:
+        slot, record = self.relays.get(relay, (None, None))
+        self.paths["sockmap"].stalls += 1
+        self.log.warning(
+            "hand-off stalled: passed bytes not yet readable",
+            extra={
+                "pod": slot.name if slot else None,
+                "conn": record.client if record else None,
+                "reason": "handoff_stall",
+            },
         )
+
+    def sweep(self) -> None:
+        """Recheck spliced connections (after a redirect failed somewhere)."""
+        for relay in list(self.relays):
+            if isinstance(relay, SockmapRelay):
+                relay.recheck()
 
     def _fail(
         self,
@@ -218,9 +292,12 @@ class Forwarder:
         client: socket.socket,
         upstream: socket.socket | None,
         reason: str,
+        client_cookie: int | None = None,
     ) -> None:
         slot.stats.upstream_errors += 1
         slot.stats.connections_active -= 1
+        if client_cookie is not None:
+            self.maps.forget(client_cookie)
         reset_close(client)
         if upstream is not None:
             upstream.close()
@@ -235,12 +312,18 @@ class Forwarder:
             },
         )
 
-    def _relay_done(self, relay: Relay, reason: str | None) -> None:
+    def _relay_done(self, relay: Relay | SockmapRelay, reason: str | None) -> None:
         slot, record = self.relays.pop(relay)
         slot.stats.connections_active -= 1
         slot.stats.bytes_out += relay.bytes_out
         slot.stats.bytes_in += relay.bytes_in
         record.bytes_out, record.bytes_in = relay.bytes_out, relay.bytes_in
+        path = self.paths[record.datapath]
+        path.connections_active -= 1
+        path.connections_total += 1
+        path.bytes += relay.bytes_out + relay.bytes_in
+        if isinstance(relay, SockmapRelay):
+            path.handoff_bytes += relay.python_bytes
         if reason is not None:
             slot.stats.resets += 1
         self._end(record, "reset" if reason else "closed", reason)
@@ -265,7 +348,7 @@ class Forwarder:
         for relay, (_slot, record) in self.relays.items():
             record.bytes_out, record.bytes_in = relay.bytes_out, relay.bytes_in
             live.append(record.to_dict())
-        live.extend(record.to_dict() for _slot, record, _c, _t in self.pending.values())
+        live.extend(p.record.to_dict() for p in self.pending.values())
         return [r.to_dict() for r in self.recent] + live
 
     def close(self) -> None:
@@ -274,8 +357,10 @@ class Forwarder:
         for relay in list(self.relays):
             relay.finish("agent stopped")
         for upstream in list(self.pending):
-            _slot, _record, client, timer = self.pending.pop(upstream)
-            timer.cancel()
+            entry = self.pending.pop(upstream)
+            entry.timer.cancel()
             self.loop.remove(upstream.fileno())
+            if entry.client_cookie is not None:
+                self.maps.forget(entry.client_cookie)
             upstream.close()
-            client.close()
+            entry.client.close()

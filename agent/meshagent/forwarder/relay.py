@@ -7,6 +7,9 @@ all sent; an error or reset on one side resets the other (SO_LINGER 0).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import select
 import socket
 import struct
@@ -22,6 +25,8 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+F_SETPIPE_SZ = 1031
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 def reset_close(sock: socket.socket) -> None:
@@ -48,6 +53,14 @@ class Leg:
 
     def wants_read(self) -> bool:
         return not self.eof and len(self.buf) < HIGH
+
+    @property
+    def waiting(self) -> int:
+        """Bytes read and not yet written on."""
+        return len(self.buf)
+
+    def close(self) -> None:
+        pass
 
     def read(self) -> None:
         data = self.src.recv(CHUNK)
@@ -84,8 +97,63 @@ class Leg:
                 pass
 
 
+class SpliceLeg(Leg):
+    """One direction through a pipe with splice(2): the payload stays in the
+    kernel; Python moves it in large chunks (HAProxy's splice mode)."""
+
+    __slots__ = ("pipe_r", "pipe_w", "queued")
+    PIPE_SIZE = 1024 * 1024
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        super().__init__(src, dst)
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, self.PIPE_SIZE)
+        except OSError:
+            pass  # the default pipe size still works
+        self.queued = 0  # bytes in the pipe
+
+    def wants_read(self) -> bool:
+        return not self.eof and self.queued < self.PIPE_SIZE
+
+    @property
+    def waiting(self) -> int:
+        return self.queued
+
+    def read(self) -> None:
+        moved = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+        if moved == 0:
+            self.eof = True
+        else:
+            self.nbytes += moved
+            self.queued += moved
+        self.flush()
+
+    def flush(self) -> None:
+        while self.queued:
+            try:
+                moved = os.splice(self.pipe_r, self.dst.fileno(), self.queued, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            self.queued -= moved
+        self._maybe_shut()
+
+    def _maybe_shut(self) -> None:
+        if self.eof and not self.queued and not self.shut:
+            self.shut = True
+            with contextlib.suppress(OSError):
+                self.dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for fd in (self.pipe_r, self.pipe_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class Relay:
     """Copies both ways between client and upstream until both are done."""
+
+    default_leg = Leg
 
     def __init__(
         self,
@@ -93,13 +161,14 @@ class Relay:
         client: socket.socket,
         upstream: socket.socket,
         on_done: Callable[[Relay, str | None], None],
+        leg: type[Leg] = Leg,
     ) -> None:
         self.loop = loop
         self.client = client
         self.upstream = upstream
         self.on_done = on_done
-        self.out = Leg(client, upstream)  # pod -> destination
-        self.back = Leg(upstream, client)  # destination -> pod
+        self.out = leg(client, upstream)  # pod -> destination
+        self.back = leg(upstream, client)  # destination -> pod
         self.closed = False
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
@@ -118,7 +187,7 @@ class Relay:
         mask = 0
         if reading.wants_read():
             mask |= EPOLLIN
-        if writing.buf:
+        if writing.waiting:
             mask |= EPOLLOUT
         return mask
 
@@ -132,7 +201,7 @@ class Relay:
             try:
                 if events & (EPOLLIN | EPOLL_BAD) and reading.wants_read():
                     reading.read()
-                if events & EPOLLOUT or writing.buf:
+                if events & EPOLLOUT or writing.waiting:
                     writing.flush()
                 if events & select.EPOLLERR:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -140,7 +209,7 @@ class Relay:
                         raise OSError(err, "socket error")
                 if events & select.EPOLLHUP and reading.eof:
                     # Closed both ways: nothing more can be delivered to it.
-                    if writing.buf:
+                    if writing.waiting:
                         raise ConnectionResetError("peer hung up with data pending")
                     writing.eof = writing.shut = True
             except BlockingIOError:
@@ -181,3 +250,5 @@ class Relay:
         for sock in (self.client, self.upstream):
             if sock.fileno() >= 0:
                 self.loop.remove(sock.fileno())
+        self.out.close()
+        self.back.close()

@@ -1,0 +1,335 @@
+"""The sockmap data path: the kernel splices a forwarded connection's two
+sockets; Python only hands off the bytes that arrived before the splice and
+keeps the lifetimes (half-close, reset, close).
+
+The ordered hand-off (see bpf/skb_verdict.c and shared KERNEL-NOTES):
+per socket S, X = bytes the verdict passed to S's own queue (BPF writes),
+Y = bytes Python read from S and fully sent on (Python writes). The verdict
+redirects only while its X-before-add equals Y, so bytes Python forwards
+are never overtaken. Python drains S until X == Y, read after storing Y;
+then the kernel carries the rest and Python watches S only for RDHUP/ERR.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import select
+import socket
+import struct
+import termios
+import time
+from collections.abc import Callable
+
+from meshagent import names
+from meshagent.forwarder.loop import Loop, Timer
+from meshagent.forwarder.relay import CHUNK, reset_close
+
+SO_COOKIE = 57
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+RECHECK_FIRST = 0.0005
+RECHECK_MAX = 0.05
+STALL_SECONDS = 5.0
+
+
+def cookie_of(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+def tcp_counts(sock: socket.socket) -> tuple[int, int]:
+    """(bytes_acked, bytes_received) from tcp_info; both count SYN/FIN."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
+    return struct.unpack_from("=QQ", raw, 120)
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes in the send queue not yet acked (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+class SockmapMaps:
+    """The four maps of the sockmap path, by fd."""
+
+    def __init__(self, datapath) -> None:
+        self.sockhash = datapath.map_fd(names.MAP_SOCKHASH)
+        self.peer = datapath.map_fd(names.MAP_PEER)
+        self.passed = datapath.map_fd(names.MAP_PASSED)
+        self.sent = datapath.map_fd(names.MAP_SENT)
+
+    def insert(self, sock: socket.socket, cookie: int) -> None:
+        """Create X = Y = 0, then put the socket into the sockhash. Raises
+        OSError (EOPNOTSUPP when the socket is no longer ESTABLISHED)."""
+        self.passed.update(cookie, 0)
+        self.sent.update(cookie, 0)
+        try:
+            self.sockhash.update(cookie, sock.fileno())
+        except OSError:
+            self.forget(cookie)
+            raise
+
+    def forget(self, cookie: int) -> None:
+        for table in (self.peer, self.passed, self.sent):
+            table.delete(cookie)
+
+
+class Side:
+    """One socket of the pair and the direction that reads from it."""
+
+    __slots__ = (
+        "active",
+        "cookie",
+        "eof",
+        "fin_sent_on",
+        "handed_off",
+        "peer",
+        "pending",
+        "read_total",
+        "sent_y",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, cookie: int, active: bool) -> None:
+        self.sock = sock
+        self.cookie = cookie
+        self.active = active  # connect()ed by us: its bytes_acked counts a SYN
+        self.peer: Side = self
+        self.pending = bytearray()  # read from sock, not yet fully sent to peer
+        self.read_total = 0
+        self.sent_y = 0
+        self.handed_off = False
+        self.eof = False  # sock's peer sent FIN
+        self.fin_sent_on = False  # we shut down peer's write side for it
+
+    def data_received(self) -> int:
+        return tcp_counts(self.sock)[1] - (1 if self.eof else 0)
+
+    def data_sent(self) -> int:
+        acked = tcp_counts(self.sock)[0] - (1 if self.active else 0)
+        return acked + unsent(self.sock)
+
+
+class SockmapRelay:
+    """Both sockets are already in the sockhash (X = Y = 0 made first)."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        maps: SockmapMaps,
+        client: socket.socket,
+        client_cookie: int,
+        upstream: socket.socket,
+        upstream_cookie: int,
+        on_done: Callable[[SockmapRelay, str | None], None],
+        on_stall: Callable[[SockmapRelay], None],
+    ) -> None:
+        self.loop = loop
+        self.maps = maps
+        self.client = Side(client, client_cookie, active=False)
+        self.upstream = Side(upstream, upstream_cookie, active=True)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.on_done = on_done
+        self.on_stall = on_stall
+        self.closed = False
+        self._final = (0, 0)
+        self.timer: Timer | None = None
+        self.backoff = RECHECK_FIRST
+        self.progress_at = time.monotonic()
+        self.stalled = False
+        self.registered: set[int] = set()
+
+    def start(self) -> None:
+        """Set the peers (the kernel may redirect from now on) and begin."""
+        self.maps.peer.update(self.client.cookie, self.upstream.cookie)
+        self.maps.peer.update(self.upstream.cookie, self.client.cookie)
+        for side in (self.client, self.upstream):
+            self.loop.add(side.sock.fileno(), self._mask(side), self._handler(side))
+            self.registered.add(side.sock.fileno())
+        self._progress()
+
+    @property
+    def bytes_out(self) -> int:
+        return self._bytes(self.client) if not self.closed else self._final[0]
+
+    @property
+    def bytes_in(self) -> int:
+        return self._bytes(self.upstream) if not self.closed else self._final[1]
+
+    @staticmethod
+    def _bytes(side: Side) -> int:
+        try:
+            return side.data_received()
+        except OSError:
+            return 0
+
+    @property
+    def python_bytes(self) -> int:
+        """Bytes Python carried during the hand-off, both directions."""
+        return self.client.read_total + self.upstream.read_total
+
+    # -- events ------------------------------------------------------------
+    def _mask(self, side: Side) -> int:
+        mask = 0
+        if not side.handed_off and not side.pending:
+            mask |= EPOLLIN
+        if side.peer.pending:
+            mask |= EPOLLOUT
+        if not side.eof:
+            mask |= EPOLLRDHUP
+        return mask
+
+    def _handler(self, side: Side) -> Callable[[int], None]:
+        def handle(events: int) -> None:
+            if self.closed:
+                return
+            if events & EPOLLERR:
+                err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                self.abort(side, OSError(err, "socket error"))
+                return
+            if events & EPOLLRDHUP:
+                side.eof = True
+            if events & EPOLLHUP:
+                side.eof = True
+                # Closed both ways: level-triggered HUP would spin; timers finish it.
+                self._unregister(side)
+            self._progress()
+
+        return handle
+
+    def _unregister(self, side: Side) -> None:
+        fd = side.sock.fileno()
+        if fd in self.registered:
+            self.registered.discard(fd)
+            self.loop.remove(fd)
+
+    # -- the state machine -------------------------------------------------
+    def _progress(self) -> None:
+        if self.closed:
+            return
+        try:
+            waiting = False
+            for side in (self.client, self.upstream):
+                if not side.handed_off:
+                    waiting |= self._drain(side)
+                if side.eof and side.handed_off and not side.fin_sent_on:
+                    waiting |= not self._forward_fin(side)
+        except OSError as exc:
+            self.abort(self.client, exc)
+            return
+        if self.client.fin_sent_on and self.upstream.fin_sent_on:
+            self.finish(None)
+            return
+        for side in (self.client, self.upstream):
+            if side.sock.fileno() in self.registered:
+                self.loop.modify(side.sock.fileno(), self._mask(side))
+        if waiting:
+            self._recheck_later()
+        else:
+            self.backoff = RECHECK_FIRST
+
+    def _drain(self, side: Side) -> bool:
+        """Forward what the verdict passed to side's queue. True while the
+        hand-off is incomplete and nothing but time will move it on.
+
+        recv() comes before the X == Y test: bytes queued before the socket
+        entered the sockhash only pass through the verdict on the first
+        recv() after it (measured on 6.x), so X alone cannot see them."""
+        while True:
+            if side.pending:
+                try:
+                    sent = side.peer.sock.send(side.pending)
+                except BlockingIOError:
+                    return False  # EPOLLOUT on the peer wakes us
+                del side.pending[:sent]
+                if side.pending:
+                    return False
+                self._store_y(side)
+            try:
+                data = side.sock.recv(CHUNK)
+            except BlockingIOError:
+                data = None
+            if data:
+                side.read_total += len(data)
+                side.pending += data
+                self.progress_at = time.monotonic()
+                continue
+            if data == b"":
+                side.eof = True
+            if self.maps.passed.lookup(side.cookie) == side.sent_y:
+                side.handed_off = True  # X == Y, read after the Y store
+                self.progress_at = time.monotonic()
+                return False
+            return self._waiting(side)  # a claim in flight: X briefly > Y
+
+    def _store_y(self, side: Side) -> None:
+        side.sent_y = side.read_total - len(side.pending)
+        self.maps.sent.update(side.cookie, side.sent_y)
+
+    def _waiting(self, side: Side) -> bool:
+        if not self.stalled and time.monotonic() - self.progress_at > STALL_SECONDS:
+            self.stalled = True
+            self.on_stall(self)
+        return True
+
+    def _forward_fin(self, side: Side) -> bool:
+        """Propagate side's EOF once its peer has sent all side received."""
+        peer = side.peer
+        if peer.data_sent() < side.data_received():
+            return False
+        side.fin_sent_on = True
+        try:
+            peer.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return True
+
+    def _recheck_later(self) -> None:
+        if self.timer is not None and not self.timer.cancelled:
+            return
+
+        def fire() -> None:
+            self.timer = None
+            self._progress()
+
+        self.timer = self.loop.call_later(self.backoff, fire)
+        self.backoff = min(self.backoff * 2, RECHECK_MAX)
+
+    def recheck(self) -> None:
+        """Called by the forwarder's sweep when a redirect failed somewhere:
+        a kept claim means bytes wait in a queue Python must read."""
+        for side in (self.client, self.upstream):
+            if side.handed_off and self.maps.passed.lookup(side.cookie) != side.sent_y:
+                side.handed_off = False
+        self._progress()
+
+    # -- endings -----------------------------------------------------------
+    def _cleanup(self) -> None:
+        self._final = (self._bytes(self.client), self._bytes(self.upstream))
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        for side in (self.client, self.upstream):
+            self._unregister(side)
+
+    def abort(self, failed: Side, exc: OSError) -> None:
+        """An error on one side: reset both, remove the map entries."""
+        if self.closed:
+            return
+        self._cleanup()
+        which = "pod" if failed is self.client else "upstream"
+        reason = f"{which} {type(exc).__name__}: {exc.strerror or exc}"
+        for side in (self.client, self.upstream):
+            reset_close(side.sock)
+            self.maps.forget(side.cookie)
+        self.on_done(self, reason)
+
+    def finish(self, reason: str | None) -> None:
+        if self.closed:
+            return
+        self._cleanup()
+        for side in (self.client, self.upstream):
+            side.sock.close()  # leaves the sockhash with the socket
+            self.maps.forget(side.cookie)
+        self.on_done(self, reason)
