@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshagent import cgroup, log, netns
+from meshagent import cgroup, log, names, netns
 from meshagent.config import AgentConfig
 from meshagent.control import ControlServer
 from meshagent.errors import MeshError
@@ -257,6 +257,16 @@ class Agent:
             "pods": pods,
             "decisions": self.datapath.metrics(),
             "live_steered": self.datapath.live_connections(),
+            "map_entries": {
+                name: len(self.datapath.map_fd(name).keys())
+                for name in (
+                    names.MAP_ORIG_TUP,
+                    names.MAP_SOCKHASH,
+                    names.MAP_PEER,
+                    names.MAP_PASSED,
+                    names.MAP_SENT,
+                )
+            },
         }
 
     def dispatch(self, request: dict) -> dict:
