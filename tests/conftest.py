@@ -181,7 +181,7 @@ class MeshEnv:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def _make_env() -> MeshEnv:
+def make_env() -> MeshEnv:
     from meshagent import cgroup
 
     tag = secrets.token_hex(3)
@@ -202,7 +202,7 @@ def _make_env() -> MeshEnv:
 def mesh_env() -> Iterator[MeshEnv]:
     if not is_root():
         pytest.skip("needs root: BPF, netns, cgroups")
-    env = _make_env()
+    env = make_env()
     try:
         yield env
     finally:

@@ -66,6 +66,7 @@ class Agent:
         from meshagent.bpf import compile_and_attach
 
         self.stack.callback(self.loop.close)
+        _raise_fd_limit()
         self.cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
@@ -288,6 +289,15 @@ class Agent:
                 return self.set_datapath(str(mode))
             return {"datapath": self.forwarder.mode, "reason": self.datapath_reason}
         raise MeshError(f"unknown request {op!r}")
+
+
+def _raise_fd_limit() -> None:
+    """Each forwarded connection holds two fds: lift the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def run(cfg: AgentConfig) -> None:
