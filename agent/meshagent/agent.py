@@ -259,7 +259,7 @@ class Agent:
             "decisions": self.datapath.metrics(),
             "live_steered": self.datapath.live_connections(),
             "map_entries": {
-                name: len(self.datapath.map_fd(name).keys())
+                name: self.datapath.map_fd(name).count()
                 for name in (
                     names.MAP_ORIG_TUP,
                     names.MAP_SOCKHASH,

@@ -128,7 +128,10 @@ class Datapath:
             fd = lib.bpf_table_fd(self.bpf.module, name.encode())
             if fd < 0:
                 raise MeshError(f"map {name} not found in the loaded programs")
-            self._fds[name] = bpfsys.MapFd(fd, name)
+            lib.bpf_table_key_size.restype = ctypes.c_size_t
+            lib.bpf_table_key_size.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            key_size = lib.bpf_table_key_size(self.bpf.module, name.encode())
+            self._fds[name] = bpfsys.MapFd(fd, name, key_size)
         return self._fds[name]
 
     def _unlink(self, prog: str) -> None:

@@ -54,9 +54,10 @@ class MapFd:
     """A BPF map used through its fd with u64 keys (socket cookies); no BCC
     table objects on the per-connection path."""
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: str, key_size: int = 8) -> None:
         self.fd = fd
         self.name = name
+        self.key_size = key_size
         self._key = ctypes.c_uint64()
         self._value = ctypes.c_uint64()
         from bcc.libbcc import lib
@@ -88,20 +89,14 @@ class MapFd:
         self._key.value = key
         self._lib.bpf_delete_elem(self.fd, ctypes.byref(self._key))
 
-    def keys(self) -> list[int]:
-        out: list[int] = []
-        key = ctypes.c_uint64()
-        nxt = ctypes.c_uint64()
-        first = True
-        while (
-            self._lib.bpf_get_next_key(
-                self.fd, None if first else ctypes.byref(key), ctypes.byref(nxt)
-            )
-            == 0
-        ):
-            out.append(nxt.value)
-            key.value = nxt.value
-            first = False
-            if len(out) > 1 << 22:
-                break
-        return out
+    def count(self) -> int:
+        """How many entries (any key size), walking the keys."""
+        key = ctypes.create_string_buffer(self.key_size)
+        nxt = ctypes.create_string_buffer(self.key_size)
+        total = 0
+        prev = None
+        while self._lib.bpf_get_next_key(self.fd, prev, nxt) == 0 and total < 1 << 22:
+            total += 1
+            ctypes.memmove(key, nxt, self.key_size)
+            prev = key
+        return total

@@ -143,6 +143,8 @@ def test_detach_stops_new_steering_while_an_open_connection_finishes(mesh_env, a
     wait_for(
         lambda: agent.pod_status("client")["connections_active"] == 1, what="the open connection"
     )
+    entries = agent.request("status")["map_entries"]
+    assert entries["mesh_orig_tup"] == 1  # the open connection's original destination
     agent.detach(client)
     assert agent.pod_status("client") is None
     later = mesh_env.client(client, server.ip4, PORT)
