@@ -8,6 +8,9 @@
  * and the old X equals Y (Python has delivered everything passed so far) is
  * the segment redirected to the peer's egress, and len taken back off X.
  * Otherwise it passes, and Python forwards it in order.
+ * X is created here on a socket's first segment, Y by Python on its first
+ * store; a missing Y reads as 0. Only the forwarder puts sockets into
+ * mesh_sockhash, so every socket seen here is one of its own.
  * Must never: reorder bytes, redirect a zero-length skb (a FIN: the psock
  * backlog treats a 0-byte delivery as an error), or drop data; every
  * failure passes the segment to Python.
@@ -20,7 +23,7 @@ int mesh_verdict(struct __sk_buff *skb)
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	__u64 len = skb->len;
 	__u64 *passed, *sent, *peer;
-	__u64 before;
+	__u64 before, zero = 0, y;
 
 	if (len == 0) {
 		mesh_count(MESH_REASON_EOF_DROP, MESH_DIR_EGRESS);
@@ -28,13 +31,18 @@ int mesh_verdict(struct __sk_buff *skb)
 	}
 	passed = mesh_passed.lookup(&cookie);
 	if (!passed) {
+		mesh_passed.update(&cookie, &zero);
+		passed = mesh_passed.lookup(&cookie);
+	}
+	if (!passed) {
 		mesh_count(MESH_REASON_UNTRACKED, MESH_DIR_EGRESS);
-		return SK_PASS;
+		return SK_PASS;  /* map full: Python reads it all (X stays unknown) */
 	}
 	before = __sync_fetch_and_add(passed, len);
 	sent = mesh_sent.lookup(&cookie);
+	y = sent ? *sent : 0;
 	peer = mesh_peer.lookup(&cookie);
-	if (!sent || !peer || before != *sent) {
+	if (!peer || before != y) {
 		mesh_count(MESH_REASON_HANDOFF, MESH_DIR_EGRESS);
 		return SK_PASS;
 	}

@@ -113,6 +113,8 @@ class Agent:
     def _sweep(self) -> None:
         """Once a second: if a verdict redirect failed since the last look,
         recheck spliced connections for bytes left in a queue."""
+        if self.forwarder.maps is not None:
+            self.forwarder.maps.flush()
         failed = self.datapath.metrics().get("redirect_failed", {}).get("egress", 0)
         if failed != self._sweep_failures:
             self._sweep_failures = failed

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from meshagent import bpfsys, kernel, names
-from meshagent.addrs import to_addr16
+from meshagent.addrs import from_addr16, to_addr16
 from meshagent.config import AgentConfig, bpf_cflags, cidr_lpm_key
 from meshagent.errors import MeshError
 
@@ -29,6 +29,7 @@ _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 POD_FMT = "=IHH"
 # struct mesh_orig {addr[16]; u16 port; u16 pad; u32 pod_id; u64 netns}
 ORIG_FMT = "=16sHHIQ"
+ORIG_SIZE = struct.calcsize(ORIG_FMT)
 # struct mesh_tuple {u64 netns; addr[16]; u16 port; u16 pad1; u32 pad2}
 TUPLE_FMT = "=Q16sHHI"
 
@@ -177,12 +178,10 @@ class Datapath:
     ) -> tuple[str, int] | None:
         """The original destination of a steered connection, by its client end."""
         key = struct.pack(TUPLE_FMT, netns_cookie, to_addr16(client_ip), client_port, 0, 0)
-        raw = _lookup(self.table(names.MAP_ORIG_TUP), key)
+        raw = self.map_fd(names.MAP_ORIG_TUP).lookup_bytes(key, ORIG_SIZE)
         if raw is None:
             return None
         addr, port, _, _, _ = struct.unpack(ORIG_FMT, raw)
-        from meshagent.addrs import from_addr16
-
         return from_addr16(addr), port
 
     def set_excludes(self, ports: tuple[int, ...], cidrs: tuple[str, ...]) -> None:

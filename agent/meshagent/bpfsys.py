@@ -8,10 +8,12 @@ attached behind it.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 
 SYS_BPF = 321  # x86_64
+BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
 BPF_LINK_DETACH = 34
 
@@ -85,9 +87,41 @@ class MapFd:
             return None
         return self._value.value
 
+    def lookup_bytes(self, key: bytes, value_size: int) -> bytes | None:
+        """Lookup with a key of any shape; the value as bytes."""
+        value = ctypes.create_string_buffer(value_size)
+        if self._lib.bpf_lookup_elem(self.fd, key, value) < 0:
+            return None
+        return value.raw
+
     def delete(self, key: int) -> None:
         self._key.value = key
         self._lib.bpf_delete_elem(self.fd, ctypes.byref(self._key))
+
+    def delete_many(self, keys: list[int]) -> None:
+        """Delete u64 keys in as few syscalls as possible
+        (BPF_MAP_DELETE_BATCH stops at a missing key: resume after it)."""
+        array = (ctypes.c_uint64 * len(keys))(*keys)
+        start = 0
+        while start < len(keys):
+            count = ctypes.c_uint32(len(keys) - start)
+            attr = bytearray(struct.pack(
+                "=QQQQIIQQ", 0, 0, ctypes.addressof(array) + 8 * start, 0,
+                count.value, self.fd, 0, 0,
+            ))  # fmt: skip
+            buf = ctypes.create_string_buffer(bytes(attr), 128)
+            ret = _libc.syscall(SYS_BPF, BPF_MAP_DELETE_BATCH, buf, 128)
+            done = struct.unpack_from("=I", buf.raw, 32)[0]
+            if ret == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.ENOENT, errno.EINVAL) or done >= len(keys) - start:
+                return
+            if err == errno.EINVAL:  # no batch support: one by one
+                for key in keys[start:]:
+                    self.delete(key)
+                return
+            start += done + 1  # skip the missing key
 
     def count(self) -> int:
         """How many entries (any key size), walking the keys."""

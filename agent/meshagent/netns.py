@@ -18,7 +18,6 @@ SO_NETNS_COOKIE = 71
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-_lock = threading.Lock()
 
 
 def path(name: str) -> Path:
@@ -42,20 +41,27 @@ def setns(fd: int) -> None:
         raise MeshError(f"setns: {os.strerror(err)}")
 
 
+_home = threading.local()
+
+
+def _home_fd() -> int:
+    """This thread's own netns, opened once per thread."""
+    fd = getattr(_home, "fd", None)
+    if fd is None:
+        fd = _home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
 @contextmanager
 def entered(fd: int) -> Iterator[None]:
     """Run the block with this thread inside the netns given by fd; come back
     after. Sockets made inside stay in that netns for their whole life."""
-    with _lock:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            setns(fd)
-            try:
-                yield
-            finally:
-                setns(home)
-        finally:
-            os.close(home)
+    home = _home_fd()
+    setns(fd)
+    try:
+        yield
+    finally:
+        setns(home)
 
 
 def socket_in(fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:

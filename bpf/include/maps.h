@@ -65,9 +65,10 @@ BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX * MESH_DIR_MAX);
  * socket's own queue. mesh_sent (Y) is written only by Python: bytes it read
  * from that queue and fully sent on. Two maps, because a userspace update
  * replaces a whole entry and would wipe a concurrent atomic add. */
-BPF_SOCKHASH(mesh_sockhash, __u64, MESH_CONNS_MAX);
-BPF_HASH(mesh_peer, __u64, __u64, MESH_CONNS_MAX);
-BPF_HASH(mesh_passed, __u64, __u64, MESH_CONNS_MAX);
-BPF_HASH(mesh_sent, __u64, __u64, MESH_CONNS_MAX);
+#define MESH_SOCKS_MAX (2 * MESH_CONNS_MAX)  /* two sockets per connection */
+BPF_SOCKHASH(mesh_sockhash, __u64, MESH_SOCKS_MAX);
+BPF_HASH(mesh_peer, __u64, __u64, MESH_SOCKS_MAX);
+BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);
+BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);
 
 #endif /* MESH_MAPS_H */

@@ -115,4 +115,4 @@ def test_full_map_means_the_connect_goes_direct(mesh_env, tmp_path):
         wait_for(lambda: agent.request("status")["live_steered"] == 0, what="entries to go")
         assert steered(mesh_env.client(client, server.ip4, PORT))
     finally:
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.log()

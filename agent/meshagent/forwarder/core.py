@@ -237,35 +237,54 @@ class Forwarder:
             return
         slot, record, client = entry.slot, entry.record, entry.client
         entry.timer.cancel()
-        self.loop.remove(upstream.fileno())
         err = (
             errno.ETIMEDOUT
             if timed_out
             else upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         )
         if err:
+            self.loop.remove(upstream.fileno())
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
             self._fail(slot, record, client, upstream, reason, entry.client_cookie)
             return
-        record.state = "forwarding"
-        relay: Relay | SockmapRelay
+        record.state = "forwarding"  # the relay takes over upstream's epoll entry
         upstream_cookie = None
         if entry.client_cookie is not None:
             upstream_cookie = self._enter_sockhash(upstream, record)
-            if upstream_cookie is None:
-                self.maps.forget(entry.client_cookie)  # stays in the sockhash, peerless
-        if upstream_cookie is not None:
-            relay = SockmapRelay(
-                self.loop, self.maps, client, entry.client_cookie, upstream, upstream_cookie,
-                self._relay_done, self._stalled,
-            )  # fmt: skip
-        else:
-            leg = SpliceLeg if record.datapath == "splice" else Relay.default_leg
-            relay = Relay(self.loop, client, upstream, self._relay_done, leg)
+        if upstream_cookie is None:
+            self._copy(slot, record, client, upstream, (entry.client_cookie,))
+            return
+        relay = SockmapRelay(
+            self.loop, self.maps, client, entry.client_cookie, upstream, upstream_cookie,
+            self._relay_done, self._stalled,
+        )  # fmt: skip
+        self.relays[relay] = (slot, record)
+        self.paths["sockmap"].connections_active += 1
+        try:
+            relay.start()
+        except OSError:  # the peer map is full: copy this pair instead
+            del self.relays[relay]
+            self.paths["sockmap"].connections_active -= 1
+            self.paths["sockmap"].fallbacks += 1
+            record.datapath = "copy"
+            self._copy(slot, record, client, upstream, (entry.client_cookie, upstream_cookie))
+
+    def _copy(
+        self,
+        slot: PodSlot,
+        record: ConnRecord,
+        client: socket.socket,
+        upstream: socket.socket,
+        cookies: tuple[int | None, ...],
+    ) -> None:
+        """The splice(2) or copy relay. Sockets left in the sockhash without a
+        peer are fine: the verdict passes their bytes to the relay, and their
+        entries go once they are closed."""
+        leg = SpliceLeg if record.datapath == "splice" else Relay.default_leg
+        relay = Relay(self.loop, client, upstream, self._relay_done, leg)
+        relay.forget_cookies = tuple(c for c in cookies if c is not None)
         self.relays[relay] = (slot, record)
         self.paths[record.datapath].connections_active += 1
-        if isinstance(relay, SockmapRelay):
-            relay.start()
 
     def _stalled(self, relay: SockmapRelay) -> None:
         slot, record = self.relays.get(relay, (None, None))
@@ -314,6 +333,9 @@ class Forwarder:
 
     def _relay_done(self, relay: Relay | SockmapRelay, reason: str | None) -> None:
         slot, record = self.relays.pop(relay)
+        if isinstance(relay, Relay):
+            for cookie in relay.forget_cookies:
+                self.maps.forget(cookie)
         slot.stats.connections_active -= 1
         slot.stats.bytes_out += relay.bytes_out
         slot.stats.bytes_in += relay.bytes_in

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from meshagent import log
+
 Handler = Callable[[int], None]
 
 
@@ -35,11 +37,16 @@ class Loop:
         self.timers: list[Timer] = []
         self._seq = itertools.count()
         self.running = False
+        self.errors = 0
 
     def add(self, fd: int, mask: int, handler: Handler) -> None:
-        self.epoll.register(fd, mask)
+        """Watch fd; an fd already watched gets the new mask and handler."""
+        if fd in self.handlers:
+            self.modify(fd, mask)
+        else:
+            self.epoll.register(fd, mask)
+            self.masks[fd] = mask
         self.handlers[fd] = handler
-        self.masks[fd] = mask
 
     def modify(self, fd: int, mask: int) -> None:
         if self.masks.get(fd) != mask:
@@ -65,7 +72,7 @@ class Loop:
         while self.timers and self.timers[0].deadline <= now:
             timer = heapq.heappop(self.timers)
             if not timer.cancelled:
-                timer.fn()
+                self._guarded(timer.fn)
         if not self.timers:
             return 1.0
         return max(0.0, min(1.0, self.timers[0].deadline - time.monotonic()))
@@ -77,7 +84,16 @@ class Loop:
             for fd, events in self.epoll.poll(timeout, 512):
                 handler = self.handlers.get(fd)
                 if handler is not None:
-                    handler(events)
+                    self._guarded(handler, events)
+
+    def _guarded(self, fn: Callable, *args: int) -> None:
+        """A bug in one connection's handler must not stop the agent: log it
+        (with the traceback) and carry on with everything else."""
+        try:
+            fn(*args)
+        except Exception:
+            self.errors += 1
+            log.get().exception("internal error in an event handler", extra={"reason": "bug"})
 
     def stop(self) -> None:
         self.running = False

@@ -170,6 +170,7 @@ class Relay:
         self.out = leg(client, upstream)  # pod -> destination
         self.back = leg(upstream, client)  # destination -> pod
         self.closed = False
+        self.forget_cookies: tuple[int, ...] = ()  # sockmap fallback: entries to drop at the end
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
 

@@ -51,28 +51,53 @@ def unsent(sock: socket.socket) -> int:
 
 
 class SockmapMaps:
-    """The four maps of the sockmap path, by fd."""
+    """The four maps of the sockmap path, by fd. X entries are made by the
+    verdict on a socket's first segment, Y entries by the first store (a
+    missing one reads as 0), so entering the sockhash is one syscall.
+    Entries of finished connections are deleted in batches (cookies are
+    never reused, so a late delete cannot hit a live connection)."""
+
+    FLUSH_AT = 256
 
     def __init__(self, datapath) -> None:
         self.sockhash = datapath.map_fd(names.MAP_SOCKHASH)
         self.peer = datapath.map_fd(names.MAP_PEER)
         self.passed = datapath.map_fd(names.MAP_PASSED)
         self.sent = datapath.map_fd(names.MAP_SENT)
+        self.doomed: list[int] = []
 
     def insert(self, sock: socket.socket, cookie: int) -> None:
-        """Create X = Y = 0, then put the socket into the sockhash. Raises
-        OSError (EOPNOTSUPP when the socket is no longer ESTABLISHED)."""
-        self.passed.update(cookie, 0)
-        self.sent.update(cookie, 0)
-        try:
-            self.sockhash.update(cookie, sock.fileno())
-        except OSError:
-            self.forget(cookie)
-            raise
+        """Put the socket into the sockhash. Raises OSError (EOPNOTSUPP when
+        the socket is no longer ESTABLISHED)."""
+        self.sockhash.update(cookie, sock.fileno())
+
+    def set_peers(self, a: int, b: int) -> None:
+        for attempt in (1, 2):
+            try:
+                self.peer.update(a, b)
+                self.peer.update(b, a)
+                return
+            except OSError:
+                self.peer.delete(a)
+                if attempt == 2:
+                    raise
+                self.flush()  # finished connections' entries make room
+
+    def x(self, cookie: int) -> int:
+        return self.passed.lookup(cookie) or 0
 
     def forget(self, cookie: int) -> None:
+        self.doomed.append(cookie)
+        if len(self.doomed) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Delete the entries of finished connections, one batch per map."""
+        if not self.doomed:
+            return
+        doomed, self.doomed = self.doomed, []
         for table in (self.peer, self.passed, self.sent):
-            table.delete(cookie)
+            table.delete_many(doomed)
 
 
 class Side:
@@ -141,9 +166,10 @@ class SockmapRelay:
         self.registered: set[int] = set()
 
     def start(self) -> None:
-        """Set the peers (the kernel may redirect from now on) and begin."""
-        self.maps.peer.update(self.client.cookie, self.upstream.cookie)
-        self.maps.peer.update(self.upstream.cookie, self.client.cookie)
+        """Set the peers (the kernel may redirect from now on) and begin.
+        Raises OSError when the peer map is full even after a flush: the
+        caller then copies this pair in userspace."""
+        self.maps.set_peers(self.client.cookie, self.upstream.cookie)
         for side in (self.client, self.upstream):
             self.loop.add(side.sock.fileno(), self._mask(side), self._handler(side))
             self.registered.add(side.sock.fileno())
@@ -257,7 +283,7 @@ class SockmapRelay:
                 continue
             if data == b"":
                 side.eof = True
-            if self.maps.passed.lookup(side.cookie) == side.sent_y:
+            if self.maps.x(side.cookie) == side.sent_y:
                 side.handed_off = True  # X == Y, read after the Y store
                 self.progress_at = time.monotonic()
                 return False
@@ -300,7 +326,7 @@ class SockmapRelay:
         """Called by the forwarder's sweep when a redirect failed somewhere:
         a kept claim means bytes wait in a queue Python must read."""
         for side in (self.client, self.upstream):
-            if side.handed_off and self.maps.passed.lookup(side.cookie) != side.sent_y:
+            if side.handed_off and self.maps.x(side.cookie) != side.sent_y:
                 side.handed_off = False
         self._progress()
 
