@@ -70,6 +70,12 @@ class ConnRecord:
         return asdict(self)
 
 
+def _writable_now(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 @dataclass
 class Pending:
     """A steered connection whose upstream connect is in flight."""
@@ -217,6 +223,11 @@ class Forwarder:
             CONNECT_TIMEOUT, lambda: self._connect_done(upstream, timed_out=True)
         )
         self.pending[upstream] = Pending(slot, record, client, timer, client_cookie)
+        if err == 0 or _writable_now(upstream):
+            # On a local bridge the handshake often completes inside connect():
+            # skip the epoll round trip.
+            self._connect_done(upstream)
+            return
         self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
 
     def _enter_sockhash(self, sock: socket.socket, record: ConnRecord) -> int | None:
