@@ -1,4 +1,5 @@
-"""The agent: loads the datapath, serves the control API, runs the forwarder.
+"""The agent: picks and loads the redirect backends and the data path,
+serves the control API, runs the forwarder.
 
 Everything started is registered on one ExitStack at once, so SIGTERM, an
 error half-way through start, or a normal stop all unwind the same way.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import socket
 import time
@@ -16,35 +16,39 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshagent import cgroup, log, names, netns
+from meshagent import cgroup, kernel, log, netns
 from meshagent.config import AgentConfig
 from meshagent.control import ControlServer
 from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
 from meshagent.forwarder.loop import Loop
-from meshagent.forwarder.sockmap import SockmapMaps
-from meshagent.pods.store import PodStore
+from meshagent.redirect import Backend, PodHandle
 
 
 @dataclass
 class Attached:
-    name: str
-    pod_id: int
-    netns_cookie: int
+    handle: PodHandle
+    backend: str
     netns_fd: int
     since: float
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
+        from meshagent.pods.store import PodStore
+
         self.cfg = cfg
         self.log = log.get()
         self.store = PodStore(cfg.state_dir)
         self.loop = Loop()
         self.stack = ExitStack()
         self.attached: dict[str, Attached] = {}
+        self.backends: dict[str, Backend] = {}
+        self.default_backend = ""
+        self.backend_reason = ""
         self._next_pod_id = 1
-        self.datapath = None
+        self.datapath = None  # the BCC-loaded programs, if any
+        self.probe: kernel.Probe | None = None
         self.forwarder: Forwarder | None = None
         self.cgroup_path: Path | None = None
         self.started = time.time()
@@ -63,22 +67,22 @@ class Agent:
             raise
 
     def _start(self) -> None:
-        from meshagent.bpf import compile_and_attach
-
         self.stack.callback(self.loop.close)
         _raise_fd_limit()
         self.cgroup_path = cgroup.resolve(self.cfg.cgroup)
+        self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
         self.stack.callback(control.close)
-        self.datapath = compile_and_attach(self.cfg, self.cgroup_path)
-        self.stack.callback(self.datapath.close)
+        self._load_backends()
+        from meshagent.forwarder.sockmap import SockmapMaps
+
+        sockmap_ok = self.datapath is not None and not self.datapath.sockmap_error
         self.forwarder = Forwarder(
             self.loop,
-            self.datapath.lookup_orig,
             self.cfg.skip_mark,
             self.cfg.port,
-            maps=None if self.datapath.sockmap_error else SockmapMaps(self.datapath),
+            maps=SockmapMaps(self.datapath) if sockmap_ok else None,
         )
         self._choose_datapath()
         self.stack.callback(self._detach_all)
@@ -88,8 +92,76 @@ class Agent:
         self.ready = True
         self.log.info(
             "agent ready",
-            extra={"reason": f"cgroup={self.cgroup_path} socket={self.cfg.socket_path}"},
+            extra={
+                "reason": f"backend={self.default_backend} datapath={self.forwarder.mode}"
+                f" cgroup={self.cgroup_path} socket={self.cfg.socket_path}"
+            },
         )
+
+    def _load_backends(self) -> None:
+        """ebpf when the kernel has it (or asked for), iptables when installed;
+        BCC compiles only when the ebpf hooks or the sockmap verdict are used."""
+        from meshagent.bpf import load
+        from meshagent.redirect.ebpf import EbpfBackend
+
+        probe, wanted = self.probe, self.cfg.redirect
+        ebpf_missing = probe.missing(kernel.EBPF_NEEDS)
+        if wanted == "ebpf" and ebpf_missing:
+            if "kernel_headers" in ebpf_missing:
+                kernel.require_headers()  # says which, and the fix
+            if "bcc" in ebpf_missing:
+                raise MeshError(
+                    "--redirect ebpf: BCC is not installed (python3-bpfcc): run scripts/bootstrap"
+                )
+            raise MeshError(
+                f"--redirect ebpf: kernel {probe.kernel} lacks {', '.join(ebpf_missing)}"
+                " (see `meshagent probe-kernel`); use --redirect iptables or auto"
+            )
+        hooks = not ebpf_missing and wanted != "iptables"
+        verdict = self.cfg.datapath in ("auto", "sockmap") and probe.has(*kernel.SOCKMAP_NEEDS)
+        if hooks or verdict:
+            self.datapath = load(self.cfg, self.cgroup_path, hooks=hooks, verdict=verdict)
+            self.stack.callback(self.datapath.close)
+        if hooks:
+            self.backends["ebpf"] = EbpfBackend(self.datapath, self.cfg.port)
+        if probe.features["iptables"].ok:
+            self.backends["iptables"] = self._iptables_backend()
+        if "ebpf" in self.backends:
+            self.default_backend = "ebpf"
+            self.backend_reason = (
+                "asked for with --redirect ebpf" if wanted == "ebpf" else probe.pick_backend()[1]
+            )
+        elif "iptables" in self.backends:
+            self.default_backend = "iptables"
+            self.backend_reason = (
+                "asked for with --redirect iptables"
+                if wanted == "iptables"
+                else f"ebpf lacks {', '.join(ebpf_missing)}"
+            )
+        else:
+            raise MeshError(
+                f"no redirect backend: ebpf lacks {', '.join(ebpf_missing) or 'nothing'}"
+                f" and {probe.features['iptables'].how}"
+            )
+
+    def _iptables_backend(self):
+        from meshagent.redirect.iptables import IptablesBackend, Tools
+        from meshagent.redirect.rules import RuleConfig
+
+        backend = IptablesBackend(
+            RuleConfig(
+                self.cfg.port, self.cfg.skip_mark, self.cfg.exclude_ports, self.cfg.exclude_cidrs
+            ),
+            Tools.of(self.probe.iptables_flavour),
+        )
+        # A crash leaves rules behind: remove them before anything is attached.
+        for pod in self.store.all():
+            if netns.exists(pod.netns):
+                try:
+                    backend.remove(pod.name, pod.netns, quiet=True)
+                except MeshError:
+                    pass
+        return backend
 
     def _choose_datapath(self) -> None:
         from meshagent.forwarder import selftest
@@ -97,28 +169,30 @@ class Agent:
         wanted = self.cfg.datapath
         if wanted == "auto":
             mode, why = selftest.choose(self.forwarder.maps)
+            if mode != "sockmap" and self.forwarder.maps is None:
+                why = f"{self.probe.pick_datapath()[1]}; {why}"
         elif wanted == "sockmap" and self.forwarder.maps is None:
+            problem = self.datapath.sockmap_error if self.datapath else "not loaded"
+            lacking = ", ".join(self.probe.missing(kernel.SOCKMAP_NEEDS))
             raise MeshError(
-                f"--datapath sockmap: not available ({self.datapath.sockmap_error});"
-                " use --datapath auto"
+                f"--datapath sockmap: not available ({lacking or problem}); use --datapath auto"
             )
         else:
             mode, why = wanted, f"asked for with --datapath {wanted}"
         self.forwarder.set_mode(mode)
         self.datapath_reason = why
         self.log.info(f"data path {mode}", extra={"reason": why})
-        self._sweep_failures = 0
         self.loop.call_later(1.0, self._sweep)
 
     def _sweep(self) -> None:
-        """Once a second: if a verdict redirect failed since the last look,
-        recheck spliced connections for bytes left in a queue."""
+        """Once a second: delete finished connections' sockmap entries; if a
+        verdict redirect failed since the last look, recheck spliced pairs."""
         if self.forwarder.maps is not None:
             self.forwarder.maps.flush()
-        failed = self.datapath.metrics().get("redirect_failed", {}).get("egress", 0)
-        if failed != self._sweep_failures:
-            self._sweep_failures = failed
-            self.forwarder.sweep()
+            failed = self.datapath.metrics().get("redirect_failed", {}).get("egress", 0)
+            if failed != self._sweep_failures:
+                self._sweep_failures = failed
+                self.forwarder.sweep()
         self.loop.call_later(1.0, self._sweep)
 
     def set_datapath(self, mode: str) -> dict:
@@ -174,37 +248,58 @@ class Agent:
             self.log.info("agent stopped; everything it made is removed")
 
     # -- pods --------------------------------------------------------------
-    def attach(self, name: str) -> dict:
+    def attach(self, name: str, redirect: str | None = None) -> dict:
         pod = self.store.get(name)
         if name in self.attached:
-            return {"pod": name, "already": True}
+            return {"pod": name, "already": True, "backend": self.attached[name].backend}
+        backend_name = redirect or self.default_backend
+        backend = self.backends.get(backend_name)
+        if backend is None:
+            why = (
+                "unknown backend"
+                if backend_name not in ("ebpf", "iptables")
+                else "not available on this agent (see `meshagent status`)"
+            )
+            raise MeshError(f"pod {name}: redirect {backend_name}: {why}")
         if not netns.exists(pod.netns):
             raise MeshError(f"pod {name}: network namespace {pod.netns} does not exist")
-        fd = netns.open_fd(pod.netns)
-        try:
-            cookie = netns.cookie(fd)
-            pod_id = self._next_pod_id
-            self.forwarder.open_pod(name, pod_id, fd, cookie)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            self.datapath.set_pod(cookie, pod_id, self.cfg.port)
-        except Exception as exc:
-            self.forwarder.close_pod(name)
-            os.close(fd)
-            raise MeshError(f"pod {name}: attach failed: {exc}") from None
+        with ExitStack() as undo:
+            fd = netns.open_fd(pod.netns)
+            undo.callback(os.close, fd)
+            handle = PodHandle(name, pod.netns, netns.cookie(fd), self._next_pod_id)
+            self.forwarder.open_pod(
+                name, handle.pod_id, fd, handle.netns_cookie, backend.lookup(handle), backend.name
+            )
+            undo.callback(self.forwarder.close_pod, name)
+            try:
+                backend.attach(handle)
+            except MeshError:
+                raise
+            except Exception as exc:
+                raise MeshError(f"pod {name}: attach failed: {exc}") from None
+            undo.pop_all()
         self._next_pod_id += 1
-        self.attached[name] = Attached(name, pod_id, cookie, fd, time.time())
-        self.log.info("pod attached", extra={"pod": name, "reason": f"netns_cookie={cookie}"})
-        return {"pod": name, "already": False, "netns_cookie": cookie}
+        self.attached[name] = Attached(handle, backend.name, fd, time.time())
+        self.log.info(
+            "pod attached",
+            extra={"pod": name, "reason": f"backend={backend.name} netns={pod.netns}"},
+        )
+        return {"pod": name, "already": False, "backend": backend.name}
 
     def detach(self, name: str) -> dict:
-        entry = self.attached.pop(name, None)
+        entry = self.attached.get(name)
         if entry is None:
             self.store.get(name)  # unknown pod: say so
             raise MeshError(f"pod {name} is not attached")
-        self.datapath.del_pod(entry.netns_cookie)
+        backend = self.backends[entry.backend]
+        try:
+            backend.detach(entry.handle)
+        except MeshError as exc:
+            if netns.exists(entry.handle.netns_name):
+                raise
+            self.log.warning("pod netns gone; nothing to remove", extra={"pod": name,
+                                                                          "reason": str(exc)})  # fmt: skip
+        del self.attached[name]
         self.forwarder.close_pod(name)
         os.close(entry.netns_fd)
         self.log.info("pod detached", extra={"pod": name})
@@ -221,56 +316,9 @@ class Agent:
 
     # -- reporting ---------------------------------------------------------
     def status(self) -> dict:
-        pods = []
-        for name, entry in sorted(self.attached.items()):
-            slot = self.forwarder.pods[name]
-            stats = slot.stats.to_dict()
-            live_out, live_in = self.forwarder.live_bytes(name)
-            stats["bytes_out"] += live_out
-            stats["bytes_in"] += live_in
-            pods.append(
-                {
-                    "name": name,
-                    "netns_cookie": entry.netns_cookie,
-                    "attached_since": entry.since,
-                    "listeners": [f"127.0.0.1:{self.cfg.port}", f"[::1]:{self.cfg.port}"],
-                    **stats,
-                }
-            )
-        return {
-            "pid": os.getpid(),
-            "backend": "ebpf",
-            "datapath": self.forwarder.mode,
-            "datapath_reason": self.datapath_reason,
-            "datapaths": {k: v.to_dict() for k, v in self.forwarder.paths.items()},
-            "cgroup": str(self.cgroup_path),
-            "port": self.cfg.port,
-            "exclude_ports": list(self.cfg.exclude_ports),
-            "exclude_cidrs": list(self.cfg.exclude_cidrs),
-            "kernel": platform.release(),
-            "kernel_features": [
-                "cgroup/connect4",
-                "cgroup/connect6",
-                "sock_ops",
-                "bpf_get_netns_cookie",
-                "bpf_sk_lookup_tcp (fail-open)",
-                "bpf_link",
-            ],
-            "uptime_seconds": round(time.time() - self.started, 1),
-            "pods": pods,
-            "decisions": self.datapath.metrics(),
-            "live_steered": self.datapath.live_connections(),
-            "map_entries": {
-                name: self.datapath.map_fd(name).count()
-                for name in (
-                    names.MAP_ORIG_TUP,
-                    names.MAP_SOCKHASH,
-                    names.MAP_PEER,
-                    names.MAP_PASSED,
-                    names.MAP_SENT,
-                )
-            },
-        }
+        from meshagent.status import agent_status
+
+        return agent_status(self)
 
     def dispatch(self, request: dict) -> dict:
         op = request.get("op")
@@ -280,7 +328,9 @@ class Agent:
         if op in ("attach", "detach"):
             if not isinstance(pod, str):
                 raise MeshError(f"{op}: a pod name is required")
-            return self.attach(pod) if op == "attach" else self.detach(pod)
+            if op == "attach":
+                return self.attach(pod, request.get("redirect"))
+            return self.detach(pod)
         if op == "status":
             return self.status()
         if op == "connections":

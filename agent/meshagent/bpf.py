@@ -9,7 +9,6 @@ is exactly what is compiled (`meshagent run --dump-bpf` prints it).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import re
 import struct
@@ -100,7 +99,7 @@ class Datapath:
                 except OSError as exc:
                     raise MeshError(
                         f"cannot attach {prog} at cgroup {self.cgroup}: {exc.strerror}"
-                        f" (needs kernel {kernel.MIN_KERNEL['bpf_link']}+ for BPF links)"
+                        " (BPF links need kernel 5.7+; try --redirect iptables)"
                     ) from None
                 self.links[prog] = link
                 self._stack.callback(self._unlink, prog)
@@ -217,7 +216,7 @@ def _load(bpf: Any, prog: str, prog_type: int, attach_type: int) -> Any:
     except Exception as exc:
         raise MeshError(
             f"the kernel refused {prog} ({names.PROGRAM_FILES[prog]}): {exc};"
-            f" {kernel.feature_hint(prog)}"
+            " (kernel too old for this hook? see `meshagent probe-kernel`)"
         ) from None
 
 
@@ -246,9 +245,10 @@ def _lookup(table: Any, key: bytes) -> bytes | None:
         return None
 
 
-def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
-    """Compile the programs with BCC, load them, attach them at the cgroup."""
-    kernel.require_for_ebpf()
+def load(cfg: AgentConfig, cgroup_path: Path, hooks: bool = True, verdict: bool = True) -> Datapath:
+    """Compile the programs with BCC; attach the connect/sock_ops hooks at the
+    cgroup (hooks) and the sk_skb verdict to the sockhash (verdict)."""
+    kernel.require_headers()
     try:
         from bcc import BPF
     except ImportError:
@@ -265,14 +265,19 @@ def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
         ) from None
     datapath = Datapath(bpf=bpf, cgroup=cgroup_path)
     try:
-        datapath.set_excludes(cfg.exclude_ports, cfg.exclude_cidrs)
-        datapath.attach()
-        datapath.attach_verdict()
+        if hooks:
+            datapath.set_excludes(cfg.exclude_ports, cfg.exclude_cidrs)
+            datapath.attach()
+        if verdict:
+            datapath.attach_verdict()
+        else:
+            datapath.sockmap_error = "not loaded"
     except BaseException:
         datapath.close()
         raise
     return datapath
 
 
-def is_missing(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOENT, errno.ESRCH)
+def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
+    """Everything: the redirect hooks and the sockmap verdict."""
+    return load(cfg, cgroup_path)

@@ -15,6 +15,7 @@ DEFAULT_SKIP_MARK = 0x4D455348
 EXCL_MAX = 256
 LOG_FORMATS = ("text", "json")
 DATAPATHS = ("auto", "sockmap", "splice", "copy")
+REDIRECTS = ("auto", "ebpf", "iptables")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class AgentConfig:
     exclude_cidrs: tuple[str, ...] = ()
     log_format: str = "text"
     datapath: str = "auto"
+    redirect: str = "auto"
+    without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
+    iptables: str | None = None  # legacy | nft; None: detect
     skip_mark: int = DEFAULT_SKIP_MARK
     pods_max: int = 1024
     conns_max: int = 65536
@@ -39,6 +43,8 @@ class AgentConfig:
         check_port(self.port, "--port")
         if self.log_format not in LOG_FORMATS:
             raise MeshError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if self.redirect not in REDIRECTS:
+            raise MeshError(f"--redirect must be one of {', '.join(REDIRECTS)}")
         if self.datapath not in DATAPATHS:
             raise MeshError(f"--datapath must be one of {', '.join(DATAPATHS)}")
         if not 16 <= self.conns_max <= 1 << 22:

@@ -107,7 +107,8 @@ def test_bad_input_gets_one_clear_line(mesh_env):
 
     # Kernel headers missing: say which, and the fix; nothing attached.
     no_headers = {**env.env, "BCC_KERNEL_SOURCE": str(env.state_dir / "no-headers")}
-    proc = subprocess.run([*MESHAGENT, "run", "--cgroup", env.cgroup_rel], env=no_headers,
+    proc = subprocess.run([*MESHAGENT, "run", "--cgroup", env.cgroup_rel, "--redirect", "ebpf"],
+                          env=no_headers,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "kernel headers" in proc.stderr

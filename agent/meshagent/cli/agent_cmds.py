@@ -35,6 +35,25 @@ Examples:
     "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
 )
 @click.option(
+    "--redirect",
+    type=click.Choice(["auto", "ebpf", "iptables"]),
+    default="auto",
+    show_default=True,
+    help="How attached pods' connects are steered; auto: ebpf if the kernel has it.",
+)
+@click.option(
+    "--without",
+    multiple=True,
+    metavar="FEATURE",
+    help="Act as if the kernel lacked FEATURE (e.g. netns_cookie); see probe-kernel.",
+)
+@click.option(
+    "--iptables",
+    "iptables_flavour",
+    type=click.Choice(["legacy", "nft"]),
+    help="iptables flavour (default: whichever holds the host's rules, else the system's).",
+)
+@click.option(
     "--datapath",
     type=click.Choice(["auto", "sockmap", "splice", "copy"]),
     default="auto",
@@ -53,6 +72,9 @@ def run(
     exclude_cidrs: str | None,
     log_format: str,
     conns_max: int,
+    redirect: str,
+    without: tuple[str, ...],
+    iptables_flavour: str | None,
     datapath: str,
     dump_bpf: bool,
 ) -> None:
@@ -73,7 +95,14 @@ def run(
         log_format=log_format,
         conns_max=conns_max,
         datapath=datapath,
+        redirect=redirect,
+        without=tuple(without),
+        iptables=iptables_flavour,
     )
+    from meshagent import kernel
+
+    if without:
+        kernel.check_feature_names(tuple(without))
     if dump_bpf:
         from meshagent.bpf import render_source
 
@@ -86,14 +115,22 @@ def run(
     run_agent(cfg)
 
 
-@click.command(epilog="\b\nExample:\n  meshagent attach client")
+@click.command(
+    epilog="\b\nExamples:\n  meshagent attach client\n  meshagent attach client --redirect iptables"
+)
 @click.argument("pod")
+@click.option(
+    "--redirect",
+    type=click.Choice(["ebpf", "iptables"]),
+    help="This pod's redirect backend (default: the agent's).",
+)
 @click.pass_obj
-def attach(app: App, pod: str) -> None:
+def attach(app: App, pod: str, redirect: str | None) -> None:
     """Steer POD's outbound TCP through the running agent's forwarder."""
     from meshagent import control
 
-    reply = control.request(app.socket_path, "attach", pod=pod)
+    args = {"redirect": redirect} if redirect else {}
+    reply = control.request(app.socket_path, "attach", pod=pod, **args)
     click.echo(
         f"pod {pod} {'was already' if reply.get('already') else ''} attached".replace("  ", " ")
     )
@@ -128,18 +165,22 @@ def status(app: App, output: str, connections: bool) -> None:
         f"agent pid {reply['pid']}  backend {reply['backend']}  datapath {reply['datapath']}"
         f"  port {reply['port']}"
     )
+    click.echo(f"backend: {reply['backend_reason']}")
     click.echo(f"datapath: {reply['datapath_reason']}")
     click.echo(f"cgroup {reply['cgroup']}  kernel {reply['kernel']}")
     click.echo("features: " + ", ".join(reply["kernel_features"]))
     if not reply["pods"]:
         click.echo("no pods attached")
     else:
-        click.echo(f"{'POD':20} {'CONNS':>7} {'ACTIVE':>7} {'OUT':>12} {'IN':>12} {'ERRORS':>7}")
+        click.echo(
+            f"{'POD':16} {'BACKEND':8} {'CONNS':>7} {'ACTIVE':>6} {'OUT':>12} {'IN':>12} {'ERR':>5}"
+        )
         for pod in reply["pods"]:
             errors = pod["no_orig_dst"] + pod["upstream_errors"]
             click.echo(
-                f"{pod['name']:20} {pod['connections_total']:7} {pod['connections_active']:7}"
-                f" {pod['bytes_out']:12} {pod['bytes_in']:12} {errors:7}"
+                f"{pod['name']:16} {pod['backend']:8} {pod['connections_total']:7}"
+                f" {pod['connections_active']:6} {pod['bytes_out']:12} {pod['bytes_in']:12}"
+                f" {errors:5}"
             )
     decisions = ", ".join(f"{k}={sum(v.values())}" for k, v in reply["decisions"].items())
     click.echo(f"kernel decisions: {decisions or 'none yet'}")
@@ -186,6 +227,33 @@ def datapath_set(app: App, mode: str) -> None:
     click.echo(f"data path {mode} for new connections")
 
 
+PROBE_EPILOG = """\b
+Examples:
+  meshagent probe-kernel
+  meshagent probe-kernel --without netns_cookie -o json
+"""
+
+
+@click.command(name="probe-kernel", epilog=PROBE_EPILOG)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--without", multiple=True, metavar="FEATURE", help="Act as if FEATURE were missing.")
+@click.option("--iptables", "iptables_flavour", type=click.Choice(["legacy", "nft"]))
+def probe_kernel(output: str, without: tuple[str, ...], iptables_flavour: str | None) -> None:
+    """What this kernel offers, how each fact was found, and what auto picks."""
+    from meshagent import kernel
+
+    report = kernel.probe(tuple(without), iptables_flavour).to_dict()
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"kernel {report['kernel']}")
+    for name, feature in report["features"].items():
+        click.echo(f"  {name:17} {'yes' if feature['ok'] else 'no ':3}  {feature['how']}")
+    auto = report["auto"]
+    click.echo(f"auto backend:  {auto['backend'] or 'none'} ({auto['backend_reason']})")
+    click.echo(f"auto datapath: {auto['datapath']} ({auto['datapath_reason']})")
+
+
 def register(cli: click.Group) -> None:
-    for command in (run, attach, detach, status, datapath):
+    for command in (run, attach, detach, status, datapath, probe_kernel):
         cli.add_command(command)

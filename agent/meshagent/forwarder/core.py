@@ -18,13 +18,11 @@ from meshagent.forwarder.datapaths import MODES, DatapathStats
 from meshagent.forwarder.loop import Loop, Timer
 from meshagent.forwarder.relay import Relay, SpliceLeg, reset_close
 from meshagent.forwarder.sockmap import SockmapMaps, SockmapRelay, cookie_of
+from meshagent.redirect import OrigLookup
 
 CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
 RECENT_MAX = 256
-
-# Where the original destination comes from: (netns cookie, client ip, port)
-OrigLookup = Callable[[int, str, int], "tuple[str, int] | None"]
 
 
 @dataclass
@@ -49,6 +47,8 @@ class PodSlot:
     pod_id: int
     netns_fd: int
     netns_cookie: int
+    lookup: OrigLookup  # the pod's redirect backend: where was it going?
+    backend: str = "ebpf"
     listeners: list[socket.socket] = field(default_factory=list)
     stats: PodStats = field(default_factory=PodStats)
 
@@ -91,14 +91,12 @@ class Forwarder:
     def __init__(
         self,
         loop: Loop,
-        lookup: OrigLookup,
         skip_mark: int,
         port: int,
         maps: SockmapMaps | None = None,
         mode: str = "copy",
     ) -> None:
         self.loop = loop
-        self.lookup = lookup
         self.skip_mark = skip_mark
         self.port = port
         self.maps = maps
@@ -118,9 +116,12 @@ class Forwarder:
         self.mode = mode
 
     # -- listeners ---------------------------------------------------------
-    def open_pod(self, name: str, pod_id: int, netns_fd: int, netns_cookie: int) -> PodSlot:
+    def open_pod(
+        self, name: str, pod_id: int, netns_fd: int, netns_cookie: int, lookup: OrigLookup,
+        backend: str,
+    ) -> PodSlot:  # fmt: skip
         """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
-        slot = PodSlot(name, pod_id, netns_fd, netns_cookie)
+        slot = PodSlot(name, pod_id, netns_fd, netns_cookie, lookup, backend)
         try:
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 sock = netns.socket_in(netns_fd, family)
@@ -184,7 +185,7 @@ class Forwarder:
     def _forward(self, slot: PodSlot, client: socket.socket, peer_ip: str, peer_port: int) -> None:
         client.setblocking(False)
         conn = format_endpoint(peer_ip, peer_port)
-        orig = self.lookup(slot.netns_cookie, peer_ip, peer_port)
+        orig = slot.lookup(client, peer_ip, peer_port)
         if orig is None:
             slot.stats.no_orig_dst += 1
             self.log.warning(

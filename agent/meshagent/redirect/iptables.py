@@ -1,0 +1,191 @@
+"""The iptables redirect backend: rules inside the pod's netns.
+
+iptables-restore runs inside the pod's network namespace, entered with
+pyroute2 (no `ip netns exec`); which flavour (legacy or nft) is decided once
+for the host, as Istio does: whichever already holds rules, else the
+system default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshagent.errors import MeshError
+from meshagent.redirect import OrigLookup, PodHandle
+from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
+
+FLAVOURS = ("legacy", "nft")
+LOCK_WAIT_SECONDS = 5
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
+
+
+@dataclass(frozen=True)
+class Tools:
+    flavour: str
+    restore4: str
+    restore6: str
+    save4: str
+    save6: str
+
+    @classmethod
+    def of(cls, flavour: str) -> Tools:
+        names = {
+            "restore4": f"iptables-{flavour}-restore",
+            "restore6": f"ip6tables-{flavour}-restore",
+            "save4": f"iptables-{flavour}-save",
+            "save6": f"ip6tables-{flavour}-save",
+        }
+        paths = {}
+        for key, name in names.items():
+            path = shutil.which(name) or next(
+                (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.path.exists(p)), None
+            )
+            if path is None:
+                raise MeshError(f"{name} is missing: run scripts/bootstrap (installs iptables)")
+            paths[key] = path
+        return cls(flavour=flavour, **paths)
+
+
+def _rule_count(save_binary: str) -> int:
+    try:
+        out = subprocess.run(
+            [save_binary], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("-A"))
+
+
+def detect_flavour(wanted: str | None = None) -> tuple[str, str]:
+    """(flavour, how it was decided)."""
+    if wanted:
+        if wanted not in FLAVOURS:
+            raise MeshError(f"--iptables {wanted!r}: choose legacy or nft")
+        Tools.of(wanted)
+        return wanted, "asked for"
+    counts = {}
+    for flavour in FLAVOURS:
+        save = shutil.which(f"iptables-{flavour}-save")
+        counts[flavour] = _rule_count(save) if save else -1
+    if counts["legacy"] < 0 and counts["nft"] < 0:
+        raise MeshError("iptables is missing: run scripts/bootstrap (installs iptables)")
+    if counts["legacy"] != counts["nft"]:
+        flavour = max(counts, key=lambda f: counts[f])
+        return flavour, f"the host's rules are in {flavour} ({counts[flavour]} rules)"
+    default = Path(shutil.which("iptables") or "/usr/sbin/iptables").resolve().name
+    flavour = "legacy" if "legacy" in default else "nft"
+    return flavour, f"no rules on the host; the system default iptables is {flavour}"
+
+
+def _enter(netns_name: str):
+    def enter() -> None:
+        from pyroute2 import netns as pyr_netns
+
+        pyr_netns.setns(netns_name, flags=0)
+
+    return enter
+
+
+class IptablesBackend:
+    name = "iptables"
+
+    def __init__(self, cfg: RuleConfig, tools: Tools) -> None:
+        self.cfg = cfg
+        self.tools = tools
+        self._attached: set[str] = set()
+
+    def _run(self, netns_name: str, argv: list[str], text: str | None, pod: str) -> str:
+        if not os.path.exists(f"/run/netns/{netns_name}"):
+            raise MeshError(f"pod {pod}: network namespace {netns_name} is gone")
+        try:
+            proc = subprocess.run(
+                argv,
+                input=text,
+                capture_output=True,
+                text=True,
+                timeout=LOCK_WAIT_SECONDS + 20,
+                preexec_fn=_enter(netns_name),
+            )
+        except subprocess.TimeoutExpired:
+            raise MeshError(f"pod {pod}: {Path(argv[0]).name} did not finish") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise MeshError(f"pod {pod}: cannot run {argv[0]}: {exc}") from None
+        if proc.returncode != 0:
+            err = " ".join(proc.stderr.split())
+            if "xtables lock" in err or proc.returncode == 4:
+                raise MeshError(
+                    f"pod {pod}: the xtables lock was held for more than"
+                    f" {LOCK_WAIT_SECONDS}s by another process; try again"
+                )
+            raise MeshError(f"pod {pod}: {Path(argv[0]).name} failed: {err[:300]}")
+        return proc.stdout
+
+    def _state(self, netns_name: str, family: int, pod: str) -> tuple[int, bool]:
+        save = self.tools.save4 if family == 4 else self.tools.save6
+        return parse_state(self._run(netns_name, [save, "-t", "nat"], None, pod))
+
+    def _restore(self, netns_name: str, family: int, text: str, pod: str) -> None:
+        restore = self.tools.restore4 if family == 4 else self.tools.restore6
+        self._run(netns_name, [restore, "--noflush", "-w", str(LOCK_WAIT_SECONDS)], text, pod)
+
+    def attach(self, pod: PodHandle) -> None:
+        """Install the rules for both families; undo both if either fails."""
+        done: list[int] = []
+        try:
+            for family in (4, 6):
+                jumps, _chain = self._state(pod.netns_name, family, pod.name)
+                text = render_rules(self.cfg, family, jumps > 0)
+                self._restore(pod.netns_name, family, text, pod.name)
+                done.append(family)
+        except MeshError:
+            for family in done:
+                self._teardown(pod.netns_name, family, pod.name, quiet=True)
+            raise
+        self._attached.add(pod.name)
+
+    def detach(self, pod: PodHandle) -> None:
+        self._attached.discard(pod.name)
+        self.remove(pod.name, pod.netns_name)
+
+    def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
+        """Remove our chain and jumps from a pod's netns, if there."""
+        for family in (4, 6):
+            self._teardown(netns_name, family, pod, quiet)
+
+    def attached(self) -> set[str]:
+        return set(self._attached)
+
+    def lookup(self, pod: PodHandle) -> OrigLookup:
+        return lambda sock, _ip, _port: original_dst(sock)
+
+    def _teardown(self, netns_name: str, family: int, pod: str, quiet: bool) -> None:
+        try:
+            jumps, chain = self._state(netns_name, family, pod)
+            if jumps or chain:
+                self._restore(netns_name, family, render_teardown(jumps, chain), pod)
+        except MeshError:
+            if not quiet:
+                raise
+
+    def present(self, pod: str, netns_name: str) -> bool:
+        return any(any(self._state(netns_name, family, pod)) for family in (4, 6))
+
+
+def original_dst(sock: socket.socket) -> tuple[str, int] | None:
+    """Where a REDIRECTed connection was going (SO_ORIGINAL_DST)."""
+    try:
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            port, addr = struct.unpack_from("!2xH4s", raw)
+            return socket.inet_ntop(socket.AF_INET, addr), port
+        raw = sock.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+        port, addr = struct.unpack_from("!2xH4x16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, addr), port
+    except OSError:
+        return None
