@@ -214,6 +214,7 @@ class AgentProc:
     env: MeshEnv
     proc: subprocess.Popen
     log_path: Path
+    backend: str = "ebpf"
 
     def request(self, op: str, **args):
         from meshagent import control
@@ -231,6 +232,10 @@ class AgentProc:
             if pod["name"] == name:
                 return pod
         return None
+
+    def forwarded(self) -> int:
+        """Connections the forwarder has taken so far (all pods, ever)."""
+        return len(self.request("connections")["connections"])
 
     def decisions(self) -> dict[str, int]:
         return {k: sum(v.values()) for k, v in self.request("status")["decisions"].items()}
@@ -284,9 +289,49 @@ def start_agent(env: MeshEnv, *extra: str, in_cgroup: bool = True) -> AgentProc:
     return agent
 
 
+def our_iptables(pod, flavour: str) -> list[str]:
+    """The lines of our chain and jump in a pod's nat tables (both families)."""
+    lines = []
+    for tool in (f"iptables-{flavour}-save", f"ip6tables-{flavour}-save"):
+        out = subprocess.run(
+            ["ip", "netns", "exec", pod.netns, tool, "-t", "nat"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        lines += [line for line in out.splitlines() if "MESHAGENT" in line]
+    return lines
+
+
+# (backend, iptables flavour): every redirect backend, both iptables flavours.
+REDIRECTS = [("ebpf", None), ("iptables", "legacy"), ("iptables", "nft")]
+
+
+def redirect_args(backend: str, flavour: str | None) -> list[str]:
+    args = ["--redirect", backend]
+    if flavour:
+        args += ["--iptables", flavour]
+    return args
+
+
 @pytest.fixture
 def agent(mesh_env: MeshEnv) -> Iterator[AgentProc]:
     proc = start_agent(mesh_env)
+    try:
+        yield proc
+    finally:
+        code = proc.stop()
+        assert code == 0, f"agent exited {code}: {proc.log()}"
+
+
+@pytest.fixture(params=REDIRECTS, ids=lambda p: "-".join(x for x in p if x))
+def redirect(request) -> tuple[str, str | None]:
+    return request.param
+
+
+@pytest.fixture
+def any_agent(mesh_env: MeshEnv, redirect) -> Iterator[AgentProc]:
+    """An agent with each redirect backend (and iptables flavour) in turn."""
+    proc = start_agent(mesh_env, *redirect_args(*redirect))
+    proc.backend = redirect[0]
     try:
         yield proc
     finally:

@@ -43,6 +43,7 @@ class Agent:
         self.loop = Loop()
         self.stack = ExitStack()
         self.attached: dict[str, Attached] = {}
+        self.draining: dict[str, Attached] = {}  # detached, rules kept until conns close
         self.backends: dict[str, Backend] = {}
         self.default_backend = ""
         self.backend_reason = ""
@@ -187,6 +188,7 @@ class Agent:
     def _sweep(self) -> None:
         """Once a second: delete finished connections' sockmap entries; if a
         verdict redirect failed since the last look, recheck spliced pairs."""
+        self._finish_draining()
         if self.forwarder.maps is not None:
             self.forwarder.maps.flush()
             failed = self.datapath.metrics().get("redirect_failed", {}).get("egress", 0)
@@ -292,18 +294,39 @@ class Agent:
             self.store.get(name)  # unknown pod: say so
             raise MeshError(f"pod {name} is not attached")
         backend = self.backends[entry.backend]
+        self.forwarder.close_pod(name)  # queued connections are accepted first
+        open_conns = self.forwarder.open_connections(name)
         try:
-            backend.detach(entry.handle)
+            owed = backend.detach(entry.handle, open_connections=open_conns > 0)
         except MeshError as exc:
             if netns.exists(entry.handle.netns_name):
                 raise
-            self.log.warning("pod netns gone; nothing to remove", extra={"pod": name,
-                                                                          "reason": str(exc)})  # fmt: skip
+            owed = False
+            self.log.warning(
+                "pod netns gone; nothing to remove", extra={"pod": name, "reason": str(exc)}
+            )
         del self.attached[name]
-        self.forwarder.close_pod(name)
         os.close(entry.netns_fd)
-        self.log.info("pod detached", extra={"pod": name})
-        return {"pod": name}
+        if owed:
+            self.draining[name] = entry
+        self.log.info(
+            "pod detached",
+            extra={"pod": name, "reason": f"{open_conns} open connections finish as they are"},
+        )
+        return {"pod": name, "open_connections": open_conns}
+
+    def _finish_draining(self, everything: bool = False) -> None:
+        """Remove rules kept for connections open at detach, once they closed."""
+        for name, entry in list(self.draining.items()):
+            if name in self.attached:
+                del self.draining[name]  # attached again: the rules are live again
+            elif everything or self.forwarder.open_connections(name) == 0:
+                del self.draining[name]
+                try:
+                    self.backends[entry.backend].remove(name, entry.handle.netns_name)
+                except MeshError as exc:
+                    self.log.warning("rule removal failed", extra={"pod": name,
+                                                                   "reason": str(exc)})  # fmt: skip
 
     def _detach_all(self) -> None:
         for name in list(self.attached):
@@ -313,6 +336,7 @@ class Agent:
                 self.log.warning("detach failed", extra={"pod": name, "reason": str(exc)})
         if self.forwarder is not None:
             self.forwarder.close()
+        self._finish_draining(everything=True)
 
     # -- reporting ---------------------------------------------------------
     def status(self) -> dict:

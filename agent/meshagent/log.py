@@ -21,6 +21,8 @@ class _JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value is not None:
                 out[key] = value
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
         return json.dumps(out)
 
 
@@ -33,7 +35,10 @@ class _TextFormatter(logging.Formatter):
             if getattr(record, key, None) is not None
         )
         line = f"{stamp} {record.levelname.lower():5} {record.getMessage()}"
-        return f"{line} {extra}" if extra else line
+        line = f"{line} {extra}" if extra else line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 def setup(log_format: str = "text", level: int = logging.INFO) -> logging.Logger:

@@ -26,7 +26,8 @@ def nginx(mesh_env, tmp_path):
     return server, log
 
 
-def test_curl_to_nginx_through_the_forwarder(mesh_env, agent, nginx):
+def test_curl_to_nginx_through_the_forwarder(mesh_env, any_agent, nginx):
+    agent = any_agent
     server, access_log = nginx
     client = mesh_env.create_pod("client")
     agent.attach(client)

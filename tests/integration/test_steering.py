@@ -1,72 +1,93 @@
-"""The eBPF redirect and the copy forwarder, against the running kernel.
+"""Steering through every redirect backend (ebpf; iptables legacy and nft),
+against the running kernel.
 
 Each test has its own cgroup, pods and agent (attached at that cgroup only).
-"Steered" is seen three ways: the client's socket is connected to the
-forwarder listener (the kernel rewrote connect), the agent counts the
-connection, and the hooks count the decision.
+"Steered" means the forwarder took the connection (its count went up); with
+the ebpf backend the client's socket is also connected to the listener
+(the kernel rewrote connect()) and the hooks count each decision.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 
-from conftest import TCPTOOL, start_agent, wait_for
+from conftest import TCPTOOL, our_iptables, redirect_args, start_agent, wait_for
 
 PORT = 9100
 MB = 1024 * 1024
 
 
-def steered(result: dict) -> bool:
+def rewritten(result: dict) -> bool:
+    """ebpf only: the client's socket points at the forwarder listener."""
     return result["connected_to"].rpartition(":")[0] in ("127.0.0.1", "::1", "::ffff:127.0.0.1")
 
 
-def test_steers_ipv4_and_ipv6_and_server_sees_the_pod(mesh_env, agent):
+def through(agent, env, pod, host, port, *args) -> tuple[bool, dict]:
+    """Run the client; (was it forwarded, its result)."""
+    before = agent.forwarded()
+    out = env.client(pod, host, port, *args)
+    forwarded = agent.forwarded() > before
+    if agent.backend == "ebpf":
+        assert rewritten(out) == forwarded, out
+    return forwarded, out
+
+
+def test_steers_ipv4_and_ipv6_and_server_sees_the_pod(mesh_env, any_agent):
+    agent = any_agent
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT, "--send", "1000")
-    agent.attach(client)
+    assert agent.attach(client)["backend"] == agent.backend
 
     for host, source in ((server.ip4, client.ip4), (server.ip6, client.ip6)):
-        out = mesh_env.client(client, host, PORT, "--send", "5000")
-        assert steered(out), out["connected_to"]
+        forwarded, out = through(agent, mesh_env, client, host, PORT, "--send", "5000")
+        assert forwarded
         seen = srv.next()
         assert seen["peer"] == source
         assert seen["recv_sha"] == out["sent_sha"]
         assert out["recv_sha"] == seen["sent_sha"]
 
     stats = agent.pod_status("client")
+    assert stats["backend"] == agent.backend
     assert stats["connections_total"] == 2
     assert stats["bytes_out"] == 10000 and stats["bytes_in"] == 2000
     conns = agent.request("connections")["connections"]
     assert {c["orig_dst"] for c in conns} == {f"{server.ip4}:{PORT}", f"[{server.ip6}]:{PORT}"}
-    assert agent.decisions()["steered"] == 2
+    if agent.backend == "ebpf":
+        assert agent.decisions()["steered"] == 2
 
 
-def test_ten_megabytes_each_way_keep_their_digests(mesh_env, agent):
+def test_ten_megabytes_each_way_keep_their_digests(mesh_env, any_agent):
+    agent = any_agent
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT, "--send", str(10 * MB), "--seed", "7")
     agent.attach(client)
     for host in (server.ip4, server.ip6):
-        out = mesh_env.client(client, host, PORT, "--send", str(10 * MB), "--seed", "3")
+        forwarded, out = through(
+            agent, mesh_env, client, host, PORT, "--send", str(10 * MB), "--seed", "3"
+        )
         seen = srv.next()
-        assert steered(out)
+        assert forwarded
         assert out["recv_bytes"] == seen["sent_bytes"] == 10 * MB
         assert out["recv_sha"] == seen["sent_sha"]
         assert seen["recv_bytes"] == out["sent_bytes"] == 10 * MB
         assert seen["recv_sha"] == out["sent_sha"]
 
 
-def test_root_netns_and_unattached_pod_are_not_steered(mesh_env, agent):
+def test_root_netns_and_unattached_pod_are_not_steered(mesh_env, any_agent):
+    agent = any_agent
     client = mesh_env.create_pod("client")
     other = mesh_env.create_pod("other")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
     agent.attach(client)
 
-    out = mesh_env.client(other, server.ip4, PORT)
-    assert not steered(out)
+    forwarded, _ = through(agent, mesh_env, other, server.ip4, PORT)
+    assert not forwarded
     assert srv.next()["peer"] == other.ip4
 
     # A process of the root netns, inside the attached cgroup: hooks run, no steering.
@@ -87,50 +108,60 @@ def test_root_netns_and_unattached_pod_are_not_steered(mesh_env, agent):
     assert f"{server.ip4}:{PORT}" in proc.stdout
     assert srv.next()["peer"] == mesh_env.node().gateway4
 
-    assert agent.pod_status("client")["connections_total"] == 0
-    decisions = agent.decisions()
-    assert decisions.get("steered", 0) == 0
-    assert decisions["not_attached"] >= 2
+    assert agent.forwarded() == 0
+    if agent.backend == "ebpf":
+        decisions = agent.decisions()
+        assert decisions.get("steered", 0) == 0
+        assert decisions["not_attached"] >= 2
 
 
-def test_excluded_port_and_cidr_are_not_steered(mesh_env):
+def test_excluded_port_and_cidr_are_not_steered(mesh_env, redirect):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     agent = start_agent(
-        mesh_env, "--exclude-ports", "9200,9300-9301", "--exclude-cidrs", f"{server.ip4}/32"
-    )
+        mesh_env, "--exclude-ports", "9200,9300-9301", "--exclude-cidrs", f"{server.ip4}/32",
+        *redirect_args(*redirect),
+    )  # fmt: skip
+    agent.backend = redirect[0]
     try:
         mesh_env.server(server, PORT)
         mesh_env.server(server, 9301)
         agent.attach(client)
-        assert not steered(mesh_env.client(client, server.ip6, 9301))
-        assert not steered(mesh_env.client(client, server.ip4, PORT))
-        assert steered(mesh_env.client(client, server.ip6, PORT))
-        decisions = agent.decisions()
-        assert decisions["excluded_port"] == 1
-        assert decisions["excluded_cidr"] == 1
-        assert decisions["steered"] == 1
+        assert not through(agent, mesh_env, client, server.ip6, 9301)[0]
+        assert not through(agent, mesh_env, client, server.ip4, PORT)[0]
+        assert through(agent, mesh_env, client, server.ip6, PORT)[0]
+        if agent.backend == "ebpf":
+            decisions = agent.decisions()
+            assert decisions["excluded_port"] == 1
+            assert decisions["excluded_cidr"] == 1
+            assert decisions["steered"] == 1
     finally:
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.log()
 
 
-def test_forwarder_upstream_is_never_steered_again(mesh_env, agent):
+def test_forwarder_upstream_is_never_steered_again(mesh_env, any_agent):
     # The agent runs inside the attached cgroup and connects upstream from
     # inside the attached pod: only the skip mark keeps it from looping.
+    agent = any_agent
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
     agent.attach(client)
     for _ in range(3):
-        assert steered(mesh_env.client(client, server.ip4, PORT))
+        assert through(agent, mesh_env, client, server.ip4, PORT)[0]
         assert srv.next()["peer"] == client.ip4
-    decisions = agent.decisions()
-    assert decisions["steered"] == 3
-    assert decisions["skip_mark"] == 3
     assert agent.pod_status("client")["connections_total"] == 3
+    assert agent.pod_status("client")["no_orig_dst"] == 0
+    if agent.backend == "ebpf":
+        decisions = agent.decisions()
+        assert decisions["steered"] == 3
+        assert decisions["skip_mark"] == 3
 
 
-def test_detach_stops_new_steering_while_an_open_connection_finishes(mesh_env, agent, tmp_path):
+def test_detach_stops_new_steering_while_an_open_connection_finishes(
+    mesh_env, any_agent, redirect, tmp_path
+):
+    agent = any_agent
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT, "--send", str(2 * MB))
@@ -143,35 +174,34 @@ def test_detach_stops_new_steering_while_an_open_connection_finishes(mesh_env, a
     wait_for(
         lambda: agent.pod_status("client")["connections_active"] == 1, what="the open connection"
     )
-    entries = agent.request("status")["map_entries"]
-    assert entries["mesh_orig_tup"] == 1  # the open connection's original destination
+    if agent.backend == "ebpf":
+        entries = agent.request("status")["map_entries"]
+        assert entries["mesh_orig_tup"] == 1  # the open connection's original destination
     agent.detach(client)
     assert agent.pod_status("client") is None
-    later = mesh_env.client(client, server.ip4, PORT)
-    assert not steered(later)
+    assert not through(agent, mesh_env, client, server.ip4, PORT)[0]
     assert srv.next()["peer"] == client.ip4
 
     go.write_text("")
     out, _ = first.communicate(timeout=60)
-    import json
-
     result = json.loads(out)
     seen = srv.next()
-    assert steered(result)
     assert result["recv_bytes"] == 2 * MB and result["recv_sha"] == seen["sent_sha"]
     assert seen["recv_bytes"] == 2 * MB and seen["recv_sha"] == result["sent_sha"]
+    if redirect[0] == "iptables":
+        # Rules stayed (draining) while the connection was open; now they go.
+        wait_for(lambda: not our_iptables(client, redirect[1]), what="the chain to be removed")
 
 
-def test_server_that_speaks_first(mesh_env, agent):
+def test_server_that_speaks_first(mesh_env, any_agent):
+    agent = any_agent
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     banner = "220 mail.example ESMTP ready\r\n"
     srv = mesh_env.server(server, PORT, "--banner", banner)
     agent.attach(client)
-    out = mesh_env.client(client, server.ip4, PORT)
-    assert steered(out)
+    forwarded, out = through(agent, mesh_env, client, server.ip4, PORT)
+    assert forwarded
     assert out["recv_bytes"] == len(banner)
-    import hashlib
-
     assert out["recv_sha"] == hashlib.sha256(banner.encode()).hexdigest()
     assert srv.next()["peer"] == client.ip4

@@ -369,6 +369,11 @@ class Forwarder:
         self.recent.append(record)
 
     # -- reporting ---------------------------------------------------------
+    def open_connections(self, name: str) -> int:
+        """Forwarded or connecting connections of a pod (also after close_pod)."""
+        live = sum(1 for slot, _record in self.relays.values() if slot.name == name)
+        return live + sum(1 for p in self.pending.values() if p.slot.name == name)
+
     def live_bytes(self, name: str) -> tuple[int, int]:
         out = inn = 0
         for relay, (slot, _record) in self.relays.items():

@@ -17,9 +17,14 @@ class EbpfBackend:
         self.datapath.set_pod(pod.netns_cookie, pod.pod_id, self.port)
         self._attached.add(pod.name)
 
-    def detach(self, pod: PodHandle) -> None:
+    def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
+        """One map delete; open connections need nothing more."""
         self.datapath.del_pod(pod.netns_cookie)
         self._attached.discard(pod.name)
+        return False
+
+    def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
+        pass
 
     def attached(self) -> set[str]:
         return set(self._attached)

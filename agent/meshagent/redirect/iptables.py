@@ -136,22 +136,31 @@ class IptablesBackend:
 
     def attach(self, pod: PodHandle) -> None:
         """Install the rules for both families; undo both if either fails."""
+        self._apply(pod, draining=False)
+        self._attached.add(pod.name)
+
+    def _apply(self, pod: PodHandle, draining: bool) -> None:
         done: list[int] = []
         try:
             for family in (4, 6):
                 jumps, _chain = self._state(pod.netns_name, family, pod.name)
-                text = render_rules(self.cfg, family, jumps > 0)
+                text = render_rules(self.cfg, family, jumps > 0, draining)
                 self._restore(pod.netns_name, family, text, pod.name)
                 done.append(family)
         except MeshError:
             for family in done:
                 self._teardown(pod.netns_name, family, pod.name, quiet=True)
             raise
-        self._attached.add(pod.name)
 
-    def detach(self, pod: PodHandle) -> None:
+    def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
+        """Stop steering new connections. With connections still open, the
+        rules drain (see render_rules) and True says `remove` is still owed."""
         self._attached.discard(pod.name)
+        if open_connections:
+            self._apply(pod, draining=True)
+            return True
         self.remove(pod.name, pod.netns_name)
+        return False
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         """Remove our chain and jumps from a pod's netns, if there."""
@@ -184,7 +193,7 @@ def original_dst(sock: socket.socket) -> tuple[str, int] | None:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port, addr = struct.unpack_from("!2xH4s", raw)
             return socket.inet_ntop(socket.AF_INET, addr), port
-        raw = sock.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
         port, addr = struct.unpack_from("!2xH4x16s", raw)
         return socket.inet_ntop(socket.AF_INET6, addr), port
     except OSError:

@@ -23,14 +23,23 @@ class RuleConfig:
     exclude_cidrs: tuple[str, ...] = ()
 
 
-def render_rules(cfg: RuleConfig, family: int, jump_present: bool = False) -> str:
+def render_rules(
+    cfg: RuleConfig, family: int, jump_present: bool = False, draining: bool = False
+) -> str:
     """The whole attach, for iptables-restore --noflush. Declaring the chain
     flushes it if it exists, so applying twice gives the same rules; the jump
-    is added only when it is not there yet."""
+    is added only when it is not there yet.
+
+    draining (detach while connections are open): new connections RETURN
+    first, but the REDIRECT rule stays, because removing it makes the kernel
+    drop the NAT of connections it already redirected (measured on 6.x);
+    the chain goes once the pod's last forwarded connection has closed."""
     loopback = "127.0.0.0/8" if family == 4 else "::1/128"
     lines = ["*nat", f":{CHAIN} - [0:0]"]
     if not jump_present:
         lines.append(f"-A OUTPUT {JUMP}")
+    if draining:
+        lines.append(f"-A {CHAIN} -j RETURN")
     lines += [
         f"-A {CHAIN} -m mark --mark {cfg.skip_mark:#x} -j RETURN",
         f"-A {CHAIN} -o lo -j RETURN",
