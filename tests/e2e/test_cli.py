@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import start_agent, wait_for
+from conftest import our_iptables, redirect_args, start_agent, wait_for
 
 MESHAGENT = [sys.executable, "-m", "meshagent"]
 
@@ -39,7 +39,7 @@ def residue(env, agent_pid: int | None = None) -> list[str]:
     return left
 
 
-def test_the_whole_cli_story_leaves_nothing_behind(mesh_env):
+def test_the_whole_cli_story_leaves_nothing_behind(mesh_env, redirect):
     env = mesh_env
     for name in ("client", "server"):
         out = env.meshagent("pod", "create", name).stdout
@@ -51,8 +51,8 @@ def test_the_whole_cli_story_leaves_nothing_behind(mesh_env):
     # A minimal HTTP/1.0 server: answers at once, then closes its side.
     srv = env.server(server, 8080, "--banner", "HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
 
-    agent = start_agent(env)
-    assert "pod client attached" in env.meshagent("attach", "client").stdout
+    agent = start_agent(env, *redirect_args(*redirect))
+    assert f"pod client attached ({redirect[0]})" in env.meshagent("attach", "client").stdout
     curl = env.meshagent(
         "pod", "exec", "client", "--", "curl", "-sS", "--max-time", "10",
         f"http://{server.ip4}:8080/",
@@ -61,14 +61,20 @@ def test_the_whole_cli_story_leaves_nothing_behind(mesh_env):
     assert srv.next()["peer"] == client.ip4
 
     status = json.loads(env.meshagent("status", "-o", "json").stdout)
-    assert status["backend"] == "ebpf"
+    assert status["backend"] == redirect[0]
     (pod,) = status["pods"]
     assert pod["name"] == "client" and pod["connections_total"] == 1
     assert any(c["orig_dst"] == f"{server.ip4}:8080" for c in status["connections"])
     text = env.meshagent("status").stdout
-    assert "client" in text and "steered=1" in text
+    assert "client" in text and redirect[0] in text
+    if redirect[0] == "ebpf":
+        assert "steered=1" in text
+    else:
+        assert our_iptables(client, redirect[1])
 
     assert "pod client detached" in env.meshagent("detach", "client").stdout
+    if redirect[0] == "iptables":
+        assert our_iptables(client, redirect[1]) == []
     env.meshagent("pod", "delete", "client")
     env.meshagent("pod", "delete", "server")
 
@@ -77,6 +83,24 @@ def test_the_whole_cli_story_leaves_nothing_behind(mesh_env):
     wait_for(lambda: not residue(env, agent.proc.pid), what="no residue")
     assert residue(env, agent.proc.pid) == []
     assert "agent stopped" in agent.log()
+
+
+def test_probe_kernel_reports_and_can_turn_features_off():
+    proc = subprocess.run([*MESHAGENT, "probe-kernel", "-o", "json", "--without", "netns_cookie",
+                           "--without", "sockhash"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["features"]["netns_cookie"] == {"ok": False, "how": "turned off with --without"}
+    assert report["auto"]["backend"] == "iptables"
+    assert "netns_cookie" in report["auto"]["backend_reason"]
+    assert report["auto"]["datapath"] == "splice"
+    for name in ("cgroup2", "cgroup_sock_addr", "sock_ops", "kernel_headers", "bcc", "iptables"):
+        assert report["features"][name]["ok"], (name, report["features"][name])
+    text = subprocess.run([*MESHAGENT, "probe-kernel"], capture_output=True, text=True).stdout
+    assert "auto backend:  ebpf" in text
+    bad = subprocess.run([*MESHAGENT, "probe-kernel", "--without", "warp_drive"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and "unknown feature" in bad.stderr
 
 
 def test_bad_input_gets_one_clear_line(mesh_env):

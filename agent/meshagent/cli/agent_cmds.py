@@ -131,9 +131,8 @@ def attach(app: App, pod: str, redirect: str | None) -> None:
 
     args = {"redirect": redirect} if redirect else {}
     reply = control.request(app.socket_path, "attach", pod=pod, **args)
-    click.echo(
-        f"pod {pod} {'was already' if reply.get('already') else ''} attached".replace("  ", " ")
-    )
+    state = "was already attached" if reply.get("already") else "attached"
+    click.echo(f"pod {pod} {state} ({reply['backend']})")
 
 
 @click.command(epilog="\b\nExample:\n  meshagent detach client")

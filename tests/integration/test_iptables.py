@@ -1,0 +1,167 @@
+"""The iptables backend in real pod network namespaces, both flavours."""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import subprocess
+
+import pytest
+
+from conftest import our_iptables, start_agent, wait_for
+
+PORT = 9100
+FLAVOURS = ("legacy", "nft")
+
+
+def save(pod, flavour: str, family: int = 4) -> str:
+    tool = f"{'ip6' if family == 6 else 'ip'}tables-{flavour}-save"
+    out = subprocess.run(["ip", "netns", "exec", pod.netns, tool], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    lines = (re.sub(r"\[\d+:\d+\]", "", line) for line in out.splitlines())
+    return "\n".join(line for line in lines if not line.startswith("#"))
+
+
+def ipt(pod, flavour: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", pod.netns, f"iptables-{flavour}", *args], check=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_foreign_rules_and_chains_survive_attach_and_detach(mesh_env, flavour):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    ipt(client, flavour, "-t", "nat", "-N", "FOREIGN")
+    ipt(client, flavour, "-t", "nat", "-A", "FOREIGN", "-d", "10.9.9.9/32", "-j", "RETURN")
+    ipt(client, flavour, "-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "FOREIGN")
+    ipt(client, flavour, "-t", "filter", "-A", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "DROP")
+    before = save(client, flavour)
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", flavour)
+    try:
+        assert agent.request("status")["iptables_flavour"] == flavour
+        agent.attach(client)
+        during = save(client, flavour)
+        assert "MESHAGENT_OUTPUT" in during
+        for line in before.splitlines():
+            assert line in during, f"attach lost {line!r}"
+        srv = mesh_env.server(server, PORT)
+        mesh_env.client(client, server.ip4, PORT)
+        assert srv.next()["peer"] == client.ip4
+        assert agent.pod_status("client")["connections_total"] == 1
+        agent.detach(client)
+        wait_for(lambda: not our_iptables(client, flavour), what="our chain to go")
+        assert save(client, flavour) == before
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
+    from meshagent import netns
+    from meshagent.redirect import PodHandle
+    from meshagent.redirect.iptables import IptablesBackend, Tools
+    from meshagent.redirect.rules import RuleConfig
+
+    client = mesh_env.create_pod("client")
+    backend = IptablesBackend(RuleConfig(15001, 0x4D455348), Tools.of(flavour))
+    fd = netns.open_fd(client.netns)
+    handle = PodHandle("client", client.netns, netns.cookie(fd), 1)
+    try:
+        backend.attach(handle)
+        backend.attach(handle)
+        rules = our_iptables(client, flavour)
+        assert rules.count("-A OUTPUT -p tcp -j MESHAGENT_OUTPUT") == 2  # one per family
+        assert backend.detach(handle) is False
+        assert our_iptables(client, flavour) == []
+        backend.attach(handle)
+        assert our_iptables(client, flavour) == rules
+    finally:
+        backend.remove("client", client.netns, quiet=True)
+        import os
+
+        os.close(fd)
+
+
+def test_auto_picks_iptables_without_the_netns_cookie_and_it_works(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "100")
+    agent = start_agent(mesh_env, "--without", "netns_cookie")
+    try:
+        status = agent.request("status")
+        assert status["backend"] == "iptables"
+        assert "netns_cookie" in status["backend_reason"]
+        assert agent.attach(client)["backend"] == "iptables"
+        for host, source in ((server.ip4, client.ip4), (server.ip6, client.ip6)):
+            out = mesh_env.client(client, host, PORT, "--send", "100")
+            seen = srv.next()
+            assert seen["peer"] == source and seen["recv_sha"] == out["sent_sha"]
+        assert agent.pod_status("client")["connections_total"] == 2
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert not our_iptables(client, status["iptables_flavour"])
+
+
+def test_a_restarted_agent_removes_rules_a_crash_left(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", "nft")
+    agent.attach(client)
+    agent.proc.kill()
+    agent.proc.wait(timeout=30)
+    assert our_iptables(client, "nft"), "a crash leaves the rules (nobody removed them)"
+    again = start_agent(mesh_env, "--redirect", "iptables", "--iptables", "nft")
+    try:
+        assert our_iptables(client, "nft") == []
+        mesh_env.client(client, server.ip4, PORT)  # direct again: nothing redirects
+        assert srv.next()["peer"] == client.ip4
+        assert again.forwarded() == 0
+    finally:
+        assert again.stop() == 0, again.log()
+
+
+def test_xtables_lock_held_too_long_is_one_clear_line(mesh_env):
+    client = mesh_env.create_pod("client")
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", "legacy")
+    try:
+        with open("/run/xtables.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                agent.attach(client)
+                raise AssertionError("attach succeeded while the lock was held")
+            except Exception as exc:
+                message = str(exc)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        assert "xtables lock" in message and "\n" not in message
+        assert agent.pod_status("client") is None
+        assert our_iptables(client, "legacy") == []
+        assert agent.attach(client)["backend"] == "iptables"  # works once the lock is free
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_vanished_pod_netns_is_one_clear_line(mesh_env):
+    from pyroute2 import netns as pyr_netns
+
+    client = mesh_env.create_pod("client")
+    agent = start_agent(mesh_env, "--redirect", "iptables")
+    try:
+        pyr_netns.remove(client.netns)
+        with pytest.raises(Exception, match="does not exist"):
+            agent.attach(client)
+        assert agent.request("status")["pods"] == []
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_missing_iptables_binaries_are_named(monkeypatch):
+    from meshagent.errors import MeshError
+    from meshagent.redirect import iptables
+
+    monkeypatch.setattr(iptables.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(iptables.os.path, "exists", lambda _path: False)
+    with pytest.raises(
+        MeshError, match=r"iptables-legacy-restore is missing: run scripts/bootstrap"
+    ):
+        iptables.Tools.of("legacy")
