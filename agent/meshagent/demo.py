@@ -116,8 +116,9 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
             if agent.poll() is not None:
                 raise MeshError(f"demo: the agent failed: {(workdir / 'agent.log').read_text()}")
 
-        control.request(sock, "attach", pod="client")
-        echo("4. attach: client is attached (one map update, nothing restarted)")
+        reply = control.request(sock, "attach", pod="client")
+        how = "one map update" if reply["backend"] == "ebpf" else "rules in its netns"
+        echo(f"4. attach: client is attached ({reply['backend']}: {how}; nothing restarted)")
         for url in (f"http://{server.ip4}/", f"http://[{server.ip6}]/"):
             code, body = _curl(client, url)
             if code != 0:
@@ -129,7 +130,7 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
         conns = [
             c for c in control.request(sock, "connections")["connections"] if c["pod"] == "client"
         ]
-        echo("5. steered: the kernel rewrote each connect() to the pod's forwarder:")
+        echo("5. steered: each connect() went to the pod's forwarder, which knew where it was going:")
         for conn in conns[-2:]:
             echo(
                 f"   {conn['client']:>18} -> forwarder -> original destination {conn['orig_dst']}"
@@ -150,8 +151,8 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
     echo(
         f"\nSummary: {stats['connections_total']} connections from pod client were steered"
         f" through the forwarder ({stats['bytes_out']} B out, {stats['bytes_in']} B in),"
-        f" decided in the kernel: {status['decisions'].get('steered', {}).get('egress', 0)}"
-        f" steered connects. Everything the demo made is removed. {elapsed:.1f}s."
+        f" with the {status['backend']} backend and the {status['datapath']} data path"
+        f" ({status['datapath_reason']}). Everything the demo made is removed. {elapsed:.1f}s."
     )
 
 
