@@ -113,3 +113,38 @@ def test_many_short_connections_leave_nothing_behind(mesh_env, path_agent):
         assert srv.next()["sent_bytes"] == 64
     wait_for(lambda: drained(agent), what="map entries to go")
     assert agent.pod_status("client")["connections_total"] == conns
+
+
+def test_the_kill_switch_moves_new_connections_to_copy(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "1000")
+    agent = start_agent(mesh_env, "--datapath", "sockmap")
+    try:
+        agent.attach(client)
+        mesh_env.client(client, server.ip4, PORT, "--send", "1000")
+        srv.next()
+        out = mesh_env.meshagent("datapath", "set", "copy").stdout
+        assert "data path copy for new connections" in out
+        assert mesh_env.meshagent("datapath").stdout.startswith("copy:")
+        mesh_env.client(client, server.ip4, PORT, "--send", "1000")
+        srv.next()
+        used = [c["datapath"] for c in agent.request("connections")["connections"]]
+        assert used == ["sockmap", "copy"]
+        paths = agent.request("status")["datapaths"]
+        assert paths["sockmap"]["connections_total"] == paths["copy"]["connections_total"] == 1
+        bad = mesh_env.meshagent("datapath", "set", "warp", check=False)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_auto_picks_splice_when_the_kernel_has_no_sockhash(mesh_env):
+    agent = start_agent(mesh_env, "--without", "sockhash")
+    try:
+        status = agent.request("status")
+        assert status["datapath"] == "splice"
+        assert "sockhash" in status["datapath_reason"]
+        assert "sockhash" not in " ".join(status["kernel_features"])
+    finally:
+        assert agent.stop() == 0, agent.log()
