@@ -18,6 +18,20 @@ from collections.abc import Callable
 from meshagent.forwarder.loop import Loop
 
 CHUNK = 256 * 1024
+# One receive buffer for the whole (single-threaded) loop: recv(n) would
+# allocate, and for n above malloc's mmap threshold mmap and unmap, n bytes
+# on every call, also on the many that return nothing.
+_SCRATCH = memoryview(bytearray(CHUNK))
+
+
+def recv_scratch(sock: socket.socket) -> memoryview | None:
+    """Receive into the shared buffer: a view of the bytes (empty at EOF),
+    valid until the next call; None when nothing is there (EAGAIN)."""
+    try:
+        got = sock.recv_into(_SCRATCH)
+    except BlockingIOError:
+        return None
+    return _SCRATCH[:got]
 HIGH = 1024 * 1024
 
 EPOLLIN = select.EPOLLIN
@@ -63,7 +77,9 @@ class Leg:
         pass
 
     def read(self) -> None:
-        data = self.src.recv(CHUNK)
+        data = recv_scratch(self.src)
+        if data is None:
+            return
         if not data:
             self.eof = True
         else:

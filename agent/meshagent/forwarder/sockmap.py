@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from meshagent import names
 from meshagent.forwarder.loop import Loop, Timer
-from meshagent.forwarder.relay import CHUNK, reset_close
+from meshagent.forwarder.relay import recv_scratch, reset_close
 
 SO_COOKIE = 57
 EPOLLIN = select.EPOLLIN
@@ -272,16 +272,13 @@ class SockmapRelay:
                 if side.pending:
                     return False
                 self._store_y(side)
-            try:
-                data = side.sock.recv(CHUNK)
-            except BlockingIOError:
-                data = None
+            data = recv_scratch(side.sock)
             if data:
                 side.read_total += len(data)
                 side.pending += data
                 self.progress_at = time.monotonic()
                 continue
-            if data == b"":
+            if data is not None:  # EOF (an empty view)
                 side.eof = True
             if self.maps.x(side.cookie) == side.sent_y:
                 side.handed_off = True  # X == Y, read after the Y store
