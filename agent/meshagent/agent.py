@@ -84,6 +84,7 @@ class Agent:
             self.cfg.skip_mark,
             self.cfg.port,
             maps=SockmapMaps(self.datapath) if sockmap_ok else None,
+            sockmap_sndbuf=self.cfg.sockmap_sndbuf,
         )
         self._choose_datapath()
         self.stack.callback(self._detach_all)

@@ -29,6 +29,7 @@ class AgentConfig:
     exclude_cidrs: tuple[str, ...] = ()
     log_format: str = "text"
     datapath: str = "auto"
+    sockmap_sndbuf: int = 8 << 20  # send buffer of spliced sockets; 0: kernel autotuning
     redirect: str = "auto"
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
     iptables: str | None = None  # legacy | nft; None: detect
@@ -43,6 +44,8 @@ class AgentConfig:
         check_port(self.port, "--port")
         if self.log_format not in LOG_FORMATS:
             raise MeshError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        if not 0 <= self.sockmap_sndbuf <= 1 << 30:
+            raise MeshError("--sockmap-sndbuf must be between 0 and 1 GiB")
         if self.redirect not in REDIRECTS:
             raise MeshError(f"--redirect must be one of {', '.join(REDIRECTS)}")
         if self.datapath not in DATAPATHS:

@@ -130,7 +130,9 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
         conns = [
             c for c in control.request(sock, "connections")["connections"] if c["pod"] == "client"
         ]
-        echo("5. steered: each connect() went to the pod's forwarder, which knew where it was going:")
+        echo(
+            "5. steered: each connect() went to the pod's forwarder, which knew where it was going:"
+        )
         for conn in conns[-2:]:
             echo(
                 f"   {conn['client']:>18} -> forwarder -> original destination {conn['orig_dst']}"

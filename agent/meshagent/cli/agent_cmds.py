@@ -61,6 +61,13 @@ Examples:
     help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
 )
 @click.option(
+    "--sockmap-sndbuf",
+    type=int,
+    default=8 << 20,
+    show_default=True,
+    help="Send buffer (bytes) of spliced sockets; 0 leaves it to the kernel.",
+)
+@click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
 @click.pass_obj
@@ -76,6 +83,7 @@ def run(
     without: tuple[str, ...],
     iptables_flavour: str | None,
     datapath: str,
+    sockmap_sndbuf: int,
     dump_bpf: bool,
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
@@ -95,6 +103,7 @@ def run(
         log_format=log_format,
         conns_max=conns_max,
         datapath=datapath,
+        sockmap_sndbuf=sockmap_sndbuf,
         redirect=redirect,
         without=tuple(without),
         iptables=iptables_flavour,

@@ -21,6 +21,7 @@ from meshagent.forwarder.sockmap import SockmapMaps, SockmapRelay, cookie_of
 from meshagent.redirect import OrigLookup
 
 CONNECT_TIMEOUT = 10.0
+SO_SNDBUFFORCE = 32
 ACCEPT_BATCH = 64
 RECENT_MAX = 256
 
@@ -95,12 +96,14 @@ class Forwarder:
         port: int,
         maps: SockmapMaps | None = None,
         mode: str = "copy",
+        sockmap_sndbuf: int = 0,
     ) -> None:
         self.loop = loop
         self.skip_mark = skip_mark
         self.port = port
         self.maps = maps
         self.mode = mode
+        self.sockmap_sndbuf = sockmap_sndbuf
         self.pods: dict[str, PodSlot] = {}
         self.relays: dict[Relay | SockmapRelay, tuple[PodSlot, ConnRecord]] = {}
         self.pending: dict[socket.socket, Pending] = {}
@@ -235,6 +238,11 @@ class Forwarder:
         """Put a socket into the sockhash before anything reads from it; on
         failure (no longer ESTABLISHED) the pair is copied in userspace."""
         cookie = cookie_of(sock)
+        if self.sockmap_sndbuf:
+            # The kernel's redirect sends from a worker that, when the send
+            # buffer is full, retries only a jiffy later: a deep send buffer
+            # keeps it from stalling (bulk throughput 0.4x -> ~0.85x direct).
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sockmap_sndbuf)
         try:
             self.maps.insert(sock, cookie)
         except OSError:

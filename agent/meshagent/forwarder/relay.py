@@ -32,6 +32,8 @@ def recv_scratch(sock: socket.socket) -> memoryview | None:
     except BlockingIOError:
         return None
     return _SCRATCH[:got]
+
+
 HIGH = 1024 * 1024
 
 EPOLLIN = select.EPOLLIN
