@@ -122,7 +122,16 @@ def test_the_kill_switch_moves_new_connections_to_copy(mesh_env):
     agent = start_agent(mesh_env, "--datapath", "sockmap")
     try:
         agent.attach(client)
-        mesh_env.client(client, server.ip4, PORT, "--send", "1000")
+        # Held open until the forwarder has it: a socket that already got its
+        # peer's FIN cannot enter the sockhash and is copied instead.
+        go = mesh_env.state_dir / "go"
+        first = mesh_env.tcptool(
+            client, "client", "--host", server.ip4, "--port", str(PORT),
+            "--send", "1000", "--pause-at", "0", "--wait-file", str(go),
+        )  # fmt: skip
+        wait_for(lambda: agent.pod_status("client")["connections_active"] == 1, what="forwarding")
+        go.write_text("")
+        first.communicate(timeout=60)
         srv.next()
         out = mesh_env.meshagent("datapath", "set", "copy").stdout
         assert "data path copy for new connections" in out
