@@ -120,7 +120,9 @@ class Agent:
                 " (see `meshagent probe-kernel`); use --redirect iptables or auto"
             )
         hooks = not ebpf_missing and wanted != "iptables"
-        verdict = self.cfg.datapath in ("auto", "sockmap") and probe.has(*kernel.SOCKMAP_NEEDS)
+        # The verdict loads whenever the kernel can splice, so that
+        # `datapath set sockmap` works whatever the agent started with.
+        verdict = probe.has(*kernel.SOCKMAP_NEEDS)
         if hooks or verdict:
             self.datapath = load(self.cfg, self.cgroup_path, hooks=hooks, verdict=verdict)
             self.stack.callback(self.datapath.close)
