@@ -40,12 +40,6 @@ def resolve(path: str | None, must_exist: bool = True) -> Path:
     return candidate
 
 
-def relative(path: Path) -> str:
-    """The cgroup path as the kernel shows it in /proc/PID/cgroup."""
-    rel = os.path.relpath(path, cgroup2_mount())
-    return "/" if rel == "." else "/" + rel
-
-
 def _is_under(path: Path, root: Path) -> bool:
     try:
         Path(os.path.normpath(path)).relative_to(root)
@@ -57,10 +51,6 @@ def _is_under(path: Path, root: Path) -> bool:
 def create(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def add_pid(path: Path, pid: int) -> None:
-    (path / "cgroup.procs").write_text(f"{pid}\n")
 
 
 def procs(path: Path) -> list[int]:

@@ -182,9 +182,6 @@ class IptablesBackend:
             if not quiet:
                 raise
 
-    def present(self, pod: str, netns_name: str) -> bool:
-        return any(any(self._state(netns_name, family, pod)) for family in (4, 6))
-
 
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     """Where a REDIRECTed connection was going (SO_ORIGINAL_DST)."""
