@@ -77,35 +77,46 @@ class Datapath:
     cgroup: Path
     links: dict[str, int] = field(default_factory=dict)
     sockmap_error: str | None = None  # why the sockmap data path is unavailable
+    getpeername_error: str | None = None  # why getpeername shows the listener
     _stack: ExitStack = field(default_factory=ExitStack)
     _fds: dict[str, bpfsys.MapFd] = field(default_factory=dict)
 
     # -- attach / detach ---------------------------------------------------
     def attach(self) -> None:
+        """The redirect hooks, as BPF links at the cgroup; the getpeername
+        hooks too where the kernel has them (5.8+), else noted."""
         from bcc import BPF
 
         cgroup_fd = os.open(self.cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._stack.callback(os.close, cgroup_fd)
-        plan = (
-            (names.PROG_CONNECT4, BPF.CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET4_CONNECT),
-            (names.PROG_CONNECT6, BPF.CGROUP_SOCK_ADDR, bpfsys.BPF_CGROUP_INET6_CONNECT),
-            (names.PROG_SOCKOPS, BPF.SOCK_OPS, bpfsys.BPF_CGROUP_SOCK_OPS),
-        )
+        sock_addr = BPF.CGROUP_SOCK_ADDR
         try:
-            for prog, prog_type, attach_type in plan:
-                fn = _load(self.bpf, prog, prog_type, attach_type)
-                try:
-                    link = bpfsys.link_create(fn.fd, cgroup_fd, attach_type)
-                except OSError as exc:
-                    raise MeshError(
-                        f"cannot attach {prog} at cgroup {self.cgroup}: {exc.strerror}"
-                        " (BPF links need kernel 5.7+; try --redirect iptables)"
-                    ) from None
-                self.links[prog] = link
-                self._stack.callback(self._unlink, prog)
+            self._link(names.PROG_CONNECT4, sock_addr, bpfsys.BPF_CGROUP_INET4_CONNECT, cgroup_fd)
+            self._link(names.PROG_CONNECT6, sock_addr, bpfsys.BPF_CGROUP_INET6_CONNECT, cgroup_fd)
+            self._link(names.PROG_SOCKOPS, BPF.SOCK_OPS, bpfsys.BPF_CGROUP_SOCK_OPS, cgroup_fd)
         except BaseException:
             self.close()
             raise
+        try:
+            for prog, attach_type in (
+                (names.PROG_GETPEER4, bpfsys.BPF_CGROUP_INET4_GETPEERNAME),
+                (names.PROG_GETPEER6, bpfsys.BPF_CGROUP_INET6_GETPEERNAME),
+            ):
+                self._link(prog, sock_addr, attach_type, cgroup_fd)
+        except MeshError as exc:
+            self.getpeername_error = str(exc)
+
+    def _link(self, prog: str, prog_type: int, attach_type: int, cgroup_fd: int) -> None:
+        fn = _load(self.bpf, prog, prog_type, attach_type)
+        try:
+            link = bpfsys.link_create(fn.fd, cgroup_fd, attach_type)
+        except OSError as exc:
+            raise MeshError(
+                f"cannot attach {prog} at cgroup {self.cgroup}: {exc.strerror}"
+                " (BPF links need kernel 5.7+; try --redirect iptables)"
+            ) from None
+        self.links[prog] = link
+        self._stack.callback(self._unlink, prog)
 
     def attach_verdict(self) -> None:
         """Attach the sk_skb stream verdict to the sockhash. A failure only

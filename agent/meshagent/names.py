@@ -37,11 +37,15 @@ PROG_CONNECT4 = "mesh_connect4"
 PROG_CONNECT6 = "mesh_connect6"
 PROG_SOCKOPS = "mesh_sockops"
 PROG_VERDICT = "mesh_verdict"
+PROG_GETPEER4 = "mesh_getpeer4"
+PROG_GETPEER6 = "mesh_getpeer6"
 PROGRAM_FILES = {
     PROG_CONNECT4: "connect4.c",
     PROG_CONNECT6: "connect6.c",
     PROG_SOCKOPS: "sockops.c",
     PROG_VERDICT: "skb_verdict.c",
+    PROG_GETPEER4: "getpeername4.c",
+    PROG_GETPEER6: "getpeername6.c",
 }
 
 # Decision reasons, index = MESH_REASON_* value. Append only.

@@ -13,6 +13,8 @@ def _features(agent) -> list[str]:
     if "ebpf" in agent.backends:
         used += ["cgroup/connect4", "cgroup/connect6", "sock_ops", "bpf_get_netns_cookie",
                  "bpf_sk_lookup_tcp (fail-open)", "bpf_link"]  # fmt: skip
+        if not agent.datapath.getpeername_error:
+            used.append("cgroup/getpeername4/6 (apps see the original peer)")
     if agent.forwarder.maps is not None:
         used += ["sockhash", "sk_skb stream verdict"]
     if "iptables" in agent.backends:

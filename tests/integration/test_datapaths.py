@@ -93,7 +93,8 @@ def test_reset_from_the_pod_reaches_the_server(mesh_env, path_agent):
     agent, client, server = path_agent
     srv = mesh_env.server(server, PORT)
     out = mesh_env.client(client, server.ip4, PORT, "--reset", "100")
-    assert out["connected_to"].startswith("127.0.0.1:")
+    assert out["connected_to"] == f"{server.ip4}:{PORT}"
+    assert agent.forwarded() == 1
     seen = srv.next()
     assert seen.get("recv_error") == "ConnectionResetError", seen
     wait_for(lambda: drained(agent), what="map entries to go")
