@@ -199,3 +199,20 @@ def test_server_that_speaks_first(mesh_env, any_agent):
     assert out["recv_bytes"] == len(banner)
     assert out["recv_sha"] == hashlib.sha256(banner.encode()).hexdigest()
     assert srv.next()["peer"] == client.ip4
+
+
+def test_dual_stack_socket_reaching_ipv4_through_a_mapped_address(mesh_env, any_agent):
+    """An AF_INET6 socket connecting to ::ffff:a.b.c.d is steered to the
+    IPv4 listener and still sees (and reaches) its IPv4 destination."""
+    agent = any_agent
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "300")
+    agent.attach(client)
+    forwarded, out = through(agent, mesh_env, client, f"::ffff:{server.ip4}", PORT, "--send", "200")
+    assert forwarded
+    seen = srv.next()
+    assert seen["peer"] == client.ip4
+    assert seen["recv_sha"] == out["sent_sha"] and out["recv_sha"] == seen["sent_sha"]
+    (conn,) = agent.request("connections")["connections"]
+    assert conn["orig_dst"] == f"{server.ip4}:{PORT}"
