@@ -9,13 +9,13 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 
 from meshagent import log, netns
 from meshagent.addrs import format_endpoint
 from meshagent.errors import MeshError
 from meshagent.forwarder.datapaths import MODES, DatapathStats
-from meshagent.forwarder.loop import Loop, Timer
+from meshagent.forwarder.loop import Loop
+from meshagent.forwarder.records import ConnRecord, Pending, PodSlot
 from meshagent.forwarder.relay import Relay, SpliceLeg, reset_close
 from meshagent.forwarder.sockmap import SockmapMaps, SockmapRelay, cookie_of
 from meshagent.redirect import OrigLookup
@@ -26,66 +26,10 @@ ACCEPT_BATCH = 64
 RECENT_MAX = 256
 
 
-@dataclass
-class PodStats:
-    connections_total: int = 0
-    connections_active: int = 0
-    bytes_out: int = 0  # pod -> destination
-    bytes_in: int = 0  # destination -> pod
-    no_orig_dst: int = 0
-    upstream_errors: int = 0
-    resets: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class PodSlot:
-    """One attached pod as the forwarder sees it."""
-
-    name: str
-    pod_id: int
-    netns_fd: int
-    netns_cookie: int
-    lookup: OrigLookup  # the pod's redirect backend: where was it going?
-    backend: str = "ebpf"
-    listeners: list[socket.socket] = field(default_factory=list)
-    stats: PodStats = field(default_factory=PodStats)
-
-
-@dataclass
-class ConnRecord:
-    pod: str
-    client: str
-    orig_dst: str
-    started: float
-    state: str = "connecting"
-    bytes_out: int = 0
-    bytes_in: int = 0
-    ended: float | None = None
-    reason: str | None = None
-    datapath: str = "copy"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def _writable_now(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
     return bool(poller.poll(0))
-
-
-@dataclass
-class Pending:
-    """A steered connection whose upstream connect is in flight."""
-
-    slot: PodSlot
-    record: ConnRecord
-    client: socket.socket
-    timer: Timer
-    client_cookie: int | None = None  # set when the client is in the sockhash
 
 
 class Forwarder:

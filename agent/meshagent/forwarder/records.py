@@ -1,0 +1,65 @@
+"""What the forwarder keeps per pod and per connection."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass, field
+
+from meshagent.forwarder.loop import Timer
+from meshagent.redirect import OrigLookup
+
+
+@dataclass
+class PodStats:
+    connections_total: int = 0
+    connections_active: int = 0
+    bytes_out: int = 0  # pod -> destination
+    bytes_in: int = 0  # destination -> pod
+    no_orig_dst: int = 0
+    upstream_errors: int = 0
+    resets: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PodSlot:
+    """One attached pod as the forwarder sees it."""
+
+    name: str
+    pod_id: int
+    netns_fd: int
+    netns_cookie: int
+    lookup: OrigLookup  # the pod's redirect backend: where was it going?
+    backend: str = "ebpf"
+    listeners: list[socket.socket] = field(default_factory=list)
+    stats: PodStats = field(default_factory=PodStats)
+
+
+@dataclass
+class ConnRecord:
+    pod: str
+    client: str
+    orig_dst: str
+    started: float
+    state: str = "connecting"
+    bytes_out: int = 0
+    bytes_in: int = 0
+    ended: float | None = None
+    reason: str | None = None
+    datapath: str = "copy"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Pending:
+    """A steered connection whose upstream connect is in flight."""
+
+    slot: PodSlot
+    record: ConnRecord
+    client: socket.socket
+    timer: Timer
+    client_cookie: int | None = None  # set when the client is in the sockhash
