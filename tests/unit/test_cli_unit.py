@@ -16,7 +16,22 @@ for module in (pod, agent_cmds, demo):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["pod"], ["pod", "create"], ["run"], ["attach"], ["detach"], ["status"], ["demo"]],
+    [
+        [],
+        ["pod"],
+        ["pod", "create"],
+        ["run"],
+        ["attach"],
+        ["detach"],
+        ["status"],
+        ["demo"],
+        ["datapath"],
+        ["datapath", "set"],
+        ["probe-kernel"],
+        ["pod", "delete"],
+        ["pod", "list"],
+        ["pod", "exec"],
+    ],  # fmt: skip
 )
 def test_help_has_examples(args):
     result = CliRunner().invoke(cli, [*args, "--help"], catch_exceptions=False)

@@ -69,7 +69,7 @@ def create(
     click.echo(f"pod {made.name} created: {made.ip4} {made.ip6} (netns {made.netns})")
 
 
-@pod.command()
+@pod.command(epilog="\b\nExample:\n  meshagent pod delete client")
 @click.argument("name")
 @click.pass_obj
 def delete(app: App, name: str) -> None:
@@ -88,7 +88,9 @@ def delete(app: App, name: str) -> None:
     click.echo(f"pod {name} deleted")
 
 
-@pod.command(name="list")
+@pod.command(
+    name="list", epilog="\b\nExamples:\n  meshagent pod list\n  meshagent pod list -o json"
+)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 @click.pass_obj
 def list_(app: App, output: str) -> None:
@@ -105,7 +107,12 @@ def list_(app: App, output: str) -> None:
         click.echo(f"{p.name:20} {p.ip4:15} {p.ip6:28} {p.netns}")
 
 
-@pod.command(name="exec", context_settings={"ignore_unknown_options": True})
+@pod.command(
+    name="exec",
+    context_settings={"ignore_unknown_options": True},
+    epilog="\b\nExamples:\n  meshagent pod exec client -- curl -s http://10.244.0.3/\n"
+    "  meshagent pod exec server -- nginx -g 'daemon off;'",
+)
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
