@@ -31,7 +31,7 @@ for module in (pod, agent_cmds, demo):
         ["pod", "delete"],
         ["pod", "list"],
         ["pod", "exec"],
-    ],  # fmt: skip
+    ],
 )
 def test_help_has_examples(args):
     result = CliRunner().invoke(cli, [*args, "--help"], catch_exceptions=False)
