@@ -107,12 +107,11 @@ class Leg:
         self._maybe_shut()
 
     def _maybe_shut(self) -> None:
-        if self.eof and not self.buf and not self.shut:
+        """Pass the half-close on once everything read has been written."""
+        if self.eof and not self.waiting and not self.shut:
             self.shut = True
-            try:
+            with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
 
 class SpliceLeg(Leg):
@@ -155,12 +154,6 @@ class SpliceLeg(Leg):
                 break
             self.queued -= moved
         self._maybe_shut()
-
-    def _maybe_shut(self) -> None:
-        if self.eof and not self.queued and not self.shut:
-            self.shut = True
-            with contextlib.suppress(OSError):
-                self.dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         for fd in (self.pipe_r, self.pipe_w):
