@@ -194,7 +194,7 @@ class Agent:
         self._finish_draining()
         if self.forwarder.maps is not None:
             self.forwarder.maps.flush()
-            failed = self.datapath.metrics().get("redirect_failed", {}).get("egress", 0)
+            failed = self.datapath.metric("redirect_failed")
             if failed != self._sweep_failures:
                 self._sweep_failures = failed
                 self.forwarder.sweep()

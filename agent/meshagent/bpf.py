@@ -203,14 +203,18 @@ class Datapath:
             prefixlen, addr = cidr_lpm_key(cidr)
             _update(cidr_table, struct.pack("=I16s", prefixlen, addr), b"\x01")
 
+    def metric(self, reason: str, direction: str = "egress") -> int:
+        """One decision counter, summed over CPUs."""
+        idx = names.REASONS.index(reason) * len(names.DIRECTIONS)
+        idx += names.DIRECTIONS.index(direction)
+        return sum(self.table(names.MAP_METRICS)[ctypes.c_int(idx)])
+
     def metrics(self) -> dict[str, dict[str, int]]:
         """{reason: {direction: count}} summed over CPUs; zeros left out."""
-        table = self.table(names.MAP_METRICS)
         out: dict[str, dict[str, int]] = {}
-        for r_index, reason in enumerate(names.REASONS):
-            for d_index, direction in enumerate(names.DIRECTIONS):
-                idx = r_index * len(names.DIRECTIONS) + d_index
-                total = sum(table[ctypes.c_int(idx)])
+        for reason in names.REASONS:
+            for direction in names.DIRECTIONS:
+                total = self.metric(reason, direction)
                 if total:
                     out.setdefault(reason, {})[direction] = total
         return out
@@ -287,8 +291,3 @@ def load(cfg: AgentConfig, cgroup_path: Path, hooks: bool = True, verdict: bool 
         datapath.close()
         raise
     return datapath
-
-
-def compile_and_attach(cfg: AgentConfig, cgroup_path: Path) -> Datapath:
-    """Everything: the redirect hooks and the sockmap verdict."""
-    return load(cfg, cgroup_path)

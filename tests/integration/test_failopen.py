@@ -59,13 +59,13 @@ def test_no_listener_in_the_pod_means_the_connect_goes_direct(mesh_env):
     """The kernel checks for the pod's listener before rewriting: a pod in
     the map without a listener (agent wedged, listener lost) talks directly."""
     from meshagent import netns
-    from meshagent.bpf import compile_and_attach
+    from meshagent.bpf import load
     from meshagent.config import AgentConfig
 
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
-    datapath = compile_and_attach(AgentConfig(state_dir=mesh_env.state_dir), mesh_env.cgroup_path)
+    datapath = load(AgentConfig(state_dir=mesh_env.state_dir), mesh_env.cgroup_path)
     try:
         fd = netns.open_fd(client.netns)
         try:
