@@ -81,7 +81,7 @@ class MeshEnv:
 
     @property
     def cgroup_path(self) -> Path:
-        from meshagent import cgroup
+        from meshagent.host import cgroup
 
         return cgroup.cgroup2_mount() / self.cgroup_rel
 
@@ -115,12 +115,12 @@ class MeshEnv:
         return PodStore(self.state_dir)
 
     def create_pod(self, name: str, ip: str | None = None):
-        from meshagent.pods.netns import create_pod
+        from meshagent.pods.standalone import create_pod
 
         return create_pod(self.store(), name, ip, self.node())
 
     def popen(self, pod, argv, **kwargs) -> subprocess.Popen:
-        from meshagent.pods.netns import popen
+        from meshagent.pods.standalone import popen
 
         proc = popen(pod, argv, **kwargs)
         self.procs.append(proc)
@@ -158,8 +158,8 @@ class MeshEnv:
         return proc
 
     def cleanup(self) -> None:
-        from meshagent import cgroup
-        from meshagent.pods.netns import delete_pod
+        from meshagent.host import cgroup
+        from meshagent.pods.standalone import delete_pod
 
         for proc in self.procs:
             if proc.poll() is None:
@@ -182,7 +182,7 @@ class MeshEnv:
 
 
 def make_env() -> MeshEnv:
-    from meshagent import cgroup
+    from meshagent.host import cgroup
 
     tag = secrets.token_hex(3)
     octet = 100 + secrets.randbelow(100)
@@ -258,7 +258,8 @@ def start_agent(env: MeshEnv, *extra: str, in_cgroup: bool = True) -> AgentProc:
     """Start `meshagent run` attached at env's cgroup. With in_cgroup the agent
     itself runs inside that cgroup, so its own upstream sockets pass through
     the hooks (the no-loop rule is then really exercised)."""
-    from meshagent import cgroup, control
+    from meshagent import control
+    from meshagent.host import cgroup
 
     agent_cg = cgroup.create(env.cgroup_path / "agent")
     log_path = env.state_dir / "agent.log"

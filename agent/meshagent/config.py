@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshagent.errors import MeshError
+from meshagent.modes import DataPathChoice, IptablesFlavour, LogFormat, Redirect, parse
 
 DEFAULT_STATE_DIR = Path("/run/meshagent")
 DEFAULT_PORT = 15001
 # "MESH" in ASCII: the SO_MARK of the forwarder's upstream sockets.
 DEFAULT_SKIP_MARK = 0x4D455348
 EXCL_MAX = 256
-LOG_FORMATS = ("text", "json")
-DATAPATHS = ("auto", "sockmap", "splice", "copy")
-REDIRECTS = ("auto", "ebpf", "iptables")
+# sun_path holds 108 bytes with the terminating NUL.
+SOCKET_PATH_MAX = 107
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,12 @@ class AgentConfig:
     port: int = DEFAULT_PORT
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
-    log_format: str = "text"
-    datapath: str = "auto"
+    log_format: LogFormat = LogFormat.TEXT
+    datapath: DataPathChoice = DataPathChoice.AUTO
     sockmap_sndbuf: int = 8 << 20  # send buffer of spliced sockets; 0: kernel autotuning
-    redirect: str = "auto"
+    redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
-    iptables: str | None = None  # legacy | nft; None: detect
+    iptables: IptablesFlavour | None = None  # None: detect
     skip_mark: int = DEFAULT_SKIP_MARK
     pods_max: int = 1024
     conns_max: int = 65536
@@ -42,14 +43,20 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         check_port(self.port, "--port")
-        if self.log_format not in LOG_FORMATS:
-            raise MeshError(f"--log-format must be one of {', '.join(LOG_FORMATS)}")
+        # Frozen: enum fields are normalized through object.__setattr__.
+        for name, enum, what in (
+            ("log_format", LogFormat, "--log-format"),
+            ("datapath", DataPathChoice, "--datapath"),
+            ("redirect", Redirect, "--redirect"),
+        ):
+            object.__setattr__(self, name, parse(enum, getattr(self, name), what))
+        if self.iptables is not None:
+            object.__setattr__(
+                self, "iptables", parse(IptablesFlavour, self.iptables, "--iptables")
+            )
         if not 0 <= self.sockmap_sndbuf <= 1 << 30:
             raise MeshError("--sockmap-sndbuf must be between 0 and 1 GiB")
-        if self.redirect not in REDIRECTS:
-            raise MeshError(f"--redirect must be one of {', '.join(REDIRECTS)}")
-        if self.datapath not in DATAPATHS:
-            raise MeshError(f"--datapath must be one of {', '.join(DATAPATHS)}")
+        check_socket_path(self.socket_path)
         if not 16 <= self.conns_max <= 1 << 22:
             raise MeshError("conns_max must be between 16 and 4194304")
         if not 1 <= self.pods_max <= 1 << 16:
@@ -60,6 +67,16 @@ class AgentConfig:
     @property
     def socket_path(self) -> Path:
         return self.state_dir / "agent.sock"
+
+
+def check_socket_path(path: Path) -> None:
+    """A unix socket path must fit sun_path: say so in one line, not a traceback."""
+    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+        raise MeshError(
+            f"--state-dir {path.parent}: the control socket {path.name} there would be"
+            f" {len(os.fsencode(path))} bytes long, more than a unix socket path allows"
+            f" ({SOCKET_PATH_MAX}): use a shorter --state-dir"
+        )
 
 
 def check_port(port: int, what: str = "port") -> int:
@@ -109,15 +126,6 @@ def parse_cidrs(text: str | None) -> tuple[str, ...]:
     if len(nets) > EXCL_MAX:
         raise MeshError(f"--exclude-cidrs: more than {EXCL_MAX} networks")
     return tuple(nets)
-
-
-def cidr_lpm_key(cidr: str) -> tuple[int, bytes]:
-    """A network as the mesh_excl_cidr trie keys it: (prefix length over the
-    16-byte form, 16 address bytes); IPv4 as IPv4-mapped (/n -> /96+n)."""
-    net = ipaddress.ip_network(cidr)
-    if net.version == 4:
-        return 96 + net.prefixlen, b"\x00" * 10 + b"\xff\xff" + net.network_address.packed
-    return net.prefixlen, net.network_address.packed
 
 
 def bpf_cflags(cfg: AgentConfig) -> list[str]:

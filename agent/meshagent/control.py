@@ -2,6 +2,10 @@
 
 Request:  {"op": "attach", "pod": "client"}\n
 Response: {"ok": true, ...}\n  or  {"ok": false, "error": "one line"}\n
+
+Every request gets an answer: a malformed one (not JSON, wrong types, too
+long) and one whose handler fails in any way get a one-line error, and the
+agent keeps serving.
 """
 
 from __future__ import annotations
@@ -13,11 +17,42 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from meshagent import log
+from meshagent.config import check_socket_path
 from meshagent.errors import MeshError
-from meshagent.forwarder.loop import Loop
+from meshagent.host.loop import Loop
+from meshagent.modes import parse, values
 
 MAX_REQUEST = 64 * 1024
-Dispatch = Callable[[dict], dict]
+
+
+class Request:
+    """One decoded request, with typed access that fails as one line."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def op(self) -> str:
+        return self.text("op")
+
+    def text(self, key: str) -> str:
+        value = self.data.get(key)
+        if not isinstance(value, str) or not value:
+            raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be a non-empty string")
+        return value
+
+    def choice(self, key: str, enum, optional: bool = False):
+        value = self.data.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            raise MeshError(
+                f"{self.data.get('op')}: {key!r} must be one of {', '.join(values(enum))}"
+            )
+        return parse(enum, value, f"{self.data.get('op')}: {key!r}")
+
+
+Dispatch = Callable[[Request], dict]
 
 
 class ControlServer:
@@ -26,6 +61,7 @@ class ControlServer:
         self.path = path
         self.dispatch = dispatch
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        check_socket_path(path)
         _claim_socket_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -61,31 +97,45 @@ class ControlServer:
                 self._drop(conn)
                 return
             buf += data
-            while b"\n" in buf:
+            while b"\n" in buf and conn.fileno() >= 0:
                 line, _, rest = bytes(buf).partition(b"\n")
                 buf[:] = rest
                 self._answer(conn, line)
-            if len(buf) > MAX_REQUEST:
+            if len(buf) > MAX_REQUEST and conn.fileno() >= 0:
+                self._reply(
+                    conn, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
+                )
                 self._drop(conn)
 
         return handle
 
     def _answer(self, conn: socket.socket, line: bytes) -> None:
+        self._reply(conn, self._handle(line))
+
+    def _handle(self, line: bytes) -> dict:
         try:
             request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ValueError("not an object")
         except ValueError as exc:
-            reply = {"ok": False, "error": f"bad request: {exc}"}
-        else:
-            try:
-                reply = {"ok": True, **self.dispatch(request)}
-            except MeshError as exc:
-                reply = {"ok": False, "error": str(exc)}
+            return {"ok": False, "error": f"bad request: not JSON ({exc})"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "bad request: not a JSON object"}
+        try:
+            return {"ok": True, **self.dispatch(Request(request))}
+        except MeshError as exc:
+            return {"ok": False, "error": _one_line(str(exc))}
+        except Exception as exc:
+            op = request.get("op")
+            log.get().exception("control request failed", extra={"reason": f"op={op!r}"})
+            return {
+                "ok": False,
+                "error": _one_line(f"internal error in {op!r}: {type(exc).__name__}: {exc}"),
+            }
+
+    def _reply(self, conn: socket.socket, reply: dict) -> None:
         conn.setblocking(True)
         try:
             conn.settimeout(5)
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+            conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
         except OSError:
             self._drop(conn)
             return
@@ -93,6 +143,8 @@ class ControlServer:
         conn.setblocking(False)
 
     def _drop(self, conn: socket.socket) -> None:
+        if conn.fileno() < 0:
+            return
         self.clients.pop(conn.fileno(), None)
         self.loop.remove(conn.fileno())
         conn.close()
@@ -126,6 +178,7 @@ def _claim_socket_path(path: Path) -> None:
 
 def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -> dict:
     """Ask the running agent; MeshError with its one-line answer on failure."""
+    check_socket_path(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -144,9 +197,16 @@ def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -
             data += chunk
     except TimeoutError:
         raise MeshError(f"the agent at {socket_path} did not answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise MeshError(f"the agent at {socket_path}: {exc.strerror or exc}") from None
     finally:
         sock.close()
-    reply = json.loads(data)
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise MeshError(f"the agent at {socket_path} answered something that is not JSON") from None
+    if not isinstance(reply, dict):
+        raise MeshError(f"the agent at {socket_path} answered something that is not an object")
     if not reply.pop("ok", False):
         raise MeshError(reply.get("error", "the agent refused the request"))
     return reply
@@ -158,3 +218,7 @@ def agent_running(socket_path: Path) -> bool:
     except MeshError:
         return False
     return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

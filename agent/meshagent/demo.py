@@ -59,7 +59,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _curl(pod, url: str) -> tuple[int, str]:
-    from meshagent.pods.netns import popen
+    from meshagent.pods.standalone import popen
 
     proc = popen(pod, ["curl", "-sS", "--max-time", "10", url], stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=30)
@@ -68,7 +68,7 @@ def _curl(pod, url: str) -> tuple[int, str]:
 
 def run_demo(state_dir: Path, echo: Echo) -> None:
     from meshagent.pods.model import NodeConfig
-    from meshagent.pods.netns import create_pod, delete_pod, popen
+    from meshagent.pods.standalone import create_pod, delete_pod, popen
     from meshagent.pods.store import PodStore
 
     for tool in ("curl", "nginx"):

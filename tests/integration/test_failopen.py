@@ -58,18 +58,25 @@ def test_killed_agent_leaves_pods_talking_directly_and_restarts_clean(mesh_env):
 def test_no_listener_in_the_pod_means_the_connect_goes_direct(mesh_env):
     """The kernel checks for the pod's listener before rewriting: a pod in
     the map without a listener (agent wedged, listener lost) talks directly."""
-    from meshagent import netns
-    from meshagent.bpf import load
+    from meshagent.bpf import loader
+    from meshagent.bpf.programs import PROGRAMS
     from meshagent.config import AgentConfig
+    from meshagent.host import netns
+    from meshagent.redirect import PodHandle
+    from meshagent.redirect.ebpf import EbpfBackend
 
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
-    datapath = load(AgentConfig(state_dir=mesh_env.state_dir), mesh_env.cgroup_path)
+    compiled, fds, refused = loader.load_programs(AgentConfig(state_dir=mesh_env.state_dir),
+                                                  PROGRAMS)  # fmt: skip
+    assert not refused
+    datapath = loader.attach(fds, compiled.maps(), mesh_env.cgroup_path)
+    compiled.close()
     try:
         fd = netns.open_fd(client.netns)
         try:
-            datapath.set_pod(netns.cookie(fd), 1, 15001)
+            EbpfBackend(datapath, 15001, (), ()).attach(PodHandle("client", client.netns, fd, 1))
         finally:
             import os
 

@@ -56,7 +56,7 @@ def test_foreign_rules_and_chains_survive_attach_and_detach(mesh_env, flavour):
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
-    from meshagent import netns
+    from meshagent.host import netns
     from meshagent.redirect import PodHandle
     from meshagent.redirect.iptables import IptablesBackend, Tools
     from meshagent.redirect.rules import RuleConfig
@@ -64,7 +64,7 @@ def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
     client = mesh_env.create_pod("client")
     backend = IptablesBackend(RuleConfig(15001, 0x4D455348), Tools.of(flavour))
     fd = netns.open_fd(client.netns)
-    handle = PodHandle("client", client.netns, netns.cookie(fd), 1)
+    handle = PodHandle("client", client.netns, fd, 1)
     try:
         backend.attach(handle)
         backend.attach(handle)

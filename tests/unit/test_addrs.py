@@ -1,4 +1,5 @@
-from meshagent.addrs import format_endpoint, from_addr16, to_addr16
+from meshagent.addrs import format_endpoint
+from meshagent.bpf.abi import from_addr16, to_addr16
 
 
 def test_roundtrip_and_mapping():

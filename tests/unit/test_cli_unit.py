@@ -8,10 +8,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from meshagent.cli import agent_cmds, cli, demo, pod
+from meshagent.cli import register_all
 
-for module in (pod, agent_cmds, demo):
-    module.register(cli)
+cli = register_all()
 
 
 @pytest.mark.parametrize(

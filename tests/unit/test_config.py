@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from meshagent.config import AgentConfig, bpf_cflags, cidr_lpm_key, parse_cidrs, parse_ports
+from meshagent.bpf.abi import cidr_lpm_key
+from meshagent.config import AgentConfig, bpf_cflags, parse_cidrs, parse_ports
 from meshagent.errors import MeshError
 
 

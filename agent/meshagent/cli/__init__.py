@@ -31,7 +31,11 @@ class App:
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "agent.sock"
+        from meshagent.config import check_socket_path
+
+        path = self.state_dir / "agent.sock"
+        check_socket_path(path)
+        return path
 
     def store(self):
         from meshagent.pods.store import PodStore
@@ -79,10 +83,14 @@ def cli(ctx: click.Context, state_dir: Path) -> None:
     ctx.obj = App(state_dir=state_dir)
 
 
-def main() -> None:
-    from meshagent.cli import agent_cmds, demo, pod
+def register_all() -> click.Group:
+    """Every command group on `cli` (the modules import only click)."""
+    from meshagent.cli import agent_cmds, demo_cmds, kernel_cmds, pod_cmds
 
-    pod.register(cli)
-    agent_cmds.register(cli)
-    demo.register(cli)
-    cli(prog_name="meshagent")
+    for module in (pod_cmds, agent_cmds, kernel_cmds, demo_cmds):
+        module.register(cli)
+    return cli
+
+
+def main() -> None:
+    register_all()(prog_name="meshagent")

@@ -8,6 +8,15 @@ import click
 
 from meshagent.cli import App, require_root
 from meshagent.config import DEFAULT_PORT
+from meshagent.modes import (
+    Backend,
+    DataPathChoice,
+    DataPathMode,
+    IptablesFlavour,
+    LogFormat,
+    Redirect,
+    values,
+)
 
 RUN_EPILOG = """\b
 Examples:
@@ -29,14 +38,14 @@ Examples:
 @click.option("--exclude-ports", help="Destination ports never steered: 22,53,9000-9010.")
 @click.option("--exclude-cidrs", help="Destination networks never steered: 10.96.0.0/12,fd00::/8.")
 @click.option(
-    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--log-format", type=click.Choice(values(LogFormat)), default="text", show_default=True
 )
 @click.option(
     "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
 )
 @click.option(
     "--redirect",
-    type=click.Choice(["auto", "ebpf", "iptables"]),
+    type=click.Choice(values(Redirect)),
     default="auto",
     show_default=True,
     help="How attached pods' connects are steered; auto: ebpf if the kernel has it.",
@@ -50,12 +59,12 @@ Examples:
 @click.option(
     "--iptables",
     "iptables_flavour",
-    type=click.Choice(["legacy", "nft"]),
+    type=click.Choice(values(IptablesFlavour)),
     help="iptables flavour (default: whichever holds the host's rules, else the system's).",
 )
 @click.option(
     "--datapath",
-    type=click.Choice(["auto", "sockmap", "splice", "copy"]),
+    type=click.Choice(values(DataPathChoice)),
     default="auto",
     show_default=True,
     help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
@@ -69,6 +78,13 @@ Examples:
 )
 @click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
+)
+@click.option(
+    "--bpf-cflag",
+    "bpf_cflags_extra",
+    multiple=True,
+    hidden=True,
+    help="An extra -D flag for the BPF compile (tests use it to make the kernel refuse a program).",
 )
 @click.pass_obj
 def run(
@@ -85,6 +101,7 @@ def run(
     datapath: str,
     sockmap_sndbuf: int,
     dump_bpf: bool,
+    bpf_cflags_extra: tuple[str, ...],
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
 
@@ -107,6 +124,7 @@ def run(
         redirect=redirect,
         without=tuple(without),
         iptables=iptables_flavour,
+        extra_cflags=tuple(bpf_cflags_extra),
     )
     from meshagent import kernel
 
@@ -130,7 +148,7 @@ def run(
 @click.argument("pod")
 @click.option(
     "--redirect",
-    type=click.Choice(["ebpf", "iptables"]),
+    type=click.Choice(values(Backend)),
     help="This pod's redirect backend (default: the agent's).",
 )
 @click.pass_obj
@@ -225,7 +243,7 @@ def datapath(ctx: click.Context, output: str) -> None:
 
 
 @datapath.command(name="set", epilog="\b\nExample:\n  meshagent datapath set splice")
-@click.argument("mode", type=click.Choice(["sockmap", "splice", "copy"]))
+@click.argument("mode", type=click.Choice(values(DataPathMode)))
 @click.pass_obj
 def datapath_set(app: App, mode: str) -> None:
     """Use MODE for new connections; open ones keep theirs."""
@@ -235,33 +253,6 @@ def datapath_set(app: App, mode: str) -> None:
     click.echo(f"data path {mode} for new connections")
 
 
-PROBE_EPILOG = """\b
-Examples:
-  meshagent probe-kernel
-  meshagent probe-kernel --without netns_cookie -o json
-"""
-
-
-@click.command(name="probe-kernel", epilog=PROBE_EPILOG)
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-@click.option("--without", multiple=True, metavar="FEATURE", help="Act as if FEATURE were missing.")
-@click.option("--iptables", "iptables_flavour", type=click.Choice(["legacy", "nft"]))
-def probe_kernel(output: str, without: tuple[str, ...], iptables_flavour: str | None) -> None:
-    """What this kernel offers, how each fact was found, and what auto picks."""
-    from meshagent import kernel
-
-    report = kernel.probe(tuple(without), iptables_flavour).to_dict()
-    if output == "json":
-        click.echo(json.dumps(report, indent=2))
-        return
-    click.echo(f"kernel {report['kernel']}")
-    for name, feature in report["features"].items():
-        click.echo(f"  {name:17} {'yes' if feature['ok'] else 'no ':3}  {feature['how']}")
-    auto = report["auto"]
-    click.echo(f"auto backend:  {auto['backend'] or 'none'} ({auto['backend_reason']})")
-    click.echo(f"auto datapath: {auto['datapath']} ({auto['datapath_reason']})")
-
-
 def register(cli: click.Group) -> None:
-    for command in (run, attach, detach, status, datapath, probe_kernel):
+    for command in (run, attach, detach, status, datapath):
         cli.add_command(command)

@@ -1,7 +1,29 @@
 """The forwarder: per-pod listeners, original destination, upstream connect,
-then a data path (this release: the userspace copy relay)."""
+then a data path (forwarder/datapath.py: copy, splice or sockmap)."""
 
+from __future__ import annotations
+
+from meshagent.forwarder.copy import CopyPath
 from meshagent.forwarder.core import Forwarder
+from meshagent.forwarder.datapath import DataPath
 from meshagent.forwarder.records import PodStats
+from meshagent.forwarder.sockmap import SockmapMaps, SockmapPath
+from meshagent.forwarder.splice import SplicePath
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
 
-__all__ = ["Forwarder", "PodStats"]
+
+def build_paths(
+    loop: Loop, modes: tuple[DataPathMode, ...], maps: SockmapMaps | None, sndbuf: int = 0
+) -> dict[DataPathMode, DataPath]:
+    """One object per data path in modes (copy always: it is the fallback)."""
+    copy = CopyPath(loop)
+    paths: dict[DataPathMode, DataPath] = {DataPathMode.COPY: copy}
+    if DataPathMode.SPLICE in modes:
+        paths[DataPathMode.SPLICE] = SplicePath(loop)
+    if DataPathMode.SOCKMAP in modes and maps is not None:
+        paths[DataPathMode.SOCKMAP] = SockmapPath(loop, maps, copy, sndbuf)
+    return paths
+
+
+__all__ = ["DataPath", "Forwarder", "PodStats", "build_paths"]

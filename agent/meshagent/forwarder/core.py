@@ -10,18 +10,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from meshagent import log, netns
+from meshagent import log
 from meshagent.addrs import format_endpoint
 from meshagent.errors import MeshError
-from meshagent.forwarder.datapaths import MODES, DatapathStats
-from meshagent.forwarder.loop import Loop
+from meshagent.forwarder.copy import reset_close
+from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.forwarder.records import ConnRecord, Pending, PodSlot
-from meshagent.forwarder.relay import Relay, SpliceLeg, reset_close
-from meshagent.forwarder.sockmap import SockmapMaps, SockmapRelay, cookie_of
+from meshagent.host import netns
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
 from meshagent.redirect import OrigLookup
 
 CONNECT_TIMEOUT = 10.0
-SO_SNDBUFFORCE = 32
 ACCEPT_BATCH = 64
 RECENT_MAX = 256
 
@@ -38,37 +38,31 @@ class Forwarder:
         loop: Loop,
         skip_mark: int,
         port: int,
-        maps: SockmapMaps | None = None,
-        mode: str = "copy",
-        sockmap_sndbuf: int = 0,
+        paths: dict[DataPathMode, DataPath],
+        mode: DataPathMode = DataPathMode.COPY,
     ) -> None:
         self.loop = loop
         self.skip_mark = skip_mark
         self.port = port
-        self.maps = maps
+        self.paths = paths
         self.mode = mode
-        self.sockmap_sndbuf = sockmap_sndbuf
         self.pods: dict[str, PodSlot] = {}
-        self.relays: dict[Relay | SockmapRelay, tuple[PodSlot, ConnRecord]] = {}
+        self.conns: dict[Connection, tuple[PodSlot, ConnRecord]] = {}
         self.pending: dict[socket.socket, Pending] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
-        self.paths = {mode: DatapathStats() for mode in MODES}
         self.log = log.get()
+        for path in paths.values():
+            path.on_stall = self._stalled
 
-    def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise MeshError(f"data path {mode!r}: choose one of {', '.join(MODES)}")
-        if mode == "sockmap" and self.maps is None:
-            raise MeshError("data path sockmap is not available on this agent (see status)")
+    def set_mode(self, mode: DataPathMode) -> None:
+        if mode not in self.paths:
+            raise MeshError(f"data path {mode} is not available on this agent (see status)")
         self.mode = mode
 
     # -- listeners ---------------------------------------------------------
-    def open_pod(
-        self, name: str, pod_id: int, netns_fd: int, netns_cookie: int, lookup: OrigLookup,
-        backend: str,
-    ) -> PodSlot:  # fmt: skip
+    def open_pod(self, name: str, netns_fd: int, lookup: OrigLookup) -> PodSlot:
         """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
-        slot = PodSlot(name, pod_id, netns_fd, netns_cookie, lookup, backend)
+        slot = PodSlot(name, netns_fd, lookup)
         try:
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 sock = netns.socket_in(netns_fd, family)
@@ -143,15 +137,16 @@ class Forwarder:
             return
         orig_ip, orig_port = orig
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
-        record.datapath = self.mode
+        path = self.paths[self.mode]
+        record.datapath = path.mode
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
-        client_cookie = self._enter_sockhash(client, record) if self.mode == "sockmap" else None
+        state = path.accepted(client)
         family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
         try:
             upstream = netns.socket_in(slot.netns_fd, family)
         except (OSError, MeshError) as exc:
-            self._fail(slot, record, client, None, f"upstream socket: {exc}", client_cookie)
+            self._fail(slot, record, client, None, f"upstream socket: {exc}", path, state)
             return
         try:
             upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.skip_mark)
@@ -160,40 +155,23 @@ class Forwarder:
             upstream.setblocking(False)
             err = upstream.connect_ex((orig_ip, orig_port))
         except OSError as exc:
-            reason = f"upstream connect: {exc.strerror}"
-            self._fail(slot, record, client, upstream, reason, client_cookie)
+            self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}", path,
+                       state)  # fmt: skip
             return
         if err not in (0, errno.EINPROGRESS):
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
-            self._fail(slot, record, client, upstream, reason, client_cookie)
+            self._fail(slot, record, client, upstream, reason, path, state)
             return
         timer = self.loop.call_later(
             CONNECT_TIMEOUT, lambda: self._connect_done(upstream, timed_out=True)
         )
-        self.pending[upstream] = Pending(slot, record, client, timer, client_cookie)
+        self.pending[upstream] = Pending(slot, record, client, timer, path, state)
         if err == 0 or _writable_now(upstream):
             # On a local bridge the handshake often completes inside connect():
             # skip the epoll round trip.
             self._connect_done(upstream)
             return
         self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
-
-    def _enter_sockhash(self, sock: socket.socket, record: ConnRecord) -> int | None:
-        """Put a socket into the sockhash before anything reads from it; on
-        failure (no longer ESTABLISHED) the pair is copied in userspace."""
-        cookie = cookie_of(sock)
-        if self.sockmap_sndbuf:
-            # The kernel's redirect sends from a worker that, when the send
-            # buffer is full, retries only a jiffy later: a deep send buffer
-            # keeps it from stalling (bulk throughput 0.4x -> ~0.85x direct).
-            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sockmap_sndbuf)
-        try:
-            self.maps.insert(sock, cookie)
-        except OSError:
-            self.paths["sockmap"].fallbacks += 1
-            record.datapath = "copy"
-            return None
-        return cookie
 
     def _connect_done(self, upstream: socket.socket, timed_out: bool = False) -> None:
         entry = self.pending.pop(upstream, None)
@@ -209,50 +187,20 @@ class Forwarder:
         if err:
             self.loop.remove(upstream.fileno())
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
-            self._fail(slot, record, client, upstream, reason, entry.client_cookie)
+            self._fail(slot, record, client, upstream, reason, entry.path, entry.state)
             return
-        record.state = "forwarding"  # the relay takes over upstream's epoll entry
-        upstream_cookie = None
-        if entry.client_cookie is not None:
-            upstream_cookie = self._enter_sockhash(upstream, record)
-        if upstream_cookie is None:
-            self._copy(slot, record, client, upstream, (entry.client_cookie,))
-            return
-        relay = SockmapRelay(
-            self.loop, self.maps, client, entry.client_cookie, upstream, upstream_cookie,
-            self._relay_done, self._stalled,
-        )  # fmt: skip
-        self.relays[relay] = (slot, record)
-        self.paths["sockmap"].connections_active += 1
-        try:
-            relay.start()
-        except OSError:  # the peer map is full: copy this pair instead
-            del self.relays[relay]
-            self.paths["sockmap"].connections_active -= 1
-            self.paths["sockmap"].fallbacks += 1
-            record.datapath = "copy"
-            self._copy(slot, record, client, upstream, (entry.client_cookie, upstream_cookie))
+        record.state = "forwarding"  # the data path takes over upstream's epoll entry
 
-    def _copy(
-        self,
-        slot: PodSlot,
-        record: ConnRecord,
-        client: socket.socket,
-        upstream: socket.socket,
-        cookies: tuple[int | None, ...],
-    ) -> None:
-        """The splice(2) or copy relay. Sockets left in the sockhash without a
-        peer are fine: the verdict passes their bytes to the relay, and their
-        entries go once they are closed."""
-        leg = SpliceLeg if record.datapath == "splice" else Relay.default_leg
-        relay = Relay(self.loop, client, upstream, self._relay_done, leg)
-        relay.forget_cookies = tuple(c for c in cookies if c is not None)
-        self.relays[relay] = (slot, record)
-        self.paths[record.datapath].connections_active += 1
+        def done(conn: Connection, reason: str | None) -> None:
+            self._conn_done(slot, record, conn, reason)
 
-    def _stalled(self, relay: SockmapRelay) -> None:
-        slot, record = self.relays.get(relay, (None, None))
-        self.paths["sockmap"].stalls += 1
+        conn = entry.path.join(client, upstream, entry.state, done)
+        record.datapath = conn.mode
+        if not conn.closed:
+            self.conns[conn] = (slot, record)
+
+    def _stalled(self, conn: Connection) -> None:
+        slot, record = self.conns.get(conn, (None, None))
         self.log.warning(
             "hand-off stalled: passed bytes not yet readable",
             extra={
@@ -262,11 +210,10 @@ class Forwarder:
             },
         )
 
-    def sweep(self) -> None:
-        """Recheck spliced connections (after a redirect failed somewhere)."""
-        for relay in list(self.relays):
-            if isinstance(relay, SockmapRelay):
-                relay.recheck()
+    def tick(self) -> None:
+        """Once a second: each data path's periodic work."""
+        for path in self.paths.values():
+            path.tick()
 
     def _fail(
         self,
@@ -275,12 +222,12 @@ class Forwarder:
         client: socket.socket,
         upstream: socket.socket | None,
         reason: str,
-        client_cookie: int | None = None,
+        path: DataPath,
+        state: object,
     ) -> None:
         slot.stats.upstream_errors += 1
         slot.stats.connections_active -= 1
-        if client_cookie is not None:
-            self.maps.forget(client_cookie)
+        path.abandon(state)
         reset_close(client)
         if upstream is not None:
             upstream.close()
@@ -295,21 +242,14 @@ class Forwarder:
             },
         )
 
-    def _relay_done(self, relay: Relay | SockmapRelay, reason: str | None) -> None:
-        slot, record = self.relays.pop(relay)
-        if isinstance(relay, Relay):
-            for cookie in relay.forget_cookies:
-                self.maps.forget(cookie)
+    def _conn_done(
+        self, slot: PodSlot, record: ConnRecord, conn: Connection, reason: str | None
+    ) -> None:
+        self.conns.pop(conn, None)
         slot.stats.connections_active -= 1
-        slot.stats.bytes_out += relay.bytes_out
-        slot.stats.bytes_in += relay.bytes_in
-        record.bytes_out, record.bytes_in = relay.bytes_out, relay.bytes_in
-        path = self.paths[record.datapath]
-        path.connections_active -= 1
-        path.connections_total += 1
-        path.bytes += relay.bytes_out + relay.bytes_in
-        if isinstance(relay, SockmapRelay):
-            path.handoff_bytes += relay.python_bytes
+        slot.stats.bytes_out += conn.bytes_out
+        slot.stats.bytes_in += conn.bytes_in
+        record.bytes_out, record.bytes_in = conn.bytes_out, conn.bytes_in
         if reason is not None:
             slot.stats.resets += 1
         self._end(record, "reset" if reason else "closed", reason)
@@ -323,35 +263,42 @@ class Forwarder:
     # -- reporting ---------------------------------------------------------
     def open_connections(self, name: str) -> int:
         """Forwarded or connecting connections of a pod (also after close_pod)."""
-        live = sum(1 for slot, _record in self.relays.values() if slot.name == name)
+        live = sum(1 for slot, _record in self.conns.values() if slot.name == name)
         return live + sum(1 for p in self.pending.values() if p.slot.name == name)
 
     def live_bytes(self, name: str) -> tuple[int, int]:
         out = inn = 0
-        for relay, (slot, _record) in self.relays.items():
+        for conn, (slot, _record) in self.conns.items():
             if slot.name == name:
-                out += relay.bytes_out
-                inn += relay.bytes_in
+                out += conn.bytes_out
+                inn += conn.bytes_in
         return out, inn
 
     def connections(self) -> list[dict]:
         live = []
-        for relay, (_slot, record) in self.relays.items():
-            record.bytes_out, record.bytes_in = relay.bytes_out, relay.bytes_in
+        for conn, (_slot, record) in self.conns.items():
+            record.bytes_out, record.bytes_in = conn.bytes_out, conn.bytes_in
             live.append(record.to_dict())
         live.extend(p.record.to_dict() for p in self.pending.values())
         return [r.to_dict() for r in self.recent] + live
 
+    def snapshot(self) -> dict:
+        return {
+            "datapath": self.mode.value,
+            "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
+        }
+
     def close(self) -> None:
         for name in list(self.pods):
             self.close_pod(name)
-        for relay in list(self.relays):
-            relay.finish("agent stopped")
+        for conn in list(self.conns):
+            conn.finish("agent stopped")
         for upstream in list(self.pending):
             entry = self.pending.pop(upstream)
             entry.timer.cancel()
             self.loop.remove(upstream.fileno())
-            if entry.client_cookie is not None:
-                self.maps.forget(entry.client_cookie)
+            entry.path.abandon(entry.state)
             upstream.close()
             entry.client.close()
+        for path in self.paths.values():
+            path.tick()  # the last batch of map deletes

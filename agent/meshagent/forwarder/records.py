@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from meshagent.forwarder.loop import Timer
+from meshagent.forwarder.datapath import DataPath
+from meshagent.host.loop import Timer
 from meshagent.redirect import OrigLookup
 
 
@@ -28,11 +30,8 @@ class PodSlot:
     """One attached pod as the forwarder sees it."""
 
     name: str
-    pod_id: int
     netns_fd: int
-    netns_cookie: int
     lookup: OrigLookup  # the pod's redirect backend: where was it going?
-    backend: str = "ebpf"
     listeners: list[socket.socket] = field(default_factory=list)
     stats: PodStats = field(default_factory=PodStats)
 
@@ -62,4 +61,5 @@ class Pending:
     record: ConnRecord
     client: socket.socket
     timer: Timer
-    client_cookie: int | None = None  # set when the client is in the sockhash
+    path: DataPath
+    state: Any  # what path.accepted() returned

@@ -1,7 +1,8 @@
 """`--datapath auto`: prove each data path on this kernel before using it.
 
 Two real TCP connections in the agent's own netns, joined by the data path
-under test; both ends write 1 MiB at once (before the splice is set up, so
+under test (the same DataPath classes the forwarder uses, on a loop of
+their own); both ends write 1 MiB at once (before the splice is set up, so
 the hand-off is exercised) and digests are compared within a deadline.
 """
 
@@ -11,13 +12,16 @@ import hashlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 
-from meshagent.forwarder.loop import Loop
-from meshagent.forwarder.relay import Relay, SpliceLeg
-from meshagent.forwarder.sockmap import SockmapMaps, SockmapRelay, cookie_of
+from meshagent.forwarder.datapath import DataPath
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
 
 SIZE = 1 << 20
 DEADLINE = 1.0
+
+PathFactory = Callable[[Loop], "dict[DataPathMode, DataPath]"]
 
 
 def _converse(sock: socket.socket, data: bytes, out: dict, key: str) -> None:
@@ -40,11 +44,13 @@ def _converse(sock: socket.socket, data: bytes, out: dict, key: str) -> None:
     out[key] = digest.hexdigest()
 
 
-def check(mode: str, maps: SockmapMaps | None) -> str | None:
+def check(mode: DataPathMode, factory: PathFactory) -> str | None:
     """None when the data path carried 1 MiB each way intact in time, else why not."""
-    if mode == "sockmap" and maps is None:
-        return "the sk_skb verdict program is not loaded"
     loop = Loop()
+    path = factory(loop).get(mode)
+    if path is None:
+        loop.close()
+        return "not available"
     front = socket.create_server(("127.0.0.1", 0))
     back = socket.create_server(("127.0.0.1", 0))
     socks: list[socket.socket] = [front, back]
@@ -54,13 +60,12 @@ def check(mode: str, maps: SockmapMaps | None) -> str | None:
         fwd_client, _ = front.accept()
         socks += [app_client, fwd_client]
         fwd_client.setblocking(False)
-        up = [maps.insert(fwd_client, cookie_of(fwd_client)) if mode == "sockmap" else None]
+        state = path.accepted(fwd_client)
         fwd_up = socket.create_connection(back.getsockname())
         app_server, _ = back.accept()
         socks += [fwd_up, app_server]
         app_server.settimeout(DEADLINE * 3)
         fwd_up.setblocking(False)
-        up.append(maps.insert(fwd_up, cookie_of(fwd_up)) if mode == "sockmap" else None)
         up_data, down_data = os.urandom(SIZE), os.urandom(SIZE)
         ends = [
             threading.Thread(target=_converse, args=(app_client, up_data, result, "client")),
@@ -70,28 +75,23 @@ def check(mode: str, maps: SockmapMaps | None) -> str | None:
             end.daemon = True
             end.start()
 
-        def done(_relay, reason) -> None:
+        def done(_conn, reason) -> None:
             result["reason"] = reason
             loop.stop()
 
-        if mode == "sockmap":
-            relay = SockmapRelay(
-                loop, maps, fwd_client, cookie_of(fwd_client), fwd_up, cookie_of(fwd_up),
-                done, lambda _r: None,
-            )  # fmt: skip
-            relay.start()
-        else:
-            leg = SpliceLeg if mode == "splice" else Relay.default_leg
-            relay = Relay(loop, fwd_client, fwd_up, done, leg)
+        conn = path.join(fwd_client, fwd_up, state, done)
         timer = loop.call_later(DEADLINE, loop.stop)
-        if not relay.closed:
+        if not conn.closed:
             loop.run()
         timer.cancel()
-        if not relay.closed:
-            relay.finish("self-test deadline")
+        if not conn.closed:
+            conn.finish("self-test deadline")
             return f"not done within {DEADLINE:g}s"
         for end in ends:
             end.join(DEADLINE)
+        path.tick()
+        if conn.mode != mode:
+            return f"the sockets could not enter it (carried by {conn.mode})"
         if result.get("reason"):
             return f"connection reset: {result['reason']}"
         if result.get("client") != hashlib.sha256(down_data).hexdigest():
@@ -107,12 +107,15 @@ def check(mode: str, maps: SockmapMaps | None) -> str | None:
         loop.close()
 
 
-def choose(maps: SockmapMaps | None) -> tuple[str, str]:
-    """auto: the first data path whose self-test passes, and why."""
+def choose(candidates: tuple[DataPathMode, ...], factory: PathFactory) -> tuple[DataPathMode, str]:
+    """auto: the first candidate whose self-test passes, and why (copy
+    needs no kernel support and is not tested)."""
     notes = []
-    for mode in ("sockmap", "splice"):
-        problem = check(mode, maps)
+    for mode in candidates:
+        if mode is DataPathMode.COPY:
+            break
+        problem = check(mode, factory)
         if problem is None:
             return mode, "; ".join([*notes, f"{mode} self-test passed (1 MiB each way)"])
         notes.append(f"{mode} self-test failed: {problem}")
-    return "copy", "; ".join([*notes, "copy needs no kernel support"])
+    return DataPathMode.COPY, "; ".join([*notes, "copy needs no kernel support"])

@@ -57,10 +57,13 @@ class PodStore:
 
     def get(self, name: str) -> Pod:
         validate_name(name)
+        path = self.pods_dir / f"{name}.json"
         try:
-            return Pod(**json.loads((self.pods_dir / f"{name}.json").read_text()))
+            return Pod(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise MeshError(f"pod {name}: no such pod (see `meshagent pod list`)") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise MeshError(f"pod {name}: its record {path} is unreadable ({exc})") from None
 
     def find(self, name: str) -> Pod | None:
         try:

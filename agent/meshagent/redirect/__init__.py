@@ -7,26 +7,46 @@ forwarder asks the pod's backend where each accepted connection was going.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+from meshagent.modes import Backend as BackendName
 
 # (accepted socket, client ip, client port) -> original (ip, port), or None
 OrigLookup = Callable[[socket.socket, str, int], "tuple[str, int] | None"]
-BACKENDS = ("ebpf", "iptables")
 
 
-@dataclass(frozen=True)
+@dataclass
 class PodHandle:
+    """A pod as the backends see it. Its identity is the netns file's
+    (device, inode), which every kernel has; the netns cookie (5.14+) is
+    read only when a backend asks for it (the ebpf maps are keyed by it)."""
+
     name: str
     netns_name: str
-    netns_cookie: int
+    netns_fd: int
     pod_id: int
+    _cookie: int | None = field(default=None, repr=False)
+
+    @property
+    def netns_id(self) -> tuple[int, int]:
+        st = os.fstat(self.netns_fd)
+        return st.st_dev, st.st_ino
+
+    @property
+    def netns_cookie(self) -> int:
+        if self._cookie is None:
+            from meshagent.host import netns
+
+            self._cookie = netns.cookie(self.netns_fd)
+        return self._cookie
 
 
 class Backend(Protocol):
-    name: str
+    name: BackendName
 
     def attach(self, pod: PodHandle) -> None: ...
 
@@ -37,6 +57,6 @@ class Backend(Protocol):
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None: ...
 
-    def attached(self) -> set[str]: ...
-
     def lookup(self, pod: PodHandle) -> OrigLookup: ...
+
+    def snapshot(self) -> dict: ...

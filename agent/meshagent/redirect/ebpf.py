@@ -1,35 +1,63 @@
-"""The eBPF redirect backend: one map update per pod (netns cookie -> pod)."""
+"""The eBPF redirect backend: one map update per pod (netns cookie -> pod).
+
+It owns its maps: the attached pods, the excluded ports and networks, and
+the original destinations that the connect and sock_ops hooks record.
+"""
 
 from __future__ import annotations
 
+from meshagent.bpf import abi
+from meshagent.bpf.loader import Loaded
+from meshagent.errors import MeshError
+from meshagent.modes import Backend
 from meshagent.redirect import OrigLookup, PodHandle
 
 
 class EbpfBackend:
-    name = "ebpf"
+    name = Backend.EBPF
 
-    def __init__(self, datapath, port: int) -> None:
-        self.datapath = datapath
+    def __init__(
+        self,
+        loaded: Loaded,
+        port: int,
+        exclude_ports: tuple[int, ...],
+        exclude_cidrs: tuple[str, ...],
+    ) -> None:
+        self.pods = loaded.map(abi.PODS)
+        self.orig_tup = loaded.map(abi.ORIG_TUP)
         self.port = port
-        self._attached: set[str] = set()
+        ports = loaded.map(abi.EXCL_PORT)
+        for excluded in exclude_ports:
+            ports.update(abi.U16.pack(excluded), abi.BYTE.pack(1))
+        cidrs = loaded.map(abi.EXCL_CIDR)
+        for cidr in exclude_cidrs:
+            cidrs.update(abi.cidr_key(cidr), abi.BYTE.pack(1))
 
     def attach(self, pod: PodHandle) -> None:
-        self.datapath.set_pod(pod.netns_cookie, pod.pod_id, self.port)
-        self._attached.add(pod.name)
+        try:
+            self.pods.update(abi.U64.pack(pod.netns_cookie), abi.pod_value(pod.pod_id, self.port))
+        except OSError as exc:
+            raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
 
     def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
         """One map delete; open connections need nothing more."""
-        self.datapath.del_pod(pod.netns_cookie)
-        self._attached.discard(pod.name)
+        self.pods.delete(abi.U64.pack(pod.netns_cookie))
         return False
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         pass
 
-    def attached(self) -> set[str]:
-        return set(self._attached)
-
     def lookup(self, pod: PodHandle) -> OrigLookup:
-        lookup_orig = self.datapath.lookup_orig
-        cookie = pod.netns_cookie
-        return lambda _sock, ip, port: lookup_orig(cookie, ip, port)
+        table, cookie = self.orig_tup, pod.netns_cookie
+
+        def orig(_sock, ip: str, port: int) -> tuple[str, int] | None:
+            raw = table.lookup(abi.client_key(cookie, ip, port))
+            return abi.orig_dst(raw) if raw is not None else None
+
+        return orig
+
+    def snapshot(self) -> dict:
+        return {
+            "attached_pods": self.pods.count(),
+            "orig_entries": self.orig_tup.count(),
+        }

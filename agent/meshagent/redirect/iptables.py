@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshagent.errors import MeshError
+from meshagent.modes import Backend, IptablesFlavour, values
 from meshagent.redirect import OrigLookup, PodHandle
 from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
 
-FLAVOURS = ("legacy", "nft")
+FLAVOURS = tuple(values(IptablesFlavour))
 LOCK_WAIT_SECONDS = 5
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST has the same value
 
@@ -93,12 +94,11 @@ def _enter(netns_name: str):
 
 
 class IptablesBackend:
-    name = "iptables"
+    name = Backend.IPTABLES
 
     def __init__(self, cfg: RuleConfig, tools: Tools) -> None:
         self.cfg = cfg
         self.tools = tools
-        self._attached: set[str] = set()
 
     def _run(self, netns_name: str, argv: list[str], text: str | None, pod: str) -> str:
         if not os.path.exists(f"/run/netns/{netns_name}"):
@@ -137,7 +137,6 @@ class IptablesBackend:
     def attach(self, pod: PodHandle) -> None:
         """Install the rules for both families; undo both if either fails."""
         self._apply(pod, draining=False)
-        self._attached.add(pod.name)
 
     def _apply(self, pod: PodHandle, draining: bool) -> None:
         done: list[int] = []
@@ -155,7 +154,6 @@ class IptablesBackend:
     def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
         """Stop steering new connections. With connections still open, the
         rules drain (see render_rules) and True says `remove` is still owed."""
-        self._attached.discard(pod.name)
         if open_connections:
             self._apply(pod, draining=True)
             return True
@@ -167,8 +165,8 @@ class IptablesBackend:
         for family in (4, 6):
             self._teardown(netns_name, family, pod, quiet)
 
-    def attached(self) -> set[str]:
-        return set(self._attached)
+    def snapshot(self) -> dict:
+        return {"flavour": self.tools.flavour}
 
     def lookup(self, pod: PodHandle) -> OrigLookup:
         return lambda sock, _ip, _port: original_dst(sock)

@@ -1,4 +1,5 @@
 """The userspace copy path: both directions of one forwarded connection.
+The Relay here also carries the splice path (forwarder/splice.py).
 
 Back-pressure: a direction stops reading when HIGH bytes wait for its peer.
 Half-close is propagated with shutdown(SHUT_WR) once a direction's bytes are
@@ -8,14 +9,14 @@ all sent; an error or reset on one side resets the other (SO_LINGER 0).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import select
 import socket
 import struct
 from collections.abc import Callable
 
-from meshagent.forwarder.loop import Loop
+from meshagent.forwarder.datapath import DataPath, Done
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
 
 CHUNK = 256 * 1024
 # One receive buffer for the whole (single-threaded) loop: recv(n) would
@@ -41,8 +42,6 @@ EPOLLOUT = select.EPOLLOUT
 EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-F_SETPIPE_SZ = 1031
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 def reset_close(sock: socket.socket) -> None:
@@ -114,66 +113,22 @@ class Leg:
                 self.dst.shutdown(socket.SHUT_WR)
 
 
-class SpliceLeg(Leg):
-    """One direction through a pipe with splice(2): the payload stays in the
-    kernel; Python moves it in large chunks (HAProxy's splice mode)."""
-
-    __slots__ = ("pipe_r", "pipe_w", "queued")
-    PIPE_SIZE = 1024 * 1024
-
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
-        super().__init__(src, dst)
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, self.PIPE_SIZE)
-        except OSError:
-            pass  # the default pipe size still works
-        self.queued = 0  # bytes in the pipe
-
-    def wants_read(self) -> bool:
-        return not self.eof and self.queued < self.PIPE_SIZE
-
-    @property
-    def waiting(self) -> int:
-        return self.queued
-
-    def read(self) -> None:
-        moved = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
-        if moved == 0:
-            self.eof = True
-        else:
-            self.nbytes += moved
-            self.queued += moved
-        self.flush()
-
-    def flush(self) -> None:
-        while self.queued:
-            try:
-                moved = os.splice(self.pipe_r, self.dst.fileno(), self.queued, flags=SPLICE_FLAGS)
-            except BlockingIOError:
-                break
-            self.queued -= moved
-        self._maybe_shut()
-
-    def close(self) -> None:
-        for fd in (self.pipe_r, self.pipe_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 class Relay:
-    """Copies both ways between client and upstream until both are done."""
+    """Copies both ways between client and upstream until both are done,
+    one Leg per direction (a Leg copies, a SpliceLeg splices)."""
 
-    default_leg = Leg
+    handoff_bytes = 0
 
     def __init__(
         self,
         loop: Loop,
         client: socket.socket,
         upstream: socket.socket,
-        on_done: Callable[[Relay, str | None], None],
+        on_done: Done,
         leg: type[Leg] = Leg,
+        mode: DataPathMode = DataPathMode.COPY,
     ) -> None:
+        self.mode = mode
         self.loop = loop
         self.client = client
         self.upstream = upstream
@@ -181,7 +136,6 @@ class Relay:
         self.out = leg(client, upstream)  # pod -> destination
         self.back = leg(upstream, client)  # destination -> pod
         self.closed = False
-        self.forget_cookies: tuple[int, ...] = ()  # sockmap fallback: entries to drop at the end
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
 
@@ -264,3 +218,11 @@ class Relay:
                 self.loop.remove(sock.fileno())
         self.out.close()
         self.back.close()
+
+
+class CopyPath(DataPath):
+    mode = DataPathMode.COPY
+    leg: type[Leg] = Leg
+
+    def join(self, client, upstream, state, on_done: Done) -> Relay:
+        return Relay(self.loop, client, upstream, self._counted(on_done), self.leg, self.mode)

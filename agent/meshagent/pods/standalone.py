@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from meshagent import cgroup, netns
 from meshagent.errors import MeshError
+from meshagent.host import cgroup, netns
 from meshagent.pods.model import (
     NodeConfig,
     Pod,

@@ -52,7 +52,7 @@ def create(
 ) -> None:
     """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""
     from meshagent.pods.model import NodeConfig
-    from meshagent.pods.netns import create_pod
+    from meshagent.pods.standalone import create_pod
 
     require_root("meshagent pod create")
     node = None
@@ -75,7 +75,7 @@ def create(
 def delete(app: App, name: str) -> None:
     """Delete pod NAME (detaches it from a running agent first)."""
     from meshagent import control
-    from meshagent.pods.netns import delete_pod
+    from meshagent.pods.standalone import delete_pod
 
     require_root("meshagent pod delete")
     app.store().get(name)
@@ -120,7 +120,7 @@ def exec_(app: App, name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside pod NAME's netns and cgroup; exits with its status."""
     import sys
 
-    from meshagent.pods.netns import popen
+    from meshagent.pods.standalone import popen
 
     require_root("meshagent pod exec")
     proc = popen(app.store().get(name), command)

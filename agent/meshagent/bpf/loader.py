@@ -1,0 +1,331 @@
+"""Render, compile, load and attach the BPF programs.
+
+BCC's rewriter only handles the main file, so our own quoted includes are
+inlined into one text with #line marks (what `run --dump-bpf` prints is
+exactly what is compiled). Configuration enters only as -DMESH_* cflags.
+
+compile() runs BCC once; Compiled.load() loads the programs a plan asks
+for and reports each one the kernel refuses with the verifier's reason;
+attach() links what loaded and returns a Loaded: map fds (checked against
+bpf/abi.py) and link fds only. The BCC object is freed right after, so the
+running agent holds no compiled module, only fds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from meshagent.bpf import abi
+from meshagent.bpf import syscall as sc
+from meshagent.bpf.programs import PROGRAM_FILES, PROGRAMS_BY_NAME, Program
+from meshagent.config import AgentConfig, bpf_cflags
+from meshagent.errors import MeshError
+
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+_CGROUP_PROG_TYPES = ("cgroup_sock_addr", "sock_ops")
+
+
+def bpf_dir() -> Path:
+    """The C sources: meshagent/bpf/c in an installed wheel, else bpf/ at
+    the top of the source tree."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "c", here.parent.parent.parent / "bpf"):
+        if (candidate / "include" / "maps.h").exists():
+            return candidate
+    raise MeshError("BPF sources not found (expected meshagent/bpf/c or bpf/ in the source tree)")
+
+
+def render_source(files: tuple[str, ...] = tuple(PROGRAM_FILES.values())) -> str:
+    """The single C text BCC compiles: the entry files with our headers inlined."""
+    root = bpf_dir()
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> list[str]:
+        path = path.resolve()
+        if path in seen:
+            return []
+        seen.add(path)
+        rel = path.relative_to(root)
+        out = [f'#line 1 "{rel}"']
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = _INCLUDE_RE.match(line)
+            if match:
+                out.extend(expand(path.parent / match.group(1)))
+                out.append(f'#line {number + 1} "{rel}"')
+            else:
+                out.append(line)
+        return out
+
+    lines: list[str] = []
+    for name in files:
+        lines.extend(expand(root / name))
+    return "\n".join(lines) + "\n"
+
+
+def headers_path() -> Path:
+    source = os.environ.get("BCC_KERNEL_SOURCE")
+    if source:
+        return Path(source)
+    return Path("/lib/modules") / os.uname().release / "build"
+
+
+def has_headers() -> bool:
+    path = headers_path()
+    return (path / "include").is_dir() or (path / "Makefile").exists()
+
+
+def require_headers() -> None:
+    if not has_headers():
+        raise MeshError(
+            f"kernel headers for {os.uname().release} not found at {headers_path()}:"
+            " run scripts/bootstrap (installs linux-headers-amd64 and links them)"
+        )
+
+
+def verifier_reason(log: str) -> str:
+    """The line of a verifier log that says why: the last one that is
+    neither an instruction nor a statistic."""
+    lines = [
+        line.strip()
+        for line in log.splitlines()
+        if line.strip()
+        and not re.match(r"^(\d+: |; |processed |verification time|stack depth|bpf: Failed)", line)
+    ]
+    return lines[-1] if lines else ""
+
+
+@dataclass
+class Compiled:
+    """The BCC object of one compile; load() and maps() hand out fds that
+    stay valid after close()."""
+
+    bpf: Any
+
+    def load(self, programs: tuple[Program, ...]) -> tuple[dict[str, int], dict[str, str]]:
+        """({name: prog fd}, {name: why the kernel refused it})."""
+        fds: dict[str, int] = {}
+        refused: dict[str, str] = {}
+        for program in programs:
+            try:
+                fds[program.name] = os.dup(self._load_one(program))
+            except _Refused as exc:
+                refused[program.name] = str(exc)
+        return fds, refused
+
+    def _load_one(self, program: Program) -> int:
+        from bcc import BPF
+
+        prog_type = {"cgroup_sock_addr": BPF.CGROUP_SOCK_ADDR, "sock_ops": BPF.SOCK_OPS,
+                     "sk_skb": BPF.SK_SKB}[program.prog_type]  # fmt: skip
+        kwargs = (
+            {"attach_type": program.attach_type} if program.prog_type == "cgroup_sock_addr" else {}
+        )
+        with _captured_stderr() as log:
+            try:
+                return self.bpf.load_func(program.name.encode(), prog_type, **kwargs).fd
+            except Exception as exc:
+                error = str(exc)
+        reason = verifier_reason(_read_and_close(log)) or error
+        raise _Refused(f"{program.name} ({program.file}) refused by the kernel: {reason}")
+
+    def maps(self) -> dict[str, sc.MapFd]:
+        """Every map of abi.MAPS by its own fd, sizes checked against the C."""
+        from bcc.libbcc import lib
+
+        out = {}
+        for spec in abi.MAPS:
+            fd = lib.bpf_table_fd(self.bpf.module, spec.name.encode())
+            if fd < 0:
+                raise MeshError(f"map {spec.name} not found in the compiled programs")
+            try:
+                out[spec.name] = sc.MapFd(os.dup(fd), spec)
+            except ValueError as exc:
+                raise MeshError(str(exc)) from None
+        return out
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+
+class _Refused(Exception):
+    pass
+
+
+class _captured_stderr:
+    """libbcc prints the verifier log on fd 2: read it instead."""
+
+    def __enter__(self):
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self.file
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+
+
+def _read_and_close(file) -> str:
+    with file:
+        return file.read()
+
+
+def compile_programs(cfg: AgentConfig) -> Compiled:
+    """Compile every entry file with BCC (the slow step: seconds)."""
+    require_headers()
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise MeshError(
+            "BCC is not installed (Debian package python3-bpfcc): run scripts/bootstrap"
+        ) from None
+    with _captured_stderr() as log:
+        try:
+            return Compiled(BPF(text=render_source().encode(), cflags=bpf_cflags(cfg)))
+        except Exception as exc:
+            error = str(exc).splitlines()[0]
+    first = next((line for line in _read_and_close(log).splitlines() if "error:" in line), error)
+    raise MeshError(
+        f"BCC could not compile the BPF programs ({first.strip()}); check the kernel headers"
+        f" at {headers_path()} or run scripts/bootstrap"
+    )
+
+
+def load_programs(
+    cfg: AgentConfig, programs: tuple[Program, ...]
+) -> tuple[Compiled | None, dict[str, int], dict[str, str]]:
+    """Compile and load (not attach): (the compiled object or None, {name:
+    prog fd}, {name: why refused}). A compile that fails refuses them all."""
+    try:
+        compiled = compile_programs(cfg)
+    except MeshError as exc:
+        return None, {}, {program.name: str(exc) for program in programs}
+    try:
+        fds, refused = compiled.load(programs)
+    except BaseException:
+        compiled.close()
+        raise
+    return compiled, fds, refused
+
+
+def refusals(cfg: AgentConfig, programs: tuple[Program, ...]) -> dict[str, str]:
+    """What the kernel refuses of programs (for `probe-kernel --load`)."""
+    if not programs:
+        return {}
+    compiled, fds, refused = load_programs(cfg, programs)
+    for fd in fds.values():
+        os.close(fd)
+    if compiled is not None:
+        compiled.close()
+    return refused
+
+
+@dataclass
+class Loaded:
+    """What the running agent holds of the BPF side: map fds and links."""
+
+    maps: dict[str, sc.MapFd]
+    cgroup: Path
+    links: dict[str, int] = field(default_factory=dict)
+    programs: dict[str, int] = field(default_factory=dict)  # prog fds still held
+    _stack: ExitStack = field(default_factory=ExitStack)
+
+    def map(self, spec: abi.MapSpec) -> sc.MapFd:
+        return self.maps[spec.name]
+
+    def attached(self, name: str) -> bool:
+        return name in self.links or name in self.programs
+
+    def metric(self, reason: str, direction: str = "egress") -> int:
+        """One decision counter, summed over CPUs."""
+        key = abi.U32.pack(abi.metric_index(reason, direction))
+        return sum(self.map(abi.METRICS).lookup_percpu_u64(key))
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """{reason: {direction: count}} summed over CPUs; zeros left out."""
+        out: dict[str, dict[str, int]] = {}
+        for reason in abi.REASONS:
+            for direction in abi.DIRECTIONS:
+                total = self.metric(reason, direction)
+                if total:
+                    out.setdefault(reason, {})[direction] = total
+        return out
+
+    def live_steered(self) -> int:
+        raw = self.map(abi.STATE).lookup(abi.U32.pack(abi.STATE_TUP_LIVE))
+        return abi.U64.unpack(raw)[0] if raw else 0
+
+    def snapshot(self) -> dict:
+        """What is attached, the decision counters, and how many entries the
+        per-connection maps hold (all zero once every connection is gone)."""
+        counted = []
+        if "mesh_connect4" in self.links:
+            counted.append(abi.ORIG_TUP)
+        if "mesh_verdict" in self.programs:
+            counted += [abi.SOCKHASH, abi.PEER, abi.PASSED, abi.SENT]
+        return {
+            "programs": [n for n in PROGRAM_FILES if n in self.links or n in self.programs],
+            "decisions": self.metrics(),
+            "live_steered": self.live_steered() if "mesh_connect4" in self.links else 0,
+            "map_entries": {spec.name: self.map(spec).count() for spec in counted},
+        }
+
+    def close(self) -> None:
+        """Detach every program and close every fd; safe to call twice."""
+        self._stack.close()
+
+
+def attach(prog_fds: dict[str, int], maps: dict[str, sc.MapFd], cgroup: Path) -> Loaded:
+    """Link the cgroup programs at the cgroup and the verdict to the
+    sockhash; on any failure undo what was attached and raise MeshError."""
+    loaded = Loaded(maps=maps, cgroup=cgroup)
+    stack = loaded._stack
+    for mapfd in maps.values():
+        stack.callback(mapfd.close)
+    for fd in prog_fds.values():
+        stack.callback(os.close, fd)
+    try:
+        cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, cgroup_fd)
+        for name, prog_fd in prog_fds.items():
+            program = PROGRAMS_BY_NAME[name]
+            if program.prog_type in _CGROUP_PROG_TYPES:
+                try:
+                    link = sc.link_create(prog_fd, cgroup_fd, program.attach_type)
+                except OSError as exc:
+                    raise MeshError(
+                        f"cannot attach {name} at cgroup {cgroup}: {exc.strerror}"
+                        " (BPF links need kernel 5.7+; try --redirect iptables)"
+                    ) from None
+                loaded.links[name] = link
+                stack.callback(_unlink, link)
+            else:
+                sockhash = maps[abi.SOCKHASH.name].fd
+                try:
+                    sc.prog_attach(prog_fd, sockhash, program.attach_type)
+                except OSError as exc:
+                    raise MeshError(
+                        f"cannot attach {name} to the sockhash: {exc.strerror}"
+                    ) from None
+                loaded.programs[name] = prog_fd
+    except BaseException:
+        loaded.close()
+        raise
+    return loaded
+
+
+def _unlink(link: int) -> None:
+    try:
+        sc.link_detach(link)
+    except OSError:
+        pass
+    os.close(link)

@@ -1,0 +1,170 @@
+"""Every BPF program meshagent loads, and what each needs from the kernel.
+
+One table drives three things: the kernel probe (it probes exactly the
+program types, map types and helpers listed here), the plan (a program is
+loadable only if all it needs is there) and a test that reads the C
+(tests/unit/test_programs.py: the helpers each entry file calls are the
+helpers listed for it, and its "Minimum kernel" comment is the newest
+`since` of its needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from meshagent.bpf import syscall as sc
+
+Version = tuple[int, int]
+
+
+class Kind(StrEnum):
+    PROG = "program type"
+    MAP = "map type"
+    HELPER = "helper"
+    INSN = "instruction"
+    ATTACH = "attach type"
+    SOCKOPT = "socket option"
+
+
+@dataclass(frozen=True)
+class KernelFeature:
+    """One thing a kernel has or lacks; `since` is the first mainline
+    release with it (the fallback when it cannot be probed)."""
+
+    name: str
+    kind: Kind
+    since: Version
+    what: str
+    prog_type: str = ""  # HELPER: the program type that must be allowed to call it
+    helpers: tuple[str, ...] = ()  # HELPER: the helper functions (all needed)
+
+
+KERNEL_FEATURES: tuple[KernelFeature, ...] = (
+    KernelFeature("cgroup_sock_addr", Kind.PROG, (4, 17), "cgroup sock_addr programs"),
+    KernelFeature("sock_ops", Kind.PROG, (4, 13), "sock_ops programs"),
+    KernelFeature("sk_skb", Kind.PROG, (4, 14), "sk_skb programs"),
+    KernelFeature("lru_hash", Kind.MAP, (4, 10), "LRU hash maps"),
+    KernelFeature("lpm_trie", Kind.MAP, (4, 11), "LPM trie maps"),
+    KernelFeature("percpu_array", Kind.MAP, (4, 6), "per-CPU array maps"),
+    KernelFeature("sockhash", Kind.MAP, (4, 18), "sockhash maps"),
+    KernelFeature("ringbuf", Kind.MAP, (5, 8), "BPF ring buffers"),
+    KernelFeature(
+        "netns_cookie", Kind.HELPER, (5, 7), "bpf_get_netns_cookie in sock_addr programs",
+        "cgroup_sock_addr", ("bpf_get_netns_cookie",),
+    ),
+    KernelFeature(
+        "socket_cookie_sock_addr", Kind.HELPER, (5, 0),
+        "bpf_get_socket_cookie in sock_addr programs",
+        "cgroup_sock_addr", ("bpf_get_socket_cookie",),
+    ),
+    KernelFeature(
+        "sk_lookup_sock_addr", Kind.HELPER, (5, 2),
+        "bpf_sk_lookup_tcp in sock_addr programs (kernel-side fail-open)",
+        "cgroup_sock_addr", ("bpf_sk_lookup_tcp", "bpf_sk_release"),
+    ),
+    KernelFeature(
+        "netns_cookie_sock_ops", Kind.HELPER, (5, 15), "bpf_get_netns_cookie in sock_ops programs",
+        "sock_ops", ("bpf_get_netns_cookie",),
+    ),
+    KernelFeature(
+        "socket_cookie_sock_ops", Kind.HELPER, (5, 0), "bpf_get_socket_cookie in sock_ops programs",
+        "sock_ops", ("bpf_get_socket_cookie",),
+    ),
+    KernelFeature(
+        "sock_ops_cb_flags", Kind.HELPER, (4, 16), "bpf_sock_ops_cb_flags_set (state callbacks)",
+        "sock_ops", ("bpf_sock_ops_cb_flags_set",),
+    ),
+    KernelFeature(
+        "socket_cookie_sk_skb", Kind.HELPER, (5, 0), "bpf_get_socket_cookie in sk_skb programs",
+        "sk_skb", ("bpf_get_socket_cookie",),
+    ),
+    KernelFeature(
+        "sk_redirect_hash", Kind.HELPER, (4, 18), "bpf_sk_redirect_hash in sk_skb programs",
+        "sk_skb", ("bpf_sk_redirect_hash",),
+    ),
+    KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
+    KernelFeature("bpf_link", Kind.ATTACH, (5, 7), "BPF links for cgroup programs"),
+    KernelFeature("getpeername_hooks", Kind.ATTACH, (5, 8), "cgroup getpeername hooks"),
+    KernelFeature("so_netns_cookie", Kind.SOCKOPT, (5, 14), "SO_NETNS_COOKIE (a pod's netns cookie)"),
+)  # fmt: skip
+FEATURES_BY_NAME = {feature.name: feature for feature in KERNEL_FEATURES}
+
+# Helper ids (enum bpf_func_id in linux/bpf.h) for the probe.
+HELPER_IDS = {
+    "bpf_map_lookup_elem": 1,
+    "bpf_map_update_elem": 2,
+    "bpf_map_delete_elem": 3,
+    "bpf_get_socket_cookie": 46,
+    "bpf_sock_ops_cb_flags_set": 59,
+    "bpf_sk_redirect_hash": 72,
+    "bpf_sk_lookup_tcp": 84,
+    "bpf_sk_release": 86,
+    "bpf_get_netns_cookie": 122,
+}
+# Every program type has the map helpers; no feature needed for them.
+MAP_HELPERS = ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_delete_elem")
+
+
+class Role(StrEnum):
+    """What a program is for; the plan loads programs by role."""
+
+    REDIRECT = "redirect"  # the ebpf backend: all of these, or none
+    PEERNAME = "peername"  # optional: applications see their original peer
+    VERDICT = "verdict"  # the sockmap data path
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str  # the C entry function (at most 15 characters)
+    file: str  # its entry file under bpf/
+    prog_type: str
+    attach_type: int
+    role: Role
+    needs: tuple[str, ...]  # KERNEL_FEATURES names
+
+    @property
+    def min_kernel(self) -> Version:
+        return max(FEATURES_BY_NAME[name].since for name in self.needs)
+
+    @property
+    def prog_type_id(self) -> int:
+        return sc.PROG_TYPES[self.prog_type]
+
+    @property
+    def helpers(self) -> set[str]:
+        """The helpers its C may call: its helper features' plus the map helpers."""
+        out = set(MAP_HELPERS)
+        for name in self.needs:
+            out.update(FEATURES_BY_NAME[name].helpers)
+        return out
+
+
+_CONNECT_NEEDS = (
+    "cgroup_sock_addr", "netns_cookie", "socket_cookie_sock_addr", "sk_lookup_sock_addr",
+    "lru_hash", "lpm_trie", "percpu_array", "bpf_link",
+)  # fmt: skip
+_PEERNAME_NEEDS = ("cgroup_sock_addr", "netns_cookie", "getpeername_hooks", "bpf_link")
+
+PROGRAMS: tuple[Program, ...] = (
+    Program("mesh_connect4", "connect4.c", "cgroup_sock_addr", sc.BPF_CGROUP_INET4_CONNECT,
+            Role.REDIRECT, _CONNECT_NEEDS),
+    Program("mesh_connect6", "connect6.c", "cgroup_sock_addr", sc.BPF_CGROUP_INET6_CONNECT,
+            Role.REDIRECT, _CONNECT_NEEDS),
+    Program("mesh_sockops", "sockops.c", "sock_ops", sc.BPF_CGROUP_SOCK_OPS, Role.REDIRECT,
+            ("sock_ops", "netns_cookie_sock_ops", "socket_cookie_sock_ops", "sock_ops_cb_flags",
+             "lru_hash", "percpu_array", "bpf_link")),
+    Program("mesh_getpeer4", "getpeername4.c", "cgroup_sock_addr",
+            sc.BPF_CGROUP_INET4_GETPEERNAME, Role.PEERNAME, _PEERNAME_NEEDS),
+    Program("mesh_getpeer6", "getpeername6.c", "cgroup_sock_addr",
+            sc.BPF_CGROUP_INET6_GETPEERNAME, Role.PEERNAME, _PEERNAME_NEEDS),
+    Program("mesh_verdict", "skb_verdict.c", "sk_skb", sc.BPF_SK_SKB_STREAM_VERDICT, Role.VERDICT,
+            ("sk_skb", "sockhash", "socket_cookie_sk_skb", "sk_redirect_hash", "atomic_fetch",
+             "percpu_array")),
+)  # fmt: skip
+PROGRAMS_BY_NAME = {program.name: program for program in PROGRAMS}
+PROGRAM_FILES = {program.name: program.file for program in PROGRAMS}
+
+
+def by_role(role: Role) -> tuple[Program, ...]:
+    return tuple(program for program in PROGRAMS if program.role is role)

@@ -1,0 +1,331 @@
+"""bpf(2) as raw syscalls: every map operation, program load for feature
+probes, links, attach and object info. No libbcc here, so the long-lived
+agent can work with maps through their fds alone.
+
+BPF links (BPF_LINK_CREATE) attach cgroup programs so that the kernel
+detaches them when the last fd closes: a crashed agent leaves nothing
+attached behind it.
+
+Every map is opened with the kernel's own description of it (type, key and
+value size): a key or value of another size is refused here, before the
+kernel reads past a buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from meshagent.bpf.abi import MapSpec
+
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+
+# enum bpf_cmd
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_DELETE_BATCH = 27
+BPF_LINK_CREATE = 28
+BPF_LINK_DETACH = 34
+
+# enum bpf_map_type (the ones meshagent uses or probes)
+MAP_TYPES = {
+    "hash": 1,
+    "array": 2,
+    "percpu_array": 6,
+    "lru_hash": 9,
+    "lpm_trie": 11,
+    "sockhash": 18,
+    "ringbuf": 27,
+}
+PERCPU_MAP_TYPES = (5, 6, 10)  # percpu_hash, percpu_array, lru_percpu_hash
+# enum bpf_prog_type
+PROG_TYPES = {"sock_ops": 13, "sk_skb": 14, "cgroup_sock_addr": 18}
+
+# enum bpf_attach_type
+BPF_CGROUP_SOCK_OPS = 3
+BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_CGROUP_INET4_CONNECT = 10
+BPF_CGROUP_INET6_CONNECT = 11
+BPF_CGROUP_INET4_GETPEERNAME = 29
+BPF_CGROUP_INET6_GETPEERNAME = 30
+
+BPF_F_NO_PREALLOC = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.syscall.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
+
+ATTR_SIZE = 128  # bigger than every bpf_attr variant used here; the rest is zero
+
+
+class BpfError(OSError):
+    """A bpf(2) command failed; errno and which map or command."""
+
+
+def _call(cmd: int, attr: ctypes.Array, size: int = ATTR_SIZE) -> int:
+    ret = _libc.syscall(SYS_BPF, cmd, ctypes.addressof(attr), size)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, os.strerror(err))
+    return ret
+
+
+def _attr(fmt: str, *fields: object) -> ctypes.Array:
+    buf = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into(fmt, buf, 0, *fields)
+    return buf
+
+
+@cache
+def possible_cpus() -> int:
+    """How many values a per-CPU map hands out per key."""
+    try:
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def map_info(fd: int) -> MapInfo:
+    """What the kernel says about the map behind fd (struct bpf_map_info)."""
+    info = ctypes.create_string_buffer(80)
+    attr = _attr("=IIQ", fd, len(info), ctypes.addressof(info))
+    _call(BPF_OBJ_GET_INFO_BY_FD, attr)
+    map_type, _id, key_size, value_size, max_entries, _flags, name = struct.unpack_from(
+        "=IIIIII16s", info.raw
+    )
+    return MapInfo(map_type, key_size, value_size, max_entries, name.rstrip(b"\0").decode())
+
+
+class MapFd:
+    """One map by fd, with the kernel's sizes; keys and values are bytes of
+    exactly those sizes. The u64 methods are the per-connection fast path
+    (preallocated buffers, no struct objects per call)."""
+
+    def __init__(self, fd: int, spec: MapSpec | None = None) -> None:
+        self.fd = fd
+        self.info = map_info(fd)
+        self.name = self.info.name or (spec.name if spec else f"fd {fd}")
+        self.key_size = self.info.key_size
+        self.value_size = self.info.value_size
+        if self.info.map_type in PERCPU_MAP_TYPES:
+            self.value_size = _round8(self.info.value_size) * possible_cpus()
+        if spec is not None:
+            check_spec(spec, self.info)
+        self._key = ctypes.create_string_buffer(max(self.key_size, 8))
+        self._value = ctypes.create_string_buffer(max(self.value_size, 8))
+        self._elem = ctypes.create_string_buffer(ATTR_SIZE)
+        struct.pack_into(
+            "=IIQQ",
+            self._elem,
+            0,
+            fd,
+            0,
+            ctypes.addressof(self._key),
+            ctypes.addressof(self._value),
+        )
+        self._u64 = self.key_size == 8
+
+    # -- bytes -------------------------------------------------------------
+    def _set_key(self, key: bytes) -> None:
+        if len(key) != self.key_size:
+            raise ValueError(
+                f"map {self.name}: key of {len(key)} bytes, the map's is {self.key_size}"
+            )
+        ctypes.memmove(self._key, key, self.key_size)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        self._set_key(key)
+        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.addressof(self._elem), 32) < 0:
+            return None
+        return self._value.raw[: self.value_size]
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        if len(value) != self.value_size:
+            raise ValueError(
+                f"map {self.name}: value of {len(value)} bytes, the map's is {self.value_size}"
+            )
+        self._set_key(key)
+        ctypes.memmove(self._value, value, self.value_size)
+        self._update(flags)
+
+    def delete(self, key: bytes) -> bool:
+        """True if there was an entry."""
+        self._set_key(key)
+        return self._delete()
+
+    def keys(self, limit: int = 1 << 22) -> list[bytes]:
+        out: list[bytes] = []
+        nxt = ctypes.create_string_buffer(max(self.key_size, 8))
+        prev = 0
+        attr = ctypes.create_string_buffer(ATTR_SIZE)
+        while len(out) < limit:
+            struct.pack_into("=IIQQ", attr, 0, self.fd, 0, prev, ctypes.addressof(nxt))
+            if _libc.syscall(SYS_BPF, BPF_MAP_GET_NEXT_KEY, ctypes.addressof(attr), 32) < 0:
+                break
+            out.append(nxt.raw[: self.key_size])
+            ctypes.memmove(self._key, nxt, self.key_size)
+            prev = ctypes.addressof(self._key)
+        return out
+
+    def count(self) -> int:
+        return len(self.keys())
+
+    # -- u64 keys (socket cookies) ------------------------------------------
+    def update_u64(self, key: int, value: int) -> None:
+        """key and value as u64 (a 4-byte value, e.g. a sockhash fd, takes
+        the low half: little-endian)."""
+        self._need_u64()
+        struct.pack_into("=Q", self._key, 0, key)
+        struct.pack_into("=Q", self._value, 0, value)
+        self._update(0)
+
+    def lookup_u64(self, key: int) -> int | None:
+        self._need_u64()
+        struct.pack_into("=Q", self._key, 0, key)
+        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.addressof(self._elem), 32) < 0:
+            return None
+        return struct.unpack_from("=Q", self._value, 0)[0]
+
+    def delete_u64(self, key: int) -> bool:
+        self._need_u64()
+        struct.pack_into("=Q", self._key, 0, key)
+        return self._delete()
+
+    def delete_many_u64(self, keys: list[int]) -> None:
+        """Delete u64 keys in as few syscalls as possible
+        (BPF_MAP_DELETE_BATCH stops at a missing key: resume after it)."""
+        self._need_u64()
+        array = (ctypes.c_uint64 * len(keys))(*keys)
+        attr = ctypes.create_string_buffer(ATTR_SIZE)
+        start = 0
+        while start < len(keys):
+            struct.pack_into(
+                "=QQQQIIQQ", attr, 0, 0, 0, ctypes.addressof(array) + 8 * start, 0,
+                len(keys) - start, self.fd, 0, 0,
+            )  # fmt: skip
+            ret = _libc.syscall(SYS_BPF, BPF_MAP_DELETE_BATCH, ctypes.addressof(attr), 56)
+            done = struct.unpack_from("=I", attr, 32)[0]
+            if ret == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.ENOENT, errno.EINVAL) or done >= len(keys) - start:
+                return
+            if err == errno.EINVAL:  # no batch support: one by one
+                for key in keys[start:]:
+                    self.delete_u64(key)
+                return
+            start += done + 1  # skip the missing key
+
+    # -- per-CPU values -----------------------------------------------------
+    def lookup_percpu_u64(self, key: bytes) -> list[int]:
+        """A per-CPU map's u64 value on every possible CPU."""
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        stride = _round8(self.info.value_size)
+        return [struct.unpack_from("=Q", raw, cpu * stride)[0] for cpu in range(possible_cpus())]
+
+    # -- internals ----------------------------------------------------------
+    def _need_u64(self) -> None:
+        if not self._u64 or self.value_size not in (4, 8):
+            raise ValueError(
+                f"map {self.name}: key {self.key_size} / value {self.value_size} bytes is not u64"
+            )
+
+    def _update(self, flags: int) -> None:
+        struct.pack_into("=Q", self._elem, 24, flags)
+        if _libc.syscall(SYS_BPF, BPF_MAP_UPDATE_ELEM, ctypes.addressof(self._elem), 32) < 0:
+            err = ctypes.get_errno()
+            raise BpfError(err, f"{self.name} update: {os.strerror(err)}")
+
+    def _delete(self) -> bool:
+        return _libc.syscall(SYS_BPF, BPF_MAP_DELETE_ELEM, ctypes.addressof(self._elem), 32) == 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _round8(size: int) -> int:
+    return (size + 7) & ~7
+
+
+def check_spec(spec: MapSpec, info: MapInfo) -> None:
+    """The Python struct sizes must be the C's, as the kernel holds them."""
+    if spec.key.size != info.key_size or spec.value.size != info.value_size:
+        raise ValueError(
+            f"map {spec.name}: Python packs key {spec.key.size} / value {spec.value.size} bytes,"
+            f" the compiled C has key {info.key_size} / value {info.value_size}"
+        )
+
+
+# -- programs and links --------------------------------------------------
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach prog_fd to target_fd (a cgroup) as a BPF link; returns the link fd.
+    Other programs on the cgroup are untouched (links imply multi-attach)."""
+    return _call(BPF_LINK_CREATE, _attr("=IIII", prog_fd, target_fd, attach_type, 0))
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach now, before the fd closes (closing alone would also do it)."""
+    _call(BPF_LINK_DETACH, _attr("=I", link_fd))
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    """BPF_PROG_ATTACH (a verdict program on a sockhash)."""
+    _call(BPF_PROG_ATTACH, _attr("=IIII", target_fd, prog_fd, attach_type, 0))
+
+
+def map_create(map_type: int, key_size: int, value_size: int, entries: int, flags: int = 0) -> int:
+    return _call(BPF_MAP_CREATE, _attr("=IIIII", map_type, key_size, value_size, entries, flags))
+
+
+def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    """One struct bpf_insn."""
+    return struct.pack("=BBhi", code, (src << 4) | dst, off, imm)
+
+
+def prog_load(
+    prog_type: int, insns: bytes, expected_attach_type: int = 0, log_size: int = 1 << 16
+) -> tuple[int | None, int, str]:
+    """Load a program; (fd or None, errno, the verifier's log)."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(log_size)
+    attr = _attr(
+        "=IIQQIIQII16sII",
+        prog_type, len(insns) // 8, ctypes.addressof(code), ctypes.addressof(license_),
+        1, log_size, ctypes.addressof(log), 0, 0, b"mesh_probe", 0, expected_attach_type,
+    )  # fmt: skip
+    try:
+        return _call(BPF_PROG_LOAD, attr), 0, log.value.decode(errors="replace")
+    except BpfError as exc:
+        return None, exc.errno or 0, log.value.decode(errors="replace")

@@ -1,0 +1,79 @@
+"""meshagent probe-kernel: what this kernel offers and what the plan picks."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
+
+PROBE_EPILOG = """\b
+Examples:
+  meshagent probe-kernel
+  meshagent probe-kernel --without netns_cookie -o json
+  meshagent probe-kernel --load            # also let the kernel's verifier judge each program
+"""
+
+
+@click.command(name="probe-kernel", epilog=PROBE_EPILOG)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("--without", multiple=True, metavar="FEATURE", help="Act as if FEATURE were missing.")
+@click.option("--iptables", "iptables_flavour", type=click.Choice(values(IptablesFlavour)))
+@click.option(
+    "--redirect",
+    type=click.Choice(values(Redirect)),
+    default="auto",
+    show_default=True,
+    help="Plan as `meshagent run --redirect` would.",
+)
+@click.option(
+    "--datapath",
+    type=click.Choice(values(DataPathChoice)),
+    default="auto",
+    show_default=True,
+    help="Plan as `meshagent run --datapath` would.",
+)
+@click.option(
+    "--load",
+    is_flag=True,
+    help="Also compile and load (not attach) the programs: what the kernel refuses joins the plan.",
+)
+def probe_kernel(
+    output: str, without: tuple[str, ...], iptables_flavour: str | None, redirect: str,
+    datapath: str, load: bool,
+) -> None:  # fmt: skip
+    """What this kernel offers, how each fact was found, and what `run` would
+    use: the same plan() that `meshagent run` follows."""
+    from meshagent import kernel
+    from meshagent.config import AgentConfig
+    from meshagent.plan import plan
+
+    cfg = AgentConfig(
+        without=tuple(without), iptables=iptables_flavour, redirect=redirect, datapath=datapath
+    )
+    probe = kernel.probe(cfg.without, cfg.iptables)
+    if load:
+        from meshagent.bpf.loader import refusals
+
+        probe = probe.with_refused(refusals(cfg, plan(probe, cfg).programs))
+    chosen = plan(probe, cfg)
+    report = {**probe.to_dict(), "auto": chosen.to_dict()}
+    if output == "json":
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"kernel {report['kernel']} ({probe.raw.get('how', '')})")
+    for name, feature in report["features"].items():
+        click.echo(f"  {name:24} {'yes' if feature['ok'] else 'no ':3}  {feature['how']}")
+    for name, reason in probe.refused.items():
+        click.echo(f"  refused: {name}: {reason}")
+    click.echo(f"auto backend:  {chosen.backend or 'none'} ({chosen.backend_reason})")
+    click.echo(f"auto datapath: {chosen.datapaths[0]} ({chosen.datapath_reason})")
+    for note in chosen.notes:
+        click.echo(f"note: {note}")
+    if chosen.error:
+        click.echo(f"error: {chosen.error}")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(probe_kernel)

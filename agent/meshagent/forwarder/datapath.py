@@ -1,0 +1,95 @@
+"""The data path interface: how the bytes of a forwarded connection move
+once both sockets exist. copy, splice and sockmap implement it; the
+forwarder and the self-test use only this interface.
+
+For each connection the forwarder calls accepted() right after accept
+(before anything reads from the socket: the sockmap path puts it into the
+sockhash there), then join() once the upstream is connected, or
+abandon() if it never was. join() returns a Connection; it may be one of
+another path (a sockmap pair that cannot be spliced is copied).
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Protocol
+
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
+
+
+class Connection(Protocol):
+    mode: DataPathMode
+    closed: bool
+
+    @property
+    def bytes_out(self) -> int: ...  # pod -> destination
+
+    @property
+    def bytes_in(self) -> int: ...  # destination -> pod
+
+    @property
+    def handoff_bytes(self) -> int: ...  # sockmap: bytes Python carried
+
+    def finish(self, reason: str | None) -> None: ...
+
+
+Done = Callable[[Connection, "str | None"], None]
+
+
+@dataclass
+class DataPathStats:
+    connections_total: int = 0  # finished connections carried by this path
+    connections_active: int = 0
+    bytes: int = 0  # both directions, finished connections
+    handoff_bytes: int = 0  # sockmap: bytes Python carried before the kernel took over
+    stalls: int = 0  # sockmap: hand-offs that made no progress for 5 s
+    fallbacks: int = 0  # sockmap: pairs copied because a socket could not enter
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DataPath(ABC):
+    mode: ClassVar[DataPathMode]
+
+    def __init__(self, loop: Loop) -> None:
+        self.loop = loop
+        self.stats = DataPathStats()
+        self.on_stall: Callable[[Connection], None] = lambda _conn: None
+
+    def accepted(self, client: socket.socket) -> Any:
+        """Called right after accept; what it returns goes to join()/abandon()."""
+        return None
+
+    @abstractmethod
+    def join(
+        self, client: socket.socket, upstream: socket.socket, state: Any, on_done: Done
+    ) -> Connection:
+        """Carry the bytes both ways until both sides are done; on_done may
+        run before this returns (a connection that ended at once)."""
+
+    def abandon(self, state: Any) -> None:  # noqa: B027 (most paths keep nothing)
+        """The upstream never connected: forget what accepted() made."""
+
+    def tick(self) -> None:  # noqa: B027 (most paths have no upkeep)
+        """Once a second, from the agent's loop."""
+
+    def snapshot(self) -> dict:
+        return self.stats.to_dict()
+
+    def _counted(self, on_done: Done) -> Done:
+        """on_done, after this path's counters took the connection's end."""
+        self.stats.connections_active += 1
+
+        def done(conn: Connection, reason: str | None) -> None:
+            self.stats.connections_active -= 1
+            self.stats.connections_total += 1
+            self.stats.bytes += conn.bytes_out + conn.bytes_in
+            self.stats.handoff_bytes += conn.handoff_bytes
+            on_done(conn, reason)
+
+        return done

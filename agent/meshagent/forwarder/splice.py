@@ -1,0 +1,67 @@
+"""The splice path: splice(2) through a pipe per direction (HAProxy's
+splice mode); the Relay and its state machine are the copy path's."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+
+from meshagent.forwarder.copy import CHUNK, CopyPath, Leg
+from meshagent.modes import DataPathMode
+
+F_SETPIPE_SZ = 1031
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+class SpliceLeg(Leg):
+    """One direction through a pipe with splice(2): the payload stays in the
+    kernel; Python moves it in large chunks (HAProxy's splice mode)."""
+
+    __slots__ = ("pipe_r", "pipe_w", "queued")
+    PIPE_SIZE = 1024 * 1024
+
+    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
+        super().__init__(src, dst)
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, self.PIPE_SIZE)
+        except OSError:
+            pass  # the default pipe size still works
+        self.queued = 0  # bytes in the pipe
+
+    def wants_read(self) -> bool:
+        return not self.eof and self.queued < self.PIPE_SIZE
+
+    @property
+    def waiting(self) -> int:
+        return self.queued
+
+    def read(self) -> None:
+        moved = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+        if moved == 0:
+            self.eof = True
+        else:
+            self.nbytes += moved
+            self.queued += moved
+        self.flush()
+
+    def flush(self) -> None:
+        while self.queued:
+            try:
+                moved = os.splice(self.pipe_r, self.dst.fileno(), self.queued, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            self.queued -= moved
+        self._maybe_shut()
+
+    def close(self) -> None:
+        for fd in (self.pipe_r, self.pipe_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class SplicePath(CopyPath):
+    mode = DataPathMode.SPLICE
+    leg = SpliceLeg
