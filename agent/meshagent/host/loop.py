@@ -81,6 +81,8 @@ class Loop:
         self.running = True
         while self.running:
             timeout = self._run_timers()
+            if not self.running:  # a timer stopped the loop: no last wait
+                break
             for fd, events in self.epoll.poll(timeout, 512):
                 handler = self.handlers.get(fd)
                 if handler is not None:

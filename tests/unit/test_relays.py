@@ -1,0 +1,256 @@
+"""The data paths' state machines without root: real loopback TCP sockets,
+the forwarder's own loop, and for sockmap a fake of its maps (the verdict
+is modelled as "every byte passed to the socket's own queue", so Python
+carries everything and the hand-off, half-close and reset logic is what
+runs). Half-close, reset, back-pressure and EAGAIN, for every path."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import struct
+import termios
+import threading
+import time
+
+import pytest
+
+from meshagent.forwarder import build_paths
+from meshagent.forwarder.copy import HIGH
+from meshagent.forwarder.sockmap import cookie_of
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
+
+DEADLINE = 20.0
+
+
+class FakeMaps:
+    """SockmapMaps without a kernel: X = what Python stored as Y plus what
+    still waits in the socket's receive queue."""
+
+    def __init__(self) -> None:
+        self.socks: dict[int, socket.socket] = {}
+        self.y: dict[int, int] = {}
+        self.peers: dict[int, int] = {}
+        self.forgotten: list[int] = []
+        self.peer_map_full = False
+
+    def insert(self, sock: socket.socket, cookie: int) -> None:
+        self.socks[cookie] = sock
+
+    def set_peers(self, a: int, b: int) -> None:
+        if self.peer_map_full:
+            raise OSError(28, "No space left on device")
+        self.peers[a], self.peers[b] = b, a
+
+    def x(self, cookie: int) -> int:
+        queued = struct.unpack("i", fcntl.ioctl(self.socks[cookie], termios.FIONREAD, b"\0" * 4))
+        return self.y.get(cookie, 0) + queued[0]
+
+    def store_y(self, cookie: int, y: int) -> None:
+        self.y[cookie] = y
+
+    def forget(self, cookie: int) -> None:
+        self.forgotten.append(cookie)
+
+    def flush(self) -> None:
+        pass
+
+    def redirect_failures(self) -> int:
+        return 0
+
+
+class Pair:
+    """app_client -> [fwd_client | data path | fwd_up] -> app_server."""
+
+    def __init__(self, mode: DataPathMode, maps: FakeMaps | None = None) -> None:
+        self.loop = Loop()
+        self.maps = maps or FakeMaps()
+        self.path = build_paths(self.loop, tuple(DataPathMode), self.maps)[mode]
+        front = socket.create_server(("127.0.0.1", 0))
+        back = socket.create_server(("127.0.0.1", 0))
+        self.app_client = socket.create_connection(front.getsockname())
+        self.fwd_client, _ = front.accept()
+        self.fwd_client.setblocking(False)
+        self.state = self.path.accepted(self.fwd_client)
+        self.fwd_up = socket.create_connection(back.getsockname())
+        self.fwd_up.setblocking(False)
+        self.app_server, _ = back.accept()
+        front.close()
+        back.close()
+        self.reason: list[str | None] = []
+        self.conn = None
+
+    def join(self) -> None:
+        self.conn = self.path.join(
+            self.fwd_client, self.fwd_up, self.state, lambda _c, why: self.reason.append(why)
+        )
+
+    def run_until(self, predicate, what: str) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            timer = self.loop.call_later(0.01, self.loop.stop)
+            self.loop.run()
+            timer.cancel()
+
+    def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.finish("test over")
+        for sock in (self.app_client, self.app_server, self.fwd_client, self.fwd_up):
+            sock.close()
+        self.loop.close()
+
+
+def recv_all(sock: socket.socket, pair: Pair, until_eof: bool = True) -> bytes:
+    sock.setblocking(False)
+    out = bytearray()
+
+    def done() -> bool:
+        while True:
+            try:
+                chunk = sock.recv(1 << 16)
+            except BlockingIOError:
+                return False
+            if not chunk:
+                return True
+            out.extend(chunk)
+
+    pair.run_until(done, "EOF")
+    return bytes(out)
+
+
+@pytest.fixture(params=list(DataPathMode), ids=lambda m: m.value)
+def pair(request):
+    made = Pair(request.param)
+    yield made
+    made.close()
+
+
+def test_bytes_both_ways_written_before_the_join_then_half_close(pair):
+    """Both ends speak before the path joins (the hand-off, both ways), then
+    each half-closes; every byte arrives in order and the connection ends."""
+    up, down = os.urandom(300_000), os.urandom(200_000)
+    writers = [
+        threading.Thread(target=pair.app_client.sendall, args=(up,)),
+        threading.Thread(target=pair.app_server.sendall, args=(down,)),
+    ]
+    for writer in writers:
+        writer.start()
+    pair.join()
+    pair.run_until(lambda: not any(w.is_alive() for w in writers), "both writers")
+    pair.app_client.shutdown(socket.SHUT_WR)
+    assert hashlib.sha256(recv_all(pair.app_server, pair)).digest() == hashlib.sha256(up).digest()
+    pair.app_server.shutdown(socket.SHUT_WR)
+    assert recv_all(pair.app_client, pair) == down
+    pair.run_until(lambda: pair.reason, "the connection to finish")
+    assert pair.reason == [None]
+    assert pair.conn.mode is pair.path.mode
+    assert (pair.conn.bytes_out, pair.conn.bytes_in) == (len(up), len(down))
+    assert pair.path.stats.connections_total == 1 and pair.path.stats.connections_active == 0
+
+
+@pytest.mark.parametrize("mode", [DataPathMode.COPY, DataPathMode.SPLICE], ids=str)
+def test_after_one_half_close_the_other_direction_still_flows(mode):
+    pair = Pair(mode)
+    try:
+        pair.join()
+        pair.app_client.sendall(b"request")
+        pair.app_client.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_server, pair) == b"request"
+        reply = os.urandom(500_000)
+        writer = threading.Thread(target=pair.app_server.sendall, args=(reply,))
+        writer.start()
+        pair.run_until(lambda: not writer.is_alive(), "the reply to be written")
+        pair.app_server.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_client, pair) == reply
+        pair.run_until(lambda: pair.reason, "the connection to finish")
+        assert pair.reason == [None]
+    finally:
+        pair.close()
+
+
+def test_a_reset_on_one_side_resets_the_other(pair):
+    pair.app_client.sendall(b"hello")  # before the join: sockmap's fake carries it too
+    pair.join()
+    pair.run_until(lambda: _readable(pair.app_server), "hello")
+    assert pair.app_server.recv(5) == b"hello"
+    pair.app_server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pair.app_server.close()
+    pair.run_until(lambda: pair.reason, "the reset to propagate")
+    assert pair.reason[0] is not None and "upstream" in pair.reason[0]
+    pair.app_client.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        while pair.app_client.recv(1 << 16):
+            pass
+
+
+def _readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_back_pressure_and_eagain_keep_every_byte(pair):
+    """The client fills every buffer before the join (EAGAIN) and the server
+    reads nothing at first: the path meets EAGAIN on send, keeps what it
+    read, stops reading, and once the server reads everything arrives."""
+    pair.app_client.setblocking(False)
+    sent = bytearray()
+    chunk = os.urandom(1 << 16)
+    while len(sent) < 64 << 20:
+        try:
+            sent += chunk[: pair.app_client.send(chunk)]
+        except BlockingIOError:
+            break
+    pair.join()
+    for _ in range(20):  # let the path run into the full receiver
+        pair.run_until(lambda: True, "a loop turn")
+        timer = pair.loop.call_later(0.01, pair.loop.stop)
+        pair.loop.run()
+        timer.cancel()
+    held = getattr(pair.conn, "out", None)
+    if held is not None:  # copy/splice: what waits inside the path is bounded
+        assert held.waiting <= HIGH
+    assert not pair.reason
+    pair.app_client.shutdown(socket.SHUT_WR)
+    got = recv_all(pair.app_server, pair)
+    assert len(got) == len(sent)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(bytes(sent)).digest()
+
+
+def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
+    maps = FakeMaps()
+    maps.peer_map_full = True
+    pair = Pair(DataPathMode.SOCKMAP, maps)
+    try:
+        cookies = {cookie_of(pair.fwd_client), cookie_of(pair.fwd_up)}
+        pair.app_client.sendall(b"x" * 1000)
+        pair.join()
+        assert pair.conn.mode is DataPathMode.COPY
+        assert pair.path.stats.fallbacks == 1 and pair.path.stats.connections_active == 0
+        pair.app_client.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_server, pair) == b"x" * 1000
+        pair.app_server.shutdown(socket.SHUT_WR)
+        pair.run_until(lambda: pair.reason, "the copy to finish")
+        assert cookies <= set(maps.forgotten)  # their sockhash entries are dropped
+    finally:
+        pair.close()
+
+
+def test_sockmap_forgets_both_cookies_when_done():
+    pair = Pair(DataPathMode.SOCKMAP)
+    try:
+        cookies = {cookie_of(pair.fwd_client), cookie_of(pair.fwd_up)}
+        pair.join()
+        assert set(pair.maps.peers) == cookies
+        pair.app_client.shutdown(socket.SHUT_WR)
+        pair.app_server.shutdown(socket.SHUT_WR)
+        pair.run_until(lambda: pair.reason, "both half-closes")
+        assert pair.reason == [None]
+        assert set(pair.maps.forgotten) == cookies
+    finally:
+        pair.close()
