@@ -78,6 +78,9 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 
 int mesh_sockops(struct bpf_sock_ops *skops)
 {
+#if MESH_TEST_REFUSE
+	bpf_sk_redirect_hash((void *)skops, (void *)0, (void *)0, 0);
+#endif
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		mesh_rekey(skops);

@@ -133,7 +133,7 @@ class Agent:
 
     def _replan(self, refused: dict[str, str]) -> Plan:
         for name, reason in refused.items():
-            self.log.warning("BPF program unavailable", extra={"reason": f"{name}: {reason}"})
+            self.log.warning(f"BPF program {name} unavailable", extra={"reason": reason})
         self.probe = self.probe.with_refused(refused)
         again = plan(self.probe, self.cfg)
         if again.error:

@@ -29,6 +29,13 @@
 #define MESH_CHECK_LISTENER 1
 #endif
 
+/* Tests only: make the kernel refuse mesh_sockops at load (a helper sock_ops
+ * programs may not call), so the agent's fallback is proven against a real
+ * verifier refusal. Never set in production. */
+#ifndef MESH_TEST_REFUSE
+#define MESH_TEST_REFUSE 0
+#endif
+
 /* Debug printing compiles out unless asked for. */
 #ifndef MESH_DEBUG
 #define MESH_DEBUG 0

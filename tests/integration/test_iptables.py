@@ -74,6 +74,9 @@ def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
         assert our_iptables(client, flavour) == []
         backend.attach(handle)
         assert our_iptables(client, flavour) == rules
+        # Pod identity here is the netns inode: the netns cookie (SO_NETNS_COOKIE,
+        # 5.14+) was never read, so this backend works on older kernels.
+        assert handle._cookie is None and handle.netns_id[1] > 0
     finally:
         backend.remove("client", client.netns, quiet=True)
         import os

@@ -23,6 +23,7 @@ BCC_METHODS = {
 
 def helpers_called(text: str) -> set[str]:
     code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    code = re.sub(r"#if MESH_TEST_REFUSE\n.*?#endif", "", code, flags=re.S)  # tests only
     called = set(re.findall(r"\b(bpf_[a-z0-9_]+)\s*\(", code)) - NOT_HELPERS
     called |= {BCC_METHODS[m] for m in re.findall(r"\.(\w+)\(", code) if m in BCC_METHODS}
     return called

@@ -39,9 +39,10 @@ Examples:
     is_flag=True,
     help="Also compile and load (not attach) the programs: what the kernel refuses joins the plan.",
 )
+@click.option("--bpf-cflag", "bpf_cflags_extra", multiple=True, hidden=True)
 def probe_kernel(
     output: str, without: tuple[str, ...], iptables_flavour: str | None, redirect: str,
-    datapath: str, load: bool,
+    datapath: str, load: bool, bpf_cflags_extra: tuple[str, ...],
 ) -> None:  # fmt: skip
     """What this kernel offers, how each fact was found, and what `run` would
     use: the same plan() that `meshagent run` follows."""
@@ -50,8 +51,9 @@ def probe_kernel(
     from meshagent.plan import plan
 
     cfg = AgentConfig(
-        without=tuple(without), iptables=iptables_flavour, redirect=redirect, datapath=datapath
-    )
+        without=tuple(without), iptables=iptables_flavour, redirect=redirect, datapath=datapath,
+        extra_cflags=tuple(bpf_cflags_extra),
+    )  # fmt: skip
     probe = kernel.probe(cfg.without, cfg.iptables)
     if load:
         from meshagent.bpf.loader import refusals

@@ -1,0 +1,125 @@
+"""The control API answers every request, malformed or failing, with one
+line within a second, and the agent keeps serving."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import start_agent
+
+MALFORMED = [
+    (b"not json", "not JSON"),
+    (b"\xff\xfe\x00garbage", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'"attach"', "not a JSON object"),
+    (b"{}", "'op' must be a non-empty string"),
+    (b'{"op": 5}', "'op' must be a non-empty string"),
+    (b'{"op": "warp"}', "unknown request 'warp'"),
+    (b'{"op": "attach"}', "'pod' must be a non-empty string"),
+    (b'{"op": "attach", "pod": ["client"]}', "'pod' must be a non-empty string"),
+    (b'{"op": "attach", "pod": {"name": "x"}}', "'pod' must be a non-empty string"),
+    (b'{"op": "attach", "pod": "client", "redirect": 7}', "'redirect' must be one of ebpf"),
+    (b'{"op": "attach", "pod": "client", "redirect": "warp"}', "'redirect' must be one of"),
+    (b'{"op": "attach", "pod": "../../etc/passwd"}', "pod name"),
+    (b'{"op": "attach", "pod": "nosuch"}', "pod nosuch: no such pod"),
+    (b'{"op": "detach", "pod": 1.5}', "'pod' must be a non-empty string"),
+    (b'{"op": "datapath", "set": "warp"}', "'set' must be one of sockmap"),
+    (b'{"op": "datapath", "set": ["copy"]}', "'set' must be one of"),
+]
+
+
+def ask(path, line: bytes) -> dict:
+    """Send one raw line; the reply must come within a second."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+        sock.sendall(line + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"the agent closed the connection without answering {line!r}"
+            data += chunk
+    assert data.count(b"\n") == 1
+    return json.loads(data)
+
+
+@pytest.fixture
+def control(mesh_env):
+    mesh_env.create_pod("client")
+    agent = start_agent(mesh_env)
+    try:
+        yield agent, mesh_env.state_dir / "agent.sock"
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_every_malformed_request_gets_one_line_and_the_agent_keeps_serving(control):
+    agent, path = control
+    for line, expect in MALFORMED:
+        reply = ask(path, line)
+        assert reply["ok"] is False, line
+        assert expect in reply["error"] and "\n" not in reply["error"], (line, reply)
+        assert agent.request("ping")["pid"] == agent.proc.pid
+    assert agent.request("status")["pods"] == []
+
+
+def test_a_failing_handler_and_an_oversized_request_get_one_line(control, mesh_env):
+    agent, path = control
+    # A truncated pod record: reading it fails inside the handler.
+    (mesh_env.state_dir / "pods" / "broken.json").write_text('{"name": "broken", "netns"')
+    reply = ask(path, b'{"op": "attach", "pod": "broken"}')
+    assert (
+        reply["ok"] is False and "pod broken" in reply["error"] and "unreadable" in reply["error"]
+    )
+    # A record of the wrong shape (valid JSON, not a pod).
+    (mesh_env.state_dir / "pods" / "shape.json").write_text("[1, 2, 3]")
+    reply = ask(path, b'{"op": "attach", "pod": "shape"}')
+    assert reply["ok"] is False and "pod shape" in reply["error"]
+    # Longer than a request may be, with no newline: answered, then closed.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+        sock.sendall(b"x" * (70 * 1024))
+        data = sock.recv(65536)
+    assert json.loads(data)["error"].startswith("request longer than")
+    # Several requests on one connection, the bad one in the middle.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        sock.connect(str(path))
+        sock.sendall(b'{"op": "ping"}\n{"op": 1}\n{"op": "attach", "pod": "client"}\n')
+        data = b""
+        while data.count(b"\n") < 3:
+            data += sock.recv(65536)
+    replies = [json.loads(line) for line in data.splitlines()]
+    assert [r["ok"] for r in replies] == [True, False, True]
+    assert agent.pod_status("client")["backend"] == "ebpf"
+    # A handler that fails with something no one foresaw (a NUL in a netns
+    # name makes os.open raise ValueError): one line back, the traceback in
+    # the agent's log, and the agent still serves.
+    record = {"name": "nul", "netns": "mesh-\u0000x", "ip4": "10.0.0.9", "ip6": "fd00::9",
+              "host_veth": "meshnul", "cgroup": "x/nul", "bridge": "x"}  # fmt: skip
+    (mesh_env.state_dir / "pods" / "nul.json").write_text(json.dumps(record))
+    reply = ask(path, b'{"op": "attach", "pod": "nul"}')
+    assert reply["ok"] is False
+    assert reply["error"].startswith("internal error in 'attach': ValueError")
+    assert "control request failed" in agent.log()
+    assert agent.request("status")["pods"][0]["name"] == "client"
+
+
+def test_a_state_dir_too_long_for_a_unix_socket_is_one_line(mesh_env):
+    long_dir = mesh_env.state_dir / ("d" * 120)
+    for args in (["status"], ["attach", "client"], ["run", "--cgroup", mesh_env.cgroup_rel]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "meshagent", "--state-dir", str(long_dir), *args],
+            env=mesh_env.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 1, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "more than a unix socket path allows" in lines[0], lines[0]
+    assert not long_dir.exists()

@@ -1,0 +1,111 @@
+"""The plan against the running kernel: `run` and `probe-kernel` agree, a
+program the kernel's verifier refuses makes `auto` fall through (and an
+explicit --redirect ebpf say why), and the Python struct layouts match the
+compiled C as the kernel holds it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_failopen import cgroup_programs
+
+from conftest import start_agent
+
+PORT = 8080
+REFUSE = "--bpf-cflag=-DMESH_TEST_REFUSE=1"  # mesh_sockops calls a helper sock_ops may not
+
+
+def probe_kernel(env, *args: str) -> dict:
+    proc = env.meshagent("probe-kernel", "-o", "json", *args)
+    return json.loads(proc.stdout)
+
+
+def test_run_and_probe_kernel_agree(mesh_env):
+    report = probe_kernel(mesh_env, "--load")
+    agent = start_agent(mesh_env)
+    try:
+        status = agent.request("status")
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert report["auto"]["backend"] == status["backend"] == "ebpf"
+    assert report["auto"]["backend_reason"] == status["backend_reason"]
+    assert report["auto"]["programs"] == status["plan"]["programs"]
+    assert report["auto"]["datapaths"] == status["plan"]["datapaths"]
+    assert status["datapath"] == report["auto"]["datapath"] == "sockmap"
+    assert report["refused"] == {}
+
+
+def test_a_program_the_kernel_refuses_makes_auto_fall_through(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "100")
+    agent = start_agent(mesh_env, REFUSE)
+    try:
+        status = agent.request("status")
+        assert status["backend"] == "iptables"
+        reason = status["backend_reason"]
+        assert reason.startswith(
+            "ebpf unavailable: mesh_sockops (sockops.c) refused by the kernel:"
+        )
+        assert "bpf_sk_redirect_hash" in reason  # the verifier's own words
+        assert status["refused"] == {"mesh_sockops": reason.removeprefix("ebpf unavailable: ")}
+        assert status["datapath"] == "sockmap"  # the verdict still loaded
+        assert not cgroup_programs(mesh_env.cgroup_path)  # nothing half-attached
+        assert agent.attach(client)["backend"] == "iptables"
+        out = mesh_env.client(client, server.ip4, PORT, "--send", "100")
+        seen = srv.next()
+        assert seen["peer"] == client.ip4 and seen["recv_sha"] == out["sent_sha"]
+        assert agent.pod_status("client")["connections_total"] == 1
+        report = probe_kernel(mesh_env, "--load", REFUSE)
+        assert report["auto"]["backend"] == "iptables"
+        assert report["auto"]["backend_reason"] == reason
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_an_explicit_ebpf_redirect_the_kernel_refuses_is_one_line(mesh_env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshagent", "run", "--cgroup", mesh_env.cgroup_rel,
+         "--redirect", "ebpf", REFUSE],
+        env=mesh_env.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "--redirect ebpf" in errors[0] and "refused by the kernel" in errors[0]
+    assert not cgroup_programs(mesh_env.cgroup_path)
+    assert not (mesh_env.state_dir / "agent.sock").exists()
+
+
+def test_every_python_struct_matches_the_compiled_c():
+    """Each map's key and value as the kernel holds them after BCC compiled
+    the C (its sizeof) against bpf/abi.py; a wrong layout is refused."""
+    from meshagent.bpf import abi, loader, syscall
+    from meshagent.bpf.programs import PROGRAMS
+    from meshagent.config import AgentConfig
+
+    compiled, fds, refused = loader.load_programs(AgentConfig(), PROGRAMS)
+    try:
+        assert not refused
+        maps = compiled.maps()  # raises if any size differs
+        for spec in abi.MAPS:
+            info = maps[spec.name].info
+            assert (info.key_size, info.value_size) == (spec.key.size, spec.value.size), spec.name
+            assert info.name == spec.name
+            assert (info.map_type in syscall.PERCPU_MAP_TYPES) == spec.percpu, spec.name
+        wrong = abi.MapSpec("mesh_orig_tup", abi.U64, abi.ORIG)
+        with pytest.raises(ValueError, match="the compiled C has key 32"):
+            syscall.check_spec(wrong, maps["mesh_orig_tup"].info)
+        with pytest.raises(ValueError, match="value of 4 bytes"):
+            maps["mesh_peer"].update(abi.U64.pack(1), b"\0" * 4)
+        for mapfd in maps.values():
+            mapfd.close()
+    finally:
+        for fd in fds.values():
+            import os
+
+            os.close(fd)
+        compiled.close()
