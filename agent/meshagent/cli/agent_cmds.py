@@ -7,14 +7,12 @@ import json
 import click
 
 from meshagent.cli import App, require_root
+from meshagent.cli.options import plan_options
 from meshagent.config import DEFAULT_PORT
 from meshagent.modes import (
     Backend,
-    DataPathChoice,
     DataPathMode,
-    IptablesFlavour,
     LogFormat,
-    Redirect,
     values,
 )
 
@@ -44,32 +42,6 @@ Examples:
     "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
 )
 @click.option(
-    "--redirect",
-    type=click.Choice(values(Redirect)),
-    default="auto",
-    show_default=True,
-    help="How attached pods' connects are steered; auto: ebpf if the kernel has it.",
-)
-@click.option(
-    "--without",
-    multiple=True,
-    metavar="FEATURE",
-    help="Act as if the kernel lacked FEATURE (e.g. netns_cookie); see probe-kernel.",
-)
-@click.option(
-    "--iptables",
-    "iptables_flavour",
-    type=click.Choice(values(IptablesFlavour)),
-    help="iptables flavour (default: whichever holds the host's rules, else the system's).",
-)
-@click.option(
-    "--datapath",
-    type=click.Choice(values(DataPathChoice)),
-    default="auto",
-    show_default=True,
-    help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
-)
-@click.option(
     "--sockmap-sndbuf",
     type=int,
     default=8 << 20,
@@ -79,13 +51,7 @@ Examples:
 @click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
-@click.option(
-    "--bpf-cflag",
-    "bpf_cflags_extra",
-    multiple=True,
-    hidden=True,
-    help="An extra -D flag for the BPF compile (tests use it to make the kernel refuse a program).",
-)
+@plan_options
 @click.pass_obj
 def run(
     app: App,

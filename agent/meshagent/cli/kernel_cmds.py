@@ -6,7 +6,7 @@ import json
 
 import click
 
-from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
+from meshagent.cli.options import plan_options
 
 PROBE_EPILOG = """\b
 Examples:
@@ -18,28 +18,12 @@ Examples:
 
 @click.command(name="probe-kernel", epilog=PROBE_EPILOG)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
-@click.option("--without", multiple=True, metavar="FEATURE", help="Act as if FEATURE were missing.")
-@click.option("--iptables", "iptables_flavour", type=click.Choice(values(IptablesFlavour)))
-@click.option(
-    "--redirect",
-    type=click.Choice(values(Redirect)),
-    default="auto",
-    show_default=True,
-    help="Plan as `meshagent run --redirect` would.",
-)
-@click.option(
-    "--datapath",
-    type=click.Choice(values(DataPathChoice)),
-    default="auto",
-    show_default=True,
-    help="Plan as `meshagent run --datapath` would.",
-)
+@plan_options
 @click.option(
     "--load",
     is_flag=True,
     help="Also compile and load (not attach) the programs: what the kernel refuses joins the plan.",
 )
-@click.option("--bpf-cflag", "bpf_cflags_extra", multiple=True, hidden=True)
 def probe_kernel(
     output: str, without: tuple[str, ...], iptables_flavour: str | None, redirect: str,
     datapath: str, load: bool, bpf_cflags_extra: tuple[str, ...],

@@ -1,0 +1,55 @@
+"""Options that `run` and `probe-kernel` share, defined once: the plan
+sees the same choices from both."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import click
+
+from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
+
+
+def plan_options(fn: Callable) -> Callable:
+    """--redirect, --datapath, --iptables, --without and the hidden --bpf-cflag."""
+    for option in reversed(
+        (
+            click.option(
+                "--redirect",
+                type=click.Choice(values(Redirect)),
+                default="auto",
+                show_default=True,
+                help="How attached pods' connects are steered; auto: ebpf if the kernel has it.",
+            ),
+            click.option(
+                "--datapath",
+                type=click.Choice(values(DataPathChoice)),
+                default="auto",
+                show_default=True,
+                help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
+            ),
+            click.option(
+                "--iptables",
+                "iptables_flavour",
+                type=click.Choice(values(IptablesFlavour)),
+                help="iptables flavour (default: whichever holds the host's rules, else the"
+                " system's).",
+            ),
+            click.option(
+                "--without",
+                multiple=True,
+                metavar="FEATURE",
+                help="Act as if the kernel lacked FEATURE (e.g. netns_cookie); see probe-kernel.",
+            ),
+            click.option(
+                "--bpf-cflag",
+                "bpf_cflags_extra",
+                multiple=True,
+                hidden=True,
+                help="An extra -D flag for the BPF compile (tests make the kernel refuse a"
+                " program with -DMESH_TEST_REFUSE=1).",
+            ),
+        )
+    ):
+        fn = option(fn)
+    return fn
