@@ -116,6 +116,9 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
             if agent.poll() is not None:
                 raise MeshError(f"demo: the agent failed: {(workdir / 'agent.log').read_text()}")
 
+        chosen = control.request(sock, "status")["plan"]
+        echo(f"   plan: backend {chosen['backend']} ({chosen['backend_reason']})")
+        echo(f"         data path {chosen['datapath']} ({chosen['datapath_reason']})")
         reply = control.request(sock, "attach", pod="client")
         how = "one map update" if reply["backend"] == "ebpf" else "rules in its netns"
         echo(f"4. attach: client is attached ({reply['backend']}: {how}; nothing restarted)")

@@ -48,6 +48,13 @@ class LogFormat(StrEnum):
     JSON = "json"
 
 
+class Output(StrEnum):
+    """`-o` of every reporting command."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
 def values(enum: type[StrEnum]) -> list[str]:
     """The enum's values, for click.Choice and error messages."""
     return [member.value for member in enum]

@@ -13,6 +13,7 @@ from meshagent.modes import (
     Backend,
     DataPathMode,
     LogFormat,
+    Output,
     values,
 )
 
@@ -140,7 +141,7 @@ def detach(app: App, pod: str) -> None:
 
 
 @click.command(epilog="\b\nExamples:\n  meshagent status\n  meshagent status -o json | jq .pods")
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
 @click.option("--connections", is_flag=True, help="Also list recent and live connections.")
 @click.pass_obj
 def status(app: App, output: str, connections: bool) -> None:
@@ -192,7 +193,7 @@ Examples:
 
 
 @click.group(invoke_without_command=True, epilog=DATAPATH_EPILOG)
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
 @click.pass_context
 def datapath(ctx: click.Context, output: str) -> None:
     """Show or switch the data path used for new connections."""

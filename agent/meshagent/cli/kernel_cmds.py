@@ -7,6 +7,7 @@ import json
 import click
 
 from meshagent.cli.options import plan_options
+from meshagent.modes import Output, values
 
 PROBE_EPILOG = """\b
 Examples:
@@ -17,7 +18,7 @@ Examples:
 
 
 @click.command(name="probe-kernel", epilog=PROBE_EPILOG)
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
 @plan_options
 @click.option(
     "--load",

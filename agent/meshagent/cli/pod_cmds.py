@@ -8,6 +8,7 @@ import click
 
 from meshagent.cli import App, require_root
 from meshagent.errors import MeshError
+from meshagent.modes import Output, values
 
 POD_EPILOG = """\b
 Examples:
@@ -91,7 +92,7 @@ def delete(app: App, name: str) -> None:
 @pod.command(
     name="list", epilog="\b\nExamples:\n  meshagent pod list\n  meshagent pod list -o json"
 )
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
 @click.pass_obj
 def list_(app: App, output: str) -> None:
     """List pods."""
