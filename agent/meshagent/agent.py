@@ -63,7 +63,7 @@ class Agent:
 
     def _start(self) -> None:
         from meshagent.forwarder import build_paths
-        from meshagent.forwarder.sockmap import SockmapMaps
+        from meshagent.forwarder.sockmap_maps import SockmapMaps
 
         self.stack.callback(self.loop.close)
         _raise_fd_limit()

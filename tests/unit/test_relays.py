@@ -19,7 +19,7 @@ import pytest
 
 from meshagent.forwarder import build_paths
 from meshagent.forwarder.copy import HIGH
-from meshagent.forwarder.sockmap import cookie_of
+from meshagent.forwarder.sockmap_maps import cookie_of
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 

@@ -7,7 +7,8 @@ from meshagent.forwarder.copy import CopyPath
 from meshagent.forwarder.core import Forwarder
 from meshagent.forwarder.datapath import DataPath
 from meshagent.forwarder.records import PodStats
-from meshagent.forwarder.sockmap import SockmapMaps, SockmapPath
+from meshagent.forwarder.sockmap import SockmapPath
+from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.splice import SplicePath
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode

@@ -20,13 +20,12 @@ import termios
 import time
 from collections.abc import Callable
 
-from meshagent.bpf import abi
 from meshagent.forwarder.copy import recv_scratch, reset_close
 from meshagent.forwarder.datapath import DataPath, Done
+from meshagent.forwarder.sockmap_maps import SockmapMaps, cookie_of
 from meshagent.host.loop import Loop, Timer
 from meshagent.modes import DataPathMode
 
-SO_COOKIE = 57
 SO_SNDBUFFORCE = 32
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -38,10 +37,6 @@ RECHECK_MAX = 0.05
 STALL_SECONDS = 5.0
 
 
-def cookie_of(sock: socket.socket) -> int:
-    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
-
-
 def tcp_counts(sock: socket.socket) -> tuple[int, int]:
     """(bytes_acked, bytes_received) from tcp_info; both count SYN/FIN."""
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
@@ -51,64 +46,6 @@ def tcp_counts(sock: socket.socket) -> tuple[int, int]:
 def unsent(sock: socket.socket) -> int:
     """Bytes in the send queue not yet acked (SIOCOUTQ)."""
     return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-
-
-class SockmapMaps:
-    """The four maps of the sockmap path, by fd. X entries are made by the
-    verdict on a socket's first segment, Y entries by the first store (a
-    missing one reads as 0), so entering the sockhash is one syscall.
-    Entries of finished connections are deleted in batches (cookies are
-    never reused, so a late delete cannot hit a live connection)."""
-
-    FLUSH_AT = 256
-
-    def __init__(self, loaded) -> None:
-        self.sockhash = loaded.map(abi.SOCKHASH)
-        self.peer = loaded.map(abi.PEER)
-        self.passed = loaded.map(abi.PASSED)
-        self.sent = loaded.map(abi.SENT)
-        self._loaded = loaded
-        self.doomed: list[int] = []
-
-    def insert(self, sock: socket.socket, cookie: int) -> None:
-        """Put the socket into the sockhash. Raises OSError (EOPNOTSUPP when
-        the socket is no longer ESTABLISHED)."""
-        self.sockhash.update_u64(cookie, sock.fileno())
-
-    def set_peers(self, a: int, b: int) -> None:
-        for attempt in (1, 2):
-            try:
-                self.peer.update_u64(a, b)
-                self.peer.update_u64(b, a)
-                return
-            except OSError:
-                self.peer.delete_u64(a)
-                if attempt == 2:
-                    raise
-                self.flush()  # finished connections' entries make room
-
-    def x(self, cookie: int) -> int:
-        return self.passed.lookup_u64(cookie) or 0
-
-    def store_y(self, cookie: int, y: int) -> None:
-        self.sent.update_u64(cookie, y)
-
-    def forget(self, cookie: int) -> None:
-        self.doomed.append(cookie)
-        if len(self.doomed) >= self.FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        """Delete the entries of finished connections, one batch per map."""
-        if not self.doomed:
-            return
-        doomed, self.doomed = self.doomed, []
-        for table in (self.peer, self.passed, self.sent):
-            table.delete_many_u64(doomed)
-
-    def redirect_failures(self) -> int:
-        """The verdict's redirect_failed counter (all CPUs)."""
-        return self._loaded.metric("redirect_failed")
 
 
 class Side:

@@ -1,0 +1,72 @@
+"""The sockmap path's maps, by fd: the sockhash, the peer of each socket,
+and the X/Y counters of the ordered hand-off (see forwarder/sockmap.py)."""
+
+from __future__ import annotations
+
+import socket
+
+from meshagent.bpf import abi
+
+SO_COOKIE = 57
+
+
+def cookie_of(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+class SockmapMaps:
+    """The four maps of the sockmap path, by fd. X entries are made by the
+    verdict on a socket's first segment, Y entries by the first store (a
+    missing one reads as 0), so entering the sockhash is one syscall.
+    Entries of finished connections are deleted in batches (cookies are
+    never reused, so a late delete cannot hit a live connection)."""
+
+    FLUSH_AT = 256
+
+    def __init__(self, loaded) -> None:
+        self.sockhash = loaded.map(abi.SOCKHASH)
+        self.peer = loaded.map(abi.PEER)
+        self.passed = loaded.map(abi.PASSED)
+        self.sent = loaded.map(abi.SENT)
+        self._loaded = loaded
+        self.doomed: list[int] = []
+
+    def insert(self, sock: socket.socket, cookie: int) -> None:
+        """Put the socket into the sockhash. Raises OSError (EOPNOTSUPP when
+        the socket is no longer ESTABLISHED)."""
+        self.sockhash.update_u64(cookie, sock.fileno())
+
+    def set_peers(self, a: int, b: int) -> None:
+        for attempt in (1, 2):
+            try:
+                self.peer.update_u64(a, b)
+                self.peer.update_u64(b, a)
+                return
+            except OSError:
+                self.peer.delete_u64(a)
+                if attempt == 2:
+                    raise
+                self.flush()  # finished connections' entries make room
+
+    def x(self, cookie: int) -> int:
+        return self.passed.lookup_u64(cookie) or 0
+
+    def store_y(self, cookie: int, y: int) -> None:
+        self.sent.update_u64(cookie, y)
+
+    def forget(self, cookie: int) -> None:
+        self.doomed.append(cookie)
+        if len(self.doomed) >= self.FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Delete the entries of finished connections, one batch per map."""
+        if not self.doomed:
+            return
+        doomed, self.doomed = self.doomed, []
+        for table in (self.peer, self.passed, self.sent):
+            table.delete_many_u64(doomed)
+
+    def redirect_failures(self) -> int:
+        """The verdict's redirect_failed counter (all CPUs)."""
+        return self._loaded.metric("redirect_failed")
