@@ -4,7 +4,7 @@
  * remembering the original destination by socket cookie.
  * Decides: steer or go direct (with a counted reason).
  * Must never: fail a connect (always returns 1), steer the forwarder's own
- * upstream (skip mark), steer when nobody listens (fail open).
+ * upstream (its cookie in mesh_own), steer when nobody listens (fail open).
  * Minimum kernel: 5.7 (bpf_get_netns_cookie in sock_addr programs). */
 #include "include/steer.h"
 

@@ -2,7 +2,7 @@
 /* cgroup/connect6: the IPv6 twin of connect4.c. A destination given as
  * IPv4-mapped (::ffff:a.b.c.d, a dual-stack socket reaching IPv4) is steered
  * to ::ffff:127.0.0.1, the IPv4 listener; any other to [::1]:<port>.
- * Must never: fail a connect, steer the forwarder's upstream, steer when
+ * Must never: fail a connect, steer the forwarder's upstream (mesh_own), steer when
  * nobody listens. Minimum kernel: 5.7. */
 #include "include/steer.h"
 

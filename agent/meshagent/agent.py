@@ -83,9 +83,7 @@ class Agent:
             return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf)
 
         mode = self._choose_datapath(paths)
-        self.forwarder = Forwarder(
-            self.loop, self.cfg.skip_mark, self.cfg.port, paths(self.loop), mode
-        )
+        self.forwarder = Forwarder(self.loop, self.cfg.port, paths(self.loop), mode)
         self.pods = Attachments(self.store, self.forwarder, self.backends, self.plan.backend)
         # Unwound in reverse: detach, close forwarded connections, then the
         # rules kept for them.

@@ -4,7 +4,10 @@
 #ifndef MESH_CONFIG_H
 #define MESH_CONFIG_H
 
-/* The forwarder's upstream sockets carry this SO_MARK: never steered. */
+/* The forwarder's upstream sockets of iptables-backend pods carry this
+ * SO_MARK (their nat rules RETURN on it). The hooks do not trust it: a pod
+ * with CAP_NET_ADMIN could set it; they know the forwarder's own sockets by
+ * their cookies in mesh_own. */
 #ifndef MESH_SKIP_MARK
 #define MESH_SKIP_MARK 0x4d455348
 #endif
@@ -17,6 +20,11 @@
 /* Capacity of the original-destination maps (connections in flight). */
 #ifndef MESH_CONNS_MAX
 #define MESH_CONNS_MAX 65536
+#endif
+
+/* Capacity of mesh_own: the forwarder's upstream connects in flight. */
+#ifndef MESH_OWN_MAX
+#define MESH_OWN_MAX 1024
 #endif
 
 /* Capacity of the excluded port and CIDR maps. */

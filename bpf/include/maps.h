@@ -53,6 +53,11 @@ BPF_HASH(mesh_orig_tup, struct mesh_tuple, struct mesh_orig, MESH_CONNS_MAX);
 /* excluded destination ports (host order) and CIDRs. */
 BPF_HASH(mesh_excl_port, __u16, __u8, MESH_EXCL_MAX);
 BPF_LPM_TRIE(mesh_excl_cidr, struct mesh_lpm_key, __u8, MESH_EXCL_MAX);
+/* socket cookie -> 1: the forwarder's own upstream sockets, written by the
+ * agent before connect(), removed by the hook that sees them. Unlike a
+ * socket mark, a pod cannot forge this. LRU: a connect that never reached
+ * the hook leaves nothing that lasts. */
+BPF_TABLE("lru_hash", __u64, __u8, mesh_own, MESH_OWN_MAX);
 /* [0]: live entries of mesh_orig_tup, kept by the hooks. */
 BPF_ARRAY(mesh_state, __u64, 4);
 /* per-CPU decision counters, index reason * MESH_DIR_MAX + direction. */

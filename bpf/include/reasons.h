@@ -10,7 +10,7 @@
 #define MESH_REASON_LOOPBACK      3  /* destination is loopback */
 #define MESH_REASON_EXCL_PORT     4  /* destination port is excluded */
 #define MESH_REASON_EXCL_CIDR     5  /* destination address is excluded */
-#define MESH_REASON_SKIP_MARK     6  /* the forwarder's own upstream socket */
+#define MESH_REASON_SKIP_MARK     6  /* no longer counted: a pod can forge a mark (OWN_SOCKET) */
 #define MESH_REASON_NO_LISTENER   7  /* fail-open: no forwarder listening in the pod */
 #define MESH_REASON_MAP_FULL      8  /* fail-open: original-destination map full */
 #define MESH_REASON_REKEYED       9  /* sock_ops stored the original dst by 4-tuple */
@@ -21,8 +21,9 @@
 #define MESH_REASON_EOF_DROP     14  /* verdict: zero-length skb (FIN) dropped */
 #define MESH_REASON_REDIR_FAIL   15  /* verdict: redirect failed, passed instead */
 #define MESH_REASON_UNTRACKED    16  /* verdict: socket has no counters, passed */
+#define MESH_REASON_OWN_SOCKET   17  /* the forwarder's own upstream (its cookie in mesh_own) */
 
-#define MESH_REASON_MAX          17  /* one past the last reason */
+#define MESH_REASON_MAX          18  /* one past the last reason */
 
 #define MESH_DIR_EGRESS 0
 #define MESH_DIR_INGRESS 1

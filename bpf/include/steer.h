@@ -44,7 +44,6 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 	struct mesh_lpm_key lpm = {};
 	struct mesh_orig orig = {};
 	struct mesh_pod *pod;
-	struct bpf_sock *sk;
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	__u64 netns, cookie, *live;
 
@@ -58,13 +57,10 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 		mesh_count(MESH_REASON_NOT_ATTACHED, MESH_DIR_EGRESS);
 		return 0;
 	}
-	sk = ctx->sk;
-	if (!sk) {
-		mesh_count(MESH_REASON_INTERNAL, MESH_DIR_EGRESS);
-		return 0;
-	}
-	if (sk->mark == MESH_SKIP_MARK) {
-		mesh_count(MESH_REASON_SKIP_MARK, MESH_DIR_EGRESS);
+	cookie = bpf_get_socket_cookie(ctx);
+	if (mesh_own.lookup(&cookie)) {
+		mesh_own.delete(&cookie);
+		mesh_count(MESH_REASON_OWN_SOCKET, MESH_DIR_EGRESS);
 		return 0;
 	}
 	if (mesh_addr_is_loopback(dst)) {
@@ -94,7 +90,6 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 	orig.port = dport;
 	orig.pod_id = pod->pod_id;
 	orig.netns = netns;
-	cookie = bpf_get_socket_cookie(ctx);
 	if (mesh_orig_sk.update(&cookie, &orig)) {
 		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
 		return 0;

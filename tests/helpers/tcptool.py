@@ -192,8 +192,19 @@ def stress(args: argparse.Namespace) -> None:
     print(json.dumps({"done": args.conns - stuck, "stuck": stuck}), flush=True)
 
 
+def connect(args: argparse.Namespace) -> socket.socket:
+    if not args.mark:
+        return socket.create_connection((args.host, args.port), timeout=args.timeout)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)  # needs CAP_NET_ADMIN
+    sock.settimeout(args.timeout)
+    sock.connect((args.host, args.port))
+    return sock
+
+
 def client(args: argparse.Namespace) -> None:
-    sock = socket.create_connection((args.host, args.port), timeout=args.timeout)
+    sock = connect(args)
     peer = sock.getpeername()
     if args.reset:
         sock.sendall(payload(args.seed, args.reset))
@@ -226,6 +237,9 @@ def main() -> None:
     parser.add_argument("--random-chunks", action="store_true")
     parser.add_argument("--send-after-eof", action="store_true")
     parser.add_argument("--reset", type=int, default=0, help="RST after this many bytes")
+    parser.add_argument(
+        "--mark", type=lambda s: int(s, 0), default=0, help="SO_MARK before connect"
+    )
     args = parser.parse_args()
     {"serve": serve, "client": client, "stress": stress}[args.mode](args)
 

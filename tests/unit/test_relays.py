@@ -19,8 +19,8 @@ import pytest
 
 from meshagent.forwarder import build_paths
 from meshagent.forwarder.copy import HIGH
-from meshagent.forwarder.sockmap_maps import cookie_of
 from meshagent.host.loop import Loop
+from meshagent.host.sockets import socket_cookie
 from meshagent.modes import DataPathMode
 
 DEADLINE = 20.0
@@ -227,7 +227,7 @@ def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
     maps.peer_map_full = True
     pair = Pair(DataPathMode.SOCKMAP, maps)
     try:
-        cookies = {cookie_of(pair.fwd_client), cookie_of(pair.fwd_up)}
+        cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
         pair.app_client.sendall(b"x" * 1000)
         pair.join()
         assert pair.conn.mode is DataPathMode.COPY
@@ -244,7 +244,7 @@ def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
 def test_sockmap_forgets_both_cookies_when_done():
     pair = Pair(DataPathMode.SOCKMAP)
     try:
-        cookies = {cookie_of(pair.fwd_client), cookie_of(pair.fwd_up)}
+        cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
         pair.join()
         assert set(pair.maps.peers) == cookies
         pair.app_client.shutdown(socket.SHUT_WR)

@@ -53,10 +53,11 @@ SOCKHASH = MapSpec("mesh_sockhash", U64, FD)
 PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
+OWN = MapSpec("mesh_own", U64, BYTE)
 
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
-    SOCKHASH, PEER, PASSED, SENT,
+    SOCKHASH, PEER, PASSED, SENT, OWN,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -82,6 +83,7 @@ REASONS = (
     "eof_drop",
     "redirect_failed",
     "untracked",
+    "own_socket",
 )
 DIRECTIONS = ("egress", "ingress")
 

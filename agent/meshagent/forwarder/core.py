@@ -4,6 +4,7 @@ from inside the pod, and hand both sockets to a relay."""
 from __future__ import annotations
 
 import errno
+import ipaddress
 import select
 import socket
 import time
@@ -36,13 +37,11 @@ class Forwarder:
     def __init__(
         self,
         loop: Loop,
-        skip_mark: int,
         port: int,
         paths: dict[DataPathMode, DataPath],
         mode: DataPathMode = DataPathMode.COPY,
     ) -> None:
         self.loop = loop
-        self.skip_mark = skip_mark
         self.port = port
         self.paths = paths
         self.mode = mode
@@ -60,9 +59,14 @@ class Forwarder:
         self.mode = mode
 
     # -- listeners ---------------------------------------------------------
-    def open_pod(self, name: str, netns_fd: int, lookup: OrigLookup) -> PodSlot:
-        """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
-        slot = PodSlot(name, netns_fd, lookup)
+    def open_pod(
+        self, name: str, netns_fd: int, lookup: OrigLookup,
+        prepare: Callable[[socket.socket], None],
+    ) -> PodSlot:  # fmt: skip
+        """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns;
+        prepare(upstream) makes our own upstream sockets pass the pod's
+        redirect (called before each upstream connect)."""
+        slot = PodSlot(name, netns_fd, lookup, prepare)
         try:
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 sock = netns.socket_in(netns_fd, family)
@@ -136,6 +140,18 @@ class Forwarder:
             reset_close(client)
             return
         orig_ip, orig_port = orig
+        if ipaddress.ip_address(orig_ip).is_loopback:
+            # Neither backend steers loopback destinations: this is a direct
+            # connection to the listener (SO_ORIGINAL_DST reports the listener
+            # itself). Forwarding it would connect to ourselves, forever.
+            slot.stats.refused_loopback += 1
+            self.log.warning(
+                "refused: a direct connection to the listener",
+                extra={"pod": slot.name, "conn": conn, "reason": "orig_dst_loopback",
+                       "orig_dst": format_endpoint(orig_ip, orig_port)},
+            )  # fmt: skip
+            reset_close(client)
+            return
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
         path = self.paths[self.mode]
         record.datapath = path.mode
@@ -149,7 +165,7 @@ class Forwarder:
             self._fail(slot, record, client, None, f"upstream socket: {exc}", path, state)
             return
         try:
-            upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.skip_mark)
+            slot.prepare(upstream)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             upstream.setblocking(False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ class PodStats:
     bytes_out: int = 0  # pod -> destination
     bytes_in: int = 0  # destination -> pod
     no_orig_dst: int = 0
+    refused_loopback: int = 0  # a direct connection to the listener (would loop)
     upstream_errors: int = 0
     resets: int = 0
 
@@ -32,6 +34,7 @@ class PodSlot:
     name: str
     netns_fd: int
     lookup: OrigLookup  # the pod's redirect backend: where was it going?
+    prepare: Callable[[socket.socket], None]  # the backend's mark on our upstream socket
     listeners: list[socket.socket] = field(default_factory=list)
     stats: PodStats = field(default_factory=PodStats)
 

@@ -22,8 +22,9 @@ from collections.abc import Callable
 
 from meshagent.forwarder.copy import recv_scratch, reset_close
 from meshagent.forwarder.datapath import DataPath, Done
-from meshagent.forwarder.sockmap_maps import SockmapMaps, cookie_of
+from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.host.loop import Loop, Timer
+from meshagent.host.sockets import socket_cookie
 from meshagent.modes import DataPathMode
 
 SO_SNDBUFFORCE = 32
@@ -326,7 +327,7 @@ class SockmapPath(DataPath):
 
     def _enter(self, sock: socket.socket) -> int | None:
         """Into the sockhash before anything reads from it; None if it cannot."""
-        cookie = cookie_of(sock)
+        cookie = socket_cookie(sock)
         if self.sndbuf:
             # The kernel's redirect sends from a worker that, when the send
             # buffer is full, retries only a jiffy later: a deep send buffer

@@ -7,12 +7,6 @@ import socket
 
 from meshagent.bpf import abi
 
-SO_COOKIE = 57
-
-
-def cookie_of(sock: socket.socket) -> int:
-    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
-
 
 class SockmapMaps:
     """The four maps of the sockmap path, by fd. X entries are made by the

@@ -59,4 +59,9 @@ class Backend(Protocol):
 
     def lookup(self, pod: PodHandle) -> OrigLookup: ...
 
+    def prepare_upstream(self, sock: socket.socket) -> None:
+        """Make the forwarder's upstream socket pass this backend's steering
+        (called before connect)."""
+        ...
+
     def snapshot(self) -> dict: ...

@@ -6,11 +6,16 @@ the original destinations that the connect and sock_ops hooks record.
 
 from __future__ import annotations
 
+import socket
+
 from meshagent.bpf import abi
 from meshagent.bpf.loader import Loaded
 from meshagent.errors import MeshError
+from meshagent.host.sockets import socket_cookie
 from meshagent.modes import Backend
 from meshagent.redirect import OrigLookup, PodHandle
+
+_ONE = abi.BYTE.pack(1)
 
 
 class EbpfBackend:
@@ -25,6 +30,7 @@ class EbpfBackend:
     ) -> None:
         self.pods = loaded.map(abi.PODS)
         self.orig_tup = loaded.map(abi.ORIG_TUP)
+        self.own = loaded.map(abi.OWN)
         self.port = port
         ports = loaded.map(abi.EXCL_PORT)
         for excluded in exclude_ports:
@@ -55,6 +61,11 @@ class EbpfBackend:
             return abi.orig_dst(raw) if raw is not None else None
 
         return orig
+
+    def prepare_upstream(self, sock: socket.socket) -> None:
+        """The connect hook passes sockets whose cookie is in mesh_own (and
+        removes the entry): something a pod cannot forge, unlike a mark."""
+        self.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
 
     def snapshot(self) -> dict:
         return {

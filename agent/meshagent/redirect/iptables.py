@@ -165,6 +165,12 @@ class IptablesBackend:
         for family in (4, 6):
             self._teardown(netns_name, family, pod, quiet)
 
+    def prepare_upstream(self, sock: socket.socket) -> None:
+        """The nat rules RETURN on the skip mark. A pod with CAP_NET_ADMIN
+        can set it too and so bypass its own redirect (not anyone else's):
+        the ebpf backend does not trust marks."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.cfg.skip_mark)
+
     def snapshot(self) -> dict:
         return {"flavour": self.tools.flavour}
 

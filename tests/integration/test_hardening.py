@@ -1,0 +1,79 @@
+"""Hostile pods ([F]): what a process inside an attached pod must not be
+able to do to the agent or to its own redirect."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from conftest import start_agent, wait_for
+
+PORT = 8080
+SKIP_MARK = "0x4d455348"  # the mark the forwarder used to be trusted by
+
+DIRECT = """
+import socket, sys
+for host in ("127.0.0.1", "::1"):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect((host, 15001))
+        sock.sendall(b"x" * 100)
+        got = sock.recv(1)
+    except OSError as exc:
+        got = type(exc).__name__
+    print(host, got)
+"""
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_direct_connection_to_the_listener_is_refused_not_looped(mesh_env, any_agent):
+    """SO_ORIGINAL_DST of a direct connect reports the listener itself: the
+    forwarder must not connect to itself (two such connects once took the
+    agent from 26 to 20,000 fds)."""
+    agent = any_agent
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent.attach(client)
+    before = open_fds(agent.proc.pid)
+    proc = mesh_env.popen(client, [sys.executable, "-c", DIRECT], stdout=-1, text=True)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    for line in out.splitlines():  # reset or closed, never a conversation
+        assert line.split()[1] in ("ConnectionResetError", "b''"), line
+    stats = agent.pod_status("client")
+    assert stats["refused_loopback"] + stats["no_orig_dst"] == 2, stats
+    if agent.backend == "iptables":
+        assert stats["refused_loopback"] == 2
+    assert stats["connections_total"] == 0
+    wait_for(lambda: open_fds(agent.proc.pid) <= before + 4, what="the agent's fds to settle")
+    mesh_env.client(client, server.ip4, PORT)  # and real traffic is still forwarded
+    assert srv.next()["peer"] == client.ip4
+    assert agent.pod_status("client")["connections_total"] == 1
+
+
+def test_a_pod_that_sets_the_old_skip_mark_is_still_steered(mesh_env):
+    """The hooks know the forwarder's own sockets by cookie, not by a mark a
+    pod with CAP_NET_ADMIN (or CAP_NET_RAW on 5.17+) can set."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "10")
+    agent = start_agent(mesh_env)
+    try:
+        agent.attach(client)
+        out = mesh_env.client(client, server.ip4, PORT, "--mark", SKIP_MARK, "--send", "10")
+        seen = srv.next()
+        assert seen["peer"] == client.ip4 and seen["recv_sha"] == out["sent_sha"]
+        assert agent.forwarded() == 1  # went through the forwarder
+        decisions = agent.decisions()
+        assert decisions["steered"] == 1
+        assert decisions["own_socket"] == 1  # the forwarder's upstream, known by its cookie
+        assert "skip_mark" not in decisions
+        assert agent.request("status")["map_entries"].get("mesh_orig_tup") is not None
+    finally:
+        assert agent.stop() == 0, agent.log()
