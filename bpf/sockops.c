@@ -56,7 +56,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	live = mesh_state.lookup(&live_idx);
 	if (live)
 		__sync_fetch_and_add(live, 1);
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* OR ours in: other programs' callback flags stay as they were. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	mesh_count(MESH_REASON_REKEYED, MESH_DIR_EGRESS);
 }
 

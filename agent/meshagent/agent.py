@@ -180,8 +180,10 @@ class Agent:
         return mode
 
     def _sweep(self) -> None:
-        """Once a second: rules of drained pods go, each data path's upkeep."""
+        """Once a second: rules of drained pods go, vanished pods are
+        forgotten, each data path's upkeep."""
         self.pods.finish_draining()
+        self.pods.drop_vanished()
         self.forwarder.tick()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
 

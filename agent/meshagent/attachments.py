@@ -65,7 +65,10 @@ class Attachments:
         pod = self.store.get(name)
         current = self.pods.get(name)
         if current is not None and not current.draining:
-            return {"pod": name, "already": True, "backend": current.backend.name.value}
+            if _same_netns(current, pod.netns):
+                return {"pod": name, "already": True, "backend": current.backend.name.value}
+            self._drop_stale(current, "the pod was re-created: a new network namespace")
+            current = None
         wanted = redirect or self.default
         backend = self.backends.get(wanted)
         if backend is None:
@@ -128,6 +131,23 @@ class Attachments:
         )
         return {"pod": name, "open_connections": open_conns}
 
+    def drop_vanished(self) -> None:
+        """Forget attachments whose netns is gone or was replaced (a pod
+        deleted or re-created behind the agent's back)."""
+        for entry in self.attached():
+            if not _same_netns(entry, entry.handle.netns_name):
+                self._drop_stale(entry, "its network namespace vanished")
+
+    def _drop_stale(self, entry: AttachedPod, why: str) -> None:
+        name = entry.handle.name
+        self.forwarder.close_pod(name)
+        try:
+            entry.backend.detach(entry.handle)
+        except MeshError:
+            pass  # the namespace holding its rules is gone with them
+        self._forget(entry)
+        self.log.warning("pod detached", extra={"pod": name, "reason": why})
+
     def finish_draining(self, everything: bool = False) -> None:
         """Remove rules kept for connections open at detach, once they closed."""
         for entry in list(self.pods.values()):
@@ -176,3 +196,12 @@ class Attachments:
                 }
             )
         return out
+
+
+def _same_netns(entry: AttachedPod, netns_name: str) -> bool:
+    """Is netns_name still the namespace this attachment holds?"""
+    try:
+        st = os.stat(netns.path(netns_name))
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == entry.handle.netns_id

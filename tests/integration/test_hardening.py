@@ -3,12 +3,16 @@ able to do to the agent or to its own redirect."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+
+import pytest
 
 from conftest import start_agent, wait_for
 
 PORT = 8080
+MB = 1 << 20
 SKIP_MARK = "0x4d455348"  # the mark the forwarder used to be trusted by
 
 DIRECT = """
@@ -77,3 +81,55 @@ def test_a_pod_that_sets_the_old_skip_mark_is_still_steered(mesh_env):
         assert agent.request("status")["map_entries"].get("mesh_orig_tup") is not None
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+@pytest.mark.parametrize("datapath", ["sockmap", "splice", "copy"])
+def test_stopping_the_agent_resets_a_transfer_instead_of_ending_it(mesh_env, datapath, tmp_path):
+    """SIGTERM with a download half done: the client must see ECONNRESET,
+    never an EOF that passes a cut stream for a whole one."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    go = tmp_path / "go"
+    mesh_env.server(server, PORT, "--send", str(4 * MB), "--pause-at", str(MB),
+                    "--wait-file", str(go))  # fmt: skip
+    agent = start_agent(mesh_env, "--datapath", datapath)
+    try:
+        agent.attach(client)
+        proc = mesh_env.tcptool(client, "client", "--host", server.ip4, "--port", str(PORT))
+        wait_for(lambda: agent.pod_status("client")["connections_active"] == 1, what="the transfer")
+        wait_for(lambda: agent.pod_status("client")["bytes_in"] >= MB, what="the first MiB")
+    finally:
+        assert agent.stop() == 0, agent.log()
+    go.write_text("")
+    out, _ = proc.communicate(timeout=60)
+    result = json.loads(out)
+    assert result.get("recv_error") == "ConnectionResetError", result
+    assert result.get("recv_bytes", 0) < 4 * MB
+
+
+def test_a_pod_recreated_behind_the_agents_back_is_attached_again(mesh_env, any_agent):
+    """The attachment belongs to a network namespace, not a name: a pod
+    re-created under the same name is not reported attached while nothing
+    steers it, and one whose netns vanished is forgotten."""
+    from pyroute2 import netns as pyr_netns
+
+    from meshagent.pods.standalone import delete_pod
+
+    agent = any_agent
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent.attach(client)
+    # Gone and back under the same name, and no one told the agent.
+    pyr_netns.remove(client.netns)
+    delete_pod(mesh_env.store(), "client")
+    client = mesh_env.create_pod("client")
+    reply = agent.attach(client)
+    assert reply["already"] is False and reply["backend"] == agent.backend
+    mesh_env.client(client, server.ip4, PORT)
+    assert srv.next()["peer"] == client.ip4
+    assert agent.pod_status("client")["connections_total"] == 1
+    # Gone for good: the agent notices by itself.
+    pyr_netns.remove(client.netns)
+    wait_for(lambda: agent.pod_status("client") is None, what="the vanished pod to be forgotten")
+    assert "its network namespace vanished" in agent.log()

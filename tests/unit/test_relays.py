@@ -6,6 +6,7 @@ runs). Half-close, reset, back-pressure and EAGAIN, for every path."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -65,13 +66,16 @@ class FakeMaps:
 class Pair:
     """app_client -> [fwd_client | data path | fwd_up] -> app_server."""
 
-    def __init__(self, mode: DataPathMode, maps: FakeMaps | None = None) -> None:
+    def __init__(
+        self, mode: DataPathMode, maps: FakeMaps | None = None, early: bytes = b""
+    ) -> None:
         self.loop = Loop()
         self.maps = maps or FakeMaps()
         self.path = build_paths(self.loop, tuple(DataPathMode), self.maps)[mode]
         front = socket.create_server(("127.0.0.1", 0))
         back = socket.create_server(("127.0.0.1", 0))
         self.app_client = socket.create_connection(front.getsockname())
+        self.app_client.sendall(early)  # before the accept
         self.fwd_client, _ = front.accept()
         self.fwd_client.setblocking(False)
         self.state = self.path.accepted(self.fwd_client)
@@ -254,3 +258,61 @@ def test_sockmap_forgets_both_cookies_when_done():
         assert set(pair.maps.forgotten) == cookies
     finally:
         pair.close()
+
+
+@pytest.mark.parametrize("mode", list(DataPathMode), ids=str)
+def test_a_client_that_writes_before_the_accept_and_a_server_that_speaks_first(mode):
+    early, banner, rest = os.urandom(40_000), os.urandom(30_000), os.urandom(100_000)
+    pair = Pair(mode, early=early)
+    try:
+        pair.app_server.sendall(banner)  # before the upstream joins the path
+        pair.app_client.sendall(rest)  # (sockmap's fake carries only what came before)
+        pair.join()
+        pair.app_client.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_server, pair) == early + rest
+        pair.app_server.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_client, pair) == banner
+        pair.run_until(lambda: pair.reason, "the connection to finish")
+        assert pair.reason == [None]
+    finally:
+        pair.close()
+
+
+def test_splice_stops_reading_when_the_pipe_is_full_by_slots():
+    """Many small segments fill a pipe by its slots long before its bytes:
+    the leg must stop asking to read until its writer drains the pipe
+    (it used to keep EPOLLIN armed and spin on EAGAIN)."""
+    from meshagent.forwarder.splice import SpliceLeg
+
+    class OneSlot(SpliceLeg):
+        PIPE_SIZE = 1 << 20  # what the leg believes; the pipe below has one slot
+
+    src_peer, src = socket.socketpair()
+    dst, dst_peer = socket.socketpair()
+    for sock in (src, dst):
+        sock.setblocking(False)
+    leg = OneSlot(src, dst)
+    fcntl.fcntl(leg.pipe_w, 1031, 4096)  # F_SETPIPE_SZ: one page, one slot
+    try:
+        while True:  # fill dst so nothing can leave the pipe
+            try:
+                dst.send(b"\0" * 65536)
+            except BlockingIOError:
+                break
+        src_peer.send(b"a" * 10)
+        leg.read()  # the first segment takes the pipe's only slot
+        assert leg.queued == 10 and leg.wants_read()
+        src_peer.send(b"b" * 10)
+        leg.read()  # no room: EAGAIN, and no more reads wanted
+        assert leg.queued == 10 and not leg.wants_read()
+        with contextlib.suppress(BlockingIOError):
+            while dst_peer.recv(1 << 20, socket.MSG_DONTWAIT):  # the reader catches up
+                pass
+        leg.flush()
+        assert leg.queued == 0 and leg.wants_read()
+        leg.read()  # reading again moves the waiting segment on
+        assert leg.nbytes == 20
+    finally:
+        leg.close()
+        for sock in (src_peer, src, dst, dst_peer):
+            sock.close()

@@ -83,8 +83,9 @@ def delete(app: App, name: str) -> None:
     if app.socket_path.exists():
         try:
             control.request(app.socket_path, "detach", pod=name)
-        except MeshError:
-            pass  # not attached, or no agent
+        except MeshError as exc:
+            if "is not attached" not in str(exc) and "no agent at" not in str(exc):
+                click.echo(f"meshagent: warning: pod {name}: detach failed: {exc}", err=True)
     delete_pod(app.store(), name)
     click.echo(f"pod {name} deleted")
 

@@ -196,12 +196,17 @@ class Relay:
 
     def abort(self, failed: socket.socket, exc: OSError) -> None:
         """An error on one side: reset the other side too."""
-        other = self.upstream if failed is self.client else self.client
         side = "pod" if failed is self.client else "upstream"
-        reason = f"{side} {type(exc).__name__}: {exc.strerror or exc}"
+        self.reset(f"{side} {type(exc).__name__}: {exc.strerror or exc}")
+
+    def reset(self, reason: str) -> None:
+        """End both sides with an RST: a peer must never take a cut stream
+        for a complete one."""
+        if self.closed:
+            return
         self._unregister()
-        reset_close(other)
-        reset_close(failed)
+        reset_close(self.upstream)
+        reset_close(self.client)
         self.closed = True
         self.on_done(self, reason)
 

@@ -307,14 +307,16 @@ class Forwarder:
     def close(self) -> None:
         for name in list(self.pods):
             self.close_pod(name)
+        # Connections no successor takes over end with an RST, never a FIN:
+        # a client must not mistake a cut stream for a whole one.
         for conn in list(self.conns):
-            conn.finish("agent stopped")
+            conn.reset("agent stopped")
         for upstream in list(self.pending):
             entry = self.pending.pop(upstream)
             entry.timer.cancel()
             self.loop.remove(upstream.fileno())
             entry.path.abandon(entry.state)
-            upstream.close()
-            entry.client.close()
+            reset_close(upstream)
+            reset_close(entry.client)
         for path in self.paths.values():
             path.tick()  # the last batch of map deletes

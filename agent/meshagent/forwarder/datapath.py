@@ -36,6 +36,8 @@ class Connection(Protocol):
 
     def finish(self, reason: str | None) -> None: ...
 
+    def reset(self, reason: str) -> None: ...  # both sides get an RST
+
 
 Done = Callable[[Connection, "str | None"], None]
 

@@ -2,8 +2,11 @@
 
 Two real TCP connections in the agent's own netns, joined by the data path
 under test (the same DataPath classes the forwarder uses, on a loop of
-their own); both ends write 1 MiB at once (before the splice is set up, so
-the hand-off is exercised) and digests are compared within a deadline.
+their own); both ends write 1 MiB at once and digests are compared within a
+deadline. The hand-off is exercised the hard way: the client writes before
+its connection is even accepted, and the server speaks before its socket
+joins the data path (the sockmap path relies on such bytes passing through
+the verdict on the next recv; if a kernel does not do that, auto falls back).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 
 SIZE = 1 << 20
+EARLY = 32 << 10  # written before the accept / before the join
 DEADLINE = 1.0
 
 PathFactory = Callable[[Loop], "dict[DataPathMode, DataPath]"]
@@ -56,7 +60,9 @@ def check(mode: DataPathMode, factory: PathFactory) -> str | None:
     socks: list[socket.socket] = [front, back]
     result: dict = {}
     try:
+        up_data, down_data = os.urandom(SIZE), os.urandom(SIZE)
         app_client = socket.create_connection(front.getsockname(), timeout=DEADLINE * 3)
+        app_client.sendall(up_data[:EARLY])  # before the accept
         fwd_client, _ = front.accept()
         socks += [app_client, fwd_client]
         fwd_client.setblocking(False)
@@ -65,11 +71,15 @@ def check(mode: DataPathMode, factory: PathFactory) -> str | None:
         app_server, _ = back.accept()
         socks += [fwd_up, app_server]
         app_server.settimeout(DEADLINE * 3)
+        app_server.sendall(down_data[:EARLY])  # the server speaks first
         fwd_up.setblocking(False)
-        up_data, down_data = os.urandom(SIZE), os.urandom(SIZE)
         ends = [
-            threading.Thread(target=_converse, args=(app_client, up_data, result, "client")),
-            threading.Thread(target=_converse, args=(app_server, down_data, result, "server")),
+            threading.Thread(
+                target=_converse, args=(app_client, up_data[EARLY:], result, "client")
+            ),
+            threading.Thread(
+                target=_converse, args=(app_server, down_data[EARLY:], result, "server")
+            ),
         ]
         for end in ends:
             end.daemon = True

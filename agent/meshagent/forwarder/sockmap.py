@@ -289,11 +289,15 @@ class SockmapRelay:
 
     def abort(self, failed: Side, exc: OSError) -> None:
         """An error on one side: reset both, remove the map entries."""
+        which = "pod" if failed is self.client else "upstream"
+        self.reset(f"{which} {type(exc).__name__}: {exc.strerror or exc}")
+
+    def reset(self, reason: str) -> None:
+        """End both sides with an RST (the kernel may still hold spliced
+        bytes in flight: a clean FIN would pass a cut stream for a whole one)."""
         if self.closed:
             return
         self._cleanup()
-        which = "pod" if failed is self.client else "upstream"
-        reason = f"{which} {type(exc).__name__}: {exc.strerror or exc}"
         for side in (self.client, self.upstream):
             reset_close(side.sock)
             self.maps.forget(side.cookie)

@@ -19,7 +19,7 @@ class SpliceLeg(Leg):
     """One direction through a pipe with splice(2): the payload stays in the
     kernel; Python moves it in large chunks (HAProxy's splice mode)."""
 
-    __slots__ = ("pipe_r", "pipe_w", "queued")
+    __slots__ = ("pipe_full", "pipe_r", "pipe_w", "queued")
     PIPE_SIZE = 1024 * 1024
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
@@ -30,16 +30,25 @@ class SpliceLeg(Leg):
         except OSError:
             pass  # the default pipe size still works
         self.queued = 0  # bytes in the pipe
+        self.pipe_full = False  # the last splice into it found no room
 
     def wants_read(self) -> bool:
-        return not self.eof and self.queued < self.PIPE_SIZE
+        return not self.eof and not self.pipe_full and self.queued < self.PIPE_SIZE
 
     @property
     def waiting(self) -> int:
         return self.queued
 
     def read(self) -> None:
-        moved = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+        try:
+            moved = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            # A readable socket and EAGAIN: the pipe is full, by its slots
+            # (one per segment) long before its bytes. Stop reading until the
+            # writer drains it, or epoll wakes us again at once, forever.
+            self.pipe_full = self.queued > 0
+            self.flush()
+            return
         if moved == 0:
             self.eof = True
         else:
@@ -54,6 +63,7 @@ class SpliceLeg(Leg):
             except BlockingIOError:
                 break
             self.queued -= moved
+            self.pipe_full = False
         self._maybe_shut()
 
     def close(self) -> None:

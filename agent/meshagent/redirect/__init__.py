@@ -31,10 +31,14 @@ class PodHandle:
     pod_id: int
     _cookie: int | None = field(default=None, repr=False)
 
+    _id: tuple[int, int] | None = field(default=None, repr=False)
+
     @property
     def netns_id(self) -> tuple[int, int]:
-        st = os.fstat(self.netns_fd)
-        return st.st_dev, st.st_ino
+        if self._id is None:
+            st = os.fstat(self.netns_fd)
+            self._id = (st.st_dev, st.st_ino)
+        return self._id
 
     @property
     def netns_cookie(self) -> int:
