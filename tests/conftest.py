@@ -254,10 +254,13 @@ class AgentProc:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-def start_agent(env: MeshEnv, *extra: str, in_cgroup: bool = True) -> AgentProc:
+def start_agent(
+    env: MeshEnv, *extra: str, in_cgroup: bool = True, nofile: int | None = None
+) -> AgentProc:
     """Start `meshagent run` attached at env's cgroup. With in_cgroup the agent
     itself runs inside that cgroup, so its own upstream sockets pass through
-    the hooks (the no-loop rule is then really exercised)."""
+    the hooks (the no-loop rule is then really exercised). nofile: the
+    agent's RLIMIT_NOFILE (soft and hard)."""
     from meshagent import control
     from meshagent.host import cgroup
 
@@ -266,6 +269,10 @@ def start_agent(env: MeshEnv, *extra: str, in_cgroup: bool = True) -> AgentProc:
     procs_file = str(agent_cg / "cgroup.procs")
 
     def join_cgroup() -> None:
+        if nofile is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         if in_cgroup:
             with open(procs_file, "w") as procs:
                 procs.write("0\n")

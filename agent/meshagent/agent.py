@@ -83,7 +83,9 @@ class Agent:
             return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf)
 
         mode = self._choose_datapath(paths)
-        self.forwarder = Forwarder(self.loop, self.cfg.port, paths(self.loop), mode)
+        self.forwarder = Forwarder(
+            self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max
+        )
         self.pods = Attachments(self.store, self.forwarder, self.backends, self.plan.backend)
         # Unwound in reverse: detach, close forwarded connections, then the
         # rules kept for them.
@@ -251,6 +253,7 @@ class Agent:
             "uptime_seconds": round(time.time() - self.started, 1),
             "datapath_reason": self.datapath_reason,
             "loop_errors": self.loop.errors,
+            "loop_dispatched": self.loop.dispatched,
         }
 
     def dispatch(self, request: Request) -> dict:

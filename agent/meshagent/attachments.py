@@ -88,7 +88,7 @@ class Attachments:
                     f"pod {name}: netns {pod.netns} is the same namespace as pod"
                     f" {twin.handle.name}'s, which is attached"
                 )
-            self.forwarder.open_pod(name, fd, backend.lookup(handle), backend.prepare_upstream)
+            self.forwarder.open_pod(name, fd, backend.steering(handle))
             undo.callback(self.forwarder.close_pod, name)
             try:
                 backend.attach(handle)

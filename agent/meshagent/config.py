@@ -37,6 +37,7 @@ class AgentConfig:
     skip_mark: int = DEFAULT_SKIP_MARK
     pods_max: int = 1024
     conns_max: int = 65536
+    pod_conns_max: int = 4096  # connections one pod may have forwarded at once
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())
@@ -59,6 +60,8 @@ class AgentConfig:
         check_socket_path(self.socket_path)
         if not 16 <= self.conns_max <= 1 << 22:
             raise MeshError("conns_max must be between 16 and 4194304")
+        if not 1 <= self.pod_conns_max <= 1 << 22:
+            raise MeshError("--pod-conns-max must be between 1 and 4194304")
         if not 1 <= self.pods_max <= 1 << 16:
             raise MeshError("pods_max must be between 1 and 65536")
         if not 0 < self.skip_mark < 1 << 32:

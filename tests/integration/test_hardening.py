@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -133,3 +134,94 @@ def test_a_pod_recreated_behind_the_agents_back_is_attached_again(mesh_env, any_
     pyr_netns.remove(client.netns)
     wait_for(lambda: agent.pod_status("client") is None, what="the vanished pod to be forgotten")
     assert "its network namespace vanished" in agent.log()
+
+
+def hold(env, pod, server, count: int, go) -> list:
+    """count connections that send 5 bytes, then wait for the go file."""
+    args = ["--send", "10", "--pause-at", "5", "--wait-file", str(go)]
+    return [
+        env.tcptool(pod, "client", "--host", server.ip4, "--port", str(PORT), *args)
+        for _ in range(count)
+    ]
+
+
+def finish(procs, srv, pod) -> None:
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and json.loads(out)["sent_bytes"] == 10
+    for _ in procs:
+        seen = srv.next()
+        assert seen["peer"] == pod.ip4 and seen["recv_bytes"] == 10
+
+
+def test_one_pod_cannot_take_more_than_its_share(mesh_env, redirect, tmp_path):
+    """--pod-conns-max: beyond it, the pod's new connections go direct (ebpf,
+    its map entry is out while the pod is full) or wait in the listener's
+    backlog (iptables); nothing fails, and the pod is steered again after."""
+    from conftest import redirect_args
+
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, *redirect_args(*redirect), "--pod-conns-max", "4")
+    try:
+        agent.attach(client)
+        go = tmp_path / "go"
+        procs = hold(mesh_env, client, server, 4, go)
+        wait_for(lambda: agent.pod_status("client")["connections_active"] == 4, what="4 forwarded")
+        # Full: the forwarder stops accepting for the pod at once.
+        wait_for(lambda: agent.pod_status("client")["paused"] >= 1, what="the pod to be full")
+        direct = agent.decisions().get("not_attached", 0)
+        procs += hold(mesh_env, client, server, 3, go)  # ebpf: direct; iptables: they wait
+        if redirect[0] == "ebpf":
+            wait_for(lambda: agent.decisions().get("not_attached", 0) >= direct + 3,
+                     what="3 to go direct")  # fmt: skip
+        assert agent.pod_status("client")["connections_active"] == 4
+        assert "no room for new connections" in agent.log()
+        go.write_text("")
+        finish(procs, srv, client)
+        assert agent.forwarded() == (4 if redirect[0] == "ebpf" else 7)
+        wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, what="all closed")
+        before = agent.forwarded()
+        mesh_env.client(client, server.ip4, PORT)  # steered again
+        srv.next()
+        assert agent.forwarded() == before + 1
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_out_of_fds_the_agent_rests_instead_of_spinning(mesh_env, tmp_path):
+    """With few fds (splice costs 6 per connection), the forwarder stops
+    accepting when its budget is spent: the pod's extra connections go
+    direct, the loop does not spin, the warning is not repeated per wakeup,
+    and every byte still arrives."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--datapath", "splice", nofile=128)
+    try:
+        agent.attach(client)
+        status = agent.request("status")
+        budget = status["fd_budget"]
+        assert budget == 128 - 64
+        go = tmp_path / "go"
+        fits = budget // 6
+        procs = hold(mesh_env, client, server, fits, go)
+        wait_for(lambda: agent.pod_status("client")["connections_active"] == fits,
+                 what=f"{fits} forwarded")  # fmt: skip
+        wait_for(lambda: agent.pod_status("client")["paused"] >= 1, what="the pause")
+        direct = agent.decisions().get("not_attached", 0)
+        procs += hold(mesh_env, client, server, 4, go)  # no fds left for these: direct
+        wait_for(lambda: agent.decisions().get("not_attached", 0) >= direct + 4,
+                 what="4 to go direct")  # fmt: skip
+        assert agent.request("status")["fds_in_use"] == fits * 6
+        spun = agent.request("status")["loop_dispatched"]
+        time.sleep(1.0)  # a spinning loop would dispatch ~10^5 events here
+        assert agent.request("status")["loop_dispatched"] - spun < 200
+        assert agent.log().count("no room for new connections") <= 2
+        go.write_text("")
+        finish(procs, srv, client)
+        assert agent.forwarded() == fits
+        wait_for(lambda: agent.request("status")["fds_in_use"] == 0, what="fds given back")
+    finally:
+        assert agent.stop() == 0, agent.log()

@@ -101,6 +101,20 @@ def test_every_python_struct_matches_the_compiled_c():
             syscall.check_spec(wrong, maps["mesh_orig_tup"].info)
         with pytest.raises(ValueError, match="value of 4 bytes"):
             maps["mesh_peer"].update(abi.U64.pack(1), b"\0" * 4)
+        # Every raw map operation against the kernel, both key shapes.
+        peer = maps["mesh_peer"]
+        peer.update_u64(7, 8)
+        assert peer.lookup_u64(7) == 8 and peer.count() == 1
+        assert peer.delete_u64(7) is True and peer.lookup_u64(7) is None
+        assert peer.delete_u64(7) is False
+        pods = maps["mesh_pods"]
+        pods.update(abi.U64.pack(5), abi.pod_value(1, 15001))
+        assert pods.lookup(abi.U64.pack(5)) == abi.pod_value(1, 15001)
+        assert pods.delete(abi.U64.pack(5)) is True and pods.count() == 0
+        peer.update_u64(1, 2)
+        peer.update_u64(3, 4)
+        peer.delete_many_u64([1, 99, 3])  # a missing key in the middle
+        assert peer.count() == 0
         for mapfd in maps.values():
             mapfd.close()
     finally:

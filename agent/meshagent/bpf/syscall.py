@@ -266,7 +266,9 @@ class MapFd:
             raise BpfError(err, f"{self.name} update: {os.strerror(err)}")
 
     def _delete(self) -> bool:
-        return _libc.syscall(SYS_BPF, BPF_MAP_DELETE_ELEM, ctypes.addressof(self._elem), 32) == 0
+        # Only map_fd and key: the kernel refuses (EINVAL) a delete whose
+        # attr has anything after the key, and _elem holds the value pointer.
+        return _libc.syscall(SYS_BPF, BPF_MAP_DELETE_ELEM, ctypes.addressof(self._elem), 16) == 0
 
     def close(self) -> None:
         if self.fd >= 0:

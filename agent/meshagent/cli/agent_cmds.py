@@ -43,6 +43,14 @@ Examples:
     "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
 )
 @click.option(
+    "--pod-conns-max",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Connections one pod may have forwarded at once; beyond, its new ones go direct (ebpf)"
+    " or wait (iptables).",
+)
+@click.option(
     "--sockmap-sndbuf",
     type=int,
     default=8 << 20,
@@ -62,6 +70,7 @@ def run(
     exclude_cidrs: str | None,
     log_format: str,
     conns_max: int,
+    pod_conns_max: int,
     redirect: str,
     without: tuple[str, ...],
     iptables_flavour: str | None,
@@ -86,6 +95,7 @@ def run(
         exclude_cidrs=parse_cidrs(exclude_cidrs),
         log_format=log_format,
         conns_max=conns_max,
+        pod_conns_max=pod_conns_max,
         datapath=datapath,
         sockmap_sndbuf=sockmap_sndbuf,
         redirect=redirect,

@@ -20,11 +20,15 @@ from meshagent.forwarder.records import ConnRecord, Pending, PodSlot
 from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
-from meshagent.redirect import OrigLookup
+from meshagent.redirect import Steering
 
 CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
 RECENT_MAX = 256
+FD_RESERVE = 64  # fds kept for maps, listeners, control clients, netns
+PAUSE_FIRST = 0.05  # seconds a listener rests when there is no room, doubling
+PAUSE_MAX = 1.0
+LOG_EVERY = 5.0  # seconds between two "no room" lines of one pod
 
 
 def _writable_now(sock: socket.socket) -> bool:
@@ -40,6 +44,8 @@ class Forwarder:
         port: int,
         paths: dict[DataPathMode, DataPath],
         mode: DataPathMode = DataPathMode.COPY,
+        pod_conns_max: int = 4096,
+        fd_budget: int | None = None,
     ) -> None:
         self.loop = loop
         self.port = port
@@ -49,6 +55,10 @@ class Forwarder:
         self.conns: dict[Connection, tuple[PodSlot, ConnRecord]] = {}
         self.pending: dict[socket.socket, Pending] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
+        self.pod_conns_max = pod_conns_max
+        self.fd_budget = fd_budget if fd_budget is not None else _fd_budget()
+        self.fds_in_use = 0  # by forwarded connections, by each path's real cost
+        self._logged: dict[str, tuple[float, int]] = {}  # pod -> (when, suppressed)
         self.log = log.get()
         for path in paths.values():
             path.on_stall = self._stalled
@@ -59,14 +69,9 @@ class Forwarder:
         self.mode = mode
 
     # -- listeners ---------------------------------------------------------
-    def open_pod(
-        self, name: str, netns_fd: int, lookup: OrigLookup,
-        prepare: Callable[[socket.socket], None],
-    ) -> PodSlot:  # fmt: skip
-        """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns;
-        prepare(upstream) makes our own upstream sockets pass the pod's
-        redirect (called before each upstream connect)."""
-        slot = PodSlot(name, netns_fd, lookup, prepare)
+    def open_pod(self, name: str, netns_fd: int, steering: Steering) -> PodSlot:
+        """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
+        slot = PodSlot(name, netns_fd, steering)
         try:
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 sock = netns.socket_in(netns_fd, family)
@@ -113,24 +118,89 @@ class Forwarder:
 
     def _accept_all(self, slot: PodSlot, listener: socket.socket, limit: int = 1 << 20) -> None:
         for _ in range(limit):
+            why = self._no_room(slot)
+            if why:
+                self._pause(slot, why)
+                return
             try:
                 client, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.log.warning(
-                        "accept failed", extra={"pod": slot.name, "reason": exc.strerror}
-                    )
+                    self._shed_oldest_pending()
+                    self._pause(slot, f"accept: {exc.strerror}")
                     return
                 continue
+            slot.backoff = PAUSE_FIRST
             self._forward(slot, client, peer[0], peer[1])
+
+    # -- room: fds and the per-pod limit -------------------------------------
+    def _no_room(self, slot: PodSlot) -> str | None:
+        if slot.stats.connections_active >= self.pod_conns_max:
+            return f"the pod has {slot.stats.connections_active} connections open (--pod-conns-max)"
+        cost = self.paths[self.mode].fds_per_connection
+        if self.fds_in_use + cost > self.fd_budget:
+            return f"forwarded connections hold {self.fds_in_use} of {self.fd_budget} fds"
+        return None
+
+    def _pause(self, slot: PodSlot, why: str) -> None:
+        """Stop accepting for the pod (its new connections go direct where
+        its backend can do that) and look again later; never spin."""
+        if not slot.paused:
+            slot.paused = True
+            slot.stats.paused += 1
+            for sock in slot.listeners:
+                self.loop.modify(sock.fileno(), 0)
+            slot.steering.fail_open(True)
+        self._log_no_room(slot, why)
+        self.loop.call_later(slot.backoff, lambda: self._resume(slot))
+        slot.backoff = min(slot.backoff * 2, PAUSE_MAX)
+
+    def _resume(self, slot: PodSlot) -> None:
+        if not slot.paused or self.pods.get(slot.name) is not slot:
+            return
+        why = self._no_room(slot)
+        if why:
+            self._log_no_room(slot, why)
+            self.loop.call_later(slot.backoff, lambda: self._resume(slot))
+            slot.backoff = min(slot.backoff * 2, PAUSE_MAX)
+            return
+        slot.paused = False
+        slot.steering.fail_open(False)
+        for sock in slot.listeners:
+            self.loop.modify(sock.fileno(), select.EPOLLIN)
+            self._accept_all(slot, sock, ACCEPT_BATCH)
+        self.log.info("accepting again", extra={"pod": slot.name, "reason": "room again"})
+
+    def _log_no_room(self, slot: PodSlot, why: str) -> None:
+        now = time.monotonic()
+        when, suppressed = self._logged.get(slot.name, (0.0, 0))
+        if now - when < LOG_EVERY:
+            self._logged[slot.name] = (when, suppressed + 1)
+            return
+        more = f" ({suppressed} more since the last line)" if suppressed else ""
+        self.log.warning(
+            "no room for new connections: they go direct where the backend allows",
+            extra={"pod": slot.name, "reason": why + more},
+        )
+        self._logged[slot.name] = (now, 0)
+
+    def _shed_oldest_pending(self) -> None:
+        """Out of fds: the oldest connect still in flight gives its back."""
+        for upstream, entry in list(self.pending.items())[:1]:
+            del self.pending[upstream]
+            entry.timer.cancel()
+            self.loop.remove(upstream.fileno())
+            upstream.close()
+            self._fail(entry.slot, entry.record, entry.client, None, "shed: out of fds",
+                       entry.path, entry.state)  # fmt: skip
 
     # -- one connection ----------------------------------------------------
     def _forward(self, slot: PodSlot, client: socket.socket, peer_ip: str, peer_port: int) -> None:
         client.setblocking(False)
         conn = format_endpoint(peer_ip, peer_port)
-        orig = slot.lookup(client, peer_ip, peer_port)
+        orig = slot.steering.orig_dst(client, peer_ip, peer_port)
         if orig is None:
             slot.stats.no_orig_dst += 1
             self.log.warning(
@@ -155,6 +225,8 @@ class Forwarder:
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
         path = self.paths[self.mode]
         record.datapath = path.mode
+        record.fds = path.fds_per_connection
+        self.fds_in_use += record.fds
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
         state = path.accepted(client)
@@ -165,7 +237,7 @@ class Forwarder:
             self._fail(slot, record, client, None, f"upstream socket: {exc}", path, state)
             return
         try:
-            slot.prepare(upstream)
+            slot.steering.prepare_upstream(upstream)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             upstream.setblocking(False)
@@ -243,6 +315,7 @@ class Forwarder:
     ) -> None:
         slot.stats.upstream_errors += 1
         slot.stats.connections_active -= 1
+        self.fds_in_use -= record.fds
         path.abandon(state)
         reset_close(client)
         if upstream is not None:
@@ -263,6 +336,10 @@ class Forwarder:
     ) -> None:
         self.conns.pop(conn, None)
         slot.stats.connections_active -= 1
+        self.fds_in_use -= record.fds
+        if slot.paused:
+            slot.backoff = PAUSE_FIRST
+            self._resume(slot)
         slot.stats.bytes_out += conn.bytes_out
         slot.stats.bytes_in += conn.bytes_in
         record.bytes_out, record.bytes_in = conn.bytes_out, conn.bytes_in
@@ -300,6 +377,9 @@ class Forwarder:
 
     def snapshot(self) -> dict:
         return {
+            "fds_in_use": self.fds_in_use,
+            "fd_budget": self.fd_budget,
+            "pod_conns_max": self.pod_conns_max,
             "datapath": self.mode.value,
             "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
         }
@@ -320,3 +400,11 @@ class Forwarder:
             reset_close(entry.client)
         for path in self.paths.values():
             path.tick()  # the last batch of map deletes
+
+
+def _fd_budget() -> int:
+    """The fds forwarded connections may hold: the soft limit, less a reserve."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(soft - FD_RESERVE, 16)

@@ -57,6 +57,7 @@ class DataPathStats:
 
 class DataPath(ABC):
     mode: ClassVar[DataPathMode]
+    fds_per_connection: ClassVar[int] = 2  # the client and upstream sockets
 
     def __init__(self, loop: Loop) -> None:
         self.loop = loop

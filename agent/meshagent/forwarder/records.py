@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from meshagent.forwarder.datapath import DataPath
 from meshagent.host.loop import Timer
-from meshagent.redirect import OrigLookup
+from meshagent.redirect import Steering
 
 
 @dataclass
@@ -20,6 +19,7 @@ class PodStats:
     bytes_in: int = 0  # destination -> pod
     no_orig_dst: int = 0
     refused_loopback: int = 0  # a direct connection to the listener (would loop)
+    paused: int = 0  # times the forwarder had no room for its new connections
     upstream_errors: int = 0
     resets: int = 0
 
@@ -33,8 +33,9 @@ class PodSlot:
 
     name: str
     netns_fd: int
-    lookup: OrigLookup  # the pod's redirect backend: where was it going?
-    prepare: Callable[[socket.socket], None]  # the backend's mark on our upstream socket
+    steering: Steering  # the pod's redirect: where was it going, our upstream's pass
+    paused: bool = False  # no room for its new connections (they fail open where possible)
+    backoff: float = 0.05  # how long the next pause lasts
     listeners: list[socket.socket] = field(default_factory=list)
     stats: PodStats = field(default_factory=PodStats)
 
@@ -51,6 +52,7 @@ class ConnRecord:
     ended: float | None = None
     reason: str | None = None
     datapath: str = "copy"
+    fds: int = 0  # what it holds: 2 sockets, and 4 pipe ends with splice
 
     def to_dict(self) -> dict:
         return asdict(self)

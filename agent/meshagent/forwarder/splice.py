@@ -75,3 +75,4 @@ class SpliceLeg(Leg):
 class SplicePath(CopyPath):
     mode = DataPathMode.SPLICE
     leg = SpliceLeg
+    fds_per_connection = 6  # two sockets and a pipe (two ends) per direction

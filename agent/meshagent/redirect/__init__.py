@@ -9,14 +9,27 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from meshagent.modes import Backend as BackendName
 
-# (accepted socket, client ip, client port) -> original (ip, port), or None
-OrigLookup = Callable[[socket.socket, str, int], "tuple[str, int] | None"]
+
+class Steering(Protocol):
+    """One attached pod's redirect, as the forwarder uses it."""
+
+    def orig_dst(self, sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
+        """Where the accepted connection from (ip, port) was going."""
+        ...
+
+    def prepare_upstream(self, sock: socket.socket) -> None:
+        """Make the forwarder's upstream socket pass the redirect (before connect)."""
+        ...
+
+    def fail_open(self, on: bool) -> None:
+        """While on, the pod's new connections go direct where the backend
+        can do that (the forwarder is out of room for them)."""
+        ...
 
 
 @dataclass
@@ -61,11 +74,6 @@ class Backend(Protocol):
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None: ...
 
-    def lookup(self, pod: PodHandle) -> OrigLookup: ...
-
-    def prepare_upstream(self, sock: socket.socket) -> None:
-        """Make the forwarder's upstream socket pass this backend's steering
-        (called before connect)."""
-        ...
+    def steering(self, pod: PodHandle) -> Steering: ...
 
     def snapshot(self) -> dict: ...

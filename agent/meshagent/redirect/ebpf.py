@@ -13,7 +13,7 @@ from meshagent.bpf.loader import Loaded
 from meshagent.errors import MeshError
 from meshagent.host.sockets import socket_cookie
 from meshagent.modes import Backend
-from meshagent.redirect import OrigLookup, PodHandle
+from meshagent.redirect import PodHandle
 
 _ONE = abi.BYTE.pack(1)
 
@@ -53,22 +53,37 @@ class EbpfBackend:
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         pass
 
-    def lookup(self, pod: PodHandle) -> OrigLookup:
-        table, cookie = self.orig_tup, pod.netns_cookie
-
-        def orig(_sock, ip: str, port: int) -> tuple[str, int] | None:
-            raw = table.lookup(abi.client_key(cookie, ip, port))
-            return abi.orig_dst(raw) if raw is not None else None
-
-        return orig
-
-    def prepare_upstream(self, sock: socket.socket) -> None:
-        """The connect hook passes sockets whose cookie is in mesh_own (and
-        removes the entry): something a pod cannot forge, unlike a mark."""
-        self.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
+    def steering(self, pod: PodHandle) -> EbpfSteering:
+        return EbpfSteering(self, pod)
 
     def snapshot(self) -> dict:
         return {
             "attached_pods": self.pods.count(),
             "orig_entries": self.orig_tup.count(),
         }
+
+
+class EbpfSteering:
+    def __init__(self, backend: EbpfBackend, pod: PodHandle) -> None:
+        self.backend = backend
+        self.pod = pod
+        self.orig_tup = backend.orig_tup
+        self.own = backend.own
+        self.cookie = pod.netns_cookie
+
+    def orig_dst(self, _sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
+        raw = self.orig_tup.lookup(abi.client_key(self.cookie, ip, port))
+        return abi.orig_dst(raw) if raw is not None else None
+
+    def prepare_upstream(self, sock: socket.socket) -> None:
+        """The connect hook passes sockets whose cookie is in mesh_own (and
+        removes the entry): something a pod cannot forge, unlike a mark."""
+        self.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
+
+    def fail_open(self, on: bool) -> None:
+        """Out of the pod's map entry, its connects go direct (the hook's
+        not_attached); back in, they are steered again."""
+        if on:
+            self.backend.detach(self.pod)
+        else:
+            self.backend.attach(self.pod)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from meshagent.errors import MeshError
 from meshagent.modes import Backend, IptablesFlavour, values
-from meshagent.redirect import OrigLookup, PodHandle
+from meshagent.redirect import PodHandle
 from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
 
 FLAVOURS = tuple(values(IptablesFlavour))
@@ -165,17 +165,11 @@ class IptablesBackend:
         for family in (4, 6):
             self._teardown(netns_name, family, pod, quiet)
 
-    def prepare_upstream(self, sock: socket.socket) -> None:
-        """The nat rules RETURN on the skip mark. A pod with CAP_NET_ADMIN
-        can set it too and so bypass its own redirect (not anyone else's):
-        the ebpf backend does not trust marks."""
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.cfg.skip_mark)
-
     def snapshot(self) -> dict:
         return {"flavour": self.tools.flavour}
 
-    def lookup(self, pod: PodHandle) -> OrigLookup:
-        return lambda sock, _ip, _port: original_dst(sock)
+    def steering(self, pod: PodHandle) -> IptablesSteering:
+        return IptablesSteering(self.cfg.skip_mark)
 
     def _teardown(self, netns_name: str, family: int, pod: str, quiet: bool) -> None:
         try:
@@ -185,6 +179,24 @@ class IptablesBackend:
         except MeshError:
             if not quiet:
                 raise
+
+
+class IptablesSteering:
+    def __init__(self, skip_mark: int) -> None:
+        self.skip_mark = skip_mark
+
+    def orig_dst(self, sock: socket.socket, _ip: str, _port: int) -> tuple[str, int] | None:
+        return original_dst(sock)
+
+    def prepare_upstream(self, sock: socket.socket) -> None:
+        """The nat rules RETURN on the skip mark. A pod with CAP_NET_ADMIN
+        can set it too and so bypass its own redirect (not anyone else's):
+        the ebpf backend does not trust marks."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.skip_mark)
+
+    def fail_open(self, on: bool) -> None:
+        """Rules cannot fail open fast enough: new connections wait in the
+        listener's backlog until the forwarder has room."""
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
