@@ -66,11 +66,12 @@ class Agent:
         from meshagent.forwarder.sockmap_maps import SockmapMaps
 
         self.stack.callback(self.loop.close)
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_state_dir()
         _raise_fd_limit()
         self.cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
         self.plan = self._load()
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
         self.stack.callback(control.close)
         self._make_backends()
@@ -104,6 +105,25 @@ class Agent:
                 f" cgroup={self.cgroup_path} socket={self.cfg.socket_path}"
             },
         )
+
+    def _lock_state_dir(self) -> None:
+        """One agent per state dir, also when two start at the same moment
+        (the socket check alone is a race): an flock held for the agent's life."""
+        import fcntl
+
+        self.store.check_safe()
+        path = self.cfg.state_dir / "agent.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MeshError(
+                f"another agent runs with state dir {self.cfg.state_dir}: stop it first,"
+                " or use another --state-dir"
+            ) from None
+        self.stack.callback(os.close, fd)
+        self.stack.callback(path.unlink, missing_ok=True)
 
     def _load(self) -> Plan:
         """Plan, then load what the plan names. A program the kernel refuses

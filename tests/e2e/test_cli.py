@@ -31,7 +31,7 @@ def residue(env, agent_pid: int | None = None) -> list[str]:
         left.append(f"bpf programs on {env.cgroup_path}")
     if os.path.exists("/sys/fs/bpf/meshagent"):
         left.append("pinned objects under /sys/fs/bpf/meshagent")
-    for name in ("agent.sock", "agent.json", "node.json", "pods"):
+    for name in ("agent.sock", "agent.json", "agent.lock", "node.json", "pods"):
         if (env.state_dir / name).exists():
             left.append(f"state {name}")
     if agent_pid is not None and os.path.exists(f"/proc/{agent_pid}"):

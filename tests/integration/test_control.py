@@ -7,10 +7,12 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import start_agent
+from conftest import start_agent, wait_for
+from meshagent.control import agent_running
 
 MALFORMED = [
     (b"not json", "not JSON"),
@@ -98,16 +100,13 @@ def test_a_failing_handler_and_an_oversized_request_get_one_line(control, mesh_e
     replies = [json.loads(line) for line in data.splitlines()]
     assert [r["ok"] for r in replies] == [True, False, True]
     assert agent.pod_status("client")["backend"] == "ebpf"
-    # A handler that fails with something no one foresaw (a NUL in a netns
-    # name makes os.open raise ValueError): one line back, the traceback in
-    # the agent's log, and the agent still serves.
+    # A record naming a namespace that is not its pod's (here with a NUL):
+    # refused as untrusted, in one line.
     record = {"name": "nul", "netns": "mesh-\u0000x", "ip4": "10.0.0.9", "ip6": "fd00::9",
               "host_veth": "meshnul", "cgroup": "x/nul", "bridge": "x"}  # fmt: skip
     (mesh_env.state_dir / "pods" / "nul.json").write_text(json.dumps(record))
     reply = ask(path, b'{"op": "attach", "pod": "nul"}')
-    assert reply["ok"] is False
-    assert reply["error"].startswith("internal error in 'attach': ValueError")
-    assert "control request failed" in agent.log()
+    assert reply["ok"] is False and "its record names netns" in reply["error"]
     assert agent.request("status")["pods"][0]["name"] == "client"
 
 
@@ -123,3 +122,37 @@ def test_a_state_dir_too_long_for_a_unix_socket_is_one_line(mesh_env):
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "more than a unix socket path allows" in lines[0], lines[0]
     assert not long_dir.exists()
+
+
+def test_two_agents_started_at_once_one_runs_the_other_says_why(mesh_env):
+    argv = [sys.executable, "-m", "meshagent", "run", "--cgroup", mesh_env.cgroup_rel]
+    procs = [
+        subprocess.Popen(
+            argv, env=mesh_env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    mesh_env.procs.extend(procs)
+    try:
+        loser = None
+        for _ in range(600):
+            done = [p for p in procs if p.poll() is not None]
+            if done:
+                loser = done[0]
+                break
+            time.sleep(0.1)
+        assert loser is not None, "neither agent refused the other"
+        _out, err = loser.communicate(timeout=10)
+        assert loser.returncode == 1
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert "another agent runs" in lines[0] or "an agent already runs" in lines[0]
+        winner = next(p for p in procs if p is not loser)
+        wait_for(lambda: agent_running(mesh_env.state_dir / "agent.sock"), 120,
+                 "the other agent")  # fmt: skip
+        assert winner.poll() is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)

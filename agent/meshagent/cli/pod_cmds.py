@@ -97,16 +97,19 @@ def delete(app: App, name: str) -> None:
 @click.pass_obj
 def list_(app: App, output: str) -> None:
     """List pods."""
-    pods = app.store().all()
+    pods, problems = app.store().scan()
+    for problem in problems:
+        click.echo(f"meshagent: error: {problem}", err=True)
     if output == "json":
         click.echo(json.dumps([p.to_dict() for p in pods], indent=2))
-        return
-    if not pods:
+    elif not pods:
         click.echo("no pods")
-        return
-    click.echo(f"{'NAME':20} {'IPV4':15} {'IPV6':28} NETNS")
-    for p in pods:
-        click.echo(f"{p.name:20} {p.ip4:15} {p.ip6:28} {p.netns}")
+    else:
+        click.echo(f"{'NAME':20} {'IPV4':15} {'IPV6':28} NETNS")
+        for p in pods:
+            click.echo(f"{p.name:20} {p.ip4:15} {p.ip6:28} {p.netns}")
+    if problems:
+        raise SystemExit(1)
 
 
 @pod.command(

@@ -116,3 +116,31 @@ def allocate(node: NodeConfig, used4: set[str], wanted: str | None = None) -> tu
             )
     index = int(ip) - int(net4.network_address)
     return str(ip), str(net6.network_address + index)
+
+
+def check_record(pod: Pod, node: NodeConfig | None) -> None:
+    """A record read from disk names only what this project made for that
+    pod on this node: its own netns, cgroup, veth and addresses. Anything
+    else (say a netns path that leads to the host's) is refused."""
+    validate_name(pod.name)
+    if node is None:
+        raise MeshError(f"pod {pod.name}: a record without the node's (node.json is missing)")
+    expected = {
+        "netns": node.netns_prefix + pod.name,
+        "cgroup": f"{node.cgroup_parent.strip('/')}/{pod.name}",
+        "host_veth": host_veth_name(node.netns_prefix + pod.name),
+        "bridge": node.bridge,
+    }
+    for field, value in expected.items():
+        if getattr(pod, field) != value:
+            raise MeshError(
+                f"pod {pod.name}: its record names {field} {getattr(pod, field)!r},"
+                f" not this node's {value!r}"
+            )
+    for address, cidr in ((pod.ip4, node.cidr4), (pod.ip6, node.cidr6)):
+        try:
+            inside = ipaddress.ip_address(address) in ipaddress.ip_network(cidr)
+        except ValueError:
+            inside = False
+        if not inside:
+            raise MeshError(f"pod {pod.name}: its record's address {address!r} is not in {cidr}")

@@ -105,7 +105,12 @@ def create_pod(
         ns_name = node.netns_prefix + name
         if netns.exists(ns_name):
             raise MeshError(f"pod {name}: network namespace {ns_name} already exists")
-        ip4, ip6 = allocate(node, {p.ip4 for p in store.all()}, ip)
+        pods, problems = store.scan()
+        if problems:
+            raise MeshError(
+                f"{problems[0]}: fix or remove that record first (`meshagent pod list`)"
+            )
+        ip4, ip6 = allocate(node, {p.ip4 for p in pods}, ip)
         cg_root = cgroup.cgroup2_mount()
         pod = Pod(
             name=name,
@@ -161,12 +166,12 @@ def delete_pod(store: PodStore, name: str) -> Pod:
             pyr_netns.remove(pod.netns)
         _delete_link(pod.host_veth)
         store.drop(name)
-        if not store.all():
+        if not store.all() and not store.problems():  # the node's parts go with the last pod
             node = store.node()
             if node is not None:
                 _unmake_node(node, store.node_made())
             store.drop_node()
-    if not store.all():
+    if not store.all() and not store.problems():
         store.cleanup_dirs()
     return pod
 

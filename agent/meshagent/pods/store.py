@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from meshagent.errors import MeshError
-from meshagent.pods.model import NodeConfig, Pod, validate_name
+from meshagent.pods.model import NodeConfig, Pod, check_record, validate_name
 
 
 class PodStore:
@@ -23,6 +23,7 @@ class PodStore:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
+        self.check_safe()
         self.pods_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         fd = os.open(self.state_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -59,11 +60,15 @@ class PodStore:
         validate_name(name)
         path = self.pods_dir / f"{name}.json"
         try:
-            return Pod(**json.loads(path.read_text()))
+            pod = Pod(**json.loads(path.read_text()))
         except FileNotFoundError:
             raise MeshError(f"pod {name}: no such pod (see `meshagent pod list`)") from None
         except (OSError, ValueError, TypeError) as exc:
             raise MeshError(f"pod {name}: its record {path} is unreadable ({exc})") from None
+        if pod.name != name:
+            raise MeshError(f"pod {name}: its record {path} names pod {pod.name!r}")
+        check_record(pod, self.node())
+        return pod
 
     def find(self, name: str) -> Pod | None:
         try:
@@ -78,15 +83,37 @@ class PodStore:
         (self.pods_dir / f"{name}.json").unlink(missing_ok=True)
 
     def all(self) -> list[Pod]:
+        """The valid records (see problems() for the others)."""
+        return self.scan()[0]
+
+    def problems(self) -> list[str]:
+        """One line per record that cannot be trusted: never silently hidden."""
+        return self.scan()[1]
+
+    def scan(self) -> tuple[list[Pod], list[str]]:
         if not self.pods_dir.is_dir():
-            return []
-        pods = []
+            return [], []
+        pods, problems = [], []
         for path in sorted(self.pods_dir.glob("*.json")):
             try:
-                pods.append(Pod(**json.loads(path.read_text())))
-            except (OSError, ValueError, TypeError):
-                continue
-        return pods
+                pods.append(self.get(path.stem))
+            except MeshError as exc:
+                problems.append(str(exc))
+        return pods, problems
+
+    def check_safe(self) -> None:
+        """The state dir decides what the agent attaches: only its owner may
+        write there."""
+        try:
+            st = self.state_dir.stat()
+        except FileNotFoundError:
+            return
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise MeshError(
+                f"state dir {self.state_dir} is owned by uid {st.st_uid} with mode"
+                f" {st.st_mode & 0o777:o}: only its owner (uid {os.geteuid()}) may write there;"
+                f" fix it with chown {os.geteuid()} and chmod go-w"
+            )
 
     def cleanup_dirs(self) -> None:
         """Remove the state dir's pod parts once no pod is left."""
