@@ -96,6 +96,7 @@ class MeshEnv:
             "MESHAGENT_POD_CIDR6": self.cidr6,
             "MESHAGENT_CGROUP_PARENT": f"{self.cgroup_rel}/pods",
             "MESHAGENT_NETNS_PREFIX": f"mt{self.tag}-",
+            "MESHAGENT_METRICS_ADDR": "127.0.0.1:0",  # any free port: agents never collide
         }
 
     def node(self):

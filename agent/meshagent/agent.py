@@ -50,6 +50,9 @@ class Agent:
         self.datapath_reason = ""
         self.started = time.time()
         self.ready = False
+        self.heartbeat = time.monotonic()  # the loop's last turn (for /healthz)
+        self.published: dict = {}  # the loop's counters, for the metrics thread
+        self.metrics = None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -68,6 +71,7 @@ class Agent:
         self.stack.callback(self.loop.close)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_state_dir()
+        self._serve_metrics()
         _raise_fd_limit()
         self.cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
@@ -93,6 +97,7 @@ class Agent:
         self.stack.callback(self.pods.finish_draining, everything=True)
         self.stack.callback(self.forwarder.close)
         self.stack.callback(self.pods.detach_all)
+        self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
         self._write_info()
         self.stack.callback(self._info_path().unlink, missing_ok=True)
@@ -105,6 +110,34 @@ class Agent:
                 f" cgroup={self.cgroup_path} socket={self.cfg.socket_path}"
             },
         )
+
+    def _serve_metrics(self) -> None:
+        """Up before anything is loaded, so /readyz says 503 until it is."""
+        from meshagent.metrics import Collector, MetricsServer, healthy_since, parse_addr
+
+        addr = parse_addr(self.cfg.metrics_addr)
+        if addr is None:
+            return
+        collector = Collector(lambda: self.published, None)
+        self.metrics = MetricsServer(
+            addr, collector, healthy_since(lambda: self.heartbeat), lambda: self.ready
+        )
+        self.stack.callback(self.metrics.close)
+        self._collector = collector
+
+    def _publish(self) -> None:
+        """The loop's counters, copied for the metrics thread (once a second)."""
+        self.heartbeat = time.monotonic()
+        if self.metrics is None:
+            return
+        self._collector.loaded = self.loaded
+        self.published = {
+            **self.forwarder.counters(),
+            "kernel": self.probe.kernel,
+            "backend": self.plan.backend.value if self.plan.backend else "none",
+            "datapath": self.forwarder.mode.value,
+            "attach_seconds": tuple(self.pods.attach_seconds),
+        }
 
     def _lock_state_dir(self) -> None:
         """One agent per state dir, also when two start at the same moment
@@ -207,6 +240,7 @@ class Agent:
         self.pods.finish_draining()
         self.pods.drop_vanished()
         self.forwarder.tick()
+        self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def set_datapath(self, mode: DataPathMode) -> dict:
@@ -274,6 +308,7 @@ class Agent:
             "datapath_reason": self.datapath_reason,
             "loop_errors": self.loop.errors,
             "loop_dispatched": self.loop.dispatched,
+            "metrics_addr": self.metrics.address if self.metrics else None,
         }
 
     def dispatch(self, request: Request) -> dict:

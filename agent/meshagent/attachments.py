@@ -56,12 +56,21 @@ class Attachments:
         self.default = default
         self.pods: dict[str, AttachedPod] = {}
         self._next_pod_id = 1
+        self.attach_seconds: list[float] = []  # for the metrics' histogram
         self.log = log.get()
 
     def attached(self) -> list[AttachedPod]:
         return [pod for _name, pod in sorted(self.pods.items()) if not pod.draining]
 
     def attach(self, name: str, redirect: BackendName | None = None) -> dict:
+        started = time.monotonic()
+        reply = self._attach(name, redirect)
+        if not reply["already"]:
+            self.attach_seconds.append(time.monotonic() - started)
+            del self.attach_seconds[:-1024]
+        return reply
+
+    def _attach(self, name: str, redirect: BackendName | None) -> dict:
         pod = self.store.get(name)
         current = self.pods.get(name)
         if current is not None and not current.draining:

@@ -38,6 +38,7 @@ class AgentConfig:
     pods_max: int = 1024
     conns_max: int = 65536
     pod_conns_max: int = 4096  # connections one pod may have forwarded at once
+    metrics_addr: str = "127.0.0.1:15090"  # /metrics, /healthz, /readyz; "off": none
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())
@@ -58,6 +59,9 @@ class AgentConfig:
         if not 0 <= self.sockmap_sndbuf <= 1 << 30:
             raise MeshError("--sockmap-sndbuf must be between 0 and 1 GiB")
         check_socket_path(self.socket_path)
+        from meshagent.metrics import parse_addr
+
+        parse_addr(self.metrics_addr)
         if not 16 <= self.conns_max <= 1 << 22:
             raise MeshError("conns_max must be between 16 and 4194304")
         if not 1 <= self.pod_conns_max <= 1 << 22:

@@ -108,7 +108,7 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
             cleanup.callback(log_file.close)
             agent = subprocess.Popen(
                 [sys.executable, "-m", "meshagent", "--state-dir", str(state_dir), "run",
-                 "--cgroup", cg],
+                 "--cgroup", cg, "--metrics-addr", "127.0.0.1:0"],
                 stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
             cleanup.callback(_stop, agent)

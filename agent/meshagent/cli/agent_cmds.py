@@ -43,6 +43,13 @@ Examples:
     "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
 )
 @click.option(
+    "--metrics-addr",
+    default="127.0.0.1:15090",
+    show_default=True,
+    envvar="MESHAGENT_METRICS_ADDR",
+    help="Where /metrics, /healthz and /readyz are served (HOST:PORT), or off.",
+)
+@click.option(
     "--pod-conns-max",
     type=int,
     default=4096,
@@ -70,6 +77,7 @@ def run(
     exclude_cidrs: str | None,
     log_format: str,
     conns_max: int,
+    metrics_addr: str,
     pod_conns_max: int,
     redirect: str,
     without: tuple[str, ...],
@@ -96,6 +104,7 @@ def run(
         log_format=log_format,
         conns_max=conns_max,
         pod_conns_max=pod_conns_max,
+        metrics_addr=metrics_addr,
         datapath=datapath,
         sockmap_sndbuf=sockmap_sndbuf,
         redirect=redirect,

@@ -8,7 +8,7 @@ import ipaddress
 import select
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 from meshagent import log
@@ -59,6 +59,10 @@ class Forwarder:
         self.fd_budget = fd_budget if fd_budget is not None else _fd_budget()
         self.fds_in_use = 0  # by forwarded connections, by each path's real cost
         self._logged: dict[str, tuple[float, int]] = {}  # pod -> (when, suppressed)
+        # For the metrics: how connections ended, bytes moved, what failed.
+        self.outcomes: Counter[tuple[str, str, str]] = Counter()  # (pod, datapath, result)
+        self.moved: Counter[tuple[str, str, str]] = Counter()  # (pod, direction, datapath)
+        self.errors: Counter[str] = Counter()
         self.log = log.get()
         for path in paths.values():
             path.on_stall = self._stalled
@@ -203,6 +207,7 @@ class Forwarder:
         orig = slot.steering.orig_dst(client, peer_ip, peer_port)
         if orig is None:
             slot.stats.no_orig_dst += 1
+            self.errors["no_orig_dst"] += 1
             self.log.warning(
                 "no original destination; closing",
                 extra={"pod": slot.name, "conn": conn, "reason": "no_orig_dst"},
@@ -215,6 +220,7 @@ class Forwarder:
             # connection to the listener (SO_ORIGINAL_DST reports the listener
             # itself). Forwarding it would connect to ourselves, forever.
             slot.stats.refused_loopback += 1
+            self.errors["orig_dst_loopback"] += 1
             self.log.warning(
                 "refused: a direct connection to the listener",
                 extra={"pod": slot.name, "conn": conn, "reason": "orig_dst_loopback",
@@ -315,6 +321,7 @@ class Forwarder:
     ) -> None:
         slot.stats.upstream_errors += 1
         slot.stats.connections_active -= 1
+        self.errors["upstream"] += 1
         self.fds_in_use -= record.fds
         path.abandon(state)
         reset_close(client)
@@ -343,11 +350,14 @@ class Forwarder:
         slot.stats.bytes_out += conn.bytes_out
         slot.stats.bytes_in += conn.bytes_in
         record.bytes_out, record.bytes_in = conn.bytes_out, conn.bytes_in
+        self.moved[(slot.name, "out", record.datapath)] += conn.bytes_out
+        self.moved[(slot.name, "in", record.datapath)] += conn.bytes_in
         if reason is not None:
             slot.stats.resets += 1
         self._end(record, "reset" if reason else "closed", reason)
 
     def _end(self, record: ConnRecord, state: str, reason: str | None) -> None:
+        self.outcomes[(record.pod, record.datapath, state)] += 1
         record.state = state
         record.reason = reason
         record.ended = time.time()
@@ -374,6 +384,16 @@ class Forwarder:
             live.append(record.to_dict())
         live.extend(p.record.to_dict() for p in self.pending.values())
         return [r.to_dict() for r in self.recent] + live
+
+    def counters(self) -> dict:
+        """Copies for the metrics thread (taken on the loop)."""
+        return {
+            "outcomes": dict(self.outcomes),
+            "bytes": dict(self.moved),
+            "errors": dict(self.errors),
+            "active": {name: slot.stats.connections_active for name, slot in self.pods.items()},
+            "handoff_bytes": sum(p.stats.handoff_bytes for p in self.paths.values()),
+        }
 
     def snapshot(self) -> dict:
         return {

@@ -1,0 +1,199 @@
+"""Prometheus metrics and health, served by `meshagent run --metrics-addr`.
+
+/metrics: a collector that reads the BPF maps at scrape time and the
+forwarder's counters from a snapshot the event loop publishes once a second
+(the HTTP thread never touches the loop's objects, so a scrape never stalls
+forwarding). /healthz: the loop has turned within HEALTHY_SECONDS.
+/readyz: programs attached and the control API up.
+
+Names are meshagent_*, counters end in _total, sizes in _bytes; labels are
+names (pod, reason, datapath), never addresses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from meshagent import __version__
+from meshagent.errors import MeshError
+
+HEALTHY_SECONDS = 5.0
+ATTACH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+def parse_addr(text: str) -> tuple[str, int] | None:
+    """'127.0.0.1:15090' -> ('127.0.0.1', 15090); '' or 'off' -> None."""
+    if text in ("", "off"):
+        return None
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not host or not 0 <= number <= 65535:
+        raise MeshError(f"--metrics-addr {text!r}: use HOST:PORT (e.g. 127.0.0.1:15090) or off")
+    return host.strip("[]"), number
+
+
+class Collector:
+    """Yields the metric families; `published` is the loop's latest snapshot
+    (replaced whole, never mutated), `loaded` the BPF side (map syscalls are
+    safe from any thread)."""
+
+    def __init__(self, snapshot: Callable[[], dict], loaded) -> None:
+        self.snapshot = snapshot
+        self.loaded = loaded
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.snapshot()
+        if not snap:  # the agent is still starting: nothing counted yet
+            return
+        info = GaugeMetricFamily(
+            "meshagent_build_info", "Version, kernel, backend and data path", labels=[
+                "version", "kernel", "backend", "datapath"],
+        )  # fmt: skip
+        info.add_metric([__version__, snap["kernel"], snap["backend"], snap["datapath"]], 1)
+        yield info
+        conns = CounterMetricFamily(
+            "meshagent_connections", "Forwarded connections by how they ended",
+            labels=["pod", "datapath", "result"],
+        )  # fmt: skip
+        for (pod, datapath, result), count in sorted(snap["outcomes"].items()):
+            conns.add_metric([pod, datapath, result], count)
+        yield conns
+        moved = CounterMetricFamily(
+            "meshagent_bytes", "Bytes forwarded (finished connections)",
+            labels=["pod", "direction", "datapath"],
+        )  # fmt: skip
+        for (pod, direction, datapath), count in sorted(snap["bytes"].items()):
+            moved.add_metric([pod, direction, datapath], count)
+        yield moved
+        active = GaugeMetricFamily(
+            "meshagent_active_connections", "Connections forwarded now", labels=["pod"]
+        )
+        for pod, count in sorted(snap["active"].items()):
+            active.add_metric([pod], count)
+        yield active
+        errors = CounterMetricFamily(
+            "meshagent_forwarder_errors", "Connections the forwarder could not carry",
+            labels=["reason"],
+        )  # fmt: skip
+        for reason, count in sorted(snap["errors"].items()):
+            errors.add_metric([reason], count)
+        yield errors
+        yield CounterMetricFamily(
+            "meshagent_sockmap_handoff_bytes", "Bytes Python carried before the kernel spliced",
+            value=snap["handoff_bytes"],
+        )  # fmt: skip
+        yield from self._bpf()
+        yield _histogram(snap["attach_seconds"])
+
+    def _bpf(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        if self.loaded is None:
+            return
+        decisions = CounterMetricFamily(
+            "meshagent_decisions", "The BPF programs' decisions by reason", labels=["reason"]
+        )
+        for reason, by_direction in sorted(self.loaded.metrics().items()):
+            decisions.add_metric([reason], sum(by_direction.values()))
+        yield decisions
+        entries = GaugeMetricFamily("meshagent_bpf_map_entries", "Entries", labels=["map"])
+        capacity = GaugeMetricFamily("meshagent_bpf_map_capacity", "Max entries", labels=["map"])
+        for name, mapfd in sorted(self.loaded.maps.items()):
+            capacity.add_metric([name], mapfd.info.max_entries)
+            if mapfd.info.map_type not in (2, 6):  # arrays: every slot always exists
+                entries.add_metric([name], mapfd.count())
+        yield entries
+        yield capacity
+
+
+def _histogram(observations: tuple[float, ...]):
+    from prometheus_client.core import HistogramMetricFamily
+
+    buckets = [[str(bound), sum(1 for o in observations if o <= bound)] for bound in ATTACH_BUCKETS]
+    buckets.append(["+Inf", len(observations)])
+    return HistogramMetricFamily(
+        "meshagent_attach_seconds", "How long attaching a pod took",
+        buckets=buckets, sum_value=sum(observations),
+    )  # fmt: skip
+
+
+class MetricsServer:
+    """A small HTTP server in a thread of its own."""
+
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        collector: Collector,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+    ) -> None:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.process_collector import ProcessCollector
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        ProcessCollector(namespace="meshagent", registry=registry)
+        self.registry = registry
+        handler = _handler(registry, healthy, ready)
+        try:
+            self.httpd = ThreadingHTTPServer(addr, handler)
+        except OSError as exc:
+            raise MeshError(
+                f"cannot serve metrics on {addr[0]}:{addr[1]}: {exc.strerror};"
+                " choose another --metrics-addr (or off)"
+            ) from None
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"{host}:{port}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def _handler(registry, healthy, ready):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = healthy()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"the loop is stuck\n")
+            elif path == "/readyz":
+                ok = ready()
+                self._send(200 if ok else 503, b"ready\n" if ok else b"starting\n")
+            else:
+                self._send(404, b"/metrics, /healthz or /readyz\n")
+
+        def _send(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:  # no access log on stderr
+            pass
+
+    return Handler
+
+
+def healthy_since(heartbeat: Callable[[], float]) -> Callable[[], bool]:
+    return lambda: time.monotonic() - heartbeat() < HEALTHY_SECONDS

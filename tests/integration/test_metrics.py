@@ -1,0 +1,107 @@
+"""Prometheus metrics and health from a running agent, read with
+prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import start_agent, wait_for
+
+PORT = 8080
+
+
+def get(addr: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{addr}{path}", timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(addr: str) -> dict[tuple[str, tuple], float]:
+    status, text = get(addr, "/metrics")
+    assert status == 200
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    """The sum over every sample of name whose labels include these."""
+    wanted = set(labels.items())
+    return sum(v for (n, got), v in metrics.items() if n == name and wanted <= set(got))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_readyz_is_503_until_the_programs_are_attached(mesh_env):
+    addr = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshagent", "run", "--cgroup", mesh_env.cgroup_rel,
+         "--metrics-addr", addr],
+        env=mesh_env.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    mesh_env.procs.append(proc)
+    seen: list[int] = []
+    deadline = time.monotonic() + 120
+    while 200 not in seen and time.monotonic() < deadline:
+        try:
+            seen.append(get(addr, "/readyz")[0])
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.01)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    assert 503 in seen and seen[-1] == 200, seen
+    assert seen.index(200) > seen.index(503)
+
+
+def test_a_scrape_counts_exactly_the_connections_and_bytes(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "500")
+    agent = start_agent(mesh_env)
+    try:
+        addr = agent.request("status")["metrics_addr"]
+        assert get(addr, "/healthz")[0] == 200 and get(addr, "/readyz")[0] == 200
+        before = samples(addr)
+        agent.attach(client)
+        for _ in range(3):
+            mesh_env.client(client, server.ip4, PORT, "--send", "1000")
+            srv.next()
+        labels = {"pod": "client"}  # over every data path (a pair may fall back to copy)
+
+        def counted() -> dict | None:
+            now = samples(addr)
+            done = value(now, "meshagent_connections_total", result="closed", **labels)
+            return now if done == 3 else None
+
+        now = wait_for(counted, what="the metrics to show 3 connections")
+        assert value(now, "meshagent_bytes_total", direction="out", **labels) == 3000
+        assert value(now, "meshagent_bytes_total", direction="in", **labels) == 1500
+        steered = value(now, "meshagent_decisions_total", reason="steered")
+        assert steered - value(before, "meshagent_decisions_total", reason="steered") == 3
+        assert value(now, "meshagent_active_connections", pod="client") == 0
+        assert value(now, "meshagent_bpf_map_capacity", map="mesh_orig_tup") == 65536
+        assert value(now, "meshagent_attach_seconds_count") == 1
+        assert value(now, "meshagent_process_open_fds") > 0
+        build = [k for k in now if k[0] == "meshagent_build_info"]
+        assert build and dict(build[0][1])["backend"] == "ebpf"
+        text = get(addr, "/metrics")[1]
+        assert server.ip4 not in text and client.ip4 not in text  # no addresses as labels
+        assert get(addr, "/nosuch")[0] == 404
+    finally:
+        assert agent.stop() == 0, agent.log()
