@@ -5,7 +5,7 @@
  * Decides: steer or go direct (with a counted reason).
  * Must never: fail a connect (always returns 1), steer the forwarder's own
  * upstream (its cookie in mesh_own), steer when nobody listens (fail open).
- * Minimum kernel: 5.7 (bpf_get_netns_cookie in sock_addr programs). */
+ * Minimum kernel: 5.8 (the trace ring buffer; bpf_get_netns_cookie 5.7). */
 #include "include/steer.h"
 
 int mesh_connect4(struct bpf_sock_addr *ctx)

@@ -3,7 +3,7 @@
  * IPv4-mapped (::ffff:a.b.c.d, a dual-stack socket reaching IPv4) is steered
  * to ::ffff:127.0.0.1, the IPv4 listener; any other to [::1]:<port>.
  * Must never: fail a connect, steer the forwarder's upstream (mesh_own), steer when
- * nobody listens. Minimum kernel: 5.7. */
+ * nobody listens. Minimum kernel: 5.8. */
 #include "include/steer.h"
 
 int mesh_connect6(struct bpf_sock_addr *ctx)

@@ -9,6 +9,7 @@
 #include "include/maps.h"
 #include "include/metrics.h"
 #include "include/addr.h"
+#include "include/trace.h"
 
 static __always_inline void mesh_client_key(struct bpf_sock_ops *skops,
 					    struct mesh_tuple *key)
@@ -59,6 +60,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	/* OR ours in: other programs' callback flags stay as they were. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	mesh_count(MESH_REASON_REKEYED, MESH_DIR_EGRESS);
+	mesh_event(MESH_EV_ESTABLISHED, MESH_REASON_REKEYED, orig.netns, cookie, &orig.addr,
+		   orig.port);
 }
 
 static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
@@ -75,6 +78,8 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 	if (live)
 		__sync_fetch_and_add(live, -1);
 	mesh_count(MESH_REASON_CLOSED, MESH_DIR_EGRESS);
+	mesh_event(MESH_EV_CLOSED, MESH_REASON_CLOSED, key.netns, bpf_get_socket_cookie(skops),
+		   &key.addr, key.port);
 }
 
 int mesh_sockops(struct bpf_sock_ops *skops)

@@ -53,6 +53,7 @@ class Agent:
         self.heartbeat = time.monotonic()  # the loop's last turn (for /healthz)
         self.published: dict = {}  # the loop's counters, for the metrics thread
         self.metrics = None
+        self.tracer = None  # the running `meshagent trace`, if any
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -169,7 +170,7 @@ class Agent:
             raise MeshError(current.error)
         if not current.programs:
             return current
-        compiled, fds, refused = loader.load_programs(self.cfg, current.programs)
+        compiled, fds, refused = loader.load_programs(self.cfg, current.programs, current.cflags)
         try:
             if refused:
                 current = self._replan(refused)
@@ -309,6 +310,7 @@ class Agent:
             "loop_errors": self.loop.errors,
             "loop_dispatched": self.loop.dispatched,
             "metrics_addr": self.metrics.address if self.metrics else None,
+            "tracing": self.tracer is not None,
         }
 
     def dispatch(self, request: Request) -> dict:
@@ -324,6 +326,10 @@ class Agent:
             from meshagent.status import agent_status
 
             return agent_status(self)
+        if op == "trace":
+            from meshagent import tracing
+
+            return tracing.start(self, request)
         if op == "connections":
             return {"connections": self.forwarder.connections()}
         if op == "datapath":

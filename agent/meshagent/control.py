@@ -29,8 +29,9 @@ MAX_REQUEST = 64 * 1024
 class Request:
     """One decoded request, with typed access that fails as one line."""
 
-    def __init__(self, data: dict) -> None:
+    def __init__(self, data: dict, conn: socket.socket | None = None) -> None:
         self.data = data
+        self.conn = conn  # for a reply that streams (trace)
 
     def op(self) -> str:
         return self.text("op")
@@ -61,6 +62,7 @@ class ControlServer:
         self.path = path
         self.dispatch = dispatch
         self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.closers: dict[int, Callable[[], None]] = {}  # streaming replies: when they end
         check_socket_path(path)
         _claim_socket_path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -110,9 +112,18 @@ class ControlServer:
         return handle
 
     def _answer(self, conn: socket.socket, line: bytes) -> None:
-        self._reply(conn, self._handle(line))
+        reply = self._handle(line, conn)
+        fds = reply.pop("_fds", ())
+        closer = reply.pop("_on_close", None)
+        if closer is not None:
+            self.closers[conn.fileno()] = closer
+        try:
+            self._reply(conn, reply, fds)
+        finally:
+            for fd in fds:  # the dispatcher's copies: the client has its own now
+                os.close(fd)
 
-    def _handle(self, line: bytes) -> dict:
+    def _handle(self, line: bytes, conn: socket.socket) -> dict:
         try:
             request = json.loads(line)
         except ValueError as exc:
@@ -120,7 +131,7 @@ class ControlServer:
         if not isinstance(request, dict):
             return {"ok": False, "error": "bad request: not a JSON object"}
         try:
-            return {"ok": True, **self.dispatch(Request(request))}
+            return {"ok": True, **self.dispatch(Request(request, conn))}
         except MeshError as exc:
             return {"ok": False, "error": _one_line(str(exc))}
         except Exception as exc:
@@ -131,11 +142,15 @@ class ControlServer:
                 "error": _one_line(f"internal error in {op!r}: {type(exc).__name__}: {exc}"),
             }
 
-    def _reply(self, conn: socket.socket, reply: dict) -> None:
+    def _reply(self, conn: socket.socket, reply: dict, fds=()) -> None:
         conn.setblocking(True)
         try:
             conn.settimeout(5)
-            conn.sendall(json.dumps(reply, default=str).encode() + b"\n")
+            data = json.dumps(reply, default=str).encode() + b"\n"
+            if fds:  # passed with the first byte (SCM_RIGHTS), the rest follows
+                socket.send_fds(conn, [data[:1]], list(fds))
+                data = data[1:]
+            conn.sendall(data)
         except OSError:
             self._drop(conn)
             return
@@ -146,6 +161,9 @@ class ControlServer:
         if conn.fileno() < 0:
             return
         self.clients.pop(conn.fileno(), None)
+        closer = self.closers.pop(conn.fileno(), None)
+        if closer is not None:
+            closer()
         self.loop.remove(conn.fileno())
         conn.close()
 

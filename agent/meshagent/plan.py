@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshagent.bpf.programs import KERNEL_FEATURES, Program, Role, by_role
+from meshagent.bpf.programs import KERNEL_FEATURES, Program, Role, by_role, have_macro
 from meshagent.kernel import Probe
 from meshagent.modes import Backend, DataPathChoice, DataPathMode, Redirect
 
@@ -30,6 +30,7 @@ class Plan:
     datapath_reason: str
     notes: tuple[str, ...] = ()
     error: str | None = None  # what was asked for cannot be done here
+    cflags: tuple[str, ...] = ()  # -DMESH_HAVE_* for optional features the kernel has
 
     @property
     def sockmap(self) -> bool:
@@ -46,6 +47,7 @@ class Plan:
             "datapath_reason": self.datapath_reason,
             "notes": list(self.notes),
             "error": self.error,
+            "cflags": list(self.cflags),
         }
 
 
@@ -128,6 +130,7 @@ def plan(probe: Probe, config) -> Plan:
         programs += by_role(Role.VERDICT)
 
     datapaths, datapath_reason, datapath_error = _datapaths(probe, config, sockmap_why)
+    optional = sorted({f for p in programs for f in p.optional if probe.has(f)})
     return Plan(
         backend=backend,
         backend_reason=backend_reason,
@@ -137,6 +140,7 @@ def plan(probe: Probe, config) -> Plan:
         datapath_reason=datapath_reason,
         notes=tuple(notes),
         error=error or datapath_error,
+        cflags=tuple(f"-D{have_macro(feature)}=1" for feature in optional),
     )
 
 

@@ -27,6 +27,17 @@
 #define MESH_OWN_MAX 1024
 #endif
 
+/* Size of the trace ring buffer, in pages. */
+#ifndef MESH_EVENTS_PAGES
+#define MESH_EVENTS_PAGES 64
+#endif
+
+/* Kernel capability (set by the plan from the probe): the connect hooks
+ * may call bpf_get_current_pid_tgid and bpf_get_current_comm. */
+#ifndef MESH_HAVE_CURRENT_TASK_SOCK_ADDR
+#define MESH_HAVE_CURRENT_TASK_SOCK_ADDR 0
+#endif
+
 /* Capacity of the excluded port and CIDR maps. */
 #ifndef MESH_EXCL_MAX
 #define MESH_EXCL_MAX 256

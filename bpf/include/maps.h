@@ -44,6 +44,26 @@ struct mesh_lpm_key {
 	struct mesh_addr addr;
 };
 
+/* One event for `meshagent trace` (trace.h). */
+struct mesh_event {
+	__u64 netns;            /* netns cookie of the socket */
+	__u64 cookie;           /* socket cookie */
+	struct mesh_addr addr;  /* connect: the destination asked for; else the client */
+	__u32 pid;              /* connect: the calling process (with MESH_HAVE_CURRENT_TASK_SOCK_ADDR) */
+	__u16 port;             /* the port of addr, host order */
+	__u8 kind;              /* MESH_EV_* */
+	__u8 reason;            /* MESH_REASON_* */
+	char comm[16];          /* connect: the calling process's name */
+};
+
+/* What the tracer wants: nothing while on == 0. */
+struct mesh_trace_cfg {
+	__u32 on;
+	__u16 port;             /* only this destination port (0: any) */
+	__u16 pad;
+	__u64 netns;            /* only this pod (0: any) */
+};
+
 /* netns cookie -> pod: the set of attached pods. */
 BPF_HASH(mesh_pods, __u64, struct mesh_pod, MESH_PODS_MAX);
 /* socket cookie -> original destination, between connect() and established. */
@@ -64,6 +84,10 @@ BPF_ARRAY(mesh_state, __u64, 4);
 BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX * MESH_DIR_MAX);
 
 #define MESH_STATE_TUP_LIVE 0
+
+/* [0]: the tracer's wishes; the ring buffer it reads. */
+BPF_ARRAY(mesh_trace, struct mesh_trace_cfg, 1);
+BPF_RINGBUF_OUTPUT(mesh_events, MESH_EVENTS_PAGES);
 
 /* The sockmap data path (skb_verdict.c). Keys are socket cookies.
  * mesh_passed (X) is written only by the verdict: bytes it passed to the

@@ -6,6 +6,7 @@
 #include "maps.h"
 #include "metrics.h"
 #include "addr.h"
+#include "trace.h"
 
 #ifndef BPF_F_CURRENT_NETNS
 #define BPF_F_CURRENT_NETNS (-1L)
@@ -35,6 +36,25 @@ static __always_inline int mesh_listener_up(struct bpf_sock_addr *ctx, __u16 por
 	return 1;
 }
 
+/* Count the decision and tell a tracer (with the calling process where the
+ * kernel lets sock_addr programs see it); 0: the connect goes direct. */
+static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie,
+					  const struct mesh_addr *dst, __u16 dport)
+{
+	struct mesh_event ev = {};
+
+	mesh_count(reason, MESH_DIR_EGRESS);
+	if (!mesh_tracing(netns, dport))
+		return 0;
+	mesh_event_fill(&ev, MESH_EV_CONNECT, reason, netns, cookie, dst, dport);
+#if MESH_HAVE_CURRENT_TASK_SOCK_ADDR
+	ev.pid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+#endif
+	mesh_events.ringbuf_output(&ev, sizeof(ev), 0);
+	return 0;
+}
+
 /* Decide whether to steer this connect(); on yes, store the original
  * destination by socket cookie and return the pod's listener port.
  * Returns 0 when the connect must go direct. Never fails a connect. */
@@ -47,55 +67,38 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	__u64 netns, cookie, *live;
 
-	if (ctx->type != MESH_SOCK_STREAM || ctx->protocol != MESH_IPPROTO_TCP) {
-		mesh_count(MESH_REASON_NOT_TCP, MESH_DIR_EGRESS);
-		return 0;
-	}
 	netns = bpf_get_netns_cookie(ctx);
-	pod = mesh_pods.lookup(&netns);
-	if (!pod) {
-		mesh_count(MESH_REASON_NOT_ATTACHED, MESH_DIR_EGRESS);
-		return 0;
-	}
 	cookie = bpf_get_socket_cookie(ctx);
+	if (ctx->type != MESH_SOCK_STREAM || ctx->protocol != MESH_IPPROTO_TCP)
+		return mesh_decided(MESH_REASON_NOT_TCP, netns, cookie, dst, dport);
+	pod = mesh_pods.lookup(&netns);
+	if (!pod)
+		return mesh_decided(MESH_REASON_NOT_ATTACHED, netns, cookie, dst, dport);
 	if (mesh_own.lookup(&cookie)) {
 		mesh_own.delete(&cookie);
-		mesh_count(MESH_REASON_OWN_SOCKET, MESH_DIR_EGRESS);
-		return 0;
+		return mesh_decided(MESH_REASON_OWN_SOCKET, netns, cookie, dst, dport);
 	}
-	if (mesh_addr_is_loopback(dst)) {
-		mesh_count(MESH_REASON_LOOPBACK, MESH_DIR_EGRESS);
-		return 0;
-	}
-	if (mesh_excl_port.lookup(&dport)) {
-		mesh_count(MESH_REASON_EXCL_PORT, MESH_DIR_EGRESS);
-		return 0;
-	}
+	if (mesh_addr_is_loopback(dst))
+		return mesh_decided(MESH_REASON_LOOPBACK, netns, cookie, dst, dport);
+	if (mesh_excl_port.lookup(&dport))
+		return mesh_decided(MESH_REASON_EXCL_PORT, netns, cookie, dst, dport);
 	lpm.prefixlen = 128;
 	lpm.addr = *dst;
-	if (mesh_excl_cidr.lookup(&lpm)) {
-		mesh_count(MESH_REASON_EXCL_CIDR, MESH_DIR_EGRESS);
-		return 0;
-	}
-	if (!mesh_listener_up(ctx, pod->port, mesh_addr_is_mapped(dst))) {
-		mesh_count(MESH_REASON_NO_LISTENER, MESH_DIR_EGRESS);
-		return 0;
-	}
+	if (mesh_excl_cidr.lookup(&lpm))
+		return mesh_decided(MESH_REASON_EXCL_CIDR, netns, cookie, dst, dport);
+	if (!mesh_listener_up(ctx, pod->port, mesh_addr_is_mapped(dst)))
+		return mesh_decided(MESH_REASON_NO_LISTENER, netns, cookie, dst, dport);
 	live = mesh_state.lookup(&live_idx);
-	if (!live || *live >= MESH_CONNS_MAX - 8) {
-		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
-		return 0;
-	}
+	if (!live || *live >= MESH_CONNS_MAX - 8)
+		return mesh_decided(MESH_REASON_MAP_FULL, netns, cookie, dst, dport);
 	orig.addr = *dst;
 	orig.port = dport;
 	orig.pod_id = pod->pod_id;
 	orig.netns = netns;
-	if (mesh_orig_sk.update(&cookie, &orig)) {
-		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
-		return 0;
-	}
+	if (mesh_orig_sk.update(&cookie, &orig))
+		return mesh_decided(MESH_REASON_MAP_FULL, netns, cookie, dst, dport);
 	mesh_dbg("mesh: steer pod %u port %u\n", pod->pod_id, dport);
-	mesh_count(MESH_REASON_STEERED, MESH_DIR_EGRESS);
+	mesh_decided(MESH_REASON_STEERED, netns, cookie, dst, dport);
 	return pod->port;
 }
 

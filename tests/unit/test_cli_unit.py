@@ -27,6 +27,7 @@ cli = register_all()
         ["datapath"],
         ["datapath", "set"],
         ["probe-kernel"],
+        ["trace"],
         ["pod", "delete"],
         ["pod", "list"],
         ["pod", "exec"],

@@ -14,6 +14,7 @@ from meshagent.bpf.programs import HELPER_IDS, PROGRAMS, Kind
 # bpf_* names that are macros, not helpers; trace_printk only with MESH_DEBUG.
 NOT_HELPERS = {"bpf_htonl", "bpf_ntohl", "bpf_htons", "bpf_ntohs", "bpf_trace_printk"}
 BCC_METHODS = {
+    "ringbuf_output": "bpf_ringbuf_output",
     "lookup": "bpf_map_lookup_elem",
     "update": "bpf_map_update_elem",
     "delete": "bpf_map_delete_elem",
@@ -24,6 +25,7 @@ BCC_METHODS = {
 def helpers_called(text: str) -> set[str]:
     code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     code = re.sub(r"#if MESH_TEST_REFUSE\n.*?#endif", "", code, flags=re.S)  # tests only
+    code = re.sub(r"#if MESH_HAVE_\w+\n.*?#endif", "", code, flags=re.S)  # optional: below
     called = set(re.findall(r"\b(bpf_[a-z0-9_]+)\s*\(", code)) - NOT_HELPERS
     called |= {BCC_METHODS[m] for m in re.findall(r"\.(\w+)\(", code) if m in BCC_METHODS}
     return called
@@ -56,3 +58,16 @@ def test_every_helper_feature_has_probe_ids_and_names_are_short():
             feature = FEATURES_BY_NAME[name]
             if feature.kind is Kind.HELPER:
                 assert feature.prog_type == program.prog_type, (program.name, name)
+
+
+@pytest.mark.parametrize("program", PROGRAMS, ids=lambda p: p.name)
+def test_optional_helpers_are_called_only_under_their_have_macro(program):
+    from meshagent.bpf.programs import FEATURES_BY_NAME, have_macro
+
+    text = re.sub(r"/\*.*?\*/", "", render_source((program.file,)), flags=re.S)
+    blocks = dict(re.findall(r"#if (MESH_HAVE_\w+)\n(.*?)#endif", text, flags=re.S))
+    expected = {have_macro(name): FEATURES_BY_NAME[name].helpers for name in program.optional}
+    assert set(blocks) == set(expected)
+    for macro, helpers in expected.items():
+        called = set(re.findall(r"\b(bpf_[a-z0-9_]+)\s*\(", blocks[macro]))
+        assert called == set(helpers), macro

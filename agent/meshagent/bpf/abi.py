@@ -42,6 +42,13 @@ TUPLE = struct.Struct("=Q16sHHI")
 # struct mesh_lpm_key { u32 prefixlen; mesh_addr addr; }
 LPM = struct.Struct("=I16s")
 
+# struct mesh_event { u64 netns, cookie; mesh_addr addr; u32 pid; u16 port; u8 kind, reason;
+#                     char comm[16]; }
+EVENT = struct.Struct("=QQ16sIHBB16s")
+# struct mesh_trace_cfg { u32 on; u16 port; u16 pad; u64 netns; }
+TRACE_CFG = struct.Struct("=IHHQ")
+NOTHING = struct.Struct("=")  # a ring buffer has no keys or values
+
 PODS = MapSpec("mesh_pods", U64, POD)
 ORIG_SK = MapSpec("mesh_orig_sk", U64, ORIG)
 ORIG_TUP = MapSpec("mesh_orig_tup", TUPLE, ORIG)
@@ -54,15 +61,20 @@ PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
 OWN = MapSpec("mesh_own", U64, BYTE)
+TRACE = MapSpec("mesh_trace", U32, TRACE_CFG)
+EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
-    SOCKHASH, PEER, PASSED, SENT, OWN,
+    SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
 # mesh_state indexes.
 STATE_TUP_LIVE = 0
+
+# mesh_event kinds (MESH_EV_* in trace.h).
+EVENT_KINDS = {1: "connect", 2: "established", 3: "closed"}
 
 # Decision reasons, index = MESH_REASON_* value. Append only.
 REASONS = (
@@ -136,3 +148,18 @@ def orig_dst(value: bytes) -> tuple[str, int]:
     """(address, port) from a mesh_orig value."""
     addr, port, _pad, _pod_id, _netns = ORIG.unpack(value)
     return from_addr16(addr), port
+
+
+def decode_event(raw: bytes) -> dict:
+    """A mesh_event as a dict (names, not numbers)."""
+    netns, cookie, addr, pid, port, kind, reason, comm = EVENT.unpack_from(raw)
+    return {
+        "event": EVENT_KINDS.get(kind, str(kind)),
+        "reason": REASONS[reason] if reason < len(REASONS) else str(reason),
+        "netns_cookie": netns,
+        "socket_cookie": cookie,
+        "addr": from_addr16(addr),
+        "port": port,
+        "pid": pid,
+        "comm": comm.split(b"\0", 1)[0].decode(errors="replace"),
+    }

@@ -179,8 +179,9 @@ def _read_and_close(file) -> str:
         return file.read()
 
 
-def compile_programs(cfg: AgentConfig) -> Compiled:
-    """Compile every entry file with BCC (the slow step: seconds)."""
+def compile_programs(cfg: AgentConfig, have: tuple[str, ...] = ()) -> Compiled:
+    """Compile every entry file with BCC (the slow step: seconds); have: the
+    plan's -DMESH_HAVE_* flags."""
     require_headers()
     try:
         from bcc import BPF
@@ -190,7 +191,8 @@ def compile_programs(cfg: AgentConfig) -> Compiled:
         ) from None
     with _captured_stderr() as log:
         try:
-            return Compiled(BPF(text=render_source().encode(), cflags=bpf_cflags(cfg)))
+            flags = [*bpf_cflags(cfg), *have]
+            return Compiled(BPF(text=render_source().encode(), cflags=flags))
         except Exception as exc:
             error = str(exc).splitlines()[0]
     first = next((line for line in _read_and_close(log).splitlines() if "error:" in line), error)
@@ -201,12 +203,12 @@ def compile_programs(cfg: AgentConfig) -> Compiled:
 
 
 def load_programs(
-    cfg: AgentConfig, programs: tuple[Program, ...]
+    cfg: AgentConfig, programs: tuple[Program, ...], have: tuple[str, ...] = ()
 ) -> tuple[Compiled | None, dict[str, int], dict[str, str]]:
     """Compile and load (not attach): (the compiled object or None, {name:
     prog fd}, {name: why refused}). A compile that fails refuses them all."""
     try:
-        compiled = compile_programs(cfg)
+        compiled = compile_programs(cfg, have)
     except MeshError as exc:
         return None, {}, {program.name: str(exc) for program in programs}
     try:
@@ -217,11 +219,13 @@ def load_programs(
     return compiled, fds, refused
 
 
-def refusals(cfg: AgentConfig, programs: tuple[Program, ...]) -> dict[str, str]:
+def refusals(
+    cfg: AgentConfig, programs: tuple[Program, ...], have: tuple[str, ...] = ()
+) -> dict[str, str]:
     """What the kernel refuses of programs (for `probe-kernel --load`)."""
     if not programs:
         return {}
-    compiled, fds, refused = load_programs(cfg, programs)
+    compiled, fds, refused = load_programs(cfg, programs, have)
     for fd in fds.values():
         os.close(fd)
     if compiled is not None:

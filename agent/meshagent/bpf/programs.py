@@ -83,6 +83,20 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "sk_redirect_hash", Kind.HELPER, (4, 18), "bpf_sk_redirect_hash in sk_skb programs",
         "sk_skb", ("bpf_sk_redirect_hash",),
     ),
+    KernelFeature(
+        "ringbuf_sock_addr", Kind.HELPER, (5, 8), "bpf_ringbuf_output in sock_addr programs",
+        "cgroup_sock_addr", ("bpf_ringbuf_output",),
+    ),
+    KernelFeature(
+        "ringbuf_sock_ops", Kind.HELPER, (5, 8), "bpf_ringbuf_output in sock_ops programs",
+        "sock_ops", ("bpf_ringbuf_output",),
+    ),
+    KernelFeature(
+        "current_task_sock_addr", Kind.HELPER, (6, 0),
+        "bpf_get_current_pid_tgid and _comm in sock_addr programs (trace shows pid and comm;"
+        " first release assumed, the probe decides)",
+        "cgroup_sock_addr", ("bpf_get_current_pid_tgid", "bpf_get_current_comm"),
+    ),
     KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
     KernelFeature("bpf_link", Kind.ATTACH, (5, 7), "BPF links for cgroup programs"),
     KernelFeature("getpeername_hooks", Kind.ATTACH, (5, 8), "cgroup getpeername hooks"),
@@ -95,12 +109,15 @@ HELPER_IDS = {
     "bpf_map_lookup_elem": 1,
     "bpf_map_update_elem": 2,
     "bpf_map_delete_elem": 3,
+    "bpf_get_current_pid_tgid": 14,
+    "bpf_get_current_comm": 16,
     "bpf_get_socket_cookie": 46,
     "bpf_sock_ops_cb_flags_set": 59,
     "bpf_sk_redirect_hash": 72,
     "bpf_sk_lookup_tcp": 84,
     "bpf_sk_release": 86,
     "bpf_get_netns_cookie": 122,
+    "bpf_ringbuf_output": 130,
 }
 # Every program type has the map helpers; no feature needed for them.
 MAP_HELPERS = ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_delete_elem")
@@ -122,6 +139,7 @@ class Program:
     attach_type: int
     role: Role
     needs: tuple[str, ...]  # KERNEL_FEATURES names
+    optional: tuple[str, ...] = ()  # used where present: -DMESH_HAVE_<NAME>=1
 
     @property
     def min_kernel(self) -> Version:
@@ -133,27 +151,35 @@ class Program:
 
     @property
     def helpers(self) -> set[str]:
-        """The helpers its C may call: its helper features' plus the map helpers."""
+        """The helpers its C always calls: its helper features' plus the map helpers."""
         out = set(MAP_HELPERS)
         for name in self.needs:
             out.update(FEATURES_BY_NAME[name].helpers)
         return out
 
+    @property
+    def optional_helpers(self) -> set[str]:
+        return {h for name in self.optional for h in FEATURES_BY_NAME[name].helpers}
+
+
+def have_macro(feature: str) -> str:
+    return f"MESH_HAVE_{feature.upper()}"
+
 
 _CONNECT_NEEDS = (
     "cgroup_sock_addr", "netns_cookie", "socket_cookie_sock_addr", "sk_lookup_sock_addr",
-    "lru_hash", "lpm_trie", "percpu_array", "bpf_link",
+    "lru_hash", "lpm_trie", "percpu_array", "ringbuf", "ringbuf_sock_addr", "bpf_link",
 )  # fmt: skip
 _PEERNAME_NEEDS = ("cgroup_sock_addr", "netns_cookie", "getpeername_hooks", "bpf_link")
 
 PROGRAMS: tuple[Program, ...] = (
     Program("mesh_connect4", "connect4.c", "cgroup_sock_addr", sc.BPF_CGROUP_INET4_CONNECT,
-            Role.REDIRECT, _CONNECT_NEEDS),
+            Role.REDIRECT, _CONNECT_NEEDS, ("current_task_sock_addr",)),
     Program("mesh_connect6", "connect6.c", "cgroup_sock_addr", sc.BPF_CGROUP_INET6_CONNECT,
-            Role.REDIRECT, _CONNECT_NEEDS),
+            Role.REDIRECT, _CONNECT_NEEDS, ("current_task_sock_addr",)),
     Program("mesh_sockops", "sockops.c", "sock_ops", sc.BPF_CGROUP_SOCK_OPS, Role.REDIRECT,
             ("sock_ops", "netns_cookie_sock_ops", "socket_cookie_sock_ops", "sock_ops_cb_flags",
-             "lru_hash", "percpu_array", "bpf_link")),
+             "lru_hash", "percpu_array", "ringbuf", "ringbuf_sock_ops", "bpf_link")),
     Program("mesh_getpeer4", "getpeername4.c", "cgroup_sock_addr",
             sc.BPF_CGROUP_INET4_GETPEERNAME, Role.PEERNAME, _PEERNAME_NEEDS),
     Program("mesh_getpeer6", "getpeername6.c", "cgroup_sock_addr",

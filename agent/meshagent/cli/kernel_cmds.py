@@ -43,7 +43,8 @@ def probe_kernel(
     if load:
         from meshagent.bpf.loader import refusals
 
-        probe = probe.with_refused(refusals(cfg, plan(probe, cfg).programs))
+        first = plan(probe, cfg)
+        probe = probe.with_refused(refusals(cfg, first.programs, first.cflags))
     chosen = plan(probe, cfg)
     report = {**probe.to_dict(), "auto": chosen.to_dict()}
     if output == "json":

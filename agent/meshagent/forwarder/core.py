@@ -63,6 +63,7 @@ class Forwarder:
         self.outcomes: Counter[tuple[str, str, str]] = Counter()  # (pod, datapath, result)
         self.moved: Counter[tuple[str, str, str]] = Counter()  # (pod, direction, datapath)
         self.errors: Counter[str] = Counter()
+        self.on_event: Callable[[dict], None] | None = None  # a tracer's, while one runs
         self.log = log.get()
         for path in paths.values():
             path.on_stall = self._stalled
@@ -212,6 +213,7 @@ class Forwarder:
                 "no original destination; closing",
                 extra={"pod": slot.name, "conn": conn, "reason": "no_orig_dst"},
             )
+            self._emit("refused", slot.name, conn, None, "no_orig_dst")
             reset_close(client)
             return
         orig_ip, orig_port = orig
@@ -226,6 +228,8 @@ class Forwarder:
                 extra={"pod": slot.name, "conn": conn, "reason": "orig_dst_loopback",
                        "orig_dst": format_endpoint(orig_ip, orig_port)},
             )  # fmt: skip
+            self._emit("refused", slot.name, conn, format_endpoint(orig_ip, orig_port),
+                       "orig_dst_loopback")  # fmt: skip
             reset_close(client)
             return
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
@@ -290,6 +294,9 @@ class Forwarder:
 
         conn = entry.path.join(client, upstream, entry.state, done)
         record.datapath = conn.mode
+        if self.on_event is not None:
+            self._emit("forwarded", slot.name, record.client, record.orig_dst, None,
+                       datapath=record.datapath)  # fmt: skip
         if not conn.closed:
             self.conns[conn] = (slot, record)
 
@@ -362,6 +369,17 @@ class Forwarder:
         record.reason = reason
         record.ended = time.time()
         self.recent.append(record)
+        if self.on_event is not None:
+            self._emit(state, record.pod, record.client, record.orig_dst, reason,
+                       datapath=record.datapath, bytes_out=record.bytes_out,
+                       bytes_in=record.bytes_in,
+                       seconds=round(record.ended - record.started, 6))  # fmt: skip
+
+    def _emit(self, event: str, pod: str, client: str, orig_dst: str | None, reason: str | None,
+              **more: object) -> None:  # fmt: skip
+        if self.on_event is not None:
+            self.on_event({"event": event, "pod": pod, "client": client, "orig_dst": orig_dst,
+                           "reason": reason, **more})  # fmt: skip
 
     # -- reporting ---------------------------------------------------------
     def open_connections(self, name: str) -> int:

@@ -1,0 +1,100 @@
+"""The agent's side of `meshagent trace`: one tracer at a time.
+
+The tracer's control connection is its lease. On the `trace` request the
+agent sets the kernel's trace flag (mesh_trace, with the pod and port
+filters), hands over the ring buffer's fd with the reply (SCM_RIGHTS), and
+from then on writes the forwarder's events as JSON lines on the same
+connection. When that connection closes, also because the tracer was
+killed with SIGKILL, the flag is cleared: nobody traces, the programs pay
+one lookup per event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from meshagent.bpf import abi
+from meshagent.errors import MeshError
+from meshagent.host import netns
+
+
+class Tracer:
+    def __init__(self, agent, conn: socket.socket, pod: str | None, port: int) -> None:
+        self.agent = agent
+        self.conn = conn
+        self.pod = pod
+        self.port = port
+        self.dropped = 0
+
+    def event(self, event: dict) -> None:
+        """A forwarder event, if it passes the filters; dropped, never
+        waited for, when the tracer reads too slowly."""
+        if self.pod and event.get("pod") != self.pod:
+            return
+        if self.port and not str(event.get("orig_dst", "")).endswith(f":{self.port}"):
+            return
+        line = json.dumps({"time": time.time(), "source": "forwarder", **event}) + "\n"
+        try:
+            self.conn.send(line.encode(), socket.MSG_DONTWAIT)
+        except (BlockingIOError, OSError):
+            self.dropped += 1
+
+
+def start(agent, request) -> dict:
+    """The `trace` request: {"op": "trace", "pod": NAME?, "port": N?}."""
+    if agent.tracer is not None:
+        raise MeshError("a trace already runs (one at a time): stop it first")
+    pod = request.data.get("pod")
+    if pod is not None:
+        pod = request.text("pod")
+    port = request.data.get("port") or 0
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise MeshError("trace: 'port' must be a TCP port")
+    pods = _cookies(agent)
+    cookie = 0
+    if pod is not None:
+        agent.store.get(pod)
+        cookie = next((c for c, name in pods.items() if name == pod), 0)
+        if not cookie:
+            raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
+    reply: dict = {"trace": True, "pods": {str(c): n for c, n in pods.items()}}
+    loaded = agent.loaded
+    kernel = loaded is not None and loaded.attached("mesh_connect4")
+    if kernel:
+        trace_map = loaded.map(abi.TRACE)
+        trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))
+        reply["_fds"] = [os.dup(loaded.map(abi.EVENTS).fd)]
+    reply["kernel_events"] = kernel
+    agent.tracer = Tracer(agent, request.conn, pod, port)
+    agent.forwarder.on_event = agent.tracer.event
+
+    def stop() -> None:
+        if kernel:
+            trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(0, 0, 0, 0))
+        agent.tracer = None
+        agent.forwarder.on_event = None
+        agent.log.info("trace ended", extra={"reason": "the tracer's connection closed"})
+
+    reply["_on_close"] = stop
+    agent.log.info("trace started", extra={"pod": pod, "reason": f"port={port or 'any'}"})
+    return reply
+
+
+def _cookies(agent) -> dict[int, str]:
+    """netns cookie -> pod name, for every pod on the node (kernel 5.14+)."""
+    out = {}
+    for pod in agent.store.all():
+        try:
+            fd = netns.open_fd(pod.netns)
+        except MeshError:
+            continue
+        try:
+            out[netns.cookie(fd)] = pod.name
+        except (OSError, MeshError):
+            pass
+        finally:
+            os.close(fd)
+    return out

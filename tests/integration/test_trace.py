@@ -1,0 +1,90 @@
+"""`meshagent trace` against real connections: the kernel's decision for
+each connect (steered, or passed with its reason), the forwarder's view for
+every backend, JSON lines that parse, and a trace flag that never outlives
+the tracer, even one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import redirect_args, start_agent, wait_for
+
+PORT = 8080
+LOOPBACK_CONNECT = "import socket; socket.socket().connect_ex(('127.0.0.1', 1))"
+
+
+def start_trace(env, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshagent", "trace", "-o", "json", *args],
+        env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    env.procs.append(proc)
+    return proc
+
+
+def test_trace_shows_each_decision_and_each_connection(mesh_env, redirect):
+    client = mesh_env.create_pod("client")
+    other = mesh_env.create_pod("other")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "300")
+    agent = start_agent(mesh_env, *redirect_args(*redirect))
+    try:
+        agent.attach(client)
+        agent.attach(other)
+        tracer = start_trace(mesh_env, "--pod", "client", "--seconds", "6")
+        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
+        mesh_env.client(client, server.ip4, PORT, "--send", "700")
+        srv.next()
+        mesh_env.client(other, server.ip4, PORT)  # filtered out: another pod
+        srv.next()
+        loop = mesh_env.popen(client, [sys.executable, "-c", LOOPBACK_CONNECT])
+        loop.wait(timeout=30)
+        out, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 0, err
+    finally:
+        assert agent.stop() == 0, agent.log()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events and all(e["pod"] in ("client", None) for e in events), events
+    dst = f"{server.ip4}:{PORT}"
+    closed = [e for e in events if e["source"] == "forwarder" and e["event"] == "closed"]
+    assert len(closed) == 1, events
+    assert closed[0]["orig_dst"] == dst and closed[0]["pod"] == "client"
+    assert (closed[0]["bytes_out"], closed[0]["bytes_in"]) == (700, 300)
+    assert any(e["event"] == "forwarded" and e["orig_dst"] == dst for e in events)
+    kernel = [e for e in events if e["source"] == "kernel"]
+    if redirect[0] == "ebpf":
+        steered = [e for e in kernel if e["event"] == "steered"]
+        assert [e["orig_dst"] for e in steered] == [dst]
+        assert steered[0]["pod"] == "client"
+        passed = {e["reason"] for e in kernel if e["event"] == "passed"}
+        assert {"loopback", "own_socket"} <= passed, kernel
+        assert any(e["event"] == "established" and e["orig_dst"] == dst for e in kernel)
+    else:  # the iptables pod's connects never reach the connect hooks as attached
+        assert not [e for e in kernel if e["event"] == "steered"]
+
+
+def test_the_trace_flag_is_cleared_when_the_tracer_is_killed(mesh_env):
+    agent = start_agent(mesh_env)
+    try:
+        tracer = start_trace(mesh_env)
+        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
+        second = subprocess.run(
+            [sys.executable, "-m", "meshagent", "trace", "--seconds", "1"],
+            env=mesh_env.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1 and "a trace already runs" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        tracer.send_signal(signal.SIGKILL)
+        tracer.wait(timeout=30)
+        wait_for(lambda: not agent.request("status")["tracing"], what="the flag to clear")
+        assert "trace ended" in agent.log()
+        # And a new trace may start.
+        again = start_trace(mesh_env, "--seconds", "1")
+        time.sleep(0.2)
+        assert again.wait(timeout=60) == 0
+    finally:
+        assert agent.stop() == 0, agent.log()
