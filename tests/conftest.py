@@ -170,6 +170,10 @@ class MeshEnv:
             except subprocess.TimeoutExpired:
                 pass
         store = self.store()
+        if store.pods_dir.is_dir():  # records a test planted: they would keep the node up
+            for path in store.pods_dir.glob("*.json"):
+                if store.find(path.stem) is None:
+                    path.unlink()
         for pod in store.all():
             try:
                 delete_pod(store, pod.name)
@@ -346,3 +350,37 @@ def any_agent(mesh_env: MeshEnv, redirect) -> Iterator[AgentProc]:
     finally:
         code = proc.stop()
         assert code == 0, f"agent exited {code}: {proc.log()}"
+
+
+def _residue() -> set[str]:
+    """What a test could leave behind on this machine, by the tests' own
+    prefixes: netns, links, cgroups, pinned BPF objects."""
+    from meshagent.host import cgroup
+
+    found: set[str] = set()
+    for kind, path, prefix in (
+        ("netns", Path("/run/netns"), "mt"),
+        ("link", Path("/sys/class/net"), "mt"),
+    ):
+        if path.is_dir():
+            found |= {f"{kind} {name}" for name in os.listdir(path) if name.startswith(prefix)}
+    try:
+        root = cgroup.cgroup2_mount()
+        found |= {f"cgroup {p.name}" for p in root.iterdir() if p.name.startswith("meshtest-")}
+    except Exception:
+        pass
+    if Path("/sys/fs/bpf/meshagent").exists():
+        found.add("pinned /sys/fs/bpf/meshagent")
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_residue():
+    """After every test: nothing of the tests' own is left on the machine."""
+    if not is_root():
+        yield
+        return
+    before = _residue()
+    yield
+    left = _residue() - before
+    assert not left, f"the test left behind: {sorted(left)}"

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from hypothesis import strategies as st
 
 from conftest import start_agent, wait_for
 from meshagent.control import agent_running
@@ -156,3 +157,41 @@ def test_two_agents_started_at_once_one_runs_the_other_says_why(mesh_env):
             if proc.poll() is None:
                 proc.terminate()
                 proc.wait(timeout=30)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                  max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+OPS = st.sampled_from(["ping", "attach", "detach", "status", "connections", "datapath",
+                       "trace", "nosuch", ""])  # fmt: skip
+REQUESTS = JSON | st.fixed_dictionaries(
+    {"op": OPS},
+    optional={"pod": JSON | st.sampled_from(["client", "nosuch", "../x", ""]),
+              "redirect": JSON | st.sampled_from(["ebpf", "iptables", "auto"]),
+              "set": JSON | st.sampled_from(["copy", "splice", "sockmap", "auto"]),
+              "port": JSON},
+)  # fmt: skip
+
+
+def test_no_request_crashes_or_hangs_the_agent(control):
+    """Property: whatever JSON arrives, one line comes back within a second
+    and the agent still answers a ping."""
+    from hypothesis import HealthCheck, given, settings
+
+    agent, path = control
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+    @given(REQUESTS)
+    def check(request):
+        reply = ask(path, json.dumps(request).encode())
+        assert reply["ok"] in (True, False)
+        if not reply["ok"]:
+            assert reply["error"] and "\n" not in reply["error"]
+
+    check()
+    assert agent.request("ping")["pid"] == agent.proc.pid
+    assert agent.request("status")["loop_errors"] == 0
