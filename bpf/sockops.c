@@ -2,8 +2,8 @@
 /* sock_ops: when a steered connection is established (the client's active
  * side), move its original destination from the socket-cookie map to the
  * 4-tuple map, keyed by (netns cookie, client address, client port), so the
- * forwarder finds it from the accepted socket's peer; delete it when the
- * client socket closes.
+ * forwarder finds it from the accepted socket's peer; when the client socket
+ * closes, move it to mesh_orig_cls (the forwarder may not have accepted it).
  * Must never: affect a socket that was not steered (it only reads maps).
  * Minimum kernel: 5.15 (bpf_get_netns_cookie in sock_ops programs). */
 #include "include/maps.h"
@@ -68,10 +68,17 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 {
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	struct mesh_tuple key = {};
+	struct mesh_orig *found;
+	struct mesh_orig orig;
 	__u64 *live;
 
 	key.netns = bpf_get_netns_cookie(skops);
 	mesh_client_key(skops, &key);
+	found = mesh_orig_tup.lookup(&key);
+	if (!found)
+		return;
+	orig = *found;
+	mesh_orig_cls.update(&key, &orig);  /* the forwarder may not have accepted yet */
 	if (mesh_orig_tup.delete(&key))
 		return;
 	live = mesh_state.lookup(&live_idx);

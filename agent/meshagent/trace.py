@@ -15,6 +15,7 @@ import json
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,8 +59,9 @@ def _open(socket_path: Path, pod: str | None, port: int) -> tuple[socket.socket,
 def run(
     socket_path: Path, echo: Echo, pod: str | None = None, port: int = 0,
     dst: str | None = None, as_json: bool = False, seconds: float = 0,
+    stop: threading.Event | None = None,
 ) -> None:  # fmt: skip
-    """Print events until Ctrl-C (or for `seconds`, when given)."""
+    """Print events until Ctrl-C (or for `seconds`, or until stop is set)."""
     from meshagent.bpf import abi
     from meshagent.bpf.ringbuf import RingBuf
 
@@ -79,7 +81,7 @@ def run(
     deadline = time.monotonic() + seconds if seconds else None
     buf = bytearray(pending)
     try:
-        while deadline is None or time.monotonic() < deadline:
+        while (deadline is None or time.monotonic() < deadline) and not (stop and stop.is_set()):
             poller.poll(0.2)
             if ring is not None:
                 for raw in ring.read():

@@ -70,6 +70,11 @@ BPF_HASH(mesh_pods, __u64, struct mesh_pod, MESH_PODS_MAX);
 BPF_TABLE("lru_hash", __u64, struct mesh_orig, mesh_orig_sk, MESH_CONNS_MAX);
 /* client 4-tuple half -> original destination, until the connection closes. */
 BPF_HASH(mesh_orig_tup, struct mesh_tuple, struct mesh_orig, MESH_CONNS_MAX);
+/* The same, for client sockets that closed: a client may connect, send and
+ * close before the forwarder accepts (a fire-and-forget client); its entry
+ * moves here at close so the forwarder still finds it. LRU: what nobody
+ * asks for again ages out. */
+BPF_TABLE("lru_hash", struct mesh_tuple, struct mesh_orig, mesh_orig_cls, MESH_CONNS_MAX);
 /* excluded destination ports (host order) and CIDRs. */
 BPF_HASH(mesh_excl_port, __u16, __u8, MESH_EXCL_MAX);
 BPF_LPM_TRIE(mesh_excl_cidr, struct mesh_lpm_key, __u8, MESH_EXCL_MAX);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -225,3 +226,38 @@ def test_out_of_fds_the_agent_rests_instead_of_spinning(mesh_env, tmp_path):
         wait_for(lambda: agent.request("status")["fds_in_use"] == 0, what="fds given back")
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+FIRE_AND_FORGET = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+for _ in range(40):
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.sendall(b"x" * 100)
+    sock.close()  # before the forwarder may even have accepted it
+"""
+
+
+def test_a_client_that_sends_and_closes_at_once_loses_nothing(mesh_env, any_agent):
+    """A connection whose client is gone before the forwarder accepts it
+    must still reach its destination with every byte (its original
+    destination must not vanish with the client socket)."""
+    agent = any_agent
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent.attach(client)
+    # The forwarder is made slow for sure: stopped while the clients connect,
+    # send and close (the kernel completes their handshakes in the backlog).
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        proc = mesh_env.popen(client, [sys.executable, "-c", FIRE_AND_FORGET, server.ip4,
+                                       str(PORT)])  # fmt: skip
+        assert proc.wait(timeout=60) == 0
+        time.sleep(0.5)  # their sockets reach TCP_CLOSE (sock_ops' close callback)
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    got = [srv.next() for _ in range(40)]
+    assert all(seen["recv_bytes"] == 100 and seen["peer"] == client.ip4 for seen in got), got
+    stats = agent.pod_status("client")
+    assert stats["no_orig_dst"] == 0 and stats["connections_total"] == 40

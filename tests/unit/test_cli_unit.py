@@ -28,6 +28,7 @@ cli = register_all()
         ["datapath", "set"],
         ["probe-kernel"],
         ["trace"],
+        ["probe"],
         ["pod", "delete"],
         ["pod", "list"],
         ["pod", "exec"],

@@ -52,6 +52,7 @@ NOTHING = struct.Struct("=")  # a ring buffer has no keys or values
 PODS = MapSpec("mesh_pods", U64, POD)
 ORIG_SK = MapSpec("mesh_orig_sk", U64, ORIG)
 ORIG_TUP = MapSpec("mesh_orig_tup", TUPLE, ORIG)
+ORIG_CLS = MapSpec("mesh_orig_cls", TUPLE, ORIG)
 EXCL_PORT = MapSpec("mesh_excl_port", U16, BYTE)
 EXCL_CIDR = MapSpec("mesh_excl_cidr", LPM, BYTE)
 STATE = MapSpec("mesh_state", U32, U64)
@@ -65,7 +66,7 @@ TRACE = MapSpec("mesh_trace", U32, TRACE_CFG)
 EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 
 MAPS: tuple[MapSpec, ...] = (
-    PODS, ORIG_SK, ORIG_TUP, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
+    PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)

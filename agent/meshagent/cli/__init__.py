@@ -85,9 +85,16 @@ def cli(ctx: click.Context, state_dir: Path) -> None:
 
 def register_all() -> click.Group:
     """Every command group on `cli` (the modules import only click)."""
-    from meshagent.cli import agent_cmds, demo_cmds, kernel_cmds, pod_cmds, trace_cmds
+    from meshagent.cli import (
+        agent_cmds,
+        demo_cmds,
+        kernel_cmds,
+        pod_cmds,
+        probe_cmds,
+        trace_cmds,
+    )  # fmt: skip
 
-    for module in (pod_cmds, agent_cmds, kernel_cmds, trace_cmds, demo_cmds):
+    for module in (pod_cmds, agent_cmds, kernel_cmds, trace_cmds, probe_cmds, demo_cmds):
         module.register(cli)
     return cli
 

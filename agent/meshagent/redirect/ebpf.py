@@ -30,6 +30,7 @@ class EbpfBackend:
     ) -> None:
         self.pods = loaded.map(abi.PODS)
         self.orig_tup = loaded.map(abi.ORIG_TUP)
+        self.orig_cls = loaded.map(abi.ORIG_CLS)
         self.own = loaded.map(abi.OWN)
         self.port = port
         ports = loaded.map(abi.EXCL_PORT)
@@ -67,12 +68,16 @@ class EbpfSteering:
     def __init__(self, backend: EbpfBackend, pod: PodHandle) -> None:
         self.backend = backend
         self.pod = pod
-        self.orig_tup = backend.orig_tup
         self.own = backend.own
         self.cookie = pod.netns_cookie
 
     def orig_dst(self, _sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
-        raw = self.orig_tup.lookup(abi.client_key(self.cookie, ip, port))
+        key = abi.client_key(self.cookie, ip, port)
+        raw = self.backend.orig_tup.lookup(key)
+        if raw is None:  # the client closed before we accepted: its entry moved
+            raw = self.backend.orig_cls.lookup(key)
+            if raw is not None:
+                self.backend.orig_cls.delete(key)
         return abi.orig_dst(raw) if raw is not None else None
 
     def prepare_upstream(self, sock: socket.socket) -> None:
