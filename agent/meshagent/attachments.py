@@ -22,13 +22,19 @@ from meshagent.modes import Backend as BackendName
 from meshagent.pods.store import PodStore
 from meshagent.redirect import Backend, PodHandle
 
+# Between "new connects go direct" and closing the listeners: connects the
+# redirect sent to the listener just before complete their handshakes and
+# are forwarded; none meets a closed port.
+LISTENER_GRACE = 0.2
+
 
 @dataclass
 class AttachedPod:
     handle: PodHandle
     backend: Backend
     since: float
-    draining: bool = False
+    draining: bool = False  # detached; its rules may stay while its connections live
+    closing: object = None  # the timer that closes its listeners after the grace
 
     def snapshot(self) -> dict:
         dev, ino = self.handle.netns_id
@@ -86,6 +92,7 @@ class Attachments:
                 " (see `meshagent status`)"
             )
         if current is not None:  # draining: attach renders its rules live again
+            self._close_listeners(current)
             self._forget(current)
         with ExitStack() as undo:
             fd = netns.open_fd(pod.netns)
@@ -114,26 +121,29 @@ class Attachments:
         )
         return {"pod": name, "already": False, "backend": backend.name.value}
 
-    def detach(self, name: str) -> dict:
+    def detach(self, name: str, grace: bool = True) -> dict:
         entry = self.pods.get(name)
         if entry is None or entry.draining:
             self.store.get(name)  # unknown pod: say so
             raise MeshError(f"pod {name} is not attached")
-        self.forwarder.close_pod(name)  # queued connections are accepted first
-        open_conns = self.forwarder.open_connections(name)
+        # New connects go direct first; the listeners close a moment later
+        # (their queue accepted and forwarded): no connect meets a closed port.
         try:
-            owed = entry.backend.detach(entry.handle, open_connections=open_conns > 0)
+            entry.backend.stop_new(entry.handle)
         except MeshError as exc:
             if netns.exists(entry.handle.netns_name):
                 raise
-            owed = False
             self.log.warning(
                 "pod netns gone; nothing to remove", extra={"pod": name, "reason": str(exc)}
             )
-        if owed:
-            entry.draining = True
+        entry.draining = True
+        open_conns = self.forwarder.open_connections(name)
+        if grace:
+            entry.closing = self.forwarder.loop.call_later(
+                LISTENER_GRACE, lambda: self._after_grace(entry)
+            )
         else:
-            self._forget(entry)
+            self._after_grace(entry)
         self.log.info(
             "pod detached",
             extra={"pod": name, "reason": f"{open_conns} open connections finish as they are"},
@@ -149,20 +159,37 @@ class Attachments:
 
     def _drop_stale(self, entry: AttachedPod, why: str) -> None:
         name = entry.handle.name
-        self.forwarder.close_pod(name)
         try:
-            entry.backend.detach(entry.handle)
+            entry.backend.stop_new(entry.handle)
         except MeshError:
             pass  # the namespace holding its rules is gone with them
+        self.forwarder.close_pod(name)
         self._forget(entry)
         self.log.warning("pod detached", extra={"pod": name, "reason": why})
+
+    def _close_listeners(self, entry: AttachedPod) -> None:
+        if entry.closing is not None:
+            entry.closing.cancel()
+            entry.closing = None
+        self.forwarder.close_pod(entry.handle.name)
+
+    def _after_grace(self, entry: AttachedPod) -> None:
+        """Close the listeners; the rules go now, or once the pod's forwarded
+        connections have closed (draining)."""
+        entry.closing = None
+        if self.pods.get(entry.handle.name) is not entry:
+            return
+        self.forwarder.close_pod(entry.handle.name)
+        if self.forwarder.open_connections(entry.handle.name) == 0:
+            self._remove(entry)
 
     def finish_draining(self, everything: bool = False) -> None:
         """Remove rules kept for connections open at detach, once they closed."""
         for entry in list(self.pods.values()):
-            if entry.draining and (
-                everything or self.forwarder.open_connections(entry.handle.name) == 0
-            ):
+            if not entry.draining or (entry.closing is not None and not everything):
+                continue
+            if everything or self.forwarder.open_connections(entry.handle.name) == 0:
+                self._close_listeners(entry)
                 self._remove(entry)
 
     def _remove(self, entry: AttachedPod) -> None:
@@ -181,7 +208,7 @@ class Attachments:
     def detach_all(self) -> None:
         for pod in self.attached():
             try:
-                self.detach(pod.handle.name)
+                self.detach(pod.handle.name, grace=False)
             except MeshError as exc:
                 self.log.warning(
                     "detach failed", extra={"pod": pod.handle.name, "reason": str(exc)}

@@ -73,8 +73,8 @@ def test_the_whole_cli_story_leaves_nothing_behind(mesh_env, redirect):
         assert our_iptables(client, redirect[1])
 
     assert "pod client detached" in env.meshagent("detach", "client").stdout
-    if redirect[0] == "iptables":
-        assert our_iptables(client, redirect[1]) == []
+    if redirect[0] == "iptables":  # the rules go once the listener's grace is over
+        wait_for(lambda: our_iptables(client, redirect[1]) == [], what="the rules to go")
     env.meshagent("pod", "delete", "client")
     env.meshagent("pod", "delete", "server")
 

@@ -70,7 +70,9 @@ def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
         backend.attach(handle)
         rules = our_iptables(client, flavour)
         assert rules.count("-A OUTPUT -p tcp -j MESHAGENT_OUTPUT") == 2  # one per family
-        assert backend.detach(handle) is False
+        backend.stop_new(handle)  # draining: new connects RETURN first
+        assert "-A MESHAGENT_OUTPUT -j RETURN" in our_iptables(client, flavour)
+        backend.remove("client", client.netns)
         assert our_iptables(client, flavour) == []
         backend.attach(handle)
         assert our_iptables(client, flavour) == rules

@@ -109,7 +109,7 @@ class Forwarder:
         if slot is None:
             return None
         for sock in slot.listeners:
-            self._accept_all(slot, sock)
+            self._accept_all(slot, sock, closing=True)
             self.loop.remove(sock.fileno())
             sock.close()
         slot.listeners.clear()
@@ -121,9 +121,13 @@ class Forwarder:
 
         return handle
 
-    def _accept_all(self, slot: PodSlot, listener: socket.socket, limit: int = 1 << 20) -> None:
+    def _accept_all(
+        self, slot: PodSlot, listener: socket.socket, limit: int = 1 << 20, closing: bool = False
+    ) -> None:
+        """closing: the listener goes next, so what waits in its queue (steered
+        before the pod was detached) is taken whatever the pod's limit."""
         for _ in range(limit):
-            why = self._no_room(slot)
+            why = self._no_room(slot, closing)
             if why:
                 self._pause(slot, why)
                 return
@@ -141,8 +145,8 @@ class Forwarder:
             self._forward(slot, client, peer[0], peer[1])
 
     # -- room: fds and the per-pod limit -------------------------------------
-    def _no_room(self, slot: PodSlot) -> str | None:
-        if slot.stats.connections_active >= self.pod_conns_max:
+    def _no_room(self, slot: PodSlot, closing: bool = False) -> str | None:
+        if slot.stats.connections_active >= self.pod_conns_max and not closing:
             return f"the pod has {slot.stats.connections_active} connections open (--pod-conns-max)"
         cost = self.paths[self.mode].fds_per_connection
         if self.fds_in_use + cost > self.fd_budget:
@@ -176,7 +180,6 @@ class Forwarder:
         for sock in slot.listeners:
             self.loop.modify(sock.fileno(), select.EPOLLIN)
             self._accept_all(slot, sock, ACCEPT_BATCH)
-        self.log.info("accepting again", extra={"pod": slot.name, "reason": "room again"})
 
     def _log_no_room(self, slot: PodSlot, why: str) -> None:
         now = time.monotonic()

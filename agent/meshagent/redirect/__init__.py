@@ -67,9 +67,8 @@ class Backend(Protocol):
 
     def attach(self, pod: PodHandle) -> None: ...
 
-    def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
-        """Stop steering new connections; True if `remove` is owed once the
-        pod's open connections have closed."""
+    def stop_new(self, pod: PodHandle) -> None:
+        """New connections go direct from now on; redirected ones keep going."""
         ...
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None: ...

@@ -33,6 +33,7 @@ class EbpfBackend:
         self.orig_cls = loaded.map(abi.ORIG_CLS)
         self.own = loaded.map(abi.OWN)
         self.port = port
+        self.stopped: set[int] = set()  # detached: fail_open must not bring them back
         ports = loaded.map(abi.EXCL_PORT)
         for excluded in exclude_ports:
             ports.update(abi.U16.pack(excluded), abi.BYTE.pack(1))
@@ -41,15 +42,16 @@ class EbpfBackend:
             cidrs.update(abi.cidr_key(cidr), abi.BYTE.pack(1))
 
     def attach(self, pod: PodHandle) -> None:
+        self.stopped.discard(pod.netns_cookie)
         try:
             self.pods.update(abi.U64.pack(pod.netns_cookie), abi.pod_value(pod.pod_id, self.port))
         except OSError as exc:
             raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
 
-    def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
+    def stop_new(self, pod: PodHandle) -> None:
         """One map delete; open connections need nothing more."""
+        self.stopped.add(pod.netns_cookie)
         self.pods.delete(abi.U64.pack(pod.netns_cookie))
-        return False
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         pass
@@ -88,7 +90,8 @@ class EbpfSteering:
     def fail_open(self, on: bool) -> None:
         """Out of the pod's map entry, its connects go direct (the hook's
         not_attached); back in, they are steered again."""
+        pods, key = self.backend.pods, abi.U64.pack(self.cookie)
         if on:
-            self.backend.detach(self.pod)
-        else:
-            self.backend.attach(self.pod)
+            pods.delete(key)
+        elif self.cookie not in self.backend.stopped:  # not while it is being detached
+            pods.update(key, abi.pod_value(self.pod.pod_id, self.backend.port))

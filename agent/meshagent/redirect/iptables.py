@@ -151,14 +151,11 @@ class IptablesBackend:
                 self._teardown(pod.netns_name, family, pod.name, quiet=True)
             raise
 
-    def detach(self, pod: PodHandle, open_connections: bool = False) -> bool:
-        """Stop steering new connections. With connections still open, the
-        rules drain (see render_rules) and True says `remove` is still owed."""
-        if open_connections:
-            self._apply(pod, draining=True)
-            return True
-        self.remove(pod.name, pod.netns_name)
-        return False
+    def stop_new(self, pod: PodHandle) -> None:
+        """New connections RETURN first; the REDIRECT rule stays for the ones
+        already redirected (removing it drops their NAT: see render_rules).
+        `remove` takes the chain away once they are gone."""
+        self._apply(pod, draining=True)
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         """Remove our chain and jumps from a pod's netns, if there."""
