@@ -186,10 +186,14 @@ class MeshEnv:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
+_TAGS: set[str] = set()  # the sandboxes this test process made (the residue check's scope)
+
+
 def make_env() -> MeshEnv:
     from meshagent.host import cgroup
 
     tag = secrets.token_hex(3)
+    _TAGS.add(tag)
     octet = 100 + secrets.randbelow(100)
     env = MeshEnv(
         tag=tag,
@@ -382,5 +386,6 @@ def no_residue():
         return
     before = _residue()
     yield
-    left = _residue() - before
+    # Only what this process's sandboxes made: another run may share the machine.
+    left = {item for item in _residue() - before if any(tag in item for tag in _TAGS)}
     assert not left, f"the test left behind: {sorted(left)}"

@@ -169,6 +169,10 @@ def _detail(event: dict) -> str:
     if kind == "refused":
         return f"{event['client']} refused ({event['reason']})"
     moved = f"out {event.get('bytes_out', 0)} B, in {event.get('bytes_in', 0)} B"
+    if event.get("closed_by"):
+        moved += f", {event['closed_by']} closed first"
+    if event.get("handoff_bytes"):
+        moved += f", {event['handoff_bytes']} B carried by Python before the splice"
     why = f" ({event['reason']})" if event.get("reason") else ""
     return (
         f"{event['client']} -> {event['orig_dst']} {kind}{why}: {moved}, {event.get('seconds')} s"

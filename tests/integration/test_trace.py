@@ -54,6 +54,8 @@ def test_trace_shows_each_decision_and_each_connection(mesh_env, redirect):
     assert len(closed) == 1, events
     assert closed[0]["orig_dst"] == dst and closed[0]["pod"] == "client"
     assert (closed[0]["bytes_out"], closed[0]["bytes_in"]) == (700, 300)
+    assert closed[0]["closed_by"] in ("pod", "upstream") and closed[0]["seconds"] >= 0
+    assert "handoff_bytes" in closed[0]
     assert any(e["event"] == "forwarded" and e["orig_dst"] == dst for e in events)
     kernel = [e for e in events if e["source"] == "kernel"]
     if redirect[0] == "ebpf":

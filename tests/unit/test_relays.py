@@ -153,6 +153,7 @@ def test_bytes_both_ways_written_before_the_join_then_half_close(pair):
     pair.run_until(lambda: pair.reason, "the connection to finish")
     assert pair.reason == [None]
     assert pair.conn.mode is pair.path.mode
+    assert pair.conn.closed_by == "pod"  # the client's FIN came first
     assert (pair.conn.bytes_out, pair.conn.bytes_in) == (len(up), len(down))
     assert pair.path.stats.connections_total == 1 and pair.path.stats.connections_active == 0
 

@@ -118,6 +118,7 @@ class Relay:
     one Leg per direction (a Leg copies, a SpliceLeg splices)."""
 
     handoff_bytes = 0
+    closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
 
     def __init__(
         self,
@@ -167,6 +168,8 @@ class Relay:
             try:
                 if events & (EPOLLIN | EPOLL_BAD) and reading.wants_read():
                     reading.read()
+                    if reading.eof and self.closed_by is None:
+                        self.closed_by = "pod" if sock is self.client else "upstream"
                 if events & EPOLLOUT or writing.waiting:
                     writing.flush()
                 if events & select.EPOLLERR:

@@ -364,9 +364,10 @@ class Forwarder:
         self.moved[(slot.name, "in", record.datapath)] += conn.bytes_in
         if reason is not None:
             slot.stats.resets += 1
-        self._end(record, "reset" if reason else "closed", reason)
+        self._end(record, "reset" if reason else "closed", reason, closed_by=conn.closed_by,
+                  handoff_bytes=conn.handoff_bytes)  # fmt: skip
 
-    def _end(self, record: ConnRecord, state: str, reason: str | None) -> None:
+    def _end(self, record: ConnRecord, state: str, reason: str | None, **more: object) -> None:
         self.outcomes[(record.pod, record.datapath, state)] += 1
         record.state = state
         record.reason = reason
@@ -376,7 +377,7 @@ class Forwarder:
             self._emit(state, record.pod, record.client, record.orig_dst, reason,
                        datapath=record.datapath, bytes_out=record.bytes_out,
                        bytes_in=record.bytes_in,
-                       seconds=round(record.ended - record.started, 6))  # fmt: skip
+                       seconds=round(record.ended - record.started, 6), **more)  # fmt: skip
 
     def _emit(self, event: str, pod: str, client: str, orig_dst: str | None, reason: str | None,
               **more: object) -> None:  # fmt: skip

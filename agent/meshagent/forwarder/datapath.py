@@ -24,6 +24,7 @@ from meshagent.modes import DataPathMode
 class Connection(Protocol):
     mode: DataPathMode
     closed: bool
+    closed_by: str | None  # "pod" or "upstream": whose FIN came first
 
     @property
     def bytes_out(self) -> int: ...  # pod -> destination

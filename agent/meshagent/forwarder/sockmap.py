@@ -115,6 +115,12 @@ class SockmapRelay:
         self.progress_at = time.monotonic()
         self.stalled = False
         self.registered: set[int] = set()
+        self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
+
+    def _eof(self, side: Side) -> None:
+        side.eof = True
+        if self.closed_by is None:
+            self.closed_by = "pod" if side is self.client else "upstream"
 
     def start(self) -> None:
         """Set the peers (the kernel may redirect from now on) and begin.
@@ -166,9 +172,9 @@ class SockmapRelay:
                 self.abort(side, OSError(err, "socket error"))
                 return
             if events & EPOLLRDHUP:
-                side.eof = True
+                self._eof(side)
             if events & EPOLLHUP:
-                side.eof = True
+                self._eof(side)
                 # Closed both ways: level-triggered HUP would spin; timers finish it.
                 self._unregister(side)
             self._progress()
@@ -230,7 +236,7 @@ class SockmapRelay:
                 self.progress_at = time.monotonic()
                 continue
             if data is not None:  # EOF (an empty view)
-                side.eof = True
+                self._eof(side)
             if self.maps.x(side.cookie) == side.sent_y:
                 side.handed_off = True  # X == Y, read after the Y store
                 self.progress_at = time.monotonic()
