@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench clean
+.PHONY: bootstrap demo test unit lint bench bench-scrape clean
 
 bootstrap:
 	scripts/bootstrap
@@ -22,6 +22,9 @@ lint: bootstrap
 
 bench: bootstrap
 	$(PY) bench/run.py
+
+bench-scrape: bootstrap
+	$(PY) bench/scrape.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
