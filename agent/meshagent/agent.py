@@ -59,6 +59,14 @@ class Agent:
     def start(self) -> None:
         if os.geteuid() != 0:
             raise MeshError("meshagent run needs root (BPF, network namespaces)")
+        from meshagent.host import caps
+
+        lacking = caps.missing()
+        if lacking:
+            raise MeshError(
+                f"meshagent run lacks {', '.join(lacking)}; it needs cap_sys_admin and"
+                " cap_net_admin, nothing else"
+            )
         try:
             self._start()
         except BaseException:

@@ -335,3 +335,45 @@ def test_thousands_of_connections_at_once_lose_nothing(mesh_env, datapath, count
         assert status["fds_in_use"] == 0
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def capsh_run(env, keep: tuple[str, ...], *args: str) -> subprocess.Popen:
+    """`meshagent run` with every capability but keep dropped (root still)."""
+    everything = subprocess.run(["capsh", "--print"], capture_output=True, text=True).stdout
+    bounding = next(line for line in everything.splitlines() if line.startswith("Bounding set"))
+    drop = [cap for cap in bounding.split("=", 1)[1].split(",") if cap not in keep]
+    argv = [sys.executable, "-m", "meshagent", "run", "--cgroup", env.cgroup_rel, *args]
+    return subprocess.Popen(
+        ["capsh", f"--drop={','.join(drop)}", "--", "-c", 'exec "$@"', "meshagent", *argv],
+        env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_the_agent_needs_two_capabilities_and_names_a_missing_one(mesh_env):
+    from meshagent.control import agent_running, request
+
+    client = mesh_env.create_pod("client")
+    other = mesh_env.create_pod("other")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = capsh_run(mesh_env, ("cap_sys_admin", "cap_net_admin"))
+    mesh_env.procs.append(agent)
+    sock = mesh_env.state_dir / "agent.sock"
+    try:
+        wait_for(lambda: agent.poll() is not None or agent_running(sock), 120, "the agent")
+        assert agent.poll() is None, agent.communicate()[1]
+        caps = Path(f"/proc/{agent.pid}/status").read_text()
+        assert "CapEff:\t0000000000201000" in caps  # cap_sys_admin and cap_net_admin only
+        assert request(sock, "attach", pod="client")["backend"] == "ebpf"
+        assert request(sock, "attach", pod="other", redirect="iptables")["backend"] == "iptables"
+        for pod in (client, other):
+            mesh_env.client(pod, server.ip4, PORT)
+            assert srv.next()["peer"] == pod.ip4
+        assert len(request(sock, "connections")["connections"]) == 2  # both forwarded
+    finally:
+        agent.terminate()
+        assert agent.wait(timeout=30) == 0
+    lacking = capsh_run(mesh_env, ("cap_sys_admin",))
+    _out, err = lacking.communicate(timeout=60)
+    assert lacking.returncode == 1
+    assert len(err.strip().splitlines()) == 1 and "lacks cap_net_admin" in err, err
