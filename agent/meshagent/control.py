@@ -194,18 +194,26 @@ def _claim_socket_path(path: Path) -> None:
     raise MeshError(f"an agent already runs at {path}: stop it first, or use another --state-dir")
 
 
-def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -> dict:
-    """Ask the running agent; MeshError with its one-line answer on failure."""
+def connect(socket_path: Path, timeout: float = 30.0) -> socket.socket:
+    """A connection to the running agent; MeshError (one line) if there is none."""
     check_socket_path(socket_path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(str(socket_path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise MeshError(f"no agent at {socket_path}: start one with `meshagent run`") from None
-        except PermissionError:
-            raise MeshError(f"no permission for {socket_path}: run as root") from None
+        sock.connect(str(socket_path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise MeshError(f"no agent at {socket_path}: start one with `meshagent run`") from None
+    except PermissionError:
+        sock.close()
+        raise MeshError(f"no permission for {socket_path}: run as root") from None
+    return sock
+
+
+def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -> dict:
+    """Ask the running agent; MeshError with its one-line answer on failure."""
+    sock = connect(socket_path, timeout)
+    try:
         sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         data = bytearray()
         while not data.endswith(b"\n"):

@@ -28,31 +28,28 @@ HEADER = f"{'TIME':12} {'POD':12} {'PID':>7} {'COMM':12} {'EVENT':11} DETAIL"
 
 
 def _open(socket_path: Path, pod: str | None, port: int) -> tuple[socket.socket, dict, list, bytes]:
-    from meshagent.config import check_socket_path
+    from meshagent.control import connect
 
-    check_socket_path(socket_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = connect(socket_path)
+    fds: list[int] = []
     try:
-        sock.connect(str(socket_path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise MeshError(f"no agent at {socket_path}: start one with `meshagent run`") from None
-    request = {"op": "trace", "port": port, **({"pod": pod} if pod else {})}
-    sock.sendall(json.dumps(request).encode() + b"\n")
-    sock.settimeout(30)
-    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
-    while b"\n" not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise MeshError(f"the agent at {socket_path} closed the connection")
-        data += more
-    line, _, rest = data.partition(b"\n")
-    reply = json.loads(line)
-    if not reply.pop("ok", False):
+        request = {"op": "trace", "port": port, **({"pod": pod} if pod else {})}
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
+        while b"\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                raise MeshError(f"the agent at {socket_path} closed the connection")
+            data += more
+        line, _, rest = data.partition(b"\n")
+        reply = json.loads(line)
+        if not reply.pop("ok", False):
+            raise MeshError(reply.get("error", "the agent refused the trace"))
+    except BaseException:
         for fd in fds:
             os.close(fd)
         sock.close()
-        raise MeshError(reply.get("error", "the agent refused the trace"))
+        raise
     return sock, reply, fds, rest
 
 

@@ -36,22 +36,30 @@ class EbpfBackend:
         self.stopped: set[int] = set()  # detached: fail_open must not bring them back
         ports = loaded.map(abi.EXCL_PORT)
         for excluded in exclude_ports:
-            ports.update(abi.U16.pack(excluded), abi.BYTE.pack(1))
+            ports.update(abi.U16.pack(excluded), _ONE)
         cidrs = loaded.map(abi.EXCL_CIDR)
         for cidr in exclude_cidrs:
-            cidrs.update(abi.cidr_key(cidr), abi.BYTE.pack(1))
+            cidrs.update(abi.cidr_key(cidr), _ONE)
+
+    def steer(self, pod: PodHandle, on: bool) -> None:
+        """The pod's entry in mesh_pods: in, its connects are steered."""
+        key = abi.U64.pack(pod.netns_cookie)
+        if not on:
+            self.pods.delete(key)
+            return
+        try:
+            self.pods.update(key, abi.pod_value(pod.pod_id, self.port))
+        except OSError as exc:
+            raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
 
     def attach(self, pod: PodHandle) -> None:
         self.stopped.discard(pod.netns_cookie)
-        try:
-            self.pods.update(abi.U64.pack(pod.netns_cookie), abi.pod_value(pod.pod_id, self.port))
-        except OSError as exc:
-            raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
+        self.steer(pod, True)
 
     def stop_new(self, pod: PodHandle) -> None:
         """One map delete; open connections need nothing more."""
         self.stopped.add(pod.netns_cookie)
-        self.pods.delete(abi.U64.pack(pod.netns_cookie))
+        self.steer(pod, False)
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         pass
@@ -70,7 +78,6 @@ class EbpfSteering:
     def __init__(self, backend: EbpfBackend, pod: PodHandle) -> None:
         self.backend = backend
         self.pod = pod
-        self.own = backend.own
         self.cookie = pod.netns_cookie
 
     def orig_dst(self, _sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
@@ -85,13 +92,10 @@ class EbpfSteering:
     def prepare_upstream(self, sock: socket.socket) -> None:
         """The connect hook passes sockets whose cookie is in mesh_own (and
         removes the entry): something a pod cannot forge, unlike a mark."""
-        self.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
+        self.backend.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
 
     def fail_open(self, on: bool) -> None:
         """Out of the pod's map entry, its connects go direct (the hook's
         not_attached); back in, they are steered again."""
-        pods, key = self.backend.pods, abi.U64.pack(self.cookie)
-        if on:
-            pods.delete(key)
-        elif self.cookie not in self.backend.stopped:  # not while it is being detached
-            pods.update(key, abi.pod_value(self.pod.pod_id, self.backend.port))
+        if on or self.cookie not in self.backend.stopped:  # not while it is being detached
+            self.backend.steer(self.pod, not on)
