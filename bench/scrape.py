@@ -2,18 +2,20 @@
 
 An agent forwards 1,000 idle connections from a pod. The loop's
 responsiveness is measured by control `ping`s (each one is answered on the
-loop), first alone, then while another thread scrapes /metrics back to
-back. Printed: ping latency p50/p99/max both ways, and how long a scrape
-takes. Run as root.
+loop): alone, beside two CPU-bound processes (what a busy 2-CPU machine
+does by itself), and while a process of its own scrapes /metrics back to
+back. Printed, over ROUNDS rounds: ping latency p50/p99/max and each
+round's p99, and how long a scrape takes. Run as root.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,11 +25,34 @@ from conftest import make_env, start_agent, wait_for  # noqa: E402
 
 CONNS = 1000
 PINGS = 2000
+ROUNDS = 3
+ROWS = ("loop ping, nothing else", "loop ping, 2 CPU burners", "loop ping, scraping nonstop",
+        "one scrape of /metrics")  # fmt: skip
 HOLD = """
 import socket, sys, time
 socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(int(sys.argv[3]))]
 print("held", flush=True)
 time.sleep(3600)
+"""
+# A neighbour that only burns CPU (bounded in time): what the machine's two
+# CPUs alone do to ping latency, to tell from what a scrape does.
+BURNER = """
+import sys, time
+deadline = time.monotonic() + float(sys.argv[1])
+print("burning", flush=True)
+while time.monotonic() < deadline:
+    pass
+"""
+# The scraper is a process of its own, so its Python never competes with
+# the pinging thread for the bench's GIL (that would show up as loop stall).
+SCRAPER = """
+import sys, time, urllib.request
+url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        reply.read()
+    print((time.perf_counter() - started) * 1000, flush=True)
 """
 
 
@@ -40,16 +65,35 @@ def pings(agent, count: int) -> list[float]:
     return out
 
 
-def summary(name: str, values: list[float]) -> str:
-    values = sorted(values)
-    p99 = values[int(len(values) * 0.99) - 1]
-    return (f"{name:28} p50 {statistics.median(values):7.3f} ms  p99 {p99:7.3f} ms"
-            f"  max {values[-1]:7.3f} ms  (n={len(values)})")  # fmt: skip
+def summary(name: str, rounds: list[list[float]]) -> str:
+    """Over all rounds: p50, p99 and max; the spread is each round's p99."""
+    values = sorted(v for r in rounds for v in r)
+    p99s = " ".join(f"{percentile(sorted(r), 0.99):.2f}" for r in rounds)
+    return (f"{name:28} p50 {statistics.median(values):7.3f} ms  p99 {percentile(values, 0.99):7.3f} ms"
+            f"  max {values[-1]:7.3f} ms  (n={len(values)}; p99 by round: {p99s})")  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[max(int(len(values) * q) - 1, 0)]
+
+
+@contextlib.contextmanager
+def neighbours(commands: list[list[str]]):
+    """Processes that run beside the pings (each prints a line once it is
+    busy); yields a list that holds their output once they are stopped."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
+    out: list[str] = []
+    try:
+        for proc in procs:
+            proc.stdout.readline()
+        yield out
+    finally:
+        for proc in procs:
+            proc.terminate()
+        out.extend(proc.communicate(10)[0] for proc in procs)
 
 
 def main() -> int:
-    import os
-    import subprocess
 
     if os.geteuid() != 0:
         print("bench/scrape.py: run as root", file=sys.stderr)
@@ -66,29 +110,20 @@ def main() -> int:
         assert holder.stdout.readline().strip() == "held"
         wait_for(lambda: agent.pod_status("client")["connections_active"] == CONNS, 60,
                  "the connections")  # fmt: skip
-        addr = agent.request("status")["metrics_addr"]
-        alone = pings(agent, PINGS)
-        scrapes: list[float] = []
-        stop = threading.Event()
-
-        def scrape() -> None:
-            while not stop.is_set():
-                started = time.perf_counter()
-                with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as reply:
-                    reply.read()
-                scrapes.append((time.perf_counter() - started) * 1000)
-
-        thread = threading.Thread(target=scrape, daemon=True)
-        thread.start()
-        busy = pings(agent, PINGS)
-        stop.set()
-        thread.join(10)
+        url = f"http://{agent.request('status')['metrics_addr']}/metrics"
+        rows: dict[str, list[list[float]]] = {name: [] for name in ROWS}
+        for _ in range(ROUNDS):
+            rows["loop ping, nothing else"].append(pings(agent, PINGS))
+            with neighbours([[sys.executable, "-c", BURNER, "120"]] * 2) as _out:
+                rows["loop ping, 2 CPU burners"].append(pings(agent, PINGS))
+            with neighbours([[sys.executable, "-c", SCRAPER, url, "120"]]) as out:
+                rows["loop ping, scraping nonstop"].append(pings(agent, PINGS))
+            rows["one scrape of /metrics"].append([float(line) for line in out[0].split()])
         status = agent.request("status")
         print(f"\nscrape stall, kernel {status['kernel']}, {CONNS} forwarded idle connections,"
-              f" {os.cpu_count()} CPUs\n")  # fmt: skip
-        print(summary("loop ping, no scrapes", alone))
-        print(summary("loop ping, scraping nonstop", busy))
-        print(summary("one scrape of /metrics", scrapes))
+              f" {os.cpu_count()} CPUs, {ROUNDS} rounds\n")  # fmt: skip
+        for name, rounds in rows.items():
+            print(summary(name, rounds))
         return 0
     finally:
         if agent is not None:

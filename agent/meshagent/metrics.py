@@ -12,15 +12,22 @@ names (pod, reason, datapath), never addresses.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from meshagent import __version__
 from meshagent.errors import MeshError
 
 HEALTHY_SECONDS = 5.0
+CLIENT_TIMEOUT = 5.0
+# Map types whose entries the kernel counts in batches (BPF_MAP_LOOKUP_BATCH):
+# hash, lru_hash, lpm_trie. Arrays always hold every slot; a ring buffer
+# has no entries; a sockhash is counted by the forwarder.
+COUNTED_MAP_TYPES = (1, 9, 11)
+WALK_AT_MOST = 1024  # entries: a map this small may be walked key by key
 ATTACH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
@@ -90,10 +97,10 @@ class Collector:
             "meshagent_sockmap_handoff_bytes", "Bytes Python carried before the kernel spliced",
             value=snap["handoff_bytes"],
         )  # fmt: skip
-        yield from self._bpf()
+        yield from self._bpf(snap)
         yield _histogram(snap["attach_seconds"])
 
-    def _bpf(self) -> Iterator:
+    def _bpf(self, snap: dict) -> Iterator:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         if self.loaded is None:
@@ -104,14 +111,69 @@ class Collector:
         for reason, by_direction in sorted(self.loaded.metrics().items()):
             decisions.add_metric([reason], sum(by_direction.values()))
         yield decisions
-        entries = GaugeMetricFamily("meshagent_bpf_map_entries", "Entries", labels=["map"])
+        entries = GaugeMetricFamily(
+            "meshagent_bpf_map_entries",
+            "Entries (counted by the kernel in batches; the sockhash by the forwarder)",
+            labels=["map"],
+        )
         capacity = GaugeMetricFamily("meshagent_bpf_map_capacity", "Max entries", labels=["map"])
+        kept = snap["map_entries"]
         for name, mapfd in sorted(self.loaded.maps.items()):
             capacity.add_metric([name], mapfd.info.max_entries)
-            if mapfd.info.map_type not in (2, 6):  # arrays: every slot always exists
-                entries.add_metric([name], mapfd.count())
+            count = kept.get(name)
+            if count is None and mapfd.info.map_type in COUNTED_MAP_TYPES:
+                count = mapfd.count_batched()
+                if count is None and mapfd.info.max_entries <= WALK_AT_MOST:
+                    count = len(mapfd.keys())  # a small map without batch lookup
+            if count is not None:
+                entries.add_metric([name], count)
         yield entries
         yield capacity
+
+
+class ProcessStats:
+    """The agent's own RSS, fds and CPU, as prometheus_client's
+    ProcessCollector names them, without its listing of /proc/self/fd (at
+    thousands of connections that listing is most of a scrape): since
+    Linux 6.2 the size of /proc/self/fd is the number of open fds."""
+
+    def collect(self) -> Iterator:
+        import resource
+
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm", "rb") as statm:
+            virtual, resident = (int(field) * page for field in statm.read().split()[:2])
+        yield GaugeMetricFamily(
+            "meshagent_process_resident_memory_bytes", "Resident memory", value=resident
+        )
+        yield GaugeMetricFamily(
+            "meshagent_process_virtual_memory_bytes", "Virtual memory", value=virtual
+        )
+        yield GaugeMetricFamily("meshagent_process_open_fds", "Open fds", value=open_fds())
+        yield GaugeMetricFamily(
+            "meshagent_process_max_fds", "The fd limit",
+            value=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        )  # fmt: skip
+        times = os.times()
+        yield CounterMetricFamily(
+            "meshagent_process_cpu_seconds", "User and system CPU time",
+            value=times.user + times.system,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "meshagent_process_start_time_seconds", "When the agent started (Unix time)",
+            value=STARTED,
+        )  # fmt: skip
+
+
+STARTED = time.time()
+
+
+def open_fds() -> int:
+    """This process's open fds: one stat() on Linux 6.2+, a listing before."""
+    size = os.stat("/proc/self/fd").st_size
+    return size if size > 0 else len(os.listdir("/proc/self/fd"))
 
 
 def _histogram(observations: tuple[float, ...]):
@@ -136,21 +198,19 @@ class MetricsServer:
         ready: Callable[[], bool],
     ) -> None:
         from prometheus_client import CollectorRegistry
-        from prometheus_client.process_collector import ProcessCollector
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
-        ProcessCollector(namespace="meshagent", registry=registry)
+        registry.register(ProcessStats())
         self.registry = registry
         handler = _handler(registry, healthy, ready)
         try:
-            self.httpd = ThreadingHTTPServer(addr, handler)
+            self.httpd = HTTPServer(addr, handler)
         except OSError as exc:
             raise MeshError(
                 f"cannot serve metrics on {addr[0]}:{addr[1]}: {exc.strerror};"
                 " choose another --metrics-addr (or off)"
             ) from None
-        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
         self.thread.start()
 
@@ -169,6 +229,11 @@ def _handler(registry, healthy, ready):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(BaseHTTPRequestHandler):
+        # One thread serves every request in turn (a thread per request
+        # costs the loop more GIL waits than the requests themselves); a
+        # client that stalls is cut off after this many seconds.
+        timeout = CLIENT_TIMEOUT
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -103,5 +104,49 @@ def test_a_scrape_counts_exactly_the_connections_and_bytes(mesh_env):
         text = get(addr, "/metrics")[1]
         assert server.ip4 not in text and client.ip4 not in text  # no addresses as labels
         assert get(addr, "/nosuch")[0] == 404
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+HOLD = """
+import socket, sys
+socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(int(sys.argv[3]))]
+for s in socks:
+    s.sendall(b"x")
+print("held", flush=True)
+sys.stdin.read()  # hold them until the test closes stdin
+"""
+
+
+def test_map_entries_and_fds_match_the_kernel(mesh_env):
+    """The sockhash count the scrape shows (the forwarder's bookkeeping, so
+    a scrape never walks the map) equals a walk of the kernel's map, both
+    with connections open and after; open fds equal /proc's count."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--datapath", "sockmap")
+    try:
+        addr = agent.request("status")["metrics_addr"]
+        agent.attach(client)
+        holder = mesh_env.popen(
+            client, [sys.executable, "-c", HOLD, server.ip4, str(PORT), "40"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert holder.stdout.readline().strip() == "held"
+        wait_for(lambda: agent.pod_status("client")["connections_active"] == 40, 30, "40 conns")
+
+        def agree(expected: int):
+            kernel = agent.request("status")["map_entries"]["mesh_sockhash"]
+            now = samples(addr)
+            scraped = value(now, "meshagent_bpf_map_entries", map="mesh_sockhash")
+            fds = len(list(Path(f"/proc/{agent.proc.pid}/fd").iterdir()))
+            ok = kernel == scraped == expected
+            return ok and abs(value(now, "meshagent_process_open_fds") - fds) <= 2
+
+        wait_for(lambda: agree(80), 30, "80 sockhash entries, scraped and walked alike")
+        holder.stdin.close()
+        holder.wait(30)
+        wait_for(lambda: agree(0), 30, "an empty sockhash, scraped and walked alike")
     finally:
         assert agent.stop() == 0, agent.log()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -255,13 +256,21 @@ class Loaded:
         return sum(self.map(abi.METRICS).lookup_percpu_u64(key))
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        """{reason: {direction: count}} summed over CPUs; zeros left out."""
+        """{reason: {direction: count}} summed over CPUs; zeros left out
+        (the whole per-CPU array in one batch lookup where the kernel can)."""
+        table = self.map(abi.METRICS)
+        items = table.items_batched()
+        if items is None:
+            present = table.keys()
+            items = [(key, table.lookup(key) or b"") for key in present]
+        stride = sc.round8(table.info.value_size)
         out: dict[str, dict[str, int]] = {}
-        for reason in abi.REASONS:
-            for direction in abi.DIRECTIONS:
-                total = self.metric(reason, direction)
-                if total:
-                    out.setdefault(reason, {})[direction] = total
+        for key, raw in items:
+            (index,) = abi.U32.unpack(key)
+            reason, direction = divmod(index, len(abi.DIRECTIONS))
+            total = sum(struct.unpack_from("=Q", raw, off)[0] for off in range(0, len(raw), stride))
+            if total and reason < len(abi.REASONS):
+                out.setdefault(abi.REASONS[reason], {})[abi.DIRECTIONS[direction]] = total
         return out
 
     def live_steered(self) -> int:

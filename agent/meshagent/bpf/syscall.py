@@ -136,7 +136,7 @@ class MapFd:
         self.key_size = self.info.key_size
         self.value_size = self.info.value_size
         if self.info.map_type in PERCPU_MAP_TYPES:
-            self.value_size = _round8(self.info.value_size) * possible_cpus()
+            self.value_size = round8(self.info.value_size) * possible_cpus()
         if spec is not None:
             check_spec(spec, self.info)
         self._key = ctypes.create_string_buffer(max(self.key_size, 8))
@@ -199,21 +199,47 @@ class MapFd:
         """How many entries: in batches of BATCH (a few syscalls, so a
         metrics scrape in another thread barely holds the GIL), key by key
         where the map has no batch lookup (sockhash)."""
-        total = self._count_batched()
+        total = self.count_batched()
         return len(self.keys()) if total is None else total
 
     BATCH = 4096
 
-    def _count_batched(self) -> int | None:
+    def count_batched(self) -> int | None:
+        """How many entries, by BPF_MAP_LOOKUP_BATCH; None where the map has
+        no batch lookup (sockhash, ring buffer)."""
         if self.info.max_entries == 0 or self.key_size == 0:
             return 0
-        n = self.BATCH
+        total = 0
+        for _keys, _values, got in self._batches():
+            if got is None:
+                return None
+            total += got
+        return total
+
+    def items_batched(self) -> list[tuple[bytes, bytes]] | None:
+        """Every (key, value), by BPF_MAP_LOOKUP_BATCH (one syscall per
+        BATCH entries); None where the map has no batch lookup."""
+        out: list[tuple[bytes, bytes]] = []
+        k, v = self.key_size, max(self.value_size, 1)
+        for keys, values, got in self._batches():
+            if got is None:
+                return None
+            raw_keys, raw_values = keys.raw, values.raw
+            out.extend(
+                (raw_keys[i * k : (i + 1) * k], raw_values[i * v : (i + 1) * v]) for i in range(got)
+            )
+        return out
+
+    def _batches(self):
+        """(keys buffer, values buffer, entries in them) per batch; got is
+        None (once, first) where the kernel has no batch lookup for the map."""
+        n = min(self.BATCH, max(self.info.max_entries, 1))
         keys = ctypes.create_string_buffer(n * self.key_size)
         values = ctypes.create_string_buffer(n * max(self.value_size, 1))
         token_in = ctypes.create_string_buffer(max(self.key_size, 8))
         token_out = ctypes.create_string_buffer(max(self.key_size, 8))
         attr = ctypes.create_string_buffer(ATTR_SIZE)
-        total, first = 0, True
+        first = True
         while True:
             struct.pack_into(
                 "=QQQQIIQQ", attr, 0, 0 if first else ctypes.addressof(token_in),
@@ -224,10 +250,11 @@ class MapFd:
             got = struct.unpack_from("=I", attr, 32)[0]
             err = ctypes.get_errno() if ret < 0 else 0
             if ret < 0 and err != errno.ENOENT:
-                return None if first else total + got  # no batch support here
-            total += got
+                yield keys, values, (None if first else got)  # no batch support here
+                return
+            yield keys, values, got
             if ret < 0:  # ENOENT: the walk is over
-                return total
+                return
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
 
@@ -283,7 +310,7 @@ class MapFd:
         raw = self.lookup(key)
         if raw is None:
             return []
-        stride = _round8(self.info.value_size)
+        stride = round8(self.info.value_size)
         return [struct.unpack_from("=Q", raw, cpu * stride)[0] for cpu in range(possible_cpus())]
 
     # -- internals ----------------------------------------------------------
@@ -310,7 +337,7 @@ class MapFd:
             self.fd = -1
 
 
-def _round8(size: int) -> int:
+def round8(size: int) -> int:
     return (size + 7) & ~7
 
 

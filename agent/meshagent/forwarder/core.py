@@ -415,6 +415,9 @@ class Forwarder:
             "errors": dict(self.errors),
             "active": {name: slot.stats.connections_active for name, slot in self.pods.items()},
             "handoff_bytes": sum(p.stats.handoff_bytes for p in self.paths.values()),
+            "map_entries": {
+                name: count for p in self.paths.values() for name, count in p.map_entries().items()
+            },
         }
 
     def snapshot(self) -> dict:

@@ -85,6 +85,11 @@ class DataPath(ABC):
     def snapshot(self) -> dict:
         return self.stats.to_dict()
 
+    def map_entries(self) -> dict[str, int]:
+        """{BPF map name: entries} for maps only this path's bookkeeping can
+        count cheaply (a sockhash has no batch lookup)."""
+        return {}
+
     def _counted(self, on_done: Done) -> Done:
         """on_done, after this path's counters took the connection's end."""
         self.stats.connections_active += 1

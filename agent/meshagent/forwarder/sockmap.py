@@ -20,6 +20,7 @@ import termios
 import time
 from collections.abc import Callable
 
+from meshagent.bpf import abi
 from meshagent.forwarder.copy import recv_scratch, reset_close
 from meshagent.forwarder.datapath import DataPath, Done
 from meshagent.forwarder.sockmap_maps import SockmapMaps
@@ -398,6 +399,9 @@ class SockmapPath(DataPath):
             on_done(conn, reason)
 
         return self.fallback.join(client, upstream, None, done)
+
+    def map_entries(self) -> dict[str, int]:
+        return {abi.SOCKHASH.name: self.maps.entered}
 
     def tick(self) -> None:
         """Delete finished connections' entries; if a verdict redirect failed
