@@ -24,6 +24,7 @@ from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
 from meshagent.host import cgroup, netns
 from meshagent.host.loop import Loop
+from meshagent.host.worker import Worker
 from meshagent.modes import Backend, DataPathMode
 from meshagent.plan import Plan, plan
 from meshagent.redirect import Backend as RedirectBackend
@@ -54,6 +55,7 @@ class Agent:
         self.published: dict = {}  # the loop's counters, for the metrics thread
         self.metrics = None
         self.tracer = None  # the running `meshagent trace`, if any
+        self.reader: Worker | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +108,10 @@ class Agent:
         self.stack.callback(self.pods.finish_draining, everything=True)
         self.stack.callback(self.forwarder.close)
         self.stack.callback(self.pods.detach_all)
+        self.pods.start_offloading()
+        self.reader = Worker(self.loop, "reader")  # whole-map walks for status
+        self.stack.callback(self.reader.close)
+        self.stack.callback(self.pods.stop_offloading)  # first: queued rule work ends
         self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
         self._write_info()

@@ -15,9 +15,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from meshagent import log
+from meshagent.control import Deferred
 from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
 from meshagent.host import netns
+from meshagent.host.worker import Worker
 from meshagent.modes import Backend as BackendName
 from meshagent.pods.store import PodStore
 from meshagent.redirect import Backend, PodHandle
@@ -35,6 +37,8 @@ class AttachedPod:
     since: float
     draining: bool = False  # detached; its rules may stay while its connections live
     closing: object = None  # the timer that closes its listeners after the grace
+    removing: bool = False  # its rules' removal is queued
+    forgotten: bool = False  # its netns fd is closed
 
     def snapshot(self) -> dict:
         dev, ino = self.handle.netns_id
@@ -64,19 +68,70 @@ class Attachments:
         self._next_pod_id = 1
         self.attach_seconds: list[float] = []  # for the metrics' histogram
         self.log = log.get()
+        # Backends that block (iptables subprocesses) run in this thread
+        # while the loop runs; inline before and after (start, shutdown).
+        self.worker: Worker | None = None
+        self.busy: set[str] = set()  # pods whose attach or detach is under way
+
+    def start_offloading(self) -> None:
+        self.worker = Worker(self.forwarder.loop, "rules")
+
+    def stop_offloading(self) -> None:
+        """Finish the queued work (and its bookkeeping) and go inline."""
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.close()
+
+    def _blocking(self, name: str, backend: Backend, job, commit, op: str):
+        """Run job (the backend's rule work), then commit(error) on the loop.
+        Inline for backends that do not block: commit's dict or raise. Else
+        a Deferred reply, and the pod is busy until commit ran."""
+        if not backend.blocking or self.worker is None:
+            try:
+                job()
+                error = None
+            except Exception as exc:
+                error = exc
+            return commit(error)
+        self.busy.add(name)
+        reply = Deferred()
+
+        def done(_result, error: BaseException | None) -> None:
+            self.busy.discard(name)
+            try:
+                reply.resolve(commit(error))
+            except Exception as exc:
+                reply.fail(exc, op)
+
+        self.worker.submit(job, done)
+        return reply
+
+    def _background(self, backend: Backend, job, done) -> None:
+        """Rule work nobody waits for (removals): off the loop where it blocks;
+        done(error) runs on the loop after it."""
+        if not backend.blocking or self.worker is None:
+            try:
+                job()
+                error = None
+            except Exception as exc:
+                error = exc
+            done(error)
+            return
+        self.worker.submit(job, lambda _result, error: done(error))
+
+    def _check_idle(self, name: str) -> None:
+        if name in self.busy:
+            raise MeshError(f"pod {name}: an attach or detach is under way; try again")
 
     def attached(self) -> list[AttachedPod]:
         return [pod for _name, pod in sorted(self.pods.items()) if not pod.draining]
 
-    def attach(self, name: str, redirect: BackendName | None = None) -> dict:
-        started = time.monotonic()
-        reply = self._attach(name, redirect)
-        if not reply["already"]:
-            self.attach_seconds.append(time.monotonic() - started)
-            del self.attach_seconds[:-1024]
-        return reply
+    def attach(self, name: str, redirect: BackendName | None = None):
+        """A dict, or a Deferred one when the backend's work runs off the loop."""
+        self._check_idle(name)
+        return self._attach(name, redirect, time.monotonic())
 
-    def _attach(self, name: str, redirect: BackendName | None) -> dict:
+    def _attach(self, name: str, redirect: BackendName | None, started: float):
         pod = self.store.get(name)
         current = self.pods.get(name)
         if current is not None and not current.draining:
@@ -94,7 +149,8 @@ class Attachments:
         if current is not None:  # draining: attach renders its rules live again
             self._close_listeners(current)
             self._forget(current)
-        with ExitStack() as undo:
+        undo = ExitStack()
+        with undo:
             fd = netns.open_fd(pod.netns)
             undo.callback(os.close, fd)
             handle = PodHandle(name, pod.netns, fd, self._next_pod_id)
@@ -106,63 +162,77 @@ class Attachments:
                 )
             self.forwarder.open_pod(name, fd, backend.steering(handle))
             undo.callback(self.forwarder.close_pod, name)
-            try:
-                backend.attach(handle)
-            except MeshError:
-                raise
-            except Exception as exc:
-                raise MeshError(f"pod {name}: attach failed: {exc}") from None
-            undo.pop_all()
-        self._next_pod_id += 1
-        self.pods[name] = AttachedPod(handle, backend, time.time())
-        self.log.info(
-            "pod attached",
-            extra={"pod": name, "reason": f"backend={backend.name} netns={pod.netns}"},
-        )
-        return {"pod": name, "already": False, "backend": backend.name.value}
+            self._next_pod_id += 1
+            undo = undo.pop_all()  # from here, commit() undoes on failure
 
-    def detach(self, name: str, grace: bool = True) -> dict:
+        def commit(error: BaseException | None) -> dict:
+            if error is not None:
+                undo.close()
+                if isinstance(error, MeshError):
+                    raise error
+                raise MeshError(f"pod {name}: attach failed: {error}")
+            undo.pop_all()
+            self.pods[name] = AttachedPod(handle, backend, time.time())
+            self.attach_seconds.append(time.monotonic() - started)
+            del self.attach_seconds[:-1024]
+            self.log.info(
+                "pod attached",
+                extra={"pod": name, "reason": f"backend={backend.name} netns={pod.netns}"},
+            )
+            return {"pod": name, "already": False, "backend": backend.name.value}
+
+        return self._blocking(name, backend, lambda: backend.attach(handle), commit, "attach")
+
+    def detach(self, name: str, grace: bool = True):
+        """A dict, or a Deferred one when the backend's work runs off the loop."""
         entry = self.pods.get(name)
         if entry is None or entry.draining:
             self.store.get(name)  # unknown pod: say so
             raise MeshError(f"pod {name} is not attached")
+        self._check_idle(name)
+
         # New connects go direct first; the listeners close a moment later
         # (their queue accepted and forwarded): no connect meets a closed port.
-        try:
-            entry.backend.stop_new(entry.handle)
-        except MeshError as exc:
-            if netns.exists(entry.handle.netns_name):
-                raise
-            self.log.warning(
-                "pod netns gone; nothing to remove", extra={"pod": name, "reason": str(exc)}
+        def commit(error: BaseException | None) -> dict:
+            if error is not None:
+                if not isinstance(error, MeshError):
+                    raise MeshError(f"pod {name}: detach failed: {error}")
+                if netns.exists(entry.handle.netns_name):
+                    raise error
+                self.log.warning(
+                    "pod netns gone; nothing to remove", extra={"pod": name, "reason": str(error)}
+                )
+            entry.draining = True
+            open_conns = self.forwarder.open_connections(name)
+            if grace:
+                entry.closing = self.forwarder.loop.call_later(
+                    LISTENER_GRACE, lambda: self._after_grace(entry)
+                )
+            else:
+                self._after_grace(entry)
+            self.log.info(
+                "pod detached",
+                extra={"pod": name, "reason": f"{open_conns} open connections finish as they are"},
             )
-        entry.draining = True
-        open_conns = self.forwarder.open_connections(name)
-        if grace:
-            entry.closing = self.forwarder.loop.call_later(
-                LISTENER_GRACE, lambda: self._after_grace(entry)
-            )
-        else:
-            self._after_grace(entry)
-        self.log.info(
-            "pod detached",
-            extra={"pod": name, "reason": f"{open_conns} open connections finish as they are"},
+            return {"pod": name, "open_connections": open_conns}
+
+        return self._blocking(
+            name, entry.backend, lambda: entry.backend.stop_new(entry.handle), commit, "detach"
         )
-        return {"pod": name, "open_connections": open_conns}
 
     def drop_vanished(self) -> None:
         """Forget attachments whose netns is gone or was replaced (a pod
         deleted or re-created behind the agent's back)."""
         for entry in self.attached():
+            if entry.handle.name in self.busy:
+                continue
             if not _same_netns(entry, entry.handle.netns_name):
                 self._drop_stale(entry, "its network namespace vanished")
 
     def _drop_stale(self, entry: AttachedPod, why: str) -> None:
         name = entry.handle.name
-        try:
-            entry.backend.stop_new(entry.handle)
-        except MeshError:
-            pass  # the namespace holding its rules is gone with them
+        # Errors are expected: the namespace holding its rules is gone with them.
+        self._background(entry.backend, lambda: entry.backend.stop_new(entry.handle), _ignore)
         self.forwarder.close_pod(name)
         self._forget(entry)
         self.log.warning("pod detached", extra={"pod": name, "reason": why})
@@ -186,29 +256,39 @@ class Attachments:
     def finish_draining(self, everything: bool = False) -> None:
         """Remove rules kept for connections open at detach, once they closed."""
         for entry in list(self.pods.values()):
-            if not entry.draining or (entry.closing is not None and not everything):
+            if not entry.draining or entry.removing:
+                continue
+            if entry.closing is not None and not everything:
                 continue
             if everything or self.forwarder.open_connections(entry.handle.name) == 0:
                 self._close_listeners(entry)
                 self._remove(entry)
 
     def _remove(self, entry: AttachedPod) -> None:
-        try:
-            entry.backend.remove(entry.handle.name, entry.handle.netns_name)
-        except MeshError as exc:
-            self.log.warning(
-                "rule removal failed", extra={"pod": entry.handle.name, "reason": str(exc)}
-            )
-        self._forget(entry)
+        # Not busy meanwhile: an attach of the same pod queues behind this
+        # removal in the same worker, and _forget leaves a new record alone.
+        name, netns_name = entry.handle.name, entry.handle.netns_name
+        entry.removing = True
+
+        def done(error: BaseException | None) -> None:
+            if error is not None:
+                self.log.warning("rule removal failed", extra={"pod": name, "reason": str(error)})
+            self._forget(entry)
+
+        self._background(entry.backend, lambda: entry.backend.remove(name, netns_name), done)
 
     def _forget(self, entry: AttachedPod) -> None:
-        self.pods.pop(entry.handle.name, None)
+        if entry.forgotten:
+            return
+        entry.forgotten = True
+        if self.pods.get(entry.handle.name) is entry:
+            del self.pods[entry.handle.name]
         os.close(entry.handle.netns_fd)
 
     def detach_all(self) -> None:
         for pod in self.attached():
             try:
-                self.detach(pod.handle.name, grace=False)
+                self.detach(pod.handle.name, grace=False)  # inline: the loop has stopped
             except MeshError as exc:
                 self.log.warning(
                     "detach failed", extra={"pod": pod.handle.name, "reason": str(exc)}
@@ -232,6 +312,10 @@ class Attachments:
                 }
             )
         return out
+
+
+def _ignore(_error: BaseException | None) -> None:
+    pass
 
 
 def _same_netns(entry: AttachedPod, netns_name: str) -> bool:

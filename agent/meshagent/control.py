@@ -53,7 +53,59 @@ class Request:
         return parse(enum, value, f"{self.data.get('op')}: {key!r}")
 
 
-Dispatch = Callable[[Request], dict]
+class Deferred:
+    """A reply that comes later, for work that runs off the loop: the
+    dispatcher returns one, and resolve() or fail() (on the loop) sends it.
+    Until then the connection's further requests wait, so replies keep the
+    order of their requests."""
+
+    def __init__(self) -> None:
+        self.reply: dict | None = None
+        self._then: Callable[[dict], None] | None = None
+
+    def resolve(self, reply: dict) -> None:
+        self._settle({"ok": True, **reply})
+
+    def fail(self, exc: BaseException, op: str = "") -> None:
+        self._settle(error_reply(exc, op))
+
+    def _settle(self, reply: dict) -> None:
+        if self.reply is not None:
+            return
+        self.reply = reply
+        if self._then is not None:
+            self._then(reply)
+
+    def then(self, fn: Callable[[dict], None]) -> None:
+        self._then = fn
+        if self.reply is not None:
+            fn(self.reply)
+
+
+def error_reply(exc: BaseException, op: object = "") -> dict:
+    """A failed request's one-line answer; a bug is logged with its traceback."""
+    if isinstance(exc, MeshError):
+        return {"ok": False, "error": _one_line(str(exc))}
+    log.get().error(
+        "control request failed", exc_info=exc, extra={"reason": f"op={op!r}"}
+    )  # fmt: skip
+    return {
+        "ok": False,
+        "error": _one_line(f"internal error in {op!r}: {type(exc).__name__}: {exc}"),
+    }
+
+
+Dispatch = Callable[[Request], "dict | Deferred"]
+MAX_UNSENT = 4 << 20  # bytes of replies a client may leave unread before it is dropped
+
+
+class _Client:
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.waiting = False  # a Deferred reply is due before the next request
+        self.closed = False
 
 
 class ControlServer:
@@ -61,7 +113,7 @@ class ControlServer:
         self.loop = loop
         self.path = path
         self.dispatch = dispatch
-        self.clients: dict[int, tuple[socket.socket, bytearray]] = {}
+        self.clients: dict[int, _Client] = {}
         self.closers: dict[int, Callable[[], None]] = {}  # streaming replies: when they end
         check_socket_path(path)
         _claim_socket_path(path)
@@ -83,47 +135,66 @@ class ControlServer:
             except BlockingIOError:
                 return
             conn.setblocking(False)
-            self.clients[conn.fileno()] = (conn, bytearray())
-            self.loop.add(conn.fileno(), select.EPOLLIN, self._reader(conn))
+            client = _Client(conn)
+            self.clients[conn.fileno()] = client
+            self.loop.add(conn.fileno(), select.EPOLLIN, self._handler(client))
 
-    def _reader(self, conn: socket.socket) -> Callable[[int], None]:
-        def handle(_events: int) -> None:
-            _sock, buf = self.clients[conn.fileno()]
-            try:
-                data = conn.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._drop(conn)
-                return
-            buf += data
-            while b"\n" in buf and conn.fileno() >= 0:
-                line, _, rest = bytes(buf).partition(b"\n")
-                buf[:] = rest
-                self._answer(conn, line)
-            if len(buf) > MAX_REQUEST and conn.fileno() >= 0:
-                self._reply(
-                    conn, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
-                )
-                self._drop(conn)
+    def _handler(self, client: _Client) -> Callable[[int], None]:
+        def handle(events: int) -> None:
+            if events & select.EPOLLOUT:
+                self._flush(client)
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) and not client.closed:
+                self._read(client)
 
         return handle
 
-    def _answer(self, conn: socket.socket, line: bytes) -> None:
-        reply = self._handle(line, conn)
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(client)
+            return
+        client.inbuf += data
+        self._process(client)
+        if len(client.inbuf) > MAX_REQUEST and not client.closed:
+            self._send(client, {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+            self._drop(client)
+
+    def _process(self, client: _Client) -> None:
+        """Answer the complete lines in order; stop at a reply that comes later."""
+        while not client.waiting and not client.closed and b"\n" in client.inbuf:
+            line, _, rest = bytes(client.inbuf).partition(b"\n")
+            client.inbuf[:] = rest
+            reply = self._handle(line, client.conn)
+            if isinstance(reply, Deferred):
+                client.waiting = True
+                reply.then(lambda r, c=client: self._settled(c, r))
+            else:
+                self._answer(client, reply)
+
+    def _settled(self, client: _Client, reply: dict) -> None:
+        client.waiting = False
+        if client.closed:
+            return
+        self._answer(client, reply)
+        self._process(client)
+
+    def _answer(self, client: _Client, reply: dict) -> None:
         fds = reply.pop("_fds", ())
         closer = reply.pop("_on_close", None)
         if closer is not None:
-            self.closers[conn.fileno()] = closer
+            self.closers[client.conn.fileno()] = closer
         try:
-            self._reply(conn, reply, fds)
+            self._send(client, reply, fds)
         finally:
             for fd in fds:  # the dispatcher's copies: the client has its own now
                 os.close(fd)
 
-    def _handle(self, line: bytes, conn: socket.socket) -> dict:
+    def _handle(self, line: bytes, conn: socket.socket) -> dict | Deferred:
         try:
             request = json.loads(line)
         except ValueError as exc:
@@ -131,45 +202,57 @@ class ControlServer:
         if not isinstance(request, dict):
             return {"ok": False, "error": "bad request: not a JSON object"}
         try:
-            return {"ok": True, **self.dispatch(Request(request, conn))}
-        except MeshError as exc:
-            return {"ok": False, "error": _one_line(str(exc))}
+            reply = self.dispatch(Request(request, conn))
         except Exception as exc:
-            op = request.get("op")
-            log.get().exception("control request failed", extra={"reason": f"op={op!r}"})
-            return {
-                "ok": False,
-                "error": _one_line(f"internal error in {op!r}: {type(exc).__name__}: {exc}"),
-            }
+            return error_reply(exc, request.get("op"))
+        return reply if isinstance(reply, Deferred) else {"ok": True, **reply}
 
-    def _reply(self, conn: socket.socket, reply: dict, fds=()) -> None:
-        conn.setblocking(True)
-        try:
-            conn.settimeout(5)
-            data = json.dumps(reply, default=str).encode() + b"\n"
-            if fds:  # passed with the first byte (SCM_RIGHTS), the rest follows
-                socket.send_fds(conn, [data[:1]], list(fds))
-                data = data[1:]
-            conn.sendall(data)
-        except OSError:
-            self._drop(conn)
+    def _send(self, client: _Client, reply: dict, fds=()) -> None:
+        """Queue the reply and send what the socket takes now; the rest goes
+        when it is writable (a client that reads slowly never blocks the loop)."""
+        data = json.dumps(reply, default=str).encode() + b"\n"
+        if fds:  # passed with the first byte (SCM_RIGHTS); nothing is queued before it
+            try:
+                socket.send_fds(client.conn, [data[:1]], list(fds), socket.MSG_DONTWAIT)
+            except OSError:
+                self._drop(client)
+                return
+            data = data[1:]
+        client.outbuf += data
+        if len(client.outbuf) > MAX_UNSENT:
+            self._drop(client)
             return
-        conn.settimeout(None)
-        conn.setblocking(False)
+        self._flush(client)
 
-    def _drop(self, conn: socket.socket) -> None:
-        if conn.fileno() < 0:
+    def _flush(self, client: _Client) -> None:
+        while client.outbuf and not client.closed:
+            try:
+                sent = client.conn.send(client.outbuf, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            except OSError:
+                self._drop(client)
+                return
+            del client.outbuf[:sent]
+        if not client.closed:
+            mask = select.EPOLLIN | (select.EPOLLOUT if client.outbuf else 0)
+            self.loop.modify(client.conn.fileno(), mask)
+
+    def _drop(self, client: _Client) -> None:
+        if client.closed:
             return
-        self.clients.pop(conn.fileno(), None)
-        closer = self.closers.pop(conn.fileno(), None)
+        client.closed = True
+        fd = client.conn.fileno()
+        self.clients.pop(fd, None)
+        closer = self.closers.pop(fd, None)
         if closer is not None:
             closer()
-        self.loop.remove(conn.fileno())
-        conn.close()
+        self.loop.remove(fd)
+        client.conn.close()
 
     def close(self) -> None:
-        for conn, _buf in list(self.clients.values()):
-            self._drop(conn)
+        for client in list(self.clients.values()):
+            self._drop(client)
         self.loop.remove(self.sock.fileno())
         self.sock.close()
         try:

@@ -17,25 +17,49 @@ def _hooks(programs: list[str], backends: dict) -> list[str]:
     return used
 
 
-def agent_status(agent) -> dict:
+def agent_status(agent):
+    """A Deferred reply: the loop's own parts are taken now, on the loop;
+    the BPF maps are counted in the agent's reader thread (a whole-map walk
+    never holds up forwarding) and the reply is sent when that is done."""
+    from meshagent.control import Deferred
+
     plan = agent.plan.to_dict()
-    bpf = agent.loaded.snapshot() if agent.loaded is not None else {}
-    backends = {name.value: backend.snapshot() for name, backend in agent.backends.items()}
-    forwarder = agent.forwarder.snapshot()
-    programs = bpf.get("programs", [])
-    return {
+    now = {
         **agent.snapshot(),
         "backend": plan["backend"],
         "backend_reason": plan["backend_reason"],
-        "backends": sorted(backends),
         "plan": plan,
         "iptables_flavour": agent.probe.iptables_flavour,
         "kernel": agent.probe.kernel,
         "refused": agent.probe.refused,
-        "kernel_features": _hooks(programs, backends),
-        **forwarder,
+        **agent.forwarder.snapshot(),
         "pods": agent.pods.snapshot(),
-        "decisions": bpf.get("decisions", {}),
-        "live_steered": bpf.get("live_steered", 0),
-        "map_entries": bpf.get("map_entries", {}),
+        "busy_pods": sorted(agent.pods.busy),  # attach or detach under way
     }
+    loaded, backends = agent.loaded, dict(agent.backends)
+
+    def walk() -> tuple[dict, dict]:
+        bpf = loaded.snapshot() if loaded is not None else {}
+        return bpf, {name.value: backend.snapshot() for name, backend in backends.items()}
+
+    reply = Deferred()
+
+    def done(result, error: BaseException | None) -> None:
+        if error is not None:
+            reply.fail(error, "status")
+            return
+        bpf, snaps = result
+        programs = bpf.get("programs", [])
+        reply.resolve(
+            {
+                **now,
+                "backends": sorted(snaps),
+                "kernel_features": _hooks(programs, snaps),
+                "decisions": bpf.get("decisions", {}),
+                "live_steered": bpf.get("live_steered", 0),
+                "map_entries": bpf.get("map_entries", {}),
+            }
+        )
+
+    agent.reader.submit(walk, done)
+    return reply

@@ -146,6 +146,52 @@ def test_xtables_lock_held_too_long_is_one_clear_line(mesh_env):
         assert agent.stop() == 0, agent.log()
 
 
+def test_iptables_work_never_holds_up_the_loop(mesh_env):
+    """While an attach waits for the xtables lock (iptables-restore -w), the
+    agent keeps answering and forwarding: the rule work runs off the loop.
+    Held by this test, the lock keeps that attach unanswered until the
+    checks are done, so the order of the replies is the proof."""
+    import threading
+
+    first, second = mesh_env.create_pod("first"), mesh_env.create_pod("second")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", "legacy")
+    try:
+        agent.attach(first)
+        order: list[str] = []
+        outcome: list[str] = []
+
+        def attach_second() -> None:
+            try:
+                agent.attach(second)
+                outcome.append("attached")
+            except Exception as exc:
+                outcome.append(str(exc))
+            order.append("attach")
+
+        with open("/run/xtables.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                waiting = threading.Thread(target=attach_second)
+                waiting.start()
+                wait_for(lambda: "second" in agent.request("status")["busy_pods"] or order, 30,
+                         "the attach to wait for the lock")  # fmt: skip
+                assert agent.request("ping")["pid"] == agent.proc.pid
+                result = mesh_env.client(first, server.ip4, PORT, "--send", "4096")
+                assert result["sent_sha"] == srv.next()["recv_sha"]
+                with pytest.raises(Exception, match="under way"):
+                    agent.attach(second)  # the same pod: refused while its attach runs
+                order.append("loop answered")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+            waiting.join(60)
+        assert order == ["loop answered", "attach"], order
+        assert agent.pod_status("first")["connections_total"] == 1
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
 def test_a_vanished_pod_netns_is_one_clear_line(mesh_env):
     from pyroute2 import netns as pyr_netns
 

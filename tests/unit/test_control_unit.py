@@ -11,15 +11,26 @@ from meshagent import control
 from meshagent.errors import MeshError
 from meshagent.host.loop import Loop
 
+RELEASE = threading.Event()  # lets the "later" requests' work finish
+
 
 @pytest.fixture
 def server(tmp_path):
-    loop = Loop()
+    from meshagent.host.worker import Worker
 
-    def dispatch(request: control.Request) -> dict:
+    loop = Loop()
+    worker = Worker(loop, "test")
+
+    def dispatch(request: control.Request):
         op = request.op()
         if op == "ping":
             return {"pong": True}
+        if op == "later":  # work off the loop; the reply when it is done
+            reply = control.Deferred()
+            worker.submit(lambda: RELEASE.wait(10), lambda ok, _e: reply.resolve({"done": ok}))
+            return reply
+        if op == "huge":
+            return {"blob": "x" * (2 << 20)}
         if op == "boom":
             raise RuntimeError("a bug\nover two lines")
         if op == "oserror":
@@ -32,8 +43,10 @@ def server(tmp_path):
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     yield tmp_path / "agent.sock"
+    RELEASE.set()
     loop.stop()
     thread.join(5)
+    worker.close()
     srv.close()
     loop.close()
 
@@ -58,3 +71,52 @@ def test_every_failure_is_one_line_and_the_server_keeps_serving(server, op, args
 def test_a_second_server_on_the_same_socket_is_refused(server):
     with pytest.raises(MeshError, match="an agent already runs"):
         control.ControlServer(Loop(), server, lambda _r: {})
+
+
+def _send_lines(path, *ops: str):
+    import json
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    sock.sendall(b"".join(json.dumps({"op": op}).encode() + b"\n" for op in ops))
+    return sock
+
+
+def _read_lines(sock, count: int) -> list[dict]:
+    import json
+
+    data = b""
+    while data.count(b"\n") < count:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_a_deferred_reply_keeps_order_and_never_holds_up_others(server):
+    """Work off the loop: other clients are answered meanwhile, and the same
+    client's next request waits, so its replies come in request order."""
+    RELEASE.clear()
+    pending = _send_lines(server, "later", "ping")
+    try:
+        for _ in range(3):  # another client, answered while "later" is pending
+            assert control.request(server, "ping", timeout=2.0) == {"pong": True}
+        RELEASE.set()
+        assert _read_lines(pending, 2) == [{"ok": True, "done": True}, {"ok": True, "pong": True}]
+    finally:
+        pending.close()
+
+
+def test_a_client_that_does_not_read_never_blocks_the_server(server):
+    """Replies go out as the socket takes them: 2 MB unread by one client,
+    another client is still answered at once."""
+    idle = _send_lines(server, "huge", "huge")
+    try:
+        for _ in range(3):
+            assert control.request(server, "ping", timeout=2.0) == {"pong": True}
+        replies = _read_lines(idle, 2)
+        assert [len(r["blob"]) for r in replies] == [2 << 20, 2 << 20]
+    finally:
+        idle.close()

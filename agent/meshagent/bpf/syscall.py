@@ -127,7 +127,8 @@ def map_info(fd: int) -> MapInfo:
 class MapFd:
     """One map by fd, with the kernel's sizes; keys and values are bytes of
     exactly those sizes. The u64 methods are the per-connection fast path
-    (preallocated buffers, no struct objects per call)."""
+    (preallocated buffers, no struct objects per call): the loop's only.
+    Everything else may be called from any thread."""
 
     def __init__(self, fd: int, spec: MapSpec | None = None) -> None:
         self.fd = fd
@@ -153,36 +154,44 @@ class MapFd:
         )
         self._u64 = self.key_size == 8
 
-    # -- bytes -------------------------------------------------------------
-    def _set_key(self, key: bytes) -> None:
+    # -- bytes (safe from any thread: buffers of their own per call) ---------
+    def _call_elem(self, cmd: int, key: bytes, value: bytes | None = None, flags: int = 0):
+        """(result, value buffer) of one element command on fresh buffers."""
         if len(key) != self.key_size:
             raise ValueError(
                 f"map {self.name}: key of {len(key)} bytes, the map's is {self.key_size}"
             )
-        ctypes.memmove(self._key, key, self.key_size)
-
-    def lookup(self, key: bytes) -> bytes | None:
-        self._set_key(key)
-        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.addressof(self._elem), 32) < 0:
-            return None
-        return self._value.raw[: self.value_size]
-
-    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
-        if len(value) != self.value_size:
+        if value is not None and len(value) != self.value_size:
             raise ValueError(
                 f"map {self.name}: value of {len(value)} bytes, the map's is {self.value_size}"
             )
-        self._set_key(key)
-        ctypes.memmove(self._value, value, self.value_size)
-        self._update(flags)
+        kbuf = ctypes.create_string_buffer(key, max(self.key_size, 8))
+        vbuf = ctypes.create_string_buffer(value or b"", max(self.value_size, 8))
+        attr = ctypes.create_string_buffer(ATTR_SIZE)
+        struct.pack_into(
+            "=IIQQQ", attr, 0, self.fd, 0, ctypes.addressof(kbuf), ctypes.addressof(vbuf), flags
+        )
+        # A delete passes only map_fd and key (anything after it: EINVAL).
+        size = 16 if cmd == BPF_MAP_DELETE_ELEM else 32
+        return _libc.syscall(SYS_BPF, cmd, ctypes.addressof(attr), size), vbuf
+
+    def lookup(self, key: bytes) -> bytes | None:
+        ret, vbuf = self._call_elem(BPF_MAP_LOOKUP_ELEM, key)
+        return None if ret < 0 else vbuf.raw[: self.value_size]
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        ret, _ = self._call_elem(BPF_MAP_UPDATE_ELEM, key, value, flags)
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise BpfError(err, f"{self.name} update: {os.strerror(err)}")
 
     def delete(self, key: bytes) -> bool:
         """True if there was an entry."""
-        self._set_key(key)
-        return self._delete()
+        return self._call_elem(BPF_MAP_DELETE_ELEM, key)[0] == 0
 
     def keys(self, limit: int = 1 << 22) -> list[bytes]:
         out: list[bytes] = []
+        prev_buf = ctypes.create_string_buffer(max(self.key_size, 8))
         nxt = ctypes.create_string_buffer(max(self.key_size, 8))
         prev = 0
         attr = ctypes.create_string_buffer(ATTR_SIZE)
@@ -191,8 +200,8 @@ class MapFd:
             if _libc.syscall(SYS_BPF, BPF_MAP_GET_NEXT_KEY, ctypes.addressof(attr), 32) < 0:
                 break
             out.append(nxt.raw[: self.key_size])
-            ctypes.memmove(self._key, nxt, self.key_size)
-            prev = ctypes.addressof(self._key)
+            ctypes.memmove(prev_buf, nxt, self.key_size)
+            prev = ctypes.addressof(prev_buf)
         return out
 
     def count(self) -> int:

@@ -1,13 +1,16 @@
 """A small single-threaded epoll loop: fd handlers and timers.
 
 The forwarder, the listeners and the control API all live on it, so no
-state is shared between threads.
+state is shared between threads: work that blocks (iptables) runs in a
+host/worker.py thread, which hands its result back with post().
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
+import os
 import select
 import time
 from collections.abc import Callable
@@ -39,6 +42,10 @@ class Loop:
         self.running = False
         self.errors = 0
         self.dispatched = 0  # handler calls: a loop that spins shows here
+        # post(): other threads hand the loop work through an eventfd
+        self._posted: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.add(self._wake, select.EPOLLIN, self._run_posted)
 
     def add(self, fd: int, mask: int, handler: Handler) -> None:
         """Watch fd; an fd already watched gets the new mask and handler."""
@@ -62,6 +69,23 @@ class Loop:
             self.epoll.unregister(fd)
         except (OSError, ValueError):
             pass
+
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run fn on the loop soon; the one method safe from any thread."""
+        self._posted.append(fn)
+        os.eventfd_write(self._wake, 1)
+
+    def run_posted(self) -> None:
+        """Run what other threads posted, now (at shutdown, after the loop)."""
+        self._run_posted(0)
+
+    def _run_posted(self, _events: int) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._posted:
+            self._guarded(self._posted.popleft())
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> Timer:
         timer = Timer(time.monotonic() + delay, next(self._seq), fn)
@@ -103,4 +127,6 @@ class Loop:
         self.running = False
 
     def close(self) -> None:
+        self.remove(self._wake)
+        os.close(self._wake)
         self.epoll.close()

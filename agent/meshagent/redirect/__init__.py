@@ -64,6 +64,9 @@ class PodHandle:
 
 class Backend(Protocol):
     name: BackendName
+    # attach/stop_new/remove block (subprocesses): the agent runs them in a
+    # worker thread, so they must touch nothing of the loop's
+    blocking: bool
 
     def attach(self, pod: PodHandle) -> None: ...
 

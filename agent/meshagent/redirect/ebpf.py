@@ -20,6 +20,7 @@ _ONE = abi.BYTE.pack(1)
 
 class EbpfBackend:
     name = Backend.EBPF
+    blocking = False  # one map update
 
     def __init__(
         self,

@@ -95,6 +95,7 @@ def _enter(netns_name: str):
 
 class IptablesBackend:
     name = Backend.IPTABLES
+    blocking = True  # iptables-restore in the pod's netns: off the loop
 
     def __init__(self, cfg: RuleConfig, tools: Tools) -> None:
         self.cfg = cfg
