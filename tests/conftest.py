@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import secrets
 import shutil
 import signal
@@ -358,7 +359,11 @@ def any_agent(mesh_env: MeshEnv, redirect) -> Iterator[AgentProc]:
 
 def _residue() -> set[str]:
     """What a test could leave behind on this machine, by the tests' own
-    prefixes: netns, links, cgroups, pinned BPF objects."""
+    prefixes: netns, links, cgroups, pinned BPF objects, processes naming a
+    sandbox; and, not tagged, so checked as "new since the test began":
+    our iptables chain in the host's namespace, listeners on the
+    forwarder's port in the host's namespace, and namespace or BPF fds held
+    by this test process."""
     from meshagent.host import cgroup
 
     found: set[str] = set()
@@ -375,6 +380,44 @@ def _residue() -> set[str]:
         pass
     if Path("/sys/fs/bpf/meshagent").exists():
         found.add("pinned /sys/fs/bpf/meshagent")
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            for tag in re.findall(r"meshtest-([0-9a-f]{6})", cmdline):
+                found.add(f"process {proc.name} of meshtest-{tag}: {cmdline[:80]}")
+    return found
+
+
+def _untagged_residue() -> set[str]:
+    from meshagent.config import AgentConfig
+    from meshagent.redirect.rules import CHAIN
+
+    found: set[str] = set()
+    for tool in ("iptables-legacy-save", "ip6tables-legacy-save", "iptables-nft-save",
+                 "ip6tables-nft-save"):  # fmt: skip
+        try:
+            out = subprocess.run([tool, "-t", "nat"], capture_output=True, text=True,
+                                 timeout=20).stdout  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if CHAIN in out:
+            found.add(f"iptables chain {CHAIN} in the host's namespace ({tool})")
+    port = f"{AgentConfig().port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[1].endswith(f":{port}"):
+                found.add(f"a listener on the forwarder's port in the host's namespace ({table})")
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(("net:[", "/run/netns/", "anon_inode:bpf")) or "/ns/net" in target:
+            found.add(f"this test process holds fd {fd.name}: {target}")
     return found
 
 
@@ -385,7 +428,9 @@ def no_residue():
         yield
         return
     before = _residue()
+    untagged = _untagged_residue()
     yield
     # Only what this process's sandboxes made: another run may share the machine.
     left = {item for item in _residue() - before if any(tag in item for tag in _TAGS)}
+    left |= _untagged_residue() - untagged
     assert not left, f"the test left behind: {sorted(left)}"
