@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -217,3 +218,60 @@ def test_dual_stack_socket_reaching_ipv4_through_a_mapped_address(mesh_env, any_
     assert seen["recv_sha"] == out["sent_sha"] and out["recv_sha"] == seen["sent_sha"]
     (conn,) = agent.request("connections")["connections"]
     assert conn["orig_dst"] == f"{server.ip4}:{PORT}"
+
+
+FLAGS_PROBE = r"""
+BPF_ARRAY(rtt_samples, u64, 1);
+int flags_probe(struct bpf_sock_ops *skops)
+{
+    u32 zero = 0;
+    u64 *count;
+
+    if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG);
+    if (skops->op == BPF_SOCK_OPS_RTT_CB) {
+        count = rtt_samples.lookup(&zero);
+        if (count)
+            __sync_fetch_and_add(count, 1);
+    }
+    return 1;
+}
+"""
+
+
+def test_sock_ops_keeps_the_callback_flags_other_programs_set(mesh_env):
+    """Another sock_ops program (in the pod's cgroup, so the kernel runs it
+    before ours) asks for RTT callbacks on the same connections; ours adds
+    its state callback to the flags instead of replacing them, so the
+    other program still gets its RTT samples, and ours still sees the close."""
+    from bcc import BPF
+
+    from meshagent.bpf import syscall as sc
+    from meshagent.host import cgroup
+
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env)
+    probe = BPF(text=FLAGS_PROBE.encode())
+    link = -1
+    try:
+        agent.attach(client)
+        prog = probe.load_func(b"flags_probe", BPF.SOCK_OPS)
+        pod_cg = os.open(cgroup.cgroup2_mount() / client.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            link = sc.link_create(prog.fd, pod_cg, sc.BPF_CGROUP_SOCK_OPS)
+        finally:
+            os.close(pod_cg)
+        out = mesh_env.client(client, server.ip4, PORT, "--send", "200000")
+        assert out["sent_sha"] == srv.next()["recv_sha"]
+        samples = probe[b"rtt_samples"][0].value
+        assert samples > 0, "our sock_ops program cleared the other program's RTT flag"
+        wait_for(lambda: agent.request("status")["live_steered"] == 0, 30,
+                 "our state callback to see the close")  # fmt: skip
+        assert agent.request("status")["decisions"]["closed"]["egress"] >= 1
+    finally:
+        if link >= 0:
+            os.close(link)  # the link's only fd: the program leaves the cgroup
+        probe.cleanup()
+        assert agent.stop() == 0, agent.log()
