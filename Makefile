@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-scrape clean
+.PHONY: bootstrap demo test unit lint bench bench-scrape soak clean
 
 bootstrap:
 	scripts/bootstrap
@@ -25,6 +25,9 @@ bench: bootstrap
 
 bench-scrape: bootstrap
 	$(PY) bench/scrape.py
+
+soak: bootstrap
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
