@@ -79,6 +79,7 @@ class MeshEnv:
     cidr4: str
     cidr6: str
     procs: list[subprocess.Popen] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a cache dir of its own
 
     @property
     def cgroup_path(self) -> Path:
@@ -98,6 +99,7 @@ class MeshEnv:
             "MESHAGENT_CGROUP_PARENT": f"{self.cgroup_rel}/pods",
             "MESHAGENT_NETNS_PREFIX": f"mt{self.tag}-",
             "MESHAGENT_METRICS_ADDR": "127.0.0.1:0",  # any free port: agents never collide
+            **self.extra_env,
         }
 
     def node(self):
@@ -411,12 +413,14 @@ def _untagged_residue() -> set[str]:
             fields = line.split()
             if fields[3] == "0A" and fields[1].endswith(f":{port}"):
                 found.add(f"a listener on the forwarder's port in the host's namespace ({table})")
+    own = os.readlink("/proc/self/ns/net")  # host/netns.py keeps one per thread, by design
     for fd in Path("/proc/self/fd").iterdir():
         try:
             target = os.readlink(fd)
         except OSError:
             continue
-        if target.startswith(("net:[", "/run/netns/", "anon_inode:bpf")) or "/ns/net" in target:
+        held = target.startswith(("net:[", "/run/netns/", "anon_inode:bpf")) or "/ns/net" in target
+        if held and target != own:
             found.add(f"this test process holds fd {fd.name}: {target}")
     return found
 

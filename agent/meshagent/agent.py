@@ -177,26 +177,29 @@ class Agent:
         """Plan, then load what the plan names. A program the kernel refuses
         (or a compile that fails) becomes a fact of the probe and the plan
         is asked again: auto falls through, an explicit choice says why."""
-        from meshagent.bpf import loader
+        from meshagent.bpf import loader, objects
 
+        objects.check_cache_dir(self.cfg.cache_dir)  # unsafe: refuse, never fall back
         current = plan(self.probe, self.cfg)
         if current.error:
             raise MeshError(current.error)
         if not current.programs:
             return current
-        compiled, fds, refused = loader.load_programs(self.cfg, current.programs, current.cflags)
+        maps, fds, refused = loader.load_programs(self.cfg, current.programs, current.cflags)
         try:
             if refused:
                 current = self._replan(refused)
                 wanted = {program.name for program in current.programs}
                 for name in [n for n in fds if n not in wanted]:
                     os.close(fds.pop(name))
-            if fds:
-                self.loaded = loader.attach(fds, compiled.maps(), self.cgroup_path)
-                self.stack.callback(self.loaded.close)
-        finally:
-            if compiled is not None:
-                compiled.close()
+        except BaseException:
+            loader.release(maps, fds)
+            raise
+        if fds:
+            self.loaded = loader.attach(fds, maps, self.cgroup_path)
+            self.stack.callback(self.loaded.close)
+        else:
+            loader.release(maps, fds)
         return current
 
     def _replan(self, refused: dict[str, str]) -> Plan:

@@ -11,6 +11,7 @@ from meshagent.errors import MeshError
 from meshagent.modes import DataPathChoice, IptablesFlavour, LogFormat, Redirect, parse
 
 DEFAULT_STATE_DIR = Path("/run/meshagent")
+DEFAULT_CACHE_DIR = Path("/var/cache/meshagent")  # compiled BPF objects (bpf/objects.py)
 DEFAULT_PORT = 15001
 # "MESH" in ASCII: the SO_MARK of the forwarder's upstream sockets.
 DEFAULT_SKIP_MARK = 0x4D455348
@@ -24,6 +25,7 @@ class AgentConfig:
     """What `meshagent run` was asked for."""
 
     state_dir: Path = DEFAULT_STATE_DIR
+    cache_dir: Path = DEFAULT_CACHE_DIR
     cgroup: str | None = None  # None: the cgroup v2 root
     port: int = DEFAULT_PORT
     exclude_ports: tuple[int, ...] = ()

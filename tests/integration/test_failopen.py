@@ -68,11 +68,10 @@ def test_no_listener_in_the_pod_means_the_connect_goes_direct(mesh_env):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
-    compiled, fds, refused = loader.load_programs(AgentConfig(state_dir=mesh_env.state_dir),
-                                                  PROGRAMS)  # fmt: skip
+    maps, fds, refused = loader.load_programs(AgentConfig(state_dir=mesh_env.state_dir),
+                                              PROGRAMS)  # fmt: skip
     assert not refused
-    datapath = loader.attach(fds, compiled.maps(), mesh_env.cgroup_path)
-    compiled.close()
+    datapath = loader.attach(fds, maps, mesh_env.cgroup_path)
     try:
         fd = netns.open_fd(client.netns)
         try:

@@ -98,6 +98,7 @@ REASONS = (
     "untracked",
     "own_socket",
 )
+MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 DIRECTIONS = ("egress", "ingress")
 
 

@@ -4,11 +4,11 @@ BCC's rewriter only handles the main file, so our own quoted includes are
 inlined into one text with #line marks (what `run --dump-bpf` prints is
 exactly what is compiled). Configuration enters only as -DMESH_* cflags.
 
-compile() runs BCC once; Compiled.load() loads the programs a plan asks
-for and reports each one the kernel refuses with the verifier's reason;
-attach() links what loaded and returns a Loaded: map fds (checked against
-bpf/abi.py) and link fds only. The BCC object is freed right after, so the
-running agent holds no compiled module, only fds.
+BCC compiles in a child process (bpf/build.py, cached by bpf/objects.py);
+load_programs() creates the maps and loads the programs a plan asks for with
+raw bpf(2), reporting each one the kernel refuses with the verifier's
+reason; attach() links what loaded and returns a Loaded: map fds (checked
+against bpf/abi.py) and link fds only. libbcc is never mapped into the agent.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from __future__ import annotations
 import os
 import re
 import struct
-import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from meshagent.bpf import abi
 from meshagent.bpf import syscall as sc
@@ -101,123 +99,53 @@ def verifier_reason(log: str) -> str:
     return lines[-1] if lines else ""
 
 
-@dataclass
-class Compiled:
-    """The BCC object of one compile; load() and maps() hand out fds that
-    stay valid after close()."""
-
-    bpf: Any
-
-    def load(self, programs: tuple[Program, ...]) -> tuple[dict[str, int], dict[str, str]]:
-        """({name: prog fd}, {name: why the kernel refused it})."""
-        fds: dict[str, int] = {}
-        refused: dict[str, str] = {}
-        for program in programs:
-            try:
-                fds[program.name] = os.dup(self._load_one(program))
-            except _Refused as exc:
-                refused[program.name] = str(exc)
-        return fds, refused
-
-    def _load_one(self, program: Program) -> int:
-        from bcc import BPF
-
-        prog_type = {"cgroup_sock_addr": BPF.CGROUP_SOCK_ADDR, "sock_ops": BPF.SOCK_OPS,
-                     "sk_skb": BPF.SK_SKB}[program.prog_type]  # fmt: skip
-        kwargs = (
-            {"attach_type": program.attach_type} if program.prog_type == "cgroup_sock_addr" else {}
-        )
-        with _captured_stderr() as log:
-            try:
-                return self.bpf.load_func(program.name.encode(), prog_type, **kwargs).fd
-            except Exception as exc:
-                error = str(exc)
-        reason = verifier_reason(_read_and_close(log)) or error
-        raise _Refused(f"{program.name} ({program.file}) refused by the kernel: {reason}")
-
-    def maps(self) -> dict[str, sc.MapFd]:
-        """Every map of abi.MAPS by its own fd, sizes checked against the C."""
-        from bcc.libbcc import lib
-
-        out = {}
-        for spec in abi.MAPS:
-            fd = lib.bpf_table_fd(self.bpf.module, spec.name.encode())
-            if fd < 0:
-                raise MeshError(f"map {spec.name} not found in the compiled programs")
-            try:
-                out[spec.name] = sc.MapFd(os.dup(fd), spec)
-            except ValueError as exc:
-                raise MeshError(str(exc)) from None
-        return out
-
-    def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-
-
-class _Refused(Exception):
-    pass
-
-
-class _captured_stderr:
-    """libbcc prints the verifier log on fd 2: read it instead."""
-
-    def __enter__(self):
-        self.file = tempfile.TemporaryFile(mode="w+")
-        self.saved = os.dup(2)
-        os.dup2(self.file.fileno(), 2)
-        return self.file
-
-    def __exit__(self, *exc: object) -> None:
-        os.dup2(self.saved, 2)
-        os.close(self.saved)
-        self.file.seek(0)
-
-
-def _read_and_close(file) -> str:
-    with file:
-        return file.read()
-
-
-def compile_programs(cfg: AgentConfig, have: tuple[str, ...] = ()) -> Compiled:
-    """Compile every entry file with BCC (the slow step: seconds); have: the
-    plan's -DMESH_HAVE_* flags."""
-    require_headers()
-    try:
-        from bcc import BPF
-    except ImportError:
-        raise MeshError(
-            "BCC is not installed (Debian package python3-bpfcc): run scripts/bootstrap"
-        ) from None
-    with _captured_stderr() as log:
-        try:
-            flags = [*bpf_cflags(cfg), *have]
-            return Compiled(BPF(text=render_source().encode(), cflags=flags))
-        except Exception as exc:
-            error = str(exc).splitlines()[0]
-    first = next((line for line in _read_and_close(log).splitlines() if "error:" in line), error)
-    raise MeshError(
-        f"BCC could not compile the BPF programs ({first.strip()}); check the kernel headers"
-        f" at {headers_path()} or run scripts/bootstrap"
-    )
-
-
 def load_programs(
     cfg: AgentConfig, programs: tuple[Program, ...], have: tuple[str, ...] = ()
-) -> tuple[Compiled | None, dict[str, int], dict[str, str]]:
-    """Compile and load (not attach): (the compiled object or None, {name:
-    prog fd}, {name: why refused}). A compile that fails refuses them all."""
+) -> tuple[dict[str, sc.MapFd], dict[str, int], dict[str, str]]:
+    """Create the maps and load programs (not attach): ({name: map},
+    {name: prog fd}, {name: why refused}). The compiled object comes from
+    the cache or a compile in a child process; a compile that fails refuses
+    them all (and makes no maps)."""
+    from meshagent.bpf import objects
+
     try:
-        compiled = compile_programs(cfg, have)
+        obj = objects.obtain([*bpf_cflags(cfg), *have], cfg.cache_dir)
     except MeshError as exc:
-        return None, {}, {program.name: str(exc) for program in programs}
+        return {}, {}, {program.name: str(exc) for program in programs}
+    maps = obj.create_maps()
+    fds: dict[str, int] = {}
+    refused: dict[str, str] = {}
     try:
-        fds, refused = compiled.load(programs)
+        for name, mapfd in maps.items():
+            check_map(name, mapfd)
+        for program in programs:
+            try:
+                fds[program.name] = obj.load(program, maps)
+            except objects.Refused as exc:
+                refused[program.name] = str(exc)
     except BaseException:
-        compiled.close()
+        release(maps, fds)
         raise
-    return compiled, fds, refused
+    return maps, fds, refused
+
+
+def release(maps: dict[str, sc.MapFd], fds: dict[str, int]) -> None:
+    """Close what load_programs made (when nothing is attached)."""
+    for fd in fds.values():
+        os.close(fd)
+    for mapfd in maps.values():
+        mapfd.close()
+
+
+def check_map(name: str, mapfd: sc.MapFd) -> None:
+    """The Python struct sizes must be the compiled C's (bpf/abi.py)."""
+    spec = abi.MAPS_BY_NAME.get(name)
+    if spec is None:
+        raise MeshError(f"map {name} is not in bpf/abi.py")
+    try:
+        sc.check_spec(spec, mapfd.info)
+    except ValueError as exc:
+        raise MeshError(str(exc)) from None
 
 
 def refusals(
@@ -226,11 +154,8 @@ def refusals(
     """What the kernel refuses of programs (for `probe-kernel --load`)."""
     if not programs:
         return {}
-    compiled, fds, refused = load_programs(cfg, programs, have)
-    for fd in fds.values():
-        os.close(fd)
-    if compiled is not None:
-        compiled.close()
+    maps, fds, refused = load_programs(cfg, programs, have)
+    release(maps, fds)
     return refused
 
 

@@ -111,6 +111,8 @@ class MapInfo:
     value_size: int
     max_entries: int
     name: str
+    flags: int = 0
+    id: int = 0
 
 
 def map_info(fd: int) -> MapInfo:
@@ -118,10 +120,12 @@ def map_info(fd: int) -> MapInfo:
     info = ctypes.create_string_buffer(80)
     attr = _attr("=IIQ", fd, len(info), ctypes.addressof(info))
     _call(BPF_OBJ_GET_INFO_BY_FD, attr)
-    map_type, _id, key_size, value_size, max_entries, _flags, name = struct.unpack_from(
+    map_type, map_id, key_size, value_size, max_entries, flags, name = struct.unpack_from(
         "=IIIIII16s", info.raw
     )
-    return MapInfo(map_type, key_size, value_size, max_entries, name.rstrip(b"\0").decode())
+    return MapInfo(
+        map_type, key_size, value_size, max_entries, name.rstrip(b"\0").decode(), flags, map_id
+    )
 
 
 class MapFd:
@@ -376,8 +380,14 @@ def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:
     _call(BPF_PROG_ATTACH, _attr("=IIII", target_fd, prog_fd, attach_type, 0))
 
 
-def map_create(map_type: int, key_size: int, value_size: int, entries: int, flags: int = 0) -> int:
-    return _call(BPF_MAP_CREATE, _attr("=IIIII", map_type, key_size, value_size, entries, flags))
+def map_create(
+    map_type: int, key_size: int, value_size: int, entries: int, flags: int = 0, name: str = ""
+) -> int:
+    return _call(
+        BPF_MAP_CREATE,
+        _attr("=IIIIIII16s", map_type, key_size, value_size, entries, flags, 0, 0,
+              name.encode()[:15]),
+    )  # fmt: skip
 
 
 def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -386,16 +396,23 @@ def insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> b
 
 
 def prog_load(
-    prog_type: int, insns: bytes, expected_attach_type: int = 0, log_size: int = 1 << 16
+    prog_type: int,
+    insns: bytes,
+    expected_attach_type: int = 0,
+    log_size: int = 1 << 16,
+    name: str = "mesh_probe",
+    license: str = "GPL",
 ) -> tuple[int | None, int, str]:
-    """Load a program; (fd or None, errno, the verifier's log)."""
+    """Load a program; (fd or None, errno, the verifier's log). log_size 0:
+    no log (the verifier is faster without one)."""
     code = ctypes.create_string_buffer(insns, len(insns))
-    license_ = ctypes.create_string_buffer(b"GPL")
-    log = ctypes.create_string_buffer(log_size)
+    license_ = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(max(log_size, 1))
     attr = _attr(
         "=IIQQIIQII16sII",
         prog_type, len(insns) // 8, ctypes.addressof(code), ctypes.addressof(license_),
-        1, log_size, ctypes.addressof(log), 0, 0, b"mesh_probe", 0, expected_attach_type,
+        1 if log_size else 0, log_size, ctypes.addressof(log) if log_size else 0, 0, 0,
+        name.encode()[:15], 0, expected_attach_type,
     )  # fmt: skip
     try:
         return _call(BPF_PROG_LOAD, attr), 0, log.value.decode(errors="replace")

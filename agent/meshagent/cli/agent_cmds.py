@@ -85,6 +85,7 @@ def run(
     datapath: str,
     sockmap_sndbuf: int,
     dump_bpf: bool,
+    cache_dir,
     bpf_cflags_extra: tuple[str, ...],
 ) -> None:
     """Run the agent in the foreground until SIGTERM/SIGINT.
@@ -111,6 +112,7 @@ def run(
         without=tuple(without),
         iptables=iptables_flavour,
         extra_cflags=tuple(bpf_cflags_extra),
+        cache_dir=cache_dir,
     )
     from meshagent import kernel
 

@@ -27,7 +27,7 @@ Examples:
 )
 def probe_kernel(
     output: str, without: tuple[str, ...], iptables_flavour: str | None, redirect: str,
-    datapath: str, load: bool, bpf_cflags_extra: tuple[str, ...],
+    datapath: str, load: bool, cache_dir, bpf_cflags_extra: tuple[str, ...],
 ) -> None:  # fmt: skip
     """What this kernel offers, how each fact was found, and what `run` would
     use: the same plan() that `meshagent run` follows."""
@@ -37,7 +37,7 @@ def probe_kernel(
 
     cfg = AgentConfig(
         without=tuple(without), iptables=iptables_flavour, redirect=redirect, datapath=datapath,
-        extra_cflags=tuple(bpf_cflags_extra),
+        extra_cflags=tuple(bpf_cflags_extra), cache_dir=cache_dir,
     )  # fmt: skip
     probe = kernel.probe(cfg.without, cfg.iptables)
     if load:

@@ -4,9 +4,11 @@ sees the same choices from both."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
+from meshagent.config import DEFAULT_CACHE_DIR
 from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
 
 
@@ -40,6 +42,14 @@ def plan_options(fn: Callable) -> Callable:
                 multiple=True,
                 metavar="FEATURE",
                 help="Act as if the kernel lacked FEATURE (e.g. netns_cookie); see probe-kernel.",
+            ),
+            click.option(
+                "--cache-dir",
+                type=click.Path(path_type=Path, file_okay=False),
+                default=DEFAULT_CACHE_DIR,
+                envvar="MESHAGENT_CACHE_DIR",
+                show_default=True,
+                help="Where compiled BPF objects are kept (one per kernel and flags).",
             ),
             click.option(
                 "--bpf-cflag",
