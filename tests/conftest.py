@@ -172,6 +172,12 @@ class MeshEnv:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        from meshagent.cleanup import cleanup as agent_cleanup
+
+        try:  # what a stopped agent keeps for its successor: pins, rules
+            agent_cleanup(self.state_dir)
+        except Exception as exc:
+            print(f"cleanup: agent state: {exc}", file=sys.stderr)
         store = self.store()
         if store.pods_dir.is_dir():  # records a test planted: they would keep the node up
             for path in store.pods_dir.glob("*.json"):
@@ -380,8 +386,9 @@ def _residue() -> set[str]:
         found |= {f"cgroup {p.name}" for p in root.iterdir() if p.name.startswith("meshtest-")}
     except Exception:
         pass
-    if Path("/sys/fs/bpf/meshagent").exists():
-        found.add("pinned /sys/fs/bpf/meshagent")
+    pinned = Path("/sys/fs/bpf/meshagent")
+    if pinned.is_dir():
+        found |= {f"pinned {pinned / p.name}" for p in pinned.iterdir()}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:

@@ -56,6 +56,7 @@ class Agent:
         self.metrics = None
         self.tracer = None  # the running `meshagent trace`, if any
         self.reader: Worker | None = None
+        self.adopted: list[str] = []  # pods taken over from an earlier agent
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -103,11 +104,13 @@ class Agent:
             self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max
         )
         self.pods = Attachments(self.store, self.forwarder, self.backends, self.plan.backend)
-        # Unwound in reverse: detach, close forwarded connections, then the
-        # rules kept for them.
+        # Unwound in reverse: the pods stay attached for the next agent (their
+        # new connects go direct meanwhile), forwarded connections close, the
+        # rules kept for draining pods go.
         self.stack.callback(self.pods.finish_draining, everything=True)
         self.stack.callback(self.forwarder.close)
-        self.stack.callback(self.pods.detach_all)
+        self.stack.callback(self.pods.suspend_all)
+        self.adopted = self.pods.adopt()
         self.pods.start_offloading()
         self.reader = Worker(self.loop, "reader")  # whole-map walks for status
         self.stack.callback(self.reader.close)
@@ -180,12 +183,17 @@ class Agent:
         from meshagent.bpf import loader, objects
 
         objects.check_cache_dir(self.cfg.cache_dir)  # unsafe: refuse, never fall back
+        from meshagent.bpf.pins import Pins
+
+        pins = Pins(self.cfg.state_dir)
         current = plan(self.probe, self.cfg)
         if current.error:
             raise MeshError(current.error)
         if not current.programs:
+            if pins.exists():  # an earlier agent's hooks: this one does not run them
+                pins.remove()
             return current
-        maps, fds, refused = loader.load_programs(self.cfg, current.programs, current.cflags)
+        maps, fds, refused = loader.load_programs(self.cfg, current.programs, current.cflags, pins)
         try:
             if refused:
                 current = self._replan(refused)
@@ -196,10 +204,12 @@ class Agent:
             loader.release(maps, fds)
             raise
         if fds:
-            self.loaded = loader.attach(fds, maps, self.cgroup_path)
+            self.loaded = loader.attach(fds, maps, self.cgroup_path, pins)
             self.stack.callback(self.loaded.close)
         else:
             loader.release(maps, fds)
+            if pins.exists():
+                pins.remove()
         return current
 
     def _replan(self, refused: dict[str, str]) -> Plan:
@@ -231,9 +241,15 @@ class Agent:
             ),
             Tools.of(self.probe.iptables_flavour),
         )
-        # A crash leaves rules behind: remove them before anything is attached.
+        # A crash leaves rules behind: remove them before anything is attached
+        # (from pods still attached, adopt() takes them over instead).
+        from meshagent.attachments import read_attached
+
+        attached = {
+            n for n, r in read_attached(self.cfg.state_dir).items() if not r.get("draining")
+        }
         for pod in self.store.all():
-            if netns.exists(pod.netns):
+            if pod.name not in attached and netns.exists(pod.netns):
                 try:
                     backend.remove(pod.name, pod.netns, quiet=True)
                 except MeshError:
@@ -311,7 +327,13 @@ class Agent:
         self.stack.close()
         if self.ready:
             self.ready = False
-            self.log.info("agent stopped; everything it made is removed")
+            self.log.info(
+                "agent stopped",
+                extra={
+                    "reason": f"{len(self.pods.attached()) if self.pods else 0} pods stay attached"
+                    " for the next agent; `meshagent cleanup` removes everything"
+                },
+            )
 
     # -- the control API -----------------------------------------------------
     def snapshot(self) -> dict:
@@ -328,6 +350,7 @@ class Agent:
             "loop_dispatched": self.loop.dispatched,
             "metrics_addr": self.metrics.address if self.metrics else None,
             "tracing": self.tracer is not None,
+            "adopted_pods": self.adopted,
         }
 
     def dispatch(self, request: Request) -> dict:

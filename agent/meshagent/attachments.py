@@ -1,5 +1,7 @@
 """The attached pods: one record per pod, from attach to the last of its
-connections after detach.
+connections after detach; kept in STATE_DIR/attached.json, so an agent
+that restarts (after a stop or a crash) takes the pods over without a new
+`attach` (adopt()).
 
 A pod's record holds its netns (fd and identity), its redirect backend and
 its state: attached, or draining (detached while connections redirected
@@ -21,8 +23,10 @@ from meshagent.forwarder import Forwarder
 from meshagent.host import netns
 from meshagent.host.worker import Worker
 from meshagent.modes import Backend as BackendName
-from meshagent.pods.store import PodStore
+from meshagent.pods.store import PodStore, write_json
 from meshagent.redirect import Backend, PodHandle
+
+ATTACHED_FILE = "attached.json"
 
 # Between "new connects go direct" and closing the listeners: connects the
 # redirect sent to the listener just before complete their handshakes and
@@ -173,6 +177,7 @@ class Attachments:
                 raise MeshError(f"pod {name}: attach failed: {error}")
             undo.pop_all()
             self.pods[name] = AttachedPod(handle, backend, time.time())
+            self.save()
             self.attach_seconds.append(time.monotonic() - started)
             del self.attach_seconds[:-1024]
             self.log.info(
@@ -203,6 +208,7 @@ class Attachments:
                     "pod netns gone; nothing to remove", extra={"pod": name, "reason": str(error)}
                 )
             entry.draining = True
+            self.save()
             open_conns = self.forwarder.open_connections(name)
             if grace:
                 entry.closing = self.forwarder.loop.call_later(
@@ -283,7 +289,104 @@ class Attachments:
         entry.forgotten = True
         if self.pods.get(entry.handle.name) is entry:
             del self.pods[entry.handle.name]
+            self.save()
         os.close(entry.handle.netns_fd)
+
+    # -- kept across restarts ---------------------------------------------
+    def save(self) -> None:
+        """attached.json: what a restarted agent takes over."""
+        records = {}
+        for name, entry in sorted(self.pods.items()):
+            dev, ino = entry.handle.netns_id
+            records[name] = {
+                "backend": entry.backend.name.value,
+                "netns": entry.handle.netns_name,
+                "netns_id": f"{dev}:{ino}",
+                "since": entry.since,
+                "draining": entry.draining,
+            }
+            tools = getattr(entry.backend, "tools", None)  # iptables: which flavour holds them
+            if tools is not None:
+                records[name]["flavour"] = tools.flavour
+        write_json(self.store.state_dir / ATTACHED_FILE, {"pods": records})
+
+    def adopt(self) -> list[str]:
+        """Take over the pods an earlier agent left attached (attached.json):
+        the same pod in the same netns is steered again at once; one whose
+        netns is gone or new, or that was draining, is dropped and its rules
+        removed. Returns the names taken over."""
+        records = read_attached(self.store.state_dir)
+        adopted: list[str] = []
+        for name, record in sorted(records.items()):
+            why = self._why_not(name, record)
+            if why is None:
+                redirect = BackendName(record["backend"])
+                if redirect not in self.backends:
+                    self.log.warning(
+                        "pod's backend not run by this agent",
+                        extra={"pod": name, "reason": f"{redirect}: attached with {self.default}"},
+                    )
+                    redirect = None
+                try:
+                    self._attach(name, redirect, time.monotonic())
+                except MeshError as exc:
+                    why = str(exc)
+                else:
+                    self.pods[name].since = float(record.get("since", time.time()))
+                    adopted.append(name)
+                    self.log.info("pod adopted", extra={"pod": name, "reason": "still attached"})
+                    continue
+            self.log.warning("pod not adopted", extra={"pod": name, "reason": why})
+            self._drop_record(name, record)
+        for backend in self.backends.values():
+            reconcile = getattr(backend, "reconcile", None)
+            if reconcile is not None:
+                handles = [e.handle for e in self.pods.values() if e.backend is backend]
+                for cookie in reconcile(handles):
+                    self.log.info(
+                        "stale pod entry removed", extra={"reason": f"netns cookie {cookie}"}
+                    )
+        self.save()
+        return adopted
+
+    def _why_not(self, name: str, record: dict) -> str | None:
+        if record.get("draining"):
+            return "it was being detached"
+        pod = self.store.find(name)
+        if pod is None:
+            return "the pod was deleted"
+        try:
+            st = os.stat(netns.path(pod.netns))
+        except OSError:
+            return f"its network namespace {pod.netns} is gone"
+        if f"{st.st_dev}:{st.st_ino}" != record.get("netns_id"):
+            return "the pod was re-created: a new network namespace"
+        return None
+
+    def _drop_record(self, name: str, record: dict) -> None:
+        """Remove what an earlier agent left for a pod not taken over."""
+        backend = self.backends.get(BackendName(record.get("backend", self.default)))
+        netns_name = record.get("netns", "")
+        if backend is not None and netns_name and netns.exists(netns_name):
+            try:
+                backend.remove(name, netns_name, quiet=True)
+            except MeshError:
+                pass
+
+    def suspend_all(self) -> None:
+        """The agent stops: its pods stay attached (attached.json) for the
+        next one, and meanwhile their new connects go direct. ebpf does that
+        in the kernel (no listener, the hook passes); iptables rules get
+        their leading RETURN. A crash skips this: iptables pods then meet
+        closed ports until an agent returns."""
+        for entry in self.attached():
+            if entry.backend.blocking:
+                try:
+                    entry.backend.stop_new(entry.handle)
+                except MeshError as exc:
+                    self.log.warning(
+                        "suspend failed", extra={"pod": entry.handle.name, "reason": str(exc)}
+                    )
 
     def detach_all(self) -> None:
         for pod in self.attached():
@@ -312,6 +415,22 @@ class Attachments:
                 }
             )
         return out
+
+
+def read_attached(state_dir) -> dict[str, dict]:
+    """The pods an agent left attached ({} if none, or unreadable)."""
+    import json
+
+    path = state_dir / ATTACHED_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        log.get().warning("unreadable attachments ignored", extra={"reason": str(path)})
+        return {}
+    pods = data.get("pods") if isinstance(data, dict) else None
+    return {k: v for k, v in pods.items() if isinstance(v, dict)} if isinstance(pods, dict) else {}
 
 
 def _ignore(_error: BaseException | None) -> None:

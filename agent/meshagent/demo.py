@@ -111,7 +111,7 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
                  "--cgroup", cg, "--metrics-addr", "127.0.0.1:0"],
                 stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
-            cleanup.callback(_stop, agent)
+            cleanup.callback(_stop, agent, state_dir)
             _wait(lambda: agent.poll() is not None or control.agent_running(sock), 120, "the agent")
             if agent.poll() is not None:
                 raise MeshError(f"demo: the agent failed: {(workdir / 'agent.log').read_text()}")
@@ -161,7 +161,11 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
     )
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen, state_dir: Path) -> None:
+    """Stop the demo's own agent, then remove what a stopped agent keeps
+    for its successor (the demo leaves nothing)."""
+    from meshagent.cleanup import cleanup
+
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -169,3 +173,4 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    cleanup(state_dir)

@@ -124,7 +124,7 @@ class Collector:
             if count is None and mapfd.info.map_type in COUNTED_MAP_TYPES:
                 count = mapfd.count_batched()
                 if count is None and mapfd.info.max_entries <= WALK_AT_MOST:
-                    count = len(mapfd.keys())  # a small map without batch lookup
+                    count = len(mapfd.list_keys())  # a small map without batch lookup
             if count is not None:
                 entries.add_metric([name], count)
         yield entries

@@ -54,6 +54,7 @@ def agent_status(agent):
             {
                 **now,
                 "backends": sorted(snaps),
+                "backend_state": snaps,  # e.g. ebpf: entries in mesh_pods
                 "kernel_features": _hooks(programs, snaps),
                 "decisions": bpf.get("decisions", {}),
                 "live_steered": bpf.get("live_steered", 0),

@@ -29,9 +29,11 @@ def residue(env, agent_pid: int | None = None) -> list[str]:
     ).stdout
     if progs.strip() and json.loads(progs):
         left.append(f"bpf programs on {env.cgroup_path}")
-    if os.path.exists("/sys/fs/bpf/meshagent"):
-        left.append("pinned objects under /sys/fs/bpf/meshagent")
-    for name in ("agent.sock", "agent.json", "agent.lock", "node.json", "pods"):
+    from meshagent.bpf.pins import Pins
+
+    if Pins(env.state_dir).exists():
+        left.append(f"pinned objects under {Pins(env.state_dir).dir}")
+    for name in ("agent.sock", "agent.json", "agent.lock", "attached.json", "node.json", "pods"):
         if (env.state_dir / name).exists():
             left.append(f"state {name}")
     if agent_pid is not None and os.path.exists(f"/proc/{agent_pid}"):
@@ -80,6 +82,8 @@ def test_the_whole_cli_story_leaves_nothing_behind(mesh_env, redirect):
 
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(timeout=30) == 0
+    # A stopped agent keeps its hooks for the next one; cleanup is uninstall.
+    env.meshagent("cleanup")
     wait_for(lambda: not residue(env, agent.proc.pid), what="no residue")
     assert residue(env, agent.proc.pid) == []
     assert "agent stopped" in agent.log()

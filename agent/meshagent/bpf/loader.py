@@ -20,8 +20,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshagent import log
 from meshagent.bpf import abi
 from meshagent.bpf import syscall as sc
+from meshagent.bpf.pins import Pins
 from meshagent.bpf.programs import PROGRAM_FILES, PROGRAMS_BY_NAME, Program
 from meshagent.config import AgentConfig, bpf_cflags
 from meshagent.errors import MeshError
@@ -100,19 +102,23 @@ def verifier_reason(log: str) -> str:
 
 
 def load_programs(
-    cfg: AgentConfig, programs: tuple[Program, ...], have: tuple[str, ...] = ()
+    cfg: AgentConfig,
+    programs: tuple[Program, ...],
+    have: tuple[str, ...] = (),
+    pins: Pins | None = None,
 ) -> tuple[dict[str, sc.MapFd], dict[str, int], dict[str, str]]:
-    """Create the maps and load programs (not attach): ({name: map},
+    """Make the maps and load programs (not attach): ({name: map},
     {name: prog fd}, {name: why refused}). The compiled object comes from
     the cache or a compile in a child process; a compile that fails refuses
-    them all (and makes no maps)."""
+    them all (and makes no maps). With pins, a pinned map of the same
+    definition is taken over, state and all (a restart, an upgrade)."""
     from meshagent.bpf import objects
 
     try:
         obj = objects.obtain([*bpf_cflags(cfg), *have], cfg.cache_dir)
     except MeshError as exc:
         return {}, {}, {program.name: str(exc) for program in programs}
-    maps = obj.create_maps()
+    maps = _adopt_maps(obj, pins) if pins is not None else obj.create_maps()
     fds: dict[str, int] = {}
     refused: dict[str, str] = {}
     try:
@@ -127,6 +133,27 @@ def load_programs(
         release(maps, fds)
         raise
     return maps, fds, refused
+
+
+def _adopt_maps(obj, pins: Pins) -> dict[str, sc.MapFd]:
+    """Each map: the pinned one if its definition is the same, else new."""
+    fresh = obj.create_maps()
+    out: dict[str, sc.MapFd] = {}
+    for m in obj.maps:
+        fd = pins.open("maps", m.name)
+        if fd is not None and m.matches(sc.map_info(fd)):
+            fresh.pop(m.name).close()
+            out[m.name] = sc.MapFd(fd)
+            out[m.name].adopted = True  # its entries (pods, connections) carry on
+        else:
+            if fd is not None:
+                os.close(fd)
+                log.get().warning(
+                    f"BPF map {m.name} changed definition",
+                    extra={"reason": "a new, empty one replaces the pinned one"},
+                )
+            out[m.name] = fresh.pop(m.name)
+    return out
 
 
 def release(maps: dict[str, sc.MapFd], fds: dict[str, int]) -> None:
@@ -186,7 +213,7 @@ class Loaded:
         table = self.map(abi.METRICS)
         items = table.items_batched()
         if items is None:
-            present = table.keys()
+            present = table.list_keys()
             items = [(key, table.lookup(key) or b"") for key in present]
         stride = sc.round8(table.info.value_size)
         out: dict[str, dict[str, int]] = {}
@@ -218,52 +245,99 @@ class Loaded:
         }
 
     def close(self) -> None:
-        """Detach every program and close every fd; safe to call twice."""
+        """Close every fd; safe to call twice. Unpinned links detach with
+        their fd; pinned ones stay attached for the next agent."""
         self._stack.close()
 
 
-def attach(prog_fds: dict[str, int], maps: dict[str, sc.MapFd], cgroup: Path) -> Loaded:
+def attach(
+    prog_fds: dict[str, int], maps: dict[str, sc.MapFd], cgroup: Path, pins: Pins | None = None
+) -> Loaded:
     """Link the cgroup programs at the cgroup and the verdict to the
-    sockhash; on any failure undo what was attached and raise MeshError."""
+    sockhash. With pins, a pinned link at the same cgroup gets the new
+    program in one step (BPF_LINK_UPDATE), and maps, programs and links are
+    pinned once all is attached; links no longer planned are detached. On
+    failure, undo what this call attached and raise MeshError."""
     loaded = Loaded(maps=maps, cgroup=cgroup)
     stack = loaded._stack
     for mapfd in maps.values():
         stack.callback(mapfd.close)
     for fd in prog_fds.values():
         stack.callback(os.close, fd)
+    made: list[int] = []  # links this call created: detached if it fails
     try:
         cgroup_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, cgroup_fd)
+        cgroup_id = os.fstat(cgroup_fd).st_ino
         for name, prog_fd in prog_fds.items():
             program = PROGRAMS_BY_NAME[name]
             if program.prog_type in _CGROUP_PROG_TYPES:
-                try:
-                    link = sc.link_create(prog_fd, cgroup_fd, program.attach_type)
-                except OSError as exc:
-                    raise MeshError(
-                        f"cannot attach {name} at cgroup {cgroup}: {exc.strerror}"
-                        " (BPF links need kernel 5.7+; try --redirect iptables)"
-                    ) from None
+                link = _link(name, program, prog_fd, cgroup_fd, cgroup_id, cgroup, pins, made)
                 loaded.links[name] = link
-                stack.callback(_unlink, link)
+                stack.callback(os.close, link)
             else:
                 sockhash = maps[abi.SOCKHASH.name].fd
                 try:
-                    sc.prog_attach(prog_fd, sockhash, program.attach_type)
+                    sc.prog_attach(prog_fd, sockhash, program.attach_type)  # replaces any
                 except OSError as exc:
                     raise MeshError(
                         f"cannot attach {name} to the sockhash: {exc.strerror}"
                     ) from None
                 loaded.programs[name] = prog_fd
+        if pins is not None:
+            _pin_all(loaded, prog_fds, pins)
     except BaseException:
+        for link in made:
+            _detach(link)
         loaded.close()
         raise
+    if pins is None:  # nothing outlives the agent: detach at close
+        for link in loaded.links.values():
+            stack.callback(_detach, link)
     return loaded
 
 
-def _unlink(link: int) -> None:
+def _link(name, program, prog_fd, cgroup_fd, cgroup_id, cgroup, pins, made) -> int:
+    old = pins.open("links", name) if pins is not None else None
+    if old is not None:
+        info = sc.link_info(old)
+        if (info.cgroup_id, info.attach_type) == (cgroup_id, program.attach_type):
+            try:
+                sc.link_update(old, prog_fd)
+                return old
+            except OSError as exc:
+                log.get().warning(
+                    f"cannot update pinned link {name}", extra={"reason": exc.strerror}
+                )
+        _detach(old)
+        os.close(old)
+    try:
+        link = sc.link_create(prog_fd, cgroup_fd, program.attach_type)
+    except OSError as exc:
+        raise MeshError(
+            f"cannot attach {name} at cgroup {cgroup}: {exc.strerror}"
+            " (BPF links need kernel 5.7+; try --redirect iptables)"
+        ) from None
+    made.append(link)
+    return link
+
+
+def _pin_all(loaded: Loaded, prog_fds: dict[str, int], pins: Pins) -> None:
+    for name, mapfd in loaded.maps.items():
+        if not mapfd.adopted:
+            pins.put("maps", name, mapfd.fd)
+    for name, fd in prog_fds.items():
+        pins.put("progs", name, fd)
+    for name, link in loaded.links.items():
+        pins.put("links", name, link)
+    for kind, kept in (("links", loaded.links), ("progs", prog_fds), ("maps", loaded.maps)):
+        for name in pins.names(kind):
+            if name not in kept:
+                pins.drop(kind, name)
+
+
+def _detach(link: int) -> None:
     try:
         sc.link_detach(link)
     except OSError:
         pass
-    os.close(link)

@@ -35,10 +35,13 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_PROG_ATTACH = 8
 BPF_PROG_DETACH = 9
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_DELETE_BATCH = 27
 BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 BPF_LINK_DETACH = 34
 
 # enum bpf_map_type (the ones meshagent uses or probes)
@@ -136,6 +139,7 @@ class MapFd:
 
     def __init__(self, fd: int, spec: MapSpec | None = None) -> None:
         self.fd = fd
+        self.adopted = False  # taken over from a pin (bpf/pins.py), state and all
         self.info = map_info(fd)
         self.name = self.info.name or (spec.name if spec else f"fd {fd}")
         self.key_size = self.info.key_size
@@ -193,7 +197,7 @@ class MapFd:
         """True if there was an entry."""
         return self._call_elem(BPF_MAP_DELETE_ELEM, key)[0] == 0
 
-    def keys(self, limit: int = 1 << 22) -> list[bytes]:
+    def list_keys(self, limit: int = 1 << 22) -> list[bytes]:
         out: list[bytes] = []
         prev_buf = ctypes.create_string_buffer(max(self.key_size, 8))
         nxt = ctypes.create_string_buffer(max(self.key_size, 8))
@@ -213,7 +217,7 @@ class MapFd:
         metrics scrape in another thread barely holds the GIL), key by key
         where the map has no batch lookup (sockhash)."""
         total = self.count_batched()
-        return len(self.keys()) if total is None else total
+        return len(self.list_keys()) if total is None else total
 
     BATCH = 4096
 
@@ -373,6 +377,49 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
 def link_detach(link_fd: int) -> None:
     """Detach now, before the fd closes (closing alone would also do it)."""
     _call(BPF_LINK_DETACH, _attr("=I", link_fd))
+
+
+def link_update(link_fd: int, prog_fd: int) -> None:
+    """Swap the link's program for prog_fd in one step (no moment without)."""
+    _call(BPF_LINK_UPDATE, _attr("=III", link_fd, prog_fd, 0))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    type: int
+    id: int
+    prog_id: int
+    cgroup_id: int  # cgroup links: the cgroup directory's inode
+    attach_type: int
+
+
+def link_info(fd: int) -> LinkInfo:
+    """struct bpf_link_info of a link (the cgroup part for cgroup links)."""
+    info = ctypes.create_string_buffer(64)
+    _call(BPF_OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), ctypes.addressof(info)))
+    link_type, link_id, prog_id, _pad, cgroup_id, attach_type = struct.unpack_from(
+        "=IIIIQI", info.raw
+    )
+    return LinkInfo(link_type, link_id, prog_id, cgroup_id, attach_type)
+
+
+def prog_id(fd: int) -> int:
+    """A program's id (struct bpf_prog_info)."""
+    info = ctypes.create_string_buffer(256)
+    _call(BPF_OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), ctypes.addressof(info)))
+    return struct.unpack_from("=II", info.raw)[1]
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    """Pin a map, program or link at path on a bpffs (it outlives the fd)."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    _call(BPF_OBJ_PIN, _attr("=QI", ctypes.addressof(raw), fd))
+
+
+def obj_get(path: Path) -> int:
+    """An fd for the object pinned at path."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    return _call(BPF_OBJ_GET, _attr("=QI", ctypes.addressof(raw), 0))
 
 
 def prog_attach(prog_fd: int, target_fd: int, attach_type: int) -> None:

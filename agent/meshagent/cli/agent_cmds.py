@@ -1,14 +1,15 @@
-"""meshagent run | attach | detach | status: the agent and its local API."""
+"""meshagent run | attach | detach | status | cleanup: the agent and its local API."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from meshagent.cli import App, require_root
 from meshagent.cli.options import plan_options
-from meshagent.config import DEFAULT_PORT
+from meshagent.config import DEFAULT_CACHE_DIR, DEFAULT_PORT
 from meshagent.modes import (
     Backend,
     DataPathMode,
@@ -92,7 +93,9 @@ def run(
 
     Compiles and attaches cgroup/connect4, cgroup/connect6 and sock_ops at the
     cgroup, serves the control API at STATE_DIR/agent.sock and forwards the
-    connections of attached pods. On stop it removes everything it made.
+    connections of attached pods. On stop the pods stay attached (their new
+    connects go direct) and the next agent takes them over; `meshagent
+    cleanup` removes everything.
     """
     from meshagent.config import AgentConfig, bpf_cflags, parse_cidrs, parse_ports
 
@@ -241,6 +244,39 @@ def datapath_set(app: App, mode: str) -> None:
     click.echo(f"data path {mode} for new connections")
 
 
+@click.command(epilog="\b\nExamples:\n  meshagent cleanup\n  meshagent cleanup --cache -o json")
+@click.option("--cache", is_flag=True, help="Also remove the compiled BPF objects.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_CACHE_DIR,
+    envvar="MESHAGENT_CACHE_DIR",
+    show_default=True,
+    help="Where compiled BPF objects are kept.",
+)
+@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@click.pass_obj
+def cleanup(app: App, cache: bool, cache_dir: Path, output: str) -> None:
+    """Remove everything a stopped agent left for its successor (uninstall).
+
+    A stopped agent keeps its pods attached: pinned BPF maps, programs and
+    cgroup links, the pods' iptables rules, STATE_DIR/attached.json. This
+    removes them all (and with --cache the compiled BPF objects). Refused
+    while an agent runs on the state dir.
+    """
+    require_root("meshagent cleanup")
+    from meshagent.cleanup import cleanup as run_cleanup
+
+    removed = run_cleanup(app.state_dir, cache_dir if cache else None)
+    if output == "json":
+        click.echo(json.dumps({"removed": removed}))
+        return
+    for item in removed:
+        click.echo(f"removed {item}")
+    if not removed:
+        click.echo("nothing to remove")
+
+
 def register(cli: click.Group) -> None:
-    for command in (run, attach, detach, status, datapath):
+    for command in (run, attach, detach, status, datapath, cleanup):
         cli.add_command(command)

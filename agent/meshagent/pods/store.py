@@ -51,7 +51,7 @@ class PodStore:
             return None
 
     def save_node(self, node: NodeConfig, made: dict) -> None:
-        _write_json(self.node_file, {**node.to_dict(), "made": made})
+        write_json(self.node_file, {**node.to_dict(), "made": made})
 
     def drop_node(self) -> None:
         self.node_file.unlink(missing_ok=True)
@@ -77,7 +77,7 @@ class PodStore:
             return None
 
     def save(self, pod: Pod) -> None:
-        _write_json(self.pods_dir / f"{pod.name}.json", pod.to_dict())
+        write_json(self.pods_dir / f"{pod.name}.json", pod.to_dict())
 
     def drop(self, name: str) -> None:
         (self.pods_dir / f"{name}.json").unlink(missing_ok=True)
@@ -124,7 +124,7 @@ class PodStore:
                 pass
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)

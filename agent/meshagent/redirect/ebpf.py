@@ -35,12 +35,19 @@ class EbpfBackend:
         self.own = loaded.map(abi.OWN)
         self.port = port
         self.stopped: set[int] = set()  # detached: fail_open must not bring them back
-        ports = loaded.map(abi.EXCL_PORT)
-        for excluded in exclude_ports:
-            ports.update(abi.U16.pack(excluded), _ONE)
-        cidrs = loaded.map(abi.EXCL_CIDR)
-        for cidr in exclude_cidrs:
-            cidrs.update(abi.cidr_key(cidr), _ONE)
+        # Exactly this agent's exclusions (maps taken over from a pin may
+        # hold an earlier agent's).
+        _set_keys(loaded.map(abi.EXCL_PORT), {abi.U16.pack(p) for p in exclude_ports})
+        _set_keys(loaded.map(abi.EXCL_CIDR), {abi.cidr_key(c) for c in exclude_cidrs})
+
+    def reconcile(self, pods: list[PodHandle]) -> list[int]:
+        """Remove mesh_pods entries that belong to none of these pods (left
+        by an earlier agent for pods since deleted); the cookies removed."""
+        keep = {abi.U64.pack(pod.netns_cookie) for pod in pods}
+        gone = [key for key in self.pods.list_keys() if key not in keep]
+        for key in gone:
+            self.pods.delete(key)
+        return [abi.U64.unpack(key)[0] for key in gone]
 
     def steer(self, pod: PodHandle, on: bool) -> None:
         """The pod's entry in mesh_pods: in, its connects are steered."""
@@ -73,6 +80,14 @@ class EbpfBackend:
             "attached_pods": self.pods.count(),
             "orig_entries": self.orig_tup.count(),
         }
+
+
+def _set_keys(table, wanted: set[bytes]) -> None:
+    for key in table.list_keys():
+        if key not in wanted:
+            table.delete(key)
+    for key in wanted:
+        table.update(key, _ONE)
 
 
 class EbpfSteering:
