@@ -273,7 +273,11 @@ class AgentProc:
 
 
 def start_agent(
-    env: MeshEnv, *extra: str, in_cgroup: bool = True, nofile: int | None = None
+    env: MeshEnv,
+    *extra: str,
+    in_cgroup: bool = True,
+    nofile: int | None = None,
+    log_name: str = "agent.log",
 ) -> AgentProc:
     """Start `meshagent run` attached at env's cgroup. With in_cgroup the agent
     itself runs inside that cgroup, so its own upstream sockets pass through
@@ -283,7 +287,7 @@ def start_agent(
     from meshagent.host import cgroup
 
     agent_cg = cgroup.create(env.cgroup_path / "agent")
-    log_path = env.state_dir / "agent.log"
+    log_path = env.state_dir / log_name
     procs_file = str(agent_cg / "cgroup.procs")
 
     def join_cgroup() -> None:

@@ -57,6 +57,9 @@ class Agent:
         self.tracer = None  # the running `meshagent trace`, if any
         self.reader: Worker | None = None
         self.adopted: list[str] = []  # pods taken over from an earlier agent
+        self.handing_over = False  # a successor is receiving our pods and connections
+        self.handed_over = False  # ... and has them: exit without ending any
+        self.took_over: dict = {}  # --takeover: what the predecessor handed over
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -82,14 +85,24 @@ class Agent:
 
         self.stack.callback(self.loop.close)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_state_dir()
-        self._serve_metrics()
+        takeover = self.cfg.takeover
+        if takeover:  # the running agent holds the lock, the socket and the port
+            self.store.check_safe()
+            from meshagent import control as ctl
+
+            if not ctl.agent_running(self.cfg.socket_path):
+                raise MeshError(
+                    f"--takeover: no agent runs at {self.cfg.socket_path}; start without it"
+                )
+        else:
+            self._lock_state_dir()
+            self._serve_metrics()
         _raise_fd_limit()
         self.cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
         self.plan = self._load()
-        control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
-        self.stack.callback(control.close)
+        if not takeover:
+            self._serve_control()
         self._make_backends()
         maps = SockmapMaps(self.loaded) if self.plan.sockmap else None
         modes = tuple(
@@ -110,6 +123,18 @@ class Agent:
         self.stack.callback(self.pods.finish_draining, everything=True)
         self.stack.callback(self.forwarder.close)
         self.stack.callback(self.pods.suspend_all)
+        if takeover:
+            from meshagent import takeover as handover
+
+            self.took_over = handover.receive(self)  # the old agent has exited now
+            self.log.info(
+                "took over from the running agent",
+                extra={"reason": f"pid {self.took_over['from_pid']}: {self.took_over['pods']}"
+                       f" pods, {self.took_over['conns']} connections"},
+            )  # fmt: skip
+            self._lock_state_dir(wait=handover.EXIT_WAIT)
+            self._serve_metrics()
+            self._serve_control()
         self.adopted = self.pods.adopt()
         self.pods.start_offloading()
         self.reader = Worker(self.loop, "reader")  # whole-map walks for status
@@ -128,6 +153,10 @@ class Agent:
                 f" cgroup={self.cgroup_path} socket={self.cfg.socket_path}"
             },
         )
+
+    def _serve_control(self) -> None:
+        control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
+        self.stack.callback(control.close)
 
     def _serve_metrics(self) -> None:
         """Up before anything is loaded, so /readyz says 503 until it is."""
@@ -157,7 +186,7 @@ class Agent:
             "attach_seconds": tuple(self.pods.attach_seconds),
         }
 
-    def _lock_state_dir(self) -> None:
+    def _lock_state_dir(self, wait: float = 0.0) -> None:
         """One agent per state dir, also when two start at the same moment
         (the socket check alone is a race): an flock held for the agent's life."""
         import fcntl
@@ -165,16 +194,23 @@ class Agent:
         self.store.check_safe()
         path = self.cfg.state_dir / "agent.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
             os.close(fd)
             raise MeshError(
                 f"another agent runs with state dir {self.cfg.state_dir}: stop it first,"
                 " or use another --state-dir"
             ) from None
+        # The file stays: unlinked, a successor's lock on it would be on an
+        # orphan and a third agent could lock a new one (cleanup removes it).
         self.stack.callback(os.close, fd)
-        self.stack.callback(path.unlink, missing_ok=True)
 
     def _load(self) -> Plan:
         """Plan, then load what the plan names. A program the kernel refuses
@@ -351,6 +387,7 @@ class Agent:
             "metrics_addr": self.metrics.address if self.metrics else None,
             "tracing": self.tracer is not None,
             "adopted_pods": self.adopted,
+            "took_over": self.took_over,
         }
 
     def dispatch(self, request: Request) -> dict:
@@ -372,6 +409,10 @@ class Agent:
             return tracing.start(self, request)
         if op == "connections":
             return {"connections": self.forwarder.connections()}
+        if op == "handover":
+            from meshagent import takeover
+
+            return takeover.serve(self, request)
         if op == "datapath":
             mode = request.choice("set", DataPathMode, optional=True)
             if mode is not None:

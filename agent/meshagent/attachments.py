@@ -318,6 +318,8 @@ class Attachments:
         records = read_attached(self.store.state_dir)
         adopted: list[str] = []
         for name, record in sorted(records.items()):
+            if name in self.pods:  # handed over by the agent this one replaced
+                continue
             why = self._why_not(name, record)
             if why is None:
                 redirect = BackendName(record["backend"])
@@ -372,6 +374,43 @@ class Attachments:
                 backend.remove(name, netns_name, quiet=True)
             except MeshError:
                 pass
+
+    def take_over(self, msg: dict, listeners: list) -> object:
+        """A pod handed over by the agent this one replaces (agent/takeover.py),
+        with its listening sockets; returns its forwarder slot."""
+        name = msg["name"]
+        pod = self.store.get(name)
+        fd = netns.open_fd(pod.netns)
+        try:
+            st = os.fstat(fd)
+            if f"{st.st_dev}:{st.st_ino}" != msg["netns_id"]:
+                raise MeshError(f"pod {name}: its network namespace changed during the handover")
+            backend = self.backends.get(BackendName(msg["backend"]))
+            if backend is None:
+                raise MeshError(f"pod {name}: this agent does not run backend {msg['backend']}")
+            handle = PodHandle(name, pod.netns, fd, int(msg["pod_id"]))
+            entry = AttachedPod(handle, backend, float(msg["since"]), draining=msg["draining"])
+            if entry.draining and hasattr(backend, "stopped"):
+                backend.stopped.add(handle.netns_cookie)  # fail-open must not steer it again
+            slot = self.forwarder.adopt_pod(
+                name, fd, backend.steering(handle), listeners, msg.get("stats")
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        self.pods[name] = entry
+        self._next_pod_id = max(self._next_pod_id, handle.pod_id + 1)
+        return slot
+
+    def let_go(self) -> None:
+        """Handed over: forget every pod without touching its rules or maps."""
+        for entry in list(self.pods.values()):
+            if entry.closing is not None:
+                entry.closing.cancel()
+            if not entry.forgotten:
+                entry.forgotten = True
+                os.close(entry.handle.netns_fd)
+        self.pods.clear()
 
     def suspend_all(self) -> None:
         """The agent stops: its pods stay attached (attached.json) for the

@@ -41,6 +41,7 @@ class AgentConfig:
     conns_max: int = 65536
     pod_conns_max: int = 4096  # connections one pod may have forwarded at once
     metrics_addr: str = "127.0.0.1:15090"  # /metrics, /healthz, /readyz; "off": none
+    takeover: bool = False  # receive a running agent's pods and connections (upgrade)
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())

@@ -321,6 +321,39 @@ def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -
     return reply
 
 
+def request_with_fds(
+    socket_path: Path, request: dict, max_fds: int = 1, timeout: float = 30.0
+) -> tuple[socket.socket, dict, list[int], bytes]:
+    """A request whose reply carries fds (SCM_RIGHTS) and whose connection
+    stays open: (the connection, the reply, the fds, bytes after the reply).
+    MeshError with the agent's one line if it refuses."""
+    sock = connect(socket_path, timeout)
+    fds: list[int] = []
+    try:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, max_fds)
+        while b"\n" not in data:
+            more = sock.recv(65536)
+            if not more:
+                raise MeshError(f"the agent at {socket_path} closed the connection")
+            data += more
+        line, _, rest = data.partition(b"\n")
+        reply = json.loads(line)
+        if not reply.pop("ok", False):
+            raise MeshError(reply.get("error", f"the agent refused {request.get('op')!r}"))
+    except TimeoutError:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise MeshError(f"the agent at {socket_path} did not answer within {timeout:g}s") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        sock.close()
+        raise
+    return sock, reply, fds, rest
+
+
 def agent_running(socket_path: Path) -> bool:
     try:
         request(socket_path, "ping", timeout=5)

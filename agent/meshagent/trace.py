@@ -28,29 +28,10 @@ HEADER = f"{'TIME':12} {'POD':12} {'PID':>7} {'COMM':12} {'EVENT':11} DETAIL"
 
 
 def _open(socket_path: Path, pod: str | None, port: int) -> tuple[socket.socket, dict, list, bytes]:
-    from meshagent.control import connect
+    from meshagent.control import request_with_fds
 
-    sock = connect(socket_path)
-    fds: list[int] = []
-    try:
-        request = {"op": "trace", "port": port, **({"pod": pod} if pod else {})}
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 1)
-        while b"\n" not in data:
-            more = sock.recv(65536)
-            if not more:
-                raise MeshError(f"the agent at {socket_path} closed the connection")
-            data += more
-        line, _, rest = data.partition(b"\n")
-        reply = json.loads(line)
-        if not reply.pop("ok", False):
-            raise MeshError(reply.get("error", "the agent refused the trace"))
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        sock.close()
-        raise
-    return sock, reply, fds, rest
+    request = {"op": "trace", "port": port, **({"pod": pod} if pod else {})}
+    return request_with_fds(socket_path, request)
 
 
 def run(

@@ -66,6 +66,12 @@ Examples:
     help="Send buffer (bytes) of spliced sockets; 0 leaves it to the kernel.",
 )
 @click.option(
+    "--takeover",
+    is_flag=True,
+    help="Upgrade in place: receive the running agent's pods, listeners and forwarded"
+    " connections; it exits without ending any.",
+)
+@click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
 @plan_options
@@ -85,6 +91,7 @@ def run(
     iptables_flavour: str | None,
     datapath: str,
     sockmap_sndbuf: int,
+    takeover: bool,
     dump_bpf: bool,
     cache_dir,
     bpf_cflags_extra: tuple[str, ...],
@@ -116,6 +123,7 @@ def run(
         iptables=iptables_flavour,
         extra_cflags=tuple(bpf_cflags_extra),
         cache_dir=cache_dir,
+        takeover=takeover,
     )
     from meshagent import kernel
 

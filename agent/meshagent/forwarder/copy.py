@@ -77,6 +77,15 @@ class Leg:
     def close(self) -> None:
         pass
 
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    def export(self) -> tuple[dict, list[int], bytes]:
+        """(state, fds, bytes read and not yet written)."""
+        return {"nbytes": self.nbytes, "eof": self.eof, "shut": self.shut}, [], bytes(self.buf)
+
+    def restore(self, state: dict, fds: list[int], data: bytes) -> None:
+        self.nbytes, self.eof, self.shut = state["nbytes"], state["eof"], state["shut"]
+        self.buf = bytearray(data)
+
     def read(self) -> None:
         data = recv_scratch(self.src)
         if data is None:
@@ -227,6 +236,56 @@ class Relay:
         self.out.close()
         self.back.close()
 
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    cookies: tuple[int, ...] = ()  # a sockmap pair copied instead: its sockhash entries
+
+    def export(self) -> tuple[dict, list[int], list[bytes]]:
+        """(state, fds, byte blobs): the sockets, each direction's state and
+        what it read and has not yet written (splice: its pipe, by fd)."""
+        out_state, out_fds, out_data = self.out.export()
+        back_state, back_fds, back_data = self.back.export()
+        state = {"kind": "relay", "closed_by": self.closed_by, "out": out_state,
+                 "back": back_state, "fds_out": len(out_fds), "cookies": list(self.cookies)}  # fmt: skip
+        fds = [self.client.fileno(), self.upstream.fileno(), *out_fds, *back_fds]
+        return state, fds, [out_data, back_data]
+
+    def suspend(self) -> None:
+        """No more events here (a successor holds the sockets now)."""
+        for sock in (self.client, self.upstream):
+            self.loop.remove(sock.fileno())
+
+    def resume(self) -> None:
+        """The successor failed: carry on as before."""
+        for sock in (self.client, self.upstream):
+            self.loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
+
+    @classmethod
+    def restore(
+        cls, loop: Loop, client, upstream, on_done: Done, leg: type[Leg], mode: DataPathMode,
+        state: dict, fds: list[int], blobs: list[bytes],
+    ) -> Relay:  # fmt: skip
+        """A relay taken over from a predecessor, where it left off."""
+        relay = cls(loop, client, upstream, on_done, leg, mode)
+        split = state["fds_out"]
+        relay.out.restore(state["out"], fds[:split], blobs[0])
+        relay.back.restore(state["back"], fds[split:], blobs[1])
+        relay.closed_by = state["closed_by"]
+        relay.cookies = tuple(state.get("cookies", ()))
+        loop.call_later(0, relay._kick)  # no I/O until the loop runs (after the handover)
+        return relay
+
+    def _kick(self) -> None:
+        """Write what a predecessor had read, pass a half-close on."""
+        if self.closed:
+            return
+        try:
+            self.out.flush()
+            self.back.flush()
+        except OSError as exc:
+            self.abort(self.client, exc)
+            return
+        self._update()
+
 
 class CopyPath(DataPath):
     mode = DataPathMode.COPY
@@ -234,3 +293,8 @@ class CopyPath(DataPath):
 
     def join(self, client, upstream, state, on_done: Done) -> Relay:
         return Relay(self.loop, client, upstream, self._counted(on_done), self.leg, self.mode)
+
+    def restore(self, client, upstream, state: dict, fds: list[int], blobs: list[bytes],
+                on_done: Done) -> Relay:  # fmt: skip
+        return Relay.restore(self.loop, client, upstream, self._counted(on_done), self.leg,
+                             self.mode, state, fds, blobs)  # fmt: skip

@@ -16,7 +16,7 @@ from meshagent.addrs import format_endpoint
 from meshagent.errors import MeshError
 from meshagent.forwarder.copy import reset_close
 from meshagent.forwarder.datapath import Connection, DataPath
-from meshagent.forwarder.records import ConnRecord, Pending, PodSlot
+from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
 from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
@@ -384,6 +384,83 @@ class Forwarder:
         if self.on_event is not None:
             self.on_event({"event": event, "pod": pod, "client": client, "orig_dst": orig_dst,
                            "reason": reason, **more})  # fmt: skip
+
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    def handover_ready(self) -> bool:
+        """No upstream connect in flight (those are not handed over)."""
+        return not self.pending
+
+    def stop_accepting(self) -> None:
+        """Listeners rest: new connects wait in their queues (the kernel
+        completes the handshakes) for whoever accepts next."""
+        for slot in self.pods.values():
+            for sock in slot.listeners:
+                self.loop.modify(sock.fileno(), 0)
+
+    def start_accepting(self) -> None:
+        for slot in self.pods.values():
+            if not slot.paused:
+                for sock in slot.listeners:
+                    self.loop.modify(sock.fileno(), select.EPOLLIN)
+                    self._accept_all(slot, sock, ACCEPT_BATCH)
+
+    def exported(self) -> list[tuple[PodSlot, ConnRecord, Connection]]:
+        return [(slot, record, conn) for conn, (slot, record) in self.conns.items()]
+
+    def suspend(self) -> None:
+        """Nothing of the pods or connections reaches this loop any more."""
+        for slot in self.pods.values():
+            for sock in slot.listeners:
+                self.loop.remove(sock.fileno())
+        for conn in self.conns:
+            conn.suspend()
+
+    def resume(self) -> None:
+        """The successor failed: serve again, as before."""
+        for slot in self.pods.values():
+            for sock in slot.listeners:
+                self.loop.add(sock.fileno(), 0, self._acceptor(slot, sock))
+        for conn in self.conns:
+            conn.resume()
+        self.start_accepting()
+
+    def let_go(self) -> None:
+        """The successor has everything: drop this process's references
+        without a FIN or RST (the successor's copies keep the sockets)."""
+        for slot in self.pods.values():
+            for sock in slot.listeners:
+                sock.close()
+            slot.listeners.clear()
+        self.pods.clear()
+        self.conns.clear()
+
+    def adopt_pod(self, name: str, netns_fd: int, steering: Steering, listeners: list,
+                  stats: dict | None = None) -> PodSlot:  # fmt: skip
+        """A pod handed over with its listening sockets (no moment without)."""
+        slot = PodSlot(name, netns_fd, steering)
+        if stats:
+            slot.stats = PodStats(**stats)
+            slot.stats.connections_active = 0  # counted again as they are restored
+        for sock in listeners:
+            sock.setblocking(False)
+            slot.listeners.append(sock)
+            self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
+        if listeners:
+            self.pods[name] = slot
+        return slot
+
+    def adopt_conn(self, slot: PodSlot, record: ConnRecord, mode: DataPathMode, client, upstream,
+                   state: dict, fds: list[int], blobs: list[bytes]) -> None:  # fmt: skip
+        path = self.paths.get(mode) or self.paths[DataPathMode.COPY]
+        slot.stats.connections_active += 1
+        self.fds_in_use += record.fds
+
+        def done(conn: Connection, reason: str | None) -> None:
+            self._conn_done(slot, record, conn, reason)
+
+        conn = path.restore(client, upstream, state, fds, blobs, done)
+        if not conn.closed:
+            self.conns[conn] = (slot, record)
 
     # -- reporting ---------------------------------------------------------
     def open_connections(self, name: str) -> int:

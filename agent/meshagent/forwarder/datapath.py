@@ -76,6 +76,13 @@ class DataPath(ABC):
         """Carry the bytes both ways until both sides are done; on_done may
         run before this returns (a connection that ended at once)."""
 
+    @abstractmethod
+    def restore(
+        self, client: socket.socket, upstream: socket.socket, state: dict, fds: list[int],
+        blobs: list[bytes], on_done: Done,
+    ) -> Connection:  # fmt: skip
+        """A connection a predecessor agent handed over (its export())."""
+
     def abandon(self, state: Any) -> None:  # noqa: B027 (most paths keep nothing)
         """The upstream never connected: forget what accepted() made."""
 

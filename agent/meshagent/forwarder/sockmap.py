@@ -285,6 +285,55 @@ class SockmapRelay:
                 side.handed_off = False
         self._progress()
 
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    SIDE_STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on")
+
+    def export(self) -> tuple[dict, list[int], list[bytes]]:
+        """The kernel keeps splicing meanwhile: only the hand-off's state
+        and the bytes Python holds go over."""
+        state = {
+            "kind": "sockmap",
+            "closed_by": self.closed_by,
+            "client": {k: getattr(self.client, k) for k in self.SIDE_STATE},
+            "upstream": {k: getattr(self.upstream, k) for k in self.SIDE_STATE},
+        }
+        fds = [self.client.sock.fileno(), self.upstream.sock.fileno()]
+        return state, fds, [bytes(self.client.pending), bytes(self.upstream.pending)]
+
+    def suspend(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for side in (self.client, self.upstream):
+            self.loop.remove(side.sock.fileno())
+
+    def resume(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.sock.fileno() in self.registered:
+                self.loop.add(side.sock.fileno(), self._mask(side), self._handler(side))
+        self._progress()
+
+    @classmethod
+    def restore(
+        cls, loop: Loop, maps: SockmapMaps, client, upstream, on_done: Done,
+        on_stall: Callable[[SockmapRelay], None], state: dict, blobs: list[bytes],
+    ) -> SockmapRelay:  # fmt: skip
+        """A pair taken over: both sockets are in the (pinned) sockhash and
+        their peers are set; pick the hand-off up where it was."""
+        relay = cls(loop, maps, client, state["client"]["cookie"], upstream,
+                    state["upstream"]["cookie"], on_done, on_stall)  # fmt: skip
+        for side, saved, pending in ((relay.client, state["client"], blobs[0]),
+                                     (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
+            for key in cls.SIDE_STATE:
+                setattr(side, key, saved[key])
+            side.pending = bytearray(pending)
+        relay.closed_by = state["closed_by"]
+        for side in (relay.client, relay.upstream):
+            relay.loop.add(side.sock.fileno(), relay._mask(side), relay._handler(side))
+            relay.registered.add(side.sock.fileno())
+        loop.call_later(0, relay._progress)  # no I/O until the loop runs (after the handover)
+        return relay
+
     # -- endings -----------------------------------------------------------
     def _cleanup(self) -> None:
         self._final = (self._bytes(self.client), self._bytes(self.upstream))
@@ -392,13 +441,34 @@ class SockmapPath(DataPath):
         passes their bytes on, and their entries go once they are closed."""
         self.stats.fallbacks += 1
 
+        relay = self.fallback.join(client, upstream, None, self._forgetting(cookies, on_done))
+        relay.cookies = tuple(c for c in cookies if c is not None)
+        return relay
+
+    def _forgetting(self, cookies, on_done: Done) -> Done:
         def done(conn, reason) -> None:
             for cookie in cookies:
                 if cookie is not None:
                     self.maps.forget(cookie)
             on_done(conn, reason)
 
-        return self.fallback.join(client, upstream, None, done)
+        return done
+
+    def restore(self, client, upstream, state: dict, fds: list[int], blobs: list[bytes],
+                on_done: Done):  # fmt: skip
+        if state["kind"] == "relay":  # a pair this path copied
+            cookies = state.get("cookies", [])
+            self.maps.entered += len(cookies)
+            return self.fallback.restore(client, upstream, state, fds, blobs,
+                                         self._forgetting(cookies, on_done))  # fmt: skip
+        self.maps.entered += 2
+        relay = SockmapRelay.restore(
+            self.loop, self.maps, client, upstream, self._counted(self._untrack(on_done)),
+            self._stalled, state, blobs,
+        )  # fmt: skip
+        if not relay.closed:
+            self.relays.add(relay)
+        return relay
 
     def map_entries(self) -> dict[str, int]:
         return {abi.SOCKHASH.name: self.maps.entered}

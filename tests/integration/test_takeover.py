@@ -1,0 +1,136 @@
+"""[I] Upgrade in place: `meshagent run --takeover` receives the running
+agent's pods, listeners and live connections; a transfer through each data
+path keeps flowing across the switch with identical digests and no reset,
+connects made during the switch succeed, and a takeover that fails leaves
+the old agent serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import start_agent, wait_for
+
+HELPERS = Path(__file__).resolve().parent.parent / "helpers"
+PORT = 9400
+SECONDS = float(os.environ.get("MESHAGENT_TAKEOVER_SECONDS", "30"))
+
+
+def traffic(env, client, server):
+    """The stream and the connect loop, started in the client pod."""
+    procs = []
+    for kind in ("stream", "connects"):
+        procs.append(env.popen(
+            client, [sys.executable, str(HELPERS / "stream.py"), kind, server.ip4, str(PORT),
+                     str(SECONDS)], stdout=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    return procs
+
+
+def results(procs) -> tuple[dict, dict]:
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=SECONDS + 90)
+        assert proc.returncode == 0, out
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs[0], outs[1]
+
+
+def answers(agent) -> bool:
+    """The agent itself answers on the socket (not its predecessor, not nobody)."""
+    from meshagent.errors import MeshError
+
+    if agent.proc.poll() is not None:
+        raise AssertionError(f"agent exited {agent.proc.returncode}: {agent.log()}")
+    try:
+        return agent.request("ping")["pid"] == agent.proc.pid
+    except MeshError:
+        return False
+
+
+def echo_server(env, server):
+    proc = env.popen(server, [sys.executable, str(HELPERS / "many.py"), "serve", str(PORT)],
+                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert "listening" in proc.stdout.readline()
+    return proc
+
+
+@pytest.mark.parametrize(
+    "backend,datapath",
+    [("ebpf", "sockmap"), ("ebpf", "splice"), ("ebpf", "copy"), ("iptables", "sockmap")],
+)
+def test_a_transfer_keeps_flowing_across_an_upgrade(mesh_env, backend, datapath):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    echo_server(mesh_env, server)
+    args = ("--redirect", backend, "--datapath", datapath)
+    old = start_agent(mesh_env, *args)
+    old.attach(client)
+    procs = traffic(mesh_env, client, server)
+    wait_for(lambda: old.pod_status("client")["connections_active"] >= 1, 30, "the stream")
+    time.sleep(SECONDS / 4)  # well into the transfer
+    new = start_agent(mesh_env, *args, "--takeover", log_name="new.log")
+    try:
+        wait_for(lambda: old.proc.poll() is not None, 60, "the old agent to exit")
+        assert old.proc.returncode == 0, old.log()
+        wait_for(lambda: answers(new), 60, "the new agent to answer")
+        took = new.request("status")["took_over"]
+        assert took["pods"] == 1 and took["conns"] >= 1, new.log()
+        stream, connects = results(procs)
+        assert stream["error"] is None, stream
+        assert stream["sent"] == stream["received"] > 0
+        assert stream["sent_sha"] == stream["recv_sha"]
+        assert connects["failed"] == {} and connects["ok"] > 0, connects
+        assert "handed over to the successor" in old.log()
+        status = new.request("status")
+        assert [(p["name"], p["backend"]) for p in status["pods"]] == [("client", backend)]
+        assert status["datapath"] == datapath
+        wait_for(lambda: new.pod_status("client")["connections_active"] == 0, 30, "idle")
+        # New connections after the switch are the new agent's own.
+        assert new.pod_status("client")["connections_total"] > took["conns"]
+    finally:
+        assert new.stop() == 0, new.log()
+
+
+def test_a_takeover_that_fails_leaves_the_old_agent_serving(mesh_env):
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    echo_server(mesh_env, server)
+    old = start_agent(mesh_env)
+    try:
+        old.attach(client)
+        procs = traffic(mesh_env, client, server)
+        wait_for(lambda: old.pod_status("client")["connections_active"] >= 1, 30, "the stream")
+        mesh_env.extra_env["MESHAGENT_TEST_FAIL_TAKEOVER"] = "1"
+        failed = subprocess.run(
+            [sys.executable, "-m", "meshagent", "run", "--cgroup", mesh_env.cgroup_rel,
+             "--takeover"], env=mesh_env.env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert failed.returncode == 1
+        errors = [ln for ln in failed.stderr.splitlines() if ln.startswith("meshagent: error")]
+        assert len(errors) == 1 and "--takeover failed; the running agent serves on" in errors[0]
+        stream, connects = results(procs)
+        assert stream["error"] is None and stream["sent_sha"] == stream["recv_sha"], stream
+        assert connects["failed"] == {} and connects["ok"] > 0, connects
+        assert "takeover failed; serving on" in old.log()
+        assert old.request("ping")["pid"] == old.proc.pid
+    finally:
+        assert old.stop() == 0, old.log()
+
+
+def test_takeover_without_a_running_agent_is_one_line(mesh_env):
+    proc = subprocess.run(
+        [sys.executable, "-m", "meshagent", "run", "--cgroup", mesh_env.cgroup_rel, "--takeover"],
+        env=mesh_env.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"meshagent: error: --takeover: no agent runs at {mesh_env.state_dir / 'agent.sock'};"
+        " start without it"
+    ]
