@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-scrape soak clean
+.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean
 
 bootstrap:
 	scripts/bootstrap
@@ -28,6 +28,9 @@ bench-scrape: bootstrap
 
 soak: bootstrap
 	$(PY) bench/soak.py
+
+bench-footprint: bootstrap
+	$(PY) bench/footprint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -22,7 +22,7 @@ from meshagent.config import AgentConfig
 from meshagent.control import ControlServer, Request
 from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
-from meshagent.host import cgroup, netns
+from meshagent.host import cgroup
 from meshagent.host.loop import Loop
 from meshagent.host.worker import Worker
 from meshagent.modes import Backend, DataPathMode
@@ -277,19 +277,9 @@ class Agent:
             ),
             Tools.of(self.probe.iptables_flavour),
         )
-        # A crash leaves rules behind: remove them before anything is attached
-        # (from pods still attached, adopt() takes them over instead).
-        from meshagent.attachments import read_attached
-
-        attached = {
-            n for n, r in read_attached(self.cfg.state_dir).items() if not r.get("draining")
-        }
-        for pod in self.store.all():
-            if pod.name not in attached and netns.exists(pod.netns):
-                try:
-                    backend.remove(pod.name, pod.netns, quiet=True)
-                except MeshError:
-                    pass
+        # Rules an earlier agent left: adopt() takes over the pods of
+        # attached.json and removes the rest (a pod being attached or
+        # detached when it crashed is there too).
         return backend
 
     def _choose_datapath(self, paths) -> DataPathMode:
@@ -381,6 +371,7 @@ class Agent:
             "exclude_cidrs": list(self.cfg.exclude_cidrs),
             "without": list(self.cfg.without),
             "uptime_seconds": round(time.time() - self.started, 1),
+            **_own_footprint(),
             "datapath_reason": self.datapath_reason,
             "loop_errors": self.loop.errors,
             "loop_dispatched": self.loop.dispatched,
@@ -419,6 +410,15 @@ class Agent:
                 return self.set_datapath(mode)
             return {"datapath": self.forwarder.mode.value, "reason": self.datapath_reason}
         raise MeshError(f"unknown request {op!r}")
+
+
+def _own_footprint() -> dict:
+    """The agent's own RSS and open fds (for `status`)."""
+    from meshagent.metrics import open_fds
+
+    with open("/proc/self/statm", "rb") as statm:
+        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"rss_bytes": rss, "open_fds": open_fds()}
 
 
 def _raise_fd_limit() -> None:

@@ -76,6 +76,9 @@ class Attachments:
         # while the loop runs; inline before and after (start, shutdown).
         self.worker: Worker | None = None
         self.busy: set[str] = set()  # pods whose attach or detach is under way
+        # Pods whose rules are being written: recorded first, so that after a
+        # crash meanwhile the next agent knows to remove them.
+        self.attaching: dict[str, dict] = {}
 
     def start_offloading(self) -> None:
         self.worker = Worker(self.forwarder.loop, "rules")
@@ -169,9 +172,18 @@ class Attachments:
             self._next_pod_id += 1
             undo = undo.pop_all()  # from here, commit() undoes on failure
 
+        if backend.blocking:
+            dev, ino = handle.netns_id
+            self.attaching[name] = {"backend": backend.name.value, "netns": pod.netns,
+                                    "netns_id": f"{dev}:{ino}", "attaching": True,
+                                    **_flavour(backend)}  # fmt: skip
+            self.save()
+
         def commit(error: BaseException | None) -> dict:
+            self.attaching.pop(name, None)
             if error is not None:
                 undo.close()
+                self.save()
                 if isinstance(error, MeshError):
                     raise error
                 raise MeshError(f"pod {name}: attach failed: {error}")
@@ -304,10 +316,10 @@ class Attachments:
                 "netns_id": f"{dev}:{ino}",
                 "since": entry.since,
                 "draining": entry.draining,
+                **_flavour(entry.backend),
             }
-            tools = getattr(entry.backend, "tools", None)  # iptables: which flavour holds them
-            if tools is not None:
-                records[name]["flavour"] = tools.flavour
+        for name, record in self.attaching.items():
+            records.setdefault(name, record)
         write_json(self.store.state_dir / ATTACHED_FILE, {"pods": records})
 
     def adopt(self) -> list[str]:
@@ -352,6 +364,8 @@ class Attachments:
         return adopted
 
     def _why_not(self, name: str, record: dict) -> str | None:
+        if record.get("attaching"):
+            return "it was being attached"
         if record.get("draining"):
             return "it was being detached"
         pod = self.store.find(name)
@@ -454,6 +468,12 @@ class Attachments:
                 }
             )
         return out
+
+
+def _flavour(backend) -> dict:
+    """iptables: which flavour holds the pod's rules (cleanup needs it)."""
+    tools = getattr(backend, "tools", None)
+    return {"flavour": tools.flavour} if tools is not None else {}
 
 
 def read_attached(state_dir) -> dict[str, dict]:

@@ -193,6 +193,11 @@ def status(app: App, output: str, connections: bool) -> None:
     click.echo(f"backend: {reply['backend_reason']}")
     click.echo(f"datapath: {reply['datapath_reason']}")
     click.echo(f"cgroup {reply['cgroup']}  kernel {reply['kernel']}")
+    click.echo(
+        f"agent: up {reply['uptime_seconds']:.0f}s, RSS {reply['rss_bytes'] / 2**20:.1f} MiB,"
+        f" {reply['open_fds']} fds" + (f", took over pods {', '.join(reply['adopted_pods'])}"
+                                       if reply["adopted_pods"] else "")
+    )  # fmt: skip
     click.echo("features: " + ", ".join(reply["kernel_features"]))
     if not reply["pods"]:
         click.echo("no pods attached")

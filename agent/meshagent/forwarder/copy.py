@@ -127,7 +127,9 @@ class Relay:
     one Leg per direction (a Leg copies, a SpliceLeg splices)."""
 
     handoff_bytes = 0
-    closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
+    # Thousands live at once: no per-instance dict (memory per connection).
+    __slots__ = ("back", "client", "closed", "closed_by", "cookies", "loop", "mode", "on_done",
+                 "out", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -139,6 +141,8 @@ class Relay:
         mode: DataPathMode = DataPathMode.COPY,
     ) -> None:
         self.mode = mode
+        self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
+        self.cookies: tuple[int, ...] = ()  # a sockmap pair copied instead: its sockhash entries
         self.loop = loop
         self.client = client
         self.upstream = upstream
@@ -237,8 +241,6 @@ class Relay:
         self.back.close()
 
     # -- handed to a successor agent (agent/takeover.py) -------------------
-    cookies: tuple[int, ...] = ()  # a sockmap pair copied instead: its sockhash entries
-
     def export(self) -> tuple[dict, list[int], list[bytes]]:
         """(state, fds, byte blobs): the sockets, each direction's state and
         what it read and has not yet written (splice: its pipe, by fd)."""

@@ -40,7 +40,7 @@ class PodSlot:
     stats: PodStats = field(default_factory=PodStats)
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnRecord:
     pod: str
     client: str

@@ -90,6 +90,10 @@ class SockmapRelay:
     """Both sockets are already in the sockhash (X = Y = 0 made first)."""
 
     mode = DataPathMode.SOCKMAP
+    # Thousands live at once: no per-instance dict (memory per connection).
+    __slots__ = ("_final", "backoff", "client", "closed", "closed_by", "loop", "maps",
+                 "on_done", "on_stall", "progress_at", "registered", "stalled", "timer",
+                 "upstream")  # fmt: skip
 
     def __init__(
         self,
