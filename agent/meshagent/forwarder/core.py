@@ -198,7 +198,8 @@ class Forwarder:
         """Out of fds: the oldest connect still in flight gives its back."""
         for upstream, entry in list(self.pending.items())[:1]:
             del self.pending[upstream]
-            entry.timer.cancel()
+            if entry.timer is not None:
+                entry.timer.cancel()
             self.loop.remove(upstream.fileno())
             upstream.close()
             self._fail(entry.slot, entry.record, entry.client, None, "shed: out of fds",
@@ -263,13 +264,14 @@ class Forwarder:
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
             self._fail(slot, record, client, upstream, reason, path, state)
             return
-        timer = self.loop.call_later(
+        # On a local bridge the handshake often completes inside connect():
+        # skip the epoll round trip, and the timer (it would live 10 s).
+        immediate = err == 0 or _writable_now(upstream)
+        timer = None if immediate else self.loop.call_later(
             CONNECT_TIMEOUT, lambda: self._connect_done(upstream, timed_out=True)
-        )
+        )  # fmt: skip
         self.pending[upstream] = Pending(slot, record, client, timer, path, state)
-        if err == 0 or _writable_now(upstream):
-            # On a local bridge the handshake often completes inside connect():
-            # skip the epoll round trip.
+        if immediate:
             self._connect_done(upstream)
             return
         self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
@@ -279,7 +281,8 @@ class Forwarder:
         if entry is None:
             return
         slot, record, client = entry.slot, entry.record, entry.client
-        entry.timer.cancel()
+        if entry.timer is not None:
+            entry.timer.cancel()
         err = (
             errno.ETIMEDOUT
             if timed_out
@@ -291,11 +294,7 @@ class Forwarder:
             self._fail(slot, record, client, upstream, reason, entry.path, entry.state)
             return
         record.state = "forwarding"  # the data path takes over upstream's epoll entry
-
-        def done(conn: Connection, reason: str | None) -> None:
-            self._conn_done(slot, record, conn, reason)
-
-        conn = entry.path.join(client, upstream, entry.state, done)
+        conn = entry.path.join(client, upstream, entry.state, _Ended(self, slot, record))
         record.datapath = conn.mode
         if self.on_event is not None:
             self._emit("forwarded", slot.name, record.client, record.orig_dst, None,
@@ -454,11 +453,7 @@ class Forwarder:
         path = self.paths.get(mode) or self.paths[DataPathMode.COPY]
         slot.stats.connections_active += 1
         self.fds_in_use += record.fds
-
-        def done(conn: Connection, reason: str | None) -> None:
-            self._conn_done(slot, record, conn, reason)
-
-        conn = path.restore(client, upstream, state, fds, blobs, done)
+        conn = path.restore(client, upstream, state, fds, blobs, _Ended(self, slot, record))
         if not conn.closed:
             self.conns[conn] = (slot, record)
 
@@ -515,13 +510,27 @@ class Forwarder:
             conn.reset("agent stopped")
         for upstream in list(self.pending):
             entry = self.pending.pop(upstream)
-            entry.timer.cancel()
+            if entry.timer is not None:
+                entry.timer.cancel()
             self.loop.remove(upstream.fileno())
             entry.path.abandon(entry.state)
             reset_close(upstream)
             reset_close(entry.client)
         for path in self.paths.values():
             path.tick()  # the last batch of map deletes
+
+
+class _Ended:
+    """A connection's end, back to the forwarder: an object of three slots
+    per connection, smaller than a closure (thousands live at once)."""
+
+    __slots__ = ("fwd", "record", "slot")
+
+    def __init__(self, fwd: Forwarder, slot: PodSlot, record: ConnRecord) -> None:
+        self.fwd, self.slot, self.record = fwd, slot, record
+
+    def __call__(self, conn: Connection, reason: str | None) -> None:
+        self.fwd._conn_done(self.slot, self.record, conn, reason)
 
 
 def _fd_budget() -> int:

@@ -100,12 +100,22 @@ class DataPath(ABC):
     def _counted(self, on_done: Done) -> Done:
         """on_done, after this path's counters took the connection's end."""
         self.stats.connections_active += 1
+        return Counted(self.stats, on_done)
 
-        def done(conn: Connection, reason: str | None) -> None:
-            self.stats.connections_active -= 1
-            self.stats.connections_total += 1
-            self.stats.bytes += conn.bytes_out + conn.bytes_in
-            self.stats.handoff_bytes += conn.handoff_bytes
-            on_done(conn, reason)
 
-        return done
+class Counted:
+    """Counts a connection's end in its path's stats, then passes it on (an
+    object of two slots per connection, smaller than a closure)."""
+
+    __slots__ = ("stats", "then")
+
+    def __init__(self, stats: DataPathStats, then: Done) -> None:
+        self.stats, self.then = stats, then
+
+    def __call__(self, conn: Connection, reason: str | None) -> None:
+        stats = self.stats
+        stats.connections_active -= 1
+        stats.connections_total += 1
+        stats.bytes += conn.bytes_out + conn.bytes_in
+        stats.handoff_bytes += conn.handoff_bytes
+        self.then(conn, reason)

@@ -65,6 +65,6 @@ class Pending:
     slot: PodSlot
     record: ConnRecord
     client: socket.socket
-    timer: Timer
+    timer: Timer | None  # None when the connect completed at once
     path: DataPath
     state: Any  # what path.accepted() returned

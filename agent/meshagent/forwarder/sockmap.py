@@ -62,6 +62,8 @@ class Side:
         "peer",
         "pending",
         "read_total",
+        "registered",
+        "relay",
         "sent_y",
         "sock",
     )
@@ -71,12 +73,18 @@ class Side:
         self.cookie = cookie
         self.active = active  # connect()ed by us: its bytes_acked counts a SYN
         self.peer: Side = self
-        self.pending = bytearray()  # read from sock, not yet fully sent to peer
+        self.pending: bytes | bytearray = b""  # read from sock, not yet sent to peer
+        self.registered = False  # in the loop's epoll
+        self.relay: SockmapRelay | None = None
         self.read_total = 0
         self.sent_y = 0
         self.handed_off = False
         self.eof = False  # sock's peer sent FIN
         self.fin_sent_on = False  # we shut down peer's write side for it
+
+    def on_events(self, events: int) -> None:
+        """The loop's handler for this socket (a bound method: no closure)."""
+        self.relay._on_events(self, events)
 
     def data_received(self) -> int:
         return tcp_counts(self.sock)[1] - (1 if self.eof else 0)
@@ -92,7 +100,7 @@ class SockmapRelay:
     mode = DataPathMode.SOCKMAP
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "backoff", "client", "closed", "closed_by", "loop", "maps",
-                 "on_done", "on_stall", "progress_at", "registered", "stalled", "timer",
+                 "on_done", "on_stall", "progress_at", "stalled", "timer",
                  "upstream")  # fmt: skip
 
     def __init__(
@@ -111,6 +119,7 @@ class SockmapRelay:
         self.client = Side(client, client_cookie, active=False)
         self.upstream = Side(upstream, upstream_cookie, active=True)
         self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.client.relay = self.upstream.relay = self
         self.on_done = on_done
         self.on_stall = on_stall
         self.closed = False
@@ -119,7 +128,6 @@ class SockmapRelay:
         self.backoff = RECHECK_FIRST
         self.progress_at = time.monotonic()
         self.stalled = False
-        self.registered: set[int] = set()
         self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
 
     def _eof(self, side: Side) -> None:
@@ -133,8 +141,7 @@ class SockmapRelay:
         caller then copies this pair in userspace."""
         self.maps.set_peers(self.client.cookie, self.upstream.cookie)
         for side in (self.client, self.upstream):
-            self.loop.add(side.sock.fileno(), self._mask(side), self._handler(side))
-            self.registered.add(side.sock.fileno())
+            self._register(side)
         self._progress()
 
     @property
@@ -168,29 +175,29 @@ class SockmapRelay:
             mask |= EPOLLRDHUP
         return mask
 
-    def _handler(self, side: Side) -> Callable[[int], None]:
-        def handle(events: int) -> None:
-            if self.closed:
-                return
-            if events & EPOLLERR:
-                err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                self.abort(side, OSError(err, "socket error"))
-                return
-            if events & EPOLLRDHUP:
-                self._eof(side)
-            if events & EPOLLHUP:
-                self._eof(side)
-                # Closed both ways: level-triggered HUP would spin; timers finish it.
-                self._unregister(side)
-            self._progress()
+    def _register(self, side: Side) -> None:
+        self.loop.add(side.sock.fileno(), self._mask(side), side.on_events)
+        side.registered = True
 
-        return handle
+    def _on_events(self, side: Side, events: int) -> None:
+        if self.closed:
+            return
+        if events & EPOLLERR:
+            err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.abort(side, OSError(err, "socket error"))
+            return
+        if events & EPOLLRDHUP:
+            self._eof(side)
+        if events & EPOLLHUP:
+            self._eof(side)
+            # Closed both ways: level-triggered HUP would spin; timers finish it.
+            self._unregister(side)
+        self._progress()
 
     def _unregister(self, side: Side) -> None:
-        fd = side.sock.fileno()
-        if fd in self.registered:
-            self.registered.discard(fd)
-            self.loop.remove(fd)
+        if side.registered:
+            side.registered = False
+            self.loop.remove(side.sock.fileno())
 
     # -- the state machine -------------------------------------------------
     def _progress(self) -> None:
@@ -210,7 +217,7 @@ class SockmapRelay:
             self.finish(None)
             return
         for side in (self.client, self.upstream):
-            if side.sock.fileno() in self.registered:
+            if side.registered:
                 self.loop.modify(side.sock.fileno(), self._mask(side))
         if waiting:
             self._recheck_later()
@@ -233,10 +240,13 @@ class SockmapRelay:
                 del side.pending[:sent]
                 if side.pending:
                     return False
+                side.pending = b""
                 self._store_y(side)
             data = recv_scratch(side.sock)
             if data:
                 side.read_total += len(data)
+                if not side.pending:
+                    side.pending = bytearray()  # made only when bytes wait
                 side.pending += data
                 self.progress_at = time.monotonic()
                 continue
@@ -313,8 +323,8 @@ class SockmapRelay:
 
     def resume(self) -> None:
         for side in (self.client, self.upstream):
-            if side.sock.fileno() in self.registered:
-                self.loop.add(side.sock.fileno(), self._mask(side), self._handler(side))
+            if side.registered:
+                self.loop.add(side.sock.fileno(), self._mask(side), side.on_events)
         self._progress()
 
     @classmethod
@@ -330,11 +340,10 @@ class SockmapRelay:
                                      (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
             for key in cls.SIDE_STATE:
                 setattr(side, key, saved[key])
-            side.pending = bytearray(pending)
+            side.pending = bytearray(pending) if pending else b""
         relay.closed_by = state["closed_by"]
         for side in (relay.client, relay.upstream):
-            relay.loop.add(side.sock.fileno(), relay._mask(side), relay._handler(side))
-            relay.registered.add(side.sock.fileno())
+            relay._register(side)
         loop.call_later(0, relay._progress)  # no I/O until the loop runs (after the handover)
         return relay
 
@@ -434,11 +443,7 @@ class SockmapPath(DataPath):
         self.on_stall(relay)
 
     def _untrack(self, on_done: Done) -> Done:
-        def done(relay, reason) -> None:
-            self.relays.discard(relay)
-            on_done(relay, reason)
-
-        return done
+        return _Untracked(self.relays, on_done)
 
     def _copy(self, client, upstream, cookies: list[int | None], on_done: Done):
         """Sockets left in the sockhash without a peer are fine: the verdict
@@ -486,3 +491,17 @@ class SockmapPath(DataPath):
             self._failures_seen = failures
             for relay in list(self.relays):
                 relay.recheck()
+
+
+class _Untracked:
+    """A finished pair leaves the path's set, then its end passes on (two
+    slots per connection, smaller than a closure)."""
+
+    __slots__ = ("relays", "then")
+
+    def __init__(self, relays: set, then: Done) -> None:
+        self.relays, self.then = relays, then
+
+    def __call__(self, relay, reason: str | None) -> None:
+        self.relays.discard(relay)
+        self.then(relay, reason)
