@@ -94,7 +94,6 @@ def neighbours(commands: list[list[str]]):
 
 
 def main() -> int:
-
     if os.geteuid() != 0:
         print("bench/scrape.py: run as root", file=sys.stderr)
         return 1

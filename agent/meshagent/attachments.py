@@ -94,12 +94,7 @@ class Attachments:
         Inline for backends that do not block: commit's dict or raise. Else
         a Deferred reply, and the pod is busy until commit ran."""
         if not backend.blocking or self.worker is None:
-            try:
-                job()
-                error = None
-            except Exception as exc:
-                error = exc
-            return commit(error)
+            return commit(_inline(job))
         self.busy.add(name)
         reply = Deferred()
 
@@ -117,12 +112,7 @@ class Attachments:
         """Rule work nobody waits for (removals): off the loop where it blocks;
         done(error) runs on the loop after it."""
         if not backend.blocking or self.worker is None:
-            try:
-                job()
-                error = None
-            except Exception as exc:
-                error = exc
-            done(error)
+            done(_inline(job))
             return
         self.worker.submit(job, lambda _result, error: done(error))
 
@@ -490,6 +480,15 @@ def read_attached(state_dir) -> dict[str, dict]:
         return {}
     pods = data.get("pods") if isinstance(data, dict) else None
     return {k: v for k, v in pods.items() if isinstance(v, dict)} if isinstance(pods, dict) else {}
+
+
+def _inline(job) -> Exception | None:
+    """Run job here and now; what it raised, if anything."""
+    try:
+        job()
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _ignore(_error: BaseException | None) -> None:

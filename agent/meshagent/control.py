@@ -341,15 +341,14 @@ def request_with_fds(
         reply = json.loads(line)
         if not reply.pop("ok", False):
             raise MeshError(reply.get("error", f"the agent refused {request.get('op')!r}"))
-    except TimeoutError:
+    except BaseException as exc:
         for fd in fds:
             os.close(fd)
         sock.close()
-        raise MeshError(f"the agent at {socket_path} did not answer within {timeout:g}s") from None
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        sock.close()
+        if isinstance(exc, TimeoutError):
+            raise MeshError(
+                f"the agent at {socket_path} did not answer within {timeout:g}s"
+            ) from None
         raise
     return sock, reply, fds, rest
 

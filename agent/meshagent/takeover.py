@@ -171,15 +171,14 @@ def receive(agent) -> dict:
             else:
                 raise MeshError(f"unexpected message {kind!r}")
         _send(chan, {"kind": "ok"})
-    except (OSError, ValueError, KeyError, TypeError, MeshError) as exc:
+    except BaseException as exc:
         for fd in owned:
             os.close(fd)
         chan.close()
-        raise MeshError(f"--takeover failed; the running agent serves on: {_why(exc)}") from None
-    except BaseException:
-        for fd in owned:
-            os.close(fd)
-        chan.close()
+        if isinstance(exc, (OSError, ValueError, KeyError, TypeError, MeshError)):
+            raise MeshError(
+                f"--takeover failed; the running agent serves on: {_why(exc)}"
+            ) from None
         raise
     chan.close()
     _wait_exit(int(hello["pid"]))

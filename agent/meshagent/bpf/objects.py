@@ -110,16 +110,9 @@ def cache_key(source: str, cflags: list[str]) -> str:
 
 def check_cache_dir(path: Path) -> None:
     """The cache decides what the kernel runs: only root may write there."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise MeshError(
-            f"cache dir {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}:"
-            f" only uid {os.geteuid()} may write there; fix it with chown {os.geteuid()} and"
-            " chmod go-w, or use another --cache-dir"
-        )
+    from meshagent.host.files import check_owner_only
+
+    check_owner_only(path, "cache dir", ", or use another --cache-dir")
 
 
 def obtain(cflags: list[str], cache_dir: Path) -> BpfObject:

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from meshagent.cli import App, require_root
-from meshagent.cli.options import plan_options
-from meshagent.config import DEFAULT_CACHE_DIR, DEFAULT_PORT
+from meshagent.cli.options import cache_dir_option, plan_options
+from meshagent.config import DEFAULT_PORT
 from meshagent.modes import (
     Backend,
     DataPathMode,
@@ -259,14 +259,7 @@ def datapath_set(app: App, mode: str) -> None:
 
 @click.command(epilog="\b\nExamples:\n  meshagent cleanup\n  meshagent cleanup --cache -o json")
 @click.option("--cache", is_flag=True, help="Also remove the compiled BPF objects.")
-@click.option(
-    "--cache-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_CACHE_DIR,
-    envvar="MESHAGENT_CACHE_DIR",
-    show_default=True,
-    help="Where compiled BPF objects are kept.",
-)
+@cache_dir_option
 @click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
 @click.pass_obj
 def cleanup(app: App, cache: bool, cache_dir: Path, output: str) -> None:

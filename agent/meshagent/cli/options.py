@@ -11,6 +11,15 @@ import click
 from meshagent.config import DEFAULT_CACHE_DIR
 from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
 
+cache_dir_option = click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=DEFAULT_CACHE_DIR,
+    envvar="MESHAGENT_CACHE_DIR",
+    show_default=True,
+    help="Where compiled BPF objects are kept (one per kernel and flags).",
+)
+
 
 def plan_options(fn: Callable) -> Callable:
     """--redirect, --datapath, --iptables, --without and the hidden --bpf-cflag."""
@@ -43,14 +52,7 @@ def plan_options(fn: Callable) -> Callable:
                 metavar="FEATURE",
                 help="Act as if the kernel lacked FEATURE (e.g. netns_cookie); see probe-kernel.",
             ),
-            click.option(
-                "--cache-dir",
-                type=click.Path(path_type=Path, file_okay=False),
-                default=DEFAULT_CACHE_DIR,
-                envvar="MESHAGENT_CACHE_DIR",
-                show_default=True,
-                help="Where compiled BPF objects are kept (one per kernel and flags).",
-            ),
+            cache_dir_option,
             click.option(
                 "--bpf-cflag",
                 "bpf_cflags_extra",

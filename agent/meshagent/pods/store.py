@@ -104,16 +104,9 @@ class PodStore:
     def check_safe(self) -> None:
         """The state dir decides what the agent attaches: only its owner may
         write there."""
-        try:
-            st = self.state_dir.stat()
-        except FileNotFoundError:
-            return
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            raise MeshError(
-                f"state dir {self.state_dir} is owned by uid {st.st_uid} with mode"
-                f" {st.st_mode & 0o777:o}: only its owner (uid {os.geteuid()}) may write there;"
-                f" fix it with chown {os.geteuid()} and chmod go-w"
-            )
+        from meshagent.host.files import check_owner_only
+
+        check_owner_only(self.state_dir, "state dir")
 
     def cleanup_dirs(self) -> None:
         """Remove the state dir's pod parts once no pod is left."""
