@@ -92,9 +92,9 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "sock_ops", ("bpf_ringbuf_output",),
     ),
     KernelFeature(
-        "current_task_sock_addr", Kind.HELPER, (6, 0),
+        "current_task_sock_addr", Kind.HELPER, (5, 10),
         "bpf_get_current_pid_tgid and _comm in sock_addr programs (trace shows pid and comm;"
-        " first release assumed, the probe decides)",
+        " probed present on 5.10 in a VM, earlier releases not checked)",
         "cgroup_sock_addr", ("bpf_get_current_pid_tgid", "bpf_get_current_comm"),
     ),
     KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
