@@ -2,7 +2,12 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean
+.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels
+
+# The kernels `make test` also runs the kernel-matrix suite on, in QEMU
+# guests (vagrant/); `make test-kernels` runs it on every kernel of
+# vagrant/kernels. TEST_KERNELS= (empty) skips the guests.
+TEST_KERNELS ?= 5.10.0-32-amd64
 
 bootstrap:
 	scripts/bootstrap
@@ -11,7 +16,12 @@ demo: bootstrap
 	$(VENV)/bin/meshagent demo
 
 test: bootstrap
+	$(if $(strip $(TEST_KERNELS)),vagrant/prepare $(TEST_KERNELS))
 	$(PY) -m pytest tests -q
+	$(if $(strip $(TEST_KERNELS)),vagrant/test-kernels $(TEST_KERNELS))
+
+test-kernels: bootstrap
+	vagrant/test-kernels
 
 unit: bootstrap
 	$(PY) -m pytest tests/unit -q

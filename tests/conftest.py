@@ -272,6 +272,42 @@ class AgentProc:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
+_CANNOT: dict[tuple[str, str], str | None] = {}
+
+
+def kernel_cannot(redirect: str = "auto", datapath: str = "auto") -> str | None:
+    """Why the agent cannot run so on this kernel, in its own words (its
+    plan over the real probe); None when it can."""
+    key = (redirect, datapath)
+    if key not in _CANNOT:
+        from types import SimpleNamespace
+
+        from meshagent import kernel, plan
+
+        config = SimpleNamespace(redirect=redirect, datapath=datapath)
+        _CANNOT[key] = plan.plan(kernel.probe(), config).error
+    return _CANNOT[key]
+
+
+def _skip_unless_kernel_can(extra: tuple[str, ...]) -> None:
+    """An agent asked for a backend or data path this kernel lacks (on the
+    kernel matrix's older kernels: ebpf before 5.15, sockmap before 5.12)
+    cannot start: the test is skipped, with the plan's reason. Tests that
+    turn features off with --without expect the refusal themselves."""
+    asked = {"--redirect": "auto", "--datapath": "auto"}
+    for i, arg in enumerate(extra):
+        name, _, value = arg.partition("=")
+        if name in asked:
+            asked[name] = value or extra[i + 1]
+        if name == "--without":
+            return
+    if asked == {"--redirect": "auto", "--datapath": "auto"}:
+        return
+    why = kernel_cannot(asked["--redirect"], asked["--datapath"])
+    if why:
+        pytest.skip(f"kernel {os.uname().release} cannot: {why}")
+
+
 def start_agent(
     env: MeshEnv,
     *extra: str,
@@ -286,6 +322,7 @@ def start_agent(
     from meshagent import control
     from meshagent.host import cgroup
 
+    _skip_unless_kernel_can(extra)
     agent_cg = cgroup.create(env.cgroup_path / "agent")
     log_path = env.state_dir / log_name
     procs_file = str(agent_cg / "cgroup.procs")

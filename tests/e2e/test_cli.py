@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import our_iptables, redirect_args, start_agent, wait_for
 
 MESHAGENT = [sys.executable, "-m", "meshagent"]
@@ -41,6 +43,7 @@ def residue(env, agent_pid: int | None = None) -> list[str]:
     return left
 
 
+@pytest.mark.kernel_matrix
 def test_the_whole_cli_story_leaves_nothing_behind(mesh_env, redirect):
     env = mesh_env
     for name in ("client", "server"):

@@ -32,6 +32,7 @@ def drained(agent) -> bool:
     return not any(status["map_entries"].values()) and status["live_steered"] == 0
 
 
+@pytest.mark.kernel_matrix
 def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
     """200 connections at once; both ends write immediately (client after
     connect, server on accept) in random chunks of 1 B to 256 KiB."""
@@ -68,6 +69,7 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
     wait_for(lambda: drained(agent), what="map entries to go")
 
 
+@pytest.mark.kernel_matrix
 def test_half_close_then_ten_megabytes_back(mesh_env, path_agent):
     agent, client, server = path_agent
     srv = mesh_env.server(server, PORT, "--send", str(10 * MB), "--send-after-eof")
@@ -149,6 +151,7 @@ def test_the_kill_switch_moves_new_connections_to_copy(mesh_env):
         assert agent.stop() == 0, agent.log()
 
 
+@pytest.mark.kernel_matrix
 def test_auto_picks_splice_when_the_kernel_has_no_sockhash(mesh_env):
     agent = start_agent(mesh_env, "--without", "sockhash")
     try:

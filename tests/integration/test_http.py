@@ -26,6 +26,7 @@ def nginx(mesh_env, tmp_path):
     return server, log
 
 
+@pytest.mark.kernel_matrix
 def test_curl_to_nginx_through_the_forwarder(mesh_env, any_agent, nginx):
     agent = any_agent
     server, access_log = nginx

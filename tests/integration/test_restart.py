@@ -22,6 +22,7 @@ def pinned(env) -> list[str]:
     return [f"{kind}/{name}" for kind in ("maps", "progs", "links") for name in pins.names(kind)]
 
 
+@pytest.mark.kernel_matrix
 def test_a_stopped_agent_keeps_its_pods_and_the_next_one_takes_them_over(mesh_env, redirect):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")

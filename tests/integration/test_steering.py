@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import TCPTOOL, our_iptables, redirect_args, start_agent, wait_for
 
 PORT = 9100
@@ -30,6 +32,7 @@ def through(agent, env, pod, host, port, *args) -> tuple[bool, dict]:
     return agent.forwarded() > before, out
 
 
+@pytest.mark.kernel_matrix
 def test_steers_ipv4_and_ipv6_and_server_sees_the_pod(mesh_env, any_agent):
     agent = any_agent
     client = mesh_env.create_pod("client")
@@ -55,6 +58,7 @@ def test_steers_ipv4_and_ipv6_and_server_sees_the_pod(mesh_env, any_agent):
         assert agent.decisions()["steered"] == 2
 
 
+@pytest.mark.kernel_matrix
 def test_ten_megabytes_each_way_keep_their_digests(mesh_env, any_agent):
     agent = any_agent
     client = mesh_env.create_pod("client")
@@ -73,6 +77,7 @@ def test_ten_megabytes_each_way_keep_their_digests(mesh_env, any_agent):
         assert seen["recv_sha"] == out["sent_sha"]
 
 
+@pytest.mark.kernel_matrix
 def test_root_netns_and_unattached_pod_are_not_steered(mesh_env, any_agent):
     agent = any_agent
     client = mesh_env.create_pod("client")

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import redirect_args, start_agent, wait_for
 
 PORT = 8080
@@ -26,6 +28,7 @@ def start_trace(env, *args: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.kernel_matrix
 def test_trace_shows_each_decision_and_each_connection(mesh_env, redirect):
     client = mesh_env.create_pod("client")
     other = mesh_env.create_pod("other")
