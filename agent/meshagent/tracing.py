@@ -53,16 +53,19 @@ def start(agent, request) -> dict:
     port = request.data.get("port") or 0
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise MeshError("trace: 'port' must be a TCP port")
-    pods = _cookies(agent)
+    loaded = agent.loaded
+    kernel = loaded is not None and loaded.attached("mesh_connect4")
+    # Kernel events name a pod by its netns cookie; without them (iptables
+    # backend, e.g. on 5.10, which has no SO_NETNS_COOKIE) the forwarder's
+    # events carry the pod's name and no cookie is needed.
+    pods = _cookies(agent) if kernel else {}
     cookie = 0
     if pod is not None:
         agent.store.get(pod)
         cookie = next((c for c, name in pods.items() if name == pod), 0)
-        if not cookie:
+        if kernel and not cookie:
             raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
     reply: dict = {"trace": True, "pods": {str(c): n for c, n in pods.items()}}
-    loaded = agent.loaded
-    kernel = loaded is not None and loaded.attached("mesh_connect4")
     if kernel:
         trace_map = loaded.map(abi.TRACE)
         trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))

@@ -27,7 +27,6 @@ def ipt(pod, flavour: str, *args: str) -> None:
     subprocess.run(["ip", "netns", "exec", pod.netns, f"iptables-{flavour}", *args], check=True)
 
 
-@pytest.mark.kernel_matrix
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_foreign_rules_and_chains_survive_attach_and_detach(mesh_env, flavour):
     client = mesh_env.create_pod("client")
@@ -88,7 +87,6 @@ def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
         os.close(fd)
 
 
-@pytest.mark.kernel_matrix
 def test_auto_picks_iptables_without_the_netns_cookie_and_it_works(mesh_env):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")

@@ -58,7 +58,6 @@ def test_steers_ipv4_and_ipv6_and_server_sees_the_pod(mesh_env, any_agent):
         assert agent.decisions()["steered"] == 2
 
 
-@pytest.mark.kernel_matrix
 def test_ten_megabytes_each_way_keep_their_digests(mesh_env, any_agent):
     agent = any_agent
     client = mesh_env.create_pod("client")
