@@ -31,6 +31,7 @@ lint: bootstrap
 	$(VENV)/bin/ruff format --check agent tests bench
 
 bench: bootstrap
+	scripts/bootstrap bench
 	$(PY) bench/run.py
 
 bench-scrape: bootstrap

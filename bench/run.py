@@ -1,27 +1,41 @@
-"""meshagent benchmarks: every data path against a direct connection and
-HAProxy (tcp mode, in a pod), all measured in the same run.
+"""meshagent benchmarks: every path measured in the same run, in interleaved
+rounds, each figure reported as the median (and spread) of its per-round
+ratio to the direct connection of that same round.
 
-Topology: pod `client` -> (steered) -> forwarder -> pod `server`; `direct`
-is the same pods with the client detached; `haproxy` is the client talking
-to HAProxy in pod `proxy`, which connects to the server.
+Paths: `direct` (pod `plain`, never attached, to pod `server`), `haproxy`
+(`plain` to HAProxy at its defaults, threads = CPUs, in pod `proxy`),
+`haproxy-splice` (the same with `option splice-auto`, pod `proxys`), and
+meshagent's data paths (pod `client`, attached, to `server`; the data path
+is switched with `datapath set` before each measurement).
 
-Prints a markdown table; each figure's ratio to direct follows it, conn/s
-and CPU/GB are also given as a ratio to HAProxy. Loopback figures are noisy
-(up to 2x between runs): compare within one run only. Run as root:
-`make bench` (BENCH_SECONDS sets the length of each measurement).
+Workloads: iperf3 bulk (1 and 4 streams, with whole-machine CPU per GB),
+request/response with bench/rr.c (1 B and 1 KiB, p50 latency), new
+connections per second (rr conn), and redis-server with redis-benchmark
+(GET; keep-alive and a connection per request, 1 and 20 clients; and 16
+pipelined requests per round trip: many small messages), each with
+whole-machine CPU per request.
+
+Writes bench/results/latest.json (every sample) and latest.png (the
+ratios), prints the table and puts it in the README between the bench
+markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
+BENCH_SECONDS (default 2) set the rounds and the length of each timed run.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import platform
+import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,28 +43,37 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import MeshEnv, make_env, start_agent, wait_for  # noqa: E402
 
-SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
-RR_PORT, IPERF_PORT = 7000, 5201
-IDLE_CONNS = 1000
-PATHS = ("sockmap", "splice", "copy")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
+RR_PORT, IPERF_PORT, REDIS_PORT = 7000, 5201, 6379
+MESH_PATHS = ("sockmap", "splice", "copy")
+RESULTS = ROOT / "bench" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-
-@dataclass
-class Result:
-    name: str
-    figures: dict[str, float] = field(default_factory=dict)
-
-
-def build_rr(workdir: Path) -> Path:
-    binary = workdir / "rr"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "rr.c")], check=True)
-    return binary
-
-
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# name: (redis-benchmark arguments, requests per run)
+REDIS = {
+    "redis_ka_20": (["-c", "20", "-k", "1"], 40000),
+    "redis_ka_1": (["-c", "1", "-k", "1"], 10000),
+    "redis_conn_20": (["-c", "20", "-k", "0"], 6000),
+    "redis_conn_1": (["-c", "1", "-k", "0"], 2000),
+    "redis_pipe_20": (["-c", "20", "-k", "1", "-P", "16"], 200000),
+}
+# figure: (what it is, higher is better)
+FIGURES = {
+    "gbps_1": ("1 stream Gbit/s", True),
+    "gbps_4": ("4 streams Gbit/s", True),
+    "cpu_per_gb": ("machine CPU s/GB, 1 stream", False),
+    "p50_1": ("RR 1 B p50 µs", False),
+    "p50_1024": ("RR 1 KiB p50 µs", False),
+    "cps": ("new connections/s", True),
+    "redis_ka_20": ("redis GET/s, keep-alive, 20 clients", True),
+    "redis_ka_1": ("redis GET/s, keep-alive, 1 client", True),
+    "redis_conn_20": ("redis GET/s, a connection per request, 20 clients", True),
+    "redis_conn_1": ("redis GET/s, a connection per request, 1 client", True),
+    "redis_pipe_20": ("redis GET/s, 16 pipelined, 20 clients", True),
+    "redis_ka_20_cpu_us": ("machine CPU µs/request, redis keep-alive 20", False),
+    "redis_conn_20_cpu_us": ("machine CPU µs/request, redis conn/request 20", False),
+}
 
 
 def machine_cpu() -> float:
@@ -59,19 +82,17 @@ def machine_cpu() -> float:
     return (sum(parts[:8]) - idle) / CLK_TCK
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def run_json(env: MeshEnv, pod, argv: list[str], timeout: float) -> dict:
+def run_out(env: MeshEnv, pod, argv: list[str], timeout: float) -> str:
     proc = env.popen(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{argv[0]} in pod {pod.name} took over {timeout:.0f} s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} failed in pod {pod.name}: {err.strip() or out.strip()}")
-    return json.loads(out.strip().splitlines()[-1]) if argv[0].endswith("rr") else json.loads(out)
+    return out
 
 
 def tune_pod(env: MeshEnv, pod) -> None:
@@ -80,168 +101,261 @@ def tune_pod(env: MeshEnv, pod) -> None:
         env.popen(pod, ["sysctl", "-qw", setting]).wait(timeout=10)
 
 
-def haproxy_conf(workdir: Path, server_ip: str) -> Path:
-    conf = workdir / "haproxy.cfg"
+def haproxy_conf(workdir: Path, server_ip: str, splice: bool) -> Path:
+    conf = workdir / f"haproxy{'-splice' if splice else ''}.cfg"
+    listens = "".join(
+        f"listen {name}\n    bind :::{port} v4v6\n    server s {server_ip}:{port}\n"
+        for name, port in (("rr", RR_PORT), ("iperf", IPERF_PORT), ("redis", REDIS_PORT))
+    )
+    # Its defaults otherwise: as many threads as CPUs.
     conf.write_text(
         textwrap.dedent(
-            f"""
+            f"""\
             global
-                maxconn 8000
-                nbthread 1
+                maxconn 20000
             defaults
                 mode tcp
                 timeout connect 5s
                 timeout client 60s
                 timeout server 60s
-            listen rr
-                bind :::{RR_PORT} v4v6
-                server s {server_ip}:{RR_PORT}
-            listen iperf
-                bind :::{IPERF_PORT} v4v6
-                server s {server_ip}:{IPERF_PORT}
+            {"    option splice-auto" if splice else ""}
             """
         )
+        + listens
     )
     return conf
 
 
-def measure(env: MeshEnv, client, target: str, rr: Path, cpu_pid: int | None) -> dict:
-    figures: dict[str, float] = {}
-    for streams in (1, 4):
-        machine0 = machine_cpu()
-        proc0 = proc_cpu(cpu_pid) if cpu_pid else 0.0
-        out = run_json(
-            env, client,
-            ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(SECONDS),
-             "-P", str(streams), "-J"],
-            timeout=SECONDS + 60,
-        )  # fmt: skip
-        if "error" in out or "sum_received" not in out.get("end", {}):
-            raise RuntimeError(f"iperf3 to {target}: {out.get('error', 'no result')}")
-        received = out["end"]["sum_received"]
-        figures[f"gbps_{streams}"] = received["bits_per_second"] / 1e9
-        if streams == 1:
-            gigabytes = received["bytes"] / 1e9
-            figures["machine_cpu_per_gb"] = (machine_cpu() - machine0) / gigabytes
-            if cpu_pid:
-                figures["proxy_cpu_per_gb"] = (proc_cpu(cpu_pid) - proc0) / gigabytes
-        time.sleep(0.5)
-    for size in (1, 1024):
-        out = run_json(env, client, [str(rr), "rr", target, str(RR_PORT), str(size),
-                                     str(SECONDS)], timeout=SECONDS + 30)  # fmt: skip
-        figures[f"tps_{size}"] = out["tps"]
-        figures[f"p50_{size}"] = out["p50_us"]
-        figures[f"p99_{size}"] = out["p99_us"]
-    out = run_json(env, client, [str(rr), "conn", target, str(RR_PORT), str(SECONDS)],
-                   timeout=SECONDS + 30)  # fmt: skip
-    figures["cps"] = out["cps"]
+def bulk(env, pod, target: str, streams: int) -> dict:
+    cpu0 = machine_cpu()
+    out = json.loads(run_out(env, pod, ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t",
+                                        str(SECONDS), "-P", str(streams), "-J"],
+                             timeout=SECONDS + 60))  # fmt: skip
+    if "error" in out or "sum_received" not in out.get("end", {}):
+        raise RuntimeError(f"iperf3 to {target}: {out.get('error', 'no result')}")
+    received = out["end"]["sum_received"]
+    figures = {f"gbps_{streams}": received["bits_per_second"] / 1e9}
+    if streams == 1:
+        figures["cpu_per_gb"] = (machine_cpu() - cpu0) / (received["bytes"] / 1e9)
     return figures
 
 
-def idle_rss(env: MeshEnv, client, target: str, rr: Path, pid: int, workdir: Path) -> float:
-    """RSS of pid while the client holds IDLE_CONNS idle connections."""
-    flag = workdir / "release"
-    flag.unlink(missing_ok=True)
-    holder = env.popen(
-        client, [str(rr), "hold", target, str(RR_PORT), str(IDLE_CONNS), str(flag)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    opened = json.loads(holder.stdout.readline())["opened"]
-    if opened != IDLE_CONNS:
-        raise RuntimeError(f"only {opened} of {IDLE_CONNS} idle connections opened")
-    time.sleep(0.5)
-    value = rss_mb(pid)
-    flag.write_text("")
-    holder.wait(timeout=60)
-    return value
+def rr(env, pod, rr_bin: Path, target: str) -> dict:
+    figures = {}
+    for size in (1, 1024):
+        line = run_out(env, pod, [str(rr_bin), "rr", target, str(RR_PORT), str(size),
+                                  str(SECONDS)], timeout=SECONDS + 30)  # fmt: skip
+        figures[f"p50_{size}"] = json.loads(line.strip().splitlines()[-1])["p50_us"]
+    line = run_out(env, pod, [str(rr_bin), "conn", target, str(RR_PORT), str(SECONDS)],
+                   timeout=SECONDS + 30)  # fmt: skip
+    figures["cps"] = json.loads(line.strip().splitlines()[-1])["cps"]
+    return figures
 
 
-def ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base else "-"
+def redis(env, pod, target: str) -> dict:
+    figures = {}
+    for name, (args, requests) in REDIS.items():
+        cpu0 = machine_cpu()
+        out = run_out(env, pod, ["redis-benchmark", "-h", target, "-p", str(REDIS_PORT), "-t",
+                                 "get", "-n", str(requests), "--csv", *args],
+                      timeout=120)  # fmt: skip
+        cpu = machine_cpu() - cpu0
+        rows = [row for row in csv.reader(io.StringIO(out)) if row and row[0] == "GET"]
+        if not rows:
+            raise RuntimeError(f"redis-benchmark to {target} ({name}) printed no GET row: {out}")
+        figures[name] = float(rows[0][1])
+        if name in ("redis_ka_20", "redis_conn_20"):
+            figures[f"{name}_cpu_us"] = cpu / requests * 1e6
+    return figures
 
 
-def table(results: list[Result]) -> str:
-    direct = results[0].figures
-    haproxy = next(r.figures for r in results if r.name == "haproxy")
-    head = (
-        "| path | 1 stream Gbit/s | 4 streams Gbit/s | RR 1 B tx/s | RR 1 B p50/p99 µs"
-        " | RR 1 KiB tx/s | RR 1 KiB p50/p99 µs | new conn/s (vs direct, vs HAProxy)"
-        " | proxy CPU s/GB (vs HAProxy) | machine CPU s/GB | RSS MB idle / 1000 conns |"
-    )
-    rows = [head, "|" + "---|" * 11]
-    for res in results:
-        f = res.figures
-        cpu = (
-            f"{f['proxy_cpu_per_gb']:.2f} ({ratio(f['proxy_cpu_per_gb'], haproxy['proxy_cpu_per_gb'])})"
-            if "proxy_cpu_per_gb" in f
-            else "-"
-        )
-        rss = f"{f['rss_idle']:.0f} / {f['rss_1000']:.0f}" if "rss_idle" in f else "-"
-        rows.append(
-            f"| {res.name} | {f['gbps_1']:.1f} ({ratio(f['gbps_1'], direct['gbps_1'])})"
-            f" | {f['gbps_4']:.1f} ({ratio(f['gbps_4'], direct['gbps_4'])})"
-            f" | {f['tps_1']:.0f} ({ratio(f['tps_1'], direct['tps_1'])})"
-            f" | {f['p50_1']:.0f} ({ratio(f['p50_1'], direct['p50_1'])}) / {f['p99_1']:.0f}"
-            f" | {f['tps_1024']:.0f} ({ratio(f['tps_1024'], direct['tps_1024'])})"
-            f" | {f['p50_1024']:.0f} ({ratio(f['p50_1024'], direct['p50_1024'])})"
-            f" / {f['p99_1024']:.0f}"
-            f" | {f['cps']:.0f} ({ratio(f['cps'], direct['cps'])},"
-            f" {ratio(f['cps'], haproxy['cps'])})"
-            f" | {cpu}"
-            f" | {f['machine_cpu_per_gb']:.2f} ({ratio(f['machine_cpu_per_gb'], direct['machine_cpu_per_gb'])})"
-            f" | {rss} |"
-        )
-    return "\n".join(rows)
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarise(samples: dict[str, list[dict]]) -> dict:
+    """Per path and figure: the raw values, and the per-round ratio to
+    direct (and to HAProxy) as median, min and max."""
+    out: dict = {}
+    for path, rounds in samples.items():
+        out[path] = {}
+        for figure in FIGURES:
+            values = [r[figure] for r in rounds if figure in r]
+            if not values:
+                continue
+            entry = {"values": values, **spread(values)}
+            for anchor in ("direct", "haproxy"):
+                ratios = [
+                    mine[figure] / base[figure]
+                    for mine, base in zip(rounds, samples[anchor], strict=True)
+                    if base.get(figure) and figure in mine
+                ]
+                if ratios:
+                    entry[f"vs_{anchor}"] = spread(ratios)
+            out[path][figure] = entry
+    return out
+
+
+def table(summary: dict, meta: dict) -> str:
+    paths = list(summary)
+    lines = [
+        f"`make bench`, {meta['date']}: kernel {meta['kernel']}, {meta['cpus']} vCPUs"
+        f" ({meta['cpu_model']}), {meta['rounds']} interleaved rounds of {meta['seconds']:g} s"
+        " runs. Each cell: the median per-round ratio to direct (min-max), then"
+        " the median value.",
+        "",
+        "| figure | " + " | ".join(paths) + " |",
+        "|---|" + "---|" * len(paths),
+    ]
+    for figure, (what, higher) in FIGURES.items():
+        cells = []
+        for path in paths:
+            entry = summary[path].get(figure)
+            if entry is None:
+                cells.append("-")
+                continue
+            ratio = entry.get("vs_direct", {"median": 1.0, "min": 1.0, "max": 1.0})
+            value = entry["median"]
+            shown = f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+            cells.append(f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) {shown}")
+        arrow = "↑" if higher else "↓"
+        lines.append(f"| {what} {arrow} | " + " | ".join(cells) + " |")
+    hap = [
+        f"{path}: {summary[path]['redis_ka_20']['vs_haproxy']['median']:.2f}x"
+        for path in paths
+        if path.startswith("meshagent") and "redis_ka_20" in summary[path]
+    ]
+    lines += ["", "redis keep-alive, 20 clients, against HAProxy: " + ", ".join(hap) + "."]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench: no matplotlib (scripts/bootstrap bench installs it): no plot",
+              file=sys.stderr)  # fmt: skip
+        return False
+    figures = list(FIGURES)
+    paths = [p for p in summary if p != "direct"]
+    width = 0.8 / len(paths)
+    fig, ax = plt.subplots(figsize=(14, 5))
+    for i, name in enumerate(paths):
+        med, low, high = [], [], []
+        for figure in figures:
+            ratio = summary[name].get(figure, {}).get("vs_direct")
+            m = ratio["median"] if ratio else 0.0
+            med.append(m)
+            low.append(m - ratio["min"] if ratio else 0.0)
+            high.append(ratio["max"] - m if ratio else 0.0)
+        xs = [x + i * width for x in range(len(figures))]
+        ax.bar(xs, med, width, yerr=[low, high], label=name, capsize=2)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + width * (len(paths) - 1) / 2 for x in range(len(figures))])
+    ax.set_xticklabels([f"{FIGURES[f][0]} {'↑' if FIGURES[f][1] else '↓'}" for f in figures],
+                       rotation=35, ha="right", fontsize=7)  # fmt: skip
+    ax.set_ylabel("ratio to direct (median of rounds; bars: min-max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def update_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    body = readme.read_text()
+    if begin in body and end in body:
+        head, _, rest = body.partition(begin)
+        _, _, tail = rest.partition(end)
+        readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root (make bench)", file=sys.stderr)
         return 1
-    for tool in ("iperf3", "haproxy", "gcc"):
+    for tool in ("iperf3", "haproxy", "gcc", "redis-server", "redis-benchmark"):
         if not shutil.which(tool):
-            print(f"bench: {tool} is missing: run scripts/bootstrap", file=sys.stderr)
+            print(f"bench: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
             return 1
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-bench-"))
     env = make_env()
     agent = None
     try:
-        rr = build_rr(workdir)
-        client, server, proxy = (env.create_pod(n) for n in ("client", "server", "proxy"))
-        for pod in (client, proxy):
+        rr_bin = workdir / "rr"
+        subprocess.run(["gcc", "-O2", "-o", str(rr_bin), str(ROOT / "bench" / "rr.c")],
+                       check=True)  # fmt: skip
+        plain, client, server, proxy, proxys = (
+            env.create_pod(n) for n in ("plain", "client", "server", "proxy", "proxys")
+        )
+        for pod in (plain, client, proxy, proxys):
             tune_pod(env, pod)
-        env.popen(server, [str(rr), "serve", str(RR_PORT)], stdout=subprocess.DEVNULL)
+        env.popen(server, [str(rr_bin), "serve", str(RR_PORT)], stdout=subprocess.DEVNULL)
         env.popen(server, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL)
-        haproxy = env.popen(proxy, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        time.sleep(1.0)
-        results = [Result("direct", measure(env, client, server.ip4, rr, None))]
-        print("direct done", file=sys.stderr)
-        hap = Result("haproxy", measure(env, client, proxy.ip4, rr, haproxy.pid))
-        hap.figures["rss_idle"] = rss_mb(haproxy.pid)
-        hap.figures["rss_1000"] = idle_rss(env, client, proxy.ip4, rr, haproxy.pid, workdir)
-        results.append(hap)
-        print("haproxy done", file=sys.stderr)
+        env.popen(server, ["redis-server", "--port", str(REDIS_PORT), "--bind", "*", "-::*",
+                           "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                           "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+        for pod, splice in ((proxy, False), (proxys, True)):
+            env.popen(pod, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4, splice))],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         agent = start_agent(env, "--datapath", "copy")
         agent.attach(client)
-        for path in PATHS:
-            agent.request("datapath", set=path)
-            res = Result(f"meshagent {path}", measure(env, client, server.ip4, rr, agent.proc.pid))
-            wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, 30)
-            res.figures["rss_idle"] = rss_mb(agent.proc.pid)
-            res.figures["rss_1000"] = idle_rss(env, client, server.ip4, rr, agent.proc.pid, workdir)
-            results.append(res)
-            print(f"{path} done", file=sys.stderr)
+        time.sleep(1.0)
+        paths = {
+            "direct": (plain, server.ip4, None),
+            "haproxy": (plain, proxy.ip4, None),
+            "haproxy-splice": (plain, proxys.ip4, None),
+            **{f"meshagent {p}": (client, server.ip4, p) for p in MESH_PATHS},
+        }
+        samples: dict[str, list[dict]] = {name: [] for name in paths}
+        order = list(paths)
+        started = time.monotonic()
+        for round_no in range(ROUNDS):
+            random.Random(round_no).shuffle(order)  # no path always first or last
+            for name in order:
+                pod, target, datapath = paths[name]
+                if datapath:
+                    agent.request("datapath", set=datapath)
+                figures = {**bulk(env, pod, target, 1), **bulk(env, pod, target, 4)}
+                figures.update(rr(env, pod, rr_bin, target))
+                figures.update(redis(env, pod, target))
+                samples[name].append(figures)
+                if datapath:
+                    wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, 60,
+                             "the benchmark's connections to end")  # fmt: skip
+            print(f"bench: round {round_no + 1}/{ROUNDS} done"
+                  f" ({time.monotonic() - started:.0f} s)", file=sys.stderr)  # fmt: skip
         status = agent.request("status")
-        print(f"\nmeshagent bench, kernel {status['kernel']}, {SECONDS:g} s per figure,"
-              f" {os.cpu_count()} CPUs; ratios to direct (and HAProxy where marked)\n")  # fmt: skip
-        print(table(results))
-        paths = status["datapaths"]
-        print(
-            "\nsockmap hand-off: Python carried"
-            f" {paths['sockmap']['handoff_bytes']} of {paths['sockmap']['bytes']} bytes;"
-            f" stalls {paths['sockmap']['stalls']}, fallbacks {paths['sockmap']['fallbacks']}"
+        meta = {
+            "date": time.strftime("%Y-%m-%d"),
+            "kernel": status["kernel"],
+            "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
+            "rounds": ROUNDS,
+            "seconds": SECONDS,
+            "sockmap": status["datapaths"]["sockmap"],
+        }
+        summary = summarise(samples)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "latest.json").write_text(
+            json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n"
         )
+        text = table(summary, meta)
+        if plot(summary, RESULTS / "latest.png"):
+            text += "\n\n![ratios to direct](bench/results/latest.png)"
+        print(text)
+        update_readme(text)
         return 0
     finally:
         if agent is not None:
