@@ -107,12 +107,10 @@ def haproxy_conf(workdir: Path, server_ip: str, splice: bool) -> Path:
         f"listen {name}\n    bind :::{port} v4v6\n    server s {server_ip}:{port}\n"
         for name, port in (("rr", RR_PORT), ("iperf", IPERF_PORT), ("redis", REDIS_PORT))
     )
-    # Its defaults otherwise: as many threads as CPUs.
+    # Its defaults: as many threads as CPUs, maxconn from the fd limit.
     conf.write_text(
         textwrap.dedent(
             f"""\
-            global
-                maxconn 20000
             defaults
                 mode tcp
                 timeout connect 5s
