@@ -47,6 +47,8 @@ class Agent:
         self.backends: dict[Backend, RedirectBackend] = {}
         self.forwarder: Forwarder | None = None
         self.pods: Attachments | None = None
+        self.kube = None  # kube/pods.py: which Kubernetes pods to attach
+        self.watch = None  # kube/watch.py: the API watch, when configured
         self.cgroup_path: Path | None = None
         self.datapath_reason = ""
         self.started = time.time()
@@ -116,7 +118,7 @@ class Agent:
         self.forwarder = Forwarder(
             self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max
         )
-        self.pods = Attachments(self.store, self.forwarder, self.backends, self.plan.backend)
+        self._make_pods()
         # Unwound in reverse: the pods stay attached for the next agent (their
         # new connects go direct meanwhile), forwarded connections close, the
         # rules kept for draining pods go.
@@ -136,6 +138,10 @@ class Agent:
             self._serve_metrics()
             self._serve_control()
         self.adopted = self.pods.adopt()
+        self.kube.reconcile()  # CNI records of pods to attach that came while no agent ran
+        if self.watch is not None:
+            self.watch.start()
+            self.stack.callback(self.watch.close)
         self.pods.start_offloading()
         self.reader = Worker(self.loop, "reader")  # whole-map walks for status
         self.stack.callback(self.reader.close)
@@ -153,6 +159,24 @@ class Agent:
                 f" cgroup={self.cgroup_path} socket={self.cfg.socket_path}"
             },
         )
+
+    def _make_pods(self) -> None:
+        """The attachments, the pod resolver and the Kubernetes side (CNI
+        records always; the API watch when configured)."""
+        from meshagent.kube.pods import KubePods
+        from meshagent.kube.watch import ApiWatch, settings
+        from meshagent.pods.resolve import Resolver
+
+        resolver = Resolver(self.store)
+        self.pods = Attachments(
+            self.store, self.forwarder, self.backends, self.plan.backend, resolver
+        )
+        self.kube = KubePods(self.pods, resolver.cni)
+        resolver.uid_of = self.kube.uid_of
+        kube_cfg = settings(self.cfg.kubeconfig, self.cfg.node_name, self.cfg.kube)
+        if kube_cfg is not None:
+            self.watch = ApiWatch(self.loop, self.kube, kube_cfg)
+            self.kube.watching = True
 
     def _serve_control(self) -> None:
         control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
@@ -299,6 +323,7 @@ class Agent:
         forgotten, each data path's upkeep."""
         self.pods.finish_draining()
         self.pods.drop_vanished()
+        self.kube.retry_pending()
         self.forwarder.tick()
         self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
@@ -379,6 +404,10 @@ class Agent:
             "tracing": self.tracer is not None,
             "adopted_pods": self.adopted,
             "took_over": self.took_over,
+            "kube": {
+                **(self.kube.snapshot() if self.kube else {}),
+                **({"api": self.watch.snapshot()} if self.watch else {}),
+            },
         }
 
     def dispatch(self, request: Request) -> dict:
@@ -387,9 +416,18 @@ class Agent:
             return {"pid": os.getpid()}
         if op == "attach":
             redirect = request.choice("redirect", Backend, optional=True)
-            return self.pods.attach(request.text("pod"), redirect)
+            return self.pods.attach(
+                request.text("pod"),
+                redirect,
+                request.optional_text("netns"),
+                request.optional_int("pid"),
+            )
         if op == "detach":
             return self.pods.detach(request.text("pod"))
+        if op == "cni-add":
+            return self.kube.cni_add(_kube_name(request.text("pod")))
+        if op == "cni-del":
+            return self.kube.cni_del(_kube_name(request.text("pod")))
         if op == "status":
             from meshagent.status import agent_status
 
@@ -410,6 +448,13 @@ class Agent:
                 return self.set_datapath(mode)
             return {"datapath": self.forwarder.mode.value, "reason": self.datapath_reason}
         raise MeshError(f"unknown request {op!r}")
+
+
+def _kube_name(name: str) -> str:
+    from meshagent.pods.kube import split_name
+
+    split_name(name)
+    return name
 
 
 def _own_footprint() -> dict:

@@ -23,6 +23,7 @@ from meshagent.forwarder import Forwarder
 from meshagent.host import netns
 from meshagent.host.worker import Worker
 from meshagent.modes import Backend as BackendName
+from meshagent.pods.resolve import PodRef, Resolver, check_name
 from meshagent.pods.store import PodStore, write_json
 from meshagent.redirect import Backend, PodHandle
 
@@ -43,6 +44,8 @@ class AttachedPod:
     closing: object = None  # the timer that closes its listeners after the grace
     removing: bool = False  # its rules' removal is queued
     forgotten: bool = False  # its netns fd is closed
+    source: str = "standalone"  # how its netns was found (pods/resolve.py)
+    auto: bool = False  # attached for a label or the CNI config (kube/pods.py), not by hand
 
     def snapshot(self) -> dict:
         dev, ino = self.handle.netns_id
@@ -51,6 +54,8 @@ class AttachedPod:
             "backend": self.backend.name.value,
             "netns": self.handle.netns_name,
             "netns_inode": f"{dev}:{ino}",
+            "source": self.source,
+            "auto": self.auto,
             "attached_since": self.since,
             "state": "draining" if self.draining else "attached",
         }
@@ -63,8 +68,10 @@ class Attachments:
         forwarder: Forwarder,
         backends: dict[BackendName, Backend],
         default: BackendName,
+        resolver: Resolver | None = None,
     ) -> None:
         self.store = store
+        self.resolver = resolver or Resolver(store)
         self.forwarder = forwarder
         self.backends = backends
         self.default = default
@@ -123,13 +130,23 @@ class Attachments:
     def attached(self) -> list[AttachedPod]:
         return [pod for _name, pod in sorted(self.pods.items()) if not pod.draining]
 
-    def attach(self, name: str, redirect: BackendName | None = None):
+    def attach(
+        self,
+        name: str,
+        redirect: BackendName | None = None,
+        netns_path: str | None = None,
+        pid: int | None = None,
+        auto: bool = False,
+    ):
         """A dict, or a Deferred one when the backend's work runs off the loop."""
         self._check_idle(name)
-        return self._attach(name, redirect, time.monotonic())
+        pod = self.resolver.get(name, netns_path, pid)
+        return self._attach(pod, redirect, time.monotonic(), auto)
 
-    def _attach(self, name: str, redirect: BackendName | None, started: float):
-        pod = self.store.get(name)
+    def _attach(
+        self, pod: PodRef, redirect: BackendName | None, started: float, auto: bool = False
+    ):
+        name = pod.name
         current = self.pods.get(name)
         if current is not None and not current.draining:
             if _same_netns(current, pod.netns):
@@ -166,7 +183,7 @@ class Attachments:
             dev, ino = handle.netns_id
             self.attaching[name] = {"backend": backend.name.value, "netns": pod.netns,
                                     "netns_id": f"{dev}:{ino}", "attaching": True,
-                                    **_flavour(backend)}  # fmt: skip
+                                    "source": pod.source, **_flavour(backend)}  # fmt: skip
             self.save()
 
         def commit(error: BaseException | None) -> dict:
@@ -178,13 +195,18 @@ class Attachments:
                     raise error
                 raise MeshError(f"pod {name}: attach failed: {error}")
             undo.pop_all()
-            self.pods[name] = AttachedPod(handle, backend, time.time())
+            self.pods[name] = AttachedPod(
+                handle, backend, time.time(), source=pod.source, auto=auto
+            )
             self.save()
             self.attach_seconds.append(time.monotonic() - started)
             del self.attach_seconds[:-1024]
             self.log.info(
                 "pod attached",
-                extra={"pod": name, "reason": f"backend={backend.name} netns={pod.netns}"},
+                extra={
+                    "pod": name,
+                    "reason": f"backend={backend.name} netns={pod.netns} ({pod.source})",
+                },
             )
             return {"pod": name, "already": False, "backend": backend.name.value}
 
@@ -194,7 +216,9 @@ class Attachments:
         """A dict, or a Deferred one when the backend's work runs off the loop."""
         entry = self.pods.get(name)
         if entry is None or entry.draining:
-            self.store.get(name)  # unknown pod: say so
+            if "/" not in name:
+                self.store.get(name)  # unknown pod: say so
+            check_name(name)
             raise MeshError(f"pod {name} is not attached")
         self._check_idle(name)
 
@@ -306,6 +330,8 @@ class Attachments:
                 "netns_id": f"{dev}:{ino}",
                 "since": entry.since,
                 "draining": entry.draining,
+                "source": entry.source,
+                "auto": entry.auto,
                 **_flavour(entry.backend),
             }
         for name, record in self.attaching.items():
@@ -322,8 +348,8 @@ class Attachments:
         for name, record in sorted(records.items()):
             if name in self.pods:  # handed over by the agent this one replaced
                 continue
-            why = self._why_not(name, record)
-            if why is None:
+            why, pod = self._why_not(name, record)
+            if pod is not None:
                 redirect = BackendName(record["backend"])
                 if redirect not in self.backends:
                     self.log.warning(
@@ -332,7 +358,7 @@ class Attachments:
                     )
                     redirect = None
                 try:
-                    self._attach(name, redirect, time.monotonic())
+                    self._attach(pod, redirect, time.monotonic(), bool(record.get("auto")))
                 except MeshError as exc:
                     why = str(exc)
                 else:
@@ -353,21 +379,23 @@ class Attachments:
         self.save()
         return adopted
 
-    def _why_not(self, name: str, record: dict) -> str | None:
+    def _why_not(self, name: str, record: dict) -> tuple[str, PodRef | None]:
+        """Why a recorded pod is not taken over, or the pod to take over."""
         if record.get("attaching"):
-            return "it was being attached"
+            return "it was being attached", None
         if record.get("draining"):
-            return "it was being detached"
-        pod = self.store.find(name)
-        if pod is None:
-            return "the pod was deleted"
+            return "it was being detached", None
+        try:
+            pod = self.resolver.again(name, record)
+        except MeshError as exc:
+            return f"the pod is gone ({exc})", None
         try:
             st = os.stat(netns.path(pod.netns))
         except OSError:
-            return f"its network namespace {pod.netns} is gone"
+            return f"its network namespace {pod.netns} is gone", None
         if f"{st.st_dev}:{st.st_ino}" != record.get("netns_id"):
-            return "the pod was re-created: a new network namespace"
-        return None
+            return "the pod was re-created: a new network namespace", None
+        return "", pod
 
     def _drop_record(self, name: str, record: dict) -> None:
         """Remove what an earlier agent left for a pod not taken over."""
@@ -383,7 +411,7 @@ class Attachments:
         """A pod handed over by the agent this one replaces (agent/takeover.py),
         with its listening sockets; returns its forwarder slot."""
         name = msg["name"]
-        pod = self.store.get(name)
+        pod = self.resolver.again(name, msg)
         fd = netns.open_fd(pod.netns)
         try:
             st = os.fstat(fd)
@@ -393,7 +421,14 @@ class Attachments:
             if backend is None:
                 raise MeshError(f"pod {name}: this agent does not run backend {msg['backend']}")
             handle = PodHandle(name, pod.netns, fd, int(msg["pod_id"]))
-            entry = AttachedPod(handle, backend, float(msg["since"]), draining=msg["draining"])
+            entry = AttachedPod(
+                handle,
+                backend,
+                float(msg["since"]),
+                draining=msg["draining"],
+                source=pod.source,
+                auto=bool(msg.get("auto")),
+            )
             if entry.draining and hasattr(backend, "stopped"):
                 backend.stopped.add(handle.netns_cookie)  # fail-open must not steer it again
             slot = self.forwarder.adopt_pod(

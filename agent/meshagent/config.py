@@ -42,6 +42,9 @@ class AgentConfig:
     pod_conns_max: int = 4096  # connections one pod may have forwarded at once
     metrics_addr: str = "127.0.0.1:15090"  # /metrics, /healthz, /readyz; "off": none
     takeover: bool = False  # receive a running agent's pods and connections (upgrade)
+    kube: str = "auto"  # the API watch: auto (kubeconfig given or in a cluster), on, off
+    kubeconfig: str | None = None
+    node_name: str | None = None
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())
@@ -71,6 +74,8 @@ class AgentConfig:
             raise MeshError("--pod-conns-max must be between 1 and 4194304")
         if not 1 <= self.pods_max <= 1 << 16:
             raise MeshError("pods_max must be between 1 and 65536")
+        if self.kube not in ("auto", "on", "off"):
+            raise MeshError(f"--kube {self.kube}: use auto, on or off")
         if not 0 < self.skip_mark < 1 << 32:
             raise MeshError("skip mark must be a non-zero 32-bit value")
 

@@ -42,6 +42,17 @@ class Request:
             raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be a non-empty string")
         return value
 
+    def optional_text(self, key: str) -> str | None:
+        return None if self.data.get(key) is None else self.text(key)
+
+    def optional_int(self, key: str) -> int | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be an integer")
+        return value
+
     def choice(self, key: str, enum, optional: bool = False):
         value = self.data.get(key)
         if value is None and optional:

@@ -86,6 +86,7 @@ def _hand_over(agent, chan: socket.socket) -> None:
                 "kind": "pod", "name": name, "backend": entry.backend.name.value,
                 "netns": entry.handle.netns_name, "netns_id": f"{dev}:{ino}",
                 "pod_id": entry.handle.pod_id, "since": entry.since, "draining": entry.draining,
+                "source": entry.source, "auto": entry.auto,
                 "stats": slot.stats.to_dict() if slot is not None else None,
             }, listeners)  # fmt: skip
         for slot, record, conn in exported:

@@ -72,6 +72,21 @@ Examples:
     " connections; it exits without ending any.",
 )
 @click.option(
+    "--kube",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    envvar="MESHAGENT_KUBE",
+    help="Watch this node's pods on the API server (auto: when --kubeconfig is given or"
+    " running in a cluster) and attach those labelled meshagent.io/attach=true.",
+)
+@click.option(
+    "--kubeconfig",
+    envvar="MESHAGENT_KUBECONFIG",
+    help="kubeconfig for the API watch (default: in-cluster).",
+)
+@click.option("--node-name", envvar="NODE_NAME", help="This node's name (the API watch's filter).")
+@click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
 @plan_options
@@ -92,6 +107,9 @@ def run(
     datapath: str,
     sockmap_sndbuf: int,
     takeover: bool,
+    kube: str,
+    kubeconfig: str | None,
+    node_name: str | None,
     dump_bpf: bool,
     cache_dir,
     bpf_cflags_extra: tuple[str, ...],
@@ -124,6 +142,9 @@ def run(
         extra_cflags=tuple(bpf_cflags_extra),
         cache_dir=cache_dir,
         takeover=takeover,
+        kube=kube,
+        kubeconfig=kubeconfig,
+        node_name=node_name,
     )
     from meshagent import kernel
 
@@ -141,21 +162,44 @@ def run(
     run_agent(cfg)
 
 
-@click.command(
-    epilog="\b\nExamples:\n  meshagent attach client\n  meshagent attach client --redirect iptables"
-)
+ATTACH_EPILOG = """\b
+Examples:
+  meshagent attach client                        # a standalone pod
+  meshagent attach client --redirect iptables
+  meshagent attach default/web                   # a Kubernetes pod on this node
+  meshagent attach default/web --pid 4242        # found by one of its processes
+  meshagent attach default/web --netns /var/run/netns/cni-1234
+"""
+
+
+@click.command(epilog=ATTACH_EPILOG)
 @click.argument("pod")
 @click.option(
     "--redirect",
     type=click.Choice(values(Backend)),
     help="This pod's redirect backend (default: the agent's).",
 )
+@click.option("--netns", "netns_path", help="The pod's network namespace: a path, or a name.")
+@click.option("--pid", type=int, help="A process of the pod: its network namespace is the pod's.")
 @click.pass_obj
-def attach(app: App, pod: str, redirect: str | None) -> None:
-    """Steer POD's outbound TCP through the running agent's forwarder."""
-    from meshagent import control
+def attach(
+    app: App, pod: str, redirect: str | None, netns_path: str | None, pid: int | None
+) -> None:
+    """Steer POD's outbound TCP through the running agent's forwarder.
 
-    args = {"redirect": redirect} if redirect else {}
+    POD is a standalone pod's NAME, or NAMESPACE/NAME of a Kubernetes pod on
+    this node (found by its CNI record, else by the kubelet's cgroup layout
+    and the pod's UID from the API server), or any name with --netns/--pid.
+    """
+    from meshagent import control
+    from meshagent.pods.resolve import check_name
+
+    check_name(pod)
+    args: dict = {"redirect": redirect} if redirect else {}
+    if netns_path:
+        args["netns"] = netns_path
+    if pid is not None:
+        args["pid"] = pid
     reply = control.request(app.socket_path, "attach", pod=pod, **args)
     state = "was already attached" if reply.get("already") else "attached"
     click.echo(f"pod {pod} {state} ({reply['backend']})")

@@ -1,4 +1,4 @@
-"""Network namespaces by name (/run/netns/NAME): enter, make sockets inside."""
+"""Network namespaces by name (/run/netns/NAME) or path: enter, make sockets inside."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
 
 
 def path(name: str) -> Path:
-    return NETNS_DIR / name
+    """A netns by name (/run/netns/NAME) or by absolute path (a runtime's
+    /var/run/netns/cni-..., /proc/PID/ns/net)."""
+    return Path(name) if name.startswith("/") else NETNS_DIR / name
 
 
 def exists(name: str) -> bool:

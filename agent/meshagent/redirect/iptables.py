@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshagent.errors import MeshError
+from meshagent.host import netns
 from meshagent.modes import Backend, IptablesFlavour, values
 from meshagent.redirect import PodHandle
 from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
@@ -86,9 +87,9 @@ def detect_flavour(wanted: str | None = None) -> tuple[str, str]:
 
 def _enter(netns_name: str):
     def enter() -> None:
-        from pyroute2 import netns as pyr_netns
-
-        pyr_netns.setns(netns_name, flags=0)
+        fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
+        netns.setns(fd)
+        os.close(fd)
 
     return enter
 
@@ -102,7 +103,7 @@ class IptablesBackend:
         self.tools = tools
 
     def _run(self, netns_name: str, argv: list[str], text: str | None, pod: str) -> str:
-        if not os.path.exists(f"/run/netns/{netns_name}"):
+        if not netns.exists(netns_name):
             raise MeshError(f"pod {pod}: network namespace {netns_name} is gone")
         try:
             proc = subprocess.run(

@@ -1,0 +1,277 @@
+"""meshagent-cni: a chained CNI plugin (spec 1.0.0; 0.3.x and 0.4.0 configs too).
+
+The runtime runs it after the plugins that make the pod's interface (say
+bridge + host-local), with their result as prevResult. It changes nothing
+in the pod: ADD records the pod (NAMESPACE/NAME -> netns, UID, addresses)
+under the agent's state dir and tells a running agent, which attaches the
+pod if it is opted in; with no agent running the record is enough (the
+agent attaches at start). DEL detaches and removes the record, and is
+idempotent. CHECK verifies the record. VERSION lists the versions.
+
+Its entry in the conflist:
+  {"type": "meshagent-cni", "stateDir": "/run/meshagent",
+   "attach": "labelled" | "all", "excludeNamespaces": ["kube-system"]}
+"labelled" (the default) leaves the choice to the agent's API watch (label
+meshagent.io/attach=true on the pod or its namespace); "all" attaches every
+pod outside excludeNamespaces.
+
+Errors are the spec's JSON on stdout, with its codes, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
+DEFAULT_STATE_DIR = "/run/meshagent"
+AGENT_TIMEOUT = 10.0
+
+# The spec's well-known error codes.
+E_VERSION = 1
+E_FIELD = 2
+E_UNKNOWN_CONTAINER = 3
+E_ENV = 4
+E_IO = 5
+E_DECODE = 6
+E_CONFIG = 7
+E_TRY_LATER = 11
+
+
+class CniError(Exception):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+@dataclass(frozen=True)
+class Conf:
+    cni_version: str
+    name: str
+    state_dir: Path
+    attach_all: bool
+    exclude_namespaces: tuple[str, ...]
+    prev_result: dict | None
+
+
+def parse_conf(raw: bytes, command: str) -> Conf:
+    try:
+        data = json.loads(raw.decode() or "null")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CniError(E_DECODE, f"network configuration on stdin is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CniError(E_DECODE, "network configuration on stdin must be a JSON object")
+    version = data.get("cniVersion")
+    if not isinstance(version, str):
+        raise CniError(E_CONFIG, "network configuration lacks cniVersion")
+    if version not in SUPPORTED:
+        raise CniError(
+            E_VERSION,
+            f"cniVersion {version} is not supported",
+            f"supported: {', '.join(SUPPORTED)}",
+        )
+    if command == "VERSION":
+        return Conf(version, "", Path(DEFAULT_STATE_DIR), False, (), None)
+    name = data.get("name", "")
+    state_dir = data.get("stateDir", DEFAULT_STATE_DIR)
+    if not isinstance(state_dir, str) or not state_dir.startswith("/"):
+        raise CniError(E_CONFIG, f"stateDir {state_dir!r} must be an absolute path")
+    attach = data.get("attach", "labelled")
+    if attach not in ("labelled", "all"):
+        raise CniError(E_CONFIG, f'attach {attach!r}: use "labelled" or "all"')
+    exclude = data.get("excludeNamespaces", ["kube-system"])
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise CniError(E_CONFIG, "excludeNamespaces must be a list of namespace names")
+    prev = data.get("prevResult")
+    if prev is not None and not isinstance(prev, dict):
+        raise CniError(E_CONFIG, "prevResult must be a JSON object")
+    return Conf(version, str(name), Path(state_dir), attach == "all", tuple(exclude), prev)
+
+
+def parse_args(text: str) -> dict[str, str]:
+    """CNI_ARGS: 'K=V;K=V'."""
+    out: dict[str, str] = {}
+    for part in (text or "").split(";"):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise CniError(E_ENV, f"CNI_ARGS: {part!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def need_env(env: dict[str, str], *names: str) -> None:
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        raise CniError(E_ENV, f"missing environment variable {', '.join(missing)}")
+
+
+def _pod(env: dict[str, str]) -> tuple[str, str, str] | None:
+    args = parse_args(env.get("CNI_ARGS", ""))
+    namespace, name = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
+    if not namespace or not name:
+        return None  # not a Kubernetes pod: nothing to record
+    return namespace, name, args.get("K8S_POD_UID", "")
+
+
+def _ips(prev: dict | None) -> list[str]:
+    out = []
+    for entry in (prev or {}).get("ips", []) or []:
+        if isinstance(entry, dict) and isinstance(entry.get("address"), str):
+            out.append(entry["address"].split("/")[0])
+    return out
+
+
+def _tell_agent(state_dir: Path, op: str, pod: str) -> dict | None:
+    """The agent's answer, or None when no agent is running."""
+    from meshagent import control
+    from meshagent.errors import MeshError
+
+    socket_path = state_dir / "agent.sock"
+    if not socket_path.exists():
+        return None
+    try:
+        return control.request(socket_path, op, timeout=AGENT_TIMEOUT, pod=pod)
+    except MeshError as exc:
+        if "no agent at" in str(exc):
+            return None
+        return {"error": str(exc)}
+
+
+def cmd_add(conf: Conf, env: dict[str, str]) -> dict:
+    need_env(env, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
+    if conf.prev_result is None:
+        raise CniError(
+            E_CONFIG,
+            "meshagent-cni is a chained plugin: list it after the plugin that makes"
+            " the pod's interface (no prevResult)",
+        )
+    result = {**conf.prev_result, "cniVersion": conf.cni_version}
+    pod = _pod(env)
+    if pod is None:
+        return result
+    netns_path = env["CNI_NETNS"]
+    if not os.path.exists(netns_path):
+        raise CniError(E_UNKNOWN_CONTAINER, f"network namespace {netns_path} does not exist")
+    from meshagent.errors import MeshError
+    from meshagent.pods.kube import CniStore, new_record, split_name
+
+    namespace, name, uid = pod
+    try:
+        split_name(f"{namespace}/{name}")
+    except MeshError as exc:
+        raise CniError(E_ENV, f"CNI_ARGS: {exc}") from None
+    record = new_record(
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        container_id=env["CNI_CONTAINERID"],
+        netns=netns_path,
+        ifname=env["CNI_IFNAME"],
+        ips=_ips(conf.prev_result),
+        attach=conf.attach_all and namespace not in conf.exclude_namespaces,
+    )
+    try:
+        _make_state_dir(conf.state_dir)
+        CniStore(conf.state_dir).save(record)
+    except OSError as exc:
+        raise CniError(E_IO, f"pod {record.full_name}: cannot write its record: {exc}") from None
+    answer = _tell_agent(conf.state_dir, "cni-add", record.full_name)
+    if answer is not None and answer.get("error"):
+        # The pod runs either way: the agent logs why and retries at start.
+        print(f"meshagent-cni: pod {record.full_name}: {answer['error']}", file=sys.stderr)
+    return result
+
+
+def cmd_del(conf: Conf, env: dict[str, str]) -> None:
+    need_env(env, "CNI_CONTAINERID", "CNI_IFNAME")
+    pod = _pod(env)
+    if pod is None:
+        return
+    from meshagent.errors import MeshError
+    from meshagent.pods.kube import CniStore
+
+    full = f"{pod[0]}/{pod[1]}"
+    store = CniStore(conf.state_dir)
+    try:
+        record = store.get(full)
+    except MeshError:
+        record = None  # unreadable: remove it below
+    if record is not None and record.container_id != env["CNI_CONTAINERID"]:
+        return  # a late DEL of an older sandbox of this pod
+    if record is not None:
+        _tell_agent(conf.state_dir, "cni-del", full)
+    try:
+        store.path(full).unlink(missing_ok=True)
+    except (OSError, MeshError):
+        pass
+
+
+def cmd_check(conf: Conf, env: dict[str, str]) -> None:
+    need_env(env, "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
+    if conf.prev_result is None:
+        raise CniError(E_CONFIG, "CHECK needs prevResult")
+    pod = _pod(env)
+    if pod is None:
+        return
+    from meshagent.errors import MeshError
+    from meshagent.pods.kube import CniStore
+
+    full = f"{pod[0]}/{pod[1]}"
+    try:
+        record = CniStore(conf.state_dir).get(full)
+    except MeshError as exc:
+        raise CniError(E_IO, str(exc)) from None
+    if record is None or record.container_id != env["CNI_CONTAINERID"]:
+        raise CniError(E_UNKNOWN_CONTAINER, f"pod {full}: no record of this sandbox")
+    if record.netns != env["CNI_NETNS"] or not os.path.exists(record.netns):
+        raise CniError(E_UNKNOWN_CONTAINER, f"pod {full}: its network namespace changed or is gone")
+
+
+def _make_state_dir(path: Path) -> None:
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+
+
+def run(env: dict[str, str], stdin: bytes) -> tuple[int, str]:
+    """(exit status, stdout text) of one call."""
+    command = env.get("CNI_COMMAND", "")
+    version = "1.0.0"
+    try:
+        if command not in COMMANDS:
+            raise CniError(E_ENV, f"unknown CNI_COMMAND {command!r}: use {', '.join(COMMANDS)}")
+        conf = parse_conf(stdin, command)
+        version = conf.cni_version
+        if command == "VERSION":
+            return 0, json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED)})
+        if command == "ADD":
+            return 0, json.dumps(cmd_add(conf, env))
+        if command == "DEL":
+            cmd_del(conf, env)
+        else:
+            cmd_check(conf, env)
+        return 0, ""
+    except CniError as exc:
+        error = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
+        if exc.details:
+            error["details"] = exc.details
+        return 1, json.dumps(error)
+
+
+def main() -> None:
+    try:
+        stdin = sys.stdin.buffer.read()
+    except OSError as exc:
+        code, out = 1, json.dumps({"cniVersion": "1.0.0", "code": E_IO, "msg": f"stdin: {exc}"})
+    else:
+        code, out = run(dict(os.environ), stdin)
+    if out:
+        print(out)
+    if code:
+        print(f"meshagent-cni: {json.loads(out)['msg']}", file=sys.stderr)
+    sys.exit(code)

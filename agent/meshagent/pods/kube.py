@@ -1,0 +1,165 @@
+"""Kubernetes pods on this node: the records the chained CNI plugin
+(meshagent-cni) writes at ADD, and the kubelet's cgroup layout for pods
+that started before the plugin was installed.
+
+A Kubernetes pod is named NAMESPACE/NAME. Its record, state_dir/cni/
+NAMESPACE_NAME.json, says which sandbox (container id) and network
+namespace the runtime made for it, its UID and addresses, and whether the
+plugin's configuration attaches every pod (else the agent decides, from
+the pod's labels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from meshagent.errors import MeshError
+
+# DNS-1123 label (namespaces) and subdomain (pod names), as the API server checks them.
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+NAMESPACE_RE = re.compile(_LABEL)
+POD_NAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+UID_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
+CNI_DIR = "cni"
+
+
+def split_name(full: str) -> tuple[str, str]:
+    """NAMESPACE/NAME -> (namespace, name), checked as the API server would."""
+    namespace, sep, name = (full or "").partition("/")
+    if not sep or not NAMESPACE_RE.fullmatch(namespace) or len(namespace) > 63:
+        raise MeshError(f"pod {full!r}: use NAMESPACE/NAME (namespace: a DNS-1123 label)")
+    if not POD_NAME_RE.fullmatch(name) or len(name) > 253:
+        raise MeshError(f"pod {full!r}: the name is not a DNS-1123 subdomain")
+    return namespace, name
+
+
+def is_kube_name(name: str) -> bool:
+    return "/" in (name or "")
+
+
+@dataclass(frozen=True)
+class CniRecord:
+    namespace: str
+    name: str
+    uid: str
+    container_id: str
+    netns: str  # the path the runtime gave (CNI_NETNS)
+    ifname: str
+    ips: list[str] = field(default_factory=list)
+    attach: bool = False  # the plugin's config attaches every pod
+    added: float = 0.0
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CniStore:
+    """state_dir/cni/NAMESPACE_NAME.json (the '_' cannot occur in either part)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / CNI_DIR
+
+    def path(self, full: str) -> Path:
+        namespace, name = split_name(full)
+        return self.dir / f"{namespace}_{name}.json"
+
+    def get(self, full: str) -> CniRecord | None:
+        path = self.path(full)
+        try:
+            data = json.loads(path.read_text())
+            record = CniRecord(**data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            raise MeshError(f"pod {full}: its CNI record {path} is unreadable ({exc})") from None
+        if record.full_name != full:
+            raise MeshError(f"pod {full}: its CNI record {path} names {record.full_name}")
+        return record
+
+    def save(self, record: CniRecord) -> None:
+        from meshagent.pods.store import write_json
+
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(self.path(record.full_name), record.to_dict())
+
+    def drop(self, full: str, container_id: str | None = None) -> bool:
+        """Remove the record (of that sandbox only, when container_id is
+        given: a late DEL of an old sandbox leaves the new one's)."""
+        record = self.get(full)
+        if record is None:
+            return False
+        if container_id is not None and record.container_id != container_id:
+            return False
+        self.path(full).unlink(missing_ok=True)
+        return True
+
+    def all(self) -> list[CniRecord]:
+        out = []
+        if not self.dir.is_dir():
+            return out
+        for path in sorted(self.dir.glob("*.json")):
+            namespace, _, name = path.stem.partition("_")
+            try:
+                record = self.get(f"{namespace}/{name}")
+            except MeshError:
+                continue
+            if record is not None:
+                out.append(record)
+        return out
+
+
+def new_record(**fields) -> CniRecord:
+    return CniRecord(added=time.time(), **fields)
+
+
+# -- the kubelet's cgroup layout -------------------------------------------
+def cgroup_of_uid(root: Path, uid: str, max_depth: int = 6) -> Path | None:
+    """The pod's cgroup under the cgroup v2 mount: `pod<UID>` (cgroupfs
+    driver) or `*-pod<UID with _>.slice` (systemd driver), searched breadth
+    first under the kubepods trees, bounded in depth."""
+    if not UID_RE.fullmatch(uid or ""):
+        return None
+    names = {f"pod{uid}", f"pod{uid.replace('-', '_')}"}
+    level = [root]
+    for _depth in range(max_depth):  # pods may sit below another cgroup (a test's)
+        below: list[Path] = []
+        for directory in level:
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                stem = entry.name.removesuffix(".slice")
+                if stem in names or any(stem.endswith("-" + n) for n in names):
+                    return Path(entry.path)
+                below.append(Path(entry.path))
+        level = below
+    return None
+
+
+def netns_of_cgroup(cgroup_dir: Path) -> str | None:
+    """/proc/PID/ns/net of a process in the pod's cgroup or below (its
+    sandbox's pause process, or any container's)."""
+    for dirpath, _dirs, files in os.walk(cgroup_dir):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            pids = Path(dirpath, "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            path = f"/proc/{pid}/ns/net"
+            if os.path.exists(path):
+                return path
+    return None

@@ -1,0 +1,143 @@
+"""From a pod's name to its network namespace, whichever runtime made it.
+
+- `web`: a standalone pod (pods/standalone.py), netns /run/netns/mesh-web;
+- `default/web`: a Kubernetes pod: its CNI record (pods/kube.py), else the
+  kubelet's cgroup layout (the pod's UID, known from the API watch, names
+  its cgroup; a process there names the netns);
+- either name with an explicit `--netns PATH` or `--pid PID`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from meshagent.errors import MeshError
+from meshagent.host import netns as host_netns
+from meshagent.pods.kube import CniStore, cgroup_of_uid, is_kube_name, netns_of_cgroup, split_name
+from meshagent.pods.model import validate_name
+from meshagent.pods.store import PodStore
+
+# Where the pod's netns came from; kept in attached.json so a restarted
+# agent finds it again the same way.
+SOURCES = ("standalone", "cni", "cgroup", "netns", "pid")
+
+
+@dataclass(frozen=True)
+class PodRef:
+    name: str
+    netns: str  # a name under /run/netns, or an absolute path
+    source: str
+    uid: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Resolver:
+    def __init__(self, store: PodStore, uid_of: Callable[[str], str | None] | None = None) -> None:
+        self.store = store
+        self.cni = CniStore(store.state_dir)
+        self.uid_of = uid_of or (lambda _name: None)  # the API watch's view, when there is one
+
+    def get(self, name: str, netns: str | None = None, pid: int | None = None) -> PodRef:
+        ref = self._find(name, netns, pid)
+        if ref.source != "standalone":
+            not_the_hosts(ref)
+        return ref
+
+    def _find(self, name: str, netns: str | None, pid: int | None) -> PodRef:
+        check_name(name)
+        if netns and pid:
+            raise MeshError(f"pod {name}: give --netns or --pid, not both")
+        if netns:
+            return PodRef(name, check_netns_path(name, netns), "netns")
+        if pid is not None:
+            return PodRef(name, netns_of_pid(name, pid), "pid")
+        if not is_kube_name(name):
+            return PodRef(name, self.store.get(name).netns, "standalone")
+        record = self.cni.get(name)
+        if record is not None:
+            if not os.path.exists(record.netns):
+                raise MeshError(
+                    f"pod {name}: its sandbox's network namespace {record.netns} is gone"
+                )
+            return PodRef(name, record.netns, "cni", record.uid)
+        uid = self.uid_of(name)
+        if not uid:
+            raise MeshError(
+                f"pod {name}: no CNI record and no UID from the API server for it;"
+                " give --netns PATH or --pid PID"
+            )
+        from meshagent.host.cgroup import cgroup2_mount
+
+        cgroup_dir = cgroup_of_uid(cgroup2_mount(), uid)
+        path = netns_of_cgroup(cgroup_dir) if cgroup_dir is not None else None
+        if path is None:
+            where = cgroup_dir or f"pod{uid}"
+            raise MeshError(f"pod {name}: no process in its cgroup {where} names its netns")
+        return PodRef(name, path, "cgroup", uid)
+
+    def again(self, name: str, record: dict) -> PodRef:
+        """The pod of an attached.json record, found the way it was found."""
+        source = record.get("source", "standalone")
+        if source in ("netns", "pid"):
+            path = str(record.get("netns", ""))
+            if not os.path.exists(path):
+                raise MeshError(f"pod {name}: its network namespace {path} is gone")
+            ref = PodRef(name, path, source)
+            not_the_hosts(ref)
+            return ref
+        return self.get(name)
+
+    def known(self) -> list[str]:
+        """Every pod name this node has a record of (standalone and CNI)."""
+        names = [p.name for p in self.store.all()]
+        return names + [r.full_name for r in self.cni.all()]
+
+
+def check_name(name: str) -> str:
+    if is_kube_name(name):
+        split_name(name)
+    else:
+        validate_name(name)
+    return name
+
+
+def not_the_hosts(ref: PodRef) -> None:
+    """A pod in the agent's own netns (hostNetwork, or a wrong path) is
+    never attached: that would steer the node's own connections."""
+    try:
+        st = os.stat(host_netns.path(ref.netns))
+        home = os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        raise MeshError(f"pod {ref.name}: network namespace {ref.netns}: {exc.strerror}") from None
+    if (st.st_dev, st.st_ino) == (home.st_dev, home.st_ino):
+        raise MeshError(
+            f"pod {ref.name}: {ref.netns} is the node's own network namespace"
+            " (a hostNetwork pod?): not attached"
+        )
+
+
+def check_netns_path(name: str, path: str) -> str:
+    """An absolute path of a network namespace file (nsfs), or a name under /run/netns."""
+    full = Path(path) if path.startswith("/") else host_netns.path(path)
+    try:
+        st = os.stat(full)
+        home = os.stat("/proc/self/ns/net")
+    except OSError as exc:
+        raise MeshError(f"pod {name}: --netns {path}: {exc.strerror}") from None
+    if st.st_dev != home.st_dev:
+        raise MeshError(f"pod {name}: --netns {path}: not a network namespace file")
+    return str(full)
+
+
+def netns_of_pid(name: str, pid: int) -> str:
+    if pid <= 0:
+        raise MeshError(f"pod {name}: --pid {pid}: not a process id")
+    path = f"/proc/{pid}/ns/net"
+    if not os.path.exists(path):
+        raise MeshError(f"pod {name}: --pid {pid}: no such process")
+    return path
