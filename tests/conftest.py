@@ -486,3 +486,51 @@ def no_residue():
     left = {item for item in _residue() - before if any(tag in item for tag in _TAGS)}
     left |= _untagged_residue() - untagged
     assert not left, f"the test left behind: {sorted(left)}"
+
+
+# -- Kubernetes: a real API server and a containerd node (tests/helpers) --------
+sys.path.insert(0, str(TESTS / "helpers"))
+DEPLOY = TESTS.parent / "deploy"
+
+
+@pytest.fixture(scope="session")
+def kube_api():
+    """kube-apiserver v1.20.2 + etcd on 127.0.0.1 for the whole session, with
+    deploy/'s namespace and RBAC applied (the agent's identity is its
+    ServiceAccount's). Watches end every 5-10 s (--min-request-timeout), so
+    every test also exercises the watch's resumption."""
+    if not is_root():
+        pytest.skip("needs root: the API server's tests run pods through containerd")
+    from kubeapi import APISERVER, ApiServer
+
+    if not APISERVER.exists():
+        pytest.fail(f"{APISERVER} is not built: run kube/prepare (make test does)")
+    api = ApiServer(min_request_timeout=5).start()
+    try:
+        for name in ("namespace.yaml", "rbac.yaml"):
+            api.kubectl("apply", "-f", str(DEPLOY / name))
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture
+def kube_node(mesh_env):
+    """A containerd node (its own netns, CNI chain with meshagent-cni) whose
+    pods' cgroups are under mesh_env's cgroup. make(attach=...) starts it."""
+    from cri import Node
+
+    nodes = []
+
+    def make(attach: str = "all") -> Node:
+        octet = 10 + secrets.randbelow(200)
+        node = Node(mesh_env.tag, mesh_env.state_dir / "node", mesh_env.state_dir,
+                    mesh_env.cgroup_rel, f"10.251.{octet}.0/24", attach)  # fmt: skip
+        nodes.append(node)
+        return node.start()
+
+    try:
+        yield make
+    finally:
+        for node in nodes:
+            node.stop()

@@ -19,14 +19,21 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-import ssl
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _log(path: Path):
+    """A log file for a child process (the child keeps its own descriptor)."""
+    return open(path, "w")
+
+
 APISERVER = ROOT / "kube" / ".cache" / "bin" / "kube-apiserver"
 AGENT_SA = ("meshagent", "meshagent")  # namespace, name (deploy/rbac.yaml)
 
@@ -63,9 +70,9 @@ class ApiServer:
         ns, name = AGENT_SA
         (d / "tokens.csv").write_text(
             f'{self.tokens["admin"]},admin,admin,"system:masters"\n'
-            f'{self.tokens["agent"]},system:serviceaccount:{ns}:{name},agent-uid,'
+            f"{self.tokens['agent']},system:serviceaccount:{ns}:{name},agent-uid,"
             f'"system:serviceaccounts,system:serviceaccounts:{ns}"\n'
-            f'{self.tokens["nobody"]},nobody,nobody-uid\n'
+            f"{self.tokens['nobody']},nobody,nobody-uid\n"
         )
         self._start_etcd()
         self._start_api()
@@ -79,7 +86,7 @@ class ApiServer:
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"meshtest={peer}", "--log-level", "error"],
-            stdout=open(self.dir / "etcd.log", "w"), stderr=subprocess.STDOUT,
+            stdout=_log(self.dir / "etcd.log"), stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def _start_api(self) -> None:
@@ -100,7 +107,7 @@ class ApiServer:
              "--disable-admission-plugins=ServiceAccount",
              f"--min-request-timeout={self.min_request_timeout}",
              "--logtostderr", "--v=0"],
-            stdout=open(d / "apiserver.log", "w"), stderr=subprocess.STDOUT,
+            stdout=_log(d / "apiserver.log"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.wait_ready()
 
@@ -179,7 +186,9 @@ class ApiServer:
             text = resp.read().decode()
         return text if raw else json.loads(text)
 
-    def kubectl(self, *args: str, user: str = "admin", check: bool = True, stdin: str | None = None):
+    def kubectl(
+        self, *args: str, user: str = "admin", check: bool = True, stdin: str | None = None
+    ):
         proc = subprocess.run(
             ["kubectl", "--kubeconfig", str(self.kubeconfig(user)), *args],
             capture_output=True, text=True, timeout=60, input=stdin,

@@ -87,6 +87,7 @@ def register_all() -> click.Group:
     """Every command group on `cli` (the modules import only click)."""
     from meshagent.cli import (
         agent_cmds,
+        cni_cmds,
         demo_cmds,
         kernel_cmds,
         pod_cmds,
@@ -94,7 +95,8 @@ def register_all() -> click.Group:
         trace_cmds,
     )  # fmt: skip
 
-    for module in (pod_cmds, agent_cmds, kernel_cmds, trace_cmds, probe_cmds, demo_cmds):
+    for module in (pod_cmds, agent_cmds, cni_cmds, kernel_cmds, trace_cmds, probe_cmds,
+                   demo_cmds):  # fmt: skip
         module.register(cli)
     return cli
 

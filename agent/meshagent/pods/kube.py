@@ -122,6 +122,31 @@ def new_record(**fields) -> CniRecord:
 
 
 # -- the kubelet's cgroup layout -------------------------------------------
+def cgroup_roots() -> list[Path]:
+    """Where to look for the kubelet's layout: the cgroup v2 mount, then
+    the v1 hierarchies (a hybrid host's runc puts pods in both)."""
+    v2, v1 = [], []
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] == "cgroup2":
+                    v2.append(Path(parts[1]))
+                elif len(parts) >= 4 and parts[2] == "cgroup" and "pids" in parts[3].split(","):
+                    v1.append(Path(parts[1]))
+    except OSError:
+        pass
+    return v2 + v1
+
+
+def find_pod_cgroup(uid: str) -> Path | None:
+    for root in cgroup_roots():
+        found = cgroup_of_uid(root, uid)
+        if found is not None:
+            return found
+    return None
+
+
 def cgroup_of_uid(root: Path, uid: str, max_depth: int = 6) -> Path | None:
     """The pod's cgroup under the cgroup v2 mount: `pod<UID>` (cgroupfs
     driver) or `*-pod<UID with _>.slice` (systemd driver), searched breadth

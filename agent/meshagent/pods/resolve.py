@@ -16,7 +16,7 @@ from pathlib import Path
 
 from meshagent.errors import MeshError
 from meshagent.host import netns as host_netns
-from meshagent.pods.kube import CniStore, cgroup_of_uid, is_kube_name, netns_of_cgroup, split_name
+from meshagent.pods.kube import CniStore, find_pod_cgroup, is_kube_name, netns_of_cgroup, split_name
 from meshagent.pods.model import validate_name
 from meshagent.pods.store import PodStore
 
@@ -71,9 +71,7 @@ class Resolver:
                 f"pod {name}: no CNI record and no UID from the API server for it;"
                 " give --netns PATH or --pid PID"
             )
-        from meshagent.host.cgroup import cgroup2_mount
-
-        cgroup_dir = cgroup_of_uid(cgroup2_mount(), uid)
+        cgroup_dir = find_pod_cgroup(uid)
         path = netns_of_cgroup(cgroup_dir) if cgroup_dir is not None else None
         if path is None:
             where = cgroup_dir or f"pod{uid}"

@@ -11,7 +11,7 @@ out="$cache/bin/kube-apiserver"
 if [ -x "$out" ] && "$out" --version >/dev/null 2>&1; then
   exit 0
 fi
-[ "$(id -u)" = 0 ] || { echo "kube/build-apiserver: run as root (it installs golang-go)" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || { echo "kube/build-apiserver.sh: run as root (it installs golang-go)" >&2; exit 1; }
 
 need=()
 command -v go >/dev/null || need+=(golang-go)

@@ -1,0 +1,80 @@
+"""meshagent cni install | uninstall: the chained CNI plugin on a node."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from meshagent.cli import App, require_root
+from meshagent.modes import Output, values
+
+CNI_EPILOG = """\b
+Examples:
+  meshagent cni install                       # /opt/cni/bin and /etc/cni/net.d
+  meshagent cni install --attach all --exclude-namespaces kube-system,monitoring
+  meshagent cni install --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d
+  meshagent cni uninstall -o json
+"""
+
+dir_type = click.Path(path_type=Path, file_okay=False)
+
+
+@click.group(epilog=CNI_EPILOG)
+def cni() -> None:
+    """The chained CNI plugin (meshagent-cni) on this node."""
+
+
+def _dirs(fn):
+    fn = click.option("--bin-dir", type=dir_type, default=Path("/opt/cni/bin"),
+                      show_default=True, help="Where the runtime finds CNI plugins.")(fn)  # fmt: skip
+    fn = click.option("--conf-dir", type=dir_type, default=Path("/etc/cni/net.d"),
+                      show_default=True, help="The node's CNI configs.")(fn)  # fmt: skip
+    return click.option("-o", "--output", type=click.Choice(values(Output)), default="text")(fn)
+
+
+@cni.command(epilog=CNI_EPILOG)
+@_dirs
+@click.option(
+    "--attach",
+    type=click.Choice(["labelled", "all"]),
+    default="labelled",
+    show_default=True,
+    help="labelled: the agent attaches pods labelled meshagent.io/attach=true (or in a"
+    " namespace so labelled); all: every pod outside --exclude-namespaces.",
+)
+@click.option("--exclude-namespaces", default="kube-system", show_default=True,
+              help="Namespaces never attached with --attach all (comma-separated).")  # fmt: skip
+@click.pass_obj
+def install(app: App, bin_dir: Path, conf_dir: Path, output: str, attach: str,
+            exclude_namespaces: str) -> None:  # fmt: skip
+    """Put meshagent-cni in BIN_DIR and chain it into the node's first config."""
+    from meshagent.kube.install import install as do_install
+
+    require_root("meshagent cni install")
+    exclude = [n for n in exclude_namespaces.split(",") if n]
+    done = do_install(bin_dir, conf_dir, app.state_dir, attach, exclude)
+    if output == "json":
+        click.echo(json.dumps(done, indent=2))
+    else:
+        click.echo(f"meshagent-cni installed: {done['plugin']}, chained in {done['config']}")
+
+
+@cni.command(epilog=CNI_EPILOG)
+@_dirs
+def uninstall(bin_dir: Path, conf_dir: Path, output: str) -> None:
+    """Take meshagent-cni out of the node's configs and remove it."""
+    from meshagent.kube.install import uninstall as do_uninstall
+
+    require_root("meshagent cni uninstall")
+    done = do_uninstall(bin_dir, conf_dir)
+    if output == "json":
+        click.echo(json.dumps(done, indent=2))
+    else:
+        configs = ", ".join(done["configs"]) or "no config named it"
+        click.echo(f"meshagent-cni uninstalled ({configs})")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(cni)
