@@ -57,7 +57,6 @@ def settings(kubeconfig: str | None, node: str | None, mode: str) -> KubeSetting
 
 
 def make_client(cfg: KubeSettings):
-    import httpx
     from lightkube import Client, KubeConfig
 
     try:
@@ -67,7 +66,8 @@ def make_client(cfg: KubeSettings):
             config = KubeConfig.from_service_account()
     except Exception as exc:
         raise MeshError(f"kubeconfig {cfg.kubeconfig or 'in-cluster'}: {exc}") from None
-    return Client(config=config, timeout=httpx.Timeout(10.0, read=None), field_manager="meshagent")
+    # lightkube's 10 s timeouts apply to lists; a watch's read waits for events.
+    return Client(config=config, field_manager="meshagent")
 
 
 def describe(exc: BaseException) -> str:
