@@ -482,6 +482,9 @@ def run(cfg: AgentConfig) -> None:
     import gc
     import sys
 
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (BCC, ssl) leaves every thread's stack
     log.setup(cfg.log_format)
     # The loop shares the GIL with the metrics thread; when the loop wakes
     # while a scrape holds the GIL it waits up to this long (Python's

@@ -1,0 +1,82 @@
+"""deploy/ on a real API server (v1.20.2), which validates every object:
+the manifests apply, and what was stored says what the README promises
+(security context, mounts, probes, RBAC that is exactly enough)."""
+
+from __future__ import annotations
+
+from conftest import DEPLOY
+
+EXPECTED_CAPS = {"SYS_ADMIN", "NET_ADMIN", "BPF", "PERFMON", "NET_RAW", "SYS_RESOURCE",
+                 "SYS_PTRACE"}  # fmt: skip
+MOUNTS = {
+    "/sys/fs/bpf": "HostToContainer",
+    "/var/run/netns": "HostToContainer",
+    "/sys/fs/cgroup": None,
+    "/run/xtables.lock": None,
+    "/lib/modules": None,
+    "/usr/src": None,
+    "/run/meshagent": None,
+    "/host/opt/cni/bin": None,
+    "/host/etc/cni/net.d": None,
+}
+
+
+def test_the_manifests_apply_and_say_what_they_promise(kube_api):
+    for name in ("namespace.yaml", "rbac.yaml", "daemonset.yaml"):
+        kube_api.kubectl("apply", "-f", str(DEPLOY / name))
+    ds = kube_api.get("/apis/apps/v1/namespaces/meshagent/daemonsets/meshagent")
+    spec = ds["spec"]["template"]["spec"]
+    assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["serviceAccountName"] == "meshagent"
+    assert spec["terminationGracePeriodSeconds"] >= 10
+
+    (agent,) = spec["containers"]
+    ctx = agent["securityContext"]
+    assert ctx.get("privileged") is False
+    assert ctx["capabilities"]["drop"] == ["ALL"]
+    assert set(ctx["capabilities"]["add"]) == EXPECTED_CAPS
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert agent["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "--kube" in agent["command"] and "on" in agent["command"]
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    for path, propagation in MOUNTS.items():
+        assert path in mounts, path
+        if propagation:
+            assert mounts[path]["mountPropagation"] == propagation
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert all("hostPath" in volumes[m["name"]] for m in agent["volumeMounts"])
+    assert "uninstall" in agent["lifecycle"]["preStop"]["exec"]["command"]
+    (init,) = spec["initContainers"]
+    assert init["command"][:3] == ["meshagent", "cni", "install"]
+    assert init["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+    # The ServiceAccount may read pods and namespaces, and nothing else.
+    sa = "system:serviceaccount:meshagent:meshagent"
+
+    def can(verb: str, resource: str, *extra: str) -> bool:
+        out = kube_api.kubectl("auth", "can-i", verb, resource, "--as", sa, *extra, check=False)
+        return out.stdout.strip() == "yes"
+
+    for verb in ("get", "list", "watch"):
+        assert can(verb, "pods", "--all-namespaces") and can(verb, "namespaces")
+    for verb, resource in (("create", "pods"), ("patch", "pods"), ("delete", "pods"),
+                           ("list", "secrets"), ("get", "configmaps"), ("list", "nodes"),
+                           ("patch", "namespaces")):  # fmt: skip
+        assert not can(verb, resource, "--all-namespaces"), (verb, resource)
+
+
+def test_a_broken_manifest_is_refused_by_the_api_server(kube_api, tmp_path):
+    text = (DEPLOY / "daemonset.yaml").read_text().replace("mountPropagation: HostToContainer",
+                                                           "mountPropagation: Sideways", 1)  # fmt: skip
+    bad = tmp_path / "ds.yaml"
+    bad.write_text(
+        text.replace("name: meshagent\n  namespace", "name: meshagent-bad\n  namespace", 1)
+    )
+    out = kube_api.kubectl("apply", "-f", str(bad), check=False)
+    assert out.returncode != 0 and "mountPropagation" in out.stderr
+    missing = kube_api.kubectl("get", "ds", "-n", "meshagent", "meshagent-bad", check=False)
+    assert missing.returncode != 0 and "NotFound" in missing.stderr
