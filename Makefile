@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels
+.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels kube-prepare
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -17,8 +17,13 @@ demo: bootstrap
 
 test: bootstrap
 	$(if $(strip $(TEST_KERNELS)),vagrant/prepare $(TEST_KERNELS))
+	kube/prepare
 	$(PY) -m pytest tests -q
 	$(if $(strip $(TEST_KERNELS)),vagrant/test-kernels $(TEST_KERNELS))
+
+# The Kubernetes tests' parts (API server, images, CRI stubs): `make test` runs it.
+kube-prepare: bootstrap
+	kube/prepare
 
 test-kernels: bootstrap
 	vagrant/test-kernels

@@ -176,15 +176,23 @@ state = "{d}/state"
             return ""
 
     # -- CRI ----------------------------------------------------------------
-    def run_pod(self, namespace: str, name: str, uid: str | None = None) -> Sandbox:
+    def run_pod(self, namespace: str, name: str, uid: str | None = None,
+                host_network: bool = False) -> Sandbox:  # fmt: skip
+        """host_network: the node's netns (here the private node netns), no CNI."""
         pb = self.pb
         uid = uid or str(uuid.uuid4())
+        security = None
+        if host_network:
+            security = pb.LinuxSandboxSecurityContext(
+                namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.NODE)
+            )
         config = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
-            hostname=name,
+            hostname="" if host_network else name,
             log_directory=str(self.dir / "logs" / uid),
             linux=pb.LinuxPodSandboxConfig(
                 cgroup_parent=f"/{self.cgroup_rel}/kubepods/pod{uid}",
+                security_context=security,
             ),
         )
         reply = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=120)
@@ -210,6 +218,10 @@ state = "{d}/state"
             command=argv,
             log_path=f"{name}.log",
         )
+        return self.create_container(sandbox, config)
+
+    def create_container(self, sandbox: Sandbox, config) -> str:
+        pb = self.pb
         created = self.runtime.CreateContainer(
             pb.CreateContainerRequest(pod_sandbox_id=sandbox.id, config=config,
                                       sandbox_config=self._configs[sandbox.id]),

@@ -96,7 +96,6 @@ def attached(agent, full: str) -> bool:
     return agent.pod_status(full) is not None
 
 
-@pytest.mark.kernel_matrix
 def test_labels_on_pods_and_namespaces_attach_and_detach(mesh_env, kube_api, cluster):
     agent = kube_agent(mesh_env, kube_api, cluster)
     cluster.pod("web", serve=True)

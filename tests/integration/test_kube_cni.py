@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from conftest import start_agent, wait_for
+from conftest import redirect_args, start_agent, wait_for
 
 HTTP_PORT = 8080
 SERVE = [
@@ -49,8 +49,10 @@ def our_entry(node) -> dict:
 
 
 @pytest.mark.kernel_matrix
-def test_cri_pods_are_recorded_attached_and_steered_and_removal_leaves_nothing(mesh_env, kube_node):
-    agent = start_agent(mesh_env)
+def test_cri_pods_are_recorded_attached_and_steered_and_removal_leaves_nothing(
+    mesh_env, kube_node, redirect
+):
+    agent = start_agent(mesh_env, *redirect_args(*redirect))
     node = kube_node("all")
     web = node.run_pod("default", "web")
     node.run_container(web, "httpd", SERVE)
@@ -64,6 +66,7 @@ def test_cri_pods_are_recorded_attached_and_steered_and_removal_leaves_nothing(m
     wait_for(lambda: agent.pod_status("default/client") is not None, 20, "client attached")
     status = agent.pod_status("default/client")
     assert status["source"] == "cni" and status["auto"] is True
+    assert status["backend"] == redirect[0]
     before = agent.forwarded()
     assert fetch(node, sleeper, web.ip).strip() == "meshtest-ok"
     assert agent.forwarded() == before + 1
