@@ -479,10 +479,9 @@ GIL_SWITCH_SECONDS = 0.0005
 
 
 def run(cfg: AgentConfig) -> None:
+    import faulthandler
     import gc
     import sys
-
-    import faulthandler
 
     faulthandler.enable()  # a crash in native code (BCC, ssl) leaves every thread's stack
     log.setup(cfg.log_format)
