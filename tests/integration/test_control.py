@@ -28,11 +28,19 @@ MALFORMED = [
     (b'{"op": "attach", "pod": {"name": "x"}}', "'pod' must be a non-empty string"),
     (b'{"op": "attach", "pod": "client", "redirect": 7}', "'redirect' must be one of ebpf"),
     (b'{"op": "attach", "pod": "client", "redirect": "warp"}', "'redirect' must be one of"),
-    (b'{"op": "attach", "pod": "../../etc/passwd"}', "pod name"),
+    (
+        b'{"op": "attach", "pod": "../../etc/passwd"}',
+        "use NAMESPACE/NAME",
+    ),  # has a slash: a Kubernetes name
     (b'{"op": "attach", "pod": "nosuch"}', "pod nosuch: no such pod"),
     (b'{"op": "detach", "pod": 1.5}', "'pod' must be a non-empty string"),
     (b'{"op": "datapath", "set": "warp"}', "'set' must be one of sockmap"),
     (b'{"op": "datapath", "set": ["copy"]}', "'set' must be one of"),
+    (b'{"op": "attach", "pod": "default/x", "pid": "12"}', "'pid' must be an integer"),
+    (b'{"op": "attach", "pod": "default/x", "netns": 5}', "'netns' must be a non-empty string"),
+    (b'{"op": "attach", "pod": "default/x", "pid": 7, "netns": "/x"}', "not both"),
+    (b'{"op": "cni-add", "pod": "client"}', "use NAMESPACE/NAME"),
+    (b'{"op": "cni-del", "pod": "default/Bad"}', "DNS-1123"),
 ]
 
 

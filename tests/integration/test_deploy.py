@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from conftest import DEPLOY
 
-EXPECTED_CAPS = {"SYS_ADMIN", "NET_ADMIN", "BPF", "PERFMON", "NET_RAW", "SYS_RESOURCE",
-                 "SYS_PTRACE"}  # fmt: skip
+EXPECTED_CAPS = {"SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"}
 MOUNTS = {
     "/sys/fs/bpf": "HostToContainer",
     "/var/run/netns": "HostToContainer",

@@ -77,11 +77,7 @@ def test_the_image_runs_version_and_probe_kernel_with_the_daemonsets_privileges(
         mounts.append(pb.Mount(container_path=mount["mountPath"], host_path=str(own.get(host, host)),
                                readonly=bool(mount.get("readOnly")), propagation=propagation))  # fmt: skip
     caps = container["securityContext"]["capabilities"]
-    # This machine's own bounding set lacks CAP_SYS_RESOURCE (only needed on
-    # kernels < 5.11): a container cannot be given what its runtime lacks.
-    lacking = [c for c in caps["add"] if not _in_bounding_set(c)]
-    assert set(lacking) <= {"SYS_RESOURCE"}, lacking
-    caps = {**caps, "add": [c for c in caps["add"] if c not in lacking]}
+    assert all(_in_bounding_set(c) for c in caps["add"]), caps
     sandbox = node.run_pod("meshagent", "meshagent-xyz", host_network=True)
     config = pb.ContainerConfig(
         metadata=pb.ContainerMetadata(name="agent", attempt=0),
