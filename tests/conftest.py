@@ -427,6 +427,11 @@ def _residue() -> set[str]:
         found |= {f"cgroup {p.name}" for p in root.iterdir() if p.name.startswith("meshtest-")}
     except Exception:
         pass
+    for line in Path("/proc/mounts").read_text().splitlines():  # runc's v1 cgroups (hybrid)
+        fields = line.split()
+        if fields[2] == "cgroup" and Path(fields[1]).is_dir():
+            found |= {f"cgroup v1 {p}" for p in Path(fields[1]).iterdir()
+                      if p.name.startswith("meshtest-")}  # fmt: skip
     pinned = Path("/sys/fs/bpf/meshagent")
     if pinned.is_dir():
         found |= {f"pinned {pinned / p.name}" for p in pinned.iterdir()}
@@ -455,6 +460,11 @@ def _untagged_residue() -> set[str]:
             continue
         if CHAIN in out:
             found.add(f"iptables chain {CHAIN} in the host's namespace ({tool})")
+    netns_dir = Path("/run/netns")  # the runtime's pod namespaces (tests/helpers/cri.py)
+    if netns_dir.is_dir():
+        found |= {f"netns {p}" for p in os.listdir(netns_dir) if p.startswith("cni-")}
+    if Path("/run/containerd").exists():
+        found.add("/run/containerd (the test node's shims)")
     port = f"{AgentConfig().port:04X}"
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:

@@ -388,7 +388,7 @@ class Attachments:
         try:
             pod = self.resolver.again(name, record)
         except MeshError as exc:
-            return f"the pod is gone ({exc})", None
+            return f"the pod was deleted ({exc})", None
         try:
             st = os.stat(netns.path(pod.netns))
         except OSError:

@@ -61,7 +61,7 @@ def start(agent, request) -> dict:
     pods = _cookies(agent) if kernel else {}
     cookie = 0
     if pod is not None:
-        agent.store.get(pod)
+        agent.pods.resolver.get(pod)  # unknown pod: say so
         cookie = next((c for c, name in pods.items() if name == pod), 0)
         if kernel and not cookie:
             raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
@@ -87,15 +87,20 @@ def start(agent, request) -> dict:
 
 
 def _cookies(agent) -> dict[int, str]:
-    """netns cookie -> pod name, for every pod on the node (kernel 5.14+)."""
+    """netns cookie -> pod name, for every pod on the node (kernel 5.14+):
+    standalone pods, Kubernetes pods with a CNI record, and whatever else
+    is attached (found by its cgroup, --pid or --netns)."""
     out = {}
-    for pod in agent.store.all():
+    places = [(p.name, p.netns) for p in agent.store.all()]
+    places += [(r.full_name, r.netns) for r in agent.pods.resolver.cni.all()]
+    places += [(e.handle.name, e.handle.netns_name) for e in agent.pods.attached()]
+    for name, where in places:
         try:
-            fd = netns.open_fd(pod.netns)
+            fd = netns.open_fd(where)
         except MeshError:
             continue
         try:
-            out[netns.cookie(fd)] = pod.name
+            out[netns.cookie(fd)] = name
         except (OSError, MeshError):
             pass
         finally:

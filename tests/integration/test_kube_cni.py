@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -68,8 +69,25 @@ def test_cri_pods_are_recorded_attached_and_steered_and_removal_leaves_nothing(
     assert status["source"] == "cni" and status["auto"] is True
     assert status["backend"] == redirect[0]
     before = agent.forwarded()
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "meshagent", "trace", "-o", "json", "--pod", "default/client",
+         "--seconds", "6"],
+        env=mesh_env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    mesh_env.procs.append(tracer)
+    wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
     assert fetch(node, sleeper, web.ip).strip() == "meshtest-ok"
     assert agent.forwarded() == before + 1
+    out, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    closed = [e for e in events if e["source"] == "forwarder" and e["event"] == "closed"]
+    assert [(e["pod"], e["orig_dst"]) for e in closed] == [
+        ("default/client", f"{web.ip}:{HTTP_PORT}")
+    ]
+    if redirect[0] == "ebpf":  # kernel events name the pod by its netns cookie
+        steered = [e for e in events if e["source"] == "kernel" and e["event"] == "steered"]
+        assert [e["pod"] for e in steered] == ["default/client"]
 
     # CHECK as the runtime would call it: the record matches the sandbox.
     env = {"CNI_COMMAND": "CHECK", "CNI_CONTAINERID": client.id, "CNI_NETNS": client.netns,

@@ -182,28 +182,23 @@ class ApiWatch:
             self._set_state(kind, "watching")
             if kind == "pods":
                 name, view = _pod_name(obj), _pod_view(obj)
-                self.loop.post(lambda e=event, n=name, v=view: self._pod_event(e, n, v))
+                self.loop.post(lambda e=event, n=name, v=view: self._event(kind, e, n, v))
             else:
                 name, labels = obj.metadata.name, dict(obj.metadata.labels or {})
-                self.loop.post(lambda e=event, n=name, v=labels: self._ns_event(e, n, v))
+                self.loop.post(lambda e=event, n=name, v=labels: self._event(kind, e, n, v))
 
-    def _pod_event(self, event: str, name: str, view: PodView) -> None:
-        if "pods" in self.listed:
+    def _event(self, kind: str, event: str, name: str, view) -> None:
+        """One watch event, on the loop: kept in the listing, then acted on
+        once both kinds have been listed."""
+        listed = self.listed.get(kind)
+        if listed is not None:
             if event == "DELETED":
-                self.listed["pods"].pop(name, None)
+                listed.pop(name, None)
             else:
-                self.listed["pods"][name] = view
+                listed[name] = view
         if len(self.listed) == 2:
-            self.kube.pod_event(event, name, view)
-
-    def _ns_event(self, event: str, name: str, labels: dict) -> None:
-        if "namespaces" in self.listed:
-            if event == "DELETED":
-                self.listed["namespaces"].pop(name, None)
-            else:
-                self.listed["namespaces"][name] = labels
-        if len(self.listed) == 2:
-            self.kube.namespace_event(event, name, labels)
+            act = self.kube.pod_event if kind == "pods" else self.kube.namespace_event
+            act(event, name, view)
 
 
 def _pod_name(pod) -> str:
