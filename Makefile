@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels kube-prepare
+.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels kube-prepare bench-profile
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -44,6 +44,11 @@ bench-scrape: bootstrap
 
 soak: bootstrap
 	$(PY) bench/soak.py
+
+# Where the cycles go: perf (whole machine) and py-spy (the agent) under redis load.
+bench-profile: bootstrap
+	scripts/bootstrap bench
+	$(PY) bench/profile.py
 
 bench-footprint: bootstrap
 	$(PY) bench/footprint.py
