@@ -14,8 +14,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from conftest import redirect_args, start_agent, wait_for
 
 HTTP_PORT = 8080
@@ -49,7 +47,6 @@ def our_entry(node) -> dict:
     return conf["plugins"][-1]
 
 
-@pytest.mark.kernel_matrix
 def test_cri_pods_are_recorded_attached_and_steered_and_removal_leaves_nothing(
     mesh_env, kube_node, redirect
 ):
