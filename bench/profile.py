@@ -74,21 +74,21 @@ def python_table(raw: Path) -> list[str]:
         leaves[leaf] += int(count)
         total += int(count)
     rows = [f"{n / total * 100:5.1f}%  {leaf}" for leaf, n in leaves.most_common(TOP)]
-    return [f"py-spy: {total} samples of the agent's threads (self time, idle included)", *rows]
+    return [f"py-spy: {total} samples of the agent's threads while running (self time)", *rows]
 
 
 def perf_table(data: Path) -> list[str]:
-    out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
-                          "--sort", "comm,sym", "--percent-limit", "0.7"],
+    out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "-g",
+                          "none", "--sort", "comm,dso,sym", "--percent-limit", "0.7"],
                          capture_output=True, text=True, timeout=300).stdout  # fmt: skip
     rows = [line.rstrip() for line in out.splitlines() if line.strip() and not line.startswith("#")]
     by_comm = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
-                              "--sort", "comm", "--percent-limit", "1"],
+                              "-g", "none", "--sort", "comm", "--percent-limit", "1"],
                              capture_output=True, text=True, timeout=300).stdout  # fmt: skip
     comms = [line.rstrip() for line in by_comm.splitlines()
              if line.strip() and not line.startswith("#")]  # fmt: skip
     return ["perf: whole machine, by process", *comms, "", "perf: by process and symbol",
-            *rows[:TOP * 2]]  # fmt: skip
+            *rows[:TOP]]  # fmt: skip
 
 
 def main() -> int:
@@ -120,7 +120,7 @@ def main() -> int:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         spying = subprocess.Popen([str(spy), "record", "--pid", str(agent.proc.pid), "--format",
                                    "raw", "--rate", "250", "--duration", str(int(SECONDS)),
-                                   "--nonblocking", "--threads", "--idle", "-o", str(raw)],
+                                   "--nonblocking", "--threads", "-o", str(raw)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         made = load(env, client, server.ip4, deadline)
         perf.wait(timeout=SECONDS + 60)

@@ -98,6 +98,7 @@ class ApiWatch:
         self.relists = 0
         self.resumes = 0
         self.client = make_client(cfg)
+        _warm_decoders()
 
     def start(self) -> None:
         for kind in ("pods", "namespaces"):
@@ -199,6 +200,22 @@ class ApiWatch:
         if len(self.listed) == 2:
             act = self.kube.pod_event if kind == "pods" else self.kube.namespace_event
             act(event, name, view)
+
+
+def _warm_decoders() -> None:
+    """lightkube decodes with msgspec, which builds a type's decoder on its
+    first use; two threads building them at once crashed the agent
+    (SIGSEGV in msgspec, twice in 25 starts here). Build them all now, in
+    one thread, before the watch threads start."""
+    from lightkube.core import decoders
+    from lightkube.resources.core_v1 import Namespace, Pod
+
+    empty = b'{"metadata": {"resourceVersion": "1"}, "items": []}'
+    for res in (Pod, Namespace):
+        decoders.decode_list(empty, res)
+        decoders.decode_object(b'{"metadata": {"name": "x"}}', res)
+    decoders.decode_watch_event(b'{"type": "ADDED", "object": {}}')
+    decoders.decode_status(b'{"code": 410}')
 
 
 def _pod_name(pod) -> str:
