@@ -61,6 +61,32 @@ def load(env, pod, target: str, deadline: float) -> int:
     return made
 
 
+def count_syscalls(env, pod, target: str, pid: int, workdir: Path) -> list[str]:
+    """The agent's system calls per connection (strace -c, after the
+    sampled part: strace slows what it watches)."""
+    out = workdir / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(out)],
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.0)
+    conns = 2000
+    env.popen(pod, ["redis-benchmark", "-h", target, "-p", str(REDIS_PORT), "-t", "get", "-n",
+                    str(conns), "-c", "20", "-k", "0" if WORKLOAD == "conn" else "1", "-q"],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=120)  # fmt: skip
+    time.sleep(0.5)
+    tracer.send_signal(2)
+    tracer.wait(timeout=30)
+    rows = []
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            rows.append((int(fields[3]), fields[-1]))
+    rows.sort(reverse=True)
+    per = [f"{n / conns:6.1f}  {name}" for n, name in rows if n / conns >= 0.5]
+    total = sum(n for n, _ in rows) / conns
+    return [f"strace: the agent's system calls per request ({conns} requests;"
+            f" {total:.0f} in all, every thread)", *per]  # fmt: skip
+
+
 def python_table(raw: Path) -> list[str]:
     """Self samples per leaf function (py-spy --format raw: collapsed stacks)."""
     leaves: collections.Counter[str] = collections.Counter()
@@ -95,7 +121,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("profile: run as root (make bench-profile)", file=sys.stderr)
         return 1
-    for tool in ("perf", "redis-server", "redis-benchmark"):
+    for tool in ("perf", "strace", "redis-server", "redis-benchmark"):
         if not shutil.which(tool):
             print(f"profile: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
             return 1
@@ -125,12 +151,14 @@ def main() -> int:
         made = load(env, client, server.ip4, deadline)
         perf.wait(timeout=SECONDS + 60)
         spying.wait(timeout=SECONDS + 60)
+        syscalls = count_syscalls(env, client, server.ip4, agent.proc.pid, workdir)
         status = agent.request("status")
         lines = [f"profile: redis GET, {'a connection per request' if WORKLOAD == 'conn' else 'keep-alive'},"
                  f" 20 clients, datapath {DATAPATH}, {SECONDS:.0f} s, {made} requests,"
                  f" kernel {status['kernel']}, {os.cpu_count()} CPUs", ""]  # fmt: skip
         lines += [*perf_table(perf_data), ""]
         lines += python_table(raw) if raw.exists() else ["py-spy: no samples"]
+        lines += ["", *syscalls]
         text = "\n".join(lines) + "\n"
         print(text)
         out = ROOT / "bench" / "results" / f"profile-{WORKLOAD}-{DATAPATH}.txt"
