@@ -27,6 +27,18 @@ from meshagent.modes import DataPathMode
 DEADLINE = 20.0
 
 
+Y_CLAIMS_WRONG: list[tuple[int, bool]] = []
+
+
+@pytest.fixture(autouse=True)
+def y_claims_right():
+    """SockmapMaps deletes a socket's Y entry only when the relay says it
+    stored one: the claim must match what was stored."""
+    Y_CLAIMS_WRONG.clear()
+    yield
+    assert not Y_CLAIMS_WRONG
+
+
 class FakeMaps:
     """SockmapMaps without a kernel: X = what Python stored as Y plus what
     still waits in the socket's receive queue."""
@@ -53,8 +65,10 @@ class FakeMaps:
     def store_y(self, cookie: int, y: int) -> None:
         self.y[cookie] = y
 
-    def forget(self, cookie: int) -> None:
+    def forget(self, cookie: int, y_stored: bool = False) -> None:
         self.forgotten.append(cookie)
+        if y_stored != (cookie in self.y):  # the relay must know whether it stored Y
+            Y_CLAIMS_WRONG.append((cookie, y_stored))
 
     def flush(self) -> None:
         pass

@@ -369,7 +369,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             reset_close(side.sock)
-            self.maps.forget(side.cookie)
+            self.maps.forget(side.cookie, y_stored=side.sent_y > 0)
         self.on_done(self, reason)
 
     def finish(self, reason: str | None) -> None:
@@ -378,7 +378,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             side.sock.close()  # leaves the sockhash with the socket
-            self.maps.forget(side.cookie)
+            self.maps.forget(side.cookie, y_stored=side.sent_y > 0)
         self.on_done(self, reason)
 
 

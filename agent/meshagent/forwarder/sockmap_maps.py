@@ -24,6 +24,9 @@ class SockmapMaps:
         self.sent = loaded.map(abi.SENT)
         self._loaded = loaded
         self.doomed: list[int] = []
+        # Y entries exist only where Python stored one: a short connection
+        # never does, and a batch delete costs a syscall per missing key.
+        self.doomed_y: list[int] = []
         # Sockets this forwarder put into the sockhash and has not yet
         # forgotten (each is closed before it is forgotten, and a closed
         # socket leaves the sockhash). The kernel cannot count a sockhash
@@ -55,9 +58,12 @@ class SockmapMaps:
     def store_y(self, cookie: int, y: int) -> None:
         self.sent.update_u64(cookie, y)
 
-    def forget(self, cookie: int) -> None:
+    def forget(self, cookie: int, y_stored: bool = False) -> None:
+        """y_stored: a Y entry was stored for this socket (store_y)."""
         self.entered -= 1
         self.doomed.append(cookie)
+        if y_stored:
+            self.doomed_y.append(cookie)
         if len(self.doomed) >= self.FLUSH_AT:
             self.flush()
 
@@ -66,8 +72,11 @@ class SockmapMaps:
         if not self.doomed:
             return
         doomed, self.doomed = self.doomed, []
-        for table in (self.peer, self.passed, self.sent):
+        doomed_y, self.doomed_y = self.doomed_y, []
+        for table in (self.peer, self.passed):
             table.delete_many_u64(doomed)
+        if doomed_y:
+            self.sent.delete_many_u64(doomed_y)
 
     def redirect_failures(self) -> int:
         """The verdict's redirect_failed counter (all CPUs)."""
