@@ -136,15 +136,22 @@ def test_map_entries_and_fds_match_the_kernel(mesh_env):
         assert holder.stdout.readline().strip() == "held"
         wait_for(lambda: agent.pod_status("client")["connections_active"] == 40, 30, "40 conns")
 
+        seen: list = []
+
         def agree(expected: int):
             kernel = agent.request("status")["map_entries"]["mesh_sockhash"]
             now = samples(addr)
             scraped = value(now, "meshagent_bpf_map_entries", map="mesh_sockhash")
             fds = len(list(Path(f"/proc/{agent.proc.pid}/fd").iterdir()))
+            seen[:] = [("walked", kernel), ("scraped", scraped), ("expected", expected),
+                       ("fds", fds), ("scraped fds", value(now, "meshagent_process_open_fds"))]  # fmt: skip
             ok = kernel == scraped == expected
             return ok and abs(value(now, "meshagent_process_open_fds") - fds) <= 2
 
-        wait_for(lambda: agree(80), 30, "80 sockhash entries, scraped and walked alike")
+        try:
+            wait_for(lambda: agree(80), 30, "80 sockhash entries, scraped and walked alike")
+        except AssertionError as exc:  # say which part disagreed
+            raise AssertionError(f"{exc}: last seen {seen}") from None
         holder.stdin.close()
         holder.wait(30)
         wait_for(lambda: agree(0), 30, "an empty sockhash, scraped and walked alike")
