@@ -74,8 +74,12 @@ class ApiServer:
             f'"system:serviceaccounts,system:serviceaccounts:{ns}"\n'
             f"{self.tokens['nobody']},nobody,nobody-uid\n"
         )
-        self._start_etcd()
-        self._start_api()
+        try:
+            self._start_etcd()
+            self._start_api()
+        except BaseException:
+            self.stop()  # etcd, and whatever else started, goes with a failed start
+            raise
         return self
 
     def _start_etcd(self) -> None:
