@@ -4,7 +4,9 @@
  * 4-tuple map, keyed by (netns cookie, client address, client port), so the
  * forwarder finds it from the accepted socket's peer; when the client socket
  * closes, move it to mesh_orig_cls (the forwarder may not have accepted it).
- * Must never: affect a socket that was not steered (it only reads maps).
+ * With the sk_msg path on, a steered socket also enters mesh_apphash at
+ * established (see sk_msg.c).
+ * Must never: affect a socket that was not steered.
  * Minimum kernel: 5.15 (bpf_get_netns_cookie in sock_ops programs). */
 #include "include/maps.h"
 #include "include/metrics.h"
@@ -34,6 +36,35 @@ static __always_inline void mesh_client_key(struct bpf_sock_ops *skops,
 	key->port = (__u16)skops->local_port;
 }
 
+/* The sk_msg path (sk_msg.c): the pod's socket into mesh_apphash with a
+ * fresh P, and whatever target a socket of the same tuple left is gone. */
+static __always_inline void mesh_msg_enter(struct bpf_sock_ops *skops, struct mesh_tuple *key,
+					   struct mesh_orig *orig)
+{
+#if MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS
+	__u32 on_idx = MESH_STATE_MSG_ON;
+	struct mesh_msg_pass pass = {};
+	__u64 cookie = orig->cookie, *on;
+	long err;
+
+	on = mesh_state.lookup(&on_idx);
+	if (!on || !*on)
+		return;
+	mesh_msg_tgt.delete(key);
+	pass.app = cookie;
+	if (mesh_msg_pass.update(key, &pass))
+		return;
+	/* A statement of its own: BCC's rewrite of this call ends in ';'. */
+	err = mesh_apphash.sock_hash_update(skops, &cookie, BPF_ANY);
+	if (err) {
+		mesh_msg_pass.delete(key);
+		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
+		return;
+	}
+	orig->flags |= MESH_ORIG_APP;
+#endif
+}
+
 static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 {
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
@@ -50,6 +81,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	mesh_orig_sk.delete(&cookie);
 	key.netns = orig.netns;
 	mesh_client_key(skops, &key);
+	orig.cookie = cookie;
+	mesh_msg_enter(skops, &key, &orig);
 	if (mesh_orig_tup.update(&key, &orig)) {
 		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
 		return;
@@ -78,6 +111,8 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 	if (!found)
 		return;
 	orig = *found;
+	mesh_msg_pass.delete(&key);  /* the sk_msg path's state of this socket */
+	mesh_msg_tgt.delete(&key);
 	mesh_orig_cls.update(&key, &orig);  /* the forwarder may not have accepted yet */
 	if (mesh_orig_tup.delete(&key))
 		return;

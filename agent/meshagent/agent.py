@@ -112,7 +112,8 @@ class Agent:
         )
 
         def paths(loop: Loop):
-            return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf)
+            msg = self.plan.msg and self.cfg.sockmap_msg
+            return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf, msg)
 
         mode = self._choose_datapath(paths)
         self.forwarder = Forwarder(

@@ -33,6 +33,7 @@ class AgentConfig:
     log_format: LogFormat = LogFormat.TEXT
     datapath: DataPathChoice = DataPathChoice.AUTO
     sockmap_sndbuf: int = 8 << 20  # send buffer of spliced sockets; 0: kernel autotuning
+    sockmap_msg: bool = True  # the sockmap path uses sk_msg for ebpf pods where it can
     redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
     iptables: IptablesFlavour | None = None  # None: detect

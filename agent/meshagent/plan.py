@@ -36,6 +36,11 @@ class Plan:
     def sockmap(self) -> bool:
         return any(program.role is Role.VERDICT for program in self.programs)
 
+    @property
+    def msg(self) -> bool:
+        """The sockmap path may use sk_msg (bpf/sk_msg.c) for ebpf pods."""
+        return any(program.role is Role.MSG for program in self.programs)
+
     def to_dict(self) -> dict:
         return {
             "backend": self.backend.value if self.backend else None,
@@ -128,6 +133,14 @@ def plan(probe: Probe, config) -> Plan:
     # whatever the agent started with.
     if not sockmap_why:
         programs += by_role(Role.VERDICT)
+        # The sk_msg fast path needs the pods' sockets from sock_ops: ebpf only.
+        msg_why = probe.missing(("sock_hash_update_sock_ops",)) or [
+            problem for p in by_role(Role.MSG) if (problem := probe.program_problem(p))
+        ]
+        if hooks and not msg_why:
+            programs += by_role(Role.MSG)
+        elif hooks:
+            notes.append(f"no sk_msg fast path: {msg_why[0]}")
 
     datapaths, datapath_reason, datapath_error = _datapaths(probe, config, sockmap_why)
     optional = sorted({f for p in programs for f in p.optional if probe.has(f)})

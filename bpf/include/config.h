@@ -38,6 +38,11 @@
 #define MESH_HAVE_CURRENT_TASK_SOCK_ADDR 0
 #endif
 
+/* Kernel capability: sock_ops may call bpf_sock_hash_update (the sk_msg path). */
+#ifndef MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS
+#define MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS 0
+#endif
+
 /* Capacity of the excluded port and CIDR maps. */
 #ifndef MESH_EXCL_MAX
 #define MESH_EXCL_MAX 256

@@ -24,10 +24,14 @@ struct mesh_pod {
 struct mesh_orig {
 	struct mesh_addr addr;  /* destination address */
 	__u16 port;             /* destination port, host order */
-	__u16 pad;
+	__u16 flags;            /* MESH_ORIG_* (set by sock_ops) */
 	__u32 pod_id;
 	__u64 netns;            /* netns cookie of the pod */
+	__u64 cookie;           /* the pod's socket (set by sock_ops) */
 };
+
+/* mesh_orig.flags: the pod's socket entered mesh_apphash (the sk_msg path). */
+#define MESH_ORIG_APP 1
 
 /* Key of mesh_orig_tup: the client end of a steered connection, as the
  * forwarder sees it from the accepted socket's peer. */
@@ -89,6 +93,7 @@ BPF_ARRAY(mesh_state, __u64, 4);
 BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX * MESH_DIR_MAX);
 
 #define MESH_STATE_TUP_LIVE 0
+#define MESH_STATE_MSG_ON 1  /* != 0: sock_ops puts pods' sockets into mesh_apphash */
 
 /* [0]: the tracer's wishes; the ring buffer it reads. */
 BPF_ARRAY(mesh_trace, struct mesh_trace_cfg, 1);
@@ -104,5 +109,26 @@ BPF_SOCKHASH(mesh_sockhash, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_peer, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);
+/* The sk_msg path (sk_msg.c). A steered connection's pod socket A enters
+ * mesh_apphash at established (sock_ops, while mesh_state[MSG_ON]); its
+ * sendmsg is then redirected straight to the upstream socket's egress once
+ * Python has sent on every byte A passed before (P == the accepted
+ * socket's Y). Keyed by A's client tuple (what an sk_msg program can
+ * compute); P is made at established, and both tuple maps lose A's
+ * entries when it closes. */
+struct mesh_msg_pass {
+	__u64 passed;           /* P: bytes A's sendmsg passed to its own TCP */
+	__u64 app;              /* A's cookie: which socket this P counts */
+};
+
+struct mesh_msg_tgt {
+	__u64 upstream;         /* cookie of the upstream socket (mesh_sockhash) */
+	__u64 via;              /* cookie of the accepted socket: its Y in mesh_sent */
+	__u64 app;              /* A's cookie, as Python read it from mesh_orig */
+};
+
+BPF_SOCKHASH(mesh_apphash, __u64, MESH_CONNS_MAX);
+BPF_TABLE("lru_hash", struct mesh_tuple, struct mesh_msg_pass, mesh_msg_pass, MESH_CONNS_MAX);
+BPF_TABLE("lru_hash", struct mesh_tuple, struct mesh_msg_tgt, mesh_msg_tgt, MESH_CONNS_MAX);
 
 #endif /* MESH_MAPS_H */

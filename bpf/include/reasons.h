@@ -23,7 +23,9 @@
 #define MESH_REASON_UNTRACKED    16  /* verdict: socket has no counters, passed */
 #define MESH_REASON_OWN_SOCKET   17  /* the forwarder's own upstream (its cookie in mesh_own) */
 
-#define MESH_REASON_MAX          18  /* one past the last reason */
+#define MESH_REASON_MSG_SPLICED  18  /* sk_msg: a pod's send went straight upstream */
+
+#define MESH_REASON_MAX          19  /* one past the last reason */
 
 #define MESH_DIR_EGRESS 0
 #define MESH_DIR_INGRESS 1

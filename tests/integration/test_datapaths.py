@@ -1,5 +1,6 @@
-"""Every data path (sockmap, splice, copy), in pods, through the real
-redirect: the hand-off under load, half-close, resets, no leftovers."""
+"""Every data path (sockmap with and without sk_msg, splice, copy), in
+pods, through the real redirect: the hand-off under load, half-close,
+resets, no leftovers."""
 
 from __future__ import annotations
 
@@ -8,19 +9,25 @@ import json
 import pytest
 
 from conftest import start_agent, wait_for
+from meshagent.bpf.features import version
 
 PORT = 9100
 MB = 1024 * 1024
-DATAPATHS = ("sockmap", "splice", "copy")
+DATAPATHS = ("sockmap", "sockmap-nomsg", "splice", "copy")
 
 
 @pytest.fixture(params=DATAPATHS)
 def path_agent(request, mesh_env):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
-    agent = start_agent(mesh_env, "--datapath", request.param)
+    datapath, _, nomsg = request.param.partition("-")
+    agent = start_agent(mesh_env, "--datapath", datapath, *(["--no-sockmap-msg"] if nomsg else []))
     agent.attach(client)
-    assert agent.request("status")["datapath"] == request.param
+    status = agent.request("status")
+    assert status["datapath"] == datapath
+    if datapath == "sockmap":
+        # sk_msg wherever the kernel has it (5.15+), unless turned off.
+        assert status["datapaths"]["sockmap"]["msg"] == (not nomsg and version() >= (5, 15))
     try:
         yield agent, client, server
     finally:
@@ -57,7 +64,10 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
         got = by_server[conn_id]
         assert "recv_error" not in sent and "recv_error" not in got, (sent, got)
         assert got["recv_sha"] == sent["sent_sha"], f"pod->server bytes differ on {conn_id}"
-        assert sent["recv_sha"] == got["sent_sha"], f"server->pod bytes differ on {conn_id}"
+        assert sent["recv_sha"] == got["sent_sha"], (
+            f"server->pod bytes differ on {conn_id}: {sent['recv_bytes']} received,"
+            f" {got['sent_bytes']} sent"
+        )
     status = agent.request("status")
     path = status["datapaths"][status["datapath"]]
     assert path["connections_total"] == conns - path.get("fallbacks", 0)
@@ -65,6 +75,8 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
     if status["datapath"] == "sockmap":
         # The kernel carried the payload; Python only the hand-off.
         assert status["decisions"]["spliced"]["egress"] > 0
+        if path["msg"]:  # the pod's sends went straight upstream
+            assert status["decisions"]["msg_spliced"]["egress"] > 0
         assert path["handoff_bytes"] < path["bytes"] / 2, path
     wait_for(lambda: drained(agent), what="map entries to go")
 

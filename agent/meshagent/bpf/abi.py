@@ -35,8 +35,9 @@ FD = struct.Struct("=i")  # a sockhash value: the socket's fd (BCC defines it as
 
 # struct mesh_pod { u32 pod_id; u16 port; u16 flags; }
 POD = struct.Struct("=IHH")
-# struct mesh_orig { mesh_addr addr; u16 port; u16 pad; u32 pod_id; u64 netns; }
-ORIG = struct.Struct("=16sHHIQ")
+# struct mesh_orig { mesh_addr addr; u16 port; u16 flags; u32 pod_id; u64 netns; u64 cookie; }
+ORIG = struct.Struct("=16sHHIQQ")
+ORIG_APP = 1  # MESH_ORIG_APP: the pod's socket is in mesh_apphash
 # struct mesh_tuple { u64 netns; mesh_addr addr; u16 port; u16 pad1; u32 pad2; }
 TUPLE = struct.Struct("=Q16sHHI")
 # struct mesh_lpm_key { u32 prefixlen; mesh_addr addr; }
@@ -62,17 +63,24 @@ PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
 OWN = MapSpec("mesh_own", U64, BYTE)
+# struct mesh_msg_pass { u64 passed, app; }; struct mesh_msg_tgt { u64 upstream, via, app; }
+MSG_PASS_VALUE = struct.Struct("=QQ")
+MSG_TGT_VALUE = struct.Struct("=QQQ")
+APPHASH = MapSpec("mesh_apphash", U64, FD)
+MSG_PASS = MapSpec("mesh_msg_pass", TUPLE, MSG_PASS_VALUE)
+MSG_TGT = MapSpec("mesh_msg_tgt", TUPLE, MSG_TGT_VALUE)
 TRACE = MapSpec("mesh_trace", U32, TRACE_CFG)
 EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
-    SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS,
+    SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
 # mesh_state indexes.
 STATE_TUP_LIVE = 0
+STATE_MSG_ON = 1
 
 # mesh_event kinds (MESH_EV_* in trace.h).
 EVENT_KINDS = {1: "connect", 2: "established", 3: "closed"}
@@ -97,6 +105,7 @@ REASONS = (
     "redirect_failed",
     "untracked",
     "own_socket",
+    "msg_spliced",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 DIRECTIONS = ("egress", "ingress")
@@ -148,8 +157,14 @@ def client_key(netns_cookie: int, client_ip: str, client_port: int) -> bytes:
 
 def orig_dst(value: bytes) -> tuple[str, int]:
     """(address, port) from a mesh_orig value."""
-    addr, port, _pad, _pod_id, _netns = ORIG.unpack(value)
+    addr, port, _flags, _pod_id, _netns, _cookie = ORIG.unpack(value)
     return from_addr16(addr), port
+
+
+def orig_app(value: bytes) -> int | None:
+    """The pod socket's cookie, if sock_ops put it into mesh_apphash."""
+    _addr, _port, flags, _pod_id, _netns, cookie = ORIG.unpack(value)
+    return cookie if flags & ORIG_APP else None
 
 
 def decode_event(raw: bytes) -> dict:

@@ -237,6 +237,8 @@ class Loaded:
             counted.append(abi.ORIG_TUP)
         if "mesh_verdict" in self.programs:
             counted += [abi.SOCKHASH, abi.PEER, abi.PASSED, abi.SENT]
+        if "mesh_msg" in self.programs:
+            counted += [abi.APPHASH, abi.MSG_PASS, abi.MSG_TGT]
         return {
             "programs": [n for n in PROGRAM_FILES if n in self.links or n in self.programs],
             "decisions": self.metrics(),
@@ -276,12 +278,12 @@ def attach(
                 loaded.links[name] = link
                 stack.callback(os.close, link)
             else:
-                sockhash = maps[abi.SOCKHASH.name].fd
+                target = maps[program.target].fd
                 try:
-                    sc.prog_attach(prog_fd, sockhash, program.attach_type)  # replaces any
+                    sc.prog_attach(prog_fd, target, program.attach_type)  # replaces any
                 except OSError as exc:
                     raise MeshError(
-                        f"cannot attach {name} to the sockhash: {exc.strerror}"
+                        f"cannot attach {name} to {program.target}: {exc.strerror}"
                     ) from None
                 loaded.programs[name] = prog_fd
         if pins is not None:

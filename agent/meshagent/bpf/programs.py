@@ -97,6 +97,20 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         " probed present on 5.10 in a VM, earlier releases not checked)",
         "cgroup_sock_addr", ("bpf_get_current_pid_tgid", "bpf_get_current_comm"),
     ),
+    KernelFeature("sk_msg", Kind.PROG, (4, 17), "sk_msg programs"),
+    KernelFeature(
+        "netns_cookie_sk_msg", Kind.HELPER, (5, 15), "bpf_get_netns_cookie in sk_msg programs",
+        "sk_msg", ("bpf_get_netns_cookie",),
+    ),
+    KernelFeature(
+        "msg_redirect_hash", Kind.HELPER, (4, 18), "bpf_msg_redirect_hash in sk_msg programs",
+        "sk_msg", ("bpf_msg_redirect_hash",),
+    ),
+    KernelFeature(
+        "sock_hash_update_sock_ops", Kind.HELPER, (4, 18),
+        "bpf_sock_hash_update in sock_ops programs (the sk_msg path)",
+        "sock_ops", ("bpf_sock_hash_update",),
+    ),
     KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
     KernelFeature("bpf_link", Kind.ATTACH, (5, 7), "BPF links for cgroup programs"),
     KernelFeature("getpeername_hooks", Kind.ATTACH, (5, 8), "cgroup getpeername hooks"),
@@ -113,6 +127,8 @@ HELPER_IDS = {
     "bpf_get_current_comm": 16,
     "bpf_get_socket_cookie": 46,
     "bpf_sock_ops_cb_flags_set": 59,
+    "bpf_sock_hash_update": 70,
+    "bpf_msg_redirect_hash": 71,
     "bpf_sk_redirect_hash": 72,
     "bpf_sk_lookup_tcp": 84,
     "bpf_sk_release": 86,
@@ -129,6 +145,7 @@ class Role(StrEnum):
     REDIRECT = "redirect"  # the ebpf backend: all of these, or none
     PEERNAME = "peername"  # optional: applications see their original peer
     VERDICT = "verdict"  # the sockmap data path
+    MSG = "msg"  # optional: the sockmap path's sk_msg fast path (ebpf backend only)
 
 
 @dataclass(frozen=True)
@@ -140,6 +157,7 @@ class Program:
     role: Role
     needs: tuple[str, ...]  # KERNEL_FEATURES names
     optional: tuple[str, ...] = ()  # used where present: -DMESH_HAVE_<NAME>=1
+    target: str = "mesh_sockhash"  # a non-cgroup program: the map it attaches to
 
     @property
     def min_kernel(self) -> Version:
@@ -179,7 +197,8 @@ PROGRAMS: tuple[Program, ...] = (
             Role.REDIRECT, _CONNECT_NEEDS, ("current_task_sock_addr",)),
     Program("mesh_sockops", "sockops.c", "sock_ops", sc.BPF_CGROUP_SOCK_OPS, Role.REDIRECT,
             ("sock_ops", "netns_cookie_sock_ops", "socket_cookie_sock_ops", "sock_ops_cb_flags",
-             "lru_hash", "percpu_array", "ringbuf", "ringbuf_sock_ops", "bpf_link")),
+             "lru_hash", "percpu_array", "ringbuf", "ringbuf_sock_ops", "bpf_link"),
+            ("sock_hash_update_sock_ops",)),
     Program("mesh_getpeer4", "getpeername4.c", "cgroup_sock_addr",
             sc.BPF_CGROUP_INET4_GETPEERNAME, Role.PEERNAME, _PEERNAME_NEEDS),
     Program("mesh_getpeer6", "getpeername6.c", "cgroup_sock_addr",
@@ -187,6 +206,9 @@ PROGRAMS: tuple[Program, ...] = (
     Program("mesh_verdict", "skb_verdict.c", "sk_skb", sc.BPF_SK_SKB_STREAM_VERDICT, Role.VERDICT,
             ("sk_skb", "sockhash", "socket_cookie_sk_skb", "sk_redirect_hash", "atomic_fetch",
              "percpu_array")),
+    Program("mesh_msg", "sk_msg.c", "sk_msg", sc.BPF_SK_MSG_VERDICT, Role.MSG,
+            ("sk_msg", "sockhash", "netns_cookie_sk_msg", "msg_redirect_hash", "atomic_fetch",
+             "lru_hash", "percpu_array"), target="mesh_apphash"),
 )  # fmt: skip
 PROGRAMS_BY_NAME = {program.name: program for program in PROGRAMS}
 PROGRAM_FILES = {program.name: program.file for program in PROGRAMS}

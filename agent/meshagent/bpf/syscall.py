@@ -56,11 +56,12 @@ MAP_TYPES = {
 }
 PERCPU_MAP_TYPES = (5, 6, 10)  # percpu_hash, percpu_array, lru_percpu_hash
 # enum bpf_prog_type
-PROG_TYPES = {"sock_ops": 13, "sk_skb": 14, "cgroup_sock_addr": 18}
+PROG_TYPES = {"sock_ops": 13, "sk_skb": 14, "sk_msg": 16, "cgroup_sock_addr": 18}
 
 # enum bpf_attach_type
 BPF_CGROUP_SOCK_OPS = 3
 BPF_SK_SKB_STREAM_VERDICT = 5
+BPF_SK_MSG_VERDICT = 7
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_INET4_GETPEERNAME = 29

@@ -66,6 +66,14 @@ Examples:
     help="Send buffer (bytes) of spliced sockets; 0 leaves it to the kernel.",
 )
 @click.option(
+    "--sockmap-msg/--no-sockmap-msg",
+    envvar="MESHAGENT_SOCKMAP_MSG",
+    default=True,
+    show_default=True,
+    help="On the sockmap path, send ebpf pods' bytes straight to the upstream with sk_msg"
+    " and put replies straight into their sockets (kernel 5.15+).",
+)
+@click.option(
     "--takeover",
     is_flag=True,
     help="Upgrade in place: receive the running agent's pods, listeners and forwarded"
@@ -106,6 +114,7 @@ def run(
     iptables_flavour: str | None,
     datapath: str,
     sockmap_sndbuf: int,
+    sockmap_msg: bool,
     takeover: bool,
     kube: str,
     kubeconfig: str | None,
@@ -136,6 +145,7 @@ def run(
         metrics_addr=metrics_addr,
         datapath=datapath,
         sockmap_sndbuf=sockmap_sndbuf,
+        sockmap_msg=sockmap_msg,
         redirect=redirect,
         without=tuple(without),
         iptables=iptables_flavour,

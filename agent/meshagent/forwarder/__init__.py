@@ -15,15 +15,17 @@ from meshagent.modes import DataPathMode
 
 
 def build_paths(
-    loop: Loop, modes: tuple[DataPathMode, ...], maps: SockmapMaps | None, sndbuf: int = 0
+    loop: Loop, modes: tuple[DataPathMode, ...], maps: SockmapMaps | None, sndbuf: int = 0,
+    msg: bool = False,
 ) -> dict[DataPathMode, DataPath]:
-    """One object per data path in modes (copy always: it is the fallback)."""
+    """One object per data path in modes (copy always: it is the fallback);
+    msg: the sockmap path uses sk_msg where sock_ops gave the pod's socket."""
     copy = CopyPath(loop)
     paths: dict[DataPathMode, DataPath] = {DataPathMode.COPY: copy}
     if DataPathMode.SPLICE in modes:
         paths[DataPathMode.SPLICE] = SplicePath(loop)
     if DataPathMode.SOCKMAP in modes and maps is not None:
-        paths[DataPathMode.SOCKMAP] = SockmapPath(loop, maps, copy, sndbuf)
+        paths[DataPathMode.SOCKMAP] = SockmapPath(loop, maps, copy, sndbuf, msg)
     return paths
 
 

@@ -67,11 +67,14 @@ class Forwarder:
         self.log = log.get()
         for path in paths.values():
             path.on_stall = self._stalled
+        paths[mode].selected(True)
 
     def set_mode(self, mode: DataPathMode) -> None:
         if mode not in self.paths:
             raise MeshError(f"data path {mode} is not available on this agent (see status)")
+        self.paths[self.mode].selected(False)
         self.mode = mode
+        self.paths[mode].selected(True)
 
     # -- listeners ---------------------------------------------------------
     def open_pod(self, name: str, netns_fd: int, steering: Steering) -> PodSlot:
@@ -220,7 +223,7 @@ class Forwarder:
             self._emit("refused", slot.name, conn, None, "no_orig_dst")
             reset_close(client)
             return
-        orig_ip, orig_port = orig
+        orig_ip, orig_port = orig.ip, orig.port
         if ipaddress.ip_address(orig_ip).is_loopback:
             # Neither backend steers loopback destinations: this is a direct
             # connection to the listener (SO_ORIGINAL_DST reports the listener
@@ -243,7 +246,7 @@ class Forwarder:
         self.fds_in_use += record.fds
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
-        state = path.accepted(client)
+        state = path.accepted(client, orig.app)
         family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
         try:
             upstream = netns.socket_in(slot.netns_fd, family)

@@ -65,9 +65,14 @@ class DataPath(ABC):
         self.stats = DataPathStats()
         self.on_stall: Callable[[Connection], None] = lambda _conn: None
 
-    def accepted(self, client: socket.socket) -> Any:
-        """Called right after accept; what it returns goes to join()/abandon()."""
+    def accepted(self, client: socket.socket, app: Any = None) -> Any:
+        """Called right after accept; what it returns goes to join()/abandon().
+        app: the pod's own socket (redirect.AppSocket) where sock_ops put it
+        into mesh_apphash, else None."""
         return None
+
+    def selected(self, on: bool) -> None:  # noqa: B027 (most paths keep nothing)
+        """New connections now take this path (on) or another one (off)."""
 
     @abstractmethod
     def join(

@@ -8,6 +8,17 @@ Y = bytes Python read from S and fully sent on (Python writes). The verdict
 redirects only while its X-before-add equals Y, so bytes Python forwards
 are never overtaken. Python drains S until X == Y, read after storing Y;
 then the kernel carries the rest and Python watches S only for RDHUP/ERR.
+
+With sk_msg (bpf/sk_msg.c), where sock_ops put the pod's own socket A into
+mesh_apphash: A's sends go straight into the upstream socket's send queue,
+in A's own context, once Python has sent on all A passed before (A's P
+equals the accepted socket's Y). The accepted socket then has no peer:
+whatever still reaches it, Python carries (it stays watched for EPOLLIN).
+Replies are spliced upstream -> accepted socket as without sk_msg.
+(Replies put straight into A's receive queue were faster, but a redirect
+into a queue goes through the psock worker, and nothing tells Python when
+the worker is done: A's FIN could overtake the last bytes. The 200-
+connection digest test caught exactly that.)
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.host.loop import Loop, Timer
 from meshagent.host.sockets import socket_cookie
 from meshagent.modes import DataPathMode
+from meshagent.redirect import AppSocket
 
 SO_SNDBUFFORCE = 32
 EPOLLIN = select.EPOLLIN
@@ -99,7 +111,7 @@ class SockmapRelay:
 
     mode = DataPathMode.SOCKMAP
     # Thousands live at once: no per-instance dict (memory per connection).
-    __slots__ = ("_final", "backoff", "client", "closed", "closed_by", "loop", "maps",
+    __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
                  "on_done", "on_stall", "progress_at", "stalled", "timer",
                  "upstream")  # fmt: skip
 
@@ -113,8 +125,10 @@ class SockmapRelay:
         upstream_cookie: int,
         on_done: Done,
         on_stall: Callable[[SockmapRelay], None],
+        app: AppSocket | None = None,
     ) -> None:
         self.loop = loop
+        self.app = app  # the sk_msg path: the pod's own socket
         self.maps = maps
         self.client = Side(client, client_cookie, active=False)
         self.upstream = Side(upstream, upstream_cookie, active=True)
@@ -139,14 +153,25 @@ class SockmapRelay:
         """Set the peers (the kernel may redirect from now on) and begin.
         Raises OSError when the peer map is full even after a flush: the
         caller then copies this pair in userspace."""
-        self.maps.set_peers(self.client.cookie, self.upstream.cookie)
+        if self.app is not None:
+            self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
+        else:
+            self.maps.set_peers(self.client.cookie, self.upstream.cookie)
         for side in (self.client, self.upstream):
             self._register(side)
         self._progress()
 
     @property
     def bytes_out(self) -> int:
-        return self._bytes(self.client) if not self.closed else self._final[0]
+        if self.closed:
+            return self._final[0]
+        if self.app is None:
+            return self._bytes(self.client)
+        try:  # A's redirected sends never pass the accepted socket
+            fin = 1 if self.client.fin_sent_on else 0
+            return max(0, self.upstream.data_sent() - fin)
+        except OSError:
+            return 0
 
     @property
     def bytes_in(self) -> int:
@@ -167,13 +192,18 @@ class SockmapRelay:
     # -- events ------------------------------------------------------------
     def _mask(self, side: Side) -> int:
         mask = 0
-        if not side.handed_off and not side.pending:
+        if (not side.handed_off or self._carries(side)) and not side.pending:
             mask |= EPOLLIN
         if side.peer.pending:
             mask |= EPOLLOUT
         if not side.eof:
             mask |= EPOLLRDHUP
         return mask
+
+    def _carries(self, side: Side) -> bool:
+        """With sk_msg, the accepted socket has no peer: Python carries
+        whatever reaches it, so it stays watched for EPOLLIN."""
+        return self.app is not None and side is self.client
 
     def _register(self, side: Side) -> None:
         self.loop.add(side.sock.fileno(), self._mask(side), side.on_events)
@@ -186,6 +216,8 @@ class SockmapRelay:
             err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self.abort(side, OSError(err, "socket error"))
             return
+        if events & EPOLLIN:
+            side.handed_off = False  # bytes Python must carry (sk_msg: the accepted socket)
         if events & EPOLLRDHUP:
             self._eof(side)
         if events & EPOLLHUP:
@@ -241,6 +273,7 @@ class SockmapRelay:
                 if side.pending:
                     return False
                 side.pending = b""
+            if side.sent_y != side.read_total:
                 self._store_y(side)
             data = recv_scratch(side.sock)
             if data:
@@ -259,7 +292,7 @@ class SockmapRelay:
             return self._waiting(side)  # a claim in flight: X briefly > Y
 
     def _store_y(self, side: Side) -> None:
-        side.sent_y = side.read_total - len(side.pending)
+        side.sent_y = side.read_total  # all read was fully sent on
         self.maps.store_y(side.cookie, side.sent_y)
 
     def _waiting(self, side: Side) -> bool:
@@ -308,6 +341,7 @@ class SockmapRelay:
         state = {
             "kind": "sockmap",
             "closed_by": self.closed_by,
+            "app": [self.app.key.hex(), self.app.cookie] if self.app is not None else None,
             "client": {k: getattr(self.client, k) for k in self.SIDE_STATE},
             "upstream": {k: getattr(self.upstream, k) for k in self.SIDE_STATE},
         }
@@ -334,8 +368,10 @@ class SockmapRelay:
     ) -> SockmapRelay:  # fmt: skip
         """A pair taken over: both sockets are in the (pinned) sockhash and
         their peers are set; pick the hand-off up where it was."""
+        app = state.get("app")
         relay = cls(loop, maps, client, state["client"]["cookie"], upstream,
-                    state["upstream"]["cookie"], on_done, on_stall)  # fmt: skip
+                    state["upstream"]["cookie"], on_done, on_stall,
+                    AppSocket(bytes.fromhex(app[0]), app[1]) if app else None)  # fmt: skip
         for side, saved, pending in ((relay.client, state["client"], blobs[0]),
                                      (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
             for key in cls.SIDE_STATE:
@@ -390,9 +426,12 @@ class SockmapPath(DataPath):
 
     mode = DataPathMode.SOCKMAP
 
-    def __init__(self, loop: Loop, maps: SockmapMaps, fallback: DataPath, sndbuf: int = 0) -> None:
+    def __init__(
+        self, loop: Loop, maps: SockmapMaps, fallback: DataPath, sndbuf: int = 0, msg: bool = False
+    ) -> None:
         super().__init__(loop)
         self.maps = maps
+        self.msg = msg  # use sk_msg where sock_ops gave the pod's socket
         self.fallback = fallback
         self.sndbuf = sndbuf
         self.relays: set[SockmapRelay] = set()
@@ -412,14 +451,22 @@ class SockmapPath(DataPath):
             return None
         return cookie
 
-    def accepted(self, client: socket.socket) -> int | None:
-        return self._enter(client)
+    def accepted(self, client: socket.socket, app: AppSocket | None = None):
+        cookie = self._enter(client)
+        if app is not None and self.msg and cookie is not None:
+            return (cookie, app)
+        return cookie
 
-    def abandon(self, state: int | None) -> None:
-        if state is not None:
-            self.maps.forget(state)
+    def selected(self, on: bool) -> None:
+        self.maps.msg_on(on and self.msg)
 
-    def join(self, client, upstream, state: int | None, on_done: Done):
+    def abandon(self, state) -> None:
+        cookie, _app = state if isinstance(state, tuple) else (state, None)
+        if cookie is not None:
+            self.maps.forget(cookie)
+
+    def join(self, client, upstream, state, on_done: Done):
+        state, app = state if isinstance(state, tuple) else (state, None)
         cookies = [state]
         if state is not None:
             cookies.append(self._enter(upstream))
@@ -427,7 +474,7 @@ class SockmapPath(DataPath):
             return self._copy(client, upstream, cookies, on_done)
         relay = SockmapRelay(
             self.loop, self.maps, client, cookies[0], upstream, cookies[1],
-            self._counted(self._untrack(on_done)), self._stalled,
+            self._counted(self._untrack(on_done)), self._stalled, app,
         )  # fmt: skip
         try:
             self.relays.add(relay)
@@ -481,6 +528,9 @@ class SockmapPath(DataPath):
 
     def map_entries(self) -> dict[str, int]:
         return {abi.SOCKHASH.name: self.maps.entered}
+
+    def snapshot(self) -> dict:
+        return {**super().snapshot(), "msg": self.msg}
 
     def tick(self) -> None:
         """Delete finished connections' entries; if a verdict redirect failed

@@ -22,6 +22,8 @@ class SockmapMaps:
         self.peer = loaded.map(abi.PEER)
         self.passed = loaded.map(abi.PASSED)
         self.sent = loaded.map(abi.SENT)
+        self.msg_tgt = loaded.map(abi.MSG_TGT)
+        self.state = loaded.map(abi.STATE)
         self._loaded = loaded
         self.doomed: list[int] = []
         # Y entries exist only where Python stored one: a short connection
@@ -51,6 +53,27 @@ class SockmapMaps:
                 if attempt == 2:
                     raise
                 self.flush()  # finished connections' entries make room
+
+    def set_msg(self, accepted: int, upstream: int, app_key: bytes, app: int) -> None:
+        """The sk_msg path for one connection: the pod's socket `app` sends
+        straight to `upstream` once Python caught up (the accepted socket's
+        Y); replies are spliced from upstream to the accepted socket as
+        usual. The accepted socket gets no peer: what reaches it, Python
+        carries (a verdict redirect would be queued to a worker, and A's
+        direct sends could overtake it)."""
+        self.msg_tgt.update(app_key, abi.MSG_TGT_VALUE.pack(upstream, accepted, app))
+        for attempt in (1, 2):
+            try:
+                self.peer.update_u64(upstream, accepted)
+                return
+            except OSError:
+                if attempt == 2:
+                    raise
+                self.flush()
+
+    def msg_on(self, on: bool) -> None:
+        """Whether sock_ops puts pods' new sockets into mesh_apphash."""
+        self.state.update(abi.U32.pack(abi.STATE_MSG_ON), abi.U64.pack(1 if on else 0))
 
     def x(self, cookie: int) -> int:
         return self.passed.lookup_u64(cookie) or 0

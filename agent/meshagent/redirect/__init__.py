@@ -10,15 +10,31 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from meshagent.modes import Backend as BackendName
+
+
+class AppSocket(NamedTuple):
+    """The pod's own socket of a steered connection, where sock_ops put it
+    into mesh_apphash (the sk_msg path): its tuple key and its cookie."""
+
+    key: bytes
+    cookie: int
+
+
+class Orig(NamedTuple):
+    """Where an accepted connection was going, and its pod socket if known."""
+
+    ip: str
+    port: int
+    app: AppSocket | None = None
 
 
 class Steering(Protocol):
     """One attached pod's redirect, as the forwarder uses it."""
 
-    def orig_dst(self, sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
+    def orig_dst(self, sock: socket.socket, ip: str, port: int) -> Orig | None:
         """Where the accepted connection from (ip, port) was going."""
         ...
 

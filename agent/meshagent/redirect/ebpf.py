@@ -13,7 +13,7 @@ from meshagent.bpf.loader import Loaded
 from meshagent.errors import MeshError
 from meshagent.host.sockets import socket_cookie
 from meshagent.modes import Backend
-from meshagent.redirect import PodHandle
+from meshagent.redirect import AppSocket, Orig, PodHandle
 
 _ONE = abi.BYTE.pack(1)
 
@@ -96,14 +96,17 @@ class EbpfSteering:
         self.pod = pod
         self.cookie = pod.netns_cookie
 
-    def orig_dst(self, _sock: socket.socket, ip: str, port: int) -> tuple[str, int] | None:
+    def orig_dst(self, _sock: socket.socket, ip: str, port: int) -> Orig | None:
         key = abi.client_key(self.cookie, ip, port)
         raw = self.backend.orig_tup.lookup(key)
         if raw is None:  # the client closed before we accepted: its entry moved
             raw = self.backend.orig_cls.lookup(key)
-            if raw is not None:
-                self.backend.orig_cls.delete(key)
-        return abi.orig_dst(raw) if raw is not None else None
+            if raw is None:
+                return None
+            self.backend.orig_cls.delete(key)
+            return Orig(*abi.orig_dst(raw))  # closed: no sk_msg path for it
+        app = abi.orig_app(raw)
+        return Orig(*abi.orig_dst(raw), AppSocket(key, app) if app is not None else None)
 
     def prepare_upstream(self, sock: socket.socket) -> None:
         """The connect hook passes sockets whose cookie is in mesh_own (and

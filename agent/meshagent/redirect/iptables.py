@@ -19,7 +19,7 @@ from pathlib import Path
 from meshagent.errors import MeshError
 from meshagent.host import netns
 from meshagent.modes import Backend, IptablesFlavour, values
-from meshagent.redirect import PodHandle
+from meshagent.redirect import Orig, PodHandle
 from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
 
 FLAVOURS = tuple(values(IptablesFlavour))
@@ -184,8 +184,9 @@ class IptablesSteering:
     def __init__(self, skip_mark: int) -> None:
         self.skip_mark = skip_mark
 
-    def orig_dst(self, sock: socket.socket, _ip: str, _port: int) -> tuple[str, int] | None:
-        return original_dst(sock)
+    def orig_dst(self, sock: socket.socket, _ip: str, _port: int) -> Orig | None:
+        found = original_dst(sock)
+        return Orig(*found) if found is not None else None
 
     def prepare_upstream(self, sock: socket.socket) -> None:
         """The nat rules RETURN on the skip mark. A pod with CAP_NET_ADMIN
