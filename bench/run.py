@@ -6,7 +6,8 @@ Paths: `direct` (pod `plain`, never attached, to pod `server`), `haproxy`
 (`plain` to HAProxy at its defaults, threads = CPUs, in pod `proxy`),
 `haproxy-splice` (the same with `option splice-auto`, pod `proxys`), and
 meshagent's data paths (pod `client`, attached, to `server`; the data path
-is switched with `datapath set` before each measurement).
+is switched with `datapath set` before each measurement): sockmap (with
+the sk_msg fast path where the kernel has it), sockmap-nomsg, splice, copy.
 
 Workloads: iperf3 bulk (1 and 4 streams, with whole-machine CPU per GB),
 request/response with bench/rr.c (1 B and 1 KiB, p50 latency), new
@@ -19,6 +20,8 @@ Writes bench/results/latest.json (every sample) and latest.png (the
 ratios), prints the table and puts it in the README between the bench
 markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
 BENCH_SECONDS (default 2) set the rounds and the length of each timed run.
+For a quick look (never written to the README): BENCH_PATHS (e.g.
+"direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis).
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ from conftest import MeshEnv, make_env, start_agent, wait_for  # noqa: E402
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
 RR_PORT, IPERF_PORT, REDIS_PORT = 7000, 5201, 6379
-MESH_PATHS = ("sockmap", "splice", "copy")
+MESH_PATHS = ("sockmap", "sockmap-nomsg", "splice", "copy")
+ONLY_PATHS = [p for p in os.environ.get("BENCH_PATHS", "").split(",") if p]
+WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", "bulk,rr,redis").split(",") if w]
+PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != {"bulk", "rr", "redis"}
 RESULTS = ROOT / "bench" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -309,6 +315,7 @@ def main() -> int:
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         agent = start_agent(env, "--datapath", "copy")
         agent.attach(client)
+        msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]
         time.sleep(1.0)
         paths = {
             "direct": (plain, server.ip4, None),
@@ -316,6 +323,8 @@ def main() -> int:
             "haproxy-splice": (plain, proxys.ip4, None),
             **{f"meshagent {p}": (client, server.ip4, p) for p in MESH_PATHS},
         }
+        if ONLY_PATHS:
+            paths = {name: paths[name] for name in ("direct", "haproxy", *ONLY_PATHS)}
         samples: dict[str, list[dict]] = {name: [] for name in paths}
         order = list(paths)
         started = time.monotonic()
@@ -324,10 +333,16 @@ def main() -> int:
             for name in order:
                 pod, target, datapath = paths[name]
                 if datapath:
-                    agent.request("datapath", set=datapath)
-                figures = {**bulk(env, pod, target, 1), **bulk(env, pod, target, 4)}
-                figures.update(rr(env, pod, rr_bin, target))
-                figures.update(redis(env, pod, target))
+                    mode, _, nomsg = datapath.partition("-")
+                    extra = {"msg": not nomsg} if mode == "sockmap" and msg_ok else {}
+                    agent.request("datapath", set=mode, **extra)
+                figures = {}
+                if "bulk" in WORKLOADS:
+                    figures.update({**bulk(env, pod, target, 1), **bulk(env, pod, target, 4)})
+                if "rr" in WORKLOADS:
+                    figures.update(rr(env, pod, rr_bin, target))
+                if "redis" in WORKLOADS:
+                    figures.update(redis(env, pod, target))
                 samples[name].append(figures)
                 if datapath:
                     wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, 60,
@@ -346,14 +361,16 @@ def main() -> int:
         }
         summary = summarise(samples)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "latest.json").write_text(
+        name = "partial" if PARTIAL else "latest"  # a quick look keeps the last full run
+        (RESULTS / f"{name}.json").write_text(
             json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n"
         )
         text = table(summary, meta)
-        if plot(summary, RESULTS / "latest.png"):
+        if not PARTIAL and plot(summary, RESULTS / "latest.png"):
             text += "\n\n![ratios to direct](bench/results/latest.png)"
         print(text)
-        update_readme(text)
+        if not PARTIAL:
+            update_readme(text)
         return 0
     finally:
         if agent is not None:

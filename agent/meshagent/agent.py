@@ -329,7 +329,17 @@ class Agent:
         self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
-    def set_datapath(self, mode: DataPathMode) -> dict:
+    def set_datapath(self, mode: DataPathMode, msg: bool | None = None) -> dict:
+        if msg is not None:
+            sockmap = self.forwarder.paths.get(DataPathMode.SOCKMAP)
+            if mode is not DataPathMode.SOCKMAP or sockmap is None:
+                raise MeshError("--msg/--no-msg: only with `datapath set sockmap`")
+            if msg and not self.plan.msg:
+                raise MeshError(
+                    "--msg: this agent has no sk_msg path (ebpf backend, kernel 5.15+;"
+                    " see `meshagent probe-kernel`)"
+                )
+            sockmap.msg = msg
         self.forwarder.set_mode(mode)
         self.datapath_reason = "set while running (`meshagent datapath set`)"
         self.log.info(f"data path {mode} for new connections", extra={"reason": "datapath set"})
@@ -445,8 +455,9 @@ class Agent:
             return takeover.serve(self, request)
         if op == "datapath":
             mode = request.choice("set", DataPathMode, optional=True)
+            msg = request.optional_bool("msg")
             if mode is not None:
-                return self.set_datapath(mode)
+                return self.set_datapath(mode, msg)
             return {"datapath": self.forwarder.mode.value, "reason": self.datapath_reason}
         raise MeshError(f"unknown request {op!r}")
 

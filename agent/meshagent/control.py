@@ -53,6 +53,12 @@ class Request:
             raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be an integer")
         return value
 
+    def optional_bool(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be true or false")
+        return value
+
     def choice(self, key: str, enum, optional: bool = False):
         value = self.data.get(key)
         if value is None and optional:

@@ -300,15 +300,26 @@ def datapath(ctx: click.Context, output: str) -> None:
         click.echo(f"{reply['datapath']}: {reply['reason']}")
 
 
-@datapath.command(name="set", epilog="\b\nExample:\n  meshagent datapath set splice")
+@datapath.command(
+    name="set",
+    epilog="\b\nExamples:\n  meshagent datapath set splice\n"
+    "  meshagent datapath set sockmap --no-msg",
+)
 @click.argument("mode", type=click.Choice(values(DataPathMode)))
+@click.option(
+    "--msg/--no-msg",
+    default=None,
+    help="sockmap only: the sk_msg fast path for pods' sends on or off (default: unchanged).",
+)
 @click.pass_obj
-def datapath_set(app: App, mode: str) -> None:
+def datapath_set(app: App, mode: str, msg: bool | None) -> None:
     """Use MODE for new connections; open ones keep theirs."""
     from meshagent import control
 
-    control.request(app.socket_path, "datapath", set=mode)
-    click.echo(f"data path {mode} for new connections")
+    extra = {} if msg is None else {"msg": msg}
+    control.request(app.socket_path, "datapath", set=mode, **extra)
+    note = "" if msg is None else f" (sk_msg {'on' if msg else 'off'})"
+    click.echo(f"data path {mode} for new connections{note}")
 
 
 @click.command(epilog="\b\nExamples:\n  meshagent cleanup\n  meshagent cleanup --cache -o json")
