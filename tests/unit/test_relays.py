@@ -81,11 +81,14 @@ class Pair:
     """app_client -> [fwd_client | data path | fwd_up] -> app_server."""
 
     def __init__(
-        self, mode: DataPathMode, maps: FakeMaps | None = None, early: bytes = b""
-    ) -> None:
+        self, mode: DataPathMode, maps: FakeMaps | None = None, early: bytes = b"",
+        copy_first: bool = True,
+    ) -> None:  # fmt: skip
         self.loop = Loop()
         self.maps = maps or FakeMaps()
         self.path = build_paths(self.loop, tuple(DataPathMode), self.maps)[mode]
+        if mode is DataPathMode.SOCKMAP:
+            self.path.copy_first = copy_first
         front = socket.create_server(("127.0.0.1", 0))
         back = socket.create_server(("127.0.0.1", 0))
         self.app_client = socket.create_connection(front.getsockname())
@@ -243,7 +246,7 @@ def test_back_pressure_and_eagain_keep_every_byte(pair):
 def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
     maps = FakeMaps()
     maps.peer_map_full = True
-    pair = Pair(DataPathMode.SOCKMAP, maps)
+    pair = Pair(DataPathMode.SOCKMAP, maps, copy_first=False)
     try:
         cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
         pair.app_client.sendall(b"x" * 1000)
@@ -260,7 +263,7 @@ def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
 
 
 def test_sockmap_forgets_both_cookies_when_done():
-    pair = Pair(DataPathMode.SOCKMAP)
+    pair = Pair(DataPathMode.SOCKMAP, copy_first=False)
     try:
         cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
         pair.join()
@@ -268,6 +271,64 @@ def test_sockmap_forgets_both_cookies_when_done():
         pair.app_client.shutdown(socket.SHUT_WR)
         pair.app_server.shutdown(socket.SHUT_WR)
         pair.run_until(lambda: pair.reason, "both half-closes")
+        assert pair.reason == [None]
+        assert set(pair.maps.forgotten) == cookies
+    finally:
+        pair.close()
+
+
+def test_a_short_sockmap_connection_never_touches_the_maps():
+    """One request, one reply: the connection stays on its copy phase."""
+    pair = Pair(DataPathMode.SOCKMAP)
+    try:
+        pair.join()
+        pair.app_client.sendall(b"GET key\r\n")
+        pair.app_client.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_server, pair) == b"GET key\r\n"
+        pair.app_server.sendall(b"$5\r\nvalue\r\n")
+        pair.app_server.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_client, pair) == b"$5\r\nvalue\r\n"
+        pair.run_until(lambda: pair.reason, "the connection to finish")
+        assert pair.reason == [None]
+        assert pair.conn.mode is DataPathMode.SOCKMAP
+        assert not pair.maps.socks and not pair.maps.peers and not pair.maps.forgotten
+    finally:
+        pair.close()
+
+
+def test_a_long_sockmap_connection_moves_from_copy_to_the_sockmap():
+    """Many small exchanges: after UPGRADE_READS events the pair enters the
+    sockhash between two exchanges (nothing held), and ends like any
+    sockmap pair. (The fake has no redirect: what the kernel carries after
+    the move is for tests/integration/test_datapaths.py.)"""
+    from meshagent.forwarder.sockmap import UPGRADE_READS, SockmapRelay
+
+    pair = Pair(DataPathMode.SOCKMAP)
+    try:
+        cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
+        pair.join()
+
+        def readable(sock: socket.socket) -> bool:
+            try:
+                return bool(sock.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+            except BlockingIOError:
+                return False
+
+        for i in range(UPGRADE_READS):
+            if isinstance(pair.conn.inner, SockmapRelay):
+                break
+            pair.app_client.sendall(b"ping %d\n" % i)
+            pair.run_until(lambda: readable(pair.app_server), "a ping")
+            assert pair.app_server.recv(64) == b"ping %d\n" % i
+            pair.app_server.sendall(b"pong\n")
+            pair.run_until(lambda: readable(pair.app_client), "a pong")
+            assert pair.app_client.recv(64) == b"pong\n"
+        assert isinstance(pair.conn.inner, SockmapRelay)
+        assert set(pair.maps.peers) == cookies
+        assert pair.conn.bytes_out == len(b"".join(b"ping %d\n" % n for n in range(i)))
+        pair.app_client.shutdown(socket.SHUT_WR)
+        pair.app_server.shutdown(socket.SHUT_WR)
+        pair.run_until(lambda: pair.reason, "the connection to finish")
         assert pair.reason == [None]
         assert set(pair.maps.forgotten) == cookies
     finally:

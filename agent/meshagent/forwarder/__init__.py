@@ -15,7 +15,10 @@ from meshagent.modes import DataPathMode
 
 
 def build_paths(
-    loop: Loop, modes: tuple[DataPathMode, ...], maps: SockmapMaps | None, sndbuf: int = 0,
+    loop: Loop,
+    modes: tuple[DataPathMode, ...],
+    maps: SockmapMaps | None,
+    sndbuf: int = 0,
     msg: bool = False,
 ) -> dict[DataPathMode, DataPath]:
     """One object per data path in modes (copy always: it is the fallback);

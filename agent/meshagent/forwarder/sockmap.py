@@ -15,6 +15,13 @@ in A's own context, once Python has sent on all A passed before (A's P
 equals the accepted socket's Y). The accepted socket then has no peer:
 whatever still reaches it, Python carries (it stays watched for EPOLLIN).
 Replies are spliced upstream -> accepted socket as without sk_msg.
+
+Short connections never pay for any of this: a connection starts on the
+copy relay and moves to the sockmap (CopyFirst) only after UPGRADE_READS
+reads or UPGRADE_BYTES bytes, at a moment when Python holds no bytes in
+either direction. Bytes already queued then pass the verdict in order on
+the first recv() after the insert. A connection that carries one request
+and one reply costs no map work at all.
 (Replies put straight into A's receive queue were faster, but a redirect
 into a queue goes through the psock worker, and nothing tells Python when
 the worker is done: A's FIN could overtake the last bytes. The 200-
@@ -32,7 +39,7 @@ import time
 from collections.abc import Callable
 
 from meshagent.bpf import abi
-from meshagent.forwarder.copy import recv_scratch, reset_close
+from meshagent.forwarder.copy import Relay, recv_scratch, reset_close
 from meshagent.forwarder.datapath import DataPath, Done
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.host.loop import Loop, Timer
@@ -41,6 +48,8 @@ from meshagent.modes import DataPathMode
 from meshagent.redirect import AppSocket
 
 SO_SNDBUFFORCE = 32
+UPGRADE_READS = 32  # reads (both ways) before a connection moves to the sockmap
+UPGRADE_BYTES = 64 * 1024  # or bytes, whichever comes first
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLRDHUP = select.EPOLLRDHUP
@@ -78,6 +87,7 @@ class Side:
         "relay",
         "sent_y",
         "sock",
+        "y_base",
     )
 
     def __init__(self, sock: socket.socket, cookie: int, active: bool) -> None:
@@ -90,6 +100,7 @@ class Side:
         self.relay: SockmapRelay | None = None
         self.read_total = 0
         self.sent_y = 0
+        self.y_base = 0  # added to Y in the map: bytes carried before the sockmap (sk_msg's P)
         self.handed_off = False
         self.eof = False  # sock's peer sent FIN
         self.fin_sent_on = False  # we shut down peer's write side for it
@@ -154,6 +165,8 @@ class SockmapRelay:
         Raises OSError when the peer map is full even after a flush: the
         caller then copies this pair in userspace."""
         if self.app is not None:
+            if self.client.y_base:  # before any target: P counted what Python carried
+                self.maps.store_y(self.client.cookie, self.client.y_base)
             self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
         else:
             self.maps.set_peers(self.client.cookie, self.upstream.cookie)
@@ -293,7 +306,7 @@ class SockmapRelay:
 
     def _store_y(self, side: Side) -> None:
         side.sent_y = side.read_total  # all read was fully sent on
-        self.maps.store_y(side.cookie, side.sent_y)
+        self.maps.store_y(side.cookie, side.sent_y + side.y_base)
 
     def _waiting(self, side: Side) -> bool:
         if not self.stalled and time.monotonic() - self.progress_at > STALL_SECONDS:
@@ -333,7 +346,8 @@ class SockmapRelay:
         self._progress()
 
     # -- handed to a successor agent (agent/takeover.py) -------------------
-    SIDE_STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on")
+    SIDE_STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on",
+                  "y_base")  # fmt: skip
 
     def export(self) -> tuple[dict, list[int], list[bytes]]:
         """The kernel keeps splicing meanwhile: only the hand-off's state
@@ -375,7 +389,7 @@ class SockmapRelay:
         for side, saved, pending in ((relay.client, state["client"], blobs[0]),
                                      (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
             for key in cls.SIDE_STATE:
-                setattr(side, key, saved[key])
+                setattr(side, key, saved.get(key, 0))
             side.pending = bytearray(pending) if pending else b""
         relay.closed_by = state["closed_by"]
         for side in (relay.client, relay.upstream):
@@ -405,7 +419,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             reset_close(side.sock)
-            self.maps.forget(side.cookie, y_stored=side.sent_y > 0)
+            self.maps.forget(side.cookie, y_stored=side.sent_y + side.y_base > 0)
         self.on_done(self, reason)
 
     def finish(self, reason: str | None) -> None:
@@ -414,8 +428,122 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             side.sock.close()  # leaves the sockhash with the socket
-            self.maps.forget(side.cookie, y_stored=side.sent_y > 0)
+            self.maps.forget(side.cookie, y_stored=side.sent_y + side.y_base > 0)
         self.on_done(self, reason)
+
+
+class CopyFirst:
+    """A sockmap connection that starts on the copy relay and moves to the
+    sockmap once it has carried enough to be worth the map work (a short
+    connection never does). The forwarder holds this object for the whole
+    life of the connection; after the move it passes everything to the
+    SockmapRelay."""
+
+    __slots__ = ("app", "client", "copy", "inner", "on_done", "path", "reads", "upstream")
+
+    def __init__(self, path: SockmapPath, client, upstream, app: AppSocket | None,
+                 on_done: Done) -> None:  # fmt: skip
+        self.path, self.client, self.upstream, self.app = path, client, upstream, app
+        self.on_done = on_done
+        self.inner: SockmapRelay | Relay | None = None
+        self.reads = 0
+        self.copy = _CopyPhase(self, path.loop, client, upstream, self._copied)
+
+    @property
+    def now(self):
+        return self.inner if self.inner is not None else self.copy
+
+    @property
+    def mode(self) -> DataPathMode:
+        """sockmap, unless a socket would not enter and it stayed on copy."""
+        return DataPathMode.COPY if self.inner is self.copy else DataPathMode.SOCKMAP
+
+    closed = property(lambda self: self.now.closed)
+    closed_by = property(lambda self: self.now.closed_by)
+    bytes_out = property(lambda self: self.now.bytes_out)
+    bytes_in = property(lambda self: self.now.bytes_in)
+    handoff_bytes = property(lambda self: self.now.handoff_bytes)
+
+    def finish(self, reason: str | None) -> None:
+        self.now.finish(reason)
+
+    def reset(self, reason: str) -> None:
+        self.now.reset(reason)
+
+    def export(self):
+        return self.now.export()
+
+    def suspend(self) -> None:
+        self.now.suspend()
+
+    def resume(self) -> None:
+        self.now.resume()
+
+    def _copied(self, conn, reason: str | None) -> None:
+        self.on_done(self, reason)
+
+    def worth_moving(self) -> bool:
+        """After a copy-phase event: time to move, and nothing held?"""
+        copy = self.copy
+        if self.inner is not None or copy.closed:
+            return False
+        out, back = copy.out, copy.back
+        if self.reads < UPGRADE_READS and out.nbytes + back.nbytes < UPGRADE_BYTES:
+            return False
+        return not (out.buf or back.buf or out.eof or back.eof)
+
+    def move(self) -> None:
+        """Off the copy relay, into the sockhash, on as a SockmapRelay. If a
+        socket will not enter (no longer ESTABLISHED), stay on copy."""
+        path, copy = self.path, self.copy
+        copy.suspend()
+        cookies = []
+        for sock in (self.client, self.upstream):
+            cookie = path._enter(sock)
+            if cookie is None:
+                break
+            cookies.append(cookie)
+        if len(cookies) < 2:  # entered ones pass everything on: copy goes on
+            copy.cookies = tuple(cookies)
+            self.inner = copy
+            copy.resume()
+            return
+        relay = SockmapRelay(path.loop, path.maps, self.client, cookies[0], self.upstream,
+                             cookies[1], _Untracked(path.relays, self._copied), path._stalled,
+                             self.app)  # fmt: skip
+        if self.app is not None:  # P counts from A's start: so must its Y
+            relay.client.y_base = copy.out.nbytes  # all of it sent on (nothing held)
+        self.inner = relay
+        path.relays.add(relay)
+        try:
+            relay.start()
+        except OSError as exc:  # the peer map is full even after a flush
+            relay.reset(f"sockmap: {exc.strerror or exc}")
+
+
+class _CopyPhase(Relay):
+    """The copy relay of a CopyFirst: counts reads and asks to move."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: CopyFirst, loop, client, upstream, on_done: Done) -> None:
+        self.owner = owner
+        super().__init__(loop, client, upstream, on_done)
+
+    def _update(self) -> None:
+        self.owner.reads += 1
+        super()._update()
+        if self.owner.worth_moving():
+            self.owner.move()
+
+    def finish(self, reason: str | None) -> None:
+        super().finish(reason)
+        self.owner.path._forget_all(self.cookies)
+
+    def reset(self, reason: str) -> None:
+        if not self.closed:
+            self.owner.path._forget_all(self.cookies)
+        super().reset(reason)
 
 
 class SockmapPath(DataPath):
@@ -427,11 +555,13 @@ class SockmapPath(DataPath):
     mode = DataPathMode.SOCKMAP
 
     def __init__(
-        self, loop: Loop, maps: SockmapMaps, fallback: DataPath, sndbuf: int = 0, msg: bool = False
-    ) -> None:
+        self, loop: Loop, maps: SockmapMaps, fallback: DataPath, sndbuf: int = 0, msg: bool = False,
+        copy_first: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(loop)
         self.maps = maps
         self.msg = msg  # use sk_msg where sock_ops gave the pod's socket
+        self.copy_first = copy_first  # start on copy, move after UPGRADE_READS/BYTES
         self.fallback = fallback
         self.sndbuf = sndbuf
         self.relays: set[SockmapRelay] = set()
@@ -452,6 +582,8 @@ class SockmapPath(DataPath):
         return cookie
 
     def accepted(self, client: socket.socket, app: AppSocket | None = None):
+        if self.copy_first:
+            return _Later(app if self.msg else None)
         cookie = self._enter(client)
         if app is not None and self.msg and cookie is not None:
             return (cookie, app)
@@ -461,11 +593,15 @@ class SockmapPath(DataPath):
         self.maps.msg_on(on and self.msg)
 
     def abandon(self, state) -> None:
+        if isinstance(state, _Later):
+            return
         cookie, _app = state if isinstance(state, tuple) else (state, None)
         if cookie is not None:
             self.maps.forget(cookie)
 
     def join(self, client, upstream, state, on_done: Done):
+        if isinstance(state, _Later):
+            return CopyFirst(self, client, upstream, state.app, self._counted(on_done))
         state, app = state if isinstance(state, tuple) else (state, None)
         cookies = [state]
         if state is not None:
@@ -500,6 +636,10 @@ class SockmapPath(DataPath):
         relay = self.fallback.join(client, upstream, None, self._forgetting(cookies, on_done))
         relay.cookies = tuple(c for c in cookies if c is not None)
         return relay
+
+    def _forget_all(self, cookies) -> None:
+        for cookie in cookies:
+            self.maps.forget(cookie)
 
     def _forgetting(self, cookies, on_done: Done) -> Done:
         def done(conn, reason) -> None:
@@ -541,6 +681,15 @@ class SockmapPath(DataPath):
             self._failures_seen = failures
             for relay in list(self.relays):
                 relay.recheck()
+
+
+class _Later:
+    """What accepted() hands join() for a connection that starts on copy."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: AppSocket | None) -> None:
+        self.app = app
 
 
 class _Untracked:
