@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import start_agent, wait_for
+from meshagent.forwarder.sockmap import UPGRADE_BYTES
 
 PORT = 8080
 
@@ -112,7 +113,7 @@ HOLD = """
 import socket, sys
 socks = [socket.create_connection((sys.argv[1], int(sys.argv[2]))) for _ in range(int(sys.argv[3]))]
 for s in socks:
-    s.sendall(b"x")
+    s.sendall(b"x" * int(sys.argv[4]))  # enough to move from copy to the sockmap
 print("held", flush=True)
 sys.stdin.read()  # hold them until the test closes stdin
 """
@@ -121,16 +122,18 @@ sys.stdin.read()  # hold them until the test closes stdin
 def test_map_entries_and_fds_match_the_kernel(mesh_env):
     """The sockhash count the scrape shows (the forwarder's bookkeeping, so
     a scrape never walks the map) equals a walk of the kernel's map, both
-    with connections open and after; open fds equal /proc's count."""
+    with connections open and after; open fds equal /proc's count. Each
+    connection carries enough to leave its copy phase for the sockmap."""
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
-    mesh_env.server(server, PORT)
+    mesh_env.server(server, PORT, "--send-after-eof")  # no early FIN: nothing keeps a move out
     agent = start_agent(mesh_env, "--datapath", "sockmap")
     try:
         addr = agent.request("status")["metrics_addr"]
         agent.attach(client)
         holder = mesh_env.popen(
-            client, [sys.executable, "-c", HOLD, server.ip4, str(PORT), "40"],
+            client, [sys.executable, "-c", HOLD, server.ip4, str(PORT), "40",
+                     str(UPGRADE_BYTES + 1)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert holder.stdout.readline().strip() == "held"
@@ -151,7 +154,8 @@ def test_map_entries_and_fds_match_the_kernel(mesh_env):
         try:
             wait_for(lambda: agree(80), 30, "80 sockhash entries, scraped and walked alike")
         except AssertionError as exc:  # say which part disagreed
-            raise AssertionError(f"{exc}: last seen {seen}") from None
+            sockmap = agent.request("status")["datapaths"]["sockmap"]
+            raise AssertionError(f"{exc}: last seen {seen}; sockmap {sockmap}") from None
         holder.stdin.close()
         holder.wait(30)
         wait_for(lambda: agree(0), 30, "an empty sockhash, scraped and walked alike")

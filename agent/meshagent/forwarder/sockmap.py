@@ -504,6 +504,7 @@ class CopyFirst:
                 break
             cookies.append(cookie)
         if len(cookies) < 2:  # entered ones pass everything on: copy goes on
+            path.stats.fallbacks += 1
             copy.cookies = tuple(cookies)
             self.inner = copy
             copy.resume()
@@ -566,6 +567,7 @@ class SockmapPath(DataPath):
         self.sndbuf = sndbuf
         self.relays: set[SockmapRelay] = set()
         self._failures_seen = 0
+        self.last_refusal = ""  # why the sockhash last refused a socket
 
     def _enter(self, sock: socket.socket) -> int | None:
         """Into the sockhash before anything reads from it; None if it cannot."""
@@ -577,7 +579,8 @@ class SockmapPath(DataPath):
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sndbuf)
         try:
             self.maps.insert(sock, cookie)
-        except OSError:
+        except OSError as exc:
+            self.last_refusal = exc.strerror or str(exc)
             return None
         return cookie
 
@@ -670,7 +673,7 @@ class SockmapPath(DataPath):
         return {abi.SOCKHASH.name: self.maps.entered}
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "msg": self.msg}
+        return {**super().snapshot(), "msg": self.msg, "last_refusal": self.last_refusal}
 
     def tick(self) -> None:
         """Delete finished connections' entries; if a verdict redirect failed
