@@ -22,6 +22,9 @@ markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
 BENCH_SECONDS (default 2) set the rounds and the length of each timed run.
 For a quick look (never written to the README): BENCH_PATHS (e.g.
 "direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis).
+BENCH_PIN=1 pins every client to CPU 0 and every server to CPU 1 (the
+proxies, HAProxy and the agent, are left to the scheduler), to see
+whether pinning lowers the spread.
 """
 
 from __future__ import annotations
@@ -52,7 +55,18 @@ RR_PORT, IPERF_PORT, REDIS_PORT = 7000, 5201, 6379
 MESH_PATHS = ("sockmap", "sockmap-nomsg", "splice", "copy")
 ONLY_PATHS = [p for p in os.environ.get("BENCH_PATHS", "").split(",") if p]
 WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", "bulk,rr,redis").split(",") if w]
-PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != {"bulk", "rr", "redis"}
+PIN = os.environ.get("BENCH_PIN") == "1"
+PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != {"bulk", "rr", "redis"} or PIN
+
+
+def client_cpu(argv: list[str]) -> list[str]:
+    return ["taskset", "-c", "0", *argv] if PIN else argv
+
+
+def server_cpu(argv: list[str]) -> list[str]:
+    return ["taskset", "-c", "1", *argv] if PIN else argv
+
+
 RESULTS = ROOT / "bench" / "results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -89,7 +103,9 @@ def machine_cpu() -> float:
 
 
 def run_out(env: MeshEnv, pod, argv: list[str], timeout: float) -> str:
-    proc = env.popen(pod, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """A client run in pod (on CPU 0 with BENCH_PIN=1)."""
+    proc = env.popen(pod, client_cpu(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                     text=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -305,11 +321,14 @@ def main() -> int:
         )
         for pod in (plain, client, proxy, proxys):
             tune_pod(env, pod)
-        env.popen(server, [str(rr_bin), "serve", str(RR_PORT)], stdout=subprocess.DEVNULL)
-        env.popen(server, ["iperf3", "-s", "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL)
-        env.popen(server, ["redis-server", "--port", str(REDIS_PORT), "--bind", "*", "-::*",
-                           "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                           "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+        env.popen(server, server_cpu([str(rr_bin), "serve", str(RR_PORT)]),
+                  stdout=subprocess.DEVNULL)  # fmt: skip
+        env.popen(server, server_cpu(["iperf3", "-s", "-p", str(IPERF_PORT)]),
+                  stdout=subprocess.DEVNULL)  # fmt: skip
+        env.popen(server, server_cpu(["redis-server", "--port", str(REDIS_PORT), "--bind", "*",
+                                      "-::*", "--protected-mode", "no", "--save", "",
+                                      "--appendonly", "no", "--dir", str(workdir)]),
+                  stdout=subprocess.DEVNULL)  # fmt: skip
         for pod, splice in ((proxy, False), (proxys, True)):
             env.popen(pod, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4, splice))],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
