@@ -262,17 +262,21 @@ def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
         pair.close()
 
 
+def half_close_both_and_check_forgotten(pair: Pair, cookies: set[int]) -> None:
+    pair.app_client.shutdown(socket.SHUT_WR)
+    pair.app_server.shutdown(socket.SHUT_WR)
+    pair.run_until(lambda: pair.reason, "both half-closes")
+    assert pair.reason == [None]
+    assert set(pair.maps.forgotten) == cookies
+
+
 def test_sockmap_forgets_both_cookies_when_done():
     pair = Pair(DataPathMode.SOCKMAP, copy_first=False)
     try:
         cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
         pair.join()
         assert set(pair.maps.peers) == cookies
-        pair.app_client.shutdown(socket.SHUT_WR)
-        pair.app_server.shutdown(socket.SHUT_WR)
-        pair.run_until(lambda: pair.reason, "both half-closes")
-        assert pair.reason == [None]
-        assert set(pair.maps.forgotten) == cookies
+        half_close_both_and_check_forgotten(pair, cookies)
     finally:
         pair.close()
 
@@ -326,11 +330,7 @@ def test_a_long_sockmap_connection_moves_from_copy_to_the_sockmap():
         assert isinstance(pair.conn.inner, SockmapRelay)
         assert set(pair.maps.peers) == cookies
         assert pair.conn.bytes_out == len(b"".join(b"ping %d\n" % n for n in range(i)))
-        pair.app_client.shutdown(socket.SHUT_WR)
-        pair.app_server.shutdown(socket.SHUT_WR)
-        pair.run_until(lambda: pair.reason, "the connection to finish")
-        assert pair.reason == [None]
-        assert set(pair.maps.forgotten) == cookies
+        half_close_both_and_check_forgotten(pair, cookies)
     finally:
         pair.close()
 

@@ -30,6 +30,7 @@ connection digest test caught exactly that.)
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import select
 import socket
@@ -228,6 +229,12 @@ class SockmapRelay:
         if events & EPOLLERR:
             err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             self.abort(side, OSError(err, "socket error"))
+            return
+        if events & EPOLLHUP and not side.peer.fin_sent_on:
+            # Closed both ways though we never shut its write side: a reset.
+            # Its error may be gone already: a pod's redirected sendmsg
+            # (sk_msg) that met the reset took it (sock_error clears it).
+            self.abort(side, ConnectionResetError(errno.ECONNRESET, "reset by peer"))
             return
         if events & EPOLLIN:
             side.handed_off = False  # bytes Python must carry (sk_msg: the accepted socket)
