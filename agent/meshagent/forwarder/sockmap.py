@@ -506,7 +506,10 @@ class CopyFirst:
         copy.suspend()
         cookies = []
         for sock in (self.client, self.upstream):
-            cookie = path._enter(sock)
+            # With sk_msg nothing reaches the upstream's egress through the
+            # psock worker: its send buffer can stay the kernel's.
+            deep = self.app is None or sock is self.client
+            cookie = path._enter(sock, deep)
             if cookie is None:
                 break
             cookies.append(cookie)
@@ -576,10 +579,11 @@ class SockmapPath(DataPath):
         self._failures_seen = 0
         self.last_refusal = ""  # why the sockhash last refused a socket
 
-    def _enter(self, sock: socket.socket) -> int | None:
-        """Into the sockhash before anything reads from it; None if it cannot."""
+    def _enter(self, sock: socket.socket, deep: bool = True) -> int | None:
+        """Into the sockhash before anything reads from it; None if it cannot.
+        deep: the psock worker may send to it (its send buffer is raised)."""
         cookie = socket_cookie(sock)
-        if self.sndbuf:
+        if self.sndbuf and deep:
             # The kernel's redirect sends from a worker that, when the send
             # buffer is full, retries only a jiffy later: a deep send buffer
             # keeps it from stalling (bulk throughput 0.4x -> ~0.85x direct).
