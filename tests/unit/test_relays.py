@@ -65,6 +65,9 @@ class FakeMaps:
     def store_y(self, cookie: int, y: int) -> None:
         self.y[cookie] = y
 
+    def clear_y(self, cookie: int) -> None:
+        del self.y[cookie]
+
     def forget(self, cookie: int, y_stored: bool = False) -> None:
         self.forgotten.append(cookie)
         if y_stored != (cookie in self.y):  # the relay must know whether it stored Y

@@ -56,7 +56,7 @@ def reset_close(sock: socket.socket) -> None:
 class Leg:
     """One direction: bytes read from src, written to dst."""
 
-    __slots__ = ("buf", "dst", "eof", "nbytes", "shut", "src")
+    __slots__ = ("buf", "dst", "eof", "full", "nbytes", "shut", "src")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
@@ -65,6 +65,9 @@ class Leg:
         self.eof = False
         self.shut = False
         self.nbytes = 0
+        # The last read filled the buffer: it may have stopped inside a
+        # segment (a short read ate every segment it touched).
+        self.full = False
 
     def wants_read(self) -> bool:
         return not self.eof and len(self.buf) < HIGH
@@ -89,7 +92,9 @@ class Leg:
     def read(self) -> None:
         data = recv_scratch(self.src)
         if data is None:
+            self.full = False
             return
+        self.full = len(data) == CHUNK
         if not data:
             self.eof = True
         else:

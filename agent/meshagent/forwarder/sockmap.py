@@ -18,10 +18,14 @@ Replies are spliced upstream -> accepted socket as without sk_msg.
 
 Short connections never pay for any of this: a connection starts on the
 copy relay and moves to the sockmap (CopyFirst) only after UPGRADE_READS
-reads or UPGRADE_BYTES bytes, at a moment when Python holds no bytes in
-either direction. Bytes already queued then pass the verdict in order on
-the first recv() after the insert. A connection that carries one request
-and one reply costs no map work at all.
+reads or UPGRADE_BYTES bytes, before either side's EOF. A connection that
+carries one request and one reply costs no map work at all. Before a
+socket enters, Python reads it to a segment boundary: the kernel passes a
+queued segment to the verdict whole, also one recv() has read part of, and
+that part would be redirected a second time (measured on 6.18). Bytes
+queued after that pass the verdict in order on the first recv() after the
+insert. Bytes Python still holds at the move go on as the relay's pending
+bytes, and Y stays BLOCKED (no redirect) until they are sent.
 (Replies put straight into A's receive queue were faster, but a redirect
 into a queue goes through the psock worker, and nothing tells Python when
 the worker is done: A's FIN could overtake the last bytes. The 200-
@@ -51,6 +55,8 @@ from meshagent.redirect import AppSocket
 SO_SNDBUFFORCE = 32
 UPGRADE_READS = 32  # reads (both ways) before a connection moves to the sockmap
 UPGRADE_BYTES = 64 * 1024  # or bytes, whichever comes first
+DRAIN_READS = 16  # at most this many reads (4 MiB) to a segment boundary per try
+BLOCKED = (1 << 64) - 1  # a Y no X can equal: bytes held before the move wait
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLRDHUP = select.EPOLLRDHUP
@@ -100,7 +106,7 @@ class Side:
         self.registered = False  # in the loop's epoll
         self.relay: SockmapRelay | None = None
         self.read_total = 0
-        self.sent_y = 0
+        self.sent_y = 0  # -1: BLOCKED stored (bytes held at the move not yet sent)
         self.y_base = 0  # added to Y in the map: bytes carried before the sockmap (sk_msg's P)
         self.handed_off = False
         self.eof = False  # sock's peer sent FIN
@@ -109,6 +115,11 @@ class Side:
     def on_events(self, events: int) -> None:
         """The loop's handler for this socket (a bound method: no closure)."""
         self.relay._on_events(self, events)
+
+    @property
+    def y_stored(self) -> bool:
+        """A Y entry exists in the map for this socket."""
+        return self.sent_y != 0 or self.y_base > 0
 
     def data_received(self) -> int:
         return tcp_counts(self.sock)[1] - (1 if self.eof else 0)
@@ -165,8 +176,13 @@ class SockmapRelay:
         """Set the peers (the kernel may redirect from now on) and begin.
         Raises OSError when the peer map is full even after a flush: the
         caller then copies this pair in userspace."""
+        for side in (self.client, self.upstream):
+            if side.pending:  # held at the move: no redirect before they are sent
+                side.sent_y = -1
+                self.maps.store_y(side.cookie, BLOCKED)
         if self.app is not None:
-            if self.client.y_base:  # before any target: P counted what Python carried
+            if self.client.y_base and not self.client.pending:
+                # before any target: P counted what Python carried
                 self.maps.store_y(self.client.cookie, self.client.y_base)
             self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
         else:
@@ -312,8 +328,13 @@ class SockmapRelay:
             return self._waiting(side)  # a claim in flight: X briefly > Y
 
     def _store_y(self, side: Side) -> None:
+        blocked = side.sent_y < 0
         side.sent_y = side.read_total  # all read was fully sent on
-        self.maps.store_y(side.cookie, side.sent_y + side.y_base)
+        y = side.sent_y + side.y_base
+        if y or not blocked:
+            self.maps.store_y(side.cookie, y)
+        else:  # BLOCKED, and nothing read since the move: a missing Y reads as 0
+            self.maps.clear_y(side.cookie)
 
     def _waiting(self, side: Side) -> bool:
         if not self.stalled and time.monotonic() - self.progress_at > STALL_SECONDS:
@@ -426,7 +447,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             reset_close(side.sock)
-            self.maps.forget(side.cookie, y_stored=side.sent_y + side.y_base > 0)
+            self.maps.forget(side.cookie, y_stored=side.y_stored)
         self.on_done(self, reason)
 
     def finish(self, reason: str | None) -> None:
@@ -435,7 +456,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             side.sock.close()  # leaves the sockhash with the socket
-            self.maps.forget(side.cookie, y_stored=side.sent_y + side.y_base > 0)
+            self.maps.forget(side.cookie, y_stored=side.y_stored)
         self.on_done(self, reason)
 
 
@@ -490,20 +511,42 @@ class CopyFirst:
         self.on_done(self, reason)
 
     def worth_moving(self) -> bool:
-        """After a copy-phase event: time to move, and nothing held?"""
+        """After a copy-phase event: carried enough to move, and no EOF yet?"""
         copy = self.copy
-        if self.inner is not None or copy.closed:
+        if self.inner is not None or copy.closed or copy.out.eof or copy.back.eof:
             return False
-        out, back = copy.out, copy.back
-        if self.reads < UPGRADE_READS and out.nbytes + back.nbytes < UPGRADE_BYTES:
-            return False
-        return not (out.buf or back.buf or out.eof or back.eof)
+        return self.reads >= UPGRADE_READS or copy.out.nbytes + copy.back.nbytes >= UPGRADE_BYTES
+
+    def _to_boundary(self) -> bool:
+        """Read each socket whose last read filled the buffer until a short
+        one: that read ate every segment it touched, so all queued from now
+        on is whole. The bytes go on as copied bytes (sent or held). False
+        when a read met EOF or an error, or DRAIN_READS did not reach it."""
+        copy = self.copy
+        for leg, sock in ((copy.out, self.client), (copy.back, self.upstream)):
+            for _ in range(DRAIN_READS):
+                if not leg.full or leg.eof:
+                    break
+                try:
+                    leg.read()
+                except OSError as exc:
+                    copy.abort(sock, exc)
+                    return False
+            if leg.full or leg.eof:
+                return False
+        return True
 
     def move(self) -> None:
-        """Off the copy relay, into the sockhash, on as a SockmapRelay. If a
-        socket will not enter (no longer ESTABLISHED), stay on copy."""
+        """Off the copy relay, into the sockhash, on as a SockmapRelay that
+        first sends what copy still held. If a socket will not enter (no
+        longer ESTABLISHED), stay on copy."""
         path, copy = self.path, self.copy
         copy.suspend()
+        if not self._to_boundary():
+            if not copy.closed:  # EOF, or still not at a boundary: copy goes on
+                copy.resume()
+                Relay._update(copy)
+            return
         cookies = []
         for sock in (self.client, self.upstream):
             # With sk_msg nothing reaches the upstream's egress through the
@@ -522,8 +565,10 @@ class CopyFirst:
         relay = SockmapRelay(path.loop, path.maps, self.client, cookies[0], self.upstream,
                              cookies[1], _Untracked(path.relays, self._copied), path._stalled,
                              self.app)  # fmt: skip
+        relay.client.pending = copy.out.buf or b""  # read from the pod, not yet sent on
+        relay.upstream.pending = copy.back.buf or b""
         if self.app is not None:  # P counts from A's start: so must its Y
-            relay.client.y_base = copy.out.nbytes  # all of it sent on (nothing held)
+            relay.client.y_base = copy.out.nbytes  # what copy read (sent or held)
         self.inner = relay
         path.relays.add(relay)
         try:

@@ -81,6 +81,9 @@ class SockmapMaps:
     def store_y(self, cookie: int, y: int) -> None:
         self.sent.update_u64(cookie, y)
 
+    def clear_y(self, cookie: int) -> None:
+        self.sent.delete_u64(cookie)
+
     def forget(self, cookie: int, y_stored: bool = False) -> None:
         """y_stored: a Y entry was stored for this socket (store_y)."""
         self.entered -= 1
