@@ -56,7 +56,7 @@ def reset_close(sock: socket.socket) -> None:
 class Leg:
     """One direction: bytes read from src, written to dst."""
 
-    __slots__ = ("buf", "dst", "eof", "full", "nbytes", "shut", "src")
+    __slots__ = ("buf", "dst", "eof", "full", "nbytes", "shut", "src", "twin")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
@@ -68,6 +68,7 @@ class Leg:
         # The last read filled the buffer: it may have stopped inside a
         # segment (a short read ate every segment it touched).
         self.full = False
+        self.twin: Leg | None = None  # the other direction, set by the Relay
 
     def wants_read(self) -> bool:
         return not self.eof and len(self.buf) < HIGH
@@ -123,6 +124,8 @@ class Leg:
         """Pass the half-close on once everything read has been written."""
         if self.eof and not self.waiting and not self.shut:
             self.shut = True
+            if self.twin is not None and self.twin.shut:
+                return  # the last direction: the relay closes both next, close() sends the FIN
             with contextlib.suppress(OSError):
                 self.dst.shutdown(socket.SHUT_WR)
 
@@ -154,6 +157,7 @@ class Relay:
         self.on_done = on_done
         self.out = leg(client, upstream)  # pod -> destination
         self.back = leg(upstream, client)  # destination -> pod
+        self.out.twin, self.back.twin = self.back, self.out
         self.closed = False
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
@@ -199,6 +203,7 @@ class Relay:
                     if writing.waiting:
                         raise ConnectionResetError("peer hung up with data pending")
                     writing.eof = writing.shut = True
+                    reading.twin = None  # not a clean end: its own FIN goes by shutdown
             except BlockingIOError:
                 pass
             except OSError as exc:
