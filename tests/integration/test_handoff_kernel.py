@@ -168,3 +168,20 @@ def test_a_move_while_a_segment_is_half_read_keeps_every_byte_once(
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_the_start_self_test_moves_after_a_half_read_segment(sockmap_path):
+    """`--datapath auto` proves the sockmap path at every start with the same
+    case: the server's early bytes fill more than one copy-phase read."""
+    from meshagent.forwarder import build_paths, selftest
+    from meshagent.forwarder.sockmap_maps import SockmapMaps
+    from meshagent.modes import DataPathMode
+
+    _path, loaded = sockmap_path
+    spliced = loaded.metric("spliced")
+
+    def factory(loop):
+        return build_paths(loop, (DataPathMode.SOCKMAP,), SockmapMaps(loaded))
+
+    assert selftest.check(DataPathMode.SOCKMAP, factory) is None
+    assert loaded.metric("spliced") > spliced, "the self-test never reached the kernel's splice"

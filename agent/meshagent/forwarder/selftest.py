@@ -7,6 +7,10 @@ deadline. The hand-off is exercised the hard way: the client writes before
 its connection is even accepted, and the server speaks before its socket
 joins the data path (the sockmap path relies on such bytes passing through
 the verdict on the next recv; if a kernel does not do that, auto falls back).
+The server's early bytes are more than one read of the copy phase, in a
+deep receive queue: a connection that starts on copy then moves after a
+read that stopped inside a segment, the case where a kernel would pass
+the read part to the verdict again.
 """
 
 from __future__ import annotations
@@ -22,15 +26,23 @@ from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 
 SIZE = 1 << 20
-EARLY = 32 << 10  # written before the accept / before the join
+EARLY = 32 << 10  # written before the accept
+LEAD = 512 << 10  # the server's, before the join: more than one 256 KiB read
+SO_RCVBUFFORCE = 33
 DEADLINE = 1.0
 
 PathFactory = Callable[[Loop], "dict[DataPathMode, DataPath]"]
 
 
-def _converse(sock: socket.socket, data: bytes, out: dict, key: str) -> None:
+def _converse(
+    sock: socket.socket, data: bytes, out: dict, key: str, moved: threading.Event
+) -> None:
+    """Send once the pair moved (a connection that starts on copy moves on
+    the server's early bytes; no FIN may come before), then FIN."""
+
     def send() -> None:
         try:
+            moved.wait(DEADLINE / 2)
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -67,18 +79,22 @@ def check(mode: DataPathMode, factory: PathFactory) -> str | None:
         socks += [app_client, fwd_client]
         fwd_client.setblocking(False)
         state = path.accepted(fwd_client)
-        fwd_up = socket.create_connection(back.getsockname())
+        fwd_up = socket.socket()
+        socks.append(fwd_up)
+        fwd_up.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * LEAD)  # LEAD waits whole
+        fwd_up.connect(back.getsockname())
         app_server, _ = back.accept()
-        socks += [fwd_up, app_server]
+        socks.append(app_server)
         app_server.settimeout(DEADLINE * 3)
-        app_server.sendall(down_data[:EARLY])  # the server speaks first
+        app_server.sendall(down_data[:LEAD])  # the server speaks first
         fwd_up.setblocking(False)
+        moved = threading.Event()
         ends = [
             threading.Thread(
-                target=_converse, args=(app_client, up_data[EARLY:], result, "client")
+                target=_converse, args=(app_client, up_data[EARLY:], result, "client", moved)
             ),
             threading.Thread(
-                target=_converse, args=(app_server, down_data[EARLY:], result, "server")
+                target=_converse, args=(app_server, down_data[LEAD:], result, "server", moved)
             ),
         ]
         for end in ends:
@@ -90,6 +106,14 @@ def check(mode: DataPathMode, factory: PathFactory) -> str | None:
             loop.stop()
 
         conn = path.join(fwd_client, fwd_up, state, done)
+
+        def watch() -> None:  # CopyFirst: moved once it has an inner relay
+            if getattr(conn, "inner", True) is not None or conn.closed:
+                moved.set()
+            else:
+                loop.call_later(0.002, watch)
+
+        watch()
         timer = loop.call_later(DEADLINE, loop.stop)
         if not conn.closed:
             loop.run()
