@@ -338,6 +338,59 @@ def test_a_long_sockmap_connection_moves_from_copy_to_the_sockmap():
         pair.close()
 
 
+def test_bytes_held_at_the_move_go_first_behind_a_blocked_y(monkeypatch):
+    """A server that sends more than the pod reads: the move comes while
+    the forwarder still holds bytes for the pod. Until they are sent, the
+    upstream's Y is BLOCKED (no redirect could pass them); then it is the
+    real Y, or no entry at all (a missing Y reads as 0)."""
+    from meshagent.forwarder.sockmap import BLOCKED, SockmapRelay
+
+    at_start: list[tuple[int, int | None]] = []
+    start = SockmapRelay.start
+
+    def noting_start(relay) -> None:
+        start(relay)
+        at_start.append((len(relay.upstream.pending), pair.maps.y.get(relay.upstream.cookie)))
+
+    monkeypatch.setattr(SockmapRelay, "start", noting_start)
+    pair = Pair(DataPathMode.SOCKMAP)
+    try:
+        up = socket_cookie(pair.fwd_up)
+        pair.fwd_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        pair.app_client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        blob = os.urandom(8 << 20)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                pair.app_server.sendall(blob)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        time.sleep(0.2)  # a queue at the upstream socket before the relay starts
+        pair.join()
+        pair.run_until(lambda: isinstance(pair.conn.inner, SockmapRelay), "the move")
+        relay = pair.conn.inner
+        assert at_start and at_start[0][0] > 0, "nothing held at the move: the test lost its point"
+        assert at_start[0][1] == BLOCKED
+        got = bytearray()
+        pair.app_client.setblocking(False)
+        pair.fwd_client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)  # now drain
+
+        def held_sent() -> bool:  # the pod reads; the held bytes drain
+            with contextlib.suppress(BlockingIOError):
+                while chunk := pair.app_client.recv(1 << 20):
+                    got.extend(chunk)
+            return relay.upstream.sent_y >= 0  # stored once what was held had gone
+
+        # (The fake has no redirect: past this point the kernel carries the
+        # rest, which tests/integration/test_handoff_kernel.py checks.)
+        pair.run_until(held_sent, "the held bytes at the pod")
+        assert got and bytes(got) == blob[: len(got)]  # in order so far
+        assert pair.maps.y.get(up, 0) == relay.upstream.sent_y
+    finally:
+        pair.close()
+
+
 @pytest.mark.parametrize("mode", list(DataPathMode), ids=str)
 def test_a_client_that_writes_before_the_accept_and_a_server_that_speaks_first(mode):
     early, banner, rest = os.urandom(40_000), os.urandom(30_000), os.urandom(100_000)
