@@ -11,17 +11,18 @@ the sk_msg fast path where the kernel has it), sockmap-nomsg, splice, copy.
 
 Workloads: iperf3 bulk (1 and 4 streams, with whole-machine CPU per GB),
 request/response with bench/rr.c (1 B and 1 KiB, p50 latency), new
-connections per second (rr conn), and redis-server with redis-benchmark
+connections per second (rr conn), redis-server with redis-benchmark
 (GET; keep-alive and a connection per request, 1 and 20 clients; and 16
 pipelined requests per round trip: many small messages), each with
-whole-machine CPU per request.
+whole-machine CPU per request, and PostgreSQL with pgbench (select-only,
+10 clients, keep-alive and a connection per transaction).
 
 Writes bench/results/latest.json (every sample) and latest.png (the
 ratios), prints the table and puts it in the README between the bench
 markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
 BENCH_SECONDS (default 2) set the rounds and the length of each timed run.
 For a quick look (never written to the README): BENCH_PATHS (e.g.
-"direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis).
+"direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis, pg).
 BENCH_PIN=1 pins every client to CPU 0 and every server to CPU 1 (the
 proxies, HAProxy and the agent, are left to the scheduler), to see
 whether pinning lowers the spread.
@@ -29,6 +30,7 @@ whether pinning lowers the spread.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -46,6 +48,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+
+from pgserver import PORT as PG_PORT  # noqa: E402
+from pgserver import missing_tools, pg_bin, postgres_in  # noqa: E402
 
 from conftest import MeshEnv, make_env, start_agent, wait_for  # noqa: E402
 
@@ -54,9 +60,10 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
 RR_PORT, IPERF_PORT, REDIS_PORT = 7000, 5201, 6379
 MESH_PATHS = ("sockmap", "sockmap-nomsg", "splice", "copy")
 ONLY_PATHS = [p for p in os.environ.get("BENCH_PATHS", "").split(",") if p]
-WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", "bulk,rr,redis").split(",") if w]
+ALL_WORKLOADS = ("bulk", "rr", "redis", "pg")
+WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", ",".join(ALL_WORKLOADS)).split(",") if w]
 PIN = os.environ.get("BENCH_PIN") == "1"
-PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != {"bulk", "rr", "redis"} or PIN
+PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != set(ALL_WORKLOADS) or PIN
 
 
 def client_cpu(argv: list[str]) -> list[str]:
@@ -93,7 +100,10 @@ FIGURES = {
     "redis_pipe_20": ("redis GET/s, 16 pipelined, 20 clients", True),
     "redis_ka_20_cpu_us": ("machine CPU µs/request, redis keep-alive 20", False),
     "redis_conn_20_cpu_us": ("machine CPU µs/request, redis conn/request 20", False),
+    "pg_ka_10": ("pgbench select-only TPS, keep-alive, 10 clients", True),
+    "pg_conn_10": ("pgbench select-only TPS, a connection per transaction, 10 clients", True),
 }
+PG_SCALE = 2  # pgbench's tables: 200,000 accounts
 
 
 def machine_cpu() -> float:
@@ -127,7 +137,12 @@ def haproxy_conf(workdir: Path, server_ip: str, splice: bool) -> Path:
     conf = workdir / f"haproxy{'-splice' if splice else ''}.cfg"
     listens = "".join(
         f"listen {name}\n    bind :::{port} v4v6\n    server s {server_ip}:{port}\n"
-        for name, port in (("rr", RR_PORT), ("iperf", IPERF_PORT), ("redis", REDIS_PORT))
+        for name, port in (
+            ("rr", RR_PORT),
+            ("iperf", IPERF_PORT),
+            ("redis", REDIS_PORT),
+            ("pg", PG_PORT),
+        )
     )
     # Its defaults: as many threads as CPUs, maxconn from the fd limit.
     conf.write_text(
@@ -189,6 +204,20 @@ def redis(env, pod, target: str) -> dict:
     return figures
 
 
+def pgbench(env, pod, target: str) -> dict:
+    binary = pg_bin("pgbench")
+    figures = {}
+    for name, extra in (("pg_ka_10", []), ("pg_conn_10", ["-C"])):
+        out = run_out(env, pod, [binary, "-h", target, "-p", str(PG_PORT), "-U", "postgres",
+                                 "-S", "-n", "-c", "10", "-j", "2", "-T", f"{SECONDS:g}", *extra,
+                                 "postgres"], timeout=SECONDS + 60)  # fmt: skip
+        tps = [line for line in out.splitlines() if line.startswith("tps = ")]
+        if not tps:
+            raise RuntimeError(f"pgbench to {target} ({name}) printed no tps line: {out}")
+        figures[name] = float(tps[-1].split()[2])
+    return figures
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -240,12 +269,15 @@ def table(summary: dict, meta: dict) -> str:
             cells.append(f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) {shown}")
         arrow = "↑" if higher else "↓"
         lines.append(f"| {what} {arrow} | " + " | ".join(cells) + " |")
-    hap = [
-        f"{path}: {summary[path]['redis_ka_20']['vs_haproxy']['median']:.2f}x"
-        for path in paths
-        if path.startswith("meshagent") and "redis_ka_20" in summary[path]
-    ]
-    lines += ["", "redis keep-alive, 20 clients, against HAProxy: " + ", ".join(hap) + "."]
+    for figure, what in (("redis_ka_20", "redis keep-alive, 20 clients"),
+                         ("pg_ka_10", "pgbench keep-alive, 10 clients")):  # fmt: skip
+        hap = [
+            f"{path}: {summary[path][figure]['vs_haproxy']['median']:.2f}x"
+            for path in paths
+            if path.startswith("meshagent") and "vs_haproxy" in summary[path].get(figure, {})
+        ]
+        if hap:
+            lines += ["", f"{what}, against HAProxy: " + ", ".join(hap) + "."]
     return "\n".join(lines)
 
 
@@ -309,9 +341,14 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"bench: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
             return 1
+    if "pg" in WORKLOADS and missing_tools():
+        print(f"bench: {', '.join(missing_tools())} missing: run scripts/bootstrap",
+              file=sys.stderr)  # fmt: skip
+        return 1
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-bench-"))
     env = make_env()
     agent = None
+    servers = contextlib.ExitStack()
     try:
         rr_bin = workdir / "rr"
         subprocess.run(["gcc", "-O2", "-o", str(rr_bin), str(ROOT / "bench" / "rr.c")],
@@ -329,6 +366,9 @@ def main() -> int:
                                       "-::*", "--protected-mode", "no", "--save", "",
                                       "--appendonly", "no", "--dir", str(workdir)]),
                   stdout=subprocess.DEVNULL)  # fmt: skip
+        if "pg" in WORKLOADS:
+            pg = servers.enter_context(postgres_in(env, server, prefix=tuple(server_cpu([]))))
+            pg.init_pgbench(PG_SCALE)
         for pod, splice in ((proxy, False), (proxys, True)):
             env.popen(pod, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4, splice))],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -362,6 +402,8 @@ def main() -> int:
                     figures.update(rr(env, pod, rr_bin, target))
                 if "redis" in WORKLOADS:
                     figures.update(redis(env, pod, target))
+                if "pg" in WORKLOADS:
+                    figures.update(pgbench(env, pod, target))
                 samples[name].append(figures)
                 if datapath:
                     wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, 60,
@@ -394,6 +436,7 @@ def main() -> int:
     finally:
         if agent is not None:
             agent.stop()
+        servers.close()
         env.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -16,36 +16,17 @@ What must hold:
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 import re
-import shutil
-import signal
 import subprocess
-import tempfile
 
 import pytest
+from pgserver import missing_tools, postgres_in
 
-from conftest import redirect_args, start_agent, wait_for
+from conftest import redirect_args, start_agent
 
-PORT = 5432
 SCALE = 2  # pgbench scale: 200,000 accounts
 CLIENTS = 10
-
-
-def _pg_bin(name: str) -> str | None:
-    """Debian keeps the server's programs in /usr/lib/postgresql/N/bin."""
-    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version, reverse=True):
-        if os.access(os.path.join(bindir, name), os.X_OK):
-            return os.path.join(bindir, name)
-    return shutil.which(name)
-
-
-def _version(path: str) -> int:
-    digits = re.findall(r"\d+", path)
-    return int(digits[-1]) if digits else 0
-
 
 # (redirect backend, iptables flavour, --datapath)
 CASES = [
@@ -57,58 +38,12 @@ CASES = [
 
 @pytest.fixture
 def pg_server(mesh_env):
-    tools = {name: _pg_bin(name) for name in ("initdb", "postgres", "pgbench", "psql")}
-    missing = [name for name, path in tools.items() if not path]
+    missing = missing_tools()
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: run scripts/bootstrap (postgresql)")
-    server = mesh_env.create_pod("pg")
-    datadir = tempfile.mkdtemp(prefix="meshtest-pg-")
-    shutil.chown(datadir, "postgres", "postgres")
-    as_pg = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"]
-    proc = None
-    try:
-        subprocess.run(
-            [*as_pg, tools["initdb"], "-D", datadir, "--auth=trust", "-U", "postgres",
-             "--no-sync"],
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
-        )  # fmt: skip
-        with open(os.path.join(datadir, "pg_hba.conf"), "a") as hba:
-            hba.write("host all all 0.0.0.0/0 trust\nhost all all ::/0 trust\n")
-        proc = mesh_env.popen(
-            server,
-            [*as_pg, tools["postgres"], "-D", datadir, "-k", datadir, "-p", str(PORT),
-             "-c", "listen_addresses=*", "-c", "fsync=off", "-c", "synchronous_commit=off",
-             "-c", "full_page_writes=off", "-c", "max_connections=60"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-
-        def local(*sql: str) -> str:
-            """psql in the server pod over the unix socket: never the mesh."""
-            out = subprocess.run(
-                [*as_pg, tools["psql"], "-h", datadir, "-p", str(PORT), "-U", "postgres", "-XAtq",
-                 *[arg for s in sql for arg in ("-c", s)]],
-                capture_output=True, timeout=120,
-            )  # fmt: skip
-            assert out.returncode == 0, out.stderr
-            return out.stdout
-
-        wait_for(lambda: _ready(local), 60, "postgres to accept connections")
-        yield server, tools, local
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)  # fast shutdown: its backends go with it
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(datadir, ignore_errors=True)
-
-
-def _ready(local) -> bool:
-    try:
-        return local("SELECT 1").strip() == b"1"
-    except AssertionError:
-        return False
+    pod = mesh_env.create_pod("pg")
+    with postgres_in(mesh_env, pod) as server:
+        yield pod, server
 
 
 @pytest.mark.parametrize("backend,flavour,datapath", CASES,
@@ -116,12 +51,13 @@ def _ready(local) -> bool:
 def test_pgbench_books_balance_and_a_table_reads_back_whole(
     mesh_env, pg_server, backend, flavour, datapath
 ):
-    server, tools, local = pg_server
+    server, pg = pg_server
+    tools = {name: pg.tool(name) for name in ("pgbench", "psql")}
     client = mesh_env.create_pod("app")
     agent = start_agent(mesh_env, *redirect_args(backend, flavour), "--datapath", datapath)
     try:
         agent.attach(client)
-        dsn = ["-h", server.ip4, "-p", str(PORT), "-U", "postgres"]
+        dsn = ["-h", server.ip4, "-p", str(pg.port), "-U", "postgres"]
 
         def run(argv: list[str], timeout: float = 240) -> str:
             proc = mesh_env.popen(client, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -156,7 +92,7 @@ def test_pgbench_books_balance_and_a_table_reads_back_whole(
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
         through, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        direct = local(copy)
+        direct = pg.local(copy)
         assert len(through) == len(direct) > 15_000_000
         assert hashlib.sha256(through).digest() == hashlib.sha256(direct).digest()
 
