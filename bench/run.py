@@ -63,7 +63,8 @@ ONLY_PATHS = [p for p in os.environ.get("BENCH_PATHS", "").split(",") if p]
 ALL_WORKLOADS = ("bulk", "rr", "redis", "pg")
 WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", ",".join(ALL_WORKLOADS)).split(",") if w]
 PIN = os.environ.get("BENCH_PIN") == "1"
-PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != set(ALL_WORKLOADS) or PIN
+AGENT_ARGS = os.environ.get("BENCH_AGENT_ARGS", "").split()  # e.g. "--sockmap-sndbuf 0"
+PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != set(ALL_WORKLOADS) or PIN or bool(AGENT_ARGS)
 
 
 def client_cpu(argv: list[str]) -> list[str]:
@@ -372,7 +373,7 @@ def main() -> int:
         for pod, splice in ((proxy, False), (proxys, True)):
             env.popen(pod, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4, splice))],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        agent = start_agent(env, "--datapath", "copy")
+        agent = start_agent(env, "--datapath", "copy", *AGENT_ARGS)
         agent.attach(client)
         msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]
         time.sleep(1.0)
