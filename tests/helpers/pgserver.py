@@ -82,7 +82,7 @@ def postgres_in(
     proc = None
     try:
         subprocess.run(
-            [*AS_PG, server.tool("initdb"), "-D", datadir, "--auth=trust", "-U", "postgres",
+            [*AS_PG, server.tool("initdb"), "-D", datadir, "--auth=trust", "-U", "postgres", "--no-locale", "-E", "UTF8",
              "--no-sync"],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
         )  # fmt: skip
