@@ -369,13 +369,9 @@ class Attachments:
             self.log.warning("pod not adopted", extra={"pod": name, "reason": why})
             self._drop_record(name, record)
         for backend in self.backends.values():
-            reconcile = getattr(backend, "reconcile", None)
-            if reconcile is not None:
-                handles = [e.handle for e in self.pods.values() if e.backend is backend]
-                for cookie in reconcile(handles):
-                    self.log.info(
-                        "stale pod entry removed", extra={"reason": f"netns cookie {cookie}"}
-                    )
+            handles = [e.handle for e in self.pods.values() if e.backend is backend]
+            for cookie in backend.reconcile(handles):
+                self.log.info("stale pod entry removed", extra={"reason": f"netns cookie {cookie}"})
         self.save()
         return adopted
 
@@ -429,8 +425,8 @@ class Attachments:
                 source=pod.source,
                 auto=bool(msg.get("auto")),
             )
-            if entry.draining and hasattr(backend, "stopped"):
-                backend.stopped.add(handle.netns_cookie)  # fail-open must not steer it again
+            if entry.draining:
+                backend.keep_stopped(handle)  # fail-open must not steer it again
             slot = self.forwarder.adopt_pod(
                 name, fd, backend.steering(handle), listeners, msg.get("stats")
             )
@@ -495,10 +491,9 @@ class Attachments:
         return out
 
 
-def _flavour(backend) -> dict:
+def _flavour(backend: Backend) -> dict:
     """iptables: which flavour holds the pod's rules (cleanup needs it)."""
-    tools = getattr(backend, "tools", None)
-    return {"flavour": tools.flavour} if tools is not None else {}
+    return {"flavour": backend.flavour} if backend.flavour is not None else {}
 
 
 def read_attached(state_dir) -> dict[str, dict]:

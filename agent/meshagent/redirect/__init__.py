@@ -83,6 +83,9 @@ class Backend(Protocol):
     # attach/stop_new/remove block (subprocesses): the agent runs them in a
     # worker thread, so they must touch nothing of the loop's
     blocking: bool
+    # The iptables flavour holding the pods' rules, saved with each pod so
+    # that cleanup removes them with the same tools; None: no rules.
+    flavour: str | None
 
     def attach(self, pod: PodHandle) -> None: ...
 
@@ -95,3 +98,13 @@ class Backend(Protocol):
     def steering(self, pod: PodHandle) -> Steering: ...
 
     def snapshot(self) -> dict: ...
+
+    def reconcile(self, pods: list[PodHandle]) -> list[int]:
+        """Adopted these pods: remove what an earlier agent left for others
+        (pods since deleted). The netns cookies of what was removed."""
+        ...
+
+    def keep_stopped(self, pod: PodHandle) -> None:
+        """A pod taken over while it was being detached: its new connections
+        stay direct (fail_open must not steer it again)."""
+        ...

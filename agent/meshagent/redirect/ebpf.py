@@ -21,6 +21,7 @@ _ONE = abi.BYTE.pack(1)
 class EbpfBackend:
     name = Backend.EBPF
     blocking = False  # one map update
+    flavour = None  # no rules
 
     def __init__(
         self,
@@ -66,8 +67,11 @@ class EbpfBackend:
 
     def stop_new(self, pod: PodHandle) -> None:
         """One map delete; open connections need nothing more."""
-        self.stopped.add(pod.netns_cookie)
+        self.keep_stopped(pod)
         self.steer(pod, False)
+
+    def keep_stopped(self, pod: PodHandle) -> None:
+        self.stopped.add(pod.netns_cookie)
 
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         pass

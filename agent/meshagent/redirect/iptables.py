@@ -102,6 +102,17 @@ class IptablesBackend:
         self.cfg = cfg
         self.tools = tools
 
+    @property
+    def flavour(self) -> str:
+        return self.tools.flavour
+
+    def reconcile(self, pods: list[PodHandle]) -> list[int]:
+        """Nothing outside the pods' own netns: a deleted pod's rules went with it."""
+        return []
+
+    def keep_stopped(self, pod: PodHandle) -> None:
+        """Its rules already RETURN new connections (fail_open never changes them)."""
+
     def _run(self, netns_name: str, argv: list[str], text: str | None, pod: str) -> str:
         if not netns.exists(netns_name):
             raise MeshError(f"pod {pod}: network namespace {netns_name} is gone")

@@ -1,0 +1,106 @@
+"""Both redirect backends implement the whole `Backend` protocol, so the
+attachments call every member plainly; the ebpf backend's map work is
+checked against dict-backed maps (no kernel)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from meshagent.bpf import abi
+from meshagent.redirect import Backend, PodHandle
+from meshagent.redirect.ebpf import EbpfBackend
+from meshagent.redirect.iptables import IptablesBackend, Tools
+from meshagent.redirect.rules import RuleConfig
+
+BACKENDS = (EbpfBackend, IptablesBackend)
+
+
+def protocol_members() -> dict[str, object]:
+    """Backend's members: its annotated attributes and its methods."""
+    members: dict[str, object] = dict.fromkeys(Backend.__annotations__)
+    for name, value in vars(Backend).items():
+        if inspect.isfunction(value) and not name.startswith("_"):
+            members[name] = value
+    return members
+
+
+def test_protocol_has_what_attachments_call():
+    assert {"reconcile", "keep_stopped", "flavour", "blocking"} <= set(protocol_members())
+
+
+@pytest.mark.parametrize("cls", BACKENDS, ids=lambda c: c.__name__)
+def test_backend_has_every_member(cls):
+    for name, declared in protocol_members().items():
+        assert hasattr(cls, name), f"{cls.__name__} lacks {name}"
+        if declared is None:
+            continue
+        params = list(inspect.signature(getattr(cls, name)).parameters)
+        assert params == list(inspect.signature(declared).parameters), f"{cls.__name__}.{name}"
+
+
+class DictMap:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries: dict[bytes, bytes] = {}
+
+    def list_keys(self) -> list[bytes]:
+        return list(self.entries)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.entries.get(key)
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.entries[key] = value
+
+    def delete(self, key: bytes) -> bool:
+        return self.entries.pop(key, None) is not None
+
+    def count(self) -> int:
+        return len(self.entries)
+
+
+class DictLoaded:
+    def __init__(self) -> None:
+        self.maps: dict[str, DictMap] = {}
+
+    def map(self, name: str) -> DictMap:
+        return self.maps.setdefault(name, DictMap(name))
+
+
+def pod(name: str, cookie: int, pod_id: int = 1) -> PodHandle:
+    return PodHandle(name, f"ns-{name}", -1, pod_id, _cookie=cookie)
+
+
+@pytest.fixture
+def ebpf() -> EbpfBackend:
+    return EbpfBackend(DictLoaded(), 15001, (), ())  # type: ignore[arg-type]
+
+
+def test_ebpf_reconcile_removes_other_pods(ebpf):
+    kept, gone = pod("web", 11), pod("old", 22, 2)
+    ebpf.attach(kept)
+    ebpf.attach(gone)
+    assert ebpf.reconcile([kept]) == [22]
+    assert ebpf.pods.list_keys() == [abi.U64.pack(11)]
+
+
+def test_ebpf_keep_stopped_outlasts_fail_open(ebpf):
+    web = pod("web", 11)
+    ebpf.keep_stopped(web)  # taken over while draining: not in mesh_pods
+    steering = ebpf.steering(web)
+    steering.fail_open(True)
+    steering.fail_open(False)
+    assert ebpf.pods.count() == 0
+    ebpf.attach(web)
+    assert ebpf.pods.count() == 1
+
+
+def test_iptables_has_no_residue_outside_pods():
+    tools = Tools("nft", "/r4", "/r6", "/s4", "/s6")
+    backend = IptablesBackend(RuleConfig(port=15001, skip_mark=1), tools)
+    assert backend.flavour == "nft"
+    assert backend.reconcile([pod("web", 11)]) == []
+    backend.keep_stopped(pod("web", 11))  # nothing to do, and no subprocess
+    assert EbpfBackend.flavour is None
