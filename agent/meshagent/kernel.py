@@ -95,7 +95,7 @@ def probe(without: tuple[str, ...] = (), iptables: str | None = None) -> Probe:
     """Probe this machine; `without` turns features off (to prove fallbacks)."""
     check_feature_names(without)
     from meshagent.bpf import features as kernel_facts
-    from meshagent.bpf.loader import has_headers, headers_path
+    from meshagent.bpf.source import has_headers, headers_path
     from meshagent.host import cgroup
 
     host: dict[str, Feature] = {}

@@ -52,7 +52,7 @@ def build(cflags: list[str]) -> dict:
     from bcc import BPF
     from bcc.libbcc import lib
 
-    from meshagent.bpf.loader import render_source
+    from meshagent.bpf.source import render_source
 
     started = time.monotonic()
     bpf = BPF(text=render_source().encode(), cflags=cflags)

@@ -1,104 +1,29 @@
-"""Render, compile, load and attach the BPF programs.
+"""Load and attach the BPF programs.
 
-BCC's rewriter only handles the main file, so our own quoted includes are
-inlined into one text with #line marks (what `run --dump-bpf` prints is
-exactly what is compiled). Configuration enters only as -DMESH_* cflags.
-
-BCC compiles in a child process (bpf/build.py, cached by bpf/objects.py);
-load_programs() creates the maps and loads the programs a plan asks for with
-raw bpf(2), reporting each one the kernel refuses with the verifier's
-reason; attach() links what loaded and returns a Loaded: map fds (checked
+BCC compiles the text of bpf/source.py in a child process (bpf/build.py,
+cached by bpf/objects.py); load_programs() creates the maps and loads the
+programs a plan asks for with raw bpf(2), reporting each one the kernel
+refuses with the verifier's reason; attach() links what loaded and returns a Loaded: map fds (checked
 against bpf/abi.py) and link fds only. libbcc is never mapped into the agent.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import struct
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshagent import log
-from meshagent.bpf import abi
+from meshagent.bpf import abi, objects
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.pins import Pins
 from meshagent.bpf.programs import PROGRAM_FILES, PROGRAMS_BY_NAME, Program
 from meshagent.config import AgentConfig, bpf_cflags
 from meshagent.errors import MeshError
 
-_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 _CGROUP_PROG_TYPES = ("cgroup_sock_addr", "sock_ops")
-
-
-def bpf_dir() -> Path:
-    """The C sources: meshagent/bpf/c in an installed wheel, else bpf/ at
-    the top of the source tree."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "c", here.parent.parent.parent / "bpf"):
-        if (candidate / "include" / "maps.h").exists():
-            return candidate
-    raise MeshError("BPF sources not found (expected meshagent/bpf/c or bpf/ in the source tree)")
-
-
-def render_source(files: tuple[str, ...] = tuple(PROGRAM_FILES.values())) -> str:
-    """The single C text BCC compiles: the entry files with our headers inlined."""
-    root = bpf_dir()
-    seen: set[Path] = set()
-
-    def expand(path: Path) -> list[str]:
-        path = path.resolve()
-        if path in seen:
-            return []
-        seen.add(path)
-        rel = path.relative_to(root)
-        out = [f'#line 1 "{rel}"']
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            match = _INCLUDE_RE.match(line)
-            if match:
-                out.extend(expand(path.parent / match.group(1)))
-                out.append(f'#line {number + 1} "{rel}"')
-            else:
-                out.append(line)
-        return out
-
-    lines: list[str] = []
-    for name in files:
-        lines.extend(expand(root / name))
-    return "\n".join(lines) + "\n"
-
-
-def headers_path() -> Path:
-    source = os.environ.get("BCC_KERNEL_SOURCE")
-    if source:
-        return Path(source)
-    return Path("/lib/modules") / os.uname().release / "build"
-
-
-def has_headers() -> bool:
-    path = headers_path()
-    return (path / "include").is_dir() or (path / "Makefile").exists()
-
-
-def require_headers() -> None:
-    if not has_headers():
-        raise MeshError(
-            f"kernel headers for {os.uname().release} not found at {headers_path()}:"
-            " run scripts/bootstrap (installs linux-headers-amd64 and links them)"
-        )
-
-
-def verifier_reason(log: str) -> str:
-    """The line of a verifier log that says why: the last one that is
-    neither an instruction nor a statistic."""
-    lines = [
-        line.strip()
-        for line in log.splitlines()
-        if line.strip()
-        and not re.match(r"^(\d+: |; |processed |verification time|stack depth|bpf: Failed)", line)
-    ]
-    return lines[-1] if lines else ""
 
 
 def load_programs(
@@ -112,8 +37,6 @@ def load_programs(
     the cache or a compile in a child process; a compile that fails refuses
     them all (and makes no maps). With pins, a pinned map of the same
     definition is taken over, state and all (a restart, an upgrade)."""
-    from meshagent.bpf import objects
-
     try:
         obj = objects.obtain([*bpf_cflags(cfg), *have], cfg.cache_dir)
     except MeshError as exc:

@@ -23,6 +23,7 @@ from pathlib import Path
 from meshagent import log
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.programs import Program
+from meshagent.bpf.source import headers_path, render_source, require_headers, verifier_reason
 from meshagent.errors import MeshError
 
 FORMAT = 1
@@ -91,8 +92,6 @@ class BpfObject:
             program.prog_type_id, bytes(code), expected, name=program.name,
             license=self.license, log_size=1 << 24,
         )  # fmt: skip
-        from meshagent.bpf.loader import verifier_reason
-
         reason = verifier_reason(text) or os.strerror(err)
         raise Refused(f"{program.name} ({program.file}) refused by the kernel: {reason}")
 
@@ -118,8 +117,6 @@ def check_cache_dir(path: Path) -> None:
 def obtain(cflags: list[str], cache_dir: Path) -> BpfObject:
     """The compiled object for these flags on this kernel: from the cache,
     else compiled now in a child process (seconds; logged with progress)."""
-    from meshagent.bpf.loader import render_source
-
     key = cache_key(render_source(), cflags)
     check_cache_dir(cache_dir)
     path = cache_dir / f"bpf-{key}.json"
@@ -134,8 +131,6 @@ def obtain(cflags: list[str], cache_dir: Path) -> BpfObject:
 
 
 def _compile(cflags: list[str], path: Path) -> None:
-    from meshagent.bpf.loader import headers_path, require_headers
-
     require_headers()
     logger = log.get()
     logger.info(
