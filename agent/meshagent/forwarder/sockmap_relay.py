@@ -1,0 +1,394 @@
+"""A spliced pair: the kernel splices a forwarded connection's two sockets;
+Python only hands off the bytes that arrived before the splice and keeps
+the lifetimes (half-close, reset, close).
+
+The ordered hand-off (see bpf/skb_verdict.c and shared KERNEL-NOTES):
+per socket S, X = bytes the verdict passed to S's own queue (BPF writes),
+Y = bytes Python read from S and fully sent on (Python writes). The verdict
+redirects only while its X-before-add equals Y, so bytes Python forwards
+are never overtaken. Python drains S until X == Y, read after storing Y;
+then the kernel carries the rest and Python watches S only for RDHUP/ERR.
+
+With sk_msg (bpf/sk_msg.c), where sock_ops put the pod's own socket A into
+mesh_apphash: A's sends go straight into the upstream socket's send queue,
+in A's own context, once Python has sent on all A passed before (A's P
+equals the accepted socket's Y). The accepted socket then has no peer:
+whatever still reaches it, Python carries (it stays watched for EPOLLIN).
+Replies are spliced upstream -> accepted socket as without sk_msg.
+(Replies put straight into A's receive queue were faster, but a redirect
+into a queue goes through the psock worker, and nothing tells Python when
+the worker is done: A's FIN could overtake the last bytes. The 200-
+connection digest test caught exactly that.)
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from collections.abc import Callable
+
+from meshagent.forwarder.copy import recv_scratch, reset_close
+from meshagent.forwarder.datapath import Done
+from meshagent.forwarder.sockmap_maps import SockmapMaps
+from meshagent.forwarder.sockmap_side import Side
+from meshagent.host.loop import Loop, Timer
+from meshagent.modes import DataPathMode
+from meshagent.redirect import AppSocket
+
+BLOCKED = (1 << 64) - 1  # a Y no X can equal: bytes held before the move wait
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
+EPOLLERR = select.EPOLLERR
+EPOLLHUP = select.EPOLLHUP
+RECHECK_FIRST = 0.0005
+RECHECK_MAX = 0.05
+STALL_SECONDS = 5.0
+
+
+class SockmapRelay:
+    """Both sockets are already in the sockhash (X = Y = 0 made first)."""
+
+    mode = DataPathMode.SOCKMAP
+    # Thousands live at once: no per-instance dict (memory per connection).
+    __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
+                 "on_done", "on_stall", "progress_at", "stalled", "timer",
+                 "upstream")  # fmt: skip
+
+    def __init__(
+        self,
+        loop: Loop,
+        maps: SockmapMaps,
+        client: socket.socket,
+        client_cookie: int,
+        upstream: socket.socket,
+        upstream_cookie: int,
+        on_done: Done,
+        on_stall: Callable[[SockmapRelay], None],
+        app: AppSocket | None = None,
+    ) -> None:
+        self.loop = loop
+        self.app = app  # the sk_msg path: the pod's own socket
+        self.maps = maps
+        self.client = Side(client, client_cookie, active=False)
+        self.upstream = Side(upstream, upstream_cookie, active=True)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.client.relay = self.upstream.relay = self
+        self.on_done = on_done
+        self.on_stall = on_stall
+        self.closed = False
+        self._final = (0, 0)
+        self.timer: Timer | None = None
+        self.backoff = RECHECK_FIRST
+        self.progress_at = time.monotonic()
+        self.stalled = False
+        self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
+
+    def _eof(self, side: Side) -> None:
+        side.eof = True
+        if self.closed_by is None:
+            self.closed_by = "pod" if side is self.client else "upstream"
+
+    def start(self) -> None:
+        """Set the peers (the kernel may redirect from now on) and begin.
+        Raises OSError when the peer map is full even after a flush: the
+        caller then copies this pair in userspace."""
+        for side in (self.client, self.upstream):
+            if side.pending:  # held at the move: no redirect before they are sent
+                side.sent_y = -1
+                self.maps.store_y(side.cookie, BLOCKED)
+        if self.app is not None:
+            if self.client.y_base and not self.client.pending:
+                # before any target: P counted what Python carried
+                self.maps.store_y(self.client.cookie, self.client.y_base)
+            self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
+        else:
+            self.maps.set_peers(self.client.cookie, self.upstream.cookie)
+        for side in (self.client, self.upstream):
+            self._register(side)
+        self._progress()
+
+    @property
+    def bytes_out(self) -> int:
+        if self.closed:
+            return self._final[0]
+        if self.app is None:
+            return self._bytes(self.client)
+        try:  # A's redirected sends never pass the accepted socket
+            fin = 1 if self.client.fin_sent_on else 0
+            return max(0, self.upstream.data_sent() - fin)
+        except OSError:
+            return 0
+
+    @property
+    def bytes_in(self) -> int:
+        return self._bytes(self.upstream) if not self.closed else self._final[1]
+
+    @staticmethod
+    def _bytes(side: Side) -> int:
+        try:
+            return side.data_received()
+        except OSError:
+            return 0
+
+    @property
+    def handoff_bytes(self) -> int:
+        """Bytes Python carried during the hand-off, both directions."""
+        return self.client.read_total + self.upstream.read_total
+
+    # -- events ------------------------------------------------------------
+    def _mask(self, side: Side) -> int:
+        mask = 0
+        if (not side.handed_off or self._carries(side)) and not side.pending:
+            mask |= EPOLLIN
+        if side.peer.pending:
+            mask |= EPOLLOUT
+        if not side.eof:
+            mask |= EPOLLRDHUP
+        return mask
+
+    def _carries(self, side: Side) -> bool:
+        """With sk_msg, the accepted socket has no peer: Python carries
+        whatever reaches it, so it stays watched for EPOLLIN."""
+        return self.app is not None and side is self.client
+
+    def _register(self, side: Side) -> None:
+        self.loop.add(side.sock.fileno(), self._mask(side), side.on_events)
+        side.registered = True
+
+    def on_events(self, side: Side, events: int) -> None:
+        """The loop's handler for side's socket (through Side.on_events)."""
+        if self.closed:
+            return
+        if events & EPOLLERR:
+            err = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.abort(side, OSError(err, "socket error"))
+            return
+        if events & EPOLLHUP and not side.peer.fin_sent_on:
+            # Closed both ways though we never shut its write side: a reset.
+            # Its error may be gone already: a pod's redirected sendmsg
+            # (sk_msg) that met the reset took it (sock_error clears it).
+            self.abort(side, ConnectionResetError(errno.ECONNRESET, "reset by peer"))
+            return
+        if events & EPOLLIN:
+            side.handed_off = False  # bytes Python must carry (sk_msg: the accepted socket)
+        if events & EPOLLRDHUP:
+            self._eof(side)
+        if events & EPOLLHUP:
+            self._eof(side)
+            # Closed both ways: level-triggered HUP would spin; timers finish it.
+            self._unregister(side)
+        self._progress()
+
+    def _unregister(self, side: Side) -> None:
+        if side.registered:
+            side.registered = False
+            self.loop.remove(side.sock.fileno())
+
+    # -- the state machine -------------------------------------------------
+    def _progress(self) -> None:
+        if self.closed:
+            return
+        try:
+            waiting = False
+            for side in (self.client, self.upstream):
+                if not side.handed_off:
+                    waiting |= self._drain(side)
+                if side.eof and side.handed_off and not side.fin_sent_on:
+                    waiting |= not self._forward_fin(side)
+        except OSError as exc:
+            self.abort(self.client, exc)
+            return
+        if self.client.fin_sent_on and self.upstream.fin_sent_on:
+            self.finish(None)
+            return
+        for side in (self.client, self.upstream):
+            if side.registered:
+                self.loop.modify(side.sock.fileno(), self._mask(side))
+        if waiting:
+            self._recheck_later()
+        else:
+            self.backoff = RECHECK_FIRST
+
+    def _drain(self, side: Side) -> bool:
+        """Forward what the verdict passed to side's queue. True while the
+        hand-off is incomplete and nothing but time will move it on.
+
+        recv() comes before the X == Y test: bytes queued before the socket
+        entered the sockhash only pass through the verdict on the first
+        recv() after it (measured on 6.x), so X alone cannot see them."""
+        while True:
+            if side.pending:
+                try:
+                    sent = side.peer.sock.send(side.pending)
+                except BlockingIOError:
+                    return False  # EPOLLOUT on the peer wakes us
+                del side.pending[:sent]
+                if side.pending:
+                    return False
+                side.pending = b""
+            if side.sent_y != side.read_total:
+                self._store_y(side)
+            data = recv_scratch(side.sock)
+            if data:
+                side.read_total += len(data)
+                if not side.pending:
+                    side.pending = bytearray()  # made only when bytes wait
+                side.pending += data
+                self.progress_at = time.monotonic()
+                continue
+            if data is not None:  # EOF (an empty view)
+                self._eof(side)
+            if self.maps.x(side.cookie) == side.sent_y:
+                side.handed_off = True  # X == Y, read after the Y store
+                self.progress_at = time.monotonic()
+                return False
+            return self._waiting(side)  # a claim in flight: X briefly > Y
+
+    def _store_y(self, side: Side) -> None:
+        blocked = side.sent_y < 0
+        side.sent_y = side.read_total  # all read was fully sent on
+        y = side.sent_y + side.y_base
+        if y or not blocked:
+            self.maps.store_y(side.cookie, y)
+        else:  # BLOCKED, and nothing read since the move: a missing Y reads as 0
+            self.maps.clear_y(side.cookie)
+
+    def _waiting(self, side: Side) -> bool:
+        if not self.stalled and time.monotonic() - self.progress_at > STALL_SECONDS:
+            self.stalled = True
+            self.on_stall(self)
+        return True
+
+    def _forward_fin(self, side: Side) -> bool:
+        """Propagate side's EOF once its peer has sent all side received."""
+        peer = side.peer
+        if peer.data_sent() < side.data_received():
+            return False
+        side.fin_sent_on = True
+        try:
+            peer.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return True
+
+    def _recheck_later(self) -> None:
+        if self.timer is not None and not self.timer.cancelled:
+            return
+
+        def fire() -> None:
+            self.timer = None
+            self._progress()
+
+        self.timer = self.loop.call_later(self.backoff, fire)
+        self.backoff = min(self.backoff * 2, RECHECK_MAX)
+
+    def recheck(self) -> None:
+        """Called by the forwarder's sweep when a redirect failed somewhere:
+        a kept claim means bytes wait in a queue Python must read."""
+        for side in (self.client, self.upstream):
+            if side.handed_off and self.maps.x(side.cookie) != side.sent_y:
+                side.handed_off = False
+        self._progress()
+
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    SIDE_STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on",
+                  "y_base")  # fmt: skip
+
+    def export(self) -> tuple[dict, list[int], list[bytes]]:
+        """The kernel keeps splicing meanwhile: only the hand-off's state
+        and the bytes Python holds go over."""
+        state = {
+            "kind": "sockmap",
+            "closed_by": self.closed_by,
+            "app": [self.app.key.hex(), self.app.cookie] if self.app is not None else None,
+            "client": {k: getattr(self.client, k) for k in self.SIDE_STATE},
+            "upstream": {k: getattr(self.upstream, k) for k in self.SIDE_STATE},
+        }
+        fds = [self.client.sock.fileno(), self.upstream.sock.fileno()]
+        return state, fds, [bytes(self.client.pending), bytes(self.upstream.pending)]
+
+    def suspend(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for side in (self.client, self.upstream):
+            self.loop.remove(side.sock.fileno())
+
+    def resume(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.registered:
+                self.loop.add(side.sock.fileno(), self._mask(side), side.on_events)
+        self._progress()
+
+    @classmethod
+    def restore(
+        cls, loop: Loop, maps: SockmapMaps, client, upstream, on_done: Done,
+        on_stall: Callable[[SockmapRelay], None], state: dict, blobs: list[bytes],
+    ) -> SockmapRelay:  # fmt: skip
+        """A pair taken over: both sockets are in the (pinned) sockhash and
+        their peers are set; pick the hand-off up where it was."""
+        app = state.get("app")
+        relay = cls(loop, maps, client, state["client"]["cookie"], upstream,
+                    state["upstream"]["cookie"], on_done, on_stall,
+                    AppSocket(bytes.fromhex(app[0]), app[1]) if app else None)  # fmt: skip
+        for side, saved, pending in ((relay.client, state["client"], blobs[0]),
+                                     (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
+            for key in cls.SIDE_STATE:
+                setattr(side, key, saved.get(key, 0))
+            side.pending = bytearray(pending) if pending else b""
+        relay.closed_by = state["closed_by"]
+        for side in (relay.client, relay.upstream):
+            relay._register(side)
+        loop.call_later(0, relay._progress)  # no I/O until the loop runs (after the handover)
+        return relay
+
+    # -- endings -----------------------------------------------------------
+    def _cleanup(self) -> None:
+        self._final = (self._bytes(self.client), self._bytes(self.upstream))
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        for side in (self.client, self.upstream):
+            self._unregister(side)
+
+    def abort(self, failed: Side, exc: OSError) -> None:
+        """An error on one side: reset both, remove the map entries."""
+        which = "pod" if failed is self.client else "upstream"
+        self.reset(f"{which} {type(exc).__name__}: {exc.strerror or exc}")
+
+    def reset(self, reason: str) -> None:
+        """End both sides with an RST (the kernel may still hold spliced
+        bytes in flight: a clean FIN would pass a cut stream for a whole one)."""
+        if self.closed:
+            return
+        self._cleanup()
+        for side in (self.client, self.upstream):
+            reset_close(side.sock)
+            self.maps.forget(side.cookie, y_stored=side.y_stored)
+        self.on_done(self, reason)
+
+    def finish(self, reason: str | None) -> None:
+        if self.closed:
+            return
+        self._cleanup()
+        for side in (self.client, self.upstream):
+            side.sock.close()  # leaves the sockhash with the socket
+            self.maps.forget(side.cookie, y_stored=side.y_stored)
+        self.on_done(self, reason)
+
+
+class Untracked:
+    """A finished pair leaves the path's set, then its end passes on (two
+    slots per connection, smaller than a closure)."""
+
+    __slots__ = ("relays", "then")
+
+    def __init__(self, relays: set, then: Done) -> None:
+        self.relays, self.then = relays, then
+
+    def __call__(self, relay, reason: str | None) -> None:
+        self.relays.discard(relay)
+        self.then(relay, reason)

@@ -1,0 +1,75 @@
+"""One socket of a spliced pair (forwarder/sockmap_relay.py), and what
+tcp_info and SIOCOUTQ tell about it."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from meshagent.forwarder.sockmap_relay import SockmapRelay
+
+
+def tcp_counts(sock: socket.socket) -> tuple[int, int]:
+    """(bytes_acked, bytes_received) from tcp_info; both count SYN/FIN."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 136)
+    return struct.unpack_from("=QQ", raw, 120)
+
+
+def unsent(sock: socket.socket) -> int:
+    """Bytes in the send queue not yet acked (SIOCOUTQ)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+class Side:
+    """One socket of the pair and the direction that reads from it."""
+
+    __slots__ = (
+        "active",
+        "cookie",
+        "eof",
+        "fin_sent_on",
+        "handed_off",
+        "peer",
+        "pending",
+        "read_total",
+        "registered",
+        "relay",
+        "sent_y",
+        "sock",
+        "y_base",
+    )
+
+    def __init__(self, sock: socket.socket, cookie: int, active: bool) -> None:
+        self.sock = sock
+        self.cookie = cookie
+        self.active = active  # connect()ed by us: its bytes_acked counts a SYN
+        self.peer: Side = self
+        self.pending: bytes | bytearray = b""  # read from sock, not yet sent to peer
+        self.registered = False  # in the loop's epoll
+        self.relay: SockmapRelay | None = None
+        self.read_total = 0
+        self.sent_y = 0  # -1: BLOCKED stored (bytes held at the move not yet sent)
+        self.y_base = 0  # added to Y in the map: bytes carried before the sockmap (sk_msg's P)
+        self.handed_off = False
+        self.eof = False  # sock's peer sent FIN
+        self.fin_sent_on = False  # we shut down peer's write side for it
+
+    def on_events(self, events: int) -> None:
+        """The loop's handler for this socket (a bound method: no closure)."""
+        self.relay.on_events(self, events)
+
+    @property
+    def y_stored(self) -> bool:
+        """A Y entry exists in the map for this socket."""
+        return self.sent_y != 0 or self.y_base > 0
+
+    def data_received(self) -> int:
+        return tcp_counts(self.sock)[1] - (1 if self.eof else 0)
+
+    def data_sent(self) -> int:
+        acked = tcp_counts(self.sock)[0] - (1 if self.active else 0)
+        return acked + unsent(self.sock)
