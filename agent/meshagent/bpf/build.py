@@ -26,7 +26,7 @@ from meshagent.bpf import abi
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.programs import PROGRAMS
 
-FORMAT = 1
+FORMAT = 1  # of the object written here; bpf/objects.py reads only this format
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two slots, the first holds the fd
 PSEUDO_MAP_FD = 1
 

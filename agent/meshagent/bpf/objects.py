@@ -22,11 +22,11 @@ from pathlib import Path
 
 from meshagent import log
 from meshagent.bpf import syscall as sc
+from meshagent.bpf.build import FORMAT
 from meshagent.bpf.programs import Program
 from meshagent.bpf.source import headers_path, render_source, require_headers, verifier_reason
 from meshagent.errors import MeshError
 
-FORMAT = 1
 COMPILE_TIMEOUT = 300
 
 
