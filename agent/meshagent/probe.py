@@ -144,6 +144,7 @@ def run(state_dir: Path, pod_name: str, target: str, syn: bool, timeout: float) 
 
     host, port = parse_target(target)
     pod = PodStore(state_dir).get(pod_name)
+    listener_port = _listener_port(state_dir / "agent.sock")
     events, stop = _trace(state_dir / "agent.sock", pod_name, port)
     try:
         proc = popen(pod, [sys.executable, "-m", "meshagent.probe", host, str(port),
@@ -159,7 +160,22 @@ def run(state_dir: Path, pod_name: str, target: str, syn: bool, timeout: float) 
         stop()
     result["pod"] = pod_name
     result["pod_ip"] = pod.ip6 if ":" in host else pod.ip4
+    result["listener_port"] = listener_port
     return _verdict(result, events)
+
+
+def _listener_port(socket_path: Path) -> int:
+    """The port of the running agent's forwarder listeners (its `status`
+    says, whatever `run --port` was); with no agent, the default."""
+    from meshagent.client import request
+    from meshagent.config import DEFAULT_PORT
+
+    if socket_path.exists():
+        try:
+            return int(request(socket_path, "status", timeout=10)["port"])
+        except MeshError:
+            pass
+    return DEFAULT_PORT
 
 
 def _trace(socket_path: Path, pod: str, port: int) -> tuple[list[dict], Callable[[], None]]:
@@ -193,7 +209,9 @@ def _verdict(result: dict, events: list[dict]) -> dict:
     """Join the packets and the trace to this connection."""
     target = result["target"]
     packets = result.get("packets", [])
-    listener = [p for p in packets if p["flags"] == "S" and p["dst"].endswith(":15001")]
+    to_listener = f":{result['listener_port']}"
+    listener = [p for p in packets if p["flags"] == "S" and p["dst"] != target
+                and p["dst"].endswith(to_listener)]  # fmt: skip
     upstream = [p for p in packets if p["flags"] == "S" and p["dst"] == target]
     cookie = result.get("socket_cookie")
     kernel = [e for e in events if e.get("source") == "kernel" and e.get("socket_cookie") == cookie]

@@ -49,6 +49,23 @@ def test_probe_tells_steered_from_direct_and_shows_the_upstream_source(mesh_env)
         assert agent.stop() == 0, agent.log()
 
 
+def test_probe_finds_the_listener_on_the_agents_own_port(mesh_env):
+    """`run --port` other than the default: a steered connection goes to
+    that port, and the probe asks the agent which one it is."""
+    mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--port", "15011")
+    try:
+        agent.attach(mesh_env.store().get("client"))
+        result = probe(mesh_env, "client", f"{server.ip4}:{PORT}")
+        assert result["verdict"] == "steered", result
+        assert result["listener_port"] == 15011
+        assert [p for p in result["packets"] if p["dst"].endswith(":15011")]
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
 def test_probe_works_without_an_agent_and_says_direct(mesh_env):
     mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
