@@ -49,8 +49,11 @@ class FakeMaps:
         self.peers: dict[int, int] = {}
         self.forgotten: list[int] = []
         self.peer_map_full = False
+        self.refuse = False  # the sockhash refuses sockets (no longer ESTABLISHED)
 
     def insert(self, sock: socket.socket, cookie: int) -> None:
+        if self.refuse:
+            raise OSError(95, "Operation not supported")
         self.socks[cookie] = sock
 
     def set_peers(self, a: int, b: int) -> None:
@@ -265,6 +268,24 @@ def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
         pair.close()
 
 
+def test_sockmap_copies_a_pair_whose_accepted_socket_the_sockhash_refused():
+    maps = FakeMaps()
+    maps.refuse = True
+    pair = Pair(DataPathMode.SOCKMAP, maps, copy_first=False)
+    try:
+        pair.join()
+        assert pair.conn.mode is DataPathMode.COPY
+        assert pair.path.stats.fallbacks == 1 and pair.path.stats.connections_active == 0
+        pair.app_client.sendall(b"y" * 1000)
+        pair.app_client.shutdown(socket.SHUT_WR)
+        assert recv_all(pair.app_server, pair) == b"y" * 1000
+        pair.app_server.shutdown(socket.SHUT_WR)
+        pair.run_until(lambda: pair.reason, "the copy to finish")
+        assert pair.reason == [None] and not maps.forgotten  # nothing entered
+    finally:
+        pair.close()
+
+
 def half_close_both_and_check_forgotten(pair: Pair, cookies: set[int]) -> None:
     pair.app_client.shutdown(socket.SHUT_WR)
     pair.app_server.shutdown(socket.SHUT_WR)
@@ -282,6 +303,40 @@ def test_sockmap_forgets_both_cookies_when_done():
         half_close_both_and_check_forgotten(pair, cookies)
     finally:
         pair.close()
+
+
+def test_sockmap_accepted_says_how_the_pair_goes_on_and_abandon_forgets_what_entered():
+    """accepted() answers a typed Accepted: LATER (copy first), SPLICE with
+    the accepted socket's cookie, or COPY when the sockhash refused it; the
+    pod's own socket goes with it only where sk_msg is on."""
+    from meshagent.forwarder.sockmap import Accepted, Start
+    from meshagent.redirect import AppSocket
+
+    loop, maps = Loop(), FakeMaps()
+    path = build_paths(loop, (DataPathMode.SOCKMAP,), maps)[DataPathMode.SOCKMAP]
+    app = AppSocket(b"key", 7)
+    sock, other = socket.socketpair()
+    try:
+        cookie = socket_cookie(sock)
+        assert path.accepted(sock, app) == Accepted(Start.LATER)
+        path.msg = True
+        assert path.accepted(sock, app) == Accepted(Start.LATER, app=app)
+        path.abandon(Accepted(Start.LATER, app=app))
+        path.copy_first = False
+        state = path.accepted(sock, app)
+        assert state == Accepted(Start.SPLICE, cookie, app)
+        assert not maps.forgotten
+        path.abandon(state)
+        assert maps.forgotten == [cookie]
+        maps.refuse = True
+        state = path.accepted(sock, app)
+        assert state == Accepted(Start.COPY)
+        path.abandon(state)
+        assert maps.forgotten == [cookie]
+    finally:
+        sock.close()
+        other.close()
+        loop.close()
 
 
 def test_a_short_sockmap_connection_never_touches_the_maps():

@@ -11,7 +11,9 @@ the ordered hand-off); forwarder/sockmap_maps.py (the maps, by fd).
 
 from __future__ import annotations
 
+import enum
 import socket
+from dataclasses import dataclass
 
 from meshagent.bpf import abi
 from meshagent.forwarder.copy_first import UPGRADE_BYTES, UPGRADE_READS, CopyFirst
@@ -25,7 +27,25 @@ from meshagent.redirect import AppSocket
 
 SO_SNDBUFFORCE = 32
 
-__all__ = ["BLOCKED", "UPGRADE_BYTES", "UPGRADE_READS", "CopyFirst", "SockmapPath", "SockmapRelay"]
+__all__ = ["BLOCKED", "UPGRADE_BYTES", "UPGRADE_READS", "Accepted", "CopyFirst", "SockmapPath",
+           "SockmapRelay", "Start"]  # fmt: skip
+
+
+class Start(enum.Enum):
+    """How a connection the sockmap path accepted goes on at join()."""
+
+    LATER = "later"  # on the copy relay first, moved once it carried enough (CopyFirst)
+    SPLICE = "splice"  # the accepted socket is in the sockhash: splice once both are
+    COPY = "copy"  # the accepted socket could not enter the sockhash: copy the pair
+
+
+@dataclass(slots=True)
+class Accepted:
+    """What SockmapPath.accepted() hands join() and abandon()."""
+
+    start: Start
+    cookie: int = 0  # SPLICE: the accepted socket's, in the sockhash
+    app: AppSocket | None = None  # the pod's own socket for sk_msg (LATER, SPLICE)
 
 
 class SockmapPath(DataPath):
@@ -66,36 +86,33 @@ class SockmapPath(DataPath):
             return None
         return cookie
 
-    def accepted(self, client: socket.socket, app: AppSocket | None = None):
+    def accepted(self, client: socket.socket, app: AppSocket | None = None) -> Accepted:
+        app = app if self.msg else None
         if self.copy_first:
-            return _Later(app if self.msg else None)
+            return Accepted(Start.LATER, app=app)
         cookie = self._enter(client)
-        if app is not None and self.msg and cookie is not None:
-            return (cookie, app)
-        return cookie
+        if cookie is None:
+            return Accepted(Start.COPY)
+        return Accepted(Start.SPLICE, cookie, app)
 
     def selected(self, on: bool) -> None:
         self.maps.msg_on(on and self.msg)
 
-    def abandon(self, state) -> None:
-        if isinstance(state, _Later):
-            return
-        cookie, _app = state if isinstance(state, tuple) else (state, None)
-        if cookie is not None:
-            self.maps.forget(cookie)
+    def abandon(self, state: Accepted) -> None:
+        if state.start is Start.SPLICE:
+            self.maps.forget(state.cookie)
 
-    def join(self, client, upstream, state, on_done: Done):
-        if isinstance(state, _Later):
+    def join(self, client, upstream, state: Accepted, on_done: Done):
+        if state.start is Start.LATER:
             return CopyFirst(self, client, upstream, state.app, self._counted(on_done))
-        state, app = state if isinstance(state, tuple) else (state, None)
-        cookies = [state]
-        if state is not None:
-            cookies.append(self._enter(upstream))
-        if None in cookies:
+        if state.start is Start.COPY:
+            return self._copy(client, upstream, [], on_done)
+        cookies = [state.cookie, self._enter(upstream)]
+        if cookies[1] is None:
             return self._copy(client, upstream, cookies, on_done)
         relay = SockmapRelay(
             self.loop, self.maps, client, cookies[0], upstream, cookies[1],
-            self._counted(self._untrack(on_done)), self._stalled, app,
+            self._counted(self._untrack(on_done)), self._stalled, state.app,
         )  # fmt: skip
         try:
             self.relays.add(relay)
@@ -166,12 +183,3 @@ class SockmapPath(DataPath):
             self._failures_seen = failures
             for relay in list(self.relays):
                 relay.recheck()
-
-
-class _Later:
-    """What accepted() hands join() for a connection that starts on copy."""
-
-    __slots__ = ("app",)
-
-    def __init__(self, app: AppSocket | None) -> None:
-        self.app = app
