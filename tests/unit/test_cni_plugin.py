@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from meshagent.client import request
 from meshagent.cni.plugin import run
-from meshagent.errors import MeshError
+from meshagent.errors import MeshError, NoAgent
 from meshagent.kube.install import chained, install, node_config, unchained, uninstall
 from meshagent.kube.pods import opted_in
 from meshagent.pods.kube import CniStore, cgroup_of_uid, split_name
@@ -78,6 +80,21 @@ def test_del_is_idempotent_and_spares_a_newer_sandbox(tmp_path, netns_file):
     assert run(gone, conf(tmp_path)) == (0, "")
     assert store.get("default/web") is None
     assert run(gone, conf(tmp_path)) == (0, "")  # again: still success
+
+
+def test_add_with_no_agent_behind_a_stale_socket_is_quiet(tmp_path, netns_file, capsys):
+    """A socket file no agent listens on is "no agent" (NoAgent, told apart
+    by its type): the record is kept for the next agent, nothing is printed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(state / "agent.sock"))
+    with pytest.raises(NoAgent):
+        request(state / "agent.sock", "ping", timeout=1)
+    code, out = run(env(netns_file), conf(tmp_path))
+    assert code == 0 and json.loads(out) == PREV
+    assert CniStore(state).get("default/web") is not None
+    assert capsys.readouterr().err == ""
 
 
 def test_check_compares_the_record_with_the_sandbox(tmp_path, netns_file):

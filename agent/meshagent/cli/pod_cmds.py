@@ -7,7 +7,7 @@ import json
 import click
 
 from meshagent.cli import App, require_root
-from meshagent.errors import MeshError
+from meshagent.errors import MeshError, NoAgent
 from meshagent.modes import Output, values
 
 POD_EPILOG = """\b
@@ -75,16 +75,18 @@ def create(
 @click.pass_obj
 def delete(app: App, name: str) -> None:
     """Delete pod NAME (detaches it from a running agent first)."""
-    from meshagent import control
+    from meshagent.client import request
     from meshagent.pods.standalone import delete_pod
 
     require_root("meshagent pod delete")
     app.store().get(name)
     if app.socket_path.exists():
         try:
-            control.request(app.socket_path, "detach", pod=name)
+            request(app.socket_path, "detach", pod=name)
+        except NoAgent:
+            pass
         except MeshError as exc:
-            if "is not attached" not in str(exc) and "no agent at" not in str(exc):
+            if "is not attached" not in str(exc):
                 click.echo(f"meshagent: warning: pod {name}: detach failed: {exc}", err=True)
     delete_pod(app.store(), name)
     click.echo(f"pod {name} deleted")

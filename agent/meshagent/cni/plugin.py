@@ -129,17 +129,17 @@ def _ips(prev: dict | None) -> list[str]:
 
 def _tell_agent(state_dir: Path, op: str, pod: str) -> dict | None:
     """The agent's answer, or None when no agent is running."""
-    from meshagent import control
-    from meshagent.errors import MeshError
+    from meshagent.client import request
+    from meshagent.errors import MeshError, NoAgent
 
     socket_path = state_dir / "agent.sock"
     if not socket_path.exists():
         return None
     try:
-        return control.request(socket_path, op, timeout=AGENT_TIMEOUT, pod=pod)
+        return request(socket_path, op, timeout=AGENT_TIMEOUT, pod=pod)
+    except NoAgent:
+        return None
     except MeshError as exc:
-        if "no agent at" in str(exc):
-            return None
         return {"error": str(exc)}
 
 
