@@ -23,8 +23,40 @@ from functools import cache
 from pathlib import Path
 
 from meshagent.bpf.abi import MapSpec
+from meshagent.errors import MeshError
 
-SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
+# __NR_bpf by machine (uname -m), for 64-bit processes, from the kernel's
+# tables: arch/x86/entry/syscalls/syscall_64.tbl (x86_64),
+# include/uapi/asm-generic/unistd.h (arm64, riscv, loongarch),
+# arch/powerpc/kernel/syscalls/syscall.tbl, arch/s390/kernel/syscalls/syscall.tbl.
+BPF_SYSCALL_NUMBERS = {
+    "x86_64": 321,
+    "aarch64": 280,
+    "riscv64": 280,
+    "loongarch64": 280,
+    "ppc64le": 361,
+    "ppc64": 361,
+    "s390x": 351,
+}
+
+
+def bpf_syscall_number(machine: str, pointer_bits: int = 64) -> int:
+    """bpf(2)'s number on this machine; MeshError on any other (a wrong
+    number would be another system call)."""
+    number = BPF_SYSCALL_NUMBERS.get(machine) if pointer_bits == 64 else None
+    if number is None:
+        raise MeshError(
+            f"unsupported architecture {machine} ({pointer_bits}-bit): meshagent knows the"
+            f" bpf(2) system call number of 64-bit {', '.join(BPF_SYSCALL_NUMBERS)} only"
+        )
+    return number
+
+
+MACHINE = platform.machine()
+POINTER_BITS = struct.calcsize("P") * 8
+# -1 on an unsupported machine: _call refuses it (every map, program and
+# link starts with a _call), so nothing here runs another system call.
+SYS_BPF = BPF_SYSCALL_NUMBERS.get(MACHINE, -1) if POINTER_BITS == 64 else -1
 
 # enum bpf_cmd
 BPF_MAP_CREATE = 0
@@ -81,6 +113,8 @@ class BpfError(OSError):
 
 
 def _call(cmd: int, attr: ctypes.Array, size: int = ATTR_SIZE) -> int:
+    if SYS_BPF < 0:
+        bpf_syscall_number(MACHINE, POINTER_BITS)  # raises: says which machine
     ret = _libc.syscall(SYS_BPF, cmd, ctypes.addressof(attr), size)
     if ret < 0:
         err = ctypes.get_errno()
