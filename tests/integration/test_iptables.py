@@ -134,6 +134,58 @@ def test_a_restarted_agent_removes_rules_a_crash_left_without_an_owner(mesh_env)
         assert again.stop() == 0, again.log()
 
 
+def test_rule_work_moves_only_its_own_thread_and_always_comes_back(mesh_env):
+    """The backend enters the pod's netns on the calling thread only (the
+    child inherits it; no preexec_fn), and the thread comes back even when
+    the tool cannot run: the worker thread is reused for the next pod."""
+    import os
+    import threading
+
+    from meshagent.errors import MeshError
+    from meshagent.host import netns
+    from meshagent.redirect.iptables import IptablesBackend, Tools
+    from meshagent.redirect.rules import RuleConfig
+
+    def here() -> tuple[int, int]:
+        st = os.stat("/proc/thread-self/ns/net")
+        return st.st_dev, st.st_ino
+
+    client = mesh_env.create_pod("client")
+    pod_ns = os.stat(netns.path(client.netns)).st_ino
+    backend = IptablesBackend(RuleConfig(15001, 0x4D455348), Tools.of("nft"))
+    child = [sys.executable, "-c", "import os; print(os.stat('/proc/self/ns/net').st_ino)"]
+    home, seen, errors = here(), [], []
+    stop = threading.Event()
+
+    def watch() -> None:  # another thread meanwhile: never moved
+        while not stop.is_set():
+            seen.append(here())
+
+    def work() -> None:
+        try:
+            assert here() == home
+            for _ in range(20):
+                assert int(backend._run(client.netns, child, None, "client")) == pod_ns
+                assert here() == home
+                with pytest.raises(MeshError, match="cannot run"):
+                    backend._run(client.netns, ["/nonexistent/iptables"], None, "client")
+                assert here() == home
+            with pytest.raises(MeshError, match="is gone"):
+                backend._run("meshagent-no-such-netns", child, None, "client")
+            assert here() == home
+        except BaseException as exc:
+            errors.append(exc)
+
+    watcher, worker = threading.Thread(target=watch), threading.Thread(target=work)
+    watcher.start()
+    worker.start()
+    worker.join(120)
+    stop.set()
+    watcher.join(10)
+    assert not errors, errors
+    assert seen and set(seen) == {home} and here() == home
+
+
 HOLD = """
 import socket, sys
 sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))

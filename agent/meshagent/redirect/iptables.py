@@ -1,9 +1,9 @@
 """The iptables redirect backend: rules inside the pod's netns.
 
-iptables-restore runs inside the pod's network namespace, entered with
-pyroute2 (no `ip netns exec`); which flavour (legacy or nft) is decided once
-for the host, as Istio does: whichever already holds rules, else the
-system default.
+iptables-restore runs inside the pod's network namespace: the calling
+thread enters it with setns and the child inherits it (no `ip netns exec`,
+no `nsenter`). Which flavour (legacy or nft) is decided once for the host,
+as Istio does: whichever already holds rules, else the system default.
 """
 
 from __future__ import annotations
@@ -85,15 +85,6 @@ def detect_flavour(wanted: str | None = None) -> tuple[str, str]:
     return flavour, f"no rules on the host; the system default iptables is {flavour}"
 
 
-def _enter(netns_name: str):
-    def enter() -> None:
-        fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
-        netns.setns(fd)
-        os.close(fd)
-
-    return enter
-
-
 class IptablesBackend:
     name = Backend.IPTABLES
     blocking = True  # iptables-restore in the pod's netns: off the loop
@@ -114,21 +105,32 @@ class IptablesBackend:
         """Its rules already RETURN new connections (fail_open never changes them)."""
 
     def _run(self, netns_name: str, argv: list[str], text: str | None, pod: str) -> str:
-        if not netns.exists(netns_name):
-            raise MeshError(f"pod {pod}: network namespace {netns_name} is gone")
+        """Run argv inside the pod's netns. The netns is per thread: this
+        thread enters it, the child inherits it, and the thread comes back
+        at once, even on error (no preexec_fn, unsafe with other threads)."""
         try:
-            proc = subprocess.run(
-                argv,
-                input=text,
-                capture_output=True,
-                text=True,
-                timeout=LOCK_WAIT_SECONDS + 20,
-                preexec_fn=_enter(netns_name),
-            )
+            fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MeshError(f"pod {pod}: network namespace {netns_name} is gone") from None
+        except OSError as exc:
+            raise MeshError(f"pod {pod}: network namespace {netns_name}: {exc.strerror}") from None
+        try:
+            with netns.entered(fd):
+                proc = subprocess.run(
+                    argv,
+                    input=text,
+                    capture_output=True,
+                    text=True,
+                    timeout=LOCK_WAIT_SECONDS + 20,
+                )
+        except MeshError as exc:  # setns
+            raise MeshError(f"pod {pod}: {netns_name}: {exc}") from None
         except subprocess.TimeoutExpired:
             raise MeshError(f"pod {pod}: {Path(argv[0]).name} did not finish") from None
         except (OSError, subprocess.SubprocessError) as exc:
             raise MeshError(f"pod {pod}: cannot run {argv[0]}: {exc}") from None
+        finally:
+            os.close(fd)
         if proc.returncode != 0:
             err = " ".join(proc.stderr.split())
             if "xtables lock" in err or proc.returncode == 4:
