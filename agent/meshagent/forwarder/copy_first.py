@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from meshagent.forwarder.copy import Relay
 from meshagent.forwarder.datapath import Done
-from meshagent.forwarder.sockmap_relay import SockmapRelay, Untracked
+from meshagent.forwarder.sockmap_relay import SockmapRelay
 from meshagent.modes import DataPathMode
 from meshagent.redirect import AppSocket
 
@@ -115,14 +115,13 @@ class CopyFirst:
         if not self._to_boundary():
             if not copy.closed:  # EOF, or still not at a boundary: copy goes on
                 copy.resume()
-                Relay._update(copy)
+                copy.rearm()
             return
         cookies = []
         for sock in (self.client, self.upstream):
             # With sk_msg nothing reaches the upstream's egress through the
             # psock worker: its send buffer can stay the kernel's.
-            deep = self.app is None or sock is self.client
-            cookie = path._enter(sock, deep)
+            cookie = path.enter(sock, deep=self.app is None or sock is self.client)
             if cookie is None:
                 break
             cookies.append(cookie)
@@ -132,15 +131,13 @@ class CopyFirst:
             self.inner = copy
             copy.resume()
             return
-        relay = SockmapRelay(path.loop, path.maps, self.client, cookies[0], self.upstream,
-                             cookies[1], Untracked(path.relays, self._copied), path._stalled,
-                             self.app)  # fmt: skip
+        relay = path.spliced(self.client, self.upstream, (cookies[0], cookies[1]), self.app,
+                             self._copied)  # fmt: skip
         relay.client.pending = copy.out.buf or b""  # read from the pod, not yet sent on
         relay.upstream.pending = copy.back.buf or b""
         if self.app is not None:  # P counts from A's start: so must its Y
             relay.client.y_base = copy.out.nbytes  # what copy read (sent or held)
         self.inner = relay
-        path.relays.add(relay)
         try:
             relay.start()
         except OSError as exc:  # the peer map is full even after a flush
@@ -158,15 +155,21 @@ class _CopyPhase(Relay):
 
     def _update(self) -> None:
         self.owner.reads += 1
-        super()._update()
+        self.rearm()
         if self.owner.worth_moving():
             self.owner.move()
 
+    def rearm(self) -> None:
+        """What the copy relay does after an event (end once both
+        directions are done, else watch what each socket waits for), with
+        no read counted and no move: after a move that could not happen."""
+        super()._update()
+
     def finish(self, reason: str | None) -> None:
         super().finish(reason)
-        self.owner.path._forget_all(self.cookies)
+        self.owner.path.forget(self.cookies)
 
     def reset(self, reason: str) -> None:
         if not self.closed:
-            self.owner.path._forget_all(self.cookies)
+            self.owner.path.forget(self.cookies)
         super().reset(reason)

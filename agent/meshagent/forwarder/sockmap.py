@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshagent.bpf import abi
@@ -70,7 +71,7 @@ class SockmapPath(DataPath):
         self._failures_seen = 0
         self.last_refusal = ""  # why the sockhash last refused a socket
 
-    def _enter(self, sock: socket.socket, deep: bool = True) -> int | None:
+    def enter(self, sock: socket.socket, deep: bool = True) -> int | None:
         """Into the sockhash before anything reads from it; None if it cannot.
         deep: the psock worker may send to it (its send buffer is raised)."""
         cookie = socket_cookie(sock)
@@ -90,7 +91,7 @@ class SockmapPath(DataPath):
         app = app if self.msg else None
         if self.copy_first:
             return Accepted(Start.LATER, app=app)
-        cookie = self._enter(client)
+        cookie = self.enter(client)
         if cookie is None:
             return Accepted(Start.COPY)
         return Accepted(Start.SPLICE, cookie, app)
@@ -107,20 +108,26 @@ class SockmapPath(DataPath):
             return CopyFirst(self, client, upstream, state.app, self._counted(on_done))
         if state.start is Start.COPY:
             return self._copy(client, upstream, [], on_done)
-        cookies = [state.cookie, self._enter(upstream)]
-        if cookies[1] is None:
-            return self._copy(client, upstream, cookies, on_done)
-        relay = SockmapRelay(
-            self.loop, self.maps, client, cookies[0], upstream, cookies[1],
-            self._counted(self._untrack(on_done)), self._stalled, state.app,
-        )  # fmt: skip
+        cookie = self.enter(upstream)
+        if cookie is None:
+            return self._copy(client, upstream, [state.cookie], on_done)
+        relay = self.spliced(client, upstream, (state.cookie, cookie), state.app,
+                             self._counted(on_done))  # fmt: skip
         try:
-            self.relays.add(relay)
             relay.start()
         except OSError:  # the peer map is full even after a flush: copy this pair
             self.relays.discard(relay)
             self.stats.connections_active -= 1
-            return self._copy(client, upstream, cookies, on_done)
+            return self._copy(client, upstream, [state.cookie, cookie], on_done)
+        return relay
+
+    def spliced(self, client, upstream, cookies: tuple[int, int], app: AppSocket | None,
+                on_done: Done) -> SockmapRelay:  # fmt: skip
+        """A SockmapRelay for two sockets in the sockhash, not yet started;
+        rechecked by tick() until it ends."""
+        relay = SockmapRelay(self.loop, self.maps, client, cookies[0], upstream, cookies[1],
+                             self._untrack(on_done), self._stalled, app)  # fmt: skip
+        self.relays.add(relay)
         return relay
 
     def _stalled(self, relay: SockmapRelay) -> None:
@@ -130,24 +137,23 @@ class SockmapPath(DataPath):
     def _untrack(self, on_done: Done) -> Done:
         return Untracked(self.relays, on_done)
 
-    def _copy(self, client, upstream, cookies: list[int | None], on_done: Done):
+    def _copy(self, client, upstream, cookies: list[int], on_done: Done):
         """Sockets left in the sockhash without a peer are fine: the verdict
         passes their bytes on, and their entries go once they are closed."""
         self.stats.fallbacks += 1
 
         relay = self.fallback.join(client, upstream, None, self._forgetting(cookies, on_done))
-        relay.cookies = tuple(c for c in cookies if c is not None)
+        relay.cookies = tuple(cookies)
         return relay
 
-    def _forget_all(self, cookies) -> None:
+    def forget(self, cookies: Iterable[int]) -> None:
+        """Sockets that entered the sockhash and are closed now."""
         for cookie in cookies:
             self.maps.forget(cookie)
 
-    def _forgetting(self, cookies, on_done: Done) -> Done:
+    def _forgetting(self, cookies: list[int], on_done: Done) -> Done:
         def done(conn, reason) -> None:
-            for cookie in cookies:
-                if cookie is not None:
-                    self.maps.forget(cookie)
+            self.forget(cookies)
             on_done(conn, reason)
 
         return done
