@@ -19,14 +19,15 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 from meshagent import __version__
+from meshagent.bpf.syscall import MapType
 from meshagent.errors import MeshError
 
 HEALTHY_SECONDS = 5.0
 CLIENT_TIMEOUT = 5.0
-# Map types whose entries the kernel counts in batches (BPF_MAP_LOOKUP_BATCH):
-# hash, lru_hash, lpm_trie. Arrays always hold every slot; a ring buffer
-# has no entries; a sockhash is counted by the forwarder.
-COUNTED_MAP_TYPES = (1, 9, 11)
+# Map types whose entries the kernel counts in batches (BPF_MAP_LOOKUP_BATCH).
+# Arrays always hold every slot; a ring buffer has no entries; a sockhash is
+# counted by the forwarder.
+COUNTED_MAP_TYPES = (MapType.HASH, MapType.LRU_HASH, MapType.LPM_TRIE)
 WALK_AT_MOST = 1024  # entries: a map this small may be walked key by key
 ATTACH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 

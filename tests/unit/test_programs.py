@@ -73,3 +73,12 @@ def test_optional_helpers_are_called_only_under_their_have_macro(program):
     assert set(blocks) == set(expected)
     for macro, helpers in expected.items():
         assert helpers_called(blocks[macro]) - MAP_HELPERS == set(helpers), macro
+
+
+def test_every_map_type_the_table_probes_is_named_in_the_syscall_module():
+    from meshagent.bpf.programs import KERNEL_FEATURES
+    from meshagent.bpf.syscall import MapType
+
+    for feature in KERNEL_FEATURES:
+        if feature.kind is Kind.MAP:
+            assert MapType[feature.name.upper()].name.lower() == feature.name

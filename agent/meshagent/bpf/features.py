@@ -141,7 +141,7 @@ def _map_ok(name: str) -> bool:
         key, value = 0, 0
     entries = 4096 if name == "ringbuf" else 4
     try:
-        os.close(sc.map_create(sc.MAP_TYPES[name], key, value, entries, flags))
+        os.close(sc.map_create(sc.MapType[name.upper()], key, value, entries, flags))
     except OSError:
         return False
     return True

@@ -19,6 +19,7 @@ import os
 import platform
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import cache
 from pathlib import Path
 
@@ -76,17 +77,24 @@ BPF_LINK_CREATE = 28
 BPF_LINK_UPDATE = 29
 BPF_LINK_DETACH = 34
 
-# enum bpf_map_type (the ones meshagent uses or probes)
-MAP_TYPES = {
-    "hash": 1,
-    "array": 2,
-    "percpu_array": 6,
-    "lru_hash": 9,
-    "lpm_trie": 11,
-    "sockhash": 18,
-    "ringbuf": 27,
-}
-PERCPU_MAP_TYPES = (5, 6, 10)  # percpu_hash, percpu_array, lru_percpu_hash
+
+class MapType(IntEnum):
+    """enum bpf_map_type: the ones meshagent creates, probes or tells apart.
+    A map type is named here, never written as a number elsewhere."""
+
+    HASH = 1
+    ARRAY = 2
+    PERCPU_HASH = 5
+    PERCPU_ARRAY = 6
+    LRU_HASH = 9
+    LRU_PERCPU_HASH = 10
+    LPM_TRIE = 11
+    SOCKHASH = 18
+    RINGBUF = 27
+
+
+# The kernel hands out one value per possible CPU of these.
+PERCPU_MAP_TYPES = (MapType.PERCPU_HASH, MapType.PERCPU_ARRAY, MapType.LRU_PERCPU_HASH)
 # enum bpf_prog_type
 PROG_TYPES = {"sock_ops": 13, "sk_skb": 14, "sk_msg": 16, "cgroup_sock_addr": 18}
 
