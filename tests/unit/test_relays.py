@@ -259,6 +259,7 @@ def test_sockmap_falls_back_to_copy_when_the_peer_map_is_full():
         pair.join()
         assert pair.conn.mode is DataPathMode.COPY
         assert pair.path.stats.fallbacks == 1 and pair.path.stats.connections_active == 0
+        assert set(pair.conn.export()[0]["cookies"]) == cookies  # they go to a successor
         pair.app_client.shutdown(socket.SHUT_WR)
         assert recv_all(pair.app_server, pair) == b"x" * 1000
         pair.app_server.shutdown(socket.SHUT_WR)
@@ -310,7 +311,7 @@ def test_sockmap_accepted_says_how_the_pair_goes_on_and_abandon_forgets_what_ent
     the accepted socket's cookie, or COPY when the sockhash refused it; the
     pod's own socket goes with it only where sk_msg is on."""
     from meshagent.forwarder.sockmap import Accepted, Start
-    from meshagent.redirect import AppSocket
+    from meshagent.steering import AppSocket
 
     loop, maps = Loop(), FakeMaps()
     path = build_paths(loop, (DataPathMode.SOCKMAP,), maps)[DataPathMode.SOCKMAP]

@@ -13,6 +13,7 @@ import select
 import socket
 import struct
 from collections.abc import Callable
+from typing import TypeVar
 
 from meshagent.forwarder.datapath import DataPath, Done
 from meshagent.host.loop import Loop
@@ -136,8 +137,8 @@ class Relay:
 
     handoff_bytes = 0
     # Thousands live at once: no per-instance dict (memory per connection).
-    __slots__ = ("back", "client", "closed", "closed_by", "cookies", "loop", "mode", "on_done",
-                 "out", "upstream")  # fmt: skip
+    __slots__ = ("back", "client", "closed", "closed_by", "loop", "mode", "on_done", "out",
+                 "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -150,7 +151,6 @@ class Relay:
     ) -> None:
         self.mode = mode
         self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
-        self.cookies: tuple[int, ...] = ()  # a sockmap pair copied instead: its sockhash entries
         self.loop = loop
         self.client = client
         self.upstream = upstream
@@ -257,7 +257,7 @@ class Relay:
         out_state, out_fds, out_data = self.out.export()
         back_state, back_fds, back_data = self.back.export()
         state = {"kind": "relay", "closed_by": self.closed_by, "out": out_state,
-                 "back": back_state, "fds_out": len(out_fds), "cookies": list(self.cookies)}  # fmt: skip
+                 "back": back_state, "fds_out": len(out_fds)}  # fmt: skip
         fds = [self.client.fileno(), self.upstream.fileno(), *out_fds, *back_fds]
         return state, fds, [out_data, back_data]
 
@@ -282,7 +282,6 @@ class Relay:
         relay.out.restore(state["out"], fds[:split], blobs[0])
         relay.back.restore(state["back"], fds[split:], blobs[1])
         relay.closed_by = state["closed_by"]
-        relay.cookies = tuple(state.get("cookies", ()))
         loop.call_later(0, relay._kick)  # no I/O until the loop runs (after the handover)
         return relay
 
@@ -299,12 +298,20 @@ class Relay:
         self._update()
 
 
+R = TypeVar("R", bound=Relay)
+
+
 class CopyPath(DataPath):
     mode = DataPathMode.COPY
     leg: type[Leg] = Leg
 
     def join(self, client, upstream, state, on_done: Done) -> Relay:
-        return Relay(self.loop, client, upstream, self._counted(on_done), self.leg, self.mode)
+        return self.carry(Relay, client, upstream, on_done)
+
+    def carry(self, relay: type[R], client, upstream, on_done: Done) -> R:
+        """join(), by a Relay subclass of the caller's (the sockmap path's
+        CopiedPair)."""
+        return relay(self.loop, client, upstream, self._counted(on_done), self.leg, self.mode)
 
     def restore(self, client, upstream, state: dict, fds: list[int], blobs: list[bytes],
                 on_done: Done) -> Relay:  # fmt: skip

@@ -20,7 +20,7 @@ from meshagent.forwarder.copy import Relay
 from meshagent.forwarder.datapath import Done
 from meshagent.forwarder.sockmap_relay import SockmapRelay
 from meshagent.modes import DataPathMode
-from meshagent.redirect import AppSocket
+from meshagent.steering import AppSocket
 
 if TYPE_CHECKING:
     from meshagent.forwarder.sockmap import SockmapPath
@@ -144,7 +144,23 @@ class CopyFirst:
             relay.reset(f"sockmap: {exc.strerror or exc}")
 
 
-class _CopyPhase(Relay):
+class CopiedPair(Relay):
+    """A sockmap pair the copy relay carries: the cookies of its sockets
+    that entered the sockhash go with it to a successor (export)."""
+
+    __slots__ = ("cookies",)
+
+    def __init__(self, *args, **kwargs) -> None:  # Relay's
+        self.cookies: tuple[int, ...] = ()
+        super().__init__(*args, **kwargs)
+
+    def export(self) -> tuple[dict, list[int], list[bytes]]:
+        state, fds, blobs = super().export()
+        state["cookies"] = list(self.cookies)
+        return state, fds, blobs
+
+
+class _CopyPhase(CopiedPair):
     """The copy relay of a CopyFirst: counts reads and asks to move."""
 
     __slots__ = ("owner",)

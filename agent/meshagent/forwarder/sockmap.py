@@ -17,14 +17,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshagent.bpf import abi
-from meshagent.forwarder.copy_first import UPGRADE_BYTES, UPGRADE_READS, CopyFirst
+from meshagent.forwarder.copy import CopyPath
+from meshagent.forwarder.copy_first import UPGRADE_BYTES, UPGRADE_READS, CopiedPair, CopyFirst
 from meshagent.forwarder.datapath import DataPath, Done
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_relay import BLOCKED, SockmapRelay, Untracked
 from meshagent.host.loop import Loop
 from meshagent.host.sockets import socket_cookie
 from meshagent.modes import DataPathMode
-from meshagent.redirect import AppSocket
+from meshagent.steering import AppSocket
 
 SO_SNDBUFFORCE = 32
 
@@ -58,7 +59,7 @@ class SockmapPath(DataPath):
     mode = DataPathMode.SOCKMAP
 
     def __init__(
-        self, loop: Loop, maps: SockmapMaps, fallback: DataPath, sndbuf: int = 0, msg: bool = False,
+        self, loop: Loop, maps: SockmapMaps, fallback: CopyPath, sndbuf: int = 0, msg: bool = False,
         copy_first: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(loop)
@@ -142,7 +143,8 @@ class SockmapPath(DataPath):
         passes their bytes on, and their entries go once they are closed."""
         self.stats.fallbacks += 1
 
-        relay = self.fallback.join(client, upstream, None, self._forgetting(cookies, on_done))
+        relay = self.fallback.carry(CopiedPair, client, upstream,
+                                    self._forgetting(cookies, on_done))  # fmt: skip
         relay.cookies = tuple(cookies)
         return relay
 
