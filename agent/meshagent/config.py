@@ -10,11 +10,6 @@ from pathlib import Path
 from meshagent.errors import MeshError
 from meshagent.modes import DataPathChoice, IptablesFlavour, LogFormat, Redirect, parse
 
-DEFAULT_STATE_DIR = Path("/run/meshagent")
-DEFAULT_CACHE_DIR = Path("/var/cache/meshagent")  # compiled BPF objects (bpf/objects.py)
-DEFAULT_PORT = 15001
-# "MESH" in ASCII: the SO_MARK of the forwarder's upstream sockets.
-DEFAULT_SKIP_MARK = 0x4D455348
 EXCL_MAX = 256
 # sun_path holds 108 bytes with the terminating NUL.
 SOCKET_PATH_MAX = 107
@@ -22,12 +17,13 @@ SOCKET_PATH_MAX = 107
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """What `meshagent run` was asked for."""
+    """What `meshagent run` was asked for. Its defaults are the only ones:
+    the command line's options read theirs from here (AgentConfig.port)."""
 
-    state_dir: Path = DEFAULT_STATE_DIR
-    cache_dir: Path = DEFAULT_CACHE_DIR
+    state_dir: Path = Path("/run/meshagent")
+    cache_dir: Path = Path("/var/cache/meshagent")  # compiled BPF objects (bpf/objects.py)
     cgroup: str | None = None  # None: the cgroup v2 root
-    port: int = DEFAULT_PORT
+    port: int = 15001  # the forwarder's listeners
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
     log_format: LogFormat = LogFormat.TEXT
@@ -37,7 +33,8 @@ class AgentConfig:
     redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
     iptables: IptablesFlavour | None = None  # None: detect
-    skip_mark: int = DEFAULT_SKIP_MARK
+    # "MESH" in ASCII: the SO_MARK of the forwarder's upstream sockets.
+    skip_mark: int = 0x4D455348
     pods_max: int = 1024
     conns_max: int = 65536
     pod_conns_max: int = 4096  # connections one pod may have forwarded at once
@@ -82,7 +79,9 @@ class AgentConfig:
 
     @property
     def socket_path(self) -> Path:
-        return self.state_dir / "agent.sock"
+        from meshagent.state import StateDir
+
+        return StateDir(self.state_dir).socket
 
 
 def check_socket_path(path: Path) -> None:

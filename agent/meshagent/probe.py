@@ -23,6 +23,7 @@ from pathlib import Path
 
 from meshagent.addrs import format_endpoint
 from meshagent.errors import MeshError
+from meshagent.state import StateDir
 
 Echo = Callable[[str], None]
 SO_COOKIE = 57
@@ -144,8 +145,9 @@ def run(state_dir: Path, pod_name: str, target: str, syn: bool, timeout: float) 
 
     host, port = parse_target(target)
     pod = PodStore(state_dir).get(pod_name)
-    listener_port = _listener_port(state_dir / "agent.sock")
-    events, stop = _trace(state_dir / "agent.sock", pod_name, port)
+    socket_path = StateDir(state_dir).socket
+    listener_port = _listener_port(socket_path)
+    events, stop = _trace(socket_path, pod_name, port)
     try:
         proc = popen(pod, [sys.executable, "-m", "meshagent.probe", host, str(port),
                            "1" if syn else "0", str(timeout)],
@@ -168,14 +170,14 @@ def _listener_port(socket_path: Path) -> int:
     """The port of the running agent's forwarder listeners (its `status`
     says, whatever `run --port` was); with no agent, the default."""
     from meshagent.client import request
-    from meshagent.config import DEFAULT_PORT
+    from meshagent.config import AgentConfig
 
     if socket_path.exists():
         try:
             return int(request(socket_path, "status", timeout=10)["port"])
         except MeshError:
             pass
-    return DEFAULT_PORT
+    return AgentConfig.port
 
 
 def _trace(socket_path: Path, pod: str, port: int) -> tuple[list[dict], Callable[[], None]]:

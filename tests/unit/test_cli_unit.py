@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from meshagent.cli import register_all
+from meshagent.config import AgentConfig
 
 cli = register_all()
 
@@ -66,3 +68,27 @@ def test_attach_without_agent_is_one_line(tmp_path):
     assert result.output.strip().splitlines() == [
         f"meshagent: error: no agent at {tmp_path}/agent.sock: start one with `meshagent run`"
     ]
+
+
+def test_the_agents_options_take_their_defaults_from_agent_config():
+    fields = AgentConfig.__dataclass_fields__
+    given = {p.name: p.default for p in cli.commands["run"].params if isinstance(p.default, (
+        int, str, Path))}  # fmt: skip
+    checked = {name: default for name, default in given.items() if name in fields}
+    for name, default in checked.items():
+        expected = getattr(AgentConfig, name)
+        assert default == getattr(expected, "value", expected), name
+    assert {"port", "conns_max", "metrics_addr", "datapath", "cache_dir", "sockmap_msg"} <= set(
+        checked
+    )
+    assert cli.params[0].name == "state_dir" and cli.params[0].default == AgentConfig.state_dir
+
+
+def test_each_option_shows_its_default_and_environment_variable_once():
+    wide = {"terminal_width": 200, "max_content_width": 200}
+    top = CliRunner().invoke(cli, ["--help"], catch_exceptions=False, **wide).output
+    assert "[env var: MESHAGENT_STATE_DIR; default: /run/meshagent]" in top
+    run = CliRunner().invoke(cli, ["run", "--help"], catch_exceptions=False, **wide).output
+    assert "[env var: MESHAGENT_METRICS_ADDR; default: 127.0.0.1:15090]" in run
+    assert "default: (the cgroup v2 root)" in run
+    assert "(default" not in run.lower() and "Default:" not in run

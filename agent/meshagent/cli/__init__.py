@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from meshagent.config import DEFAULT_STATE_DIR
+from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
 
 EPILOG = """\b
@@ -32,8 +32,9 @@ class App:
     @property
     def socket_path(self) -> Path:
         from meshagent.config import check_socket_path
+        from meshagent.state import StateDir
 
-        path = self.state_dir / "agent.sock"
+        path = StateDir(self.state_dir).socket
         check_socket_path(path)
         return path
 
@@ -62,13 +63,17 @@ class MeshGroup(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=MeshGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# Every option shows its default (AgentConfig's, for the agent's options) and
+# its environment variable the same way: [env var: ...; default: ...].
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+@click.group(cls=MeshGroup, epilog=EPILOG, context_settings=CONTEXT)
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False, readable=False),
-    default=DEFAULT_STATE_DIR,
+    default=AgentConfig.state_dir,
     envvar="MESHAGENT_STATE_DIR",
-    show_default=True,
     help="Where pod records and the agent's socket live.",
 )
 @click.version_option(package_name="meshagent")
@@ -98,7 +103,17 @@ def register_all() -> click.Group:
     for module in (pod_cmds, agent_cmds, cni_cmds, kernel_cmds, trace_cmds, probe_cmds,
                    demo_cmds):  # fmt: skip
         module.register(cli)
+    _show_envvars(cli)
     return cli
+
+
+def _show_envvars(command: click.Command) -> None:
+    """Each option that reads an environment variable says which."""
+    for param in command.params:
+        if isinstance(param, click.Option) and param.envvar:
+            param.show_envvar = True
+    for sub in getattr(command, "commands", {}).values():
+        _show_envvars(sub)
 
 
 def main() -> None:

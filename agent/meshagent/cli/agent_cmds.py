@@ -9,7 +9,7 @@ import click
 
 from meshagent.cli import App, require_root
 from meshagent.cli.options import cache_dir_option, plan_options
-from meshagent.config import DEFAULT_PORT
+from meshagent.config import AgentConfig
 from meshagent.modes import (
     Backend,
     DataPathMode,
@@ -30,46 +30,41 @@ Examples:
 @click.option(
     "--cgroup",
     "cgroup_path",
-    help="cgroup v2 path to attach at (absolute, or relative to the mount). Default: the root.",
+    show_default="the cgroup v2 root",
+    help="cgroup v2 path to attach at (absolute, or relative to the mount).",
 )
-@click.option(
-    "--port", type=int, default=DEFAULT_PORT, show_default=True, help="Forwarder listener port."
-)
+@click.option("--port", type=int, default=AgentConfig.port, help="Forwarder listener port.")
 @click.option("--exclude-ports", help="Destination ports never steered: 22,53,9000-9010.")
 @click.option("--exclude-cidrs", help="Destination networks never steered: 10.96.0.0/12,fd00::/8.")
 @click.option(
-    "--log-format", type=click.Choice(values(LogFormat)), default="text", show_default=True
+    "--log-format", type=click.Choice(values(LogFormat)), default=AgentConfig.log_format.value
 )
 @click.option(
-    "--conns-max", type=int, default=65536, show_default=True, help="Steered connections in flight."
+    "--conns-max", type=int, default=AgentConfig.conns_max, help="Steered connections in flight."
 )
 @click.option(
     "--metrics-addr",
-    default="127.0.0.1:15090",
-    show_default=True,
+    default=AgentConfig.metrics_addr,
     envvar="MESHAGENT_METRICS_ADDR",
     help="Where /metrics, /healthz and /readyz are served (HOST:PORT), or off.",
 )
 @click.option(
     "--pod-conns-max",
     type=int,
-    default=4096,
-    show_default=True,
+    default=AgentConfig.pod_conns_max,
     help="Connections one pod may have forwarded at once; beyond, its new ones go direct (ebpf)"
     " or wait (iptables).",
 )
 @click.option(
     "--sockmap-sndbuf",
     type=int,
-    default=8 << 20,
-    show_default=True,
+    default=AgentConfig.sockmap_sndbuf,
     help="Send buffer (bytes) of spliced sockets; 0 leaves it to the kernel.",
 )
 @click.option(
     "--sockmap-msg/--no-sockmap-msg",
     envvar="MESHAGENT_SOCKMAP_MSG",
-    default=True,
-    show_default=True,
+    default=AgentConfig.sockmap_msg,
     help="On the sockmap path, send ebpf pods' bytes straight to the upstream with sk_msg"
     " and put replies straight into their sockets (kernel 5.15+).",
 )
@@ -82,8 +77,7 @@ Examples:
 @click.option(
     "--kube",
     type=click.Choice(["auto", "on", "off"]),
-    default="auto",
-    show_default=True,
+    default=AgentConfig.kube,
     envvar="MESHAGENT_KUBE",
     help="Watch this node's pods on the API server (auto: when --kubeconfig is given or"
     " running in a cluster) and attach those labelled meshagent.io/attach=true.",
@@ -91,7 +85,8 @@ Examples:
 @click.option(
     "--kubeconfig",
     envvar="MESHAGENT_KUBECONFIG",
-    help="kubeconfig for the API watch (default: in-cluster).",
+    show_default="in-cluster",
+    help="kubeconfig for the API watch.",
 )
 @click.option("--node-name", envvar="NODE_NAME", help="This node's name (the API watch's filter).")
 @click.option(
@@ -187,7 +182,8 @@ Examples:
 @click.option(
     "--redirect",
     type=click.Choice(values(Backend)),
-    help="This pod's redirect backend (default: the agent's).",
+    show_default="the agent's",
+    help="This pod's redirect backend.",
 )
 @click.option("--netns", "netns_path", help="The pod's network namespace: a path, or a name.")
 @click.option("--pid", type=int, help="A process of the pod: its network namespace is the pod's.")
@@ -201,7 +197,7 @@ def attach(
     this node (found by its CNI record, else by the kubelet's cgroup layout
     and the pod's UID from the API server), or any name with --netns/--pid.
     """
-    from meshagent import control
+    from meshagent.client import request
     from meshagent.pods.resolve import check_name
 
     check_name(pod)
@@ -210,7 +206,7 @@ def attach(
         args["netns"] = netns_path
     if pid is not None:
         args["pid"] = pid
-    reply = control.request(app.socket_path, "attach", pod=pod, **args)
+    reply = request(app.socket_path, "attach", pod=pod, **args)
     state = "was already attached" if reply.get("already") else "attached"
     click.echo(f"pod {pod} {state} ({reply['backend']})")
 
@@ -220,9 +216,9 @@ def attach(
 @click.pass_obj
 def detach(app: App, pod: str) -> None:
     """Stop steering POD's new connections; open ones finish as they are."""
-    from meshagent import control
+    from meshagent.client import request
 
-    control.request(app.socket_path, "detach", pod=pod)
+    request(app.socket_path, "detach", pod=pod)
     click.echo(f"pod {pod} detached")
 
 
@@ -232,11 +228,11 @@ def detach(app: App, pod: str) -> None:
 @click.pass_obj
 def status(app: App, output: str, connections: bool) -> None:
     """Attached pods, their counters, the backend and kernel features."""
-    from meshagent import control
+    from meshagent.client import request
 
-    reply = control.request(app.socket_path, "status")
+    reply = request(app.socket_path, "status")
     if connections or output == "json":
-        reply["connections"] = control.request(app.socket_path, "connections")["connections"]
+        reply["connections"] = request(app.socket_path, "connections")["connections"]
     if output == "json":
         click.echo(json.dumps(reply, indent=2))
         return
@@ -290,10 +286,10 @@ def datapath(ctx: click.Context, output: str) -> None:
     """Show or switch the data path used for new connections."""
     if ctx.invoked_subcommand is not None:
         return
-    from meshagent import control
+    from meshagent.client import request
 
     app: App = ctx.obj
-    reply = control.request(app.socket_path, "datapath")
+    reply = request(app.socket_path, "datapath")
     if output == "json":
         click.echo(json.dumps(reply, indent=2))
     else:
@@ -309,15 +305,16 @@ def datapath(ctx: click.Context, output: str) -> None:
 @click.option(
     "--msg/--no-msg",
     default=None,
-    help="sockmap only: the sk_msg fast path for pods' sends on or off (default: unchanged).",
+    show_default="unchanged",
+    help="sockmap only: the sk_msg fast path for pods' sends on or off.",
 )
 @click.pass_obj
 def datapath_set(app: App, mode: str, msg: bool | None) -> None:
     """Use MODE for new connections; open ones keep theirs."""
-    from meshagent import control
+    from meshagent.client import request
 
     extra = {} if msg is None else {"msg": msg}
-    control.request(app.socket_path, "datapath", set=mode, **extra)
+    request(app.socket_path, "datapath", set=mode, **extra)
     note = "" if msg is None else f" (sk_msg {'on' if msg else 'off'})"
     click.echo(f"data path {mode} for new connections{note}")
 

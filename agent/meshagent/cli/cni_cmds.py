@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from meshagent.cli import App, require_root
+from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES
 from meshagent.modes import Output, values
 
 CNI_EPILOG = """\b
@@ -28,9 +29,9 @@ def cni() -> None:
 
 def _dirs(fn):
     fn = click.option("--bin-dir", type=dir_type, default=Path("/opt/cni/bin"),
-                      show_default=True, help="Where the runtime finds CNI plugins.")(fn)  # fmt: skip
+                      help="Where the runtime finds CNI plugins.")(fn)  # fmt: skip
     fn = click.option("--conf-dir", type=dir_type, default=Path("/etc/cni/net.d"),
-                      show_default=True, help="The node's CNI configs.")(fn)  # fmt: skip
+                      help="The node's CNI configs.")(fn)  # fmt: skip
     return click.option("-o", "--output", type=click.Choice(values(Output)), default="text")(fn)
 
 
@@ -38,13 +39,12 @@ def _dirs(fn):
 @_dirs
 @click.option(
     "--attach",
-    type=click.Choice(["labelled", "all"]),
-    default="labelled",
-    show_default=True,
+    type=click.Choice(ATTACH),
+    default=ATTACH[0],
     help="labelled: the agent attaches pods labelled meshagent.io/attach=true (or in a"
     " namespace so labelled); all: every pod outside --exclude-namespaces.",
 )
-@click.option("--exclude-namespaces", default="kube-system", show_default=True,
+@click.option("--exclude-namespaces", default=",".join(EXCLUDE_NAMESPACES),
               help="Namespaces never attached with --attach all (comma-separated).")  # fmt: skip
 @click.pass_obj
 def install(app: App, bin_dir: Path, conf_dir: Path, output: str, attach: str,

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import click
 
-from meshagent.config import DEFAULT_CACHE_DIR
+from meshagent.config import AgentConfig
 from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
 
 cache_dir_option = click.option(
     "--cache-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_CACHE_DIR,
+    default=AgentConfig.cache_dir,
     envvar="MESHAGENT_CACHE_DIR",
-    show_default=True,
     help="Where compiled BPF objects are kept (one per kernel and flags).",
 )
 
@@ -28,23 +27,21 @@ def plan_options(fn: Callable) -> Callable:
             click.option(
                 "--redirect",
                 type=click.Choice(values(Redirect)),
-                default="auto",
-                show_default=True,
+                default=AgentConfig.redirect.value,
                 help="How attached pods' connects are steered; auto: ebpf if the kernel has it.",
             ),
             click.option(
                 "--datapath",
                 type=click.Choice(values(DataPathChoice)),
-                default="auto",
-                show_default=True,
+                default=AgentConfig.datapath.value,
                 help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
             ),
             click.option(
                 "--iptables",
                 "iptables_flavour",
                 type=click.Choice(values(IptablesFlavour)),
-                help="iptables flavour (default: whichever holds the host's rules, else the"
-                " system's).",
+                show_default="whichever holds the host's rules, else the system's",
+                help="iptables flavour.",
             ),
             click.option(
                 "--without",

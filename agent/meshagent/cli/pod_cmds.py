@@ -9,6 +9,7 @@ import click
 from meshagent.cli import App, require_root
 from meshagent.errors import MeshError, NoAgent
 from meshagent.modes import Output, values
+from meshagent.pods.model import NodeConfig
 
 POD_EPILOG = """\b
 Examples:
@@ -26,46 +27,30 @@ def pod() -> None:
 
 @pod.command(epilog="\b\nExample:\n  meshagent pod create client --ip 10.244.0.5")
 @click.argument("name")
-@click.option("--ip", help="IPv4 address in the pod network (default: lowest free).")
-@click.option(
-    "--pod-cidr", envvar="MESHAGENT_POD_CIDR", help="Node IPv4 pod network [10.244.0.0/24]."
-)
-@click.option(
-    "--pod-cidr6", envvar="MESHAGENT_POD_CIDR6", help="Node IPv6 ULA /64 [fd6d:6573:6800::/64]."
-)
-@click.option("--bridge", envvar="MESHAGENT_BRIDGE", help="Node bridge name [mesh0].")
-@click.option(
-    "--cgroup-parent",
-    envvar="MESHAGENT_CGROUP_PARENT",
-    help="cgroup (under the v2 mount) that holds pod cgroups [meshagent/pods].",
-)
-@click.option("--netns-prefix", envvar="MESHAGENT_NETNS_PREFIX", help="Pod netns names [mesh-].")
-@click.pass_obj
-def create(
-    app: App,
-    name: str,
-    ip: str | None,
-    pod_cidr: str | None,
-    pod_cidr6: str | None,
-    bridge: str | None,
-    cgroup_parent: str | None,
-    netns_prefix: str | None,
-) -> None:
+@click.option("--ip", show_default="the lowest free", help="IPv4 address in the pod network.")
+@click.option("--pod-cidr", "cidr4", envvar="MESHAGENT_POD_CIDR", default=NodeConfig.cidr4,
+              help="Node IPv4 pod network (the node's first pod fixes it).")  # fmt: skip
+@click.option("--pod-cidr6", "cidr6", envvar="MESHAGENT_POD_CIDR6", default=NodeConfig.cidr6,
+              help="Node IPv6 ULA /64 (the node's first pod fixes it).")  # fmt: skip
+@click.option("--bridge", envvar="MESHAGENT_BRIDGE", default=NodeConfig.bridge,
+              help="Node bridge name.")  # fmt: skip
+@click.option("--cgroup-parent", envvar="MESHAGENT_CGROUP_PARENT",
+              default=NodeConfig.cgroup_parent,
+              help="cgroup (under the v2 mount) that holds pod cgroups.")  # fmt: skip
+@click.option("--netns-prefix", envvar="MESHAGENT_NETNS_PREFIX", default=NodeConfig.netns_prefix,
+              help="Pod netns names.")  # fmt: skip
+@click.pass_context
+def create(ctx: click.Context, name: str, ip: str | None, **node_options: str) -> None:
     """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""
-    from meshagent.pods.model import NodeConfig
+    from click.core import ParameterSource
+
     from meshagent.pods.standalone import create_pod
 
     require_root("meshagent pod create")
-    node = None
-    if any((pod_cidr, pod_cidr6, bridge, cgroup_parent, netns_prefix)):
-        defaults = NodeConfig()
-        node = NodeConfig(
-            bridge=bridge or defaults.bridge,
-            cidr4=pod_cidr or defaults.cidr4,
-            cidr6=pod_cidr6 or defaults.cidr6,
-            cgroup_parent=cgroup_parent or defaults.cgroup_parent,
-            netns_prefix=netns_prefix or defaults.netns_prefix,
-        )
+    given = [ctx.get_parameter_source(o) is not ParameterSource.DEFAULT for o in node_options]
+    # None: the node's own (node.json), else NodeConfig's defaults.
+    node = NodeConfig(**node_options) if any(given) else None
+    app: App = ctx.obj
     made = create_pod(app.store(), name, ip, node)
     click.echo(f"pod {made.name} created: {made.ip4} {made.ip6} (netns {made.netns})")
 

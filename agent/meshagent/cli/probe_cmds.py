@@ -21,7 +21,7 @@ Examples:
 @click.argument("pod")
 @click.argument("target", metavar="DEST:PORT")
 @click.option("--syn", is_flag=True, help="Send one crafted SYN (scapy) instead of connecting.")
-@click.option("--timeout", type=click.FloatRange(0.1, 60), default=3.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.1, 60), default=3.0)
 @click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
 @click.pass_obj
 def probe(app: App, pod: str, target: str, syn: bool, timeout: float, output: str) -> None:

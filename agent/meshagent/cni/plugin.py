@@ -26,9 +26,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshagent.config import AgentConfig
+
 SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
-DEFAULT_STATE_DIR = "/run/meshagent"
+ATTACH = ("labelled", "all")  # the first: the default, here and in `cni install`
+EXCLUDE_NAMESPACES = ("kube-system",)  # the default of excludeNamespaces
 AGENT_TIMEOUT = 10.0
 
 # The spec's well-known error codes.
@@ -75,15 +78,15 @@ def parse_conf(raw: bytes, command: str) -> Conf:
             f"supported: {', '.join(SUPPORTED)}",
         )
     if command == "VERSION":
-        return Conf(version, "", Path(DEFAULT_STATE_DIR), False, (), None)
+        return Conf(version, "", AgentConfig.state_dir, False, (), None)
     name = data.get("name", "")
-    state_dir = data.get("stateDir", DEFAULT_STATE_DIR)
+    state_dir = data.get("stateDir", str(AgentConfig.state_dir))
     if not isinstance(state_dir, str) or not state_dir.startswith("/"):
         raise CniError(E_CONFIG, f"stateDir {state_dir!r} must be an absolute path")
-    attach = data.get("attach", "labelled")
-    if attach not in ("labelled", "all"):
+    attach = data.get("attach", ATTACH[0])
+    if attach not in ATTACH:
         raise CniError(E_CONFIG, f'attach {attach!r}: use "labelled" or "all"')
-    exclude = data.get("excludeNamespaces", ["kube-system"])
+    exclude = data.get("excludeNamespaces", list(EXCLUDE_NAMESPACES))
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         raise CniError(E_CONFIG, "excludeNamespaces must be a list of namespace names")
     prev = data.get("prevResult")
@@ -131,8 +134,9 @@ def _tell_agent(state_dir: Path, op: str, pod: str) -> dict | None:
     """The agent's answer, or None when no agent is running."""
     from meshagent.client import request
     from meshagent.errors import MeshError, NoAgent
+    from meshagent.state import StateDir
 
-    socket_path = state_dir / "agent.sock"
+    socket_path = StateDir(state_dir).socket
     if not socket_path.exists():
         return None
     try:
