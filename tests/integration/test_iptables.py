@@ -58,9 +58,9 @@ def test_foreign_rules_and_chains_survive_attach_and_detach(mesh_env, flavour):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
     from meshagent.host import netns
-    from meshagent.redirect import PodHandle
     from meshagent.redirect.iptables import IptablesBackend, Tools
     from meshagent.redirect.rules import RuleConfig
+    from meshagent.steering import PodHandle
 
     client = mesh_env.create_pod("client")
     backend = IptablesBackend(RuleConfig(15001, 0x4D455348), Tools.of(flavour))

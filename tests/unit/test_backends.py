@@ -1,18 +1,23 @@
 """Both redirect backends implement the whole `Backend` protocol, so the
 attachments call every member plainly; the ebpf backend's map work is
-checked against dict-backed maps (no kernel)."""
+checked against dict-backed maps (no kernel); and what the forwarder shares
+with them (meshagent.steering) lies below both."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+from pathlib import Path
 
 import pytest
 
+import meshagent
 from meshagent.bpf import abi
-from meshagent.redirect import Backend, PodHandle
+from meshagent.redirect import Backend
 from meshagent.redirect.ebpf import EbpfBackend
 from meshagent.redirect.iptables import IptablesBackend, Tools
 from meshagent.redirect.rules import RuleConfig
+from meshagent.steering import PodHandle
 
 BACKENDS = (EbpfBackend, IptablesBackend)
 
@@ -104,3 +109,23 @@ def test_iptables_has_no_residue_outside_pods():
     assert backend.reconcile([pod("web", 11)]) == []
     backend.keep_stopped(pod("web", 11))  # nothing to do, and no subprocess
     assert EbpfBackend.flavour is None
+
+
+def imported(path) -> set[str]:
+    """The meshagent modules a source file imports (at any depth)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.startswith("meshagent.")}
+
+
+def test_steering_is_below_both_forwarder_and_redirect():
+    root = Path(meshagent.__file__).parent
+    low = imported(root / "steering.py")
+    assert not {m for m in low if m.startswith(("meshagent.forwarder", "meshagent.redirect"))}
+    for path in sorted((root / "forwarder").glob("*.py")):
+        up = {m for m in imported(path) if m.startswith("meshagent.redirect")}
+        assert not up, f"forwarder/{path.name} imports {sorted(up)}"

@@ -20,7 +20,7 @@ from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
 from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
-from meshagent.redirect import Steering
+from meshagent.steering import Steering
 
 CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64

@@ -67,7 +67,7 @@ class DataPath(ABC):
 
     def accepted(self, client: socket.socket, app: Any = None) -> Any:
         """Called right after accept; what it returns goes to join()/abandon().
-        app: the pod's own socket (redirect.AppSocket) where sock_ops put it
+        app: the pod's own socket (steering.AppSocket) where sock_ops put it
         into mesh_apphash, else None."""
         return None
 

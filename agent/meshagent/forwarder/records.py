@@ -8,7 +8,7 @@ from typing import Any
 
 from meshagent.forwarder.datapath import DataPath
 from meshagent.host.loop import Timer
-from meshagent.redirect import Steering
+from meshagent.steering import Steering
 
 
 @dataclass

@@ -35,7 +35,7 @@ from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_side import Side
 from meshagent.host.loop import Loop, Timer
 from meshagent.modes import DataPathMode
-from meshagent.redirect import AppSocket
+from meshagent.steering import AppSocket
 
 BLOCKED = (1 << 64) - 1  # a Y no X can equal: bytes held before the move wait
 EPOLLIN = select.EPOLLIN

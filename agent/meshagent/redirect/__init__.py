@@ -1,81 +1,17 @@
 """Redirect backends: how an attached pod's connects reach its forwarder.
 
 `ebpf` (cgroup connect hooks, one map entry per pod) and `iptables` (nat
-OUTPUT REDIRECT rules inside the pod's netns) share one interface; the
-forwarder asks the pod's backend where each accepted connection was going.
+OUTPUT REDIRECT rules inside the pod's netns) share one interface; each
+gives the forwarder the pod's `Steering` (meshagent.steering), which it asks
+where each accepted connection was going.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from meshagent.modes import Backend as BackendName
-
-
-class AppSocket(NamedTuple):
-    """The pod's own socket of a steered connection, where sock_ops put it
-    into mesh_apphash (the sk_msg path): its tuple key and its cookie."""
-
-    key: bytes
-    cookie: int
-
-
-class Orig(NamedTuple):
-    """Where an accepted connection was going, and its pod socket if known."""
-
-    ip: str
-    port: int
-    app: AppSocket | None = None
-
-
-class Steering(Protocol):
-    """One attached pod's redirect, as the forwarder uses it."""
-
-    def orig_dst(self, sock: socket.socket, ip: str, port: int) -> Orig | None:
-        """Where the accepted connection from (ip, port) was going."""
-        ...
-
-    def prepare_upstream(self, sock: socket.socket) -> None:
-        """Make the forwarder's upstream socket pass the redirect (before connect)."""
-        ...
-
-    def fail_open(self, on: bool) -> None:
-        """While on, the pod's new connections go direct where the backend
-        can do that (the forwarder is out of room for them)."""
-        ...
-
-
-@dataclass
-class PodHandle:
-    """A pod as the backends see it. Its identity is the netns file's
-    (device, inode), which every kernel has; the netns cookie (5.14+) is
-    read only when a backend asks for it (the ebpf maps are keyed by it)."""
-
-    name: str
-    netns_name: str
-    netns_fd: int
-    pod_id: int
-    _cookie: int | None = field(default=None, repr=False)
-
-    _id: tuple[int, int] | None = field(default=None, repr=False)
-
-    @property
-    def netns_id(self) -> tuple[int, int]:
-        if self._id is None:
-            st = os.fstat(self.netns_fd)
-            self._id = (st.st_dev, st.st_ino)
-        return self._id
-
-    @property
-    def netns_cookie(self) -> int:
-        if self._cookie is None:
-            from meshagent.host import netns
-
-            self._cookie = netns.cookie(self.netns_fd)
-        return self._cookie
+from meshagent.steering import PodHandle, Steering
 
 
 class Backend(Protocol):

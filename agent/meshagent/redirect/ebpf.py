@@ -13,7 +13,7 @@ from meshagent.bpf.loader import Loaded
 from meshagent.errors import MeshError
 from meshagent.host.sockets import socket_cookie
 from meshagent.modes import Backend
-from meshagent.redirect import AppSocket, Orig, PodHandle
+from meshagent.steering import AppSocket, Orig, PodHandle
 
 _ONE = abi.BYTE.pack(1)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from meshagent.errors import MeshError
 from meshagent.host import netns
 from meshagent.modes import Backend, IptablesFlavour, values
-from meshagent.redirect import Orig, PodHandle
 from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
+from meshagent.steering import Orig, PodHandle
 
 FLAVOURS = tuple(values(IptablesFlavour))
 LOCK_WAIT_SECONDS = 5
