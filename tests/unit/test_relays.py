@@ -20,6 +20,7 @@ import pytest
 
 from meshagent.forwarder import build_paths
 from meshagent.forwarder.copy import HIGH
+from meshagent.forwarder.datapath import Connection
 from meshagent.host.loop import Loop
 from meshagent.host.sockets import socket_cookie
 from meshagent.modes import DataPathMode
@@ -178,6 +179,52 @@ def test_bytes_both_ways_written_before_the_join_then_half_close(pair):
     assert pair.conn.closed_by == "pod"  # the client's FIN came first
     assert (pair.conn.bytes_out, pair.conn.bytes_in) == (len(up), len(down))
     assert pair.path.stats.connections_total == 1 and pair.path.stats.connections_active == 0
+
+
+def test_a_connection_suspended_for_a_handover_that_failed_carries_on(pair):
+    """What a handover does to every connection (export while suspended,
+    then resume when the successor failed): nothing is lost or doubled."""
+    first, second = os.urandom(30_000), os.urandom(30_000)
+    pair.app_client.sendall(first)
+    pair.join()
+    assert isinstance(pair.conn, Connection)
+    pair.run_until(lambda: _readable(pair.app_server), "the first bytes")
+    pair.conn.suspend()
+    state, fds, blobs = pair.conn.export()
+    assert state["kind"] in ("relay", "sockmap") and len(fds) >= 2 and len(blobs) == 2
+    pair.app_client.sendall(second)
+    pair.conn.resume()
+    pair.app_client.shutdown(socket.SHUT_WR)
+    assert recv_all(pair.app_server, pair) == first + second
+    pair.app_server.shutdown(socket.SHUT_WR)
+    pair.run_until(lambda: pair.reason, "the connection to finish")
+    assert pair.reason == [None]
+
+
+def _connection_classes() -> list[type]:
+    from meshagent.forwarder.copy import Relay
+    from meshagent.forwarder.copy_first import CopiedPair, CopyFirst
+    from meshagent.forwarder.sockmap_relay import SockmapRelay
+
+    return [Relay, CopiedPair, CopyFirst, SockmapRelay]
+
+
+@pytest.mark.parametrize("cls", _connection_classes(), ids=lambda c: c.__name__)
+def test_every_connection_class_has_the_whole_protocol(cls):
+    members = [name for name in vars(Connection) if not name.startswith("_")]
+    assert {"export", "suspend", "resume", "settled"} <= set(members)
+    assert [name for name in members if not hasattr(cls, name)] == []
+
+
+@pytest.mark.parametrize("mode", [DataPathMode.COPY, DataPathMode.SPLICE], ids=str)
+def test_the_start_self_test_passes_on_loopback(mode):
+    """forwarder/selftest.py on the paths that need no BPF (it raises the
+    upstream's receive buffer: root)."""
+    if os.geteuid() != 0:
+        pytest.skip("SO_RCVBUFFORCE needs CAP_NET_ADMIN")
+    from meshagent.forwarder import selftest
+
+    assert selftest.check(mode, lambda loop: build_paths(loop, tuple(DataPathMode), None)) is None
 
 
 @pytest.mark.parametrize("mode", [DataPathMode.COPY, DataPathMode.SPLICE], ids=str)
@@ -377,6 +424,7 @@ def test_a_long_sockmap_connection_moves_from_copy_to_the_sockmap():
             except BlockingIOError:
                 return False
 
+        assert not pair.conn.settled  # on its copy phase
         for i in range(UPGRADE_READS):
             if isinstance(pair.conn.inner, SockmapRelay):
                 break
@@ -386,7 +434,7 @@ def test_a_long_sockmap_connection_moves_from_copy_to_the_sockmap():
             pair.app_server.sendall(b"pong\n")
             pair.run_until(lambda: readable(pair.app_client), "a pong")
             assert pair.app_client.recv(64) == b"pong\n"
-        assert isinstance(pair.conn.inner, SockmapRelay)
+        assert isinstance(pair.conn.inner, SockmapRelay) and pair.conn.settled
         assert set(pair.maps.peers) == cookies
         assert pair.conn.bytes_out == len(b"".join(b"ping %d\n" % n for n in range(i)))
         half_close_both_and_check_forgotten(pair, cookies)

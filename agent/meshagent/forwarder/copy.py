@@ -15,7 +15,7 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
-from meshagent.forwarder.datapath import DataPath, Done
+from meshagent.forwarder.datapath import DataPath, Done, Exported
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 
@@ -136,6 +136,7 @@ class Relay:
     one Leg per direction (a Leg copies, a SpliceLeg splices)."""
 
     handoff_bytes = 0
+    settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("back", "client", "closed", "closed_by", "loop", "mode", "on_done", "out",
                  "upstream")  # fmt: skip
@@ -251,7 +252,7 @@ class Relay:
         self.back.close()
 
     # -- handed to a successor agent (agent/takeover.py) -------------------
-    def export(self) -> tuple[dict, list[int], list[bytes]]:
+    def export(self) -> Exported:
         """(state, fds, byte blobs): the sockets, each direction's state and
         what it read and has not yet written (splice: its pipe, by fd)."""
         out_state, out_fds, out_data = self.out.export()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from meshagent.forwarder.copy import Relay
-from meshagent.forwarder.datapath import Done
+from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_relay import SockmapRelay
 from meshagent.modes import DataPathMode
 from meshagent.steering import AppSocket
@@ -48,8 +48,13 @@ class CopyFirst:
         self.copy = _CopyPhase(self, path.loop, client, upstream, self._copied)
 
     @property
-    def now(self):
+    def now(self) -> Connection:
         return self.inner if self.inner is not None else self.copy
+
+    @property
+    def settled(self) -> bool:
+        """It moved (or a socket would not enter and it stays on copy)."""
+        return self.inner is not None
 
     @property
     def mode(self) -> DataPathMode:
@@ -68,7 +73,7 @@ class CopyFirst:
     def reset(self, reason: str) -> None:
         self.now.reset(reason)
 
-    def export(self):
+    def export(self) -> Exported:
         return self.now.export()
 
     def suspend(self) -> None:
@@ -154,7 +159,7 @@ class CopiedPair(Relay):
         self.cookies: tuple[int, ...] = ()
         super().__init__(*args, **kwargs)
 
-    def export(self) -> tuple[dict, list[int], list[bytes]]:
+    def export(self) -> Exported:
         state, fds, blobs = super().export()
         state["cookies"] = list(self.cookies)
         return state, fds, blobs

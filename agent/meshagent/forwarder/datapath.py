@@ -15,16 +15,31 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 
+# What a connection hands a successor agent: (state, fds, byte blobs).
+Exported = tuple[dict, list[int], list[bytes]]
 
+
+@runtime_checkable
 class Connection(Protocol):
-    mode: DataPathMode
-    closed: bool
-    closed_by: str | None  # "pod" or "upstream": whose FIN came first
+    """One forwarded connection, whichever path carries it: all the
+    forwarder, the handover (agent/takeover.py) and the self-test use."""
+
+    @property
+    def mode(self) -> DataPathMode: ...  # the path carrying it now
+
+    @property
+    def settled(self) -> bool: ...  # its path no longer changes (copy first: it moved)
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def closed_by(self) -> str | None: ...  # "pod" or "upstream": whose FIN came first
 
     @property
     def bytes_out(self) -> int: ...  # pod -> destination
@@ -38,6 +53,13 @@ class Connection(Protocol):
     def finish(self, reason: str | None) -> None: ...
 
     def reset(self, reason: str) -> None: ...  # both sides get an RST
+
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    def export(self) -> Exported: ...  # what the path's restore() takes back
+
+    def suspend(self) -> None: ...  # no more events here (a successor holds it)
+
+    def resume(self) -> None: ...  # the successor failed: carry on as before
 
 
 Done = Callable[[Connection, "str | None"], None]

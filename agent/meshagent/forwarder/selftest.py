@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from meshagent.forwarder.datapath import DataPath
+from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 
@@ -70,75 +70,97 @@ def check(mode: DataPathMode, factory: PathFactory) -> str | None:
     front = socket.create_server(("127.0.0.1", 0))
     back = socket.create_server(("127.0.0.1", 0))
     socks: list[socket.socket] = [front, back]
-    result: dict = {}
     try:
-        up_data, down_data = os.urandom(SIZE), os.urandom(SIZE)
-        app_client = socket.create_connection(front.getsockname(), timeout=DEADLINE * 3)
-        app_client.sendall(up_data[:EARLY])  # before the accept
-        fwd_client, _ = front.accept()
-        socks += [app_client, fwd_client]
-        fwd_client.setblocking(False)
-        state = path.accepted(fwd_client)
-        fwd_up = socket.socket()
-        socks.append(fwd_up)
-        fwd_up.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * LEAD)  # LEAD waits whole
-        fwd_up.connect(back.getsockname())
-        app_server, _ = back.accept()
-        socks.append(app_server)
-        app_server.settimeout(DEADLINE * 3)
-        app_server.sendall(down_data[:LEAD])  # the server speaks first
-        fwd_up.setblocking(False)
-        moved = threading.Event()
-        ends = [
-            threading.Thread(
-                target=_converse, args=(app_client, up_data[EARLY:], result, "client", moved)
-            ),
-            threading.Thread(
-                target=_converse, args=(app_server, down_data[LEAD:], result, "server", moved)
-            ),
-        ]
-        for end in ends:
-            end.daemon = True
-            end.start()
-
-        def done(_conn, reason) -> None:
-            result["reason"] = reason
-            loop.stop()
-
-        conn = path.join(fwd_client, fwd_up, state, done)
-
-        def watch() -> None:  # CopyFirst: moved once it has an inner relay
-            if getattr(conn, "inner", True) is not None or conn.closed:
-                moved.set()
-            else:
-                loop.call_later(0.002, watch)
-
-        watch()
-        timer = loop.call_later(DEADLINE, loop.stop)
-        if not conn.closed:
-            loop.run()
-        timer.cancel()
-        if not conn.closed:
-            conn.finish("self-test deadline")
-            return f"not done within {DEADLINE:g}s"
-        for end in ends:
-            end.join(DEADLINE)
-        path.tick()
-        if conn.mode != mode:
-            return f"the sockets could not enter it (carried by {conn.mode})"
-        if result.get("reason"):
-            return f"connection reset: {result['reason']}"
-        if result.get("client") != hashlib.sha256(down_data).hexdigest():
-            return "server-to-client bytes differ"
-        if result.get("server") != hashlib.sha256(up_data).hexdigest():
-            return "client-to-server bytes differ"
-        return None
+        return _carry(path, loop, front, back, socks)
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         for sock in socks:
             sock.close()
         loop.close()
+
+
+def _carry(path: DataPath, loop: Loop, front: socket.socket, back: socket.socket,
+           socks: list[socket.socket]) -> str | None:  # fmt: skip
+    """Join a pair by the path, both ends talking at once; why it failed, or None."""
+    up_data, down_data = os.urandom(SIZE), os.urandom(SIZE)
+    app_client, app_server, fwd_client, fwd_up, state = _pair(
+        path, front, back, socks, up_data[:EARLY], down_data[:LEAD]
+    )
+    result: dict = {}
+    moved = threading.Event()
+    ends = [
+        _talk(app_client, up_data[EARLY:], result, "client", moved),
+        _talk(app_server, down_data[LEAD:], result, "server", moved),
+    ]
+
+    def done(_conn, reason) -> None:
+        result["reason"] = reason
+        loop.stop()
+
+    conn = path.join(fwd_client, fwd_up, state, done)
+    if not _run(loop, conn, moved):
+        conn.finish("self-test deadline")
+        return f"not done within {DEADLINE:g}s"
+    for end in ends:
+        end.join(DEADLINE)
+    path.tick()
+    if conn.mode != path.mode:
+        return f"the sockets could not enter it (carried by {conn.mode})"
+    if result.get("reason"):
+        return f"connection reset: {result['reason']}"
+    if result.get("client") != hashlib.sha256(down_data).hexdigest():
+        return "server-to-client bytes differ"
+    if result.get("server") != hashlib.sha256(up_data).hexdigest():
+        return "client-to-server bytes differ"
+    return None
+
+
+def _pair(path: DataPath, front: socket.socket, back: socket.socket, socks: list[socket.socket],
+          early: bytes, lead: bytes) -> tuple:  # fmt: skip
+    """(app_client, app_server, fwd_client, fwd_up, what accepted() said):
+    the client's early bytes sent before the accept, the server's lead
+    before the join."""
+    app_client = socket.create_connection(front.getsockname(), timeout=DEADLINE * 3)
+    app_client.sendall(early)  # before the accept
+    fwd_client, _ = front.accept()
+    socks += [app_client, fwd_client]
+    fwd_client.setblocking(False)
+    state = path.accepted(fwd_client)
+    fwd_up = socket.socket()
+    socks.append(fwd_up)
+    fwd_up.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 * LEAD)  # LEAD waits whole
+    fwd_up.connect(back.getsockname())
+    app_server, _ = back.accept()
+    socks.append(app_server)
+    app_server.settimeout(DEADLINE * 3)
+    app_server.sendall(lead)  # the server speaks first
+    fwd_up.setblocking(False)
+    return app_client, app_server, fwd_client, fwd_up, state
+
+
+def _talk(sock: socket.socket, data: bytes, out: dict, key: str,
+          moved: threading.Event) -> threading.Thread:  # fmt: skip
+    end = threading.Thread(target=_converse, args=(sock, data, out, key, moved), daemon=True)
+    end.start()
+    return end
+
+
+def _run(loop: Loop, conn: Connection, moved: threading.Event) -> bool:
+    """The loop, until the connection ends or DEADLINE; whether it ended."""
+
+    def watch() -> None:  # copy first: the ends send on once the pair moved
+        if conn.settled or conn.closed:
+            moved.set()
+        else:
+            loop.call_later(0.002, watch)
+
+    watch()
+    timer = loop.call_later(DEADLINE, loop.stop)
+    if not conn.closed:
+        loop.run()
+    timer.cancel()
+    return conn.closed
 
 
 def choose(candidates: tuple[DataPathMode, ...], factory: PathFactory) -> tuple[DataPathMode, str]:

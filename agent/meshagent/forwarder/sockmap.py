@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from meshagent.bpf import abi
 from meshagent.forwarder.copy import CopyPath
 from meshagent.forwarder.copy_first import UPGRADE_BYTES, UPGRADE_READS, CopiedPair, CopyFirst
-from meshagent.forwarder.datapath import DataPath, Done
+from meshagent.forwarder.datapath import Connection, DataPath, Done
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_relay import BLOCKED, SockmapRelay, Untracked
 from meshagent.host.loop import Loop
@@ -104,7 +104,7 @@ class SockmapPath(DataPath):
         if state.start is Start.SPLICE:
             self.maps.forget(state.cookie)
 
-    def join(self, client, upstream, state: Accepted, on_done: Done):
+    def join(self, client, upstream, state: Accepted, on_done: Done) -> Connection:
         if state.start is Start.LATER:
             return CopyFirst(self, client, upstream, state.app, self._counted(on_done))
         if state.start is Start.COPY:
@@ -138,7 +138,7 @@ class SockmapPath(DataPath):
     def _untrack(self, on_done: Done) -> Done:
         return Untracked(self.relays, on_done)
 
-    def _copy(self, client, upstream, cookies: list[int], on_done: Done):
+    def _copy(self, client, upstream, cookies: list[int], on_done: Done) -> CopiedPair:
         """Sockets left in the sockhash without a peer are fine: the verdict
         passes their bytes on, and their entries go once they are closed."""
         self.stats.fallbacks += 1
@@ -161,7 +161,7 @@ class SockmapPath(DataPath):
         return done
 
     def restore(self, client, upstream, state: dict, fds: list[int], blobs: list[bytes],
-                on_done: Done):  # fmt: skip
+                on_done: Done) -> Connection:  # fmt: skip
         if state["kind"] == "relay":  # a pair this path copied
             cookies = state.get("cookies", [])
             self.maps.entered += len(cookies)

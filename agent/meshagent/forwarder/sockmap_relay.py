@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 from meshagent.forwarder.copy import recv_scratch, reset_close
-from meshagent.forwarder.datapath import Done
+from meshagent.forwarder.datapath import Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_side import Side
 from meshagent.host.loop import Loop, Timer
@@ -52,6 +52,7 @@ class SockmapRelay:
     """Both sockets are already in the sockhash (X = Y = 0 made first)."""
 
     mode = DataPathMode.SOCKMAP
+    settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
                  "on_done", "on_stall", "progress_at", "stalled", "timer",
@@ -297,7 +298,7 @@ class SockmapRelay:
     SIDE_STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on",
                   "y_base")  # fmt: skip
 
-    def export(self) -> tuple[dict, list[int], list[bytes]]:
+    def export(self) -> Exported:
         """The kernel keeps splicing meanwhile: only the hand-off's state
         and the bytes Python holds go over."""
         state = {
