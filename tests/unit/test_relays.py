@@ -51,6 +51,7 @@ class FakeMaps:
         self.forgotten: list[int] = []
         self.peer_map_full = False
         self.refuse = False  # the sockhash refuses sockets (no longer ESTABLISHED)
+        self.entered = 0
 
     def insert(self, sock: socket.socket, cookie: int) -> None:
         if self.refuse:
@@ -385,6 +386,35 @@ def test_sockmap_accepted_says_how_the_pair_goes_on_and_abandon_forgets_what_ent
         sock.close()
         other.close()
         loop.close()
+
+
+def test_a_spliced_pair_handed_to_a_successor_picks_up_where_it_was():
+    """export() of a SockmapRelay and the path's restore() from it, as the
+    handover does (the sockets by dup'ed fds): the hand-off's state and
+    the cookies go over, and the restored pair ends and forgets both."""
+    pair = Pair(DataPathMode.SOCKMAP, copy_first=False)
+    try:
+        cookies = {socket_cookie(pair.fwd_client), socket_cookie(pair.fwd_up)}
+        pair.app_client.sendall(b"a" * 1000)
+        pair.join()
+        pair.run_until(lambda: _readable(pair.app_server), "the bytes before the handover")
+        old = pair.conn
+        old.suspend()
+        state, fds, blobs = old.export()
+        client, upstream = (socket.socket(fileno=os.dup(fd)) for fd in fds[:2])
+        ended: list[str | None] = []
+        pair.conn = pair.path.restore(client, upstream, state, fds[2:], blobs,
+                                      lambda _c, why: ended.append(why))  # fmt: skip
+        for side in ("client", "upstream"):
+            assert getattr(pair.conn, side).export() == getattr(old, side).export()
+        assert pair.maps.entered == 2 and pair.conn in pair.path.relays  # rechecked by tick()
+        assert pair.app_server.recv(1000, socket.MSG_WAITALL) == b"a" * 1000
+        pair.app_client.shutdown(socket.SHUT_WR)
+        pair.app_server.shutdown(socket.SHUT_WR)
+        pair.run_until(lambda: ended, "the restored pair to end")
+        assert ended == [None] and set(pair.maps.forgotten) == cookies
+    finally:
+        pair.close()
 
 
 def test_a_short_sockmap_connection_never_touches_the_maps():

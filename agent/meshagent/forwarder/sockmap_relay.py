@@ -295,9 +295,6 @@ class SockmapRelay:
         self._progress()
 
     # -- handed to a successor agent (agent/takeover.py) -------------------
-    SIDE_STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on",
-                  "y_base")  # fmt: skip
-
     def export(self) -> Exported:
         """The kernel keeps splicing meanwhile: only the hand-off's state
         and the bytes Python holds go over."""
@@ -305,8 +302,8 @@ class SockmapRelay:
             "kind": "sockmap",
             "closed_by": self.closed_by,
             "app": [self.app.key.hex(), self.app.cookie] if self.app is not None else None,
-            "client": {k: getattr(self.client, k) for k in self.SIDE_STATE},
-            "upstream": {k: getattr(self.upstream, k) for k in self.SIDE_STATE},
+            "client": self.client.export(),
+            "upstream": self.upstream.export(),
         }
         fds = [self.client.sock.fileno(), self.upstream.sock.fileno()]
         return state, fds, [bytes(self.client.pending), bytes(self.upstream.pending)]
@@ -337,9 +334,7 @@ class SockmapRelay:
                     AppSocket(bytes.fromhex(app[0]), app[1]) if app else None)  # fmt: skip
         for side, saved, pending in ((relay.client, state["client"], blobs[0]),
                                      (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
-            for key in cls.SIDE_STATE:
-                setattr(side, key, saved.get(key, 0))
-            side.pending = bytearray(pending) if pending else b""
+            side.restore(saved, pending)
         relay.closed_by = state["closed_by"]
         for side in (relay.client, relay.upstream):
             relay._register(side)

@@ -62,6 +62,19 @@ class Side:
         """The loop's handler for this socket (a bound method: no closure)."""
         self.relay.on_events(self, events)
 
+    # -- handed to a successor agent (agent/takeover.py) -------------------
+    STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on",
+             "y_base")  # fmt: skip
+
+    def export(self) -> dict:
+        """The hand-off's state (the bytes held go as a blob)."""
+        return {key: getattr(self, key) for key in self.STATE}
+
+    def restore(self, saved: dict, pending: bytes) -> None:
+        for key in self.STATE:
+            setattr(self, key, saved.get(key, 0))
+        self.pending = bytearray(pending) if pending else b""
+
     @property
     def y_stored(self) -> bool:
         """A Y entry exists in the map for this socket."""
