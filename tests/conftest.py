@@ -235,9 +235,9 @@ class AgentProc:
     backend: str = "ebpf"
 
     def request(self, op: str, **args):
-        from meshagent import control
+        from meshagent.client import request
 
-        return control.request(self.env.state_dir / "agent.sock", op, **args)
+        return request(self.env.state_dir / "agent.sock", op, **args)
 
     def attach(self, pod) -> dict:
         return self.request("attach", pod=pod.name)
@@ -319,7 +319,7 @@ def start_agent(
     itself runs inside that cgroup, so its own upstream sockets pass through
     the hooks (the no-loop rule is then really exercised). nofile: the
     agent's RLIMIT_NOFILE (soft and hard)."""
-    from meshagent import control
+    from meshagent.client import agent_running
     from meshagent.host import cgroup
 
     _skip_unless_kernel_can(extra)
@@ -350,7 +350,7 @@ def start_agent(
     def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"agent exited {proc.returncode}: {agent.log()}")
-        return control.agent_running(env.state_dir / "agent.sock")
+        return agent_running(env.state_dir / "agent.sock")
 
     wait_for(ready, AGENT_READY_TIMEOUT, "the agent to answer on its socket", interval=0.1)
     return agent

@@ -7,7 +7,6 @@ error half-way through start, or a normal stop all unwind the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -15,29 +14,49 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from meshagent import kernel, log
+from meshagent import kernel, log, takeover
+from meshagent.api import Handler, Reply, Request
 from meshagent.attachments import Attachments
+from meshagent.bpf import loader, objects
 from meshagent.bpf.loader import Loaded
+from meshagent.bpf.pins import Pins
+from meshagent.client import agent_running
 from meshagent.config import AgentConfig
-from meshagent.control import ControlServer, Request
+from meshagent.control import ControlServer
+from meshagent.datapath_control import DataPathControl
 from meshagent.errors import MeshError
-from meshagent.forwarder import Forwarder
-from meshagent.host import cgroup
+from meshagent.forwarder import Forwarder, build_paths, selftest
+from meshagent.forwarder.sockmap_maps import SockmapMaps
+from meshagent.host import caps, cgroup
 from meshagent.host.loop import Loop
 from meshagent.host.worker import Worker
+from meshagent.kube.pods import KubePods
+from meshagent.kube.watch import ApiWatch, settings
+from meshagent.metrics import Collector, MetricsServer, healthy_since, parse_addr
 from meshagent.modes import Backend, DataPathMode
 from meshagent.plan import Plan, plan
+from meshagent.pod_ops import pod_handlers
+from meshagent.pods.resolve import Resolver
+from meshagent.pods.store import PodStore
 from meshagent.redirect import Backend as RedirectBackend
+from meshagent.redirect.ebpf import EbpfBackend
+from meshagent.redirect.iptables import IptablesBackend, Tools
+from meshagent.redirect.rules import RuleConfig
+from meshagent.state import StateDir
+from meshagent.status import AgentFacts, Status
+from meshagent.tracing import TraceFeed
 
 SWEEP_SECONDS = 1.0
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
-        from meshagent.pods.store import PodStore
+    """Start and stop wiring: each part is made with the parts it needs, and
+    each control request is a handler in one table (_handlers)."""
 
+    def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.log = log.get()
+        self.state = StateDir(cfg.state_dir)
         self.store = PodStore(cfg.state_dir)
         self.loop = Loop()
         self.stack = ExitStack()
@@ -47,28 +66,21 @@ class Agent:
         self.backends: dict[Backend, RedirectBackend] = {}
         self.forwarder: Forwarder | None = None
         self.pods: Attachments | None = None
-        self.kube = None  # kube/pods.py: which Kubernetes pods to attach
-        self.watch = None  # kube/watch.py: the API watch, when configured
-        self.cgroup_path: Path | None = None
-        self.datapath_reason = ""
-        self.started = time.time()
+        self.kube: KubePods | None = None  # which Kubernetes pods to attach
+        self.watch: ApiWatch | None = None  # the API watch, when configured
+        self.control: ControlServer | None = None
+        self.facts: AgentFacts | None = None
+        self.datapath: DataPathControl | None = None
         self.ready = False
         self.heartbeat = time.monotonic()  # the loop's last turn (for /healthz)
         self.published: dict = {}  # the loop's counters, for the metrics thread
-        self.metrics = None
-        self.tracer = None  # the running `meshagent trace`, if any
-        self.reader: Worker | None = None
-        self.adopted: list[str] = []  # pods taken over from an earlier agent
-        self.handing_over = False  # a successor is receiving our pods and connections
-        self.handed_over = False  # ... and has them: exit without ending any
-        self.took_over: dict = {}  # --takeover: what the predecessor handed over
+        self.metrics: MetricsServer | None = None
+        self._collector: Collector | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         if os.geteuid() != 0:
             raise MeshError("meshagent run needs root (BPF, network namespaces)")
-        from meshagent.host import caps
-
         lacking = caps.missing()
         if lacking:
             raise MeshError(
@@ -82,17 +94,12 @@ class Agent:
             raise
 
     def _start(self) -> None:
-        from meshagent.forwarder import build_paths
-        from meshagent.forwarder.sockmap_maps import SockmapMaps
-
         self.stack.callback(self.loop.close)
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        takeover = self.cfg.takeover
-        if takeover:  # the running agent holds the lock, the socket and the port
-            self.store.check_safe()
-            from meshagent import control as ctl
-
-            if not ctl.agent_running(self.cfg.socket_path):
+        takeover_ = self.cfg.takeover
+        if takeover_:  # the running agent holds the lock, the socket and the port
+            self.state.check_safe()
+            if not agent_running(self.cfg.socket_path):
                 raise MeshError(
                     f"--takeover: no agent runs at {self.cfg.socket_path}; start without it"
                 )
@@ -100,12 +107,84 @@ class Agent:
             self._lock_state_dir()
             self._serve_metrics()
         _raise_fd_limit()
-        self.cgroup_path = cgroup.resolve(self.cfg.cgroup)
+        cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
-        self.plan = self._load()
-        if not takeover:
-            self._serve_control()
+        self.plan = self._load(cgroup_path)
+        if not takeover_:
+            self._claim_control()
         self._make_backends()
+        self._make_forwarder()
+        self._make_pods()
+        # Unwound in reverse: the pods stay attached for the next agent (their
+        # new connects go direct meanwhile), forwarded connections close, the
+        # rules kept for draining pods go.
+        self.stack.callback(self.pods.finish_draining, everything=True)
+        self.stack.callback(self.forwarder.close)
+        self.stack.callback(self.pods.suspend_all)
+        self.facts = AgentFacts(
+            cgroup_path, self.cfg.port, self.cfg.exclude_ports, self.cfg.exclude_cidrs,
+            self.cfg.without, self.metrics.address if self.metrics else None,
+        )  # fmt: skip
+        if takeover_:
+            self.facts.took_over = takeover.receive(self.cfg.socket_path, self.pods, self.forwarder)
+            took = self.facts.took_over  # the old agent has exited now
+            self.log.info(
+                "took over from the running agent",
+                extra={"reason": f"pid {took['from_pid']}: {took['pods']} pods,"
+                       f" {took['conns']} connections"},
+            )  # fmt: skip
+            self._lock_state_dir(wait=takeover.EXIT_WAIT)
+            self._serve_metrics()
+            self.facts.metrics_addr = self.metrics.address if self.metrics else None
+            self._claim_control()
+        self.facts.adopted = self.pods.adopt()
+        self.kube.reconcile()  # CNI records of pods to attach that came while no agent ran
+        if self.watch is not None:
+            self.watch.start()
+            self.stack.callback(self.watch.close)
+        self.pods.start_offloading()
+        reader = Worker(self.loop, "reader")  # whole-map walks for status
+        self.stack.callback(reader.close)
+        self.stack.callback(self.pods.stop_offloading)  # first: queued rule work ends
+        self.control.serve(self._handlers(reader))
+        self._publish()
+        self.loop.call_later(SWEEP_SECONDS, self._sweep)
+        self._install_signals()
+        self.ready = True
+        self.log.info(
+            "agent ready",
+            extra={
+                "reason": f"backend={self.plan.backend} datapath={self.forwarder.mode}"
+                f" cgroup={cgroup_path} socket={self.cfg.socket_path}"
+            },
+        )
+
+    def _handlers(self, reader: Worker) -> dict[str, Handler]:
+        """Every control request, op -> handler, each made with what it needs."""
+        trace = TraceFeed(self.loaded, self.forwarder, self.pods)
+        status = Status(
+            self.facts, self.loop, self.plan, self.probe, self.loaded, self.backends,
+            self.forwarder, self.pods, self.datapath, trace, self.kube, self.watch, reader,
+        )  # fmt: skip
+        forwarder = self.forwarder
+
+        def ping(_request: Request) -> Reply:
+            return Reply({"pid": os.getpid()})
+
+        def connections(_request: Request) -> Reply:
+            return Reply({"connections": forwarder.connections()})
+
+        return {
+            "ping": ping,
+            **pod_handlers(self.pods, self.kube),
+            "status": status,
+            "trace": trace,
+            "connections": connections,
+            "handover": takeover.Handover(self.loop, self.forwarder, self.pods),
+            "datapath": self.datapath,
+        }
+
+    def _make_forwarder(self) -> None:
         maps = SockmapMaps(self.loaded) if self.plan.sockmap else None
         modes = tuple(
             m for m in DataPathMode if m is not DataPathMode.SPLICE or self.probe.has("splice")
@@ -115,62 +194,18 @@ class Agent:
             msg = self.plan.msg and self.cfg.sockmap_msg
             return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf, msg)
 
-        mode = self._choose_datapath(paths)
+        mode, reason = self._choose_datapath(paths)
         self.forwarder = Forwarder(
             self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max
         )
-        self._make_pods()
-        # Unwound in reverse: the pods stay attached for the next agent (their
-        # new connects go direct meanwhile), forwarded connections close, the
-        # rules kept for draining pods go.
-        self.stack.callback(self.pods.finish_draining, everything=True)
-        self.stack.callback(self.forwarder.close)
-        self.stack.callback(self.pods.suspend_all)
-        if takeover:
-            from meshagent import takeover as handover
-
-            self.took_over = handover.receive(self)  # the old agent has exited now
-            self.log.info(
-                "took over from the running agent",
-                extra={"reason": f"pid {self.took_over['from_pid']}: {self.took_over['pods']}"
-                       f" pods, {self.took_over['conns']} connections"},
-            )  # fmt: skip
-            self._lock_state_dir(wait=handover.EXIT_WAIT)
-            self._serve_metrics()
-            self._serve_control()
-        self.adopted = self.pods.adopt()
-        self.kube.reconcile()  # CNI records of pods to attach that came while no agent ran
-        if self.watch is not None:
-            self.watch.start()
-            self.stack.callback(self.watch.close)
-        self.pods.start_offloading()
-        self.reader = Worker(self.loop, "reader")  # whole-map walks for status
-        self.stack.callback(self.reader.close)
-        self.stack.callback(self.pods.stop_offloading)  # first: queued rule work ends
-        self._publish()
-        self.loop.call_later(SWEEP_SECONDS, self._sweep)
-        self._write_info()
-        self.stack.callback(self._info_path().unlink, missing_ok=True)
-        self._install_signals()
-        self.ready = True
-        self.log.info(
-            "agent ready",
-            extra={
-                "reason": f"backend={self.plan.backend} datapath={mode}"
-                f" cgroup={self.cgroup_path} socket={self.cfg.socket_path}"
-            },
-        )
+        self.datapath = DataPathControl(self.forwarder, self.plan.msg, reason)
 
     def _make_pods(self) -> None:
         """The attachments, the pod resolver and the Kubernetes side (CNI
         records always; the API watch when configured)."""
-        from meshagent.kube.pods import KubePods
-        from meshagent.kube.watch import ApiWatch, settings
-        from meshagent.pods.resolve import Resolver
-
         resolver = Resolver(self.store)
         self.pods = Attachments(
-            self.store, self.forwarder, self.backends, self.plan.backend, resolver
+            self.store, self.state, self.forwarder, self.backends, self.plan.backend, resolver
         )
         self.kube = KubePods(self.pods, resolver.cni)
         resolver.uid_of = self.kube.uid_of
@@ -179,14 +214,14 @@ class Agent:
             self.watch = ApiWatch(self.loop, self.kube, kube_cfg)
             self.kube.watching = True
 
-    def _serve_control(self) -> None:
-        control = ControlServer(self.loop, self.cfg.socket_path, self.dispatch)
-        self.stack.callback(control.close)
+    def _claim_control(self) -> None:
+        """The control socket, claimed now (a second agent is refused); it
+        answers once the loop runs, with the handlers start() registers."""
+        self.control = ControlServer(self.loop, self.cfg.socket_path, {})
+        self.stack.callback(self.control.close)
 
     def _serve_metrics(self) -> None:
         """Up before anything is loaded, so /readyz says 503 until it is."""
-        from meshagent.metrics import Collector, MetricsServer, healthy_since, parse_addr
-
         addr = parse_addr(self.cfg.metrics_addr)
         if addr is None:
             return
@@ -212,40 +247,16 @@ class Agent:
         }
 
     def _lock_state_dir(self, wait: float = 0.0) -> None:
-        """One agent per state dir, also when two start at the same moment
-        (the socket check alone is a race): an flock held for the agent's life."""
-        import fcntl
-
-        self.store.check_safe()
-        path = self.cfg.state_dir / "agent.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    continue
-            os.close(fd)
-            raise MeshError(
-                f"another agent runs with state dir {self.cfg.state_dir}: stop it first,"
-                " or use another --state-dir"
-            ) from None
-        # The file stays: unlinked, a successor's lock on it would be on an
-        # orphan and a third agent could lock a new one (cleanup removes it).
+        """One agent per state dir: the lock is held for the agent's life."""
+        self.state.check_safe()
+        fd = self.state.lock(wait)
         self.stack.callback(os.close, fd)
 
-    def _load(self) -> Plan:
+    def _load(self, cgroup_path: Path) -> Plan:
         """Plan, then load what the plan names. A program the kernel refuses
         (or a compile that fails) becomes a fact of the probe and the plan
         is asked again: auto falls through, an explicit choice says why."""
-        from meshagent.bpf import loader, objects
-
         objects.check_cache_dir(self.cfg.cache_dir)  # unsafe: refuse, never fall back
-        from meshagent.bpf.pins import Pins
-
         pins = Pins(self.cfg.state_dir)
         current = plan(self.probe, self.cfg)
         if current.error:
@@ -265,7 +276,7 @@ class Agent:
             loader.release(maps, fds)
             raise
         if fds:
-            self.loaded = loader.attach(fds, maps, self.cgroup_path, pins)
+            self.loaded = loader.attach(fds, maps, cgroup_path, pins)
             self.stack.callback(self.loaded.close)
         else:
             loader.release(maps, fds)
@@ -283,41 +294,29 @@ class Agent:
         return again
 
     def _make_backends(self) -> None:
-        from meshagent.redirect.ebpf import EbpfBackend
-
+        cfg = self.cfg
         if Backend.EBPF in self.plan.backends:
             self.backends[Backend.EBPF] = EbpfBackend(
-                self.loaded, self.cfg.port, self.cfg.exclude_ports, self.cfg.exclude_cidrs
+                self.loaded, cfg.port, cfg.exclude_ports, cfg.exclude_cidrs
             )
         if Backend.IPTABLES in self.plan.backends:
-            self.backends[Backend.IPTABLES] = self._iptables_backend()
+            # Rules an earlier agent left: adopt() takes over the pods of
+            # attached.json and removes the rest (a pod being attached or
+            # detached when it crashed is there too).
+            rules = RuleConfig(cfg.port, cfg.skip_mark, cfg.exclude_ports, cfg.exclude_cidrs)
+            self.backends[Backend.IPTABLES] = IptablesBackend(
+                rules, Tools.of(self.probe.iptables_flavour)
+            )
 
-    def _iptables_backend(self):
-        from meshagent.redirect.iptables import IptablesBackend, Tools
-        from meshagent.redirect.rules import RuleConfig
-
-        backend = IptablesBackend(
-            RuleConfig(
-                self.cfg.port, self.cfg.skip_mark, self.cfg.exclude_ports, self.cfg.exclude_cidrs
-            ),
-            Tools.of(self.probe.iptables_flavour),
-        )
-        # Rules an earlier agent left: adopt() takes over the pods of
-        # attached.json and removes the rest (a pod being attached or
-        # detached when it crashed is there too).
-        return backend
-
-    def _choose_datapath(self, paths) -> DataPathMode:
-        from meshagent.forwarder import selftest
-
+    def _choose_datapath(self, paths) -> tuple[DataPathMode, str]:
         candidates = self.plan.datapaths
         if len(candidates) > 1:
             mode, why = selftest.choose(candidates, paths)
-            self.datapath_reason = f"{self.plan.datapath_reason}; {why}"
+            reason = f"{self.plan.datapath_reason}; {why}"
         else:
-            mode, self.datapath_reason = candidates[0], self.plan.datapath_reason
-        self.log.info(f"data path {mode}", extra={"reason": self.datapath_reason})
-        return mode
+            mode, reason = candidates[0], self.plan.datapath_reason
+        self.log.info(f"data path {mode}", extra={"reason": reason})
+        return mode, reason
 
     def _sweep(self) -> None:
         """Once a second: rules of drained pods go, vanished pods are
@@ -328,29 +327,6 @@ class Agent:
         self.forwarder.tick()
         self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
-
-    def set_datapath(self, mode: DataPathMode, msg: bool | None = None) -> dict:
-        if msg is not None:
-            sockmap = self.forwarder.paths.get(DataPathMode.SOCKMAP)
-            if mode is not DataPathMode.SOCKMAP or sockmap is None:
-                raise MeshError("--msg/--no-msg: only with `datapath set sockmap`")
-            if msg and not self.plan.msg:
-                raise MeshError(
-                    "--msg: this agent has no sk_msg path (ebpf backend, kernel 5.15+;"
-                    " see `meshagent probe-kernel`)"
-                )
-            sockmap.msg = msg
-        self.forwarder.set_mode(mode)
-        self.datapath_reason = "set while running (`meshagent datapath set`)"
-        self.log.info(f"data path {mode} for new connections", extra={"reason": "datapath set"})
-        return {"datapath": mode.value}
-
-    def _info_path(self) -> Path:
-        return self.cfg.state_dir / "agent.json"
-
-    def _write_info(self) -> None:
-        info = {"pid": os.getpid(), "cgroup": str(self.cgroup_path), "port": self.cfg.port}
-        self._info_path().write_text(json.dumps(info) + "\n")
 
     def _install_signals(self) -> None:
         rfd, wfd = socket.socketpair()
@@ -396,86 +372,6 @@ class Agent:
                     " for the next agent; `meshagent cleanup` removes everything"
                 },
             )
-
-    # -- the control API -----------------------------------------------------
-    def snapshot(self) -> dict:
-        return {
-            "pid": os.getpid(),
-            "cgroup": str(self.cgroup_path),
-            "port": self.cfg.port,
-            "exclude_ports": list(self.cfg.exclude_ports),
-            "exclude_cidrs": list(self.cfg.exclude_cidrs),
-            "without": list(self.cfg.without),
-            "uptime_seconds": round(time.time() - self.started, 1),
-            **_own_footprint(),
-            "datapath_reason": self.datapath_reason,
-            "loop_errors": self.loop.errors,
-            "loop_dispatched": self.loop.dispatched,
-            "metrics_addr": self.metrics.address if self.metrics else None,
-            "tracing": self.tracer is not None,
-            "adopted_pods": self.adopted,
-            "took_over": self.took_over,
-            "kube": {
-                **(self.kube.snapshot() if self.kube else {}),
-                **({"api": self.watch.snapshot()} if self.watch else {}),
-            },
-        }
-
-    def dispatch(self, request: Request) -> dict:
-        op = request.op()
-        if op == "ping":
-            return {"pid": os.getpid()}
-        if op == "attach":
-            redirect = request.choice("redirect", Backend, optional=True)
-            return self.pods.attach(
-                request.text("pod"),
-                redirect,
-                request.optional_text("netns"),
-                request.optional_int("pid"),
-            )
-        if op == "detach":
-            return self.pods.detach(request.text("pod"))
-        if op == "cni-add":
-            return self.kube.cni_add(_kube_name(request.text("pod")))
-        if op == "cni-del":
-            return self.kube.cni_del(_kube_name(request.text("pod")))
-        if op == "status":
-            from meshagent.status import agent_status
-
-            return agent_status(self)
-        if op == "trace":
-            from meshagent import tracing
-
-            return tracing.start(self, request)
-        if op == "connections":
-            return {"connections": self.forwarder.connections()}
-        if op == "handover":
-            from meshagent import takeover
-
-            return takeover.serve(self, request)
-        if op == "datapath":
-            mode = request.choice("set", DataPathMode, optional=True)
-            msg = request.optional_bool("msg")
-            if mode is not None:
-                return self.set_datapath(mode, msg)
-            return {"datapath": self.forwarder.mode.value, "reason": self.datapath_reason}
-        raise MeshError(f"unknown request {op!r}")
-
-
-def _kube_name(name: str) -> str:
-    from meshagent.pods.kube import split_name
-
-    split_name(name)
-    return name
-
-
-def _own_footprint() -> dict:
-    """The agent's own RSS and open fds (for `status`)."""
-    from meshagent.metrics import open_fds
-
-    with open("/proc/self/statm", "rb") as statm:
-        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return {"rss_bytes": rss, "open_fds": open_fds()}
 
 
 def _raise_fd_limit() -> None:

@@ -3,10 +3,11 @@ connections after detach; kept in STATE_DIR/attached.json, so an agent
 that restarts (after a stop or a crash) takes the pods over without a new
 `attach` (adopt()).
 
-A pod's record holds its netns (fd and identity), its redirect backend and
-its state: attached, or draining (detached while connections redirected
-before the detach are still open: the iptables backend keeps its rules for
-them, see redirect/rules.py).
+A pod's entry holds its netns (fd and identity), its redirect backend, its
+forwarder slot and its state: attached, or draining (detached while
+connections redirected before the detach are still open: the iptables
+backend keeps its rules for them, see redirect/rules.py). What is kept of
+it across agents is its PodRecord (state.py).
 """
 
 from __future__ import annotations
@@ -17,17 +18,17 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 from meshagent import log
-from meshagent.control import Deferred
+from meshagent.api import Deferred
 from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
+from meshagent.forwarder.records import PodSlot
 from meshagent.host import netns
 from meshagent.host.worker import Worker
 from meshagent.modes import Backend as BackendName
 from meshagent.pods.resolve import PodRef, Resolver, check_name
-from meshagent.pods.store import PodStore, write_json
+from meshagent.pods.store import PodStore
 from meshagent.redirect import Backend, PodHandle
-
-ATTACHED_FILE = "attached.json"
+from meshagent.state import PodRecord, StateDir, netns_id_of
 
 # Between "new connects go direct" and closing the listeners: connects the
 # redirect sent to the listener just before complete their handshakes and
@@ -39,6 +40,7 @@ LISTENER_GRACE = 0.2
 class AttachedPod:
     handle: PodHandle
     backend: Backend
+    slot: PodSlot  # the forwarder's side: listeners, stats, its connections
     since: float
     draining: bool = False  # detached; its rules may stay while its connections live
     closing: object = None  # the timer that closes its listeners after the grace
@@ -47,15 +49,24 @@ class AttachedPod:
     source: str = "standalone"  # how its netns was found (pods/resolve.py)
     auto: bool = False  # attached for a label or the CNI config (kube/pods.py), not by hand
 
+    def record(self) -> PodRecord:
+        return PodRecord(
+            name=self.handle.name,
+            backend=self.backend.name.value,
+            netns=self.handle.netns_name,
+            netns_id=netns_id_of(*self.handle.netns_id),
+            since=self.since,
+            draining=self.draining,
+            source=self.source,
+            auto=self.auto,
+            flavour=self.backend.flavour,
+        )
+
     def snapshot(self) -> dict:
-        dev, ino = self.handle.netns_id
+        record = self.record().to_dict()
         return {
             "name": self.handle.name,
-            "backend": self.backend.name.value,
-            "netns": self.handle.netns_name,
-            "netns_inode": f"{dev}:{ino}",
-            "source": self.source,
-            "auto": self.auto,
+            **{k: record[k] for k in ("backend", "netns", "netns_id", "source", "auto")},
             "attached_since": self.since,
             "state": "draining" if self.draining else "attached",
         }
@@ -65,12 +76,14 @@ class Attachments:
     def __init__(
         self,
         store: PodStore,
+        state: StateDir,
         forwarder: Forwarder,
         backends: dict[BackendName, Backend],
         default: BackendName,
         resolver: Resolver | None = None,
     ) -> None:
         self.store = store
+        self.state = state
         self.resolver = resolver or Resolver(store)
         self.forwarder = forwarder
         self.backends = backends
@@ -85,7 +98,7 @@ class Attachments:
         self.busy: set[str] = set()  # pods whose attach or detach is under way
         # Pods whose rules are being written: recorded first, so that after a
         # crash meanwhile the next agent knows to remove them.
-        self.attaching: dict[str, dict] = {}
+        self.attaching: dict[str, PodRecord] = {}
 
     def start_offloading(self) -> None:
         self.worker = Worker(self.forwarder.loop, "rules")
@@ -174,16 +187,16 @@ class Attachments:
                     f"pod {name}: netns {pod.netns} is the same namespace as pod"
                     f" {twin.handle.name}'s, which is attached"
                 )
-            self.forwarder.open_pod(name, fd, backend.steering(handle))
-            undo.callback(self.forwarder.close_pod, name)
+            slot = self.forwarder.open_pod(handle, backend.steering(handle))
+            undo.callback(self.forwarder.close_pod, slot)
             self._next_pod_id += 1
             undo = undo.pop_all()  # from here, commit() undoes on failure
 
         if backend.blocking:
-            dev, ino = handle.netns_id
-            self.attaching[name] = {"backend": backend.name.value, "netns": pod.netns,
-                                    "netns_id": f"{dev}:{ino}", "attaching": True,
-                                    "source": pod.source, **_flavour(backend)}  # fmt: skip
+            self.attaching[name] = PodRecord(
+                name, backend.name.value, pod.netns, netns_id_of(*handle.netns_id),
+                source=pod.source, flavour=backend.flavour, attaching=True,
+            )  # fmt: skip
             self.save()
 
         def commit(error: BaseException | None) -> dict:
@@ -196,7 +209,7 @@ class Attachments:
                 raise MeshError(f"pod {name}: attach failed: {error}")
             undo.pop_all()
             self.pods[name] = AttachedPod(
-                handle, backend, time.time(), source=pod.source, auto=auto
+                handle, backend, slot, time.time(), source=pod.source, auto=auto
             )
             self.save()
             self.attach_seconds.append(time.monotonic() - started)
@@ -235,7 +248,7 @@ class Attachments:
                 )
             entry.draining = True
             self.save()
-            open_conns = self.forwarder.open_connections(name)
+            open_conns = self.forwarder.open_connections(entry.slot)
             if grace:
                 entry.closing = self.forwarder.loop.call_later(
                     LISTENER_GRACE, lambda: self._after_grace(entry)
@@ -265,7 +278,7 @@ class Attachments:
         name = entry.handle.name
         # Errors are expected: the namespace holding its rules is gone with them.
         self._background(entry.backend, lambda: entry.backend.stop_new(entry.handle), _ignore)
-        self.forwarder.close_pod(name)
+        self.forwarder.close_pod(entry.slot)
         self._forget(entry)
         self.log.warning("pod detached", extra={"pod": name, "reason": why})
 
@@ -273,7 +286,7 @@ class Attachments:
         if entry.closing is not None:
             entry.closing.cancel()
             entry.closing = None
-        self.forwarder.close_pod(entry.handle.name)
+        self.forwarder.close_pod(entry.slot)
 
     def _after_grace(self, entry: AttachedPod) -> None:
         """Close the listeners; the rules go now, or once the pod's forwarded
@@ -281,8 +294,8 @@ class Attachments:
         entry.closing = None
         if self.pods.get(entry.handle.name) is not entry:
             return
-        self.forwarder.close_pod(entry.handle.name)
-        if self.forwarder.open_connections(entry.handle.name) == 0:
+        self.forwarder.close_pod(entry.slot)
+        if self.forwarder.open_connections(entry.slot) == 0:
             self._remove(entry)
 
     def finish_draining(self, everything: bool = False) -> None:
@@ -292,7 +305,7 @@ class Attachments:
                 continue
             if entry.closing is not None and not everything:
                 continue
-            if everything or self.forwarder.open_connections(entry.handle.name) == 0:
+            if everything or self.forwarder.open_connections(entry.slot) == 0:
                 self._close_listeners(entry)
                 self._remove(entry)
 
@@ -321,36 +334,24 @@ class Attachments:
     # -- kept across restarts ---------------------------------------------
     def save(self) -> None:
         """attached.json: what a restarted agent takes over."""
-        records = {}
-        for name, entry in sorted(self.pods.items()):
-            dev, ino = entry.handle.netns_id
-            records[name] = {
-                "backend": entry.backend.name.value,
-                "netns": entry.handle.netns_name,
-                "netns_id": f"{dev}:{ino}",
-                "since": entry.since,
-                "draining": entry.draining,
-                "source": entry.source,
-                "auto": entry.auto,
-                **_flavour(entry.backend),
-            }
+        records = {name: entry.record() for name, entry in self.pods.items()}
         for name, record in self.attaching.items():
             records.setdefault(name, record)
-        write_json(self.store.state_dir / ATTACHED_FILE, {"pods": records})
+        self.state.write_attached(list(records.values()))
 
     def adopt(self) -> list[str]:
         """Take over the pods an earlier agent left attached (attached.json):
         the same pod in the same netns is steered again at once; one whose
         netns is gone or new, or that was draining, is dropped and its rules
         removed. Returns the names taken over."""
-        records = read_attached(self.store.state_dir)
+        records = self.state.read_attached()
         adopted: list[str] = []
         for name, record in sorted(records.items()):
             if name in self.pods:  # handed over by the agent this one replaced
                 continue
             why, pod = self._why_not(name, record)
             if pod is not None:
-                redirect = BackendName(record["backend"])
+                redirect = BackendName(record.backend)
                 if redirect not in self.backends:
                     self.log.warning(
                         "pod's backend not run by this agent",
@@ -358,11 +359,11 @@ class Attachments:
                     )
                     redirect = None
                 try:
-                    self._attach(pod, redirect, time.monotonic(), bool(record.get("auto")))
+                    self._attach(pod, redirect, time.monotonic(), record.auto)
                 except MeshError as exc:
                     why = str(exc)
                 else:
-                    self.pods[name].since = float(record.get("since", time.time()))
+                    self.pods[name].since = record.since or time.time()
                     adopted.append(name)
                     self.log.info("pod adopted", extra={"pod": name, "reason": "still attached"})
                     continue
@@ -375,66 +376,60 @@ class Attachments:
         self.save()
         return adopted
 
-    def _why_not(self, name: str, record: dict) -> tuple[str, PodRef | None]:
+    def _why_not(self, name: str, record: PodRecord) -> tuple[str, PodRef | None]:
         """Why a recorded pod is not taken over, or the pod to take over."""
-        if record.get("attaching"):
+        if record.attaching:
             return "it was being attached", None
-        if record.get("draining"):
+        if record.draining:
             return "it was being detached", None
         try:
-            pod = self.resolver.again(name, record)
+            pod = self.resolver.again(name, record.source, record.netns)
         except MeshError as exc:
             return f"the pod was deleted ({exc})", None
         try:
             st = os.stat(netns.path(pod.netns))
         except OSError:
             return f"its network namespace {pod.netns} is gone", None
-        if f"{st.st_dev}:{st.st_ino}" != record.get("netns_id"):
+        if netns_id_of(st.st_dev, st.st_ino) != record.netns_id:
             return "the pod was re-created: a new network namespace", None
         return "", pod
 
-    def _drop_record(self, name: str, record: dict) -> None:
+    def _drop_record(self, name: str, record: PodRecord) -> None:
         """Remove what an earlier agent left for a pod not taken over."""
-        backend = self.backends.get(BackendName(record.get("backend", self.default)))
-        netns_name = record.get("netns", "")
-        if backend is not None and netns_name and netns.exists(netns_name):
+        backend = self.backends.get(BackendName(record.backend))
+        if backend is not None and record.netns and netns.exists(record.netns):
             try:
-                backend.remove(name, netns_name, quiet=True)
+                backend.remove(name, record.netns, quiet=True)
             except MeshError:
                 pass
 
-    def take_over(self, msg: dict, listeners: list) -> object:
-        """A pod handed over by the agent this one replaces (agent/takeover.py),
+    def take_over(
+        self, record: PodRecord, pod_id: int, listeners: list, stats: dict | None
+    ) -> PodSlot:
+        """A pod handed over by the agent this one replaces (takeover.py),
         with its listening sockets; returns its forwarder slot."""
-        name = msg["name"]
-        pod = self.resolver.again(name, msg)
+        name = record.name
+        pod = self.resolver.again(name, record.source, record.netns)
         fd = netns.open_fd(pod.netns)
         try:
             st = os.fstat(fd)
-            if f"{st.st_dev}:{st.st_ino}" != msg["netns_id"]:
+            if netns_id_of(st.st_dev, st.st_ino) != record.netns_id:
                 raise MeshError(f"pod {name}: its network namespace changed during the handover")
-            backend = self.backends.get(BackendName(msg["backend"]))
+            backend = self.backends.get(BackendName(record.backend))
             if backend is None:
-                raise MeshError(f"pod {name}: this agent does not run backend {msg['backend']}")
-            handle = PodHandle(name, pod.netns, fd, int(msg["pod_id"]))
-            entry = AttachedPod(
-                handle,
-                backend,
-                float(msg["since"]),
-                draining=msg["draining"],
-                source=pod.source,
-                auto=bool(msg.get("auto")),
-            )
-            if entry.draining:
+                raise MeshError(f"pod {name}: this agent does not run backend {record.backend}")
+            handle = PodHandle(name, pod.netns, fd, pod_id)
+            if record.draining:
                 backend.keep_stopped(handle)  # fail-open must not steer it again
-            slot = self.forwarder.adopt_pod(
-                name, fd, backend.steering(handle), listeners, msg.get("stats")
-            )
+            slot = self.forwarder.adopt_pod(handle, backend.steering(handle), listeners, stats)
         except BaseException:
             os.close(fd)
             raise
-        self.pods[name] = entry
-        self._next_pod_id = max(self._next_pod_id, handle.pod_id + 1)
+        self.pods[name] = AttachedPod(
+            handle, backend, slot, record.since, draining=record.draining,
+            source=pod.source, auto=record.auto,
+        )  # fmt: skip
+        self._next_pod_id = max(self._next_pod_id, pod_id + 1)
         return slot
 
     def let_go(self) -> None:
@@ -462,22 +457,12 @@ class Attachments:
                         "suspend failed", extra={"pod": entry.handle.name, "reason": str(exc)}
                     )
 
-    def detach_all(self) -> None:
-        for pod in self.attached():
-            try:
-                self.detach(pod.handle.name, grace=False)  # inline: the loop has stopped
-            except MeshError as exc:
-                self.log.warning(
-                    "detach failed", extra={"pod": pod.handle.name, "reason": str(exc)}
-                )
-
     def snapshot(self) -> list[dict]:
         """Each attached pod with its forwarder counters."""
         out = []
         for pod in self.attached():
-            name = pod.handle.name
-            stats = self.forwarder.pods[name].stats.to_dict()
-            live_out, live_in = self.forwarder.live_bytes(name)
+            stats = pod.slot.stats.to_dict()
+            live_out, live_in = self.forwarder.live_bytes(pod.slot)
             stats["bytes_out"] += live_out
             stats["bytes_in"] += live_in
             port = self.forwarder.port
@@ -489,27 +474,6 @@ class Attachments:
                 }
             )
         return out
-
-
-def _flavour(backend: Backend) -> dict:
-    """iptables: which flavour holds the pod's rules (cleanup needs it)."""
-    return {"flavour": backend.flavour} if backend.flavour is not None else {}
-
-
-def read_attached(state_dir) -> dict[str, dict]:
-    """The pods an agent left attached ({} if none, or unreadable)."""
-    import json
-
-    path = state_dir / ATTACHED_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        log.get().warning("unreadable attachments ignored", extra={"reason": str(path)})
-        return {}
-    pods = data.get("pods") if isinstance(data, dict) else None
-    return {k: v for k, v in pods.items() if isinstance(v, dict)} if isinstance(pods, dict) else {}
 
 
 def _inline(job) -> Exception | None:

@@ -9,40 +9,38 @@ Pods made with `meshagent pod create` are left alone (`meshagent pod delete`).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from meshagent.errors import MeshError
+from meshagent.state import LEGACY_FILES, StateDir
 
 
 def cleanup(state_dir: Path, cache_dir: Path | None = None) -> list[str]:
     """What was removed, one line each."""
-    from meshagent.attachments import ATTACHED_FILE, read_attached
     from meshagent.bpf.pins import Pins
     from meshagent.host import netns
 
+    state = StateDir(state_dir)
     removed: list[str] = []
-    with _agent_lock(state_dir):
-        records = read_attached(state_dir)
-        for name, record in records.items():
-            netns_name = record.get("netns")
-            if record.get("backend") != "iptables" or not netns_name:
+    with _agent_lock(state):
+        for name, record in state.read_attached().items():
+            if record.backend != "iptables" or not record.netns:
                 continue
-            if netns.exists(netns_name):
-                backend = _iptables_backend(record.get("flavour"))
-                backend.remove(name, netns_name, quiet=True)
+            if netns.exists(record.netns):
+                backend = _iptables_backend(record.flavour)
+                backend.remove(name, record.netns, quiet=True)
                 removed.append(f"iptables rules of pod {name} ({backend.tools.flavour})")
         pins = Pins(state_dir)
         if pins.exists():
             removed += [f"pinned {item}" for item in pins.remove()]
-        for name in (ATTACHED_FILE, "agent.json", "agent.sock"):
-            path = state_dir / name
+        for path in (state.attached_file, state.socket, *(state.path / n for n in LEGACY_FILES)):
             if path.exists() or path.is_symlink():
                 path.unlink()
                 removed.append(str(path))
-    (state_dir / "agent.lock").unlink(missing_ok=True)
+    state.lock_file.unlink(missing_ok=True)
     if cache_dir is not None and cache_dir.is_dir():
         shutil.rmtree(cache_dir)
         removed.append(f"compiled BPF objects in {cache_dir}")
@@ -60,25 +58,14 @@ def _iptables_backend(flavour: str | None):
     return IptablesBackend(rules, Tools.of(flavour))
 
 
-class _agent_lock:
+@contextmanager
+def _agent_lock(state: StateDir) -> Iterator[None]:
     """Held while cleaning: no agent may start meanwhile, and none may run."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "agent.lock"
-
-    def __enter__(self) -> None:
-        self.fd = None
-        if not self.path.parent.is_dir():
-            return
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise MeshError(
-                f"an agent runs with state dir {self.path.parent}: stop it first"
-            ) from None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
+    if not state.path.is_dir():
+        yield
+        return
+    fd = state.lock(what="cleanup")
+    try:
+        yield
+    finally:
+        os.close(fd)

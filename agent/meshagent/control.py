@@ -14,89 +14,16 @@ import json
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from meshagent import log
+from meshagent.api import Deferred, Failure, Handler, Outcome, Reply, Request
 from meshagent.config import check_socket_path
 from meshagent.errors import MeshError
 from meshagent.host.loop import Loop
-from meshagent.modes import parse, values
 
 MAX_REQUEST = 64 * 1024
-
-
-class Request:
-    """One decoded request, with typed access that fails as one line."""
-
-    def __init__(self, data: dict, conn: socket.socket | None = None) -> None:
-        self.data = data
-        self.conn = conn  # for a reply that streams (trace)
-
-    def op(self) -> str:
-        return self.text("op")
-
-    def text(self, key: str) -> str:
-        value = self.data.get(key)
-        if not isinstance(value, str) or not value:
-            raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be a non-empty string")
-        return value
-
-    def optional_text(self, key: str) -> str | None:
-        return None if self.data.get(key) is None else self.text(key)
-
-    def optional_int(self, key: str) -> int | None:
-        value = self.data.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be an integer")
-        return value
-
-    def optional_bool(self, key: str) -> bool | None:
-        value = self.data.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise MeshError(f"{self.data.get('op', 'request')}: {key!r} must be true or false")
-        return value
-
-    def choice(self, key: str, enum, optional: bool = False):
-        value = self.data.get(key)
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            raise MeshError(
-                f"{self.data.get('op')}: {key!r} must be one of {', '.join(values(enum))}"
-            )
-        return parse(enum, value, f"{self.data.get('op')}: {key!r}")
-
-
-class Deferred:
-    """A reply that comes later, for work that runs off the loop: the
-    dispatcher returns one, and resolve() or fail() (on the loop) sends it.
-    Until then the connection's further requests wait, so replies keep the
-    order of their requests."""
-
-    def __init__(self) -> None:
-        self.reply: dict | None = None
-        self._then: Callable[[dict], None] | None = None
-
-    def resolve(self, reply: dict) -> None:
-        self._settle({"ok": True, **reply})
-
-    def fail(self, exc: BaseException, op: str = "") -> None:
-        self._settle(error_reply(exc, op))
-
-    def _settle(self, reply: dict) -> None:
-        if self.reply is not None:
-            return
-        self.reply = reply
-        if self._then is not None:
-            self._then(reply)
-
-    def then(self, fn: Callable[[dict], None]) -> None:
-        self._then = fn
-        if self.reply is not None:
-            fn(self.reply)
 
 
 def error_reply(exc: BaseException, op: object = "") -> dict:
@@ -112,7 +39,6 @@ def error_reply(exc: BaseException, op: object = "") -> dict:
     }
 
 
-Dispatch = Callable[[Request], "dict | Deferred"]
 MAX_UNSENT = 4 << 20  # bytes of replies a client may leave unread before it is dropped
 
 
@@ -126,10 +52,10 @@ class _Client:
 
 
 class ControlServer:
-    def __init__(self, loop: Loop, path: Path, dispatch: Dispatch) -> None:
+    def __init__(self, loop: Loop, path: Path, handlers: Mapping[str, Handler]) -> None:
         self.loop = loop
         self.path = path
-        self.dispatch = dispatch
+        self.handlers = dict(handlers)  # op -> handler
         self.clients: dict[int, _Client] = {}
         self.closers: dict[int, Callable[[], None]] = {}  # streaming replies: when they end
         check_socket_path(path)
@@ -144,6 +70,11 @@ class ControlServer:
         self.sock.listen(64)
         self.sock.setblocking(False)
         loop.add(self.sock.fileno(), select.EPOLLIN, self._accept)
+
+    def serve(self, handlers: Mapping[str, Handler]) -> None:
+        """Register more handlers (the agent claims the socket early and
+        registers its handlers once it has made their parts)."""
+        self.handlers.update(handlers)
 
     def _accept(self, _events: int) -> None:
         while True:
@@ -186,43 +117,50 @@ class ControlServer:
         while not client.waiting and not client.closed and b"\n" in client.inbuf:
             line, _, rest = bytes(client.inbuf).partition(b"\n")
             client.inbuf[:] = rest
-            reply = self._handle(line, client.conn)
-            if isinstance(reply, Deferred):
+            outcome = self._handle(line, client.conn)
+            if isinstance(outcome, Deferred):
                 client.waiting = True
-                reply.then(lambda r, c=client: self._settled(c, r))
+                outcome.then(lambda o, c=client: self._settled(c, o))
             else:
-                self._answer(client, reply)
+                self._answer(client, outcome)
 
-    def _settled(self, client: _Client, reply: dict) -> None:
+    def _settled(self, client: _Client, outcome: Outcome) -> None:
         client.waiting = False
         if client.closed:
+            for fd in outcome.fds if isinstance(outcome, Reply) else ():
+                os.close(fd)
             return
-        self._answer(client, reply)
+        self._answer(client, outcome)
         self._process(client)
 
-    def _answer(self, client: _Client, reply: dict) -> None:
-        fds = reply.pop("_fds", ())
-        closer = reply.pop("_on_close", None)
-        if closer is not None:
-            self.closers[client.conn.fileno()] = closer
+    def _answer(self, client: _Client, outcome: Outcome) -> None:
+        if isinstance(outcome, Failure):
+            self._send(client, error_reply(outcome.error, outcome.op))
+            return
+        if outcome.on_close is not None:
+            self.closers[client.conn.fileno()] = outcome.on_close
         try:
-            self._send(client, reply, fds)
+            self._send(client, {"ok": True, **outcome.data}, outcome.fds)
         finally:
-            for fd in fds:  # the dispatcher's copies: the client has its own now
+            for fd in outcome.fds:  # the handler's copies: the client has its own now
                 os.close(fd)
 
-    def _handle(self, line: bytes, conn: socket.socket) -> dict | Deferred:
+    def _handle(self, line: bytes, conn: socket.socket) -> Outcome | Deferred:
         try:
-            request = json.loads(line)
+            data = json.loads(line)
         except ValueError as exc:
-            return {"ok": False, "error": f"bad request: not JSON ({exc})"}
-        if not isinstance(request, dict):
-            return {"ok": False, "error": "bad request: not a JSON object"}
+            return Failure(MeshError(f"bad request: not JSON ({exc})"))
+        if not isinstance(data, dict):
+            return Failure(MeshError("bad request: not a JSON object"))
+        request = Request(data, conn)
         try:
-            reply = self.dispatch(Request(request, conn))
+            op = request.op()
+            handler = self.handlers.get(op)
+            if handler is None:
+                raise MeshError(f"unknown request {op!r}")
+            return handler(request)
         except Exception as exc:
-            return error_reply(exc, request.get("op"))
-        return reply if isinstance(reply, Deferred) else {"ok": True, **reply}
+            return Failure(exc, data.get("op"))
 
     def _send(self, client: _Client, reply: dict, fds=()) -> None:
         """Queue the reply and send what the socket takes now; the rest goes
@@ -292,90 +230,6 @@ def _claim_socket_path(path: Path) -> None:
     finally:
         probe.close()
     raise MeshError(f"an agent already runs at {path}: stop it first, or use another --state-dir")
-
-
-def connect(socket_path: Path, timeout: float = 30.0) -> socket.socket:
-    """A connection to the running agent; MeshError (one line) if there is none."""
-    check_socket_path(socket_path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(str(socket_path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
-        raise MeshError(f"no agent at {socket_path}: start one with `meshagent run`") from None
-    except PermissionError:
-        sock.close()
-        raise MeshError(f"no permission for {socket_path}: run as root") from None
-    return sock
-
-
-def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -> dict:
-    """Ask the running agent; MeshError with its one-line answer on failure."""
-    sock = connect(socket_path, timeout)
-    try:
-        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-        data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise MeshError(f"the agent at {socket_path} closed the connection")
-            data += chunk
-    except TimeoutError:
-        raise MeshError(f"the agent at {socket_path} did not answer within {timeout:g}s") from None
-    except OSError as exc:
-        raise MeshError(f"the agent at {socket_path}: {exc.strerror or exc}") from None
-    finally:
-        sock.close()
-    try:
-        reply = json.loads(data)
-    except ValueError:
-        raise MeshError(f"the agent at {socket_path} answered something that is not JSON") from None
-    if not isinstance(reply, dict):
-        raise MeshError(f"the agent at {socket_path} answered something that is not an object")
-    if not reply.pop("ok", False):
-        raise MeshError(reply.get("error", "the agent refused the request"))
-    return reply
-
-
-def request_with_fds(
-    socket_path: Path, request: dict, max_fds: int = 1, timeout: float = 30.0
-) -> tuple[socket.socket, dict, list[int], bytes]:
-    """A request whose reply carries fds (SCM_RIGHTS) and whose connection
-    stays open: (the connection, the reply, the fds, bytes after the reply).
-    MeshError with the agent's one line if it refuses."""
-    sock = connect(socket_path, timeout)
-    fds: list[int] = []
-    try:
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data, fds, _flags, _addr = socket.recv_fds(sock, 65536, max_fds)
-        while b"\n" not in data:
-            more = sock.recv(65536)
-            if not more:
-                raise MeshError(f"the agent at {socket_path} closed the connection")
-            data += more
-        line, _, rest = data.partition(b"\n")
-        reply = json.loads(line)
-        if not reply.pop("ok", False):
-            raise MeshError(reply.get("error", f"the agent refused {request.get('op')!r}"))
-    except BaseException as exc:
-        for fd in fds:
-            os.close(fd)
-        sock.close()
-        if isinstance(exc, TimeoutError):
-            raise MeshError(
-                f"the agent at {socket_path} did not answer within {timeout:g}s"
-            ) from None
-        raise
-    return sock, reply, fds, rest
-
-
-def agent_running(socket_path: Path) -> bool:
-    try:
-        request(socket_path, "ping", timeout=5)
-    except MeshError:
-        return False
-    return True
 
 
 def _one_line(text: str) -> str:

@@ -9,8 +9,8 @@ it the old agent sends, one message each (a JSON header line, then raw
 bytes; sockets and pipes as SCM_RIGHTS):
 
     hello  {pid, pods, conns}
-    pod    {name, backend, netns, netns_id, pod_id, since, draining, stats} + its listeners
-    conn   {pod, record, mode, state, blobs: [sizes]} + its sockets (and splice pipes)
+    pod    {name, pod_id, stats, and its PodRecord (state.py)} + its listeners
+    conn   {pod, pod_id, record, mode, state, blobs: [sizes]} + its sockets (and splice pipes)
     blob   raw bytes a connection had read and not yet written, in pieces
     end
 
@@ -28,8 +28,18 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
+from meshagent import log
+from meshagent.api import Deferred, Reply, Request
+from meshagent.attachments import Attachments
+from meshagent.client import request_with_fds
 from meshagent.errors import MeshError
+from meshagent.forwarder import Forwarder
+from meshagent.forwarder.records import ConnRecord, PodSlot
+from meshagent.host.loop import Loop
+from meshagent.modes import DataPathMode
+from meshagent.state import PodRecord
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 16  # a splice connection: 2 sockets + 2 pipes of 2 ends
@@ -39,97 +49,97 @@ EXIT_WAIT = 30.0  # seconds the successor waits for the old agent to exit
 
 
 # -- the running agent's side -------------------------------------------------
-def serve(agent, _request):
+class Handover:
     """The `handover` request: once no upstream connect is in flight, reply
     with a socketpair end and send everything over it."""
-    from meshagent.control import Deferred
 
-    if agent.handing_over:
-        raise MeshError("handover: one is already under way")
-    agent.handing_over = True
-    agent.forwarder.stop_accepting()
-    reply = Deferred()
-    deadline = time.monotonic() + PENDING_WAIT
+    def __init__(self, loop: Loop, forwarder: Forwarder, pods: Attachments) -> None:
+        self.loop = loop
+        self.forwarder = forwarder
+        self.pods = pods
+        self.under_way = False  # a successor is receiving our pods and connections
 
-    def when_quiet() -> None:
-        if not agent.forwarder.handover_ready() and time.monotonic() < deadline:
-            agent.loop.call_later(0.01, when_quiet)
+    def __call__(self, _request: Request) -> Deferred:
+        if self.under_way:
+            raise MeshError("handover: one is already under way")
+        self.under_way = True
+        self.forwarder.stop_accepting()
+        reply = Deferred()
+        deadline = time.monotonic() + PENDING_WAIT
+
+        def when_quiet() -> None:
+            if not self.forwarder.handover_ready() and time.monotonic() < deadline:
+                self.loop.call_later(0.01, when_quiet)
+                return
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for end in (ours, theirs):  # a message must fit the buffers whole
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_MESSAGE)
+            reply.resolve(Reply({"pid": os.getpid()}, [os.dup(theirs.fileno())]))
+            theirs.close()
+            self.loop.call_later(0, lambda: self._hand_over(ours))
+
+        self.loop.call_later(0, when_quiet)
+        return reply
+
+    def _hand_over(self, chan: socket.socket) -> None:
+        fwd = self.forwarder
+        fwd.suspend()
+        try:
+            chan.settimeout(OK_WAIT)
+            pods, conns = self._send_all(chan)
+            answer, _fds, _payload = _recv(chan)
+            if answer.get("kind") != "ok":
+                raise MeshError(f"the successor answered {answer.get('kind')!r}")
+        except (OSError, MeshError, ValueError) as exc:
+            chan.close()
+            self.under_way = False
+            fwd.resume()
+            log.get().warning("takeover failed; serving on", extra={"reason": _why(exc)})
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for end in (ours, theirs):  # a message must fit the buffers whole
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_MESSAGE)
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_MESSAGE)
-        reply.resolve({"pid": os.getpid(), "_fds": [os.dup(theirs.fileno())]})
-        theirs.close()
-        agent.loop.call_later(0, lambda: _hand_over(agent, ours))
+        chan.close()
+        log.get().info(
+            "handed over to the successor",
+            extra={"reason": f"{pods} pods, {conns} connections; exiting"},
+        )
+        fwd.let_go()
+        self.pods.let_go()
+        self.loop.stop()
 
-    agent.loop.call_later(0, when_quiet)
-    return reply
-
-
-def _hand_over(agent, chan: socket.socket) -> None:
-    log = agent.log
-    fwd = agent.forwarder
-    fwd.suspend()
-    try:
-        chan.settimeout(OK_WAIT)
-        exported = fwd.exported()
-        entries = list(agent.pods.pods.values())
+    def _send_all(self, chan: socket.socket) -> tuple[int, int]:
+        """hello, each pod with its listeners, each connection with its
+        sockets and bytes, end: (pods, connections) sent."""
+        exported = self.forwarder.exported()
+        entries = list(self.pods.pods.values())
         _send(chan, {"kind": "hello", "pid": os.getpid(), "pods": len(entries),
                      "conns": len(exported)})  # fmt: skip
         for entry in entries:
-            name = entry.handle.name
-            slot = fwd.pods.get(name) or next((s for s, _r, _c in exported if s.name == name), None)
-            listeners = [s.fileno() for s in slot.listeners] if slot is not None else []
-            dev, ino = entry.handle.netns_id
-            _send(chan, {
-                "kind": "pod", "name": name, "backend": entry.backend.name.value,
-                "netns": entry.handle.netns_name, "netns_id": f"{dev}:{ino}",
-                "pod_id": entry.handle.pod_id, "since": entry.since, "draining": entry.draining,
-                "source": entry.source, "auto": entry.auto,
-                "stats": slot.stats.to_dict() if slot is not None else None,
-            }, listeners)  # fmt: skip
+            slot = entry.slot
+            listeners = [s.fileno() for s in slot.listeners]
+            _send(chan, {"kind": "pod", "name": entry.handle.name, **entry.record().to_dict(),
+                         "pod_id": entry.handle.pod_id, "stats": slot.stats.to_dict()},
+                  listeners)  # fmt: skip
         for slot, record, conn in exported:
             state, fds, blobs = conn.export()
-            _send(chan, {"kind": "conn", "pod": slot.name, "record": record.to_dict(),
+            _send(chan, {"kind": "conn", "pod": slot.name, "pod_id": slot.pod_id,
+                         "record": record.to_dict(),
                          "mode": conn.mode.value, "state": state,
                          "blobs": [len(b) for b in blobs]}, fds)  # fmt: skip
             for blob in blobs:
                 for at in range(0, len(blob), MAX_MESSAGE // 2):
                     _send(chan, {"kind": "blob"}, payload=blob[at : at + MAX_MESSAGE // 2])
         _send(chan, {"kind": "end"})
-        answer, _fds, _payload = _recv(chan)
-        if answer.get("kind") != "ok":
-            raise MeshError(f"the successor answered {answer.get('kind')!r}")
-    except (OSError, MeshError, ValueError) as exc:
-        chan.close()
-        agent.handing_over = False
-        fwd.resume()
-        log.warning("takeover failed; serving on", extra={"reason": _why(exc)})
-        return
-    chan.close()
-    log.info(
-        "handed over to the successor",
-        extra={"reason": f"{len(entries)} pods, {len(exported)} connections; exiting"},
-    )
-    agent.handed_over = True
-    fwd.let_go()
-    agent.pods.let_go()
-    agent.loop.stop()
+        return len(entries), len(exported)
 
 
 # -- the successor's side -----------------------------------------------------
-def receive(agent) -> dict:
+def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
     """Take the running agent's pods and connections; returns counts. The
     old agent has exited when this returns. Nothing here reads or writes a
     forwarded socket: the loop does, once it runs."""
-    from meshagent import control
-    from meshagent.forwarder.records import ConnRecord
-    from meshagent.modes import DataPathMode
-
     try:
-        sock, _reply, fds, _rest = control.request_with_fds(
-            agent.cfg.socket_path, {"op": "handover"}, 1, timeout=OK_WAIT
+        sock, _reply, fds, _rest = request_with_fds(
+            socket_path, {"op": "handover"}, 1, timeout=OK_WAIT
         )
     except MeshError as exc:
         raise MeshError(f"--takeover: {exc}") from None
@@ -139,7 +149,7 @@ def receive(agent) -> dict:
     chan = socket.socket(fileno=fds[0])
     chan.settimeout(OK_WAIT)
     owned: list[int] = []  # fds received and not yet owned by a socket or pipe user
-    slots: dict[str, object] = {}
+    slots: dict[int, PodSlot] = {}  # pod_id -> slot
     try:
         hello, _fds, _payload = _recv(chan)
         if hello.get("kind") != "hello":
@@ -156,15 +166,15 @@ def receive(agent) -> dict:
             if kind == "pod":
                 listeners = [socket.socket(fileno=fd) for fd in got]
                 owned = [fd for fd in owned if fd not in got]
-                slots[header["name"]] = agent.pods.take_over(header, listeners)
+                record = PodRecord.from_dict(header["name"], header)
+                pod_id = int(header["pod_id"])
+                slots[pod_id] = pods.take_over(record, pod_id, listeners, header.get("stats"))
             elif kind == "conn":
                 blobs = [_blob(chan, size) for size in header["blobs"]]
                 client, upstream = (socket.socket(fileno=fd) for fd in got[:2])
                 owned = [fd for fd in owned if fd not in got]
-                slot = slots.get(header["pod"])
-                if slot is None:
-                    raise MeshError(f"a connection of unknown pod {header['pod']}")
-                agent.forwarder.adopt_conn(
+                slot = _slot_of(slots, header)
+                forwarder.adopt_conn(
                     slot, ConnRecord(**header["record"]), DataPathMode(header["mode"]),
                     client, upstream, header["state"], got[2:], blobs,
                 )  # fmt: skip
@@ -183,8 +193,19 @@ def receive(agent) -> dict:
         raise
     chan.close()
     _wait_exit(int(hello["pid"]))
-    agent.pods.save()
+    pods.save()
     return {"pods": len(slots), "conns": conns, "from_pid": hello["pid"]}
+
+
+def _slot_of(slots: dict[int, PodSlot], header: dict) -> PodSlot:
+    """A connection's pod: by its pod_id (an agent before 0.2 sent only the name)."""
+    pod_id = header.get("pod_id")
+    slot = slots.get(pod_id) if pod_id is not None else None
+    if slot is None and pod_id is None:
+        slot = next((s for s in slots.values() if s.name == header.get("pod")), None)
+    if slot is None:
+        raise MeshError(f"a connection of unknown pod {header.get('pod')}")
+    return slot
 
 
 def _wait_exit(pid: int) -> None:

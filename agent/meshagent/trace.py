@@ -28,7 +28,7 @@ HEADER = f"{'TIME':12} {'POD':12} {'PID':>7} {'COMM':12} {'EVENT':11} DETAIL"
 
 
 def _open(socket_path: Path, pod: str | None, port: int) -> tuple[socket.socket, dict, list, bytes]:
-    from meshagent.control import request_with_fds
+    from meshagent.client import request_with_fds
 
     request = {"op": "trace", "port": port, **({"pod": pod} if pod else {})}
     return request_with_fds(socket_path, request)

@@ -16,14 +16,20 @@ import os
 import socket
 import time
 
+from meshagent import log
+from meshagent.api import Reply, Request
+from meshagent.attachments import Attachments
 from meshagent.bpf import abi
+from meshagent.bpf.loader import Loaded
 from meshagent.errors import MeshError
+from meshagent.forwarder import Forwarder
 from meshagent.host import netns
 
 
 class Tracer:
-    def __init__(self, agent, conn: socket.socket, pod: str | None, port: int) -> None:
-        self.agent = agent
+    """One running `meshagent trace`: the forwarder's events go to its connection."""
+
+    def __init__(self, conn: socket.socket, pod: str | None, port: int) -> None:
         self.conn = conn
         self.pod = pod
         self.port = port
@@ -43,66 +49,76 @@ class Tracer:
             self.dropped += 1
 
 
-def start(agent, request) -> dict:
-    """The `trace` request: {"op": "trace", "pod": NAME?, "port": N?}."""
-    if agent.tracer is not None:
-        raise MeshError("a trace already runs (one at a time): stop it first")
-    pod = request.data.get("pod")
-    if pod is not None:
-        pod = request.text("pod")
-    port = request.data.get("port") or 0
-    if not isinstance(port, int) or not 0 <= port <= 65535:
-        raise MeshError("trace: 'port' must be a TCP port")
-    loaded = agent.loaded
-    kernel = loaded is not None and loaded.attached("mesh_connect4")
-    # Kernel events name a pod by its netns cookie; without them (iptables
-    # backend, e.g. on 5.10, which has no SO_NETNS_COOKIE) the forwarder's
-    # events carry the pod's name and no cookie is needed.
-    pods = _cookies(agent) if kernel else {}
-    cookie = 0
-    if pod is not None:
-        agent.pods.resolver.get(pod)  # unknown pod: say so
-        cookie = next((c for c, name in pods.items() if name == pod), 0)
-        if kernel and not cookie:
-            raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
-    reply: dict = {"trace": True, "pods": {str(c): n for c, n in pods.items()}}
-    if kernel:
-        trace_map = loaded.map(abi.TRACE)
-        trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))
-        reply["_fds"] = [os.dup(loaded.map(abi.EVENTS).fd)]
-    reply["kernel_events"] = kernel
-    agent.tracer = Tracer(agent, request.conn, pod, port)
-    agent.forwarder.on_event = agent.tracer.event
+class TraceFeed:
+    """The `trace` request, {"op": "trace", "pod": NAME?, "port": N?}: one
+    tracer at a time."""
 
-    def stop() -> None:
+    def __init__(self, loaded: Loaded | None, forwarder: Forwarder, pods: Attachments) -> None:
+        self.loaded = loaded
+        self.forwarder = forwarder
+        self.pods = pods
+        self.tracer: Tracer | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.tracer is not None
+
+    def __call__(self, request: Request) -> Reply:
+        if self.tracer is not None:
+            raise MeshError("a trace already runs (one at a time): stop it first")
+        pod = request.optional_text("pod")
+        port = request.data.get("port") or 0
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise MeshError("trace: 'port' must be a TCP port")
+        loaded = self.loaded
+        kernel = loaded is not None and loaded.attached("mesh_connect4")
+        # Kernel events name a pod by its netns cookie; without them (iptables
+        # backend, e.g. on 5.10, which has no SO_NETNS_COOKIE) the forwarder's
+        # events carry the pod's name and no cookie is needed.
+        pods = self._cookies() if kernel else {}
+        cookie = 0
+        if pod is not None:
+            self.pods.resolver.get(pod)  # unknown pod: say so
+            cookie = next((c for c, name in pods.items() if name == pod), 0)
+            if kernel and not cookie:
+                raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
+        reply = Reply({"trace": True, "pods": {str(c): n for c, n in pods.items()}})
         if kernel:
-            trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(0, 0, 0, 0))
-        agent.tracer = None
-        agent.forwarder.on_event = None
-        agent.log.info("trace ended", extra={"reason": "the tracer's connection closed"})
+            trace_map = loaded.map(abi.TRACE)
+            trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))
+            reply.fds.append(os.dup(loaded.map(abi.EVENTS).fd))
+        reply.data["kernel_events"] = kernel
+        self.tracer = Tracer(request.conn, pod, port)
+        self.forwarder.on_event = self.tracer.event
 
-    reply["_on_close"] = stop
-    agent.log.info("trace started", extra={"pod": pod, "reason": f"port={port or 'any'}"})
-    return reply
+        def stop() -> None:
+            if kernel:
+                trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(0, 0, 0, 0))
+            self.tracer = None
+            self.forwarder.on_event = None
+            log.get().info("trace ended", extra={"reason": "the tracer's connection closed"})
 
+        reply.on_close = stop
+        log.get().info("trace started", extra={"pod": pod, "reason": f"port={port or 'any'}"})
+        return reply
 
-def _cookies(agent) -> dict[int, str]:
-    """netns cookie -> pod name, for every pod on the node (kernel 5.14+):
-    standalone pods, Kubernetes pods with a CNI record, and whatever else
-    is attached (found by its cgroup, --pid or --netns)."""
-    out = {}
-    places = [(p.name, p.netns) for p in agent.store.all()]
-    places += [(r.full_name, r.netns) for r in agent.pods.resolver.cni.all()]
-    places += [(e.handle.name, e.handle.netns_name) for e in agent.pods.attached()]
-    for name, where in places:
-        try:
-            fd = netns.open_fd(where)
-        except MeshError:
-            continue
-        try:
-            out[netns.cookie(fd)] = name
-        except (OSError, MeshError):
-            pass
-        finally:
-            os.close(fd)
-    return out
+    def _cookies(self) -> dict[int, str]:
+        """netns cookie -> pod name, for every pod on the node (kernel 5.14+):
+        standalone pods, Kubernetes pods with a CNI record, and whatever else
+        is attached (found by its cgroup, --pid or --netns)."""
+        out = {}
+        places = [(p.name, p.netns) for p in self.pods.store.all()]
+        places += [(r.full_name, r.netns) for r in self.pods.resolver.cni.all()]
+        places += [(e.handle.name, e.handle.netns_name) for e in self.pods.attached()]
+        for name, where in places:
+            try:
+                fd = netns.open_fd(where)
+            except MeshError:
+                continue
+            try:
+                out[netns.cookie(fd)] = name
+            except (OSError, MeshError):
+                pass
+            finally:
+                os.close(fd)
+        return out

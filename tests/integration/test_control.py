@@ -13,7 +13,7 @@ import pytest
 from hypothesis import strategies as st
 
 from conftest import start_agent, wait_for
-from meshagent.control import agent_running
+from meshagent.client import agent_running
 
 MALFORMED = [
     (b"not json", "not JSON"),

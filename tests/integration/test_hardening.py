@@ -350,7 +350,7 @@ def capsh_run(env, keep: tuple[str, ...], *args: str) -> subprocess.Popen:
 
 
 def test_the_agent_needs_two_capabilities_and_names_a_missing_one(mesh_env):
-    from meshagent.control import agent_running, request
+    from meshagent.client import agent_running, request
 
     client = mesh_env.create_pod("client")
     other = mesh_env.create_pod("other")

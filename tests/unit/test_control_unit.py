@@ -8,6 +8,8 @@ import threading
 import pytest
 
 from meshagent import control
+from meshagent.api import Deferred, Reply, Request
+from meshagent.client import request
 from meshagent.errors import MeshError
 from meshagent.host.loop import Loop
 
@@ -21,25 +23,26 @@ def server(tmp_path):
     loop = Loop()
     worker = Worker(loop, "test")
 
-    def dispatch(request: control.Request):
-        op = request.op()
-        if op == "ping":
-            return {"pong": True}
-        if op == "later":  # work off the loop; the reply when it is done
-            reply = control.Deferred()
-            worker.submit(lambda: RELEASE.wait(10), lambda ok, _e: reply.resolve({"done": ok}))
-            return reply
-        if op == "huge":
-            return {"blob": "x" * (2 << 20)}
-        if op == "boom":
-            raise RuntimeError("a bug\nover two lines")
-        if op == "oserror":
-            raise PermissionError(13, "Permission denied")
-        if op == "typed":
-            return {"pod": request.text("pod")}
-        raise MeshError(f"unknown request {op!r}")
+    def later(_request: Request):  # work off the loop; the reply when it is done
+        reply = Deferred()
+        worker.submit(lambda: RELEASE.wait(10), lambda ok, _e: reply.resolve({"done": ok}))
+        return reply
 
-    srv = control.ControlServer(loop, tmp_path / "agent.sock", dispatch)
+    def boom(_request: Request):
+        raise RuntimeError("a bug\nover two lines")
+
+    def oserror(_request: Request):
+        raise PermissionError(13, "Permission denied")
+
+    handlers = {
+        "ping": lambda _r: Reply({"pong": True}),
+        "later": later,
+        "huge": lambda _r: Reply({"blob": "x" * (2 << 20)}),
+        "boom": boom,
+        "oserror": oserror,
+        "typed": lambda r: Reply({"pod": r.text("pod")}),
+    }
+    srv = control.ControlServer(loop, tmp_path / "agent.sock", handlers)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     yield tmp_path / "agent.sock"
@@ -63,14 +66,14 @@ def server(tmp_path):
 )
 def test_every_failure_is_one_line_and_the_server_keeps_serving(server, op, args, expect):
     with pytest.raises(MeshError) as info:
-        control.request(server, op, timeout=1.0, **args)
+        request(server, op, timeout=1.0, **args)
     assert str(info.value).startswith(expect) and "\n" not in str(info.value)
-    assert control.request(server, "ping", timeout=1.0) == {"pong": True}
+    assert request(server, "ping", timeout=1.0) == {"pong": True}
 
 
 def test_a_second_server_on_the_same_socket_is_refused(server):
     with pytest.raises(MeshError, match="an agent already runs"):
-        control.ControlServer(Loop(), server, lambda _r: {})
+        control.ControlServer(Loop(), server, {})
 
 
 def _send_lines(path, *ops: str):
@@ -102,7 +105,7 @@ def test_a_deferred_reply_keeps_order_and_never_holds_up_others(server):
     pending = _send_lines(server, "later", "ping")
     try:
         for _ in range(3):  # another client, answered while "later" is pending
-            assert control.request(server, "ping", timeout=2.0) == {"pong": True}
+            assert request(server, "ping", timeout=2.0) == {"pong": True}
         RELEASE.set()
         assert _read_lines(pending, 2) == [{"ok": True, "done": True}, {"ok": True, "pong": True}]
     finally:
@@ -115,7 +118,7 @@ def test_a_client_that_does_not_read_never_blocks_the_server(server):
     idle = _send_lines(server, "huge", "huge")
     try:
         for _ in range(3):
-            assert control.request(server, "ping", timeout=2.0) == {"pong": True}
+            assert request(server, "ping", timeout=2.0) == {"pong": True}
         replies = _read_lines(idle, 2)
         assert [len(r["blob"]) for r in replies] == [2 << 20, 2 << 20]
     finally:

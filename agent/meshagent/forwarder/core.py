@@ -20,7 +20,7 @@ from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
 from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
-from meshagent.steering import Steering
+from meshagent.steering import PodHandle, Steering
 
 CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
@@ -52,7 +52,7 @@ class Forwarder:
         self.port = port
         self.paths = paths
         self.mode = mode
-        self.pods: dict[str, PodSlot] = {}
+        self.pods: dict[int, PodSlot] = {}  # pod_id -> slot, for pods with listeners
         self.conns: dict[Connection, tuple[PodSlot, ConnRecord]] = {}
         self.pending: dict[socket.socket, Pending] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
@@ -78,12 +78,13 @@ class Forwarder:
         self.paths[mode].selected(True)
 
     # -- listeners ---------------------------------------------------------
-    def open_pod(self, name: str, netns_fd: int, steering: Steering) -> PodSlot:
+    def open_pod(self, pod: PodHandle, steering: Steering) -> PodSlot:
         """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
-        slot = PodSlot(name, netns_fd, steering)
+        name = pod.name
+        slot = PodSlot(name, pod.pod_id, pod.netns_fd, steering)
         try:
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                sock = netns.socket_in(netns_fd, family)
+                sock = netns.socket_in(pod.netns_fd, family)
                 slot.listeners.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 # Accepted sockets inherit it: one system call fewer each.
@@ -105,21 +106,20 @@ class Forwarder:
             raise
         for sock in slot.listeners:
             self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
-        self.pods[name] = slot
+        self.pods[slot.pod_id] = slot
         return slot
 
-    def close_pod(self, name: str) -> PodSlot | None:
+    def close_pod(self, slot: PodSlot) -> None:
         """Stop listening for a pod. Connections already queued on the
         listener are accepted first; forwarded ones keep running."""
-        slot = self.pods.pop(name, None)
-        if slot is None:
-            return None
+        if self.pods.get(slot.pod_id) is not slot:
+            return
+        del self.pods[slot.pod_id]
         for sock in slot.listeners:
             self._accept_all(slot, sock, closing=True)
             self.loop.remove(sock.fileno())
             sock.close()
         slot.listeners.clear()
-        return slot
 
     def _acceptor(self, slot: PodSlot, sock: socket.socket) -> Callable[[int], None]:
         def handle(_events: int) -> None:
@@ -173,7 +173,7 @@ class Forwarder:
         slot.backoff = min(slot.backoff * 2, PAUSE_MAX)
 
     def _resume(self, slot: PodSlot) -> None:
-        if not slot.paused or self.pods.get(slot.name) is not slot:
+        if not slot.paused or self.pods.get(slot.pod_id) is not slot:
             return
         why = self._no_room(slot)
         if why:
@@ -437,10 +437,10 @@ class Forwarder:
         self.pods.clear()
         self.conns.clear()
 
-    def adopt_pod(self, name: str, netns_fd: int, steering: Steering, listeners: list,
+    def adopt_pod(self, pod: PodHandle, steering: Steering, listeners: list,
                   stats: dict | None = None) -> PodSlot:  # fmt: skip
         """A pod handed over with its listening sockets (no moment without)."""
-        slot = PodSlot(name, netns_fd, steering)
+        slot = PodSlot(pod.name, pod.pod_id, pod.netns_fd, steering)
         if stats:
             slot.stats = PodStats(**stats)
             slot.stats.connections_active = 0  # counted again as they are restored
@@ -450,7 +450,7 @@ class Forwarder:
             slot.listeners.append(sock)
             self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
         if listeners:
-            self.pods[name] = slot
+            self.pods[slot.pod_id] = slot
         return slot
 
     def adopt_conn(self, slot: PodSlot, record: ConnRecord, mode: DataPathMode, client, upstream,
@@ -463,15 +463,15 @@ class Forwarder:
             self.conns[conn] = (slot, record)
 
     # -- reporting ---------------------------------------------------------
-    def open_connections(self, name: str) -> int:
+    def open_connections(self, pod: PodSlot) -> int:
         """Forwarded or connecting connections of a pod (also after close_pod)."""
-        live = sum(1 for slot, _record in self.conns.values() if slot.name == name)
-        return live + sum(1 for p in self.pending.values() if p.slot.name == name)
+        live = sum(1 for slot, _record in self.conns.values() if slot is pod)
+        return live + sum(1 for p in self.pending.values() if p.slot is pod)
 
-    def live_bytes(self, name: str) -> tuple[int, int]:
+    def live_bytes(self, pod: PodSlot) -> tuple[int, int]:
         out = inn = 0
         for conn, (slot, _record) in self.conns.items():
-            if slot.name == name:
+            if slot is pod:
                 out += conn.bytes_out
                 inn += conn.bytes_in
         return out, inn
@@ -490,7 +490,7 @@ class Forwarder:
             "outcomes": dict(self.outcomes),
             "bytes": dict(self.moved),
             "errors": dict(self.errors),
-            "active": {name: slot.stats.connections_active for name, slot in self.pods.items()},
+            "active": {slot.name: slot.stats.connections_active for slot in self.pods.values()},
             "handoff_bytes": sum(p.stats.handoff_bytes for p in self.paths.values()),
             "map_entries": {
                 name: count for p in self.paths.values() for name, count in p.map_entries().items()
@@ -507,8 +507,8 @@ class Forwarder:
         }
 
     def close(self) -> None:
-        for name in list(self.pods):
-            self.close_pod(name)
+        for slot in list(self.pods.values()):
+            self.close_pod(slot)
         # Connections no successor takes over end with an RST, never a FIN:
         # a client must not mistake a cut stream for a whole one.
         for conn in list(self.conns):

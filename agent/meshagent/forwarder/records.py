@@ -32,6 +32,7 @@ class PodSlot:
     """One attached pod as the forwarder sees it."""
 
     name: str
+    pod_id: int  # the attachment's own id (a pod re-attached gets a new one)
     netns_fd: int
     steering: Steering  # the pod's redirect: where was it going, our upstream's pass
     paused: bool = False  # no room for its new connections (they fail open where possible)

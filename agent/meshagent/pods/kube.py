@@ -86,7 +86,7 @@ class CniStore:
         return record
 
     def save(self, record: CniRecord) -> None:
-        from meshagent.pods.store import write_json
+        from meshagent.state import write_json
 
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json(self.path(record.full_name), record.to_dict())

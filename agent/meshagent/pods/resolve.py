@@ -20,15 +20,13 @@ from meshagent.pods.kube import CniStore, find_pod_cgroup, is_kube_name, netns_o
 from meshagent.pods.model import validate_name
 from meshagent.pods.store import PodStore
 
-# Where the pod's netns came from; kept in attached.json so a restarted
-# agent finds it again the same way.
-SOURCES = ("standalone", "cni", "cgroup", "netns", "pid")
-
 
 @dataclass(frozen=True)
 class PodRef:
     name: str
     netns: str  # a name under /run/netns, or an absolute path
+    # Where the netns came from: standalone, cni, cgroup, netns or pid; kept
+    # in attached.json so a restarted agent finds it again the same way.
     source: str
     uid: str = ""
 
@@ -78,22 +76,15 @@ class Resolver:
             raise MeshError(f"pod {name}: no process in its cgroup {where} names its netns")
         return PodRef(name, path, "cgroup", uid)
 
-    def again(self, name: str, record: dict) -> PodRef:
-        """The pod of an attached.json record, found the way it was found."""
-        source = record.get("source", "standalone")
+    def again(self, name: str, source: str, netns: str) -> PodRef:
+        """A recorded pod (state.PodRecord), found the way it was found."""
         if source in ("netns", "pid"):
-            path = str(record.get("netns", ""))
-            if not os.path.exists(path):
-                raise MeshError(f"pod {name}: its network namespace {path} is gone")
-            ref = PodRef(name, path, source)
+            if not os.path.exists(netns):
+                raise MeshError(f"pod {name}: its network namespace {netns} is gone")
+            ref = PodRef(name, netns, source)
             not_the_hosts(ref)
             return ref
         return self.get(name)
-
-    def known(self) -> list[str]:
-        """Every pod name this node has a record of (standalone and CNI)."""
-        names = [p.name for p in self.store.all()]
-        return names + [r.full_name for r in self.cni.all()]
 
 
 def check_name(name: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from meshagent.errors import MeshError
 from meshagent.pods.model import NodeConfig, Pod, check_record, validate_name
+from meshagent.state import StateDir, write_json
 
 
 class PodStore:
@@ -102,11 +103,7 @@ class PodStore:
         return pods, problems
 
     def check_safe(self) -> None:
-        """The state dir decides what the agent attaches: only its owner may
-        write there."""
-        from meshagent.host.files import check_owner_only
-
-        check_owner_only(self.state_dir, "state dir")
+        StateDir(self.state_dir).check_safe()
 
     def cleanup_dirs(self) -> None:
         """Remove the state dir's pod parts once no pod is left."""
@@ -115,9 +112,3 @@ class PodStore:
                 path.rmdir() if path.is_dir() else path.unlink()
             except OSError:
                 pass
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
