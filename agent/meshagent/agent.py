@@ -30,7 +30,7 @@ from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.host import caps, cgroup
 from meshagent.host.loop import Loop
 from meshagent.host.worker import Worker
-from meshagent.kube.pods import KubePods
+from meshagent.kube.autoattach import KubePods
 from meshagent.kube.watch import ApiWatch, settings
 from meshagent.metrics import Collector, MetricsServer, healthy_since, parse_addr
 from meshagent.modes import Backend, DataPathMode
@@ -44,7 +44,7 @@ from meshagent.redirect.iptables import IptablesBackend, Tools
 from meshagent.redirect.rules import RuleConfig
 from meshagent.state import StateDir
 from meshagent.status import AgentFacts, Status
-from meshagent.tracing import TraceFeed
+from meshagent.trace_feed import TraceFeed
 
 SWEEP_SECONDS = 1.0
 

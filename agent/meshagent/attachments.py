@@ -47,7 +47,7 @@ class AttachedPod:
     removing: bool = False  # its rules' removal is queued
     forgotten: bool = False  # its netns fd is closed
     source: str = "standalone"  # how its netns was found (pods/resolve.py)
-    auto: bool = False  # attached for a label or the CNI config (kube/pods.py), not by hand
+    auto: bool = False  # attached for a label or the CNI config (kube/autoattach.py), not by hand
 
     def record(self) -> PodRecord:
         return PodRecord(

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from meshagent.api import Handler, Reply, Request, reply_of
 from meshagent.attachments import Attachments
-from meshagent.kube.pods import KubePods
+from meshagent.kube.autoattach import KubePods
 from meshagent.modes import Backend
-from meshagent.pods.kube import split_name
+from meshagent.pods.kubelet import split_name
 
 
 def pod_handlers(pods: Attachments, kube: KubePods) -> dict[str, Handler]:

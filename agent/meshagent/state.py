@@ -6,7 +6,7 @@ restarted agent adopts, a successor is handed and `cleanup` undoes.
     agent.sock      the control socket (control.py)
     attached.json   {"pods": {NAME: PodRecord}}
     node.json, pods/, .lock   standalone pods (pods/store.py)
-    cni/            the CNI plugin's records of Kubernetes pods (pods/kube.py)
+    cni/            the CNI plugin's records of Kubernetes pods (pods/kubelet.py)
 """
 
 from __future__ import annotations

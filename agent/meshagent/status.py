@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from meshagent.host.worker import Worker
     from meshagent.kernel import Probe
     from meshagent.plan import Plan
-    from meshagent.tracing import TraceFeed
+    from meshagent.trace_feed import TraceFeed
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Status:
     pods: Attachments
     datapath: DataPathControl
     trace: TraceFeed
-    kube: object  # kube/pods.py KubePods
+    kube: object  # kube/autoattach.py KubePods
     watch: object | None  # kube/watch.py ApiWatch, when configured
     reader: Worker
 

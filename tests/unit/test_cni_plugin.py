@@ -14,9 +14,9 @@ import pytest
 from meshagent.client import request
 from meshagent.cni.plugin import run
 from meshagent.errors import MeshError, NoAgent
+from meshagent.kube.autoattach import opted_in
 from meshagent.kube.install import chained, install, node_config, unchained, uninstall
-from meshagent.kube.pods import opted_in
-from meshagent.pods.kube import CniStore, cgroup_of_uid, split_name
+from meshagent.pods.kubelet import CniStore, cgroup_of_uid, split_name
 
 PREV = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}],
         "ips": [{"address": "10.1.0.5/24", "interface": 0}]}  # fmt: skip

@@ -163,7 +163,7 @@ def cmd_add(conf: Conf, env: dict[str, str]) -> dict:
     if not os.path.exists(netns_path):
         raise CniError(E_UNKNOWN_CONTAINER, f"network namespace {netns_path} does not exist")
     from meshagent.errors import MeshError
-    from meshagent.pods.kube import CniStore, new_record, split_name
+    from meshagent.pods.kubelet import CniStore, new_record, split_name
 
     namespace, name, uid = pod
     try:
@@ -198,7 +198,7 @@ def cmd_del(conf: Conf, env: dict[str, str]) -> None:
     if pod is None:
         return
     from meshagent.errors import MeshError
-    from meshagent.pods.kube import CniStore
+    from meshagent.pods.kubelet import CniStore
 
     full = f"{pod[0]}/{pod[1]}"
     store = CniStore(conf.state_dir)
@@ -224,7 +224,7 @@ def cmd_check(conf: Conf, env: dict[str, str]) -> None:
     if pod is None:
         return
     from meshagent.errors import MeshError
-    from meshagent.pods.kube import CniStore
+    from meshagent.pods.kubelet import CniStore
 
     full = f"{pod[0]}/{pod[1]}"
     try:

@@ -1,5 +1,5 @@
 """The API watch: pods on this node (fieldSelector spec.nodeName) and the
-namespaces' labels, fed to kube/pods.py on the agent's loop.
+namespaces' labels, fed to kube/autoattach.py on the agent's loop.
 
 Each kind is listed, then watched from the list's resourceVersion. A watch
 that breaks (the server ends it, or the connection drops) resumes from the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from meshagent import log
 from meshagent.errors import MeshError
-from meshagent.kube.pods import KubePods, PodView
+from meshagent.kube.autoattach import KubePods, PodView
 
 BACKOFF_MAX = 30.0
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")

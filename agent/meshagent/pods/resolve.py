@@ -1,7 +1,7 @@
 """From a pod's name to its network namespace, whichever runtime made it.
 
 - `web`: a standalone pod (pods/standalone.py), netns /run/netns/mesh-web;
-- `default/web`: a Kubernetes pod: its CNI record (pods/kube.py), else the
+- `default/web`: a Kubernetes pod: its CNI record (pods/kubelet.py), else the
   kubelet's cgroup layout (the pod's UID, known from the API watch, names
   its cgroup; a process there names the netns);
 - either name with an explicit `--netns PATH` or `--pid PID`.
@@ -16,7 +16,13 @@ from pathlib import Path
 
 from meshagent.errors import MeshError
 from meshagent.host import netns as host_netns
-from meshagent.pods.kube import CniStore, find_pod_cgroup, is_kube_name, netns_of_cgroup, split_name
+from meshagent.pods.kubelet import (
+    CniStore,
+    find_pod_cgroup,
+    is_kube_name,
+    netns_of_cgroup,
+    split_name,
+)
 from meshagent.pods.model import validate_name
 from meshagent.pods.store import PodStore
 

@@ -3,7 +3,7 @@
 A pod is opted in by the label meshagent.io/attach=true on itself or on its
 namespace; meshagent.io/attach=false on the pod opts it out of a labelled
 namespace. A CNI config with "attach": "all" opts in every pod outside its
-excluded namespaces (pods/kube.py records that per pod). The API watch
+excluded namespaces (pods/kubelet.py records that per pod). The API watch
 (kube/watch.py) feeds the labels; the CNI plugin tells the agent when a
 pod's sandbox is up or going (cni-add, cni-del).
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from meshagent import log
 from meshagent.errors import MeshError
-from meshagent.pods.kube import CniStore
+from meshagent.pods.kubelet import CniStore
 
 LABEL = "meshagent.io/attach"
 RETRY_SECONDS = 5.0  # a wanted pod whose sandbox is not found yet
