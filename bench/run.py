@@ -18,10 +18,10 @@ whole-machine CPU per request, and PostgreSQL with pgbench (select-only,
 10 clients, keep-alive and a connection per transaction).
 
 Writes bench/results/latest.json (every sample) and latest.png (the
-ratios), prints the table and puts it in the README between the bench
-markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
+ratios), prints the table and puts it in docs/benchmarks.md between the
+bench markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
 BENCH_SECONDS (default 2) set the rounds and the length of each timed run.
-For a quick look (never written to the README): BENCH_PATHS (e.g.
+For a quick look (never written to docs/benchmarks.md): BENCH_PATHS (e.g.
 "direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis, pg).
 BENCH_PIN=1 pins every client to CPU 0 and every server to CPU 1 (the
 proxies, HAProxy and the agent, are left to the scheduler), to see
@@ -105,6 +105,12 @@ FIGURES = {
     "pg_conn_10": ("pgbench select-only TPS, a connection per transaction, 10 clients", True),
 }
 PG_SCALE = 2  # pgbench's tables: 200,000 accounts
+
+
+def build_rr(workdir: Path) -> Path:
+    binary = workdir / "rr"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "rr.c")], check=True)
+    return binary
 
 
 def machine_cpu() -> float:
@@ -252,7 +258,7 @@ def table(summary: dict, meta: dict) -> str:
         f"`make bench`, {meta['date']}: kernel {meta['kernel']}, {meta['cpus']} vCPUs"
         f" ({meta['cpu_model']}), {meta['rounds']} interleaved rounds of {meta['seconds']:g} s"
         " runs. Each cell: the median per-round ratio to direct (min-max), then"
-        " the median value.",
+        " the median value. Source: `bench/results/latest.json`.",
         "",
         "| figure | " + " | ".join(paths) + " |",
         "|---|" + "---|" * len(paths),
@@ -317,14 +323,25 @@ def plot(summary: dict, path: Path) -> bool:
     return True
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
+def update_doc(text: str) -> None:
+    """Put the table in docs/benchmarks.md, between its bench markers."""
+    doc = ROOT / "docs" / "benchmarks.md"
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    body = readme.read_text()
+    body = doc.read_text()
     if begin in body and end in body:
         head, _, rest = body.partition(begin)
         _, _, tail = rest.partition(end)
-        readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+        doc.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def save_results(name: str, meta: dict, data: dict) -> Path:
+    """bench/results/NAME.json: what the run measured and where, for the docs to cite."""
+    path = RESULTS / f"{name}.json"
+    RESULTS.mkdir(exist_ok=True)
+    machine = {"date": time.strftime("%Y-%m-%d"), "kernel": os.uname().release,
+               "cpus": os.cpu_count(), "cpu_model": cpu_model()}  # fmt: skip
+    path.write_text(json.dumps({"meta": {**machine, **meta}, **data}, indent=1) + "\n")
+    return path
 
 
 def cpu_model() -> str:
@@ -351,9 +368,7 @@ def main() -> int:
     agent = None
     servers = contextlib.ExitStack()
     try:
-        rr_bin = workdir / "rr"
-        subprocess.run(["gcc", "-O2", "-o", str(rr_bin), str(ROOT / "bench" / "rr.c")],
-                       check=True)  # fmt: skip
+        rr_bin = build_rr(workdir)
         plain, client, server, proxy, proxys = (
             env.create_pod(n) for n in ("plain", "client", "server", "proxy", "proxys")
         )
@@ -429,10 +444,10 @@ def main() -> int:
         )
         text = table(summary, meta)
         if not PARTIAL and plot(summary, RESULTS / "latest.png"):
-            text += "\n\n![ratios to direct](bench/results/latest.png)"
+            text += "\n\n![ratios to direct](../bench/results/latest.png)"
         print(text)
         if not PARTIAL:
-            update_readme(text)
+            update_doc(text)
         return 0
     finally:
         if agent is not None:
