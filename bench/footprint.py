@@ -1,5 +1,5 @@
-"""What the agent costs a node (make bench-footprint), against [I]'s
-targets and HAProxy (at its defaults, one thread) from the same run.
+"""What the agent costs a node (make bench-footprint), against its targets
+and HAProxy (one thread, room for HELD connections) from the same run.
 
 - ready after a warm start: from exec to the first answer on the control
   socket (programs attached by then), ROUNDS starts, each one taking over
@@ -11,7 +11,7 @@ targets and HAProxy (at its defaults, one thread) from the same run.
 - CPU with 1,000 idle forwarded connections: the agent's and the whole
   machine's, over IDLE_SECONDS.
 
-Run as root.
+Prints a table and writes bench/results/footprint.json. Run as root.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import RR_PORT, build_rr, haproxy_conf, machine_cpu, proc_cpu, rss_mb  # noqa: E402
+from run import (  # noqa: E402
+    CLK_TCK,
+    RR_PORT,
+    build_rr,
+    haproxy_conf,
+    machine_cpu,
+    save_results,
+)
 
 from conftest import make_env, start_agent, wait_for  # noqa: E402
 
@@ -52,6 +59,25 @@ def ready_seconds(env) -> list[float]:
         out.append(time.monotonic() - started)
         agent.stop()
     return out
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def one_thread_haproxy(workdir: Path, server_ip: str) -> Path:
+    """The bench's HAProxy config with one thread and room for HELD connections."""
+    conf = haproxy_conf(workdir, server_ip, splice=False)
+    conf.write_text(f"global\n    nbthread 1\n    maxconn {HELD + 100}\n" + conf.read_text())
+    return conf
 
 
 def steady_rss(pid: int) -> float:
@@ -159,7 +185,8 @@ def main() -> int:
         agent = None
         print("agent measured", file=sys.stderr)
 
-        haproxy = env.popen(proxy, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4))],
+        conf = one_thread_haproxy(workdir, server.ip4)
+        haproxy = env.popen(proxy, ["haproxy", "-db", "-f", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         time.sleep(1.0)
         hap_rss = steady_rss(haproxy.pid)
@@ -193,6 +220,12 @@ def main() -> int:
         ]  # fmt: skip
         for name, value, target, hap, ok in rows:
             print(f"| {name} | {value} {'(met)' if ok else '(MISSED)'} | {target} | {hap} |")
+        meta = {"datapath": status["datapath"], "backend": status["backend"],
+                "haproxy": f"one thread, maxconn {HELD + 100}"}  # fmt: skip
+        keys = ("figure", "meshagent", "target", "haproxy", "met")
+        table = [dict(zip(keys, row, strict=True)) for row in rows]
+        path = save_results("footprint", meta, {"rows": table})
+        print(f"\nwritten to {path.relative_to(ROOT)}")
         return 0
     finally:
         if agent is not None:

@@ -5,7 +5,8 @@ responsiveness is measured by control `ping`s (each one is answered on the
 loop): alone, beside two CPU-bound processes (what a busy 2-CPU machine
 does by itself), and while a process of its own scrapes /metrics back to
 back. Printed, over ROUNDS rounds: ping latency p50/p99/max and each
-round's p99, and how long a scrape takes. Run as root.
+round's p99, and how long a scrape takes; written to
+bench/results/scrape.json. Run as root.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import save_results  # noqa: E402
 
 from conftest import make_env, start_agent, wait_for  # noqa: E402
 
@@ -65,12 +69,17 @@ def pings(agent, count: int) -> list[float]:
     return out
 
 
-def summary(name: str, rounds: list[list[float]]) -> str:
-    """Over all rounds: p50, p99 and max; the spread is each round's p99."""
+def figures(rounds: list[list[float]]) -> dict:
+    """Over all rounds (ms): p50, p99 and max; the spread is each round's p99."""
     values = sorted(v for r in rounds for v in r)
-    p99s = " ".join(f"{percentile(sorted(r), 0.99):.2f}" for r in rounds)
-    return (f"{name:28} p50 {statistics.median(values):7.3f} ms  p99 {percentile(values, 0.99):7.3f} ms"
-            f"  max {values[-1]:7.3f} ms  (n={len(values)}; p99 by round: {p99s})")  # fmt: skip
+    return {"p50": statistics.median(values), "p99": percentile(values, 0.99), "max": values[-1],
+            "n": len(values), "p99_by_round": [percentile(sorted(r), 0.99) for r in rounds]}  # fmt: skip
+
+
+def summary(name: str, row: dict) -> str:
+    p99s = " ".join(f"{p99:.2f}" for p99 in row["p99_by_round"])
+    return (f"{name:28} p50 {row['p50']:7.3f} ms  p99 {row['p99']:7.3f} ms"
+            f"  max {row['max']:7.3f} ms  (n={row['n']}; p99 by round: {p99s})")  # fmt: skip
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -121,8 +130,12 @@ def main() -> int:
         status = agent.request("status")
         print(f"\nscrape stall, kernel {status['kernel']}, {CONNS} forwarded idle connections,"
               f" {os.cpu_count()} CPUs, {ROUNDS} rounds\n")  # fmt: skip
-        for name, rounds in rows.items():
-            print(summary(name, rounds))
+        results = {name: figures(rounds) for name, rounds in rows.items()}
+        for name, row in results.items():
+            print(summary(name, row))
+        meta = {"connections": CONNS, "pings": PINGS, "rounds": ROUNDS}
+        path = save_results("scrape", meta, {"rows": results})
+        print(f"\nwritten to {path.relative_to(ROOT)}")
         return 0
     finally:
         if agent is not None:

@@ -7,7 +7,8 @@ and exchanging 16 KiB each half second (a quarter of them replaced every
 SHORT_RATE per second in all. Every byte is checked against what was sent. Every
 SAMPLE_SECONDS the agent's RSS, open fds, forwarded connections and BPF map
 entries are sampled and printed as a table; at the end, the first and
-last minute are compared. SOAK_AGENT_ARGS passes options to
+last minute are compared; all of it is written to
+bench/results/soak.json. SOAK_AGENT_ARGS passes options to
 `meshagent run`. Not part of `make test` (it takes minutes). Run
 as root.
 """
@@ -24,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from run import save_results  # noqa: E402
 
 from conftest import make_env, start_agent, wait_for  # noqa: E402
 
@@ -203,6 +207,11 @@ def main() -> int:
         if left:
             print(f"soak: map entries left 10 s after the last connection: {left}")
         bad = totals["bad_bytes"] or totals["long_errors"] or totals["short_errors"]
+        meta = {"datapath": status["datapath"], "seconds": SECONDS, "long": LONG,
+                "short_per_second": SHORT_RATE, "agent_args": AGENT_ARGS}  # fmt: skip
+        path = save_results("soak", meta, {"samples": rows, "load": totals, "warnings": warnings,
+                                           "entries_left": left, "passed": not (bad or left)})  # fmt: skip
+        print(f"written to {path.relative_to(ROOT)}")
         return 1 if bad or left else 0
     finally:
         if agent is not None:
