@@ -90,7 +90,7 @@ def check_socket_path(path: Path) -> None:
         raise MeshError(
             f"--state-dir {path.parent}: the control socket {path.name} there would be"
             f" {len(os.fsencode(path))} bytes long, more than a unix socket path allows"
-            f" ({SOCKET_PATH_MAX}): use a shorter --state-dir"
+            f" ({SOCKET_PATH_MAX}): use a shorter one (meshagent --state-dir DIR COMMAND)"
         )
 
 

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-from meshagent import control
+from meshagent.client import agent_running, request
 from meshagent.errors import MeshError
+from meshagent.state import StateDir
 
 Echo = Callable[[str], None]
 DEMO_PODS = ("client", "server")
@@ -77,8 +78,11 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
     store = PodStore(state_dir)
     taken = [name for name in DEMO_PODS if store.find(name)]
     if taken:
-        raise MeshError(f"pod {taken[0]} already exists: delete it or use another --state-dir")
-    sock = state_dir / "agent.sock"
+        raise MeshError(
+            f"pod {taken[0]} already exists: delete it, or give the demo a state dir of its"
+            " own (meshagent --state-dir DIR demo)"
+        )
+    sock = StateDir(state_dir).socket
     started = time.monotonic()
     with ExitStack() as cleanup:
         workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-"))
@@ -99,7 +103,7 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
         _wait(lambda: (workdir / "nginx.pid").exists(), 10, "nginx in the server pod")
         echo(f"2. server: nginx listening on {server.ip4}:80 and [{server.ip6}]:80")
 
-        if control.agent_running(sock):
+        if agent_running(sock):
             echo(f"3. agent: using the agent already running at {sock}")
         else:
             cg = node.cgroup_parent
@@ -112,14 +116,14 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
                 stdout=log_file, stderr=subprocess.STDOUT,
             )  # fmt: skip
             cleanup.callback(_stop, agent, state_dir)
-            _wait(lambda: agent.poll() is not None or control.agent_running(sock), 120, "the agent")
+            _wait(lambda: agent.poll() is not None or agent_running(sock), 120, "the agent")
             if agent.poll() is not None:
                 raise MeshError(f"demo: the agent failed: {(workdir / 'agent.log').read_text()}")
 
-        chosen = control.request(sock, "status")["plan"]
+        chosen = request(sock, "status")["plan"]
         echo(f"   plan: backend {chosen['backend']} ({chosen['backend_reason']})")
         echo(f"         data path {chosen['datapath']} ({chosen['datapath_reason']})")
-        reply = control.request(sock, "attach", pod="client")
+        reply = request(sock, "attach", pod="client")
         how = "one map update" if reply["backend"] == "ebpf" else "rules in its netns"
         echo(f"4. attach: client is attached ({reply['backend']}: {how}; nothing restarted)")
         for url in (f"http://{server.ip4}/", f"http://[{server.ip6}]/"):
@@ -128,11 +132,9 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
                 raise MeshError(f"demo: curl {url} from client failed (exit {code})")
             echo(f"   curl {url:32} -> {body!r}")
 
-        status = control.request(sock, "status")
+        status = request(sock, "status")
         stats = next(p for p in status["pods"] if p["name"] == "client")
-        conns = [
-            c for c in control.request(sock, "connections")["connections"] if c["pod"] == "client"
-        ]
+        conns = [c for c in request(sock, "connections")["connections"] if c["pod"] == "client"]
         echo(
             "5. steered: each connect() went to the pod's forwarder, which knew where it was going:"
         )
@@ -145,9 +147,9 @@ def run_demo(state_dir: Path, echo: Echo) -> None:
         peers = [line.split()[0] for line in access if line]
         echo(f"   nginx saw the client pod's own addresses: {', '.join(peers)}")
 
-        control.request(sock, "detach", pod="client")
+        request(sock, "detach", pod="client")
         code, _ = _curl(client, f"http://{server.ip4}/")
-        after = control.request(sock, "status")
+        after = request(sock, "status")
         echo(
             f"6. detach: client talks directly again (curl exit {code});"
             f" agent pods attached now: {len(after['pods'])}"

@@ -133,6 +133,9 @@ def test_bad_input_gets_one_clear_line(mesh_env):
     fails("run", "--cgroup", "no/such/cgroup", expect="no such cgroup")
     fails("run", "--exclude-ports", "70000", expect="not a TCP port")
     fails("run", "--exclude-cidrs", "10.0.0.1/8", expect="--exclude-cidrs")
+    fails("run", "--zzz", expect="meshagent: No such option '--zzz' (see meshagent run --help)")
+    fails("pod", "exec", expect="Missing argument 'NAME' (see meshagent pod exec --help)")
+    assert env.meshagent("trace", "--port", "0", check=False).returncode == 2  # usage: 2
     assert not (env.state_dir / "agent.sock").exists()
     assert [p.name for p in env.store().all()] == ["a"]
 

@@ -48,3 +48,7 @@ def test_any_arguments_exit_cleanly(command, tokens):
     if result.exit_code == 1:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stderr.startswith("meshagent: error:"), result.stderr
+    if result.exit_code == 2:  # a usage error: one line too, naming the help to read
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("meshagent: "), result.stderr
+        assert result.stderr.rstrip().endswith(" --help)"), result.stderr

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -92,3 +93,59 @@ def test_each_option_shows_its_default_and_environment_variable_once():
     assert "[env var: MESHAGENT_METRICS_ADDR; default: 127.0.0.1:15090]" in run
     assert "default: (the cgroup v2 root)" in run
     assert "(default" not in run.lower() and "Default:" not in run
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["run", "--bogus"], "meshagent: No such option '--bogus' (see meshagent run --help)"),
+        (["bogus"], "meshagent: No such command 'bogus' (see meshagent --help)"),
+        (["pod", "exec"], "meshagent: Missing argument 'NAME' (see meshagent pod exec --help)"),
+        (["run", "--state-dir", "/x"], "meshagent: --state-dir goes before the command:"
+         " meshagent --state-dir DIR run (see meshagent run --help)"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_is_one_line_and_exit_status_2(args, line):
+    result = CliRunner().invoke(cli, args, prog_name="meshagent", catch_exceptions=False)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [line]
+
+
+def test_no_arguments_still_show_the_help_with_the_exit_statuses():
+    result = CliRunner().invoke(cli, [], prog_name="meshagent", catch_exceptions=False)
+    assert "Usage: meshagent" in result.output and "Exit status" in result.output
+
+
+def test_version_needs_no_installed_package(monkeypatch):
+    """From a source tree (no package metadata) --version is one line."""
+    import importlib.metadata
+
+    import meshagent
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    result = CliRunner().invoke(cli, ["--version"], catch_exceptions=False)
+    assert result.exit_code == 0
+    assert result.output == f"meshagent, version {meshagent.__version__}\n"
+
+
+def _options(command, path=("meshagent",)):
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            yield " ".join(path), param
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _options(sub, (*path, name))
+
+
+def test_every_option_says_what_it_does():
+    lacking = [f"{where} {param.opts[-1]}" for where, param in _options(cli) if not param.help]
+    assert not lacking
+
+
+def test_each_cni_command_shows_its_own_examples():
+    uninstall = CliRunner().invoke(cli, ["cni", "uninstall", "--help"]).output
+    install = CliRunner().invoke(cli, ["cni", "install", "--help"]).output
+    assert "cni uninstall" in uninstall and "cni install" not in uninstall
+    assert "cni install" in install and "cni uninstall" not in install

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import click
 
+from meshagent import __version__
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
+
+# click >= 8.2 shows a group's help for no arguments by raising this usage error.
+NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 EPILOG = """\b
 Examples:
@@ -22,6 +26,13 @@ Examples:
   meshagent status -o json
   meshagent detach client
   meshagent demo                                          # all of the above
+\b
+Exit status (an error is one line on stderr):
+  0    success
+  1    an error: meshagent: error: WHAT
+  2    a usage error: meshagent: WHAT (see meshagent CMD --help)
+  130  interrupted (Ctrl-C)
+  `pod exec` exits with its command's status.
 """
 
 
@@ -49,12 +60,37 @@ def require_root(what: str) -> None:
         raise MeshError(f"{what} needs root")
 
 
+def usage_error(exc: click.UsageError) -> None:
+    """A usage error as one line on stderr (not click's three), exit status 2."""
+    where = exc.ctx.command_path if exc.ctx else "meshagent"
+    message = exc.format_message().rstrip(".")
+    if isinstance(exc, click.NoSuchOption) and exc.option_name == "--state-dir":
+        command = where.partition(" ")[2]
+        message = f"--state-dir goes before the command: meshagent --state-dir DIR {command}"
+    line = "".join(repr(c)[1:-1] if not c.isprintable() else c for c in message)
+    click.echo(f"meshagent: {line} (see {where} --help)", err=True)
+    sys.exit(exc.exit_code)
+
+
 class MeshGroup(click.Group):
-    """Every MeshError becomes one line on stderr and exit status 1."""
+    """Every MeshError becomes one line on stderr and exit status 1; a usage
+    error, one line and exit status 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            if isinstance(exc, NO_ARGS):
+                raise
+            usage_error(exc)
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            if isinstance(exc, NO_ARGS):
+                raise
+            usage_error(exc)
         except MeshError as exc:
             click.echo(f"meshagent: error: {exc}", err=True)
             sys.exit(1)
@@ -76,7 +112,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
     envvar="MESHAGENT_STATE_DIR",
     help="Where pod records and the agent's socket live.",
 )
-@click.version_option(package_name="meshagent")
+@click.version_option(__version__, prog_name="meshagent")  # no lookup: a source tree has none
 @click.pass_context
 def cli(ctx: click.Context, state_dir: Path) -> None:
     """meshagent: kernel-accelerated transparent proxy agent for pod traffic.

@@ -8,13 +8,12 @@ from pathlib import Path
 import click
 
 from meshagent.cli import App, require_root
-from meshagent.cli.options import cache_dir_option, plan_options
+from meshagent.cli.options import cache_dir_option, output_option, plan_options
 from meshagent.config import AgentConfig
 from meshagent.modes import (
     Backend,
     DataPathMode,
     LogFormat,
-    Output,
     values,
 )
 
@@ -37,7 +36,10 @@ Examples:
 @click.option("--exclude-ports", help="Destination ports never steered: 22,53,9000-9010.")
 @click.option("--exclude-cidrs", help="Destination networks never steered: 10.96.0.0/12,fd00::/8.")
 @click.option(
-    "--log-format", type=click.Choice(values(LogFormat)), default=AgentConfig.log_format.value
+    "--log-format",
+    type=click.Choice(values(LogFormat)),
+    default=AgentConfig.log_format.value,
+    help="The agent's log on stderr: text lines, or one JSON object a line.",
 )
 @click.option(
     "--conns-max", type=int, default=AgentConfig.conns_max, help="Steered connections in flight."
@@ -65,8 +67,9 @@ Examples:
     "--sockmap-msg/--no-sockmap-msg",
     envvar="MESHAGENT_SOCKMAP_MSG",
     default=AgentConfig.sockmap_msg,
-    help="On the sockmap path, send ebpf pods' bytes straight to the upstream with sk_msg"
-    " and put replies straight into their sockets (kernel 5.15+).",
+    help="On the sockmap path, an ebpf pod's sends skip the hop to the forwarder's socket:"
+    " sk_msg puts them from the pod's socket onto the upstream socket (kernel 5.15+)."
+    " Replies go as without it (spliced to the forwarder's socket facing the pod).",
 )
 @click.option(
     "--takeover",
@@ -223,7 +226,7 @@ def detach(app: App, pod: str) -> None:
 
 
 @click.command(epilog="\b\nExamples:\n  meshagent status\n  meshagent status -o json | jq .pods")
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@output_option("the status reply, with every connection")
 @click.option("--connections", is_flag=True, help="Also list recent and live connections.")
 @click.pass_obj
 def status(app: App, output: str, connections: bool) -> None:
@@ -280,7 +283,7 @@ Examples:
 
 
 @click.group(invoke_without_command=True, epilog=DATAPATH_EPILOG)
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@output_option("the data path and why")
 @click.pass_context
 def datapath(ctx: click.Context, output: str) -> None:
     """Show or switch the data path used for new connections."""
@@ -322,7 +325,7 @@ def datapath_set(app: App, mode: str, msg: bool | None) -> None:
 @click.command(epilog="\b\nExamples:\n  meshagent cleanup\n  meshagent cleanup --cache -o json")
 @click.option("--cache", is_flag=True, help="Also remove the compiled BPF objects.")
 @cache_dir_option
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@output_option("what was removed")
 @click.pass_obj
 def cleanup(app: App, cache: bool, cache_dir: Path, output: str) -> None:
     """Remove everything a stopped agent left for its successor (uninstall).

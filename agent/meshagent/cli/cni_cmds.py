@@ -8,21 +8,23 @@ from pathlib import Path
 import click
 
 from meshagent.cli import App, require_root
+from meshagent.cli.options import output_option
 from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES
-from meshagent.modes import Output, values
 
-CNI_EPILOG = """\b
-Examples:
+INSTALL_EXAMPLES = """\
   meshagent cni install                       # /opt/cni/bin and /etc/cni/net.d
   meshagent cni install --attach all --exclude-namespaces kube-system,monitoring
   meshagent cni install --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d
+"""
+UNINSTALL_EXAMPLES = """\
   meshagent cni uninstall -o json
+  meshagent cni uninstall --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d
 """
 
 dir_type = click.Path(path_type=Path, file_okay=False)
 
 
-@click.group(epilog=CNI_EPILOG)
+@click.group(epilog=f"\b\nExamples:\n{INSTALL_EXAMPLES}{UNINSTALL_EXAMPLES}")
 def cni() -> None:
     """The chained CNI plugin (meshagent-cni) on this node."""
 
@@ -32,11 +34,12 @@ def _dirs(fn):
                       help="Where the runtime finds CNI plugins.")(fn)  # fmt: skip
     fn = click.option("--conf-dir", type=dir_type, default=Path("/etc/cni/net.d"),
                       help="The node's CNI configs.")(fn)  # fmt: skip
-    return click.option("-o", "--output", type=click.Choice(values(Output)), default="text")(fn)
+    return fn
 
 
-@cni.command(epilog=CNI_EPILOG)
+@cni.command(epilog=f"\b\nExamples:\n{INSTALL_EXAMPLES}")
 @_dirs
+@output_option("the plugin's path and the config it was chained into")
 @click.option(
     "--attach",
     type=click.Choice(ATTACH),
@@ -61,8 +64,9 @@ def install(app: App, bin_dir: Path, conf_dir: Path, output: str, attach: str,
         click.echo(f"meshagent-cni installed: {done['plugin']}, chained in {done['config']}")
 
 
-@cni.command(epilog=CNI_EPILOG)
+@cni.command(epilog=f"\b\nExamples:\n{UNINSTALL_EXAMPLES}")
 @_dirs
+@output_option("the configs it was taken out of, and whether the plugin was there")
 def uninstall(bin_dir: Path, conf_dir: Path, output: str) -> None:
     """Take meshagent-cni out of the node's configs and remove it."""
     from meshagent.kube.install import uninstall as do_uninstall

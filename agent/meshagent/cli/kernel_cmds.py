@@ -6,8 +6,7 @@ import json
 
 import click
 
-from meshagent.cli.options import plan_options
-from meshagent.modes import Output, values
+from meshagent.cli.options import output_option, plan_options
 
 PROBE_EPILOG = """\b
 Examples:
@@ -18,7 +17,7 @@ Examples:
 
 
 @click.command(name="probe-kernel", epilog=PROBE_EPILOG)
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@output_option("each feature, how it was found, and the plan")
 @plan_options
 @click.option(
     "--load",

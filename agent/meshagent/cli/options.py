@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from meshagent.config import AgentConfig
-from meshagent.modes import DataPathChoice, IptablesFlavour, Redirect, values
+from meshagent.modes import DataPathChoice, IptablesFlavour, Output, Redirect, values
 
 cache_dir_option = click.option(
     "--cache-dir",
@@ -18,6 +18,17 @@ cache_dir_option = click.option(
     envvar="MESHAGENT_CACHE_DIR",
     help="Where compiled BPF objects are kept (one per kernel and flags).",
 )
+
+
+def output_option(json_is: str) -> Callable:
+    """-o/--output of a reporting command; json_is: what its JSON holds."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(values(Output)),
+        default=Output.TEXT.value,
+        help=f"text for people, or json for scripts: {json_is}.",
+    )
 
 
 def plan_options(fn: Callable) -> Callable:
@@ -34,7 +45,9 @@ def plan_options(fn: Callable) -> Callable:
                 "--datapath",
                 type=click.Choice(values(DataPathChoice)),
                 default=AgentConfig.datapath.value,
-                help="How bytes move once forwarded; auto self-tests sockmap, then splice.",
+                help="How bytes move once forwarded: sockmap (spliced in the kernel), splice"
+                " (splice(2) through a pipe) or copy (in userspace); auto self-tests them in"
+                " that order and takes the first that works.",
             ),
             click.option(
                 "--iptables",

@@ -7,8 +7,8 @@ import json
 import click
 
 from meshagent.cli import App, require_root
+from meshagent.cli.options import output_option
 from meshagent.errors import MeshError, NoAgent
-from meshagent.modes import Output, values
 from meshagent.pods.model import NodeConfig
 
 POD_EPILOG = """\b
@@ -80,7 +80,7 @@ def delete(app: App, name: str) -> None:
 @pod.command(
     name="list", epilog="\b\nExamples:\n  meshagent pod list\n  meshagent pod list -o json"
 )
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@output_option("every pod's record")
 @click.pass_obj
 def list_(app: App, output: str) -> None:
     """List pods."""

@@ -7,7 +7,7 @@ import json
 import click
 
 from meshagent.cli import App, require_root
-from meshagent.modes import Output, values
+from meshagent.cli.options import output_option
 
 PROBE_EPILOG = """\b
 Examples:
@@ -21,8 +21,9 @@ Examples:
 @click.argument("pod")
 @click.argument("target", metavar="DEST:PORT")
 @click.option("--syn", is_flag=True, help="Send one crafted SYN (scapy) instead of connecting.")
-@click.option("--timeout", type=click.FloatRange(0.1, 60), default=3.0)
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@click.option("--timeout", type=click.FloatRange(0.1, 60), default=3.0,
+              help="Seconds to wait for the connect (with --syn: for the answer).")  # fmt: skip
+@output_option("the packets, the kernel's decision and the verdict")
 @click.pass_obj
 def probe(app: App, pod: str, target: str, syn: bool, timeout: float, output: str) -> None:
     """Make one connection from inside POD to DEST:PORT while capturing on

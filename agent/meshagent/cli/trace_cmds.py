@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from meshagent.cli import App
-from meshagent.modes import Output, values
+from meshagent.cli.options import output_option
 
 TRACE_EPILOG = """\b
 Examples:
@@ -23,7 +23,7 @@ calling task (probe-kernel: current_task_sock_addr).
 @click.option("--pod", help="Only this pod (filtered in the kernel).")
 @click.option("--port", type=click.IntRange(1, 65535), help="Only this destination port.")
 @click.option("--dst", metavar="CIDR", help="Only destinations in this network.")
-@click.option("-o", "--output", type=click.Choice(values(Output)), default="text")
+@output_option("one object a line, each event as it comes")
 @click.option("--seconds", type=float, default=0, hidden=True, help="Stop after this long.")
 @click.pass_obj
 def trace(
