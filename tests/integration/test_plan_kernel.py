@@ -10,9 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from meshenv import kernel_cannot, start_agent
 from test_failopen import cgroup_programs
-
-from conftest import kernel_cannot, start_agent
 
 PORT = 8080
 REFUSE = "--bpf-cflag=-DMESH_TEST_REFUSE=1"  # mesh_sockops calls a helper sock_ops may not
@@ -87,14 +86,38 @@ def test_an_explicit_ebpf_redirect_the_kernel_refuses_is_one_line(mesh_env):
 
 def test_every_python_struct_matches_the_compiled_c():
     """Each map's key and value as the kernel holds them after BCC compiled
-    the C (its sizeof) against bpf/abi.py; a wrong layout is refused."""
-    from meshagent.bpf import abi, loader, syscall
+    the C (its sizeof), and every field's offset and size as BCC compiled
+    them, against bpf/abi.py; a wrong layout is refused."""
+    from meshagent.bpf import abi, loader, objects, syscall
     from meshagent.bpf.programs import PROGRAMS
-    from meshagent.config import AgentConfig
+    from meshagent.config import AgentConfig, bpf_cflags
 
-    maps, fds, refused = loader.load_programs(AgentConfig(), PROGRAMS)  # checks every size
+    cfg = AgentConfig()
+    maps, fds, refused = loader.load_programs(cfg, PROGRAMS)  # checks every size and offset
     try:
         assert not refused
+        compiled = {m.name: m for m in objects.obtain(bpf_cflags(cfg), cfg.cache_dir).maps}
+        for spec in abi.MAPS:
+            mapdef = compiled[spec.name]
+            for python, layout in (
+                (spec.key, mapdef.key_struct),
+                (spec.value, mapdef.value_struct),
+            ):
+                if isinstance(python, abi.CStruct):
+                    assert layout == (python.name, python.layout()), spec.name
+                else:
+                    assert layout is None, spec.name
+        # Same size, fields swapped: only the offsets tell.
+        swapped = abi.CStruct(
+            "mesh_orig",
+            ("addr", "16s"), ("pod_id", "I"), ("port", "H"), ("flags", "H"), ("netns", "Q"),
+            ("cookie", "Q"),
+        )  # fmt: skip
+        tup = compiled["mesh_orig_tup"]
+        with pytest.raises(ValueError, match=r"mesh_orig\.port: Python packs 2 bytes at offset 20"):
+            abi.check_layouts(
+                abi.MapSpec("mesh_orig_tup", abi.TUPLE, swapped), tup.key_struct, tup.value_struct
+            )
         for spec in abi.MAPS:
             info = maps[spec.name].info
             assert (info.key_size, info.value_size) == (spec.key.size, spec.value.size), spec.name

@@ -2,10 +2,12 @@
 their keys and values, decision reasons, and the encoders that turn Python
 values into map bytes.
 
-The C is the source of truth. tests/unit/test_abi.py checks the names and
-reasons against bpf/include/*.h; tests/integration/test_bpf_abi.py checks
-every key and value size here against the map the kernel holds after BCC
-compiled the C (the compiled object's sizeof).
+The C is the source of truth. tests/unit/test_abi.py checks the names,
+reasons and struct fields against bpf/include/*.h. Every load checks each
+map's key and value here against what BCC compiled, as Cilium's
+alignchecker does: sizes against the map the kernel holds, and the offset
+and size of every field of a struct against the compiled object's layout
+(bpf/build.py records it); tests/integration/test_plan_kernel.py runs it.
 """
 
 from __future__ import annotations
@@ -15,15 +17,43 @@ import socket
 import struct
 from dataclasses import dataclass
 
+Field = tuple[str, int, int]  # one member of a C struct: (name, offset, size)
+Layout = tuple[str, tuple[Field, ...]]  # a struct as compiled: (its C name, its fields)
+
+
+class CStruct:
+    """A struct shared with the C (bpf/include/maps.h) as Python packs it:
+    its C name and its fields in order, each with its struct format (native
+    order, no padding: '='). Packs and unpacks as the struct.Struct it holds."""
+
+    def __init__(self, name: str, *fields: tuple[str, str]) -> None:
+        self.name = name
+        self.fields = fields
+        self.struct = struct.Struct("=" + "".join(fmt for _field, fmt in fields))
+        self.size = self.struct.size
+        self.pack = self.struct.pack
+        self.unpack = self.struct.unpack
+        self.unpack_from = self.struct.unpack_from
+
+    def layout(self) -> tuple[Field, ...]:
+        """(name, offset, size) of each field, as Python packs it."""
+        out: list[Field] = []
+        offset = 0
+        for name, fmt in self.fields:
+            size = struct.calcsize("=" + fmt)
+            out.append((name, offset, size))
+            offset += size
+        return tuple(out)
+
 
 @dataclass(frozen=True)
 class MapSpec:
-    """One map: its name (at most 15 characters) and the struct of its key
-    and value as Python packs them (native order, no padding: '=')."""
+    """One map: its name (at most 15 characters) and its key and value as
+    Python packs them: a C struct (CStruct) or a scalar (struct.Struct)."""
 
     name: str
-    key: struct.Struct
-    value: struct.Struct
+    key: struct.Struct | CStruct
+    value: struct.Struct | CStruct
     percpu: bool = False  # the kernel hands out one value per possible CPU
 
 
@@ -33,21 +63,23 @@ U64 = struct.Struct("=Q")
 BYTE = struct.Struct("=B")
 FD = struct.Struct("=i")  # a sockhash value: the socket's fd (BCC defines it as int)
 
-# struct mesh_pod { u32 pod_id; u16 port; u16 flags; }
-POD = struct.Struct("=IHH")
-# struct mesh_orig { mesh_addr addr; u16 port; u16 flags; u32 pod_id; u64 netns; u64 cookie; }
-ORIG = struct.Struct("=16sHHIQQ")
+POD = CStruct("mesh_pod", ("pod_id", "I"), ("port", "H"), ("flags", "H"))
+ORIG = CStruct(
+    "mesh_orig",
+    ("addr", "16s"), ("port", "H"), ("flags", "H"), ("pod_id", "I"), ("netns", "Q"),
+    ("cookie", "Q"),
+)  # fmt: skip
 ORIG_APP = 1  # MESH_ORIG_APP: the pod's socket is in mesh_apphash
-# struct mesh_tuple { u64 netns; mesh_addr addr; u16 port; u16 pad1; u32 pad2; }
-TUPLE = struct.Struct("=Q16sHHI")
-# struct mesh_lpm_key { u32 prefixlen; mesh_addr addr; }
-LPM = struct.Struct("=I16s")
-
-# struct mesh_event { u64 netns, cookie; mesh_addr addr; u32 pid; u16 port; u8 kind, reason;
-#                     char comm[16]; }
-EVENT = struct.Struct("=QQ16sIHBB16s")
-# struct mesh_trace_cfg { u32 on; u16 port; u16 pad; u64 netns; }
-TRACE_CFG = struct.Struct("=IHHQ")
+TUPLE = CStruct(
+    "mesh_tuple", ("netns", "Q"), ("addr", "16s"), ("port", "H"), ("pad1", "H"), ("pad2", "I")
+)
+LPM = CStruct("mesh_lpm_key", ("prefixlen", "I"), ("addr", "16s"))
+EVENT = CStruct(
+    "mesh_event",
+    ("netns", "Q"), ("cookie", "Q"), ("addr", "16s"), ("pid", "I"), ("port", "H"),
+    ("kind", "B"), ("reason", "B"), ("comm", "16s"),
+)  # fmt: skip
+TRACE_CFG = CStruct("mesh_trace_cfg", ("on", "I"), ("port", "H"), ("pad", "H"), ("netns", "Q"))
 NOTHING = struct.Struct("=")  # a ring buffer has no keys or values
 
 PODS = MapSpec("mesh_pods", U64, POD)
@@ -63,9 +95,8 @@ PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
 OWN = MapSpec("mesh_own", U64, BYTE)
-# struct mesh_msg_pass { u64 passed, app; }; struct mesh_msg_tgt { u64 upstream, via, app; }
-MSG_PASS_VALUE = struct.Struct("=QQ")
-MSG_TGT_VALUE = struct.Struct("=QQQ")
+MSG_PASS_VALUE = CStruct("mesh_msg_pass", ("passed", "Q"), ("app", "Q"))
+MSG_TGT_VALUE = CStruct("mesh_msg_tgt", ("upstream", "Q"), ("via", "Q"), ("app", "Q"))
 APPHASH = MapSpec("mesh_apphash", U64, FD)
 MSG_PASS = MapSpec("mesh_msg_pass", TUPLE, MSG_PASS_VALUE)
 MSG_TGT = MapSpec("mesh_msg_tgt", TUPLE, MSG_TGT_VALUE)
@@ -77,6 +108,50 @@ MAPS: tuple[MapSpec, ...] = (
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
+
+
+def check_layouts(spec: MapSpec, key: Layout | None, value: Layout | None) -> None:
+    """ValueError naming every field of the map's key and value whose
+    offset or size as compiled (key, value) differs from Python's."""
+    problems = layout_differences(spec.key, key) + layout_differences(spec.value, value)
+    if problems:
+        raise ValueError(f"map {spec.name}: " + "; ".join(problems))
+
+
+def layout_differences(python: struct.Struct | CStruct, compiled: Layout | None) -> list[str]:
+    """How a key or value as compiled (its struct's C name and fields, or
+    None for a scalar) differs from what Python packs: the struct, and each
+    field's offset and size. Padding the compiler put in shows as a field at
+    another offset (Python packs none). Scalars are checked by size alone."""
+    python_name = python.name if isinstance(python, CStruct) else None
+    c_name = compiled[0] if compiled is not None else None
+    if python_name != c_name:
+        return [f"Python packs {_struct(python_name)}, the compiled C has {_struct(c_name)}"]
+    if not isinstance(python, CStruct) or compiled is None:
+        return []  # scalars: their size is checked against the map
+    c_fields = compiled[1]
+    in_c = {name: (offset, size) for name, offset, size in c_fields if not name.startswith("__pad")}
+    out = []
+    for name, offset, size in python.layout():
+        if name not in in_c:
+            out.append(f"{c_name}.{name} is not in the compiled C")
+            continue
+        c_offset, c_size = in_c.pop(name)
+        if (c_offset, c_size) != (offset, size):
+            out.append(
+                f"{c_name}.{name}: Python packs {size} bytes at offset {offset},"
+                f" the compiled C has {c_size} at {c_offset}"
+            )
+    out += [
+        f"{c_name}.{name} (offset {offset}) is not packed by Python"
+        for name, (offset, _s) in in_c.items()
+    ]
+    return out
+
+
+def _struct(name: str | None) -> str:
+    return f"struct {name}" if name else "a scalar"
+
 
 # mesh_state indexes.
 STATE_TUP_LIVE = 0

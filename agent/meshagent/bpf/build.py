@@ -7,9 +7,11 @@ the agent runs this once per source, flags and kernel (bpf/objects.py keeps
 the result in a cache) and loads the programs itself with raw bpf(2).
 
 The object written is JSON: each map's definition as the kernel holds it
-after BCC created it, and each program's instructions with the places where
-an instruction names a map (BPF_PSEUDO_MAP_FD: the map's fd in this process,
-replaced by the agent's own). Exit status 0 and the file, or 1 and one line
+after BCC created it, with the layout of its key and value structs (checked
+against bpf/abi.py here and at every load), and each program's
+instructions with the places where an instruction names a map
+(BPF_PSEUDO_MAP_FD: the map's fd in this process, replaced by the agent's
+own). Exit status 0 and the file, or 1 and one line
 on stderr saying why.
 """
 
@@ -26,7 +28,7 @@ from meshagent.bpf import abi
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.programs import PROGRAMS
 
-FORMAT = 1  # of the object written here; bpf/objects.py reads only this format
+FORMAT = 2  # of the object written here; bpf/objects.py reads only this format
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two slots, the first holds the fd
 PSEUDO_MAP_FD = 1
 
@@ -48,6 +50,25 @@ def relocations(insns: bytes, by_fd: dict[int, str]) -> list[tuple[int, str]]:
     return out
 
 
+def compiled_layout(desc: bytes) -> abi.Layout | None:
+    """A map's key or value type as BCC compiled it: (struct name, fields
+    with offset and size), or None for a scalar. BCC describes a struct with
+    clang's own layout (the padding as __pad_* fields); its ctypes class
+    has the same offsets."""
+    import ctypes
+
+    from bcc import BPF
+
+    ctype = BPF._decode_table_type(json.loads(desc))
+    if not (isinstance(ctype, type) and issubclass(ctype, ctypes.Structure)):
+        return None
+    fields = tuple(
+        (name, getattr(ctype, name).offset, getattr(ctype, name).size)
+        for name, *_type in ctype._fields_
+    )
+    return ctype.__name__, fields
+
+
 def build(cflags: list[str]) -> dict:
     from bcc import BPF
     from bcc.libbcc import lib
@@ -64,6 +85,9 @@ def build(cflags: list[str]) -> dict:
                 raise ValueError(f"map {spec.name} is not in the compiled programs")
             info = sc.map_info(fd)
             sc.check_spec(spec, info)
+            key = compiled_layout(lib.bpf_table_key_desc(bpf.module, spec.name.encode()))
+            value = compiled_layout(lib.bpf_table_leaf_desc(bpf.module, spec.name.encode()))
+            abi.check_layouts(spec, key, value)
             by_fd[fd] = spec.name
             maps.append(
                 {
@@ -73,6 +97,8 @@ def build(cflags: list[str]) -> dict:
                     "value_size": info.value_size,
                     "max_entries": info.max_entries,
                     "flags": info.flags,
+                    "key_struct": key,
+                    "value_struct": value,
                 }
             )
         programs = {}

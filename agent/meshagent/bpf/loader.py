@@ -45,8 +45,8 @@ def load_programs(
     fds: dict[str, int] = {}
     refused: dict[str, str] = {}
     try:
-        for name, mapfd in maps.items():
-            check_map(name, mapfd)
+        for mapdef in obj.maps:
+            check_map(mapdef, maps[mapdef.name])
         for program in programs:
             try:
                 fds[program.name] = obj.load(program, maps)
@@ -87,13 +87,15 @@ def release(maps: dict[str, sc.MapFd], fds: dict[str, int]) -> None:
         mapfd.close()
 
 
-def check_map(name: str, mapfd: sc.MapFd) -> None:
-    """The Python struct sizes must be the compiled C's (bpf/abi.py)."""
-    spec = abi.MAPS_BY_NAME.get(name)
+def check_map(mapdef: objects.MapDef, mapfd: sc.MapFd) -> None:
+    """The Python structs (bpf/abi.py) must be the compiled C's: the sizes
+    the kernel holds, and every field's offset and size."""
+    spec = abi.MAPS_BY_NAME.get(mapdef.name)
     if spec is None:
-        raise MeshError(f"map {name} is not in bpf/abi.py")
+        raise MeshError(f"map {mapdef.name} is not in bpf/abi.py")
     try:
         sc.check_spec(spec, mapfd.info)
+        abi.check_layouts(spec, mapdef.key_struct, mapdef.value_struct)
     except ValueError as exc:
         raise MeshError(str(exc)) from None
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshagent import log
+from meshagent.bpf import abi
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.build import FORMAT
 from meshagent.bpf.programs import Program
@@ -38,6 +39,8 @@ class MapDef:
     value_size: int
     max_entries: int
     flags: int
+    key_struct: abi.Layout | None = None  # the key's struct as compiled; None: a scalar
+    value_struct: abi.Layout | None = None
 
     def matches(self, info: sc.MapInfo) -> bool:
         """Is a map the kernel holds (e.g. a pinned one) this definition?"""
@@ -173,7 +176,7 @@ def _child_env() -> dict[str, str]:
 def _parse(raw: dict, key: str, cached: bool) -> BpfObject:
     if raw.get("format") != FORMAT or raw.get("kernel") != os.uname().release:
         raise ValueError("another format or kernel")
-    maps = tuple(MapDef(**m) for m in raw["maps"])
+    maps = tuple(_mapdef(m) for m in raw["maps"])
     code = {
         name: (
             base64.b64decode(entry["insns"]),
@@ -186,3 +189,15 @@ def _parse(raw: dict, key: str, cached: bool) -> BpfObject:
         if any(name not in known for _i, name in relocs):
             raise ValueError("a relocation names an unknown map")
     return BpfObject(key, maps, code, raw["license"], float(raw["compile_seconds"]), cached)
+
+
+def _mapdef(raw: dict) -> MapDef:
+    layouts = {part: _layout(raw[part]) for part in ("key_struct", "value_struct")}
+    return MapDef(**{**raw, **layouts})
+
+
+def _layout(raw: list | None) -> abi.Layout | None:
+    if raw is None:
+        return None
+    name, fields = raw
+    return str(name), tuple((str(field), int(offset), int(size)) for field, offset, size in fields)
