@@ -24,7 +24,6 @@ from meshagent.errors import MeshError
 
 BPFFS = Path("/sys/fs/bpf")
 BPFFS_MAGIC = 0xCAFE4A11
-KINDS = ("maps", "progs", "links")
 
 
 def instance_name(state_dir: Path) -> str:

@@ -175,10 +175,6 @@ class Program:
             out.update(FEATURES_BY_NAME[name].helpers)
         return out
 
-    @property
-    def optional_helpers(self) -> set[str]:
-        return {h for name in self.optional for h in FEATURES_BY_NAME[name].helpers}
-
 
 def have_macro(feature: str) -> str:
     return f"MESH_HAVE_{feature.upper()}"
