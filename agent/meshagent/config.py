@@ -146,7 +146,6 @@ def parse_cidrs(text: str | None) -> tuple[str, ...]:
 def bpf_cflags(cfg: AgentConfig) -> list[str]:
     """The only way configuration enters the C: -DMESH_* flags."""
     flags = [
-        f"-DMESH_SKIP_MARK={cfg.skip_mark:#x}",
         f"-DMESH_PODS_MAX={cfg.pods_max}",
         f"-DMESH_CONNS_MAX={cfg.conns_max}",
         f"-DMESH_EXCL_MAX={EXCL_MAX}",

@@ -4,14 +4,6 @@
 #ifndef MESH_CONFIG_H
 #define MESH_CONFIG_H
 
-/* The forwarder's upstream sockets of iptables-backend pods carry this
- * SO_MARK (their nat rules RETURN on it). The hooks do not trust it: a pod
- * with CAP_NET_ADMIN could set it; they know the forwarder's own sockets by
- * their cookies in mesh_own. */
-#ifndef MESH_SKIP_MARK
-#define MESH_SKIP_MARK 0x4d455348
-#endif
-
 /* Capacity of the attached-pod map. */
 #ifndef MESH_PODS_MAX
 #define MESH_PODS_MAX 1024
