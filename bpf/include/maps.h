@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Every map of meshagent, defined once. Names: mesh_*, at most 15 chars.
- * Python names them through meshagent.names.MAPS (a test checks both). */
+ * Python names them through meshagent.bpf.abi.MAPS (a test checks both). */
 #ifndef MESH_MAPS_H
 #define MESH_MAPS_H
 

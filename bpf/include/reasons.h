@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /* Why a hook did what it did. APPEND ONLY: never renumber or reuse a value,
- * Python (meshagent.names.REASONS) and dashboards depend on them. */
+ * Python (meshagent.bpf.abi.REASONS) and dashboards depend on them. A reason
+ * no hook counts any more stays, marked "reserved" (a test checks that every
+ * other one is counted somewhere, and these nowhere). */
 #ifndef MESH_REASONS_H
 #define MESH_REASONS_H
 
@@ -10,12 +12,12 @@
 #define MESH_REASON_LOOPBACK      3  /* destination is loopback */
 #define MESH_REASON_EXCL_PORT     4  /* destination port is excluded */
 #define MESH_REASON_EXCL_CIDR     5  /* destination address is excluded */
-#define MESH_REASON_SKIP_MARK     6  /* no longer counted: a pod can forge a mark (OWN_SOCKET) */
+#define MESH_REASON_SKIP_MARK     6  /* reserved, never counted: a pod can forge a mark (OWN_SOCKET) */
 #define MESH_REASON_NO_LISTENER   7  /* fail-open: no forwarder listening in the pod */
 #define MESH_REASON_MAP_FULL      8  /* fail-open: original-destination map full */
 #define MESH_REASON_REKEYED       9  /* sock_ops stored the original dst by 4-tuple */
 #define MESH_REASON_CLOSED       10  /* a steered connection closed, entry removed */
-#define MESH_REASON_INTERNAL     11  /* fail-open: an unexpected internal error */
+#define MESH_REASON_INTERNAL     11  /* reserved, never counted */
 #define MESH_REASON_SPLICED      12  /* verdict: segment redirected to the peer */
 #define MESH_REASON_HANDOFF      13  /* verdict: passed to Python (hand-off not done) */
 #define MESH_REASON_EOF_DROP     14  /* verdict: zero-length skb (FIN) dropped */

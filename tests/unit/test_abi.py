@@ -50,6 +50,23 @@ def test_reasons_match_the_c_in_order():
     assert [short.get(n, n) for n in abi.REASONS] == c_names
 
 
+def test_every_reason_is_counted_somewhere_unless_reserved():
+    """Reasons are never renumbered: one no hook counts any more stays, and
+    reasons.h marks it reserved."""
+    reasons_h = (bpf_dir() / "include" / "reasons.h").read_text()
+    marks = dict(re.findall(r"#define MESH_REASON_(\w+)\s+\d+\s+/\* (\w+)", reasons_h))
+    marks.pop("MAX")
+    used = "\n".join(
+        re.sub(r"/\*.*?\*/", "", path.read_text(), flags=re.S)
+        for path in bpf_dir().rglob("*.[ch]")
+        if path.name != "reasons.h"
+    )
+    counted = set(re.findall(r"\bMESH_REASON_(\w+)", used)) - {"MAX"}
+    reserved = {name for name, mark in marks.items() if mark == "reserved"}
+    assert reserved == {"SKIP_MARK", "INTERNAL"}
+    assert counted == set(marks) - reserved
+
+
 def test_one_entry_file_per_program():
     text = render_source()
     for prog, filename in PROGRAM_FILES.items():

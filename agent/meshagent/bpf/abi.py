@@ -160,7 +160,8 @@ STATE_MSG_ON = 1
 # mesh_event kinds (MESH_EV_* in trace.h).
 EVENT_KINDS = {1: "connect", 2: "established", 3: "closed"}
 
-# Decision reasons, index = MESH_REASON_* value. Append only.
+# Decision reasons, index = MESH_REASON_* value. Append only; a reason no
+# hook counts any more keeps its number (reserved in reasons.h).
 REASONS = (
     "steered",
     "not_attached",
@@ -168,12 +169,12 @@ REASONS = (
     "loopback",
     "excluded_port",
     "excluded_cidr",
-    "skip_mark",
+    "skip_mark",  # reserved: never counted
     "no_listener",
     "map_full",
     "rekeyed",
     "closed",
-    "internal",
+    "internal",  # reserved: never counted
     "spliced",
     "handoff",
     "eof_drop",
