@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from meshenv import make_env, start_agent, wait_for  # noqa: E402
 from run import (  # noqa: E402
     CLK_TCK,
     RR_PORT,
@@ -38,8 +39,6 @@ from run import (  # noqa: E402
     machine_cpu,
     save_results,
 )
-
-from conftest import make_env, start_agent, wait_for  # noqa: E402
 
 ROUNDS = 5
 PODS = 10

@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from meshenv import make_env, start_agent  # noqa: E402
 from run import REDIS_PORT, tune_pod  # noqa: E402
-
-from conftest import make_env, start_agent  # noqa: E402
 
 WORKLOAD = os.environ.get("PROFILE_WORKLOAD", "conn")
 DATAPATH = os.environ.get("PROFILE_DATAPATH", "sockmap")

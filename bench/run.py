@@ -47,13 +47,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 
+from meshenv import MeshEnv, make_env, start_agent, wait_for  # noqa: E402
 from pgserver import PORT as PG_PORT  # noqa: E402
 from pgserver import missing_tools, pg_bin, postgres_in  # noqa: E402
-
-from conftest import MeshEnv, make_env, start_agent, wait_for  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))

@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from meshenv import make_env, start_agent, wait_for  # noqa: E402
 from run import save_results  # noqa: E402
-
-from conftest import make_env, start_agent, wait_for  # noqa: E402
 
 CONNS = 1000
 PINGS = 2000

@@ -10,8 +10,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import our_iptables, redirect_args, start_agent, wait_for
+from meshenv import our_iptables, redirect_args, start_agent, wait_for
 
 MESHAGENT = [sys.executable, "-m", "meshagent"]
 

@@ -23,8 +23,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import start_agent
+from meshenv import start_agent
 
 PORT = 7311
 CAP = 256 << 20

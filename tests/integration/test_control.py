@@ -11,8 +11,8 @@ import time
 
 import pytest
 from hypothesis import strategies as st
+from meshenv import start_agent, wait_for
 
-from conftest import start_agent, wait_for
 from meshagent.client import agent_running
 
 MALFORMED = [

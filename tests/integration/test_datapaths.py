@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from meshenv import start_agent, wait_for
 
-from conftest import start_agent, wait_for
 from meshagent.bpf.features import version
 
 PORT = 9100

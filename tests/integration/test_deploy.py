@@ -4,7 +4,7 @@ the manifests apply, and what was stored says what the README promises
 
 from __future__ import annotations
 
-from conftest import DEPLOY
+from meshenv import DEPLOY
 
 EXPECTED_CAPS = {"SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"}
 MOUNTS = {

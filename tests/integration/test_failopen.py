@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import start_agent, wait_for
+from meshenv import start_agent, wait_for
 
 PORT = 9100
 

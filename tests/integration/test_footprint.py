@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import start_agent
+from meshenv import start_agent
 
 HEAVY = ("libbcc", "libLLVM", "libclang")
 

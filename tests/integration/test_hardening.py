@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import start_agent, wait_for
+from meshenv import start_agent, wait_for
 
 PORT = 8080
 MB = 1 << 20
@@ -161,7 +160,7 @@ def test_one_pod_cannot_take_more_than_its_share(mesh_env, redirect, tmp_path):
     """--pod-conns-max: beyond it, the pod's new connections go direct (ebpf,
     its map entry is out while the pod is full) or wait in the listener's
     backlog (iptables); nothing fails, and the pod is steered again after."""
-    from conftest import redirect_args
+    from meshenv import redirect_args
 
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")

@@ -6,8 +6,8 @@ import shutil
 import subprocess
 
 import pytest
+from meshenv import wait_for
 
-from conftest import wait_for
 from meshagent.demo import nginx_conf
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import our_iptables, start_agent, wait_for
+from meshenv import our_iptables, start_agent, wait_for
 
 PORT = 9100
 FLAVOURS = ("legacy", "nft")

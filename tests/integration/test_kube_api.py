@@ -16,8 +16,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import start_agent, wait_for
+from meshenv import start_agent, wait_for
 
 LABEL = "meshagent.io/attach"
 HTTP_PORT = 8080

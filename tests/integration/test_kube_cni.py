@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from conftest import redirect_args, start_agent, wait_for
+from meshenv import redirect_args, start_agent, wait_for
 
 HTTP_PORT = 8080
 SERVE = [

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import DEPLOY
+from meshenv import DEPLOY
 
 IMAGE_TAR = Path(__file__).resolve().parents[2] / "kube" / ".cache" / "images" / "meshagent.tar"
 

@@ -11,9 +11,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from meshenv import start_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import start_agent, wait_for
 from meshagent.forwarder.sockmap import UPGRADE_BYTES
 
 PORT = 8080

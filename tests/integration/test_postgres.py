@@ -21,9 +21,8 @@ import re
 import subprocess
 
 import pytest
+from meshenv import redirect_args, start_agent
 from pgserver import missing_tools, postgres_in
-
-from conftest import redirect_args, start_agent
 
 SCALE = 2  # pgbench scale: 200,000 accounts
 CLIENTS = 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import start_agent
+from meshenv import start_agent
 
 PORT = 8080
 

@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import start_agent, wait_for
+from meshenv import start_agent, wait_for
 
 PORT = 6379
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"

@@ -7,7 +7,7 @@ import os
 import socket
 import subprocess
 
-from conftest import _untagged_residue
+from residue import untagged_residue
 
 
 def test_the_residue_check_names_what_was_left(mesh_env):
@@ -16,12 +16,12 @@ def test_the_residue_check_names_what_was_left(mesh_env):
     from meshagent.redirect.rules import CHAIN
 
     pod = mesh_env.create_pod("left")
-    before = _untagged_residue()
+    before = untagged_residue()
     fd = netns.open_fd(pod.netns)
     listener = socket.create_server(("127.0.0.1", AgentConfig().port))
     subprocess.run(["iptables-legacy", "-w", "5", "-t", "nat", "-N", CHAIN], check=True)
     try:
-        found = _untagged_residue() - before
+        found = untagged_residue() - before
     finally:
         subprocess.run(["iptables-legacy", "-w", "5", "-t", "nat", "-X", CHAIN], check=True)
         listener.close()
@@ -29,4 +29,4 @@ def test_the_residue_check_names_what_was_left(mesh_env):
     assert any(f"fd {fd}: " in item for item in found), found
     assert any("listener on the forwarder's port" in item for item in found), found
     assert any(f"chain {CHAIN}" in item and "iptables-legacy-save" in item for item in found)
-    assert _untagged_residue() - before == set()
+    assert untagged_residue() - before == set()

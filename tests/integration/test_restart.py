@@ -9,8 +9,7 @@ import signal
 import subprocess
 
 import pytest
-
-from conftest import our_iptables, redirect_args, start_agent, wait_for
+from meshenv import our_iptables, redirect_args, start_agent, wait_for
 
 PORT = 9300
 

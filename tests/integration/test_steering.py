@@ -15,8 +15,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import TCPTOOL, our_iptables, redirect_args, start_agent, wait_for
+from meshenv import TCPTOOL, our_iptables, redirect_args, start_agent, wait_for
 
 PORT = 9100
 MB = 1024 * 1024

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import start_agent, wait_for
+from meshenv import start_agent, wait_for
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 PORT = 9400

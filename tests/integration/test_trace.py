@@ -12,8 +12,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import redirect_args, start_agent, wait_for
+from meshenv import redirect_args, start_agent, wait_for
 
 PORT = 8080
 LOOPBACK_CONNECT = "import socket; socket.socket().connect_ex(('127.0.0.1', 1))"
