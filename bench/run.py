@@ -337,9 +337,21 @@ def save_results(name: str, meta: dict, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     RESULTS.mkdir(exist_ok=True)
     machine = {"date": time.strftime("%Y-%m-%d"), "kernel": os.uname().release,
-               "cpus": os.cpu_count(), "cpu_model": cpu_model()}  # fmt: skip
+               "cpus": os.cpu_count(), "cpu_model": cpu_model(),
+               "loadavg_5min": os.getloadavg()[1], **source_tree()}  # fmt: skip
     path.write_text(json.dumps({"meta": {**machine, **meta}, **data}, indent=1) + "\n")
     return path
+
+
+def source_tree() -> dict:
+    """The commit measured, and whether the agent's code differed from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    changed = git("status", "--porcelain", "--", "agent", "bpf")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "agent_code_changed": bool(changed)}
 
 
 def cpu_model() -> str:
