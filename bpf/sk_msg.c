@@ -45,27 +45,27 @@ int mesh_msg(struct sk_msg_md *msg)
 	key.port = (__u16)msg->local_port;
 	pass = mesh_msg_pass.lookup(&key);
 	if (!pass) {
-		mesh_count(MESH_REASON_UNTRACKED, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_UNTRACKED);
 		return SK_PASS;  /* no P (evicted, or A closing): never redirect */
 	}
 	before = __sync_fetch_and_add(&pass->passed, len);
 	tgt = mesh_msg_tgt.lookup(&key);
 	if (!tgt || tgt->app != pass->app) {
-		mesh_count(MESH_REASON_HANDOFF, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
 	upstream = tgt->upstream;
 	sent = mesh_sent.lookup(&tgt->via);
 	y = sent ? *sent : 0;
 	if (before != y) {
-		mesh_count(MESH_REASON_HANDOFF, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
 	if (mesh_sockhash.msg_redirect_hash(msg, &upstream, 0) != SK_PASS) {
-		mesh_count(MESH_REASON_REDIR_FAIL, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_REDIR_FAIL);
 		return SK_PASS;
 	}
 	__sync_fetch_and_add(&pass->passed, -len);
-	mesh_count(MESH_REASON_MSG_SPLICED, MESH_DIR_EGRESS);
+	mesh_count(MESH_REASON_MSG_SPLICED);
 	return SK_PASS;
 }

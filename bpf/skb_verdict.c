@@ -26,7 +26,7 @@ int mesh_verdict(struct __sk_buff *skb)
 	__u64 before, zero = 0, y;
 
 	if (len == 0) {
-		mesh_count(MESH_REASON_EOF_DROP, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_EOF_DROP);
 		return SK_DROP;
 	}
 	passed = mesh_passed.lookup(&cookie);
@@ -35,7 +35,7 @@ int mesh_verdict(struct __sk_buff *skb)
 		passed = mesh_passed.lookup(&cookie);
 	}
 	if (!passed) {
-		mesh_count(MESH_REASON_UNTRACKED, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_UNTRACKED);
 		return SK_PASS;  /* map full: Python reads it all (X stays unknown) */
 	}
 	before = __sync_fetch_and_add(passed, len);
@@ -43,14 +43,14 @@ int mesh_verdict(struct __sk_buff *skb)
 	y = sent ? *sent : 0;
 	peer = mesh_peer.lookup(&cookie);
 	if (!peer || before != y) {
-		mesh_count(MESH_REASON_HANDOFF, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
 	if (mesh_sockhash.sk_redirect_hash(skb, peer, 0) != SK_PASS) {
-		mesh_count(MESH_REASON_REDIR_FAIL, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_REDIR_FAIL);
 		return SK_PASS;
 	}
 	__sync_fetch_and_add(passed, -len);
-	mesh_count(MESH_REASON_SPLICED, MESH_DIR_EGRESS);
+	mesh_count(MESH_REASON_SPLICED);
 	return SK_PASS;
 }

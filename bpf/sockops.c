@@ -58,7 +58,7 @@ static __always_inline void mesh_msg_enter(struct bpf_sock_ops *skops, struct me
 	err = mesh_apphash.sock_hash_update(skops, &cookie, BPF_ANY);
 	if (err) {
 		mesh_msg_pass.delete(key);
-		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_MAP_FULL);
 		return;
 	}
 	orig->flags |= MESH_ORIG_APP;
@@ -84,7 +84,7 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	orig.cookie = cookie;
 	mesh_msg_enter(skops, &key, &orig);
 	if (mesh_orig_tup.update(&key, &orig)) {
-		mesh_count(MESH_REASON_MAP_FULL, MESH_DIR_EGRESS);
+		mesh_count(MESH_REASON_MAP_FULL);
 		return;
 	}
 	live = mesh_state.lookup(&live_idx);
@@ -92,7 +92,7 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 		__sync_fetch_and_add(live, 1);
 	/* OR ours in: other programs' callback flags stay as they were. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	mesh_count(MESH_REASON_REKEYED, MESH_DIR_EGRESS);
+	mesh_count(MESH_REASON_REKEYED);
 	mesh_event(MESH_EV_ESTABLISHED, MESH_REASON_REKEYED, orig.netns, cookie, &orig.addr,
 		   orig.port);
 }
@@ -119,7 +119,7 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 	live = mesh_state.lookup(&live_idx);
 	if (live)
 		__sync_fetch_and_add(live, -1);
-	mesh_count(MESH_REASON_CLOSED, MESH_DIR_EGRESS);
+	mesh_count(MESH_REASON_CLOSED);
 	mesh_event(MESH_EV_CLOSED, MESH_REASON_CLOSED, key.netns, bpf_get_socket_cookie(skops),
 		   &key.addr, key.port);
 }

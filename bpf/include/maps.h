@@ -89,8 +89,8 @@ BPF_LPM_TRIE(mesh_excl_cidr, struct mesh_lpm_key, __u8, MESH_EXCL_MAX);
 BPF_TABLE("lru_hash", __u64, __u8, mesh_own, MESH_OWN_MAX);
 /* [0]: live entries of mesh_orig_tup, kept by the hooks. */
 BPF_ARRAY(mesh_state, __u64, 4);
-/* per-CPU decision counters, index reason * MESH_DIR_MAX + direction. */
-BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX * MESH_DIR_MAX);
+/* per-CPU decision counters, index MESH_REASON_*. */
+BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX);
 
 #define MESH_STATE_TUP_LIVE 0
 #define MESH_STATE_MSG_ON 1  /* != 0: sock_ops puts pods' sockets into mesh_apphash */

@@ -4,10 +4,10 @@
 
 #include "maps.h"
 
-static __always_inline void mesh_count(__u32 reason, __u32 dir)
+/* Count a decision (every one is of an outbound connection). */
+static __always_inline void mesh_count(__u32 reason)
 {
-	__u32 idx = reason * MESH_DIR_MAX + dir;
-	__u64 *val = mesh_metrics.lookup(&idx);
+	__u64 *val = mesh_metrics.lookup(&reason);
 
 	if (val)
 		*val += 1;

@@ -29,8 +29,4 @@
 
 #define MESH_REASON_MAX          19  /* one past the last reason */
 
-#define MESH_DIR_EGRESS 0
-#define MESH_DIR_INGRESS 1
-#define MESH_DIR_MAX 2
-
 #endif /* MESH_REASONS_H */

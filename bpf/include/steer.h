@@ -43,7 +43,7 @@ static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie
 {
 	struct mesh_event ev = {};
 
-	mesh_count(reason, MESH_DIR_EGRESS);
+	mesh_count(reason);
 	if (!mesh_tracing(netns, dport))
 		return 0;
 	mesh_event_fill(&ev, MESH_EV_CONNECT, reason, netns, cookie, dst, dport);

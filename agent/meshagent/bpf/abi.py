@@ -184,11 +184,9 @@ REASONS = (
     "msg_spliced",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
-DIRECTIONS = ("egress", "ingress")
-
-
-def metric_index(reason: str, direction: str = "egress") -> int:
-    return REASONS.index(reason) * len(DIRECTIONS) + DIRECTIONS.index(direction)
+# mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of
+# an outbound connection, and status shows its count under this direction.
+DIRECTION = "egress"
 
 
 # -- encoders -------------------------------------------------------------

@@ -127,13 +127,13 @@ class Loaded:
     def attached(self, name: str) -> bool:
         return name in self.links or name in self.programs
 
-    def metric(self, reason: str, direction: str = "egress") -> int:
+    def metric(self, reason: str) -> int:
         """One decision counter, summed over CPUs."""
-        key = abi.U32.pack(abi.metric_index(reason, direction))
+        key = abi.U32.pack(abi.REASONS.index(reason))
         return sum(self.map(abi.METRICS).lookup_percpu_u64(key))
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        """{reason: {direction: count}} summed over CPUs; zeros left out
+        """{reason: {"egress": count}} summed over CPUs; zeros left out
         (the whole per-CPU array in one batch lookup where the kernel can)."""
         table = self.map(abi.METRICS)
         items = table.items_batched()
@@ -143,11 +143,10 @@ class Loaded:
         stride = sc.round8(table.info.value_size)
         out: dict[str, dict[str, int]] = {}
         for key, raw in items:
-            (index,) = abi.U32.unpack(key)
-            reason, direction = divmod(index, len(abi.DIRECTIONS))
+            (reason,) = abi.U32.unpack(key)
             total = sum(struct.unpack_from("=Q", raw, off)[0] for off in range(0, len(raw), stride))
             if total and reason < len(abi.REASONS):
-                out.setdefault(abi.REASONS[reason], {})[abi.DIRECTIONS[direction]] = total
+                out[abi.REASONS[reason]] = {abi.DIRECTION: total}
         return out
 
     def live_steered(self) -> int:
