@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from meshagent import kernel, log, takeover
+from meshagent.addrs import parse_addr
 from meshagent.api import Handler, Reply, Request
 from meshagent.attachments import Attachments
 from meshagent.bpf import loader, objects
@@ -32,7 +33,7 @@ from meshagent.host.loop import Loop
 from meshagent.host.worker import Worker
 from meshagent.kube.autoattach import KubePods
 from meshagent.kube.watch import ApiWatch, settings
-from meshagent.metrics import Collector, MetricsServer, healthy_since, parse_addr
+from meshagent.metrics import Collector, MetricsServer, healthy_since
 from meshagent.modes import Backend, DataPathMode
 from meshagent.plan import Plan, plan
 from meshagent.pod_ops import pod_handlers

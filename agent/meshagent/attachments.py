@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from meshagent import log
 from meshagent.api import Deferred
-from meshagent.errors import MeshError
+from meshagent.errors import MeshError, NotAttached
 from meshagent.forwarder import Forwarder
 from meshagent.forwarder.records import PodSlot
 from meshagent.host import netns
@@ -232,7 +232,7 @@ class Attachments:
             if "/" not in name:
                 self.store.get(name)  # unknown pod: say so
             check_name(name)
-            raise MeshError(f"pod {name} is not attached")
+            raise NotAttached(f"pod {name} is not attached")
         self._check_idle(name)
 
         # New connects go direct first; the listeners close a moment later

@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 
 from meshagent.config import check_socket_path
-from meshagent.errors import MeshError, NoAgent
+from meshagent.errors import CODES, MeshError, NoAgent
 
 
 def connect(socket_path: Path, timeout: float = 30.0) -> socket.socket:
@@ -52,7 +52,9 @@ def request(socket_path: Path, op: str, timeout: float = 30.0, **args: object) -
     if not isinstance(reply, dict):
         raise MeshError(f"the agent at {socket_path} answered something that is not an object")
     if not reply.pop("ok", False):
-        raise MeshError(reply.get("error", "the agent refused the request"))
+        raise CODES.get(reply.get("code"), MeshError)(
+            reply.get("error", "the agent refused the request")
+        )
     return reply
 
 

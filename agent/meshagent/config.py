@@ -63,7 +63,7 @@ class AgentConfig:
         if not 0 <= self.sockmap_sndbuf <= 1 << 30:
             raise MeshError("--sockmap-sndbuf must be between 0 and 1 GiB")
         check_socket_path(self.socket_path)
-        from meshagent.metrics import parse_addr
+        from meshagent.addrs import parse_addr
 
         parse_addr(self.metrics_addr)
         if not 16 <= self.conns_max <= 1 << 22:

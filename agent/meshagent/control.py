@@ -29,7 +29,8 @@ MAX_REQUEST = 64 * 1024
 def error_reply(exc: BaseException, op: object = "") -> dict:
     """A failed request's one-line answer; a bug is logged with its traceback."""
     if isinstance(exc, MeshError):
-        return {"ok": False, "error": _one_line(str(exc))}
+        code = {"code": exc.code} if exc.code else {}
+        return {"ok": False, "error": _one_line(str(exc)), **code}
     log.get().error(
         "control request failed", exc_info=exc, extra={"reason": f"op={op!r}"}
     )  # fmt: skip
@@ -229,7 +230,10 @@ def _claim_socket_path(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise MeshError(f"an agent already runs at {path}: stop it first, or use another --state-dir")
+    raise MeshError(
+        f"an agent already runs at {path}: stop it first, or give this one a state dir of"
+        " its own (meshagent --state-dir DIR run)"
+    )
 
 
 def _one_line(text: str) -> str:

@@ -32,20 +32,6 @@ WALK_AT_MOST = 1024  # entries: a map this small may be walked key by key
 ATTACH_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
-def parse_addr(text: str) -> tuple[str, int] | None:
-    """'127.0.0.1:15090' -> ('127.0.0.1', 15090); '' or 'off' -> None."""
-    if text in ("", "off"):
-        return None
-    host, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        number = -1
-    if not host or not 0 <= number <= 65535:
-        raise MeshError(f"--metrics-addr {text!r}: use HOST:PORT (e.g. 127.0.0.1:15090) or off")
-    return host.strip("[]"), number
-
-
 class Collector:
     """Yields the metric families; `published` is the loop's latest snapshot
     (replaced whole, never mutated), `loaded` the BPF side (map syscalls are

@@ -115,8 +115,8 @@ class StateDir:
             os.close(fd)
             if what == "agent":
                 raise MeshError(
-                    f"another agent runs with state dir {self.path}: stop it first,"
-                    " or use another --state-dir"
+                    f"another agent runs with state dir {self.path}: stop it first, or give"
+                    " this one a state dir of its own (meshagent --state-dir DIR run)"
                 )
             raise MeshError(f"an agent runs with state dir {self.path}: stop it first")
 

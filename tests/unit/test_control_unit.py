@@ -10,7 +10,7 @@ import pytest
 from meshagent import control
 from meshagent.api import Deferred, Reply, Request
 from meshagent.client import request
-from meshagent.errors import MeshError
+from meshagent.errors import MeshError, NotAttached
 from meshagent.host.loop import Loop
 
 RELEASE = threading.Event()  # lets the "later" requests' work finish
@@ -34,12 +34,16 @@ def server(tmp_path):
     def oserror(_request: Request):
         raise PermissionError(13, "Permission denied")
 
+    def detach(_request: Request):
+        raise NotAttached("pod web is not attached")
+
     handlers = {
         "ping": lambda _r: Reply({"pong": True}),
         "later": later,
         "huge": lambda _r: Reply({"blob": "x" * (2 << 20)}),
         "boom": boom,
         "oserror": oserror,
+        "detach": detach,
         "typed": lambda r: Reply({"pod": r.text("pod")}),
     }
     srv = control.ControlServer(loop, tmp_path / "agent.sock", handlers)
@@ -69,6 +73,16 @@ def test_every_failure_is_one_line_and_the_server_keeps_serving(server, op, args
         request(server, op, timeout=1.0, **args)
     assert str(info.value).startswith(expect) and "\n" not in str(info.value)
     assert request(server, "ping", timeout=1.0) == {"pong": True}
+
+
+def test_a_failure_a_caller_tells_apart_crosses_the_socket_as_its_type(server):
+    """The client raises the subclass the handler raised (by its code), and
+    a plain MeshError stays plain: nobody matches error text."""
+    with pytest.raises(NotAttached, match="pod web is not attached"):
+        request(server, "detach", timeout=1.0)
+    with pytest.raises(MeshError) as info:
+        request(server, "typed", timeout=1.0, pod="")
+    assert type(info.value) is MeshError
 
 
 def test_a_second_server_on_the_same_socket_is_refused(server):

@@ -8,7 +8,7 @@ import click
 
 from meshagent.cli import App, require_root
 from meshagent.cli.options import output_option
-from meshagent.errors import MeshError, NoAgent
+from meshagent.errors import MeshError, NoAgent, NotAttached
 from meshagent.pods.model import NodeConfig
 
 POD_EPILOG = """\b
@@ -68,11 +68,10 @@ def delete(app: App, name: str) -> None:
     if app.socket_path.exists():
         try:
             request(app.socket_path, "detach", pod=name)
-        except NoAgent:
+        except (NoAgent, NotAttached):
             pass
         except MeshError as exc:
-            if "is not attached" not in str(exc):
-                click.echo(f"meshagent: warning: pod {name}: detach failed: {exc}", err=True)
+            click.echo(f"meshagent: warning: pod {name}: detach failed: {exc}", err=True)
     delete_pod(app.store(), name)
     click.echo(f"pod {name} deleted")
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from meshagent import log
 from meshagent.addrs import format_endpoint
+from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
 from meshagent.forwarder.copy import reset_close
 from meshagent.forwarder.datapath import Connection, DataPath
@@ -45,7 +46,7 @@ class Forwarder:
         port: int,
         paths: dict[DataPathMode, DataPath],
         mode: DataPathMode = DataPathMode.COPY,
-        pod_conns_max: int = 4096,
+        pod_conns_max: int = AgentConfig.pod_conns_max,
         fd_budget: int | None = None,
     ) -> None:
         self.loop = loop

@@ -20,6 +20,7 @@ import tempfile
 import zipapp
 from pathlib import Path
 
+from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES
 from meshagent.errors import MeshError
 
 PLUGIN = "meshagent-cni"
@@ -109,12 +110,14 @@ def build_plugin(target: Path) -> None:
         _write(target, archive.read_bytes(), 0o755)
 
 
-def install(bin_dir: Path, conf_dir: Path, state_dir: Path, attach: str = "labelled",
+def install(bin_dir: Path, conf_dir: Path, state_dir: Path, attach: str = ATTACH[0],
             exclude: list[str] | None = None) -> dict:  # fmt: skip
     """Place the plugin and chain it; returns what was done."""
     path = node_config(conf_dir)
     data = _read(path)
-    entry = plugin_entry(state_dir, attach, exclude if exclude is not None else ["kube-system"])
+    if exclude is None:
+        exclude = list(EXCLUDE_NAMESPACES)
+    entry = plugin_entry(state_dir, attach, exclude)
     new = chained(data, entry, path)
     build_plugin(bin_dir / PLUGIN)
     target = path
