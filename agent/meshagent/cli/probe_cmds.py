@@ -31,7 +31,7 @@ def probe(app: App, pod: str, target: str, syn: bool, timeout: float, output: st
     pod's forwarder (steered) or straight out, the forwarder's upstream SYN
     with the pod's own address, and the kernel's decision for that socket.
     Works on pods that are not attached too."""
-    from meshagent import probe as prober
+    from meshagent import conn_probe as prober
 
     require_root("meshagent probe")
     result = prober.run(app.state_dir, pod, target, syn, timeout)

@@ -149,7 +149,7 @@ def run(state_dir: Path, pod_name: str, target: str, syn: bool, timeout: float) 
     listener_port = _listener_port(socket_path)
     events, stop = _trace(socket_path, pod_name, port)
     try:
-        proc = popen(pod, [sys.executable, "-m", "meshagent.probe", host, str(port),
+        proc = popen(pod, [sys.executable, "-m", "meshagent.conn_probe", host, str(port),
                            "1" if syn else "0", str(timeout)],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         out, err = proc.communicate(timeout=timeout + 30)
