@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from meshagent import __version__
+from meshagent.cli.app import App
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
 
@@ -34,30 +33,6 @@ Exit status (an error is one line on stderr):
   130  interrupted (Ctrl-C)
   `pod exec` exits with its command's status.
 """
-
-
-@dataclass
-class App:
-    state_dir: Path
-
-    @property
-    def socket_path(self) -> Path:
-        from meshagent.config import check_socket_path
-        from meshagent.state import StateDir
-
-        path = StateDir(self.state_dir).socket
-        check_socket_path(path)
-        return path
-
-    def store(self):
-        from meshagent.pods.store import PodStore
-
-        return PodStore(self.state_dir)
-
-
-def require_root(what: str) -> None:
-    if os.geteuid() != 0:
-        raise MeshError(f"{what} needs root")
 
 
 def usage_error(exc: click.UsageError) -> None:

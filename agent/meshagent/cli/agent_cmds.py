@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from meshagent.cli import App, require_root
+from meshagent.cli.app import App, require_root
 from meshagent.cli.options import cache_dir_option, output_option, plan_options
 from meshagent.config import AgentConfig
 from meshagent.modes import (

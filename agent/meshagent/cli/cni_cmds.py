@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from meshagent.cli import App, require_root
+from meshagent.cli.app import App, require_root
 from meshagent.cli.options import output_option
 from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from meshagent.cli import App, require_root
+from meshagent.cli.app import App, require_root
 
 
 @click.command(epilog="\b\nExample:\n  meshagent demo")

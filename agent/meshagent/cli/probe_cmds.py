@@ -6,7 +6,7 @@ import json
 
 import click
 
-from meshagent.cli import App, require_root
+from meshagent.cli.app import App, require_root
 from meshagent.cli.options import output_option
 
 PROBE_EPILOG = """\b

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from meshagent.cli import App
+from meshagent.cli.app import App
 from meshagent.cli.options import output_option
 
 TRACE_EPILOG = """\b
