@@ -14,16 +14,31 @@ redirect) until they are sent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import socket
+from collections.abc import Iterable
+from typing import Protocol
 
 from meshagent.forwarder.copy import Relay
-from meshagent.forwarder.datapath import Connection, Done, Exported
+from meshagent.forwarder.datapath import Connection, DataPathStats, Done, Exported
 from meshagent.forwarder.sockmap_relay import SockmapRelay
+from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
 from meshagent.steering import AppSocket
 
-if TYPE_CHECKING:
-    from meshagent.forwarder.sockmap import SockmapPath
+
+class SplicingPath(Protocol):
+    """What a CopyFirst needs of its path (sockmap.SockmapPath)."""
+
+    loop: Loop
+    stats: DataPathStats
+
+    def enter(self, sock: socket.socket, deep: bool = True) -> int | None: ...
+
+    def spliced(self, client, upstream, cookies: tuple[int, int], app: AppSocket | None,
+                on_done: Done) -> SockmapRelay: ...  # fmt: skip
+
+    def forget(self, cookies: Iterable[int]) -> None: ...
+
 
 UPGRADE_READS = 32  # reads (both ways) before a connection moves to the sockmap
 UPGRADE_BYTES = 64 * 1024  # or bytes, whichever comes first
@@ -39,7 +54,7 @@ class CopyFirst:
 
     __slots__ = ("app", "client", "copy", "inner", "on_done", "path", "reads", "upstream")
 
-    def __init__(self, path: SockmapPath, client, upstream, app: AppSocket | None,
+    def __init__(self, path: SplicingPath, client, upstream, app: AppSocket | None,
                  on_done: Done) -> None:  # fmt: skip
         self.path, self.client, self.upstream, self.app = path, client, upstream, app
         self.on_done = on_done
@@ -142,6 +157,7 @@ class CopyFirst:
         relay.upstream.pending = copy.back.buf or b""
         if self.app is not None:  # P counts from A's start: so must its Y
             relay.client.y_base = copy.out.nbytes  # what copy read (sent or held)
+        relay.owner = self
         self.inner = relay
         try:
             relay.start()

@@ -133,7 +133,7 @@ class SockmapPath(DataPath):
 
     def _stalled(self, relay: SockmapRelay) -> None:
         self.stats.stalls += 1
-        self.on_stall(relay)
+        self.on_stall(relay.owner)
 
     def _untrack(self, on_done: Done) -> Done:
         return Untracked(self.relays, on_done)

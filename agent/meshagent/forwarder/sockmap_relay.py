@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 from meshagent.forwarder.copy import recv_scratch, reset_close
-from meshagent.forwarder.datapath import Done, Exported
+from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_side import Side
 from meshagent.host.loop import Loop, Timer
@@ -55,7 +55,7 @@ class SockmapRelay:
     settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
-                 "on_done", "on_stall", "progress_at", "stalled", "timer",
+                 "on_done", "on_stall", "owner", "progress_at", "stalled", "timer",
                  "upstream")  # fmt: skip
 
     def __init__(
@@ -79,6 +79,9 @@ class SockmapRelay:
         self.client.relay = self.upstream.relay = self
         self.on_done = on_done
         self.on_stall = on_stall
+        # The connection the forwarder knows this pair as: itself, or the
+        # CopyFirst it moved out of (a stall is then logged with its pod).
+        self.owner: Connection = self
         self.closed = False
         self._final = (0, 0)
         self.timer: Timer | None = None

@@ -7,10 +7,13 @@ import fcntl
 import socket
 import struct
 import termios
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from meshagent.forwarder.sockmap_relay import SockmapRelay
+
+class Pair(Protocol):
+    """What a Side tells its pair (sockmap_relay.SockmapRelay)."""
+
+    def on_events(self, side: Side, events: int) -> None: ...
 
 
 def tcp_counts(sock: socket.socket) -> tuple[int, int]:
@@ -50,7 +53,7 @@ class Side:
         self.peer: Side = self
         self.pending: bytes | bytearray = b""  # read from sock, not yet sent to peer
         self.registered = False  # in the loop's epoll
-        self.relay: SockmapRelay | None = None
+        self.relay: Pair | None = None
         self.read_total = 0
         self.sent_y = 0  # -1: BLOCKED stored (bytes held at the move not yet sent)
         self.y_base = 0  # added to Y in the map: bytes carried before the sockmap (sk_msg's P)
