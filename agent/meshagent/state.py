@@ -24,7 +24,7 @@ from meshagent.errors import MeshError
 AGENT_LOCK = "agent.lock"
 AGENT_SOCKET = "agent.sock"
 ATTACHED = "attached.json"
-# Written by agents before 0.2 and removed by cleanup; nothing reads it.
+# Written by earlier agents and removed by cleanup; nothing reads it.
 LEGACY_FILES = ("agent.json",)
 
 

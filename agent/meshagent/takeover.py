@@ -198,7 +198,7 @@ def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
 
 
 def _slot_of(slots: dict[int, PodSlot], header: dict) -> PodSlot:
-    """A connection's pod: by its pod_id (an agent before 0.2 sent only the name)."""
+    """A connection's pod: by its pod_id (an earlier agent sent only the name)."""
     pod_id = header.get("pod_id")
     slot = slots.get(pod_id) if pod_id is not None else None
     if slot is None and pod_id is None:
