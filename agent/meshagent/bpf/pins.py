@@ -5,7 +5,9 @@
                                     /links/<name>
 
 <instance> is named after the state dir (two agents with two state dirs
-never share pins). A restarted agent finds the maps (the pods' entries,
+never share pins); the bpffs refuses a name with a dot, so a dot becomes
+"_" (the hash of the full path keeps such names apart). Every bpffs error
+is a MeshError naming the path and the reason. A restarted agent finds the maps (the pods' entries,
 the connections' original destinations, the sockhash) and the cgroup links,
 reuses every map whose definition is unchanged and swaps the links'
 programs in one step (BPF_LINK_UPDATE): the hooks never go missing, across
@@ -17,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from meshagent.bpf import syscall as sc
@@ -24,12 +28,33 @@ from meshagent.errors import MeshError
 
 BPFFS = Path("/sys/fs/bpf")
 BPFFS_MAGIC = 0xCAFE4A11
+NAME_MAX = 255  # bytes in one name on the bpffs, as on any Linux filesystem
+REFUSED = "."  # the bpffs refuses any name with a dot (kernel/bpf/inode.c, bpf_lookup)
 
 
 def instance_name(state_dir: Path) -> str:
-    """<state dir's name>-<hash of its full path>: readable, and unique."""
+    """<state dir's name>-<hash of its full path>: readable, and unique.
+    A name the bpffs accepts is kept as it always was (an installed agent
+    finds its pins); a dot becomes "_", and a name too long is cut."""
     full = str(state_dir.resolve())
-    return f"{state_dir.name or 'root'}-{hashlib.sha256(full.encode()).hexdigest()[:8]}"
+    suffix = f"-{hashlib.sha256(full.encode()).hexdigest()[:8]}"
+    name = state_dir.name or "root"
+    for char in REFUSED:
+        name = name.replace(char, "_")
+    room = NAME_MAX - len(suffix)
+    name = name.encode()[:room].decode(errors="ignore")  # never half a character
+    return name + suffix
+
+
+@contextmanager
+def bpffs_errors(what: str) -> Iterator[None]:
+    """An OSError from the bpffs as one line: what, the path, the reason."""
+    try:
+        yield
+    except OSError as exc:
+        path = exc.filename if exc.filename is not None else "the bpffs"
+        reason = exc.strerror or str(exc)
+        raise MeshError(f"cannot {what} {path}: {reason} (bpffs)") from None
 
 
 def ensure_bpffs() -> None:
@@ -69,13 +94,15 @@ class Pins:
         return self.dir / kind / name
 
     def exists(self) -> bool:
-        return self.dir.is_dir()
+        with bpffs_errors("look up"):
+            return self.dir.is_dir()
 
     def open(self, kind: str, name: str) -> int | None:
         """An fd for the pinned object, or None if there is none."""
         path = self.path(kind, name)
-        if not path.exists():
-            return None
+        with bpffs_errors("look up"):
+            if not path.exists():
+                return None
         try:
             return sc.obj_get(path)
         except OSError as exc:
@@ -85,9 +112,10 @@ class Pins:
         """Pin fd as kind/name, replacing what was pinned there."""
         ensure_bpffs()
         folder = self.dir / kind
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / name
-        path.unlink(missing_ok=True)
+        with bpffs_errors("make"):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.unlink(missing_ok=True)
         try:
             sc.obj_pin(fd, path)
         except OSError as exc:
@@ -95,7 +123,8 @@ class Pins:
 
     def names(self, kind: str) -> list[str]:
         folder = self.dir / kind
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        with bpffs_errors("list"):
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
     def drop(self, kind: str, name: str) -> None:
         """Unpin one object; a link is detached first (a pinned link whose
@@ -109,7 +138,8 @@ class Pins:
                 except OSError:
                     pass
                 os.close(fd)
-        path.unlink(missing_ok=True)
+        with bpffs_errors("unpin"):
+            path.unlink(missing_ok=True)
 
     def remove(self) -> list[str]:
         """Detach and unpin everything of this instance; what was removed."""
@@ -118,9 +148,11 @@ class Pins:
             for name in self.names(kind):
                 self.drop(kind, name)
                 removed.append(f"{kind}/{name}")
-            (self.dir / kind).rmdir() if (self.dir / kind).is_dir() else None
-        if self.dir.is_dir():
-            self.dir.rmdir()
+            with bpffs_errors("remove"):
+                (self.dir / kind).rmdir() if (self.dir / kind).is_dir() else None
+        with bpffs_errors("remove"):
+            if self.dir.is_dir():
+                self.dir.rmdir()
         try:
             self.root.rmdir()  # the last instance: meshagent leaves nothing on the bpffs
         except OSError:
