@@ -232,3 +232,60 @@ def test_cgroup_layouts_of_both_drivers(tmp_path):
     assert cgroup_of_uid(tmp_path / "sd", uid) == systemd
     assert cgroup_of_uid(tmp_path / "sd", "not a uid!") is None
     assert cgroup_of_uid(tmp_path / "v2", "ffff") is None
+
+
+# -- the plugin never stops a pod for its own bookkeeping ([S] item 5) ----------
+LONG_NS, LONG_NAME = "n" * 63, ".".join(["p" * 63] * 3) + "." + "q" * 61  # 63 and 253 chars
+
+
+def test_the_longest_valid_names_are_recorded_and_found(tmp_path, netns_file):
+    """63 + 253 characters are valid names, too long together for
+    NAMESPACE_NAME.json: the record gets a hashed file name, the full name
+    inside; DEL and CHECK find it, all() lists it."""
+    assert len(LONG_NS) == 63 and len(LONG_NAME) == 253
+    args = f"K8S_POD_NAMESPACE={LONG_NS};K8S_POD_NAME={LONG_NAME};K8S_POD_UID=1234-ab"
+    code, out = run(env(netns_file, CNI_ARGS=args), conf(tmp_path))
+    assert code == 0 and json.loads(out) == PREV
+    store, full = CniStore(tmp_path / "state"), f"{LONG_NS}/{LONG_NAME}"
+    assert store.get(full).full_name == full
+    assert [r.full_name for r in store.all()] == [full]
+    assert len(store.path(full).name) <= 255
+    assert run(env(netns_file, CNI_ARGS=args, CNI_COMMAND="CHECK"), conf(tmp_path)) == (0, "")
+    assert run(env(netns_file, CNI_ARGS=args, CNI_COMMAND="DEL"), conf(tmp_path)) == (0, "")
+    assert store.get(full) is None and store.all() == []
+
+
+def test_short_names_keep_todays_file_name(tmp_path, netns_file):
+    run(env(netns_file), conf(tmp_path))
+    assert (tmp_path / "state" / "cni" / "default_web.json").exists()
+
+
+@pytest.mark.parametrize("ips", [{"address": "10.1.0.5/24"}, "10.1.0.5", 5, [{"address": 7}, 3]])
+def test_a_malformed_prev_result_ips_is_a_spec_error_or_ignored(tmp_path, netns_file, ips):
+    """Not a list: the spec's code 7, never a traceback; bad entries in a
+    list are skipped."""
+    code, out = run(env(netns_file), conf(tmp_path, prevResult={**PREV, "ips": ips}))
+    if isinstance(ips, list):
+        assert code == 0 and CniStore(tmp_path / "state").get("default/web").ips == []
+    else:
+        assert code == 1 and error(out)["code"] == 7 and "ips" in error(out)["msg"]
+
+
+def test_an_unwritable_record_dir_still_starts_the_pod(tmp_path, netns_file, capsys):
+    """Record I/O failing is logged on stderr and ADD passes prevResult
+    through: the pod starts (the agent finds it by its cgroup instead)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cni").write_text("not a directory")  # fails for root too
+    code, out = run(env(netns_file), conf(tmp_path))
+    assert code == 0 and json.loads(out) == PREV
+    assert "default/web" in capsys.readouterr().err
+    assert run(env(netns_file, CNI_COMMAND="DEL"), conf(tmp_path)) == (0, "")
+
+
+def test_a_record_dir_that_is_not_a_dir_is_a_check_error_not_a_traceback(tmp_path, netns_file):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cni").write_text("not a directory")
+    code, out = run(env(netns_file, CNI_COMMAND="CHECK"), conf(tmp_path))
+    assert code == 1 and error(out)["code"] in (3, 5)

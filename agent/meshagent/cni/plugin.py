@@ -43,6 +43,7 @@ E_IO = 5
 E_DECODE = 6
 E_CONFIG = 7
 E_TRY_LATER = 11
+E_INTERNAL = 100  # the first plugin-specific code: a bug here, never a traceback
 
 
 class CniError(Exception):
@@ -92,6 +93,8 @@ def parse_conf(raw: bytes, command: str) -> Conf:
     prev = data.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise CniError(E_CONFIG, "prevResult must be a JSON object")
+    if prev is not None and not isinstance(prev.get("ips", []), list | None):
+        raise CniError(E_CONFIG, "prevResult.ips must be a list")
     return Conf(version, str(name), Path(state_dir), attach == "all", tuple(exclude), prev)
 
 
@@ -180,16 +183,26 @@ def cmd_add(conf: Conf, env: dict[str, str]) -> dict:
         ips=_ips(conf.prev_result),
         attach=conf.attach_all and namespace not in conf.exclude_namespaces,
     )
+    # From here on only our own bookkeeping: whatever fails, the pod starts
+    # (the agent finds it by its cgroup, or attaches it at start).
     try:
         _make_state_dir(conf.state_dir)
         CniStore(conf.state_dir).save(record)
-    except OSError as exc:
-        raise CniError(E_IO, f"pod {record.full_name}: cannot write its record: {exc}") from None
-    answer = _tell_agent(conf.state_dir, "cni-add", record.full_name)
+    except (OSError, MeshError) as exc:
+        _warn(record.full_name, f"cannot write its record ({exc}); the pod starts unrecorded")
+        return result
+    try:
+        answer = _tell_agent(conf.state_dir, "cni-add", record.full_name)
+    except Exception as exc:  # the pod must start whatever the agent does
+        answer = {"error": f"telling the agent failed: {exc!r}"}
     if answer is not None and answer.get("error"):
         # The pod runs either way: the agent logs why and retries at start.
-        print(f"meshagent-cni: pod {record.full_name}: {answer['error']}", file=sys.stderr)
+        _warn(record.full_name, str(answer["error"]))
     return result
+
+
+def _warn(pod: str, why: str) -> None:
+    print(f"meshagent-cni: pod {pod}: {why}", file=sys.stderr)
 
 
 def cmd_del(conf: Conf, env: dict[str, str]) -> None:
@@ -261,10 +274,16 @@ def run(env: dict[str, str], stdin: bytes) -> tuple[int, str]:
             cmd_check(conf, env)
         return 0, ""
     except CniError as exc:
-        error = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
-        if exc.details:
-            error["details"] = exc.details
-        return 1, json.dumps(error)
+        return 1, _error_json(version, exc.code, exc.msg, exc.details)
+    except Exception as exc:  # the runtime reads spec JSON, never a traceback
+        return 1, _error_json(version, E_INTERNAL, f"{command}: internal error: {exc!r}")
+
+
+def _error_json(version: str, code: int, msg: str, details: str = "") -> str:
+    error = {"cniVersion": version, "code": code, "msg": msg}
+    if details:
+        error["details"] = details
+    return json.dumps(error)
 
 
 def main() -> None:

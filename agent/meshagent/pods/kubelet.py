@@ -3,7 +3,7 @@
 that started before the plugin was installed.
 
 A Kubernetes pod is named NAMESPACE/NAME. Its record, state_dir/cni/
-NAMESPACE_NAME.json, says which sandbox (container id) and network
+NAMESPACE_NAME.json (or HASH.json when that is too long a file name), says which sandbox (container id) and network
 namespace the runtime made for it, its UID and addresses, and whether the
 plugin's configuration attaches every pod (else the agent decides, from
 the pod's labels).
@@ -11,6 +11,7 @@ the pod's labels).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +27,7 @@ NAMESPACE_RE = re.compile(_LABEL)
 POD_NAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 UID_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
 CNI_DIR = "cni"
+NAME_MAX = 255  # a file name's limit (a namespace and a name may be 63 + 253)
 
 
 def split_name(full: str) -> tuple[str, str]:
@@ -63,14 +65,19 @@ class CniRecord:
 
 
 class CniStore:
-    """state_dir/cni/NAMESPACE_NAME.json (the '_' cannot occur in either part)."""
+    """state_dir/cni/NAMESPACE_NAME.json (the '_' cannot occur in either
+    part); a name too long for that is HASH.json (no '_': the two never
+    meet), with the full name inside as always."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir) / CNI_DIR
 
     def path(self, full: str) -> Path:
         namespace, name = split_name(full)
-        return self.dir / f"{namespace}_{name}.json"
+        file_name = f"{namespace}_{name}.json"
+        if len(file_name.encode()) > NAME_MAX:
+            file_name = hashlib.sha256(full.encode()).hexdigest() + ".json"
+        return self.dir / file_name
 
     def get(self, full: str) -> CniRecord | None:
         path = self.path(full)
@@ -107,14 +114,24 @@ class CniStore:
         if not self.dir.is_dir():
             return out
         for path in sorted(self.dir.glob("*.json")):
-            namespace, _, name = path.stem.partition("_")
+            namespace, sep, name = path.stem.partition("_")
             try:
+                if not sep:  # HASH.json: the name is inside
+                    namespace, name = split_name(self._full_name_in(path))
                 record = self.get(f"{namespace}/{name}")
             except MeshError:
                 continue
-            if record is not None:
+            if record is not None and self.path(record.full_name) == path:
                 out.append(record)
         return out
+
+    @staticmethod
+    def _full_name_in(path: Path) -> str:
+        try:
+            data = json.loads(path.read_text())
+            return f"{data['namespace']}/{data['name']}"
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise MeshError(f"CNI record {path} is unreadable ({exc})") from None
 
 
 def new_record(**fields) -> CniRecord:
