@@ -21,7 +21,9 @@ from meshagent.errors import MeshError
 from meshagent.pods.kubelet import CniStore
 
 LABEL = "meshagent.io/attach"
-RETRY_SECONDS = 5.0  # a wanted pod whose sandbox is not found yet
+RETRY_SECONDS = 5.0  # a wanted pod whose sandbox is not found yet: the first wait
+RETRY_MAX_SECONDS = 300.0  # ... doubled at each failure up to this
+FINISHED = ("Succeeded", "Failed")  # phases whose containers will not run again
 
 
 @dataclass
@@ -30,6 +32,7 @@ class PodView:
 
     uid: str
     labels: dict[str, str] = field(default_factory=dict)
+    phase: str = ""  # Pending, Running, Succeeded, Failed, Unknown ("" not known)
 
 
 def opted_in(pod_labels: dict[str, str], ns_labels: dict[str, str]) -> bool:
@@ -49,6 +52,7 @@ class KubePods:
         self.pods: dict[str, PodView] = {}  # NAMESPACE/NAME on this node
         self.namespaces: dict[str, dict[str, str]] = {}
         self.pending: dict[str, float] = {}  # wanted, not found yet -> next try
+        self.backoff: dict[str, float] = {}  # ... and the wait after the next failure
         self.errors: dict[str, str] = {}  # the last reason a wanted pod is not attached
 
     # -- what the API says --------------------------------------------------
@@ -57,13 +61,15 @@ class KubePods:
         return view.uid if view is not None else None
 
     def wanted(self, name: str) -> tuple[bool, str]:
+        view = self.pods.get(name)
+        if view is not None and view.phase in FINISHED:
+            return False, f"finished ({view.phase})"
         try:
             record = self.cni.get(name)
         except MeshError:
             record = None
         if record is not None and record.attach:
             return True, "the CNI config attaches every pod"
-        view = self.pods.get(name)
         if view is None:
             return False, "not known to the API watch" if self.watching else "no API watch"
         namespace = name.split("/", 1)[0]
@@ -99,7 +105,7 @@ class KubePods:
         return self._attach(name, why)
 
     def cni_del(self, name: str):
-        self.pending.pop(name, None)
+        self._forget(name)
         entry = self.attachments.pods.get(name)
         if entry is None or entry.draining:
             return {"pod": name, "detached": False}
@@ -121,7 +127,7 @@ class KubePods:
             elif not want and attached and entry.auto and self.watching and self.synced:
                 self._detach(name, why)
             if not want:
-                self.pending.pop(name, None)
+                self._forget(name)
 
     def retry_pending(self) -> None:
         now = time.monotonic()
@@ -135,15 +141,22 @@ class KubePods:
         try:
             reply = self.attachments.attach(name, auto=True)
         except MeshError as exc:
-            self.pending[name] = time.monotonic() + RETRY_SECONDS
+            wait = self.backoff.get(name, RETRY_SECONDS)
+            self.pending[name] = time.monotonic() + wait
+            self.backoff[name] = min(wait * 2, RETRY_MAX_SECONDS)
             if self.errors.get(name) != str(exc):
                 self.errors[name] = str(exc)
                 self.log.warning("pod not attached yet", extra={"pod": name, "reason": str(exc)})
             return {"pod": name, "attached": False, "reason": str(exc)}
-        self.pending.pop(name, None)
+        self._forget(name)
         self.errors.pop(name, None)
         self.log.info("pod opted in", extra={"pod": name, "reason": why})
         return reply
+
+    def _forget(self, name: str) -> None:
+        """No retry pending for this pod (attached, or no longer wanted)."""
+        self.pending.pop(name, None)
+        self.backoff.pop(name, None)
 
     def _detach(self, name: str, why: str) -> None:
         if name in self.attachments.busy:

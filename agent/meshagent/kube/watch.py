@@ -223,7 +223,8 @@ def _pod_name(pod) -> str:
 
 
 def _pod_view(pod) -> PodView:
-    return PodView(uid=pod.metadata.uid or "", labels=dict(pod.metadata.labels or {}))
+    phase = (pod.status.phase if pod.status is not None else None) or ""
+    return PodView(uid=pod.metadata.uid or "", labels=dict(pod.metadata.labels or {}), phase=phase)
 
 
 def _gone(exc: BaseException) -> bool:
