@@ -127,7 +127,9 @@ class Agent:
             self.cfg.without, self.metrics.address if self.metrics else None,
         )  # fmt: skip
         if takeover_:
-            self.facts.took_over = takeover.receive(self.cfg.socket_path, self.pods, self.forwarder)
+            self.facts.took_over = takeover.receive(
+                self.cfg.socket_path, self.pods, self.forwarder, self.state
+            )
             took = self.facts.took_over  # the old agent has exited now
             self.log.info(
                 "took over from the running agent",
@@ -181,7 +183,9 @@ class Agent:
             "status": status,
             "trace": trace,
             "connections": connections,
-            "handover": takeover.Handover(self.loop, self.forwarder, self.pods),
+            "handover": takeover.Handover(
+                self.loop, self.forwarder, self.pods, self.state.successor_lock
+            ),
             "datapath": self.datapath,
         }
 

@@ -13,10 +13,13 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from meshagent.errors import MeshError
 from meshagent.modes import parse, values
+
+if TYPE_CHECKING:
+    from meshagent.host.peer import Peer
 
 E = TypeVar("E", bound=Enum)
 
@@ -24,9 +27,12 @@ E = TypeVar("E", bound=Enum)
 class Request:
     """One decoded request, with typed access that fails as one line."""
 
-    def __init__(self, data: dict, conn: socket.socket | None = None) -> None:
+    def __init__(
+        self, data: dict, conn: socket.socket | None = None, peer: Peer | None = None
+    ) -> None:
         self.data = data
         self.conn = conn  # for a reply that streams (trace)
+        self.peer = peer  # who asks (host/peer.py), checked by the server before the handler
 
     def op(self) -> str:
         return self.text("op")

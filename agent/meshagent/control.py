@@ -6,6 +6,13 @@ Response: {"ok": true, ...}\n  or  {"ok": false, "error": "one line"}\n
 Every request gets an answer: a malformed one (not JSON, wrong types, too
 long) and one whose handler fails in any way get a one-line error, and the
 agent keeps serving.
+
+Who may ask what: the peer is read at accept (host/peer.py). Any uid-0
+peer may read (READ_ONLY: ping, status, connections, datapath without
+`set`); every other request needs cap_net_admin or cap_sys_admin in the
+peer's effective set and the agent's network namespace, or it is refused
+with one line that names what is missing. `handover` further needs the
+successor lock (takeover.py).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from meshagent.api import Deferred, Failure, Handler, Outcome, Reply, Request
 from meshagent.config import check_socket_path
 from meshagent.errors import MeshError
 from meshagent.host.loop import Loop
+from meshagent.host.peer import Peer, peer_of
 
 MAX_REQUEST = 64 * 1024
 
@@ -43,9 +51,29 @@ def error_reply(exc: BaseException, op: object = "") -> dict:
 MAX_UNSENT = 4 << 20  # bytes of replies a client may leave unread before it is dropped
 
 
+READ_ONLY = frozenset({"ping", "status", "connections"})
+
+
+def reads_only(op: str, data: dict) -> bool:
+    """A request that changes nothing (any root peer may send it)."""
+    if op == "datapath":
+        return data.get("set") is None and data.get("msg") is None
+    return op in READ_ONLY
+
+
+def refusal(op: str, data: dict, peer: Peer) -> MeshError | None:
+    """Why peer may not send this request, or None."""
+    if not peer.may_read:
+        return MeshError(f"{op}: refused: {peer.refused}")
+    if peer.refused is not None and not reads_only(op, data):
+        return MeshError(f"{op}: refused: {peer.refused}")
+    return None
+
+
 class _Client:
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, peer: Peer) -> None:
         self.conn = conn
+        self.peer = peer
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.waiting = False  # a Deferred reply is due before the next request
@@ -84,7 +112,13 @@ class ControlServer:
             except BlockingIOError:
                 return
             conn.setblocking(False)
-            client = _Client(conn)
+            try:
+                peer = peer_of(conn)  # now: the peer's pid is pinned soonest
+            except OSError as exc:
+                log.get().warning("control peer unreadable", extra={"reason": _one_line(str(exc))})
+                conn.close()
+                continue
+            client = _Client(conn, peer)
             self.clients[conn.fileno()] = client
             self.loop.add(conn.fileno(), select.EPOLLIN, self._handler(client))
 
@@ -118,7 +152,7 @@ class ControlServer:
         while not client.waiting and not client.closed and b"\n" in client.inbuf:
             line, _, rest = bytes(client.inbuf).partition(b"\n")
             client.inbuf[:] = rest
-            outcome = self._handle(line, client.conn)
+            outcome = self._handle(line, client.conn, client.peer)
             if isinstance(outcome, Deferred):
                 client.waiting = True
                 outcome.then(lambda o, c=client: self._settled(c, o))
@@ -146,19 +180,25 @@ class ControlServer:
             for fd in outcome.fds:  # the handler's copies: the client has its own now
                 os.close(fd)
 
-    def _handle(self, line: bytes, conn: socket.socket) -> Outcome | Deferred:
+    def _handle(self, line: bytes, conn: socket.socket, peer: Peer) -> Outcome | Deferred:
         try:
             data = json.loads(line)
         except ValueError as exc:
             return Failure(MeshError(f"bad request: not JSON ({exc})"))
         if not isinstance(data, dict):
             return Failure(MeshError("bad request: not a JSON object"))
-        request = Request(data, conn)
+        request = Request(data, conn, peer)
         try:
             op = request.op()
             handler = self.handlers.get(op)
             if handler is None:
                 raise MeshError(f"unknown request {op!r}")
+            refused = refusal(op, data, peer)
+            if refused is not None:
+                log.get().warning(
+                    "control request refused", extra={"reason": f"op={op} {refused}"}
+                )  # fmt: skip
+                raise refused
             return handler(request)
         except Exception as exc:
             return Failure(exc, data.get("op"))

@@ -3,6 +3,8 @@ run on it, and the record of each attached pod (attached.json), which a
 restarted agent adopts, a successor is handed and `cleanup` undoes.
 
     agent.lock      flock held for an agent's life (and by `cleanup`)
+    successor.lock  flock held by `run --takeover` while it asks for the pods
+                    (the running agent hands over only to its holder)
     agent.sock      the control socket (control.py)
     attached.json   {"pods": {NAME: PodRecord}}
     node.json, pods/, .lock   standalone pods (pods/store.py)
@@ -22,6 +24,7 @@ from meshagent import log
 from meshagent.errors import MeshError
 
 AGENT_LOCK = "agent.lock"
+SUCCESSOR_LOCK = "successor.lock"
 AGENT_SOCKET = "agent.sock"
 ATTACHED = "attached.json"
 # Written by earlier agents and removed by cleanup; nothing reads it.
@@ -84,6 +87,23 @@ class StateDir:
     @property
     def lock_file(self) -> Path:
         return self.path / AGENT_LOCK
+
+    @property
+    def successor_lock(self) -> Path:
+        return self.path / SUCCESSOR_LOCK
+
+    def lock_successor(self) -> int:
+        """Take the successor lock (one takeover at a time) and return its
+        fd, held until the handover is over; MeshError if another holds it."""
+        fd = os.open(self.successor_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MeshError(
+                f"another takeover is under way ({self.successor_lock} is held)"
+            ) from None
+        return fd
 
     @property
     def attached_file(self) -> Path:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import time
 from pathlib import Path
@@ -38,13 +39,15 @@ from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
 from meshagent.forwarder.records import ConnRecord, PodSlot
 from meshagent.host.loop import Loop
+from meshagent.host.peer import holds_flock
 from meshagent.modes import DataPathMode
-from meshagent.state import PodRecord
+from meshagent.state import PodRecord, StateDir
 
 MAX_MESSAGE = 256 * 1024
 MAX_FDS = 16  # a splice connection: 2 sockets + 2 pipes of 2 ends
 PENDING_WAIT = 2.0  # seconds for in-flight upstream connects before the handover
 OK_WAIT = 60.0  # seconds the old agent waits for the successor's ok
+SEND_WAIT = 10.0  # seconds one message may wait for the successor to read
 EXIT_WAIT = 30.0  # seconds the successor waits for the old agent to exit
 
 
@@ -53,13 +56,23 @@ class Handover:
     """The `handover` request: once no upstream connect is in flight, reply
     with a socketpair end and send everything over it."""
 
-    def __init__(self, loop: Loop, forwarder: Forwarder, pods: Attachments) -> None:
+    def __init__(
+        self, loop: Loop, forwarder: Forwarder, pods: Attachments, successor_lock: Path
+    ) -> None:
         self.loop = loop
+        self.successor_lock = successor_lock
         self.forwarder = forwarder
         self.pods = pods
         self.under_way = False  # a successor is receiving our pods and connections
+        self._waiting: int | None = None  # the channel's fd while we wait for ok
 
-    def __call__(self, _request: Request) -> Deferred:
+    def __call__(self, request: Request) -> Deferred:
+        peer = request.peer
+        if peer is None or not holds_flock(peer.pid, self.successor_lock):
+            raise MeshError(
+                f"handover: refused: the asking process does not hold {self.successor_lock}"
+                " (only `meshagent run --takeover` is handed the pods)"
+            )
         if self.under_way:
             raise MeshError("handover: one is already under way")
         self.under_way = True
@@ -83,21 +96,57 @@ class Handover:
         return reply
 
     def _hand_over(self, chan: socket.socket) -> None:
+        """Send everything, then wait for `ok` on the loop (never blocking
+        it): the answer, EOF (a successor that died) or the deadline
+        settles it once, and every path closes the channel."""
         fwd = self.forwarder
         fwd.suspend()
         try:
-            chan.settimeout(OK_WAIT)
+            chan.settimeout(SEND_WAIT)  # a successor that stops reading mid-send
             pods, conns = self._send_all(chan)
-            answer, _fds, _payload = _recv(chan)
-            if answer.get("kind") != "ok":
-                raise MeshError(f"the successor answered {answer.get('kind')!r}")
+            chan.setblocking(False)
         except (OSError, MeshError, ValueError) as exc:
-            chan.close()
+            self._settle(chan, exc)
+            return
+        fd = chan.fileno()
+        timer = self.loop.call_later(
+            OK_WAIT, lambda: self._settle(chan, MeshError(f"no ok within {OK_WAIT:g}s"))
+        )
+
+        def answered(_events: int) -> None:
+            try:
+                answer, fds, _payload = _recv(chan)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, MeshError, ValueError) as exc:
+                self._settle(chan, exc, timer)
+                return
+            for got in fds:
+                os.close(got)
+            kind = answer.get("kind") if isinstance(answer, dict) else None
+            failed = None if kind == "ok" else MeshError(f"the successor answered {kind!r}")
+            self._settle(chan, failed, timer, pods, conns)
+
+        self.loop.add(fd, select.EPOLLIN, answered)
+        self._waiting = fd
+
+    def _settle(self, chan, exc, timer=None, pods: int = 0, conns: int = 0) -> None:
+        """The handover ends: let go and exit on the successor's ok, or take
+        everything back and serve on."""
+        if chan.fileno() < 0:
+            return  # settled already
+        if timer is not None:
+            timer.cancel()
+        if self._waiting is not None:
+            self.loop.remove(self._waiting)
+            self._waiting = None
+        chan.close()
+        fwd = self.forwarder
+        if exc is not None:
             self.under_way = False
             fwd.resume()
             log.get().warning("takeover failed; serving on", extra={"reason": _why(exc)})
             return
-        chan.close()
         log.get().info(
             "handed over to the successor",
             extra={"reason": f"{pods} pods, {conns} connections; exiting"},
@@ -133,10 +182,19 @@ class Handover:
 
 
 # -- the successor's side -----------------------------------------------------
-def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
+def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder, state: StateDir) -> dict:
     """Take the running agent's pods and connections; returns counts. The
     old agent has exited when this returns. Nothing here reads or writes a
-    forwarded socket: the loop does, once it runs."""
+    forwarded socket: the loop does, once it runs. The successor lock is
+    held throughout: the running agent hands over only to its holder."""
+    lock = state.lock_successor()
+    try:
+        return _receive(socket_path, pods, forwarder)
+    finally:
+        os.close(lock)
+
+
+def _receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
     try:
         sock, _reply, fds, _rest = request_with_fds(
             socket_path, {"op": "handover"}, 1, timeout=OK_WAIT
@@ -181,6 +239,7 @@ def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
                 conns += 1
             else:
                 raise MeshError(f"unexpected message {kind!r}")
+        _test_hang()
         _send(chan, {"kind": "ok"})
     except BaseException as exc:
         for fd in owned:
@@ -195,6 +254,16 @@ def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
     _wait_exit(int(hello["pid"]))
     pods.save()
     return {"pods": len(slots), "conns": conns, "from_pid": hello["pid"]}
+
+
+def _test_hang() -> None:
+    """Tests: a successor that has everything and stops before `ok` (it
+    says so on stderr, then waits to be killed; bounded)."""
+    if os.environ.get("MESHAGENT_TEST_HANG_TAKEOVER"):
+        import sys
+
+        print("meshagent: test: received everything; hanging", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ["MESHAGENT_TEST_HANG_TAKEOVER"]))
 
 
 def _slot_of(slots: dict[int, PodSlot], header: dict) -> PodSlot:
