@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -133,3 +134,52 @@ def test_takeover_without_a_running_agent_is_one_line(mesh_env):
         f"meshagent: error: --takeover: no agent runs at {mesh_env.state_dir / 'agent.sock'};"
         " start without it"
     ]
+
+
+def test_a_successor_killed_before_its_ok_leaves_the_old_agent_answering(mesh_env):
+    """[S] The old agent waits for the successor's ok on its loop: while a
+    successor that has everything hangs, the old agent answers; once it is
+    killed, the old agent serves on and every fd of the handover is closed."""
+    from meshagent.client import request
+
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    echo_server(mesh_env, server)
+    old = start_agent(mesh_env)
+    sock = mesh_env.state_dir / "agent.sock"
+    try:
+        old.attach(client)
+        quiet_fds = old.request("status")["open_fds"]
+        procs = traffic(mesh_env, client, server)
+        wait_for(lambda: old.pod_status("client")["connections_active"] >= 1, 30, "the stream")
+        successor = subprocess.Popen(
+            [sys.executable, "-m", "meshagent", "run", "--cgroup", mesh_env.cgroup_rel,
+             "--takeover"], env={**mesh_env.env, "MESHAGENT_TEST_HANG_TAKEOVER": "120"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        mesh_env.procs.append(successor)
+        said = []
+        for _ in range(200):  # its log lines, up to the hook's (EOF: "")
+            said.append(successor.stderr.readline())
+            if not said[-1] or "received everything; hanging" in said[-1]:
+                break
+        assert any("received everything; hanging" in line for line in said), said
+        try:
+            # The successor holds everything and has not said ok: the old
+            # agent's loop still answers (a bound, not a timing).
+            assert request(sock, "ping", timeout=10)["pid"] == old.proc.pid
+        finally:
+            os.kill(successor.pid, signal.SIGKILL)
+            successor.wait(timeout=30)
+        wait_for(
+            lambda: "takeover failed; serving on" in old.log(), 30, "the old agent to roll back"
+        )
+        assert request(sock, "ping", timeout=10)["pid"] == old.proc.pid
+        stream, connects = results(procs)
+        assert stream["error"] is None and stream["sent_sha"] == stream["recv_sha"], stream
+        assert connects["failed"] == {} and connects["ok"] > 0, connects
+        wait_for(lambda: old.pod_status("client")["connections_active"] == 0, 30, "idle")
+        wait_for(lambda: old.request("status")["open_fds"] == quiet_fds, 30,
+                 f"the old agent's fds back to {quiet_fds}")  # fmt: skip
+    finally:
+        assert old.stop() == 0, old.log()
