@@ -6,6 +6,12 @@ forwarder's counters from a snapshot the event loop publishes once a second
 forwarding). /healthz: the loop has turned within HEALTHY_SECONDS.
 /readyz: programs attached and the control API up.
 
+No client can hold the server: each connection has a thread of its own
+(blocked in recv, it holds no GIL) and a total deadline (CLIENT_SECONDS
+for the request and its reply, however slowly the bytes come); at most
+MAX_CLIENTS are open, a new one cuts off the oldest. So a probe is answered
+whatever other clients do, and close() never waits on one.
+
 Names are meshagent_*, counters end in _total, sizes in _bytes; labels are
 names (pod, reason, datapath), never addresses.
 """
@@ -13,17 +19,20 @@ names (pod, reason, datapath), never addresses.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from meshagent import __version__
 from meshagent.bpf.syscall import MapType
 from meshagent.errors import MeshError
 
 HEALTHY_SECONDS = 5.0
-CLIENT_TIMEOUT = 5.0
+CLIENT_SECONDS = 10.0  # a request and its reply, in all (Prometheus' scrape timeout)
+MAX_CLIENTS = 32  # connections open at once; the next one cuts off the oldest
+REAP_SECONDS = 0.5  # how often the accepting thread cuts off clients past their deadline
 # Map types whose entries the kernel counts in batches (BPF_MAP_LOOKUP_BATCH).
 # Arrays always hold every slot; a ring buffer has no entries; a sockhash is
 # counted by the forwarder.
@@ -175,7 +184,8 @@ def _histogram(observations: tuple[float, ...]):
 
 
 class MetricsServer:
-    """A small HTTP server in a thread of its own."""
+    """A small HTTP server: one thread accepts, each client has a thread of
+    its own, bounded in number and in time."""
 
     def __init__(
         self,
@@ -192,13 +202,15 @@ class MetricsServer:
         self.registry = registry
         handler = _handler(registry, healthy, ready)
         try:
-            self.httpd = HTTPServer(addr, handler)
+            self.httpd = _Server(addr, handler)
         except OSError as exc:
             raise MeshError(
                 f"cannot serve metrics on {addr[0]}:{addr[1]}: {exc.strerror};"
                 " choose another --metrics-addr (or off)"
             ) from None
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, args=(REAP_SECONDS,), name="metrics", daemon=True
+        )
         self.thread.start()
 
     @property
@@ -207,19 +219,86 @@ class MetricsServer:
         return f"{host}:{port}"
 
     def close(self) -> None:
+        """Stop accepting and cut off every client; never wait on one (the
+        accepting thread only waits in select, for at most REAP_SECONDS)."""
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.httpd.cut_all()
         self.thread.join(5)
+
+
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on open clients and a deadline each.
+    Clients are cut off with shutdown(2) (which wakes their thread from
+    recv or send); only a client's own thread closes its socket."""
+
+    daemon_threads = True  # a client's thread never keeps the agent up
+    block_on_close = False  # server_close() joins no client's thread
+    request_queue_size = MAX_CLIENTS
+
+    def __init__(self, addr, handler) -> None:
+        self.clients: dict[socket.socket, float] = {}  # socket: deadline, oldest first
+        self.clients_lock = threading.Lock()
+        super().__init__(addr, handler)
+
+    def process_request(self, request, client_address) -> None:
+        with self.clients_lock:
+            if len(self.clients) >= MAX_CLIENTS:
+                oldest = next(iter(self.clients))
+                del self.clients[oldest]
+                _cut(oldest)
+            self.clients[request] = time.monotonic() + CLIENT_SECONDS
+        super().process_request(request, client_address)
+
+    def service_actions(self) -> None:
+        """Between accepts (every REAP_SECONDS at most): the deadlines."""
+        now = time.monotonic()
+        with self.clients_lock:
+            late = [sock for sock, deadline in self.clients.items() if deadline < now]
+            for sock in late:
+                del self.clients[sock]
+                _cut(sock)
+
+    def shutdown_request(self, request) -> None:
+        with self.clients_lock:  # out of reach of a cut before it is closed
+            self.clients.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away, or was cut off, is no error; anything
+        else is one line in the log, never a traceback on stderr."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            return
+        from meshagent import log
+
+        log.get().warning(
+            "metrics request failed", extra={"reason": f"{type(exc).__name__}: {exc}"}
+        )
+
+    def cut_all(self) -> None:
+        with self.clients_lock:
+            for sock in self.clients:
+                _cut(sock)
+            self.clients.clear()
+
+
+def _cut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
 
 
 def _handler(registry, healthy, ready):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     class Handler(BaseHTTPRequestHandler):
-        # One thread serves every request in turn (a thread per request
-        # costs the loop more GIL waits than the requests themselves); a
-        # client that stalls is cut off after this many seconds.
-        timeout = CLIENT_TIMEOUT
+        # Each recv or send at most this long (the server's reaper enforces
+        # the total deadline; this holds if the reaper has stopped).
+        timeout = CLIENT_SECONDS
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
