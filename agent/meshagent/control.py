@@ -81,8 +81,15 @@ class _Client:
 
 
 class ControlServer:
-    def __init__(self, loop: Loop, path: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        path: Path,
+        handlers: Mapping[str, Handler],
+        peer_check: Callable[[socket.socket], Peer] = peer_of,
+    ) -> None:
         self.loop = loop
+        self.peer_check = peer_check  # tests without root pass their own
         self.path = path
         self.handlers = dict(handlers)  # op -> handler
         self.clients: dict[int, _Client] = {}
@@ -113,7 +120,7 @@ class ControlServer:
                 return
             conn.setblocking(False)
             try:
-                peer = peer_of(conn)  # now: the peer's pid is pinned soonest
+                peer = self.peer_check(conn)  # now: the peer's pid is pinned soonest
             except OSError as exc:
                 log.get().warning("control peer unreadable", extra={"reason": _one_line(str(exc))})
                 conn.close()

@@ -3,6 +3,7 @@ gets one line and the server keeps serving."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -12,8 +13,11 @@ from meshagent.api import Deferred, Reply, Request
 from meshagent.client import request
 from meshagent.errors import MeshError, NotAttached
 from meshagent.host.loop import Loop
+from meshagent.host.peer import Peer, holds_flock, peer_of
 
 RELEASE = threading.Event()  # lets the "later" requests' work finish
+ADMIN = Peer(1, 0, True, None)
+PEER = [ADMIN]  # who the fixture's server sees connecting (tests without root)
 
 
 @pytest.fixture
@@ -46,7 +50,7 @@ def server(tmp_path):
         "detach": detach,
         "typed": lambda r: Reply({"pod": r.text("pod")}),
     }
-    srv = control.ControlServer(loop, tmp_path / "agent.sock", handlers)
+    srv = control.ControlServer(loop, tmp_path / "agent.sock", handlers, lambda _c: PEER[0])
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
     yield tmp_path / "agent.sock"
@@ -137,3 +141,65 @@ def test_a_client_that_does_not_read_never_blocks_the_server(server):
         assert [len(r["blob"]) for r in replies] == [2 << 20, 2 << 20]
     finally:
         idle.close()
+
+
+@pytest.mark.parametrize(
+    "data,reads",
+    [({"op": "ping"}, True), ({"op": "status"}, True), ({"op": "connections"}, True),
+     ({"op": "datapath"}, True), ({"op": "datapath", "set": "copy"}, False),
+     ({"op": "datapath", "msg": True}, False), ({"op": "attach"}, False),
+     ({"op": "trace"}, False), ({"op": "handover"}, False), ({"op": "cni-add"}, False)],
+)  # fmt: skip
+def test_what_only_reads(data, reads):
+    assert control.reads_only(data["op"], data) is reads
+
+
+def test_a_peer_without_capabilities_reads_and_is_refused_the_rest(server):
+    PEER[0] = Peer(7, 0, True, "pid 7 has neither cap_net_admin nor cap_sys_admin")
+    try:
+        assert request(server, "ping") == {"pong": True}
+        with pytest.raises(MeshError) as refused:
+            request(server, "detach", pod="web")
+        assert str(refused.value) == (
+            "detach: refused: pid 7 has neither cap_net_admin nor cap_sys_admin"
+        )
+        PEER[0] = Peer(7, 1000, False, "uid 1000 is not root")
+        with pytest.raises(MeshError, match="ping: refused: uid 1000 is not root"):
+            request(server, "ping")
+        assert control.refusal("ping", {}, ADMIN) is None
+    finally:
+        PEER[0] = ADMIN
+
+
+def test_the_peer_is_read_from_the_kernel():
+    import os
+    import socket
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        peer = peer_of(ours)
+    assert peer.pid == os.getpid() and peer.uid == os.geteuid()
+    if os.geteuid() != 0:
+        assert not peer.may_read and peer.refused == f"uid {os.geteuid()} is not root"
+
+
+def test_a_successor_is_known_by_the_lock_it_holds(tmp_path):
+    import subprocess
+    import sys
+
+    lock = tmp_path / "successor.lock"
+    lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1]);"
+         " fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert holds_flock(holder.pid, lock)
+        assert not holds_flock(os.getpid(), lock)  # someone holds it, not us
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert not holds_flock(holder.pid, lock)  # nobody holds it now
+    assert not holds_flock(holder.pid, tmp_path / "missing.lock")
