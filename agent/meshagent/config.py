@@ -124,8 +124,15 @@ def parse_ports(text: str | None) -> tuple[int, ...]:
     return tuple(sorted(ports))
 
 
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
 def parse_cidrs(text: str | None) -> tuple[str, ...]:
-    """'10.96.0.0/12,fd00::/8' -> normalized networks (host bits refused)."""
+    """'10.96.0.0/12,fd00::/8' -> normalized networks (host bits refused).
+    Each family on its own: an IPv6 network never covers IPv4. One inside
+    ::ffff:0:0/96 (IPv4-mapped) names IPv4 addresses and becomes that IPv4
+    network (::ffff:10.0.0.0/104 is 10.0.0.0/8), as a dual-stack socket
+    reaching ::ffff:a.b.c.d sends IPv4."""
     if not text:
         return ()
     nets: list[str] = []
@@ -136,10 +143,12 @@ def parse_cidrs(text: str | None) -> tuple[str, ...]:
             net = ipaddress.ip_network(item, strict=True)
         except ValueError as exc:
             raise MeshError(f"--exclude-cidrs: {item!r}: {exc}") from None
+        if net.version == 6 and net.subnet_of(_MAPPED):
+            net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{net.prefixlen - 96}")
         if str(net) not in nets:
             nets.append(str(net))
-    if len(nets) > EXCL_MAX:
-        raise MeshError(f"--exclude-cidrs: more than {EXCL_MAX} networks")
+    if len(nets) > EXCL_MAX - 1:  # the ebpf trie keeps one entry for ::ffff:0:0/96
+        raise MeshError(f"--exclude-cidrs: more than {EXCL_MAX - 1} networks")
     return tuple(nets)
 
 

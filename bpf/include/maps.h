@@ -79,7 +79,9 @@ BPF_HASH(mesh_orig_tup, struct mesh_tuple, struct mesh_orig, MESH_CONNS_MAX);
  * moves here at close so the forwarder still finds it. LRU: what nobody
  * asks for again ages out. */
 BPF_TABLE("lru_hash", struct mesh_tuple, struct mesh_orig, mesh_orig_cls, MESH_CONNS_MAX);
-/* excluded destination ports (host order) and CIDRs. */
+/* excluded destination ports (host order) and CIDRs. A CIDR's value is 1,
+ * or 0 for a hole: IPv4 is keyed as ::ffff:a.b.c.d, so an IPv6 network that
+ * covers ::ffff:0:0/96 (::/0) gets a 0 entry there and never excludes IPv4. */
 BPF_HASH(mesh_excl_port, __u16, __u8, MESH_EXCL_MAX);
 BPF_LPM_TRIE(mesh_excl_cidr, struct mesh_lpm_key, __u8, MESH_EXCL_MAX);
 /* socket cookie -> 1: the forwarder's own upstream sockets, written by the

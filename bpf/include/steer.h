@@ -64,6 +64,7 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 	struct mesh_lpm_key lpm = {};
 	struct mesh_orig orig = {};
 	struct mesh_pod *pod;
+	__u8 *excl;
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	__u64 netns, cookie, *live;
 
@@ -84,7 +85,8 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 		return mesh_decided(MESH_REASON_EXCL_PORT, netns, cookie, dst, dport);
 	lpm.prefixlen = 128;
 	lpm.addr = *dst;
-	if (mesh_excl_cidr.lookup(&lpm))
+	excl = mesh_excl_cidr.lookup(&lpm);
+	if (excl && *excl)  /* 0: a hole, e.g. ::ffff:0:0/96 under ::/0 (ebpf.py) */
 		return mesh_decided(MESH_REASON_EXCL_CIDR, netns, cookie, dst, dport);
 	if (!mesh_listener_up(ctx, pod->port, mesh_addr_is_mapped(dst)))
 		return mesh_decided(MESH_REASON_NO_LISTENER, netns, cookie, dst, dport);

@@ -6,6 +6,7 @@ the original destinations that the connect and sock_ops hooks record.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from meshagent.bpf import abi
@@ -38,8 +39,8 @@ class EbpfBackend:
         self.stopped: set[int] = set()  # detached: fail_open must not bring them back
         # Exactly this agent's exclusions (maps taken over from a pin may
         # hold an earlier agent's).
-        _set_keys(loaded.map(abi.EXCL_PORT), {abi.U16.pack(p) for p in exclude_ports})
-        _set_keys(loaded.map(abi.EXCL_CIDR), {abi.cidr_key(c) for c in exclude_cidrs})
+        _set_entries(loaded.map(abi.EXCL_PORT), {abi.U16.pack(p): _ONE for p in exclude_ports})
+        _set_entries(loaded.map(abi.EXCL_CIDR), exclude_entries(exclude_cidrs))
 
     def reconcile(self, pods: list[PodHandle]) -> list[int]:
         """Remove mesh_pods entries that belong to none of these pods (left
@@ -86,12 +87,33 @@ class EbpfBackend:
         }
 
 
-def _set_keys(table, wanted: set[bytes]) -> None:
+_HOLE = abi.BYTE.pack(0)
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def exclude_entries(cidrs: tuple[str, ...]) -> dict[bytes, bytes]:
+    """The mesh_excl_cidr entries for --exclude-cidrs: key -> 1 (excluded),
+    per family as the iptables backend does. The trie looks IPv4 up as
+    ::ffff:a.b.c.d, so an IPv6 network covering ::ffff:0:0/96 (::/0, ::/80)
+    also gets ::ffff:0:0/96 -> 0, a hole the longest-prefix match finds for
+    every IPv4 address (an IPv4 network, /96 + n, is longer and still wins;
+    0.0.0.0/0 is that same key and stays 1). A network inside
+    ::ffff:0:0/96 names IPv4 (config.parse_cidrs makes it the IPv4 one)."""
+    entries = {abi.cidr_key(cidr): _ONE for cidr in cidrs}
+    hole = abi.cidr_key(str(_MAPPED))
+    for cidr in cidrs:
+        net = ipaddress.ip_network(cidr)
+        if net.version == 6 and net.prefixlen < 96 and net.supernet_of(_MAPPED):
+            entries.setdefault(hole, _HOLE)
+    return entries
+
+
+def _set_entries(table, wanted: dict[bytes, bytes]) -> None:
     for key in table.list_keys():
         if key not in wanted:
             table.delete(key)
-    for key in wanted:
-        table.update(key, _ONE)
+    for key, value in wanted.items():
+        table.update(key, value)
 
 
 class EbpfSteering:
