@@ -4,6 +4,9 @@
  * 4-tuple map, keyed by (netns cookie, client address, client port), so the
  * forwarder finds it from the accepted socket's peer; when the client socket
  * closes, move it to mesh_orig_cls (the forwarder may not have accepted it).
+ * Any connection of a pod that reaches its forwarder listener (steered or
+ * direct) first drops what an earlier connection of the same client tuple
+ * left in mesh_orig_cls, so an entry serves only its own connection.
  * With the sk_msg path on, a steered socket also enters mesh_apphash at
  * established (see sk_msg.c).
  * Must never: affect a socket that was not steered.
@@ -65,6 +68,59 @@ static __always_inline void mesh_msg_enter(struct bpf_sock_ops *skops, struct me
 #endif
 }
 
+/* Is this socket's peer loopback:port (the pod's forwarder listener)? */
+static __always_inline int mesh_peer_is_listener(struct bpf_sock_ops *skops, __u16 port)
+{
+	__u32 rport = skops->remote_port;  /* network order, in the low 16 bits once swapped */
+	struct mesh_addr peer;
+
+	if ((__u16)bpf_ntohl(rport) != port)
+		return 0;
+	if (skops->family == MESH_AF_INET) {
+		__u32 ip4 = skops->remote_ip4;
+
+		barrier_var(ip4);
+		mesh_addr_from4(&peer, ip4);
+	} else {
+		__u32 a0 = skops->remote_ip6[0], a1 = skops->remote_ip6[1];
+		__u32 a2 = skops->remote_ip6[2], a3 = skops->remote_ip6[3];
+
+		barrier_var(a3);
+		peer.a[0] = a0;
+		peer.a[1] = a1;
+		peer.a[2] = a2;
+		peer.a[3] = a3;
+	}
+	return mesh_addr_is_loopback(&peer);
+}
+
+/* A connection of this client tuple to the forwarder listener is being
+ * established: whatever mesh_orig_cls holds for the tuple is an earlier
+ * connection's (the same 4-tuple cannot be established again while that
+ * one's accepted end still exists, and this runs before our ACK, so
+ * before the forwarder can accept us). Without this, a direct connect
+ * from a port a closed steered connection used, or a steered one whose
+ * mesh_orig_tup insert failed, was forwarded to that old destination. */
+static __always_inline void mesh_stale_drop(struct mesh_tuple *key)
+{
+	mesh_orig_cls.delete(key);
+}
+
+/* Established and not steered: a direct connect to the pod's own forwarder
+ * listener must not inherit an earlier connection's destination. */
+static __always_inline void mesh_direct(struct bpf_sock_ops *skops)
+{
+	struct mesh_tuple key = {};
+	struct mesh_pod *pod;
+
+	key.netns = bpf_get_netns_cookie(skops);
+	pod = mesh_pods.lookup(&key.netns);
+	if (!pod || !mesh_peer_is_listener(skops, pod->port))
+		return;
+	mesh_client_key(skops, &key);
+	mesh_stale_drop(&key);
+}
+
 static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 {
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
@@ -75,12 +131,15 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 
 	cookie = bpf_get_socket_cookie(skops);
 	found = mesh_orig_sk.lookup(&cookie);
-	if (!found)
+	if (!found) {
+		mesh_direct(skops);
 		return;
+	}
 	orig = *found;
 	mesh_orig_sk.delete(&cookie);
 	key.netns = orig.netns;
 	mesh_client_key(skops, &key);
+	mesh_stale_drop(&key);  /* also when the insert below fails */
 	orig.cookie = cookie;
 	mesh_msg_enter(skops, &key, &orig);
 	if (mesh_orig_tup.update(&key, &orig)) {
