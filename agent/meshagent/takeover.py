@@ -3,6 +3,14 @@ pods, listening sockets and every forwarded connection, and the old agent
 exits without ending any of them (HAProxy's seamless reload and Envoy's hot
 restart pass listeners the same way).
 
+Who may be handed the pods: the successor first takes the state dir's
+successor.lock (flock, state.py) and holds it until the handover is over;
+the running agent answers `handover` only to a peer that passed the control
+socket's capability check (control.py, host/peer.py) and that /proc/locks
+names as the holder of that lock (host/peer.py holds_flock). A process
+that merely can connect() is never sent a listener or a connection, and
+two successors cannot ask at once.
+
 The successor asks the running agent for a `handover` on its control
 socket; the reply carries one end of a SOCK_SEQPACKET socketpair, and over
 it the old agent sends, one message each (a JSON header line, then raw
@@ -19,7 +27,11 @@ kernel keeps splicing sockmap pairs, and connects wait in the listeners'
 queues). The successor builds everything without any I/O, answers `ok`,
 and only then runs; the old agent lets go (no FIN, no RST) and exits. If
 the successor fails before `ok`, the old agent takes its sockets back and
-serves on, as if nothing happened.
+serves on, as if nothing happened. The wait for `ok` runs on the loop (the
+channel is registered with a deadline timer): a successor that hangs or is
+killed never stalls the old agent, and the channel is closed on every path.
+Sending still blocks the loop, at most SEND_WAIT for a message a successor
+does not read.
 """
 
 from __future__ import annotations
