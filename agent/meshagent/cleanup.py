@@ -41,6 +41,7 @@ def cleanup(state_dir: Path, cache_dir: Path | None = None) -> list[str]:
                 path.unlink()
                 removed.append(str(path))
     state.lock_file.unlink(missing_ok=True)
+    state.successor_lock.unlink(missing_ok=True)
     if cache_dir is not None and cache_dir.is_dir():
         shutil.rmtree(cache_dir)
         removed.append(f"compiled BPF objects in {cache_dir}")

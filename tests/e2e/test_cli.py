@@ -34,7 +34,15 @@ def residue(env, agent_pid: int | None = None) -> list[str]:
 
     if Pins(env.state_dir).exists():
         left.append(f"pinned objects under {Pins(env.state_dir).dir}")
-    for name in ("agent.sock", "agent.json", "agent.lock", "attached.json", "node.json", "pods"):
+    for name in (
+        "agent.sock",
+        "agent.json",
+        "agent.lock",
+        "successor.lock",
+        "attached.json",
+        "node.json",
+        "pods",
+    ):
         if (env.state_dir / name).exists():
             left.append(f"state {name}")
     if agent_pid is not None and os.path.exists(f"/proc/{agent_pid}"):
