@@ -156,44 +156,88 @@ def cgroup_roots() -> list[Path]:
     return v2 + v1
 
 
+KUBEPODS = ("kubepods", "kubepods.slice")  # the kubelet's root (cgroupfs, systemd driver)
+QOS = ("besteffort", "burstable", "kubepods-besteffort.slice", "kubepods-burstable.slice")
+KUBEPODS_DEPTH = 2  # below the mount: /kubepods, or under a --cgroup-root (a test's cgroup)
+POD_PROCS_MAX = 4096  # processes looked at in one pod's cgroup
+POD_CGROUPS_MAX = 256  # ... and cgroups
+
+
 def find_pod_cgroup(uid: str) -> Path | None:
-    for root in cgroup_roots():
-        found = cgroup_of_uid(root, uid)
+    for mount in cgroup_roots():
+        found = cgroup_of_uid(mount, uid)
         if found is not None:
             return found
     return None
 
 
-def cgroup_of_uid(root: Path, uid: str, max_depth: int = 6) -> Path | None:
-    """The pod's cgroup under the cgroup v2 mount: `pod<UID>` (cgroupfs
-    driver) or `*-pod<UID with _>.slice` (systemd driver), searched breadth
-    first under the kubepods trees, bounded in depth."""
+def _owned_dirs(directory: Path, owner: int) -> list[os.DirEntry]:
+    """The subdirectories of directory that owner owns (no symlinks)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == owner:
+                out.append(entry)
+        except OSError:
+            continue
+    return out
+
+
+def kubepods_roots(mount: Path, owner: int = 0, max_depth: int = KUBEPODS_DEPTH) -> list[Path]:
+    """The kubelet's kubepods* directories at most max_depth below the
+    mount, reached only through directories root owns: a user's delegated
+    subtree (owned by the user) is never searched."""
+    roots: list[Path] = []
+    level = [mount]
+    for _depth in range(max_depth):
+        below: list[Path] = []
+        for directory in level:
+            for entry in _owned_dirs(directory, owner):
+                (roots if entry.name in KUBEPODS else below).append(Path(entry.path))
+        level = below
+    return roots
+
+
+def cgroup_of_uid(mount: Path, uid: str, owner: int = 0) -> Path | None:
+    """The pod's cgroup: `pod<UID>` (cgroupfs driver) or `*-pod<UID with
+    _>.slice` (systemd driver), where the kubelet puts it and nowhere else:
+    right under a kubepods* root or under its QoS class; never below a pod
+    (a pod cannot plant another pod's cgroup inside its own)."""
     if not UID_RE.fullmatch(uid or ""):
         return None
     names = {f"pod{uid}", f"pod{uid.replace('-', '_')}"}
-    level = [root]
-    for _depth in range(max_depth):  # pods may sit below another cgroup (a test's)
-        below: list[Path] = []
-        for directory in level:
-            try:
-                entries = list(os.scandir(directory))
-            except OSError:
-                continue
-            for entry in entries:
-                if not entry.is_dir(follow_symlinks=False):
-                    continue
-                stem = entry.name.removesuffix(".slice")
-                if stem in names or any(stem.endswith("-" + n) for n in names):
-                    return Path(entry.path)
-                below.append(Path(entry.path))
-        level = below
+
+    def is_pod(name: str) -> bool:
+        stem = name.removesuffix(".slice")
+        return stem in names or any(stem.endswith("-" + n) for n in names)
+
+    for root in kubepods_roots(mount, owner):
+        for entry in _owned_dirs(root, owner):
+            if is_pod(entry.name):
+                return Path(entry.path)
+            if entry.name in QOS:
+                for pod in _owned_dirs(Path(entry.path), owner):
+                    if is_pod(pod.name):
+                        return Path(pod.path)
     return None
 
 
-def netns_of_cgroup(cgroup_dir: Path) -> str | None:
-    """/proc/PID/ns/net of a process in the pod's cgroup or below (its
-    sandbox's pause process, or any container's)."""
+def netns_of_cgroup(cgroup_dir: Path) -> str:
+    """/proc/PID/ns/net of the pod: every process in its cgroup and below
+    (the sandbox's pause process, each container's) must be in one network
+    namespace, and not the node's; else a MeshError says why (a decoy
+    process in a private netns is never taken for the pod)."""
+    home = os.stat("/proc/self/ns/net")
+    seen: dict[tuple[int, int], str] = {}
+    procs = cgroups = 0
     for dirpath, _dirs, files in os.walk(cgroup_dir):
+        cgroups += 1
+        if cgroups > POD_CGROUPS_MAX:
+            raise MeshError(f"its cgroup {cgroup_dir} has over {POD_CGROUPS_MAX} cgroups")
         if "cgroup.procs" not in files:
             continue
         try:
@@ -201,7 +245,26 @@ def netns_of_cgroup(cgroup_dir: Path) -> str | None:
         except OSError:
             continue
         for pid in pids:
+            procs += 1
+            if procs > POD_PROCS_MAX:
+                raise MeshError(f"its cgroup {cgroup_dir} has over {POD_PROCS_MAX} processes")
             path = f"/proc/{pid}/ns/net"
-            if os.path.exists(path):
-                return path
-    return None
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # exited meanwhile
+            seen.setdefault((st.st_dev, st.st_ino), path)
+    if not seen:
+        raise MeshError(f"no process in its cgroup {cgroup_dir} names its netns")
+    if len(seen) > 1:
+        raise MeshError(
+            f"the processes in its cgroup {cgroup_dir} are in {len(seen)} network namespaces"
+            " (one in a private netns?): not attached; give --netns PATH"
+        )
+    [(key, path)] = seen.items()
+    if key == (home.st_dev, home.st_ino):
+        raise MeshError(
+            f"the processes in its cgroup {cgroup_dir} are in the node's own network"
+            " namespace (a hostNetwork pod?): not attached"
+        )
+    return path

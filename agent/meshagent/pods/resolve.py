@@ -76,10 +76,12 @@ class Resolver:
                 " give --netns PATH or --pid PID"
             )
         cgroup_dir = find_pod_cgroup(uid)
-        path = netns_of_cgroup(cgroup_dir) if cgroup_dir is not None else None
-        if path is None:
-            where = cgroup_dir or f"pod{uid}"
-            raise MeshError(f"pod {name}: no process in its cgroup {where} names its netns")
+        if cgroup_dir is None:
+            raise MeshError(f"pod {name}: no cgroup pod{uid} under the kubelet's kubepods roots")
+        try:
+            path = netns_of_cgroup(cgroup_dir)
+        except MeshError as exc:
+            raise MeshError(f"pod {name}: {exc}") from None
         return PodRef(name, path, "cgroup", uid)
 
     def again(self, name: str, source: str, netns: str) -> PodRef:
