@@ -4,6 +4,10 @@ The Relay here also carries the splice path (forwarder/splice.py).
 Back-pressure: a direction stops reading when HIGH bytes wait for its peer.
 Half-close is propagated with shutdown(SHUT_WR) once a direction's bytes are
 all sent; an error or reset on one side resets the other (SO_LINGER 0).
+Both sockets of a forwarded connection carry SO_LINGER {1,0} from the start
+(forwarder/core.py): a close the forwarder did not decide (SIGKILL, the OOM
+killer, a crash) reaches the peers as a reset, never as a FIN of a cut
+stream. Only an orderly close clears it first (orderly_close).
 """
 
 from __future__ import annotations
@@ -42,16 +46,30 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+def linger_reset(sock: socket.socket) -> None:
+    """From now on any close of sock, also the kernel's when this process
+    dies, sends an RST (accepted sockets inherit it from their listener)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+
+
+def _close_lingering(sock: socket.socket, linger: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    sock.close()
+
+
+def orderly_close(sock: socket.socket) -> None:
+    """Close with a FIN: the forwarder decided this end (linger_reset off)."""
+    _close_lingering(sock, _LINGER_OFF)
 
 
 def reset_close(sock: socket.socket) -> None:
     """Close with an RST rather than a FIN."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
+    _close_lingering(sock, LINGER_RESET)
 
 
 class Leg:
@@ -239,8 +257,8 @@ class Relay:
 
     def finish(self, reason: str | None) -> None:
         self._unregister()
-        self.client.close()
-        self.upstream.close()
+        orderly_close(self.client)
+        orderly_close(self.upstream)
         self.closed = True
         self.on_done(self, reason)
 

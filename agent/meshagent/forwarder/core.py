@@ -3,6 +3,7 @@ from inside the pod, and hand both sockets to a relay."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import select
@@ -15,7 +16,7 @@ from meshagent import log
 from meshagent.addrs import format_endpoint
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
-from meshagent.forwarder.copy import reset_close
+from meshagent.forwarder.copy import linger_reset, reset_close
 from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
 from meshagent.host import netns
@@ -88,8 +89,10 @@ class Forwarder:
                 sock = netns.socket_in(pod.netns_fd, family)
                 slot.listeners.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                # Accepted sockets inherit it: one system call fewer each.
+                # Accepted sockets inherit both: one system call fewer each
+                # (SO_LINGER {1,0}: a crash resets the pod's connections).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                linger_reset(sock)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
@@ -260,6 +263,7 @@ class Forwarder:
         try:
             slot.steering.prepare_upstream(upstream)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            linger_reset(upstream)  # a crash resets, never FINs, a cut stream
             err = upstream.connect_ex((orig_ip, orig_port))
         except OSError as exc:
             self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}", path,
@@ -448,6 +452,7 @@ class Forwarder:
         for sock in listeners:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for accepted ones
+            linger_reset(sock)  # likewise (a predecessor may not have set it)
             slot.listeners.append(sock)
             self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
         if listeners:
@@ -457,6 +462,9 @@ class Forwarder:
     def adopt_conn(self, slot: PodSlot, record: ConnRecord, mode: DataPathMode, client, upstream,
                    state: dict, fds: list[int], blobs: list[bytes]) -> None:  # fmt: skip
         path = self.paths.get(mode) or self.paths[DataPathMode.COPY]
+        for sock in (client, upstream):  # kept by the handover; a predecessor may lack it
+            with contextlib.suppress(OSError):
+                linger_reset(sock)
         slot.stats.connections_active += 1
         self.fds_in_use += record.fds
         conn = path.restore(client, upstream, state, fds, blobs, _Ended(self, slot, record))

@@ -29,7 +29,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from meshagent.forwarder.copy import recv_scratch, reset_close
+from meshagent.forwarder.copy import orderly_close, recv_scratch, reset_close
 from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_side import Side
@@ -374,7 +374,7 @@ class SockmapRelay:
             return
         self._cleanup()
         for side in (self.client, self.upstream):
-            side.sock.close()  # leaves the sockhash with the socket
+            orderly_close(side.sock)  # leaves the sockhash with the socket
             self.maps.forget(side.cookie, y_stored=side.y_stored)
         self.on_done(self, reason)
 
