@@ -94,3 +94,31 @@ def test_a_handover_needs_the_successor_lock(agent, mesh_env):
         for fd in fds:
             os.close(fd)
     assert agent.request("ping")["pid"] == agent.proc.pid
+
+
+def ask_with(path, request: dict, caps: str, own_netns: bool) -> dict:
+    """As root with only `caps` (e.g. "+net_admin"), in a network namespace
+    of its own or in the agent's."""
+    cmd = ["setpriv", "--bounding-set", f"-all,{caps}", "--inh-caps", "-all", sys.executable,
+           "-c", ASK, str(path), json.dumps(request)]  # fmt: skip
+    if own_netns:
+        cmd = ["unshare", "--net", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["reply"]
+
+
+def test_net_admin_alone_counts_only_in_the_agents_netns(agent, mesh_env):
+    """A pod's container granted NET_ADMIN in its own netns is no node
+    administrator; with cap_sys_admin (the container runtime running the CNI
+    plugin) the netns does not matter."""
+    path = mesh_env.state_dir / "agent.sock"
+    detach = {"op": "detach", "pod": "client"}
+    elsewhere = ask_with(path, detach, "+net_admin", own_netns=True)
+    assert (
+        elsewhere["ok"] is False and "not in the agent's network namespace" in (elsewhere["error"])
+    ), elsewhere
+    here = ask_with(path, detach, "+net_admin", own_netns=False)
+    assert here["ok"] is False and "is not attached" in here["error"], here  # not refused
+    runtime = ask_with(path, detach, "+sys_admin", own_netns=True)
+    assert runtime["ok"] is False and "is not attached" in runtime["error"], runtime

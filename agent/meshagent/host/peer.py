@@ -10,10 +10,14 @@ the same. So the peer is checked as the kernel recorded it at connect():
 - Its effective capabilities (/proc/PID/status CapEff) must hold
   cap_net_admin or cap_sys_admin (what the agent itself needs) for any
   request that changes something; reading needs only uid 0.
-- Its network namespace must be the agent's (a pod's container with
-  cap_net_admin in its own netns is not an administrator of this node);
-  when the kernel does not let us look (EACCES: the peer holds
-  capabilities the agent lacks), that check is skipped.
+- A peer with cap_net_admin alone must be in the agent's network
+  namespace (a pod's container granted NET_ADMIN in its own netns is not
+  an administrator of this node); when the kernel does not let us look
+  (EACCES: the peer holds capabilities the agent lacks), that check is
+  skipped. A peer with cap_sys_admin may be anywhere: it can enter the
+  node's namespaces itself, so the check would add nothing, and the
+  container runtime that runs the CNI plugin need not share the agent's
+  netns.
 - PID reuse: the pid is pinned by a pidfd the kernel gives for the peer
   (SO_PEERPIDFD, 6.5+), and after /proc/PID is read the pidfd must still
   name a live process, so what was read was the peer's. On older kernels
@@ -37,6 +41,7 @@ from pathlib import Path
 from meshagent.host.caps import NEEDED
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+NET_ADMIN, SYS_ADMIN = 12, 21
 ADMIN_CAPS = sorted(NEEDED)  # cap_net_admin (12), cap_sys_admin (21): either will do
 ADMIN_NAMES = " or ".join(NEEDED[bit][0] for bit in ADMIN_CAPS)
 
@@ -84,8 +89,11 @@ def _why_not_admin(conn: socket.socket, pid: int) -> str | None:
         os.close(pidfd)
     if not any(caps >> bit & 1 for bit in ADMIN_CAPS):
         return f"pid {pid} has neither {ADMIN_NAMES} in its effective set"
-    if not same_netns:
-        return f"pid {pid} is not in the agent's network namespace"
+    if not same_netns and not caps >> SYS_ADMIN & 1:
+        return (
+            f"pid {pid} has {NEEDED[NET_ADMIN][0]} but not {NEEDED[SYS_ADMIN][0]}, and is"
+            " not in the agent's network namespace"
+        )
     return None
 
 
