@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -37,7 +38,12 @@ def test_trace_shows_each_decision_and_each_connection(mesh_env, redirect):
     try:
         agent.attach(client)
         agent.attach(other)
-        tracer = start_trace(mesh_env, "--pod", "client", "--seconds", "6")
+        tracer = start_trace(mesh_env, "--pod", "client")
+        events: list[dict] = []  # as the tracer prints them (no window to outlast)
+        reader = threading.Thread(
+            target=lambda: events.extend(json.loads(line) for line in tracer.stdout), daemon=True
+        )
+        reader.start()
         wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
         mesh_env.client(client, server.ip4, PORT, "--send", "700")
         srv.next()
@@ -45,11 +51,19 @@ def test_trace_shows_each_decision_and_each_connection(mesh_env, redirect):
         srv.next()
         loop = mesh_env.popen(client, [sys.executable, "-c", LOOPBACK_CONNECT])
         loop.wait(timeout=30)
-        out, err = tracer.communicate(timeout=60)
-        assert tracer.returncode == 0, err
+
+        def seen_all() -> bool:
+            closed = any(e["source"] == "forwarder" and e["event"] == "closed" for e in events)
+            loopback = any(e.get("reason") == "loopback" for e in events)
+            return closed and (loopback or redirect[0] != "ebpf")
+
+        wait_for(seen_all, 60, "the trace to show the connection and the loopback connect")
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=60)
+        reader.join(timeout=30)
+        assert tracer.returncode in (0, 130), tracer.stderr.read()
     finally:
         assert agent.stop() == 0, agent.log()
-    events = [json.loads(line) for line in out.splitlines()]
     assert events and all(e["pod"] in ("client", None) for e in events), events
     dst = f"{server.ip4}:{PORT}"
     closed = [e for e in events if e["source"] == "forwarder" and e["event"] == "closed"]
