@@ -168,7 +168,17 @@ class StateDir:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write whole or not at all (a crash leaves the old file)."""
+    """Write whole or not at all (a crash leaves the old file), readable by
+    the owner only (0600 whatever the umask): the records name pods, netns
+    paths and addresses."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a leftover .tmp keeps its old mode otherwise
+        with os.fdopen(fd, "w") as out:
+            fd = -1
+            out.write(json.dumps(data, indent=2) + "\n")
+    finally:
+        if fd >= 0:
+            os.close(fd)
     os.replace(tmp, path)
