@@ -24,29 +24,77 @@ from meshagent.bpf.loader import Loaded
 from meshagent.errors import MeshError
 from meshagent.forwarder import Forwarder
 from meshagent.host import netns
+from meshagent.host.loop import Loop
 
 
 class Tracer:
-    """One running `meshagent trace`: the forwarder's events go to its connection."""
+    """One running `meshagent trace`: the forwarder's events go to its
+    connection, as whole JSON lines.
 
-    def __init__(self, conn: socket.socket, pod: str | None, port: int) -> None:
+    A line the socket takes only in part would be cut in the middle; so the
+    lines go through a small bounded buffer whose unsent tail the loop sends
+    later. When the tracer reads too slowly and the buffer is full, whole
+    events are dropped (and counted), the agent never waits."""
+
+    BUFFER = 256 * 1024  # bytes of lines not yet sent
+    RETRY = 0.05  # seconds between tries to send the rest
+
+    def __init__(
+        self, conn: socket.socket, pod: str | None, port: int, loop: Loop | None = None
+    ) -> None:
         self.conn = conn
         self.pod = pod
         self.port = port
+        self.loop = loop  # host.loop.Loop: retries the unsent rest (None: the next event does)
         self.dropped = 0
+        self.pending = bytearray()
+        self.timer = None
+        self.closed = False
 
     def event(self, event: dict) -> None:
-        """A forwarder event, if it passes the filters; dropped, never
+        """A forwarder event, if it passes the filters; dropped whole, never
         waited for, when the tracer reads too slowly."""
+        if self.closed:
+            return
         if self.pod and event.get("pod") != self.pod:
             return
         if self.port and not str(event.get("orig_dst", "")).endswith(f":{self.port}"):
             return
         line = json.dumps({"time": time.time(), "source": "forwarder", **event}) + "\n"
-        try:
-            self.conn.send(line.encode(), socket.MSG_DONTWAIT)
-        except (BlockingIOError, OSError):
+        data = line.encode()
+        if len(self.pending) + len(data) > self.BUFFER:
             self.dropped += 1
+            return
+        self.pending += data
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the socket takes now; the rest stays, whole lines or
+        the tail of one already begun."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.closed or not self.pending:
+            return
+        try:
+            sent = self.conn.send(self.pending, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the tracer is gone: its close ends the trace
+            self.dropped += self.pending.count(b"\n")
+            self.pending.clear()
+            self.closed = True
+            return
+        del self.pending[:sent]
+        if self.pending and self.loop is not None:
+            self.timer = self.loop.call_later(self.RETRY, self.flush)
+
+    def close(self) -> None:
+        self.closed = True
+        self.pending.clear()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class TraceFeed:
@@ -88,12 +136,14 @@ class TraceFeed:
             trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))
             reply.fds.append(os.dup(loaded.map(abi.EVENTS).fd))
         reply.data["kernel_events"] = kernel
-        self.tracer = Tracer(request.conn, pod, port)
+        self.tracer = Tracer(request.conn, pod, port, self.forwarder.loop)
         self.forwarder.on_event = self.tracer.event
 
         def stop() -> None:
             if kernel:
                 trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(0, 0, 0, 0))
+            if self.tracer is not None:
+                self.tracer.close()
             self.tracer = None
             self.forwarder.on_event = None
             log.get().info("trace ended", extra={"reason": "the tracer's connection closed"})
