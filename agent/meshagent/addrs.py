@@ -24,3 +24,30 @@ def parse_addr(text: str) -> tuple[str, int] | None:
     if not host or not 0 <= number <= 65535:
         raise MeshError(f"--metrics-addr {text!r}: use HOST:PORT (e.g. 127.0.0.1:15090) or off")
     return host.strip("[]"), number
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, ::ffff:127.x or 'localhost'; a wildcard (0.0.0.0,
+    ::), another address or another name is not."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def metrics_exposure(text: str) -> str | None:
+    """The warning for a --metrics-addr reachable from beyond this host
+    (metrics are unauthenticated: docs/security.md); None for loopback or off."""
+    addr = parse_addr(text)
+    if addr is None or is_loopback(addr[0]):
+        return None
+    return (
+        f"metrics served on {format_endpoint(*addr)}, not loopback: /metrics is"
+        " unauthenticated and shows pod names to whoever reaches it (docs/security.md)"
+    )

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from meshagent import kernel, log, takeover
-from meshagent.addrs import parse_addr
+from meshagent.addrs import metrics_exposure, parse_addr
 from meshagent.api import Handler, Reply, Request
 from meshagent.attachments import Attachments
 from meshagent.bpf import loader, objects
@@ -236,6 +236,9 @@ class Agent:
         )
         self.stack.callback(self.metrics.close)
         self._collector = collector
+        exposed = metrics_exposure(self.cfg.metrics_addr)
+        if exposed:
+            self.log.warning(exposed, extra={"reason": "--metrics-addr"})
 
     def _publish(self) -> None:
         """The loop's counters, copied for the metrics thread (once a second)."""
