@@ -45,6 +45,8 @@ def load_programs(
     fds: dict[str, int] = {}
     refused: dict[str, str] = {}
     try:
+        if pins is not None:
+            clear_residue(maps, takeover=cfg.takeover)
         for mapdef in obj.maps:
             check_map(mapdef, maps[mapdef.name])
         for program in programs:
@@ -77,6 +79,57 @@ def _adopt_maps(obj, pins: Pins) -> dict[str, sc.MapFd]:
                 )
             out[m.name] = fresh.pop(m.name)
     return out
+
+
+def clear_residue(maps: dict[str, sc.MapFd], takeover: bool) -> None:
+    """What an earlier agent left in adopted maps that no longer holds.
+    The live-connection counter is recounted from mesh_orig_tup as it is
+    now: a recreated mesh_orig_tup (or mesh_state) left it counting
+    connections nobody will ever decrement, and at the limit every connect
+    on the node would go direct. Without a takeover no forwarded
+    connection survives (the state-dir lock: the earlier agent is gone, and
+    its sockets with it), so the sockmap path's peer/X/Y entries and the
+    tracer's wishes of a crashed agent go too; with one, the running agent
+    still owns them and hands them over."""
+    if abi.STATE.name in maps and abi.ORIG_TUP.name in maps:
+        recount_live(maps[abi.STATE.name], maps[abi.ORIG_TUP.name])
+    if takeover:
+        return
+    for spec in (abi.PEER, abi.PASSED, abi.SENT):
+        table = maps.get(spec.name)
+        if table is not None and table.adopted:
+            keys = table.list_keys()
+            if keys:
+                table.delete_many_u64([abi.U64.unpack(key)[0] for key in keys])
+                log.get().info(
+                    f"BPF map {spec.name}: {len(keys)} entries of an earlier agent dropped",
+                    extra={"reason": "their connections ended with that agent"},
+                )
+    trace = maps.get(abi.TRACE.name)
+    if trace is not None and trace.adopted:
+        trace.update(abi.U32.pack(0), abi.TRACE_CFG.pack(0, 0, 0, 0))
+
+
+def recount_live(state: sc.MapFd, orig_tup: sc.MapFd, attempts: int = 3) -> int:
+    """Set mesh_state[TUP_LIVE] to the entries mesh_orig_tup holds. The
+    hooks may move the counter meanwhile: the count is taken again until
+    the counter stood still around it (bounded; the last count wins)."""
+    key = abi.U32.pack(abi.STATE_TUP_LIVE)
+    count = 0
+    for _ in range(attempts):
+        before = state.lookup(key)
+        count = orig_tup.count()
+        if state.lookup(key) == before:
+            break
+    old = state.lookup(key)
+    state.update(key, abi.U64.pack(count))
+    was = abi.U64.unpack(old)[0] if old else 0
+    if was != count:
+        log.get().warning(
+            f"BPF live connection counter was {was}, {count} connections are live",
+            extra={"reason": "a per-connection map was recreated; recounted"},
+        )
+    return count
 
 
 def release(maps: dict[str, sc.MapFd], fds: dict[str, int]) -> None:
