@@ -30,7 +30,8 @@ RECENT_MAX = 256
 FD_RESERVE = 64  # fds kept for maps, listeners, control clients, netns
 PAUSE_FIRST = 0.05  # seconds a listener rests when there is no room, doubling
 PAUSE_MAX = 1.0
-LOG_EVERY = 5.0  # seconds between two "no room" lines of one pod
+LOG_EVERY = 5.0  # seconds between two warnings of one pod for one reason
+LOG_KEYS_MAX = 4096  # (pod, reason) pairs remembered; past it, quiet ones are forgotten
 NONBLOCK = socket.SOCK_NONBLOCK  # made non-blocking: no ioctl(FIONBIO) after
 
 
@@ -38,6 +39,34 @@ def _writable_now(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
     return bool(poller.poll(0))
+
+
+class LimitedLog:
+    """Per-connection warnings, at most one line per pod and reason every
+    `every` seconds; the next line says how many were suppressed. A pod
+    that fails every connection (no route, a dead upstream) must not fill
+    the log."""
+
+    def __init__(self, logger, every: float = LOG_EVERY, clock=time.monotonic) -> None:
+        self.log = logger
+        self.every = every
+        self.clock = clock
+        self.seen: dict[tuple[str | None, str], tuple[float, int]] = {}  # -> (when, suppressed)
+
+    def warning(self, pod: str | None, kind: str, message: str, extra: dict) -> None:
+        now = self.clock()
+        key = (pod, kind)
+        when, suppressed = self.seen.get(key, (float("-inf"), 0))
+        if now - when < self.every:
+            self.seen[key] = (when, suppressed + 1)
+            return
+        if suppressed:
+            more = f" ({suppressed} more since the last line)"
+            extra = {**extra, "reason": f"{extra.get('reason') or kind}{more}"}
+        self.log.warning(message, extra=extra)
+        if len(self.seen) >= LOG_KEYS_MAX:
+            self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.every}
+        self.seen[key] = (now, 0)
 
 
 class Forwarder:
@@ -61,13 +90,13 @@ class Forwarder:
         self.pod_conns_max = pod_conns_max
         self.fd_budget = fd_budget if fd_budget is not None else _fd_budget()
         self.fds_in_use = 0  # by forwarded connections, by each path's real cost
-        self._logged: dict[str, tuple[float, int]] = {}  # pod -> (when, suppressed)
         # For the metrics: how connections ended, bytes moved, what failed.
         self.outcomes: Counter[tuple[str, str, str]] = Counter()  # (pod, datapath, result)
         self.moved: Counter[tuple[str, str, str]] = Counter()  # (pod, direction, datapath)
         self.errors: Counter[str] = Counter()
         self.on_event: Callable[[dict], None] | None = None  # a tracer's, while one runs
         self.log = log.get()
+        self.limited = LimitedLog(self.log)  # per-connection warnings
         for path in paths.values():
             path.on_stall = self._stalled
         paths[mode].selected(True)
@@ -192,17 +221,12 @@ class Forwarder:
             self._accept_all(slot, sock, ACCEPT_BATCH)
 
     def _log_no_room(self, slot: PodSlot, why: str) -> None:
-        now = time.monotonic()
-        when, suppressed = self._logged.get(slot.name, (0.0, 0))
-        if now - when < LOG_EVERY:
-            self._logged[slot.name] = (when, suppressed + 1)
-            return
-        more = f" ({suppressed} more since the last line)" if suppressed else ""
-        self.log.warning(
+        self.limited.warning(
+            slot.name,
+            "no_room",
             "no room for new connections: they go direct where the backend allows",
-            extra={"pod": slot.name, "reason": why + more},
+            {"pod": slot.name, "reason": why},
         )
-        self._logged[slot.name] = (now, 0)
 
     def _shed_oldest_pending(self) -> None:
         """Out of fds: the oldest connect still in flight gives its back."""
@@ -223,9 +247,11 @@ class Forwarder:
         if orig is None:
             slot.stats.no_orig_dst += 1
             self.errors["no_orig_dst"] += 1
-            self.log.warning(
+            self.limited.warning(
+                slot.name,
+                "no_orig_dst",
                 "no original destination; closing",
-                extra={"pod": slot.name, "conn": conn, "reason": "no_orig_dst"},
+                {"pod": slot.name, "conn": conn, "reason": "no_orig_dst"},
             )
             self._emit("refused", slot.name, conn, None, "no_orig_dst")
             reset_close(client)
@@ -237,10 +263,10 @@ class Forwarder:
             # itself). Forwarding it would connect to ourselves, forever.
             slot.stats.refused_loopback += 1
             self.errors["orig_dst_loopback"] += 1
-            self.log.warning(
+            self.limited.warning(slot.name, "orig_dst_loopback",
                 "refused: a direct connection to the listener",
-                extra={"pod": slot.name, "conn": conn, "reason": "orig_dst_loopback",
-                       "orig_dst": format_endpoint(orig_ip, orig_port)},
+                {"pod": slot.name, "conn": conn, "reason": "orig_dst_loopback",
+                 "orig_dst": format_endpoint(orig_ip, orig_port)},
             )  # fmt: skip
             self._emit("refused", slot.name, conn, format_endpoint(orig_ip, orig_port),
                        "orig_dst_loopback")  # fmt: skip
@@ -313,9 +339,11 @@ class Forwarder:
 
     def _stalled(self, conn: Connection) -> None:
         slot, record = self.conns.get(conn, (None, None))
-        self.log.warning(
+        self.limited.warning(
+            slot.name if slot else None,
+            "handoff_stall",
             "hand-off stalled: passed bytes not yet readable",
-            extra={
+            {
                 "pod": slot.name if slot else None,
                 "conn": record.client if record else None,
                 "reason": "handoff_stall",
@@ -346,9 +374,11 @@ class Forwarder:
         if upstream is not None:
             upstream.close()
         self._end(record, "failed", reason)
-        self.log.warning(
+        self.limited.warning(
+            slot.name,
+            f"upstream:{reason}",
             "upstream failed; reset the pod's connection",
-            extra={
+            {
                 "pod": slot.name,
                 "conn": record.client,
                 "orig_dst": record.orig_dst,
