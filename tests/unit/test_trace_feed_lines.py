@@ -56,3 +56,41 @@ def test_filters_still_apply():
     data = reader.recv(65536)
     reader.close()
     assert [json.loads(line)["orig_dst"] for line in data.splitlines()] == ["10.0.0.1:80"]
+
+
+def test_the_loop_sends_the_rest_without_a_new_event():
+    import select
+
+    from meshagent.host.loop import Loop
+
+    agent, reader = socket.socketpair()
+    agent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    loop = Loop()
+    tracer = Tracer(agent, None, 0, loop)
+    for n in range(20):
+        tracer.event({"pod": "p", "n": n, "pad": "y" * 3000})
+    assert tracer.pending  # the reader has not read: the rest waits
+    received = bytearray()
+    loop.add(reader.fileno(), select.EPOLLIN, lambda _ev: _drain(reader, received))
+
+    def check():
+        if tracer.pending:
+            loop.call_later(0.01, check)
+        else:
+            loop.stop()
+
+    loop.call_later(0.01, check)
+    guard = loop.call_later(30, loop.stop)  # bounded, never a timing assertion
+    loop.run()
+    guard.cancel()
+    loop.remove(reader.fileno())
+    loop.close()
+    agent.close()
+    while _drain(reader, received):
+        pass
+    reader.close()
+    assert not tracer.pending
+    events = [json.loads(line) for line in bytes(received).split(b"\n")[:-1]]
+    assert [e["n"] for e in events] == list(range(20))
+    assert tracer.dropped == 0
