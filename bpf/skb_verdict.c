@@ -11,6 +11,9 @@
  * X is created here on a socket's first segment, Y by Python on its first
  * store; a missing Y reads as 0. Only the forwarder puts sockets into
  * mesh_sockhash, so every socket seen here is one of its own.
+ * Back-pressure: a redirect is held back (passed, and Python told through
+ * mesh_wake) while the bytes on their way to the peer's other end are at
+ * MESH_FLIGHT_MAX (mesh_over_budget; the formula is in maps.h).
  * Must never: reorder bytes, redirect a zero-length skb (a FIN: the psock
  * backlog treats a 0-byte delivery as an error), or drop data; every
  * failure passes the segment to Python.
@@ -18,11 +21,47 @@
 #include "include/maps.h"
 #include "include/metrics.h"
 
+/* Are the bytes redirected from this socket that its peer's other end has
+ * not acked yet (see mesh_redir in maps.h) at the budget? Only asked when
+ * the segment would be redirected (X == Y). Any lookup failing: no. */
+static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer)
+{
+	__u64 *base, *redir, acked = 0;
+	struct bpf_sock *sk;
+	void *tp;
+
+	if (MESH_TCP_BYTES_ACKED == 0)
+		return 0;
+	base = mesh_flight.lookup(&cookie);
+	if (!base)
+		return 0;
+	sk = (struct bpf_sock *)mesh_sockhash.lookup(peer);
+	if (!sk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (tp)
+		acked = *(__u64 *)(tp + MESH_TCP_BYTES_ACKED);
+	bpf_sk_release(sk);
+	if (!tp)
+		return 0;
+	redir = mesh_redir.lookup(&cookie);
+	return (__s64)((redir ? *redir : 0) + *base - acked) >= (__s64)MESH_FLIGHT_MAX;
+}
+
+/* The first segment held back since Python last caught up: tell the
+ * forwarder which socket to read (it does not watch spliced sockets for
+ * EPOLLIN). Lost (ring full): counted, the forwarder's sweep finds it. */
+static __always_inline void mesh_wake_up(__u64 cookie)
+{
+	if (mesh_wake.ringbuf_output(&cookie, sizeof(cookie), 0) != 0)
+		mesh_count(MESH_REASON_WAKE_LOST);
+}
+
 int mesh_verdict(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	__u64 len = skb->len;
-	__u64 *passed, *sent, *peer;
+	__u64 *passed, *sent, *peer, *redir;
 	__u64 before, zero = 0, y;
 
 	if (len == 0) {
@@ -46,11 +85,23 @@ int mesh_verdict(struct __sk_buff *skb)
 		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
+	if (mesh_over_budget(cookie, peer)) {
+		mesh_count(MESH_REASON_THROTTLED);
+		mesh_wake_up(cookie);
+		return SK_PASS;  /* keeps the claim: Python carries it, in order */
+	}
 	if (mesh_sockhash.sk_redirect_hash(skb, peer, 0) != SK_PASS) {
 		mesh_count(MESH_REASON_REDIR_FAIL);
 		return SK_PASS;
 	}
 	__sync_fetch_and_add(passed, -len);
+	redir = mesh_redir.lookup(&cookie);
+	if (!redir) {
+		mesh_redir.update(&cookie, &zero);
+		redir = mesh_redir.lookup(&cookie);
+	}
+	if (redir)
+		__sync_fetch_and_add(redir, len);
 	mesh_count(MESH_REASON_SPLICED);
 	return SK_PASS;
 }

@@ -190,7 +190,7 @@ class Agent:
         }
 
     def _make_forwarder(self) -> None:
-        maps = SockmapMaps(self.loaded) if self.plan.sockmap else None
+        maps = SockmapMaps(self.loaded, self.cfg.sockmap_budget) if self.plan.sockmap else None
         modes = tuple(
             m for m in DataPathMode if m is not DataPathMode.SPLICE or self.probe.has("splice")
         )

@@ -29,6 +29,9 @@ class AgentConfig:
     log_format: LogFormat = LogFormat.TEXT
     datapath: DataPathChoice = DataPathChoice.AUTO
     sockmap_sndbuf: int = 8 << 20  # send buffer of spliced sockets; 0: kernel autotuning
+    # Back-pressure: bytes a spliced socket may have on their way to the other
+    # end, not yet acked, before the kernel holds the rest back (bpf/skb_verdict.c).
+    sockmap_budget: int = 4 << 20
     sockmap_msg: bool = True  # the sockmap path uses sk_msg for ebpf pods where it can
     redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
@@ -62,6 +65,8 @@ class AgentConfig:
             )
         if not 0 <= self.sockmap_sndbuf <= 1 << 30:
             raise MeshError("--sockmap-sndbuf must be between 0 and 1 GiB")
+        if not 4096 <= self.sockmap_budget <= 1 << 30:
+            raise MeshError("--sockmap-budget must be between 4096 bytes and 1 GiB")
         check_socket_path(self.socket_path)
         from meshagent.addrs import parse_addr
 
@@ -160,6 +165,7 @@ def bpf_cflags(cfg: AgentConfig) -> list[str]:
         f"-DMESH_EXCL_MAX={EXCL_MAX}",
         f"-DMESH_CHECK_LISTENER={int(cfg.check_listener)}",
         f"-DMESH_DEBUG={int(cfg.debug)}",
+        f"-DMESH_FLIGHT_MAX={cfg.sockmap_budget}",
     ]
     flags.extend(cfg.extra_cflags)
     return flags

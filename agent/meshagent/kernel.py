@@ -18,7 +18,7 @@ from pathlib import Path
 from meshagent.bpf.programs import KERNEL_FEATURES, Program
 from meshagent.errors import MeshError
 
-HOST_FEATURES = ("cgroup2", "btf", "kernel_headers", "bcc", "iptables", "splice")
+HOST_FEATURES = ("cgroup2", "btf", "tcp_sock_btf", "kernel_headers", "bcc", "iptables", "splice")
 FEATURES = (*HOST_FEATURES, *(feature.name for feature in KERNEL_FEATURES))
 
 
@@ -105,6 +105,13 @@ def probe(without: tuple[str, ...] = (), iptables: str | None = None) -> Probe:
         host["cgroup2"] = Feature(False, "no cgroup2 entry in /proc/mounts")
     btf = Path("/sys/kernel/btf/vmlinux").exists()
     host["btf"] = Feature(btf, "/sys/kernel/btf/vmlinux " + ("present" if btf else "missing"))
+    from meshagent.bpf import btf as kernel_btf
+
+    try:
+        acked = kernel_btf.tcp_sock_offsets()["bytes_acked"]
+        host["tcp_sock_btf"] = Feature(True, f"tcp_sock.bytes_acked at byte {acked} (BTF)")
+    except MeshError as exc:
+        host["tcp_sock_btf"] = Feature(False, f"{exc} (the sockmap's back-pressure needs it)")
     headers = has_headers()
     host["kernel_headers"] = Feature(
         headers, f"{headers_path()} " + ("found" if headers else "missing")

@@ -17,7 +17,7 @@ from meshagent.modes import Backend, DataPathChoice, DataPathMode, Redirect
 
 _WHAT = {feature.name: feature for feature in KERNEL_FEATURES}
 EBPF_HOST_NEEDS = ("cgroup2", "kernel_headers", "bcc", "so_netns_cookie")
-SOCKMAP_HOST_NEEDS = ("kernel_headers", "bcc")
+SOCKMAP_HOST_NEEDS = ("kernel_headers", "bcc", "tcp_sock_btf")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,25 @@
 #define MESH_EVENTS_PAGES 64
 #endif
 
+/* Back-pressure through the sockmap: bytes a spliced socket may have on
+ * their way to its peer's other end, not yet acked, before the verdict holds
+ * the rest back (bpf/skb_verdict.c). */
+#ifndef MESH_FLIGHT_MAX
+#define MESH_FLIGHT_MAX (4 << 20)
+#endif
+
+/* Byte offset of bytes_acked in struct tcp_sock, read from the running
+ * kernel's BTF by the agent (meshagent.bpf.btf): the installed headers may
+ * be another kernel's. 0: unknown, the verdict never holds back. */
+#ifndef MESH_TCP_BYTES_ACKED
+#define MESH_TCP_BYTES_ACKED 0
+#endif
+
+/* Size of mesh_wake (throttled sockets for the forwarder), in pages. */
+#ifndef MESH_WAKE_PAGES
+#define MESH_WAKE_PAGES 16
+#endif
+
 /* Kernel capability (set by the plan from the probe): the connect hooks
  * may call bpf_get_current_pid_tgid and bpf_get_current_comm. */
 #ifndef MESH_HAVE_CURRENT_TASK_SOCK_ADDR

@@ -107,10 +107,40 @@ BPF_RINGBUF_OUTPUT(mesh_events, MESH_EVENTS_PAGES);
  * from that queue and fully sent on. Two maps, because a userspace update
  * replaces a whole entry and would wipe a concurrent atomic add. */
 #define MESH_SOCKS_MAX (2 * MESH_CONNS_MAX)  /* two sockets per connection */
-BPF_SOCKHASH(mesh_sockhash, __u64, MESH_SOCKS_MAX);
+/* BPF_SOCKHASH, plus lookup: the verdict reads the peer socket's tcp_sock
+ * (a lookup returns a referenced socket; bpf_sk_release it). */
+struct mesh_sockhash_table_t {
+	__u64 key;
+	int leaf;
+	int *(*lookup)(__u64 *);
+	int (*update)(__u64 *, int *);
+	int (*delete)(__u64 *);
+	int (*sock_hash_update)(void *, void *, u64);
+	int (*msg_redirect_hash)(void *, void *, u64);
+	int (*sk_redirect_hash)(void *, void *, u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct mesh_sockhash_table_t mesh_sockhash = { .max_entries = MESH_SOCKS_MAX };
+BPF_ANNOTATE_KV_PAIR(mesh_sockhash, __u64, int);
 BPF_HASH(mesh_peer, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);
+/* Back-pressure (skb_verdict.c): bytes on their way from a socket S to its
+ * peer T's other end that it has not acked yet are
+ *     R + B - T's bytes_acked     (u64 arithmetic, read as signed)
+ * R (mesh_redir, written only by the verdict) counts the bytes redirected
+ * from S; B (mesh_flight, written only by Python) is T's stream length when
+ * the pair began splicing plus what Python has sent T since (stored before
+ * the Y that lets the verdict redirect again). At MESH_FLIGHT_MAX the
+ * verdict passes instead of redirecting: the bytes wait in S's own receive
+ * queue, charged to its buffer, so S's window closes as a direct
+ * connection's would, and S's cookie goes into mesh_wake so that Python
+ * carries them, within the same budget, once T's psock queue is empty
+ * (R + B == T's bytes_acked + unsent). No B, no throttling. */
+BPF_HASH(mesh_redir, __u64, __u64, MESH_SOCKS_MAX);
+BPF_HASH(mesh_flight, __u64, __u64, MESH_SOCKS_MAX);
+BPF_RINGBUF_OUTPUT(mesh_wake, MESH_WAKE_PAGES);
 /* The sk_msg path (sk_msg.c). A steered connection's pod socket A enters
  * mesh_apphash at established (sock_ops, while mesh_state[MSG_ON]); its
  * sendmsg is then redirected straight to the upstream socket's egress once

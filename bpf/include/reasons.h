@@ -27,6 +27,9 @@
 
 #define MESH_REASON_MSG_SPLICED  18  /* sk_msg: a pod's send went straight upstream */
 
-#define MESH_REASON_MAX          19  /* one past the last reason */
+#define MESH_REASON_THROTTLED    19  /* verdict: peer's budget full, passed (held back) */
+#define MESH_REASON_WAKE_LOST    20  /* verdict: mesh_wake full, the forwarder's sweep finds it */
+
+#define MESH_REASON_MAX          21  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

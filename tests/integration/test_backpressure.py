@@ -8,14 +8,13 @@ stops when send() has said EAGAIN for 1.5 s (blocked: good) or at CAP
 (never blocked). Then the client reads everything and the counts must
 match.
 
-Known failure, kept visible: through the sockmap (with or without sk_msg)
-the kernel's stream verdict takes each segment off the upstream socket's
-receive queue when it redirects it, so that socket's window never closes,
-and the redirected segments wait in the accepted socket's psock queue,
-which has no bound. Measured on 6.18: all of CAP (256 MiB) queued while
-the client read nothing. Cilium's issue 6431 describes the same kernel
-gap. The xfail is strict: a fix makes these cases pass and the marker must
-go."""
+Through the sockmap the kernel's stream verdict takes each segment off
+the upstream socket's receive queue when it redirects it, so that socket's
+window never closes, and the redirected segments wait in the accepted
+socket's psock queue, which has no bound (Cilium's issue 6431): before the
+budget (bpf/skb_verdict.c), all of CAP (256 MiB) queued while the client
+read nothing. Now the verdict holds bytes back past the budget and they
+wait in the upstream socket's own queue, whose window closes."""
 
 from __future__ import annotations
 
@@ -59,18 +58,8 @@ while got < want:
 print(got, flush=True)
 """
 
-KNOWN = pytest.mark.xfail(
-    strict=True,
-    reason="the kernel's sk_skb redirect queues without bound (see the module docstring)",
-    raises=AssertionError,
-)
 
-
-@pytest.mark.parametrize(
-    "datapath",
-    ["copy", "splice", pytest.param("sockmap", marks=KNOWN),
-     pytest.param("sockmap-nomsg", marks=KNOWN)],
-)  # fmt: skip
+@pytest.mark.parametrize("datapath", ["copy", "splice", "sockmap", "sockmap-nomsg"])
 def test_a_client_that_stops_reading_stops_its_server(mesh_env, datapath):
     server = mesh_env.create_pod("srv")
     client = mesh_env.create_pod("cli")

@@ -94,6 +94,9 @@ SOCKHASH = MapSpec("mesh_sockhash", U64, FD)
 PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
+REDIR = MapSpec("mesh_redir", U64, U64)
+FLIGHT = MapSpec("mesh_flight", U64, U64)
+WAKE = MapSpec("mesh_wake", NOTHING, NOTHING)
 OWN = MapSpec("mesh_own", U64, BYTE)
 MSG_PASS_VALUE = CStruct("mesh_msg_pass", ("passed", "Q"), ("app", "Q"))
 MSG_TGT_VALUE = CStruct("mesh_msg_tgt", ("upstream", "Q"), ("via", "Q"), ("app", "Q"))
@@ -105,7 +108,8 @@ EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
-    SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT,
+    SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
+    FLIGHT, WAKE,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -182,6 +186,8 @@ REASONS = (
     "untracked",
     "own_socket",
     "msg_spliced",
+    "throttled",
+    "wake_lost",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of

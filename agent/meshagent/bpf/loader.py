@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshagent import log
-from meshagent.bpf import abi, objects
+from meshagent.bpf import abi, btf, objects
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.pins import Pins
 from meshagent.bpf.programs import PROGRAM_FILES, PROGRAMS_BY_NAME, Program
@@ -38,7 +38,7 @@ def load_programs(
     them all (and makes no maps). With pins, a pinned map of the same
     definition is taken over, state and all (a restart, an upgrade)."""
     try:
-        obj = objects.obtain([*bpf_cflags(cfg), *have], cfg.cache_dir)
+        obj = objects.obtain([*bpf_cflags(cfg), *have, *btf.cflags()], cfg.cache_dir)
     except MeshError as exc:
         return {}, {}, {program.name: str(exc) for program in programs}
     maps = _adopt_maps(obj, pins) if pins is not None else obj.create_maps()
@@ -95,7 +95,7 @@ def clear_residue(maps: dict[str, sc.MapFd], takeover: bool) -> None:
         recount_live(maps[abi.STATE.name], maps[abi.ORIG_TUP.name])
     if takeover:
         return
-    for spec in (abi.PEER, abi.PASSED, abi.SENT):
+    for spec in (abi.PEER, abi.PASSED, abi.SENT, abi.REDIR, abi.FLIGHT):
         table = maps.get(spec.name)
         if table is not None and table.adopted:
             keys = table.list_keys()
@@ -213,7 +213,7 @@ class Loaded:
         if "mesh_connect4" in self.links:
             counted.append(abi.ORIG_TUP)
         if "mesh_verdict" in self.programs:
-            counted += [abi.SOCKHASH, abi.PEER, abi.PASSED, abi.SENT]
+            counted += [abi.SOCKHASH, abi.PEER, abi.PASSED, abi.SENT, abi.REDIR, abi.FLIGHT]
         if "mesh_msg" in self.programs:
             counted += [abi.APPHASH, abi.MSG_PASS, abi.MSG_TGT]
         return {

@@ -111,6 +111,19 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "bpf_sock_hash_update in sock_ops programs (the sk_msg path)",
         "sock_ops", ("bpf_sock_hash_update",),
     ),
+    KernelFeature(
+        "skc_to_tcp_sock_sk_skb", Kind.HELPER, (5, 9),
+        "bpf_skc_to_tcp_sock in sk_skb programs (the sockmap's back-pressure)",
+        "sk_skb", ("bpf_skc_to_tcp_sock",),
+    ),
+    KernelFeature(
+        "sk_release_sk_skb", Kind.HELPER, (4, 20), "bpf_sk_release in sk_skb programs",
+        "sk_skb", ("bpf_sk_release",),
+    ),
+    KernelFeature(
+        "ringbuf_sk_skb", Kind.HELPER, (5, 8), "bpf_ringbuf_output in sk_skb programs",
+        "sk_skb", ("bpf_ringbuf_output",),
+    ),
     KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
     KernelFeature("bpf_link", Kind.ATTACH, (5, 7), "BPF links for cgroup programs"),
     KernelFeature("getpeername_hooks", Kind.ATTACH, (5, 8), "cgroup getpeername hooks"),
@@ -134,6 +147,7 @@ HELPER_IDS = {
     "bpf_sk_release": 86,
     "bpf_get_netns_cookie": 122,
     "bpf_ringbuf_output": 130,
+    "bpf_skc_to_tcp_sock": 137,
 }
 # Every program type has the map helpers; no feature needed for them.
 MAP_HELPERS = ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_delete_elem")
@@ -201,7 +215,8 @@ PROGRAMS: tuple[Program, ...] = (
             sc.BPF_CGROUP_INET6_GETPEERNAME, Role.PEERNAME, _PEERNAME_NEEDS),
     Program("mesh_verdict", "skb_verdict.c", "sk_skb", sc.BPF_SK_SKB_STREAM_VERDICT, Role.VERDICT,
             ("sk_skb", "sockhash", "socket_cookie_sk_skb", "sk_redirect_hash", "atomic_fetch",
-             "percpu_array")),
+             "percpu_array", "skc_to_tcp_sock_sk_skb", "sk_release_sk_skb", "ringbuf",
+             "ringbuf_sk_skb")),
     Program("mesh_msg", "sk_msg.c", "sk_msg", sc.BPF_SK_MSG_VERDICT, Role.MSG,
             ("sk_msg", "sockhash", "netns_cookie_sk_msg", "msg_redirect_hash", "atomic_fetch",
              "lru_hash", "percpu_array"), target="mesh_apphash"),

@@ -64,6 +64,13 @@ Examples:
     help="Send buffer (bytes) of spliced sockets; 0 leaves it to the kernel.",
 )
 @click.option(
+    "--sockmap-budget",
+    type=int,
+    default=AgentConfig.sockmap_budget,
+    help="Bytes a spliced connection may have on their way to a reader, per direction,"
+    " before the kernel holds the rest back (back-pressure).",
+)
+@click.option(
     "--sockmap-msg/--no-sockmap-msg",
     envvar="MESHAGENT_SOCKMAP_MSG",
     default=AgentConfig.sockmap_msg,
@@ -112,6 +119,7 @@ def run(
     iptables_flavour: str | None,
     datapath: str,
     sockmap_sndbuf: int,
+    sockmap_budget: int,
     sockmap_msg: bool,
     takeover: bool,
     kube: str,
@@ -143,6 +151,7 @@ def run(
         metrics_addr=metrics_addr,
         datapath=datapath,
         sockmap_sndbuf=sockmap_sndbuf,
+        sockmap_budget=sockmap_budget,
         sockmap_msg=sockmap_msg,
         redirect=redirect,
         without=tuple(without),

@@ -99,6 +99,7 @@ class Forwarder:
         self.limited = LimitedLog(self.log)  # per-connection warnings
         for path in paths.values():
             path.on_stall = self._stalled
+            path.on_throttle = self._throttled
         paths[mode].selected(True)
 
     def set_mode(self, mode: DataPathMode) -> None:
@@ -349,6 +350,16 @@ class Forwarder:
                 "reason": "handoff_stall",
             },
         )
+
+    def _throttled(self, conn: Connection) -> None:
+        """The kernel held a spliced connection's bytes back: its reader is
+        slower than its writer (a trace event; status counts them)."""
+        if self.on_event is None:
+            return
+        _slot, record = self.conns.get(conn, (None, None))
+        if record is not None:
+            self._emit("throttled", record.pod, record.client, record.orig_dst, "budget",
+                       datapath=record.datapath)  # fmt: skip
 
     def tick(self) -> None:
         """Once a second: each data path's periodic work."""

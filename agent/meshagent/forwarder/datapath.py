@@ -73,6 +73,7 @@ class DataPathStats:
     handoff_bytes: int = 0  # sockmap: bytes Python carried before the kernel took over
     stalls: int = 0  # sockmap: hand-offs that made no progress for 5 s
     fallbacks: int = 0  # sockmap: pairs copied because a socket could not enter
+    throttles: int = 0  # sockmap: times the kernel held bytes back (budget reached)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +87,7 @@ class DataPath(ABC):
         self.loop = loop
         self.stats = DataPathStats()
         self.on_stall: Callable[[Connection], None] = lambda _conn: None
+        self.on_throttle: Callable[[Connection], None] = lambda _conn: None
 
     def accepted(self, client: socket.socket, app: Any = None) -> Any:
         """Called right after accept; what it returns goes to join()/abandon().

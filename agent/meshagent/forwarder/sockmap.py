@@ -12,6 +12,7 @@ the ordered hand-off); forwarder/sockmap_maps.py (the maps, by fd).
 from __future__ import annotations
 
 import enum
+import select
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,6 +72,18 @@ class SockmapPath(DataPath):
         self.relays: set[SockmapRelay] = set()
         self._failures_seen = 0
         self.last_refusal = ""  # why the sockhash last refused a socket
+        # The verdict names sockets it held bytes back on (back-pressure).
+        loop.add(maps.wake_fd, select.EPOLLIN, self._woken)
+
+    def _woken(self, _events: int) -> None:
+        for cookie in self.maps.woken():
+            side = self.maps.watched.get(cookie)
+            if side is not None:
+                side.relay.throttled(side)
+
+    def _throttled(self, relay: SockmapRelay) -> None:
+        self.stats.throttles += 1
+        self.on_throttle(relay.owner)
 
     def enter(self, sock: socket.socket, deep: bool = True) -> int | None:
         """Into the sockhash before anything reads from it; None if it cannot.
@@ -127,7 +140,8 @@ class SockmapPath(DataPath):
         """A SockmapRelay for two sockets in the sockhash, not yet started;
         rechecked by tick() until it ends."""
         relay = SockmapRelay(self.loop, self.maps, client, cookies[0], upstream, cookies[1],
-                             self._untrack(on_done), self._stalled, app)  # fmt: skip
+                             self._untrack(on_done), self._stalled, app,
+                             self._throttled)  # fmt: skip
         self.relays.add(relay)
         return relay
 
@@ -170,7 +184,7 @@ class SockmapPath(DataPath):
         self.maps.entered += 2
         relay = SockmapRelay.restore(
             self.loop, self.maps, client, upstream, self._counted(self._untrack(on_done)),
-            self._stalled, state, blobs,
+            self._stalled, state, blobs, self._throttled,
         )  # fmt: skip
         if not relay.closed:
             self.relays.add(relay)
@@ -180,7 +194,10 @@ class SockmapPath(DataPath):
         return {abi.SOCKHASH.name: self.maps.entered}
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "msg": self.msg, "last_refusal": self.last_refusal}
+        held = [relay.held for relay in self.relays if relay.throttling]
+        return {**super().snapshot(), "msg": self.msg, "last_refusal": self.last_refusal,
+                "budget_bytes": self.maps.budget, "throttled_connections": len(held),
+                "held_bytes": sum(held)}  # fmt: skip
 
     def tick(self) -> None:
         """Delete finished connections' entries; if a verdict redirect failed

@@ -4,8 +4,13 @@ and the X/Y counters of the ordered hand-off (see forwarder/sockmap.py)."""
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 from meshagent.bpf import abi
+from meshagent.bpf.ringbuf import RingBuf
+
+if TYPE_CHECKING:
+    from meshagent.forwarder.sockmap_side import Side
 
 
 class SockmapMaps:
@@ -17,18 +22,26 @@ class SockmapMaps:
 
     FLUSH_AT = 256
 
-    def __init__(self, loaded) -> None:
+    def __init__(self, loaded, budget: int = 4 << 20) -> None:
         self.sockhash = loaded.map(abi.SOCKHASH)
         self.peer = loaded.map(abi.PEER)
         self.passed = loaded.map(abi.PASSED)
         self.sent = loaded.map(abi.SENT)
         self.msg_tgt = loaded.map(abi.MSG_TGT)
+        self.redir = loaded.map(abi.REDIR)
+        self.flight = loaded.map(abi.FLIGHT)
+        self.budget = budget
+        self.wake_fd = loaded.map(abi.WAKE).fd  # mesh_wake: throttled sockets
+        self._wake: RingBuf | None = None
+        # Cookie -> the spliced pair's Side the verdict budgets (for mesh_wake).
+        self.watched: dict[int, Side] = {}
         self.state = loaded.map(abi.STATE)
         self._loaded = loaded
         self.doomed: list[int] = []
         # Y entries exist only where Python stored one: a short connection
         # never does, and a batch delete costs a syscall per missing key.
         self.doomed_y: list[int] = []
+        self.doomed_b: list[int] = []  # sockets with a B (and maybe an R)
         # Sockets this forwarder put into the sockhash and has not yet
         # forgotten (each is closed before it is forgotten, and a closed
         # socket leaves the sockhash). The kernel cannot count a sockhash
@@ -78,18 +91,29 @@ class SockmapMaps:
     def x(self, cookie: int) -> int:
         return self.passed.lookup_u64(cookie) or 0
 
+    def redirected(self, cookie: int) -> int:
+        """R: bytes the verdict redirected from this socket."""
+        return self.redir.lookup_u64(cookie) or 0
+
+    def store_base(self, cookie: int, base: int) -> None:
+        """B: the verdict budgets this socket's redirects from now on."""
+        self.flight.update_u64(cookie, base % (1 << 64))
+
     def store_y(self, cookie: int, y: int) -> None:
         self.sent.update_u64(cookie, y)
 
     def clear_y(self, cookie: int) -> None:
         self.sent.delete_u64(cookie)
 
-    def forget(self, cookie: int, y_stored: bool = False) -> None:
-        """y_stored: a Y entry was stored for this socket (store_y)."""
+    def forget(self, cookie: int, y_stored: bool = False, budgeted: bool = False) -> None:
+        """y_stored: a Y entry was stored for this socket (store_y);
+        budgeted: a B (store_base)."""
         self.entered -= 1
         self.doomed.append(cookie)
         if y_stored:
             self.doomed_y.append(cookie)
+        if budgeted:
+            self.doomed_b.append(cookie)
         if len(self.doomed) >= self.FLUSH_AT:
             self.flush()
 
@@ -99,11 +123,22 @@ class SockmapMaps:
             return
         doomed, self.doomed = self.doomed, []
         doomed_y, self.doomed_y = self.doomed_y, []
+        doomed_b, self.doomed_b = self.doomed_b, []
         for table in (self.peer, self.passed):
             table.delete_many_u64(doomed)
         if doomed_y:
             self.sent.delete_many_u64(doomed_y)
+        if doomed_b:
+            self.flight.delete_many_u64(doomed_b)
+            self.redir.delete_many_u64(doomed_b)
+
+    def woken(self) -> list[int]:
+        """Cookies the verdict named in mesh_wake since the last call."""
+        if self._wake is None:
+            self._wake = RingBuf(self.wake_fd)
+        return [int.from_bytes(rec[:8], "little") for rec in self._wake.read()]
 
     def redirect_failures(self) -> int:
-        """The verdict's redirect_failed counter (all CPUs)."""
-        return self._loaded.metric("redirect_failed")
+        """The verdict's redirect_failed and wake_lost counters (all CPUs):
+        either means a claim may wait that nobody told Python about."""
+        return self._loaded.metric("redirect_failed") + self._loaded.metric("wake_lost")

@@ -9,6 +9,15 @@ redirects only while its X-before-add equals Y, so bytes Python forwards
 are never overtaken. Python drains S until X == Y, read after storing Y;
 then the kernel carries the rest and Python watches S only for RDHUP/ERR.
 
+Back-pressure (bpf/skb_verdict.c, mesh_redir in bpf/include/maps.h): the
+verdict redirects from a socket S only while the bytes on their way to its
+peer T's other end stay under the budget; past it, it passes and names S in
+mesh_wake (SockmapPath reads it and calls throttled()). Python then carries
+S's passed bytes like any hand-off, but sends T nothing while T's psock
+queue still holds redirected bytes (they would be overtaken) and never
+more than the budget allows; until it may, it holds at most one read, so
+S's receive queue fills and S's window closes: the server's send blocks.
+
 With sk_msg (bpf/sk_msg.c), where sock_ops put the pod's own socket A into
 mesh_apphash: A's sends go straight into the upstream socket's send queue,
 in A's own context, once Python has sent on all A passed before (A's P
@@ -55,8 +64,8 @@ class SockmapRelay:
     settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
-                 "on_done", "on_stall", "owner", "progress_at", "stalled", "timer",
-                 "upstream")  # fmt: skip
+                 "on_done", "on_stall", "on_throttle", "owner", "progress_at", "stalled",
+                 "suspended", "timer", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -69,6 +78,7 @@ class SockmapRelay:
         on_done: Done,
         on_stall: Callable[[SockmapRelay], None],
         app: AppSocket | None = None,
+        on_throttle: Callable[[SockmapRelay], None] | None = None,
     ) -> None:
         self.loop = loop
         self.app = app  # the sk_msg path: the pod's own socket
@@ -79,10 +89,12 @@ class SockmapRelay:
         self.client.relay = self.upstream.relay = self
         self.on_done = on_done
         self.on_stall = on_stall
+        self.on_throttle = on_throttle
         # The connection the forwarder knows this pair as: itself, or the
         # CopyFirst it moved out of (a stall is then logged with its pod).
         self.owner: Connection = self
         self.closed = False
+        self.suspended = False  # handed to a successor (it may still come back)
         self._final = (0, 0)
         self.timer: Timer | None = None
         self.backoff = RECHECK_FIRST
@@ -103,6 +115,8 @@ class SockmapRelay:
             if side.pending:  # held at the move: no redirect before they are sent
                 side.sent_y = -1
                 self.maps.store_y(side.cookie, BLOCKED)
+        for side in self._redirecting():
+            self._budget(side)
         if self.app is not None:
             if self.client.y_base and not self.client.pending:
                 # before any target: P counted what Python carried
@@ -113,6 +127,52 @@ class SockmapRelay:
         for side in (self.client, self.upstream):
             self._register(side)
         self._progress()
+
+    def _redirecting(self) -> tuple[Side, ...]:
+        """The sockets the verdict redirects from: with sk_msg the accepted
+        socket has no peer (Python carries what reaches it)."""
+        return (self.upstream,) if self.app is not None else (self.client, self.upstream)
+
+    def _budget(self, side: Side) -> None:
+        """B for side, before its peer is set (R is 0): the verdict holds
+        back what would take its peer's unacked bytes past the budget."""
+        side.base = side.peer.stream()[1]
+        self.maps.store_base(side.cookie, side.base)
+        self.maps.watched[side.cookie] = side
+
+    def throttled(self, side: Side) -> None:
+        """The verdict held bytes back on side (mesh_wake): carry them."""
+        if self.closed or self.suspended or side.throttled:
+            return
+        side.throttled = True
+        side.handed_off = False
+        if self.on_throttle is not None:
+            self.on_throttle(self)
+        self._progress()
+
+    def _room(self, side: Side) -> int:
+        """How many of side's pending bytes may go to its peer now: none
+        while the peer's psock queue holds redirected bytes (they came
+        first), else what the budget has left."""
+        redirected = self.maps.redirected(side.cookie)
+        acked, queued = side.peer.stream()
+        if redirected + side.base > queued:
+            return 0
+        return self.maps.budget - (redirected + side.base - acked)
+
+    @property
+    def throttling(self) -> bool:
+        """The kernel holds bytes back on one of the sockets (back-pressure)."""
+        return self.client.throttled or self.upstream.throttled
+
+    @property
+    def held(self) -> int:
+        """Bytes the kernel held back that Python has not sent on yet."""
+        total = 0
+        for side in (self.client, self.upstream):
+            if side.throttled:
+                total += max(0, self.maps.x(side.cookie) - max(side.sent_y, 0))
+        return total
 
     @property
     def bytes_out(self) -> int:
@@ -147,7 +207,7 @@ class SockmapRelay:
         mask = 0
         if (not side.handed_off or self._carries(side)) and not side.pending:
             mask |= EPOLLIN
-        if side.peer.pending:
+        if side.peer.pending and side.peer.out_blocked:
             mask |= EPOLLOUT
         if not side.eof:
             mask |= EPOLLRDHUP
@@ -225,13 +285,26 @@ class SockmapRelay:
         recv() after it (measured on 6.x), so X alone cannot see them."""
         while True:
             if side.pending:
+                room = self._room(side) if side.base >= 0 else len(side.pending)
+                if room <= 0:
+                    side.out_blocked = False
+                    return True  # the peer's queue or reader: the timer rechecks
                 try:
-                    sent = side.peer.sock.send(side.pending)
+                    sent = side.peer.sock.send(
+                        side.pending if room >= len(side.pending) else side.pending[:room]
+                    )
                 except BlockingIOError:
+                    side.out_blocked = True
                     return False  # EPOLLOUT on the peer wakes us
+                side.out_blocked = False
+                if side.base >= 0:
+                    side.base += sent
                 del side.pending[:sent]
                 if side.pending:
-                    return False
+                    side.out_blocked = sent < room  # the kernel took less than offered
+                    if not side.out_blocked:
+                        continue  # the budget cut it: the room check waits
+                    return False  # EPOLLOUT on the peer wakes us
                 side.pending = b""
             if side.sent_y != side.read_total:
                 self._store_y(side)
@@ -247,11 +320,14 @@ class SockmapRelay:
                 self._eof(side)
             if self.maps.x(side.cookie) == side.sent_y:
                 side.handed_off = True  # X == Y, read after the Y store
+                side.throttled = False
                 self.progress_at = time.monotonic()
                 return False
             return self._waiting(side)  # a claim in flight: X briefly > Y
 
     def _store_y(self, side: Side) -> None:
+        if side.base >= 0:  # B first: the Y lets the verdict redirect again
+            self.maps.store_base(side.cookie, side.base)
         blocked = side.sent_y < 0
         side.sent_y = side.read_total  # all read was fully sent on
         y = side.sent_y + side.y_base
@@ -312,6 +388,7 @@ class SockmapRelay:
         return state, fds, [bytes(self.client.pending), bytes(self.upstream.pending)]
 
     def suspend(self) -> None:
+        self.suspended = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -319,29 +396,39 @@ class SockmapRelay:
             self.loop.remove(side.sock.fileno())
 
     def resume(self) -> None:
+        self.suspended = False
         for side in (self.client, self.upstream):
             if side.registered:
                 self.loop.add(side.sock.fileno(), self._mask(side), side.on_events)
-        self._progress()
+        self.recheck()  # a wake-up may have come while suspended
 
     @classmethod
     def restore(
         cls, loop: Loop, maps: SockmapMaps, client, upstream, on_done: Done,
         on_stall: Callable[[SockmapRelay], None], state: dict, blobs: list[bytes],
+        on_throttle: Callable[[SockmapRelay], None] | None = None,
     ) -> SockmapRelay:  # fmt: skip
         """A pair taken over: both sockets are in the (pinned) sockhash and
         their peers are set; pick the hand-off up where it was."""
         app = state.get("app")
         relay = cls(loop, maps, client, state["client"]["cookie"], upstream,
                     state["upstream"]["cookie"], on_done, on_stall,
-                    AppSocket(bytes.fromhex(app[0]), app[1]) if app else None)  # fmt: skip
+                    AppSocket(bytes.fromhex(app[0]), app[1]) if app else None,
+                    on_throttle)  # fmt: skip
         for side, saved, pending in ((relay.client, state["client"], blobs[0]),
                                      (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
             side.restore(saved, pending)
         relay.closed_by = state["closed_by"]
+        for side in relay._redirecting():
+            if side.base < 0:  # from an agent without budgets: count from here
+                side.base = side.peer.stream()[1] - maps.redirected(side.cookie)
+                maps.store_base(side.cookie, side.base)
+            maps.watched[side.cookie] = side
         for side in (relay.client, relay.upstream):
             relay._register(side)
-        loop.call_later(0, relay._progress)  # no I/O until the loop runs (after the handover)
+        # No I/O until the loop runs (after the handover); a wake-up the old
+        # agent read and left is found by the recheck.
+        loop.call_later(0, relay.recheck)
         return relay
 
     # -- endings -----------------------------------------------------------
@@ -352,6 +439,7 @@ class SockmapRelay:
             self.timer.cancel()
         for side in (self.client, self.upstream):
             self._unregister(side)
+            self.maps.watched.pop(side.cookie, None)
 
     def abort(self, failed: Side, exc: OSError) -> None:
         """An error on one side: reset both, remove the map entries."""
@@ -366,7 +454,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             reset_close(side.sock)
-            self.maps.forget(side.cookie, y_stored=side.y_stored)
+            self.maps.forget(side.cookie, y_stored=side.y_stored, budgeted=side.base >= 0)
         self.on_done(self, reason)
 
     def finish(self, reason: str | None) -> None:
@@ -375,7 +463,7 @@ class SockmapRelay:
         self._cleanup()
         for side in (self.client, self.upstream):
             orderly_close(side.sock)  # leaves the sockhash with the socket
-            self.maps.forget(side.cookie, y_stored=side.y_stored)
+            self.maps.forget(side.cookie, y_stored=side.y_stored, budgeted=side.base >= 0)
         self.on_done(self, reason)
 
 

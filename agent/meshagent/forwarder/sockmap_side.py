@@ -32,10 +32,12 @@ class Side:
 
     __slots__ = (
         "active",
+        "base",
         "cookie",
         "eof",
         "fin_sent_on",
         "handed_off",
+        "out_blocked",
         "peer",
         "pending",
         "read_total",
@@ -43,6 +45,7 @@ class Side:
         "relay",
         "sent_y",
         "sock",
+        "throttled",
         "y_base",
     )
 
@@ -60,6 +63,12 @@ class Side:
         self.handed_off = False
         self.eof = False  # sock's peer sent FIN
         self.fin_sent_on = False  # we shut down peer's write side for it
+        # Back-pressure (bpf/skb_verdict.c): B, the peer's stream length when
+        # splicing began plus what Python sent it since; -1: no budget (the
+        # verdict never redirects from this socket, or an old agent's pair).
+        self.base = -1
+        self.throttled = False  # the kernel held bytes back; Python carries them
+        self.out_blocked = False  # the last send of pending to peer said EAGAIN
 
     def on_events(self, events: int) -> None:
         """The loop's handler for this socket (a bound method: no closure)."""
@@ -67,7 +76,7 @@ class Side:
 
     # -- handed to a successor agent (agent/takeover.py) -------------------
     STATE = ("cookie", "active", "read_total", "sent_y", "handed_off", "eof", "fin_sent_on",
-             "y_base")  # fmt: skip
+             "y_base", "base", "throttled")  # fmt: skip
 
     def export(self) -> dict:
         """The hand-off's state (the bytes held go as a blob)."""
@@ -75,7 +84,7 @@ class Side:
 
     def restore(self, saved: dict, pending: bytes) -> None:
         for key in self.STATE:
-            setattr(self, key, saved.get(key, 0))
+            setattr(self, key, saved.get(key, -1 if key == "base" else 0))
         self.pending = bytearray(pending) if pending else b""
 
     @property
@@ -89,3 +98,10 @@ class Side:
     def data_sent(self) -> int:
         acked = tcp_counts(self.sock)[0] - (1 if self.active else 0)
         return acked + unsent(self.sock)
+
+    def stream(self) -> tuple[int, int]:
+        """(bytes_acked as the kernel counts it, that plus the bytes queued
+        unacked): what the verdict's budget compares with (no SYN/FIN fix-up:
+        B absorbs it)."""
+        acked = tcp_counts(self.sock)[0]
+        return acked, acked + unsent(self.sock)

@@ -1,0 +1,97 @@
+"""Field offsets of kernel structs, read from the running kernel's BTF.
+
+BCC compiles against whatever headers are installed, which need not match
+the running kernel (here: Debian's 6.1 headers under a 6.18 kernel), so a
+program that reads a kernel struct through a BTF pointer
+(bpf_skc_to_tcp_sock) must not take the offset from the headers: the
+verifier would accept a read of whatever field sits there. The offsets
+come from /sys/kernel/btf/vmlinux instead and enter the C as -D flags.
+
+The format is the kernel's (Documentation/bpf/btf.rst): a header, then
+the type section (each type a 12-byte btf_type plus kind-specific data),
+then the string section.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from pathlib import Path
+
+from meshagent.errors import MeshError
+
+VMLINUX = Path("/sys/kernel/btf/vmlinux")
+MAGIC = 0xEB9F
+
+# kind -> bytes after the 12-byte btf_type (per vlen item when a tuple)
+_INT, _ARRAY, _STRUCT, _UNION, _ENUM = 1, 3, 4, 5, 6
+_FUNC_PROTO, _VAR, _DATASEC, _DECL_TAG, _ENUM64 = 13, 14, 15, 17, 19
+_EXTRA = {_INT: 4, _ARRAY: 12, _VAR: 4, _DECL_TAG: 4}
+_PER_ITEM = {_STRUCT: 12, _UNION: 12, _ENUM: 8, _FUNC_PROTO: 8, _DATASEC: 12, _ENUM64: 12}
+
+
+class BtfError(MeshError):
+    pass
+
+
+def member_offsets(
+    struct_name: str, members: tuple[str, ...], path: Path = VMLINUX
+) -> dict[str, int]:
+    """Byte offsets of the named direct members of `struct struct_name`.
+    Raises BtfError (one line) when the BTF, the struct or a member is missing."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BtfError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) < 24:
+        raise BtfError(f"{path} is not BTF")
+    magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", raw, 0)
+    if magic != MAGIC:
+        raise BtfError(f"{path} is not BTF (or not little-endian)")
+    type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", raw, 8)
+    types = hdr_len + type_off
+    strings = hdr_len + str_off
+    want = raw.find(b"\0" + struct_name.encode() + b"\0", strings)
+    if want < 0:
+        raise BtfError(f"struct {struct_name} not in {path}")
+    want_off = want + 1 - strings
+    at, end = types, types + type_len
+    while at < end:
+        name_off, info, _size = struct.unpack_from("<III", raw, at)
+        kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+        at += 12
+        if kind == _STRUCT and name_off == want_off:
+            return _members(raw, at, vlen, info >> 31, strings, struct_name, members)
+        at += _EXTRA.get(kind, 0) + _PER_ITEM.get(kind, 0) * vlen
+    raise BtfError(f"struct {struct_name} not in {path}")
+
+
+def _members(raw: bytes, at: int, vlen: int, kind_flag: int, strings: int, struct_name: str,
+             members: tuple[str, ...]) -> dict[str, int]:  # fmt: skip
+    found: dict[str, int] = {}
+    for i in range(vlen):
+        name_off, _type, offset = struct.unpack_from("<III", raw, at + 12 * i)
+        name = raw[strings + name_off : raw.index(b"\0", strings + name_off)].decode()
+        if name in members:
+            bits = offset & 0xFFFFFF if kind_flag else offset
+            found[name] = bits // 8
+    missing = [m for m in members if m not in found]
+    if missing:
+        raise BtfError(f"struct {struct_name} has no {', '.join(missing)} in this kernel's BTF")
+    return found
+
+
+@functools.cache
+def tcp_sock_offsets() -> dict[str, int]:
+    """Offsets in struct tcp_sock the verdict reads (bpf/skb_verdict.c)."""
+    return member_offsets("tcp_sock", ("bytes_acked",))
+
+
+def cflags() -> list[str]:
+    """-D flags for the offsets, or none when this kernel has no BTF (the
+    plan then keeps the sockmap path off: it could not be bounded)."""
+    try:
+        offsets = tcp_sock_offsets()
+    except BtfError:
+        return []
+    return [f"-DMESH_TCP_BYTES_ACKED={offsets['bytes_acked']}"]
