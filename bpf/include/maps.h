@@ -109,7 +109,7 @@ BPF_RINGBUF_OUTPUT(mesh_events, MESH_EVENTS_PAGES);
 #define MESH_SOCKS_MAX (2 * MESH_CONNS_MAX)  /* two sockets per connection */
 /* BPF_SOCKHASH, plus lookup: the verdict reads the peer socket's tcp_sock
  * (a lookup returns a referenced socket; bpf_sk_release it). */
-struct mesh_sockhash_table_t {
+struct sockhash_with_lookup {
 	__u64 key;
 	int leaf;
 	int *(*lookup)(__u64 *);
@@ -121,7 +121,7 @@ struct mesh_sockhash_table_t {
 	u32 max_entries;
 };
 __attribute__((section("maps/sockhash")))
-struct mesh_sockhash_table_t mesh_sockhash = { .max_entries = MESH_SOCKS_MAX };
+struct sockhash_with_lookup mesh_sockhash = { .max_entries = MESH_SOCKS_MAX };
 BPF_ANNOTATE_KV_PAIR(mesh_sockhash, __u64, int);
 BPF_HASH(mesh_peer, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);

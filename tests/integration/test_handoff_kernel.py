@@ -23,10 +23,14 @@ DEADLINE = 30.0
 SO_RCVBUFFORCE = 33
 
 
-@pytest.fixture
-def sockmap_path(mesh_env):
+TIGHT = 16 * 1024  # a back-pressure budget every transfer here crosses many times
+
+
+@pytest.fixture(params=["budget", "tight"])
+def sockmap_path(mesh_env, request):
     """The real verdict attached to a fresh sockhash, and the forwarder's
-    SockmapPath (copy first) on a loop of its own."""
+    SockmapPath (copy first) on a loop of its own; "tight": with a 16 KiB
+    back-pressure budget, so the kernel holds bytes back again and again."""
     from meshagent.bpf import loader
     from meshagent.bpf.programs import PROGRAMS_BY_NAME
     from meshagent.config import AgentConfig
@@ -35,14 +39,16 @@ def sockmap_path(mesh_env):
     from meshagent.host.loop import Loop
     from meshagent.modes import DataPathMode
 
-    maps, fds, refused = loader.load_programs(
-        AgentConfig(state_dir=mesh_env.state_dir), (PROGRAMS_BY_NAME["mesh_verdict"],)
-    )
+    cfg = AgentConfig(state_dir=mesh_env.state_dir)
+    if request.param == "tight":
+        cfg = AgentConfig(state_dir=mesh_env.state_dir, sockmap_budget=TIGHT)
+    maps, fds, refused = loader.load_programs(cfg, (PROGRAMS_BY_NAME["mesh_verdict"],))
     assert not refused, refused
     loaded = loader.attach(fds, maps, mesh_env.cgroup_path)
     loop = Loop()
     try:
-        path = build_paths(loop, (DataPathMode.SOCKMAP,), SockmapMaps(loaded))[DataPathMode.SOCKMAP]
+        maps = SockmapMaps(loaded, cfg.sockmap_budget)
+        path = build_paths(loop, (DataPathMode.SOCKMAP,), maps)[DataPathMode.SOCKMAP]
         yield path, loaded
     finally:
         loop.close()
@@ -165,6 +171,8 @@ def test_a_move_while_a_segment_is_half_read_keeps_every_byte_once(
         assert loaded.metric("spliced") > 0, "the kernel carried nothing after the move"
         if readers_mode == "late":
             assert any(held), "nothing was held at the move: the test lost its point"
+        if path.maps.budget == TIGHT:
+            assert loaded.metric("throttled") > 0, "never held back: the test lost its point"
     finally:
         for sock in socks:
             sock.close()
@@ -177,11 +185,13 @@ def test_the_start_self_test_moves_after_a_half_read_segment(sockmap_path):
     from meshagent.forwarder.sockmap_maps import SockmapMaps
     from meshagent.modes import DataPathMode
 
-    _path, loaded = sockmap_path
+    path, loaded = sockmap_path
     spliced = loaded.metric("spliced")
+    throttled = loaded.metric("throttled")
 
     def factory(loop):
-        return build_paths(loop, (DataPathMode.SOCKMAP,), SockmapMaps(loaded))
+        return build_paths(loop, (DataPathMode.SOCKMAP,), SockmapMaps(loaded, path.maps.budget))
 
     assert selftest.check(DataPathMode.SOCKMAP, factory) is None
     assert loaded.metric("spliced") > spliced, "the self-test never reached the kernel's splice"
+    assert loaded.metric("throttled") > throttled, "the self-test's writer was never held back"

@@ -17,7 +17,7 @@ from meshagent.plan import plan
 KERNELS = json.loads((Path(__file__).parent / "kernels" / "kernels.json").read_text())
 HOST_OK = {
     name: Feature(True, "test")
-    for name in ("cgroup2", "btf", "kernel_headers", "bcc", "iptables", "splice")
+    for name in ("cgroup2", "btf", "tcp_sock_btf", "kernel_headers", "bcc", "iptables", "splice")
 }
 
 

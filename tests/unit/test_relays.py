@@ -52,6 +52,23 @@ class FakeMaps:
         self.peer_map_full = False
         self.refuse = False  # the sockhash refuses sockets (no longer ESTABLISHED)
         self.entered = 0
+        # Back-pressure: nothing is redirected here (R stays 0), nothing wakes.
+        self.budget = 4 << 20
+        self.bases: dict[int, int] = {}
+        self.watched: dict = {}
+        self.wake_fd = os.eventfd(0)
+
+    def woken(self) -> list[int]:
+        return []
+
+    def redirected(self, cookie: int) -> int:
+        return 0
+
+    def store_base(self, cookie: int, base: int) -> None:
+        self.bases[cookie] = base
+
+    def clear_base(self, cookie: int) -> None:
+        del self.bases[cookie]
 
     def insert(self, sock: socket.socket, cookie: int) -> None:
         if self.refuse:
@@ -73,8 +90,10 @@ class FakeMaps:
     def clear_y(self, cookie: int) -> None:
         del self.y[cookie]
 
-    def forget(self, cookie: int, y_stored: bool = False) -> None:
+    def forget(self, cookie: int, y_stored: bool = False, budgeted: bool = False) -> None:
         self.forgotten.append(cookie)
+        if budgeted != (cookie in self.bases):  # likewise for B
+            Y_CLAIMS_WRONG.append((cookie, "budget", budgeted))
         if y_stored != (cookie in self.y):  # the relay must know whether it stored Y
             Y_CLAIMS_WRONG.append((cookie, y_stored))
 

@@ -223,6 +223,10 @@ class Loaded:
             "map_entries": {spec.name: self.map(spec).count() for spec in counted},
         }
 
+    def on_close(self, fn) -> None:
+        """Run fn at close(), before the fds close (a map's mmap, say)."""
+        self._stack.callback(fn)
+
     def close(self) -> None:
         """Close every fd; safe to call twice. Unpinned links detach with
         their fd; pinned ones stay attached for the next agent."""

@@ -11,6 +11,12 @@ The server's early bytes are more than one read of the copy phase, in a
 deep receive queue: a connection that starts on copy then moves after a
 read that stopped inside a segment, the case where a kernel would pass
 the read part to the verdict again.
+
+The sockmap path must also hold a writer back (bpf/skb_verdict.c): a
+server writes as fast as it can to a client that reads nothing; its send
+must block long before STUFF_CAP, and once the client reads, every byte
+must arrive. A kernel whose sockmap cannot be bounded so fails here, and
+auto does not pick it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from meshagent.forwarder.datapath import Connection, DataPath
@@ -30,6 +37,9 @@ EARLY = 32 << 10  # written before the accept
 LEAD = 512 << 10  # the server's, before the join: more than one 256 KiB read
 SO_RCVBUFFORCE = 33
 DEADLINE = 1.0
+STUFF_CAP = 256 << 20  # a writer that gets this far was never held back
+STUFF_QUIET = 0.3  # seconds of EAGAIN that count as blocked
+STUFF_DEADLINE = 4.0
 
 PathFactory = Callable[[Loop], "dict[DataPathMode, DataPath]"]
 
@@ -71,7 +81,10 @@ def check(mode: DataPathMode, factory: PathFactory) -> str | None:
     back = socket.create_server(("127.0.0.1", 0))
     socks: list[socket.socket] = [front, back]
     try:
-        return _carry(path, loop, front, back, socks)
+        problem = _carry(path, loop, front, back, socks)
+        if problem is None and mode is DataPathMode.SOCKMAP:
+            problem = _held_back(path, loop, front, back, socks)
+        return problem
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
@@ -114,6 +127,116 @@ def _carry(path: DataPath, loop: Loop, front: socket.socket, back: socket.socket
     if result.get("server") != hashlib.sha256(up_data).hexdigest():
         return "client-to-server bytes differ"
     return None
+
+
+def _held_back(path: DataPath, loop: Loop, front: socket.socket, back: socket.socket,
+               socks: list[socket.socket]) -> str | None:  # fmt: skip
+    """A server writes as fast as it can; the client reads until the pair
+    moved to the kernel, then stops: the server's send must block. Then the
+    client reads on and every byte arrives. Why not, or None."""
+    app_client, app_server, fwd_client, fwd_up, state = _pair(path, front, back, socks, b"", b"")
+    app_server.setblocking(False)
+    result: dict = {"read": 0}
+    blocked, moved, resume = threading.Event(), threading.Event(), threading.Event()
+    writer = threading.Thread(target=_stuff, args=(app_server, result, blocked), daemon=True)
+    reader = threading.Thread(target=_count, args=(app_client, result, moved, resume), daemon=True)
+
+    def done(_conn, reason) -> None:
+        result["reason"] = reason
+        loop.stop()
+
+    conn = path.join(fwd_client, fwd_up, state, done)
+    writer.start()
+    reader.start()
+
+    def held() -> bool:
+        if conn.settled:
+            moved.set()
+        return blocked.is_set() or not writer.is_alive()
+
+    _run_until(loop, held)
+    writer.join(STUFF_DEADLINE)
+    written = result.get("written", 0)
+    if result.get("reason"):
+        return f"connection reset: {result['reason']}"
+    if conn.mode != path.mode or not conn.settled:
+        return f"the pair never moved to the kernel (carried by {conn.mode})"
+    if not blocked.is_set():
+        return (
+            f"a writer facing a reader that reads nothing was not held back ({written >> 20} MiB)"
+        )
+    result["want"] = written
+    resume.set()
+    _run_until(loop, lambda: not reader.is_alive())
+    reader.join(0.1)
+    if result["read"] != written:
+        return f"held back, then {result['read']} of {written} bytes arrived"
+    conn.finish(None)
+    return None
+
+
+def _run_until(loop: Loop, done: Callable[[], bool]) -> None:
+    """Run the loop until done() or STUFF_DEADLINE."""
+
+    def check() -> None:
+        if done():
+            loop.stop()
+        else:
+            loop.call_later(0.01, check)
+
+    check()
+    timer = loop.call_later(STUFF_DEADLINE, loop.stop)
+    loop.run()
+    timer.cancel()
+
+
+def _stuff(sock: socket.socket, out: dict, blocked: threading.Event) -> None:
+    """Write a counting pattern until send() has said EAGAIN for STUFF_QUIET
+    (blocked) or STUFF_CAP; out["written"]."""
+    chunk = memoryview(bytes(range(256)) * 257)
+    written, quiet_since = 0, None
+    deadline = time.monotonic() + STUFF_DEADLINE
+    while written < STUFF_CAP and time.monotonic() < deadline:
+        try:
+            start = written % 256  # the pattern goes on where a partial send stopped
+            written += sock.send(chunk[start : start + 65536])
+            quiet_since = None
+        except BlockingIOError:
+            now = time.monotonic()
+            quiet_since = quiet_since or now
+            if now - quiet_since >= STUFF_QUIET:
+                out["written"] = written
+                blocked.set()
+                return
+            time.sleep(0.005)
+        except OSError as exc:
+            out["write_error"] = str(exc)
+            break
+    out["written"] = written
+
+
+def _count(sock: socket.socket, out: dict, moved: threading.Event,
+           resume: threading.Event) -> None:  # fmt: skip
+    """Read until the pair moved, wait for resume, then read up to
+    out["want"] bytes; out["read"]: how many came, each in its place of
+    the pattern (-1: one was not)."""
+    pattern = bytes(range(256)) * 257
+    try:
+        while True:
+            if moved.is_set() and not resume.is_set():
+                resume.wait(STUFF_DEADLINE * 2)
+            if resume.is_set() and out["read"] >= out.get("want", 0):
+                return
+            data = sock.recv(65536)
+            if not data:
+                return
+            start = out["read"] % 256
+            if data != pattern[start : start + len(data)]:
+                out["read"] = -1
+                return
+            out["read"] += len(data)
+    except OSError:
+        pass
 
 
 def _pair(path: DataPath, front: socket.socket, back: socket.socket, socks: list[socket.socket],
@@ -172,6 +295,9 @@ def choose(candidates: tuple[DataPathMode, ...], factory: PathFactory) -> tuple[
             break
         problem = check(mode, factory)
         if problem is None:
-            return mode, "; ".join([*notes, f"{mode} self-test passed (1 MiB each way)"])
+            proved = "1 MiB each way" + (
+                ", writer held back" if mode is DataPathMode.SOCKMAP else ""
+            )
+            return mode, "; ".join([*notes, f"{mode} self-test passed ({proved})"])
         notes.append(f"{mode} self-test failed: {problem}")
     return DataPathMode.COPY, "; ".join([*notes, "copy needs no kernel support"])

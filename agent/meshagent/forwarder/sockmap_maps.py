@@ -32,7 +32,9 @@ class SockmapMaps:
         self.flight = loaded.map(abi.FLIGHT)
         self.budget = budget
         self.wake_fd = loaded.map(abi.WAKE).fd  # mesh_wake: throttled sockets
-        self._wake: RingBuf | None = None
+        # Python's mmap holds a dup of the fd: closed with the maps.
+        self._wake = RingBuf(self.wake_fd)
+        loaded.on_close(self._wake.close)
         # Cookie -> the spliced pair's Side the verdict budgets (for mesh_wake).
         self.watched: dict[int, Side] = {}
         self.state = loaded.map(abi.STATE)
@@ -99,6 +101,9 @@ class SockmapMaps:
         """B: the verdict budgets this socket's redirects from now on."""
         self.flight.update_u64(cookie, base % (1 << 64))
 
+    def clear_base(self, cookie: int) -> None:
+        self.flight.delete_u64(cookie)
+
     def store_y(self, cookie: int, y: int) -> None:
         self.sent.update_u64(cookie, y)
 
@@ -134,8 +139,6 @@ class SockmapMaps:
 
     def woken(self) -> list[int]:
         """Cookies the verdict named in mesh_wake since the last call."""
-        if self._wake is None:
-            self._wake = RingBuf(self.wake_fd)
         return [int.from_bytes(rec[:8], "little") for rec in self._wake.read()]
 
     def redirect_failures(self) -> int:

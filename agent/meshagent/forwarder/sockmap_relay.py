@@ -117,13 +117,20 @@ class SockmapRelay:
                 self.maps.store_y(side.cookie, BLOCKED)
         for side in self._redirecting():
             self._budget(side)
-        if self.app is not None:
-            if self.client.y_base and not self.client.pending:
-                # before any target: P counted what Python carried
-                self.maps.store_y(self.client.cookie, self.client.y_base)
-            self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
-        else:
-            self.maps.set_peers(self.client.cookie, self.upstream.cookie)
+        try:
+            if self.app is not None:
+                if self.client.y_base and not self.client.pending:
+                    # before any target: P counted what Python carried
+                    self.maps.store_y(self.client.cookie, self.client.y_base)
+                self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
+            else:
+                self.maps.set_peers(self.client.cookie, self.upstream.cookie)
+        except OSError:  # no peer, no redirect: the budgets go with it
+            for side in self._redirecting():
+                self.maps.clear_base(side.cookie)
+                self.maps.watched.pop(side.cookie, None)
+                side.base = -1
+            raise
         for side in (self.client, self.upstream):
             self._register(side)
         self._progress()
