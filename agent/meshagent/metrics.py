@@ -93,6 +93,7 @@ class Collector:
             "meshagent_sockmap_handoff_bytes", "Bytes Python carried before the kernel spliced",
             value=snap["handoff_bytes"],
         )  # fmt: skip
+        yield from _sockmap(snap.get("datapaths", {}).get("sockmap"))
         yield from self._bpf(snap)
         yield _histogram(snap["attach_seconds"])
 
@@ -164,6 +165,31 @@ class ProcessStats:
 
 
 STARTED = time.time()
+
+
+def _sockmap(stats: dict | None) -> Iterator:
+    """The sockmap path's back-pressure (SockmapPath.snapshot), when the
+    agent has that path (it needs the BPF verdict)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not stats:
+        return
+    yield CounterMetricFamily(
+        "meshagent_sockmap_throttles", "Times the kernel held a spliced connection's bytes"
+        " back (its budget reached)", value=stats.get("throttles", 0),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "meshagent_sockmap_throttled_connections", "Spliced connections held back now",
+        value=stats.get("throttled_connections", 0),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "meshagent_sockmap_held_bytes", "Bytes held back that Python has not carried yet",
+        value=stats.get("held_bytes", 0),
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "meshagent_sockmap_budget_bytes", "Bytes a spliced connection may have on their way"
+        " to a reader, per direction (--sockmap-budget)", value=stats.get("budget_bytes", 0),
+    )  # fmt: skip
 
 
 def open_fds() -> int:

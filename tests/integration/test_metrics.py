@@ -100,6 +100,11 @@ def test_a_scrape_counts_exactly_the_connections_and_bytes(mesh_env):
         assert value(now, "meshagent_bpf_map_capacity", map="mesh_orig_tup") == 65536
         assert value(now, "meshagent_attach_seconds_count") == 1
         assert value(now, "meshagent_process_open_fds") > 0
+        sockmap = agent.request("status")["datapaths"]["sockmap"]  # back-pressure, by name
+        assert value(now, "meshagent_sockmap_budget_bytes") == sockmap["budget_bytes"] == 4 << 20
+        for name in ("meshagent_sockmap_throttles_total", "meshagent_sockmap_throttled_connections",
+                     "meshagent_sockmap_held_bytes"):  # fmt: skip
+            assert (name, ()) in now, name
         build = [k for k in now if k[0] == "meshagent_build_info"]
         assert build and dict(build[0][1])["backend"] == "ebpf"
         text = get(addr, "/metrics")[1]

@@ -106,3 +106,73 @@ def test_the_trace_flag_is_cleared_when_the_tracer_is_killed(mesh_env):
         assert again.wait(timeout=60) == 0
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+KIB = 1024
+BULK = 8 << 20  # far past the budget: the kernel holds the server's bytes back many times
+
+
+def forwarder(events: list[dict], kind: str) -> list[dict]:
+    """The forwarder's events of one kind, so far (a copy: the reader appends)."""
+    return [e for e in list(events) if e["source"] == "forwarder" and e["event"] == kind]
+
+
+def test_trace_shows_the_kernel_holding_a_connection_back(mesh_env):
+    """With a 16 KiB budget, the server's 8 MiB to a client pod are held back
+    by the sk_skb verdict (and carried by Python within the budget): the
+    trace says so, for that pod, and every byte still arrives in order.
+    A connection moves to the sockmap only after 64 KiB and before either
+    side's EOF, so the client sends 64 KiB, then holds its half open (no
+    FIN) until the test has seen the event; the server's FIN comes only
+    after its 8 MiB."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", str(BULK))
+    agent = start_agent(mesh_env, "--datapath", "sockmap", "--sockmap-budget", str(16 * KIB))
+    go = mesh_env.state_dir / "go"
+    try:
+        agent.attach(client)
+        tracer = start_trace(mesh_env, "--pod", "client")
+        events: list[dict] = []
+        reader = threading.Thread(
+            target=lambda: events.extend(json.loads(line) for line in tracer.stdout), daemon=True
+        )
+        reader.start()
+        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
+        cli = mesh_env.tcptool(
+            client, "client", "--host", server.ip4, "--port", str(PORT),
+            "--send", str(128 * KIB), "--pause-at", str(64 * KIB), "--wait-file", str(go),
+        )  # fmt: skip
+        try:
+            wait_for(lambda: forwarder(events, "throttled"), 60, "a throttled event in the trace")
+        except AssertionError as exc:  # say what the agent saw
+            status = agent.request("status")
+            raise AssertionError(
+                f"{exc}: sockmap {status['datapaths']['sockmap']};"
+                f" decisions {status['decisions']}; events {events}"
+            ) from None
+        go.write_text("")  # the client's second half, then its FIN
+        out, _ = cli.communicate(timeout=60)
+        assert cli.returncode == 0, out
+        got, sent = json.loads(out.strip().splitlines()[-1]), srv.next()
+        wait_for(lambda: forwarder(events, "closed"), 60, "the connection's end in the trace")
+        status = agent.request("status")
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=60)
+        reader.join(timeout=30)
+        assert tracer.returncode in (0, 130), tracer.stderr.read()
+    finally:
+        go.touch()  # a client still waiting goes on (it would wait 60 s at most)
+        assert agent.stop() == 0, agent.log()
+    assert (got["recv_bytes"], got["recv_sha"]) == (BULK, sent["sent_sha"])  # intact, in order
+    assert (sent["recv_bytes"], sent["recv_sha"]) == (128 * KIB, got["sent_sha"])
+    held, (closed,) = forwarder(events, "throttled"), forwarder(events, "closed")
+    dst = f"{server.ip4}:{PORT}"
+    assert {(e["pod"], e["orig_dst"], e["reason"], e["datapath"]) for e in held} == {
+        ("client", dst, "budget", "sockmap")
+    }, held
+    assert held[0]["client"] == closed["client"]  # the same connection
+    assert closed["datapath"] == "sockmap"
+    path = status["datapaths"]["sockmap"]
+    assert path["budget_bytes"] == 16 * KIB and path["throttles"] >= len(held), path
+    assert status["decisions"]["throttled"]["egress"] > 0, status["decisions"]

@@ -95,3 +95,40 @@ def test_close_never_waits_on_a_client(server):
         done.set()
         for sock in socks:
             sock.close()
+
+
+SNAPSHOT = {
+    "kernel": "6.1.0", "backend": "ebpf", "datapath": "sockmap", "outcomes": {}, "bytes": {},
+    "active": {}, "errors": {}, "handoff_bytes": 0, "map_entries": {}, "attach_seconds": (),
+}  # fmt: skip
+
+
+def rendered(snapshot: dict) -> dict[str, float]:
+    """{sample name: value} of what a scrape would show, through
+    prometheus_client's own text format and parser."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(lambda: snapshot, None))
+    text = generate_latest(registry).decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_the_sockmap_back_pressure_is_exposed_by_name():
+    sockmap = {"throttles": 7, "throttled_connections": 2, "held_bytes": 12345,
+               "budget_bytes": 16384, "stalls": 0, "fallbacks": 0, "msg": True}  # fmt: skip
+    got = rendered({**SNAPSHOT, "datapaths": {"copy": {}, "sockmap": sockmap}})
+    assert got["meshagent_sockmap_throttles_total"] == 7
+    assert got["meshagent_sockmap_throttled_connections"] == 2
+    assert got["meshagent_sockmap_held_bytes"] == 12345
+    assert got["meshagent_sockmap_budget_bytes"] == 16384
+
+
+def test_no_sockmap_path_no_sockmap_back_pressure_metrics():
+    for snapshot in (SNAPSHOT, {**SNAPSHOT, "datapaths": {"copy": {}, "splice": {}}}):
+        got = rendered(snapshot)
+        assert "meshagent_build_info" in got  # the rest is rendered
+        back_pressure = ("meshagent_sockmap_throttle", "meshagent_sockmap_held",
+                         "meshagent_sockmap_budget")  # fmt: skip
+        assert not [name for name in got if name.startswith(back_pressure)]
