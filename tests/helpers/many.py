@@ -1,5 +1,7 @@
 """Thousands of connections at once, for the [F] load test: `serve PORT`
-echoes every byte back on every connection (one selector, no threads);
+echoes every byte back on every connection (one selector, no threads;
+it reads no more while 1 MiB waits to go back, and after a client's EOF
+it sends the rest, then closes);
 `client HOST PORT N SIZE` opens N connections, holds them all open at once,
 sends SIZE random bytes on each, checks each echo by digest, and prints one
 JSON line: {"open_at_once": N, "ok": n, "bad": [...]}."""
@@ -22,6 +24,7 @@ def serve(port: int) -> None:
     srv.setblocking(False)
     sel.register(srv, selectors.EVENT_READ)
     pending: dict[socket.socket, bytearray] = {}
+    ended: set[socket.socket] = set()  # the client's EOF came: send the rest, then close
     print(json.dumps({"listening": port}), flush=True)
     while True:
         for key, events in sel.select():
@@ -37,16 +40,13 @@ def serve(port: int) -> None:
                     sel.register(conn, selectors.EVENT_READ)
                 continue
             out = pending[sock]
-            if events & selectors.EVENT_READ:
+            if events & selectors.EVENT_READ and sock not in ended and len(out) < 1 << 20:
                 try:
                     data = sock.recv(65536)
                 except (BlockingIOError, ConnectionResetError):
                     data = None
                 if data == b"":
-                    sel.unregister(sock)
-                    del pending[sock]
-                    sock.close()
-                    continue
+                    ended.add(sock)
                 if data:
                     out += data
             if out:
@@ -54,7 +54,18 @@ def serve(port: int) -> None:
                     del out[: sock.send(out)]
                 except BlockingIOError:
                     pass
-            sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
+                except OSError:
+                    out.clear()
+                    ended.add(sock)
+            if sock in ended and not out:
+                sel.unregister(sock)
+                del pending[sock]
+                ended.discard(sock)
+                sock.close()
+                continue
+            reading = sock not in ended and len(out) < 1 << 20
+            sel.modify(sock, (selectors.EVENT_READ if reading else 0)
+                       | (selectors.EVENT_WRITE if out else 0))  # fmt: skip
 
 
 def client(host: str, port: int, count: int, size: int) -> None:

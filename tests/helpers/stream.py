@@ -3,7 +3,8 @@
 `stream HOST PORT SECONDS`: one connection to an echo server; for SECONDS
 it sends 32 KiB every 20 ms while a thread reads the echo, then half-closes
 and reads to EOF. Prints one JSON line: bytes and sha256 each way, the
-error if any.
+error if any. `stream-slow`: the reader rests 100 ms after every 128 KiB,
+slower than the sender: the echo backs up and both ends are held back.
 
 `connects HOST PORT SECONDS`: for SECONDS, a new connection every 20 ms
 that sends 100 bytes and reads them back. Prints {"ok": n, "failed": {...}}.
@@ -21,7 +22,7 @@ import threading
 import time
 
 
-def stream(host: str, port: int, seconds: float) -> None:
+def stream(host: str, port: int, seconds: float, slow: bool = False) -> None:
     sock = socket.create_connection((host, port), timeout=30)
     sent, got = hashlib.sha256(), hashlib.sha256()
     counts = {"sent": 0, "received": 0}
@@ -35,6 +36,10 @@ def stream(host: str, port: int, seconds: float) -> None:
                     return
                 got.update(data)
                 counts["received"] += len(data)
+                if slow and counts["received"] // (128 << 10) != (
+                    counts["received"] - len(data)
+                ) // (128 << 10):
+                    time.sleep(0.1)
         except OSError as exc:
             error.append(f"recv: {errno.errorcode.get(exc.errno, exc)}")
 
@@ -80,4 +85,7 @@ def connects(host: str, port: int, seconds: float) -> None:
 
 if __name__ == "__main__":
     kind, host, port, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    (stream if kind == "stream" else connects)(host, port, seconds)
+    if kind.startswith("stream"):
+        stream(host, port, seconds, slow=kind == "stream-slow")
+    else:
+        connects(host, port, seconds)

@@ -22,10 +22,10 @@ PORT = 9400
 SECONDS = float(os.environ.get("MESHAGENT_TAKEOVER_SECONDS", "30"))
 
 
-def traffic(env, client, server):
+def traffic(env, client, server, stream: str = "stream"):
     """The stream and the connect loop, started in the client pod."""
     procs = []
-    for kind in ("stream", "connects"):
+    for kind in (stream, "connects"):
         procs.append(env.popen(
             client, [sys.executable, str(HELPERS / "stream.py"), kind, server.ip4, str(PORT),
                      str(SECONDS)], stdout=subprocess.PIPE, text=True,
@@ -63,18 +63,27 @@ def echo_server(env, server):
 
 @pytest.mark.parametrize(
     "backend,datapath",
-    [("ebpf", "sockmap"), ("ebpf", "splice"), ("ebpf", "copy"), ("iptables", "sockmap")],
-)
+    [("ebpf", "sockmap"), ("ebpf", "sockmap-tight"), ("ebpf", "splice"), ("ebpf", "copy"),
+     ("iptables", "sockmap")],
+)  # fmt: skip
 def test_a_transfer_keeps_flowing_across_an_upgrade(mesh_env, backend, datapath):
+    """sockmap-tight: a 16 KiB back-pressure budget, so the kernel holds the
+    stream's bytes back again and again, before, during and after the switch."""
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     echo_server(mesh_env, server)
+    datapath, _, tight = datapath.partition("-")
     args = ("--redirect", backend, "--datapath", datapath)
+    if tight:
+        args += ("--sockmap-budget", str(16 * 1024))
     old = start_agent(mesh_env, *args)
     old.attach(client)
-    procs = traffic(mesh_env, client, server)
+    procs = traffic(mesh_env, client, server, "stream-slow" if tight else "stream")
     wait_for(lambda: old.pod_status("client")["connections_active"] >= 1, 30, "the stream")
     time.sleep(SECONDS / 4)  # well into the transfer
+    if tight:  # held back already when the switch comes
+        wait_for(lambda: old.request("status")["datapaths"]["sockmap"]["throttles"] > 0, 30,
+                 "the kernel to hold the stream back")  # fmt: skip
     new = start_agent(mesh_env, *args, "--takeover", log_name="new.log")
     try:
         wait_for(lambda: old.proc.poll() is not None, 60, "the old agent to exit")
@@ -94,6 +103,9 @@ def test_a_transfer_keeps_flowing_across_an_upgrade(mesh_env, backend, datapath)
         wait_for(lambda: new.pod_status("client")["connections_active"] == 0, 30, "idle")
         # New connections after the switch are the new agent's own.
         assert new.pod_status("client")["connections_total"] > took["conns"]
+        if tight:  # the new agent went on carrying what the kernel held back
+            path = status["datapaths"]["sockmap"]
+            assert path["throttles"] > 0 or path["handoff_bytes"] > 0, path
     finally:
         assert new.stop() == 0, new.log()
 

@@ -545,6 +545,7 @@ class Forwarder:
             "map_entries": {
                 name: count for p in self.paths.values() for name, count in p.map_entries().items()
             },
+            "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
         }
 
     def snapshot(self) -> dict:

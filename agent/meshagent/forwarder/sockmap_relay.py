@@ -54,6 +54,7 @@ EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
 RECHECK_FIRST = 0.0005
 RECHECK_MAX = 0.05
+RECHECK_CARRYING = 0.005  # held back and the budget let bytes go: look again soon
 STALL_SECONDS = 5.0
 
 
@@ -306,6 +307,7 @@ class SockmapRelay:
                 side.out_blocked = False
                 if side.base >= 0:
                     side.base += sent
+                    self.backoff = min(self.backoff, RECHECK_CARRYING)
                 del side.pending[:sent]
                 if side.pending:
                     side.out_blocked = sent < room  # the kernel took less than offered
