@@ -21,16 +21,23 @@
 #include "include/maps.h"
 #include "include/metrics.h"
 
-/* Are the bytes redirected from this socket that its peer's other end has
- * not acked yet (see mesh_redir in maps.h) at the budget? Only asked when
- * the segment would be redirected (X == Y). Any lookup failing: no. */
-static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer)
+/* Hold back (pass) instead of redirecting len more bytes to the peer T?
+ * Yes when the bytes on their way to T's other end, not acked yet, are at
+ * the budget (R + B - T's bytes_acked, see mesh_redir in maps.h), or when
+ * T's send queue could not take what waits in T's psock queue plus these
+ * at once. The second keeps the psock worker from ever waiting on T: while
+ * it waits, whatever T's own verdict passes queues behind it, uncharged to
+ * T's receive buffer, and T's window never closes (measured on 6.18: a pod
+ * that stopped reading replies sent 124 MB into it). Only asked when the
+ * segment would be redirected (X == Y). Any lookup failing: no. */
+static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer, __u64 len)
 {
-	__u64 *base, *redir, acked = 0;
+	__u64 *base, *redir, acked = 0, stream = 0, backlog, need;
+	__s64 wmem = 0, sndbuf = 0;
 	struct bpf_sock *sk;
 	void *tp;
 
-	if (MESH_TCP_BYTES_ACKED == 0)
+	if (MESH_TCP_BYTES_ACKED == 0 || MESH_SK_SNDBUF == 0)
 		return 0;
 	base = mesh_flight.lookup(&cookie);
 	if (!base)
@@ -39,13 +46,26 @@ static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer)
 	if (!sk)
 		return 0;
 	tp = bpf_skc_to_tcp_sock(sk);
-	if (tp)
+	if (tp) {
 		acked = *(__u64 *)(tp + MESH_TCP_BYTES_ACKED);
+		stream = acked + (__u32)(*(__u32 *)(tp + MESH_TCP_WRITE_SEQ) -
+					 *(__u32 *)(tp + MESH_TCP_SND_UNA));
+		wmem = *(int *)(tp + MESH_SK_WMEM_QUEUED);
+		sndbuf = *(int *)(tp + MESH_SK_SNDBUF);
+	}
 	bpf_sk_release(sk);
 	if (!tp)
 		return 0;
 	redir = mesh_redir.lookup(&cookie);
-	return (__s64)((redir ? *redir : 0) + *base - acked) >= (__s64)MESH_FLIGHT_MAX;
+	backlog = (redir ? *redir : 0) + *base;
+	if ((__s64)(backlog - acked) >= (__s64)MESH_FLIGHT_MAX)
+		return 1;
+	/* bytes in T's psock queue, plus these, with room for skb overhead */
+	need = backlog - stream + len;
+	if ((__s64)need < 0)
+		need = len;
+	need += need / 8 + 2048;
+	return wmem + (__s64)need > sndbuf;
 }
 
 /* The first segment held back since Python last caught up: tell the
@@ -85,7 +105,7 @@ int mesh_verdict(struct __sk_buff *skb)
 		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
-	if (mesh_over_budget(cookie, peer)) {
+	if (mesh_over_budget(cookie, peer, len)) {
 		mesh_count(MESH_REASON_THROTTLED);
 		mesh_wake_up(cookie);
 		return SK_PASS;  /* keeps the claim: Python carries it, in order */

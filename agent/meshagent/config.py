@@ -28,7 +28,11 @@ class AgentConfig:
     exclude_cidrs: tuple[str, ...] = ()
     log_format: LogFormat = LogFormat.TEXT
     datapath: DataPathChoice = DataPathChoice.AUTO
-    sockmap_sndbuf: int = 8 << 20  # send buffer of spliced sockets; 0: kernel autotuning
+    # Send buffer of spliced sockets (SO_SNDBUFFORCE: the kernel doubles it, to
+    # the default budget);
+    # it also bounds what Python carries when the budget holds bytes back.
+    # 0: kernel autotuning.
+    sockmap_sndbuf: int = 2 << 20
     # Back-pressure: bytes a spliced socket may have on their way to the other
     # end, not yet acked, before the kernel holds the rest back (bpf/skb_verdict.c).
     sockmap_budget: int = 4 << 20

@@ -31,11 +31,24 @@
 #define MESH_FLIGHT_MAX (4 << 20)
 #endif
 
-/* Byte offset of bytes_acked in struct tcp_sock, read from the running
- * kernel's BTF by the agent (meshagent.bpf.btf): the installed headers may
- * be another kernel's. 0: unknown, the verdict never holds back. */
+/* Byte offsets in struct tcp_sock (struct sock's fields included: it is
+ * embedded first), read from the running kernel's BTF by the agent
+ * (meshagent.bpf.btf): the installed headers may be another kernel's.
+ * 0: unknown, the verdict never holds back. */
 #ifndef MESH_TCP_BYTES_ACKED
 #define MESH_TCP_BYTES_ACKED 0
+#endif
+#ifndef MESH_TCP_WRITE_SEQ
+#define MESH_TCP_WRITE_SEQ 0
+#endif
+#ifndef MESH_TCP_SND_UNA
+#define MESH_TCP_SND_UNA 0
+#endif
+#ifndef MESH_SK_WMEM_QUEUED
+#define MESH_SK_WMEM_QUEUED 0
+#endif
+#ifndef MESH_SK_SNDBUF
+#define MESH_SK_SNDBUF 0
 #endif
 
 /* Size of mesh_wake (throttled sockets for the forwarder), in pages. */

@@ -150,8 +150,12 @@ def test_an_unreadable_path_says_why(tmp_path):
 
 @pytest.mark.skipif(not btf.VMLINUX.exists(), reason=f"this kernel has no {btf.VMLINUX}")
 def test_the_running_kernels_tcp_sock():
-    offset = btf.tcp_sock_offsets()["bytes_acked"]  # a u64
-    assert offset > 0 and offset % 8 == 0
+    offsets = btf.tcp_sock_offsets()
+    assert offsets["bytes_acked"] > 0 and offsets["bytes_acked"] % 8 == 0  # a u64
+    assert offsets["write_seq"] % 4 == 0 and offsets["snd_una"] % 4 == 0  # u32s
+    # struct sock comes first in tcp_sock: its fields lie before tcp_sock's own
+    assert 0 < offsets["sk_wmem_queued"] < offsets["write_seq"]
+    assert 0 < offsets["sk_sndbuf"] < offsets["write_seq"]
     flags = btf.cflags()
-    assert flags == [f"-DMESH_TCP_BYTES_ACKED={offset}"]
-    assert re.fullmatch(r"-DMESH_TCP_BYTES_ACKED=[1-9][0-9]*", flags[0])
+    assert flags == [f"-D{macro}={offsets[field]}" for field, macro in btf.CFLAGS.items()]
+    assert all(re.fullmatch(r"-DMESH_[A-Z_]+=[1-9][0-9]*", flag) for flag in flags)

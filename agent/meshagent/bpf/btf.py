@@ -81,10 +81,28 @@ def _members(raw: bytes, at: int, vlen: int, kind_flag: int, strings: int, struc
     return found
 
 
+# What the verdict reads of its peer socket, by the -D macro it enters as.
+CFLAGS = {
+    "bytes_acked": "MESH_TCP_BYTES_ACKED",
+    "write_seq": "MESH_TCP_WRITE_SEQ",
+    "snd_una": "MESH_TCP_SND_UNA",
+    "sk_wmem_queued": "MESH_SK_WMEM_QUEUED",
+    "sk_sndbuf": "MESH_SK_SNDBUF",
+}
+
+
 @functools.cache
 def tcp_sock_offsets() -> dict[str, int]:
-    """Offsets in struct tcp_sock the verdict reads (bpf/skb_verdict.c)."""
-    return member_offsets("tcp_sock", ("bytes_acked",))
+    """Offsets in struct tcp_sock of what the verdict reads (bpf/skb_verdict.c):
+    tcp_sock's own fields, and struct sock's, which tcp_sock embeds first
+    (tcp_sock.inet_conn.icsk_inet.sk; each checked to be at offset 0)."""
+    out = member_offsets("tcp_sock", ("inet_conn", "bytes_acked", "write_seq", "snd_una"))
+    chain = (out.pop("inet_conn"), member_offsets("inet_connection_sock", ("icsk_inet",))["icsk_inet"],
+             member_offsets("inet_sock", ("sk",))["sk"])  # fmt: skip
+    if any(chain):
+        raise BtfError("struct sock is not at the start of struct tcp_sock in this kernel's BTF")
+    out.update(member_offsets("sock", ("sk_wmem_queued", "sk_sndbuf")))
+    return out
 
 
 def cflags() -> list[str]:
@@ -94,4 +112,4 @@ def cflags() -> list[str]:
         offsets = tcp_sock_offsets()
     except BtfError:
         return []
-    return [f"-DMESH_TCP_BYTES_ACKED={offsets['bytes_acked']}"]
+    return [f"-D{macro}={offsets[field]}" for field, macro in CFLAGS.items()]

@@ -61,7 +61,8 @@ Examples:
     "--sockmap-sndbuf",
     type=int,
     default=AgentConfig.sockmap_sndbuf,
-    help="Send buffer (bytes) of spliced sockets; 0 leaves it to the kernel.",
+    help="Send buffer (bytes, the kernel doubles it) of spliced sockets; it also bounds what"
+    " the forwarder carries while the budget holds bytes back. 0 leaves it to the kernel.",
 )
 @click.option(
     "--sockmap-budget",

@@ -14,9 +14,10 @@ verdict redirects from a socket S only while the bytes on their way to its
 peer T's other end stay under the budget; past it, it passes and names S in
 mesh_wake (SockmapPath reads it and calls throttled()). Python then carries
 S's passed bytes like any hand-off, but sends T nothing while T's psock
-queue still holds redirected bytes (they would be overtaken) and never
-more than the budget allows; until it may, it holds at most one read, so
-S's receive queue fills and S's window closes: the server's send blocks.
+queue still holds redirected bytes (they would be overtaken); T's send
+buffer (set near the budget, SockmapPath.enter) bounds what Python puts in
+it, and Python holds at most one read, so S's receive queue fills and S's
+window closes: the server's send blocks.
 
 With sk_msg (bpf/sk_msg.c), where sock_ops put the pod's own socket A into
 mesh_apphash: A's sends go straight into the upstream socket's send queue,
@@ -54,7 +55,6 @@ EPOLLERR = select.EPOLLERR
 EPOLLHUP = select.EPOLLHUP
 RECHECK_FIRST = 0.0005
 RECHECK_MAX = 0.05
-RECHECK_CARRYING = 0.005  # held back and the budget let bytes go: look again soon
 STALL_SECONDS = 5.0
 
 
@@ -158,15 +158,10 @@ class SockmapRelay:
             self.on_throttle(self)
         self._progress()
 
-    def _room(self, side: Side) -> int:
-        """How many of side's pending bytes may go to its peer now: none
-        while the peer's psock queue holds redirected bytes (they came
-        first), else what the budget has left."""
-        redirected = self.maps.redirected(side.cookie)
-        acked, queued = side.peer.stream()
-        if redirected + side.base > queued:
-            return 0
-        return self.maps.budget - (redirected + side.base - acked)
+    def _overtakes(self, side: Side) -> bool:
+        """Would bytes sent to side's peer now overtake redirected ones still
+        in the peer's psock queue (R + B beyond what entered its stream)?"""
+        return self.maps.redirected(side.cookie) + side.base > side.peer.stream()[1]
 
     @property
     def throttling(self) -> bool:
@@ -293,27 +288,21 @@ class SockmapRelay:
         recv() after it (measured on 6.x), so X alone cannot see them."""
         while True:
             if side.pending:
-                room = self._room(side) if side.base >= 0 else len(side.pending)
-                if room <= 0:
+                if side.base >= 0 and self._overtakes(side):
                     side.out_blocked = False
-                    return True  # the peer's queue or reader: the timer rechecks
+                    return True  # the psock worker is on it: the timer rechecks
                 try:
-                    sent = side.peer.sock.send(
-                        side.pending if room >= len(side.pending) else side.pending[:room]
-                    )
+                    sent = side.peer.sock.send(side.pending)
                 except BlockingIOError:
                     side.out_blocked = True
                     return False  # EPOLLOUT on the peer wakes us
-                side.out_blocked = False
                 if side.base >= 0:
                     side.base += sent
-                    self.backoff = min(self.backoff, RECHECK_CARRYING)
                 del side.pending[:sent]
-                if side.pending:
-                    side.out_blocked = sent < room  # the kernel took less than offered
-                    if not side.out_blocked:
-                        continue  # the budget cut it: the room check waits
+                if side.pending:  # the peer's send buffer is full (it bounds what we carry)
+                    side.out_blocked = True
                     return False  # EPOLLOUT on the peer wakes us
+                side.out_blocked = False
                 side.pending = b""
             if side.sent_y != side.read_total:
                 self._store_y(side)
