@@ -57,7 +57,9 @@ static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer, __u64 len
 	if (!tp)
 		return 0;
 	redir = mesh_redir.lookup(&cookie);
-	backlog = (redir ? *redir : 0) + *base;
+	if (!redir)
+		return 1;  /* R is made with B: without it nothing could be counted */
+	backlog = *redir + *base;
 	if ((__s64)(backlog - acked) >= (__s64)MESH_FLIGHT_MAX)
 		return 1;
 	/* bytes in T's psock queue, plus these, with room for skb overhead */
@@ -115,11 +117,7 @@ int mesh_verdict(struct __sk_buff *skb)
 		return SK_PASS;
 	}
 	__sync_fetch_and_add(passed, -len);
-	redir = mesh_redir.lookup(&cookie);
-	if (!redir) {
-		mesh_redir.update(&cookie, &zero);
-		redir = mesh_redir.lookup(&cookie);
-	}
+	redir = mesh_redir.lookup(&cookie);  /* made by Python with B (or no budget) */
 	if (redir)
 		__sync_fetch_and_add(redir, len);
 	mesh_count(MESH_REASON_SPLICED);

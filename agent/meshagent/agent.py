@@ -195,11 +195,11 @@ class Agent:
             m for m in DataPathMode if m is not DataPathMode.SPLICE or self.probe.has("splice")
         )
 
-        def paths(loop: Loop):
+        def paths(loop: Loop, wake: bool = True):
             msg = self.plan.msg and self.cfg.sockmap_msg
-            return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf, msg)
+            return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf, msg, wake)
 
-        mode, reason = self._choose_datapath(paths)
+        mode, reason = self._choose_datapath(lambda loop: paths(loop, wake=False))
         self.forwarder = Forwarder(
             self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max
         )

@@ -129,8 +129,8 @@ BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);
 /* Back-pressure (skb_verdict.c): bytes on their way from a socket S to its
  * peer T's other end that it has not acked yet are
  *     R + B - T's bytes_acked     (u64 arithmetic, read as signed)
- * R (mesh_redir, written only by the verdict) counts the bytes redirected
- * from S; B (mesh_flight, written only by Python) is T's stream length when
+ * R (mesh_redir: made 0 by Python with B, before S has a peer; then added
+ * to only by the verdict) counts the bytes redirected from S; B (mesh_flight, written only by Python) is T's stream length when
  * the pair began splicing plus what Python has sent T since (stored before
  * the Y that lets the verdict redirect again). At MESH_FLIGHT_MAX the
  * verdict passes instead of redirecting: the bytes wait in S's own receive

@@ -64,6 +64,9 @@ class FakeMaps:
     def redirected(self, cookie: int) -> int:
         return 0
 
+    def start_budget(self, cookie: int, base: int) -> None:
+        self.bases[cookie] = base
+
     def store_base(self, cookie: int, base: int) -> None:
         self.bases[cookie] = base
 

@@ -112,7 +112,7 @@ def _carry(path: DataPath, loop: Loop, front: socket.socket, back: socket.socket
         loop.stop()
 
     conn = path.join(fwd_client, fwd_up, state, done)
-    if not _run(loop, conn, moved):
+    if not _run(loop, path, conn, moved):
         conn.finish("self-test deadline")
         return f"not done within {DEADLINE:g}s"
     for end in ends:
@@ -148,13 +148,25 @@ def _held_back(path: DataPath, loop: Loop, front: socket.socket, back: socket.so
     conn = path.join(fwd_client, fwd_up, state, done)
     writer.start()
     reader.start()
+    try:
+        return _hold_and_read(path, loop, conn, result, (blocked, moved, resume), writer, reader)
+    finally:
+        resume.set()
+        if not conn.closed:
+            conn.finish(None)
+
+
+def _hold_and_read(path: DataPath, loop: Loop, conn: Connection, result: dict,
+                   events: tuple[threading.Event, ...], writer: threading.Thread,
+                   reader: threading.Thread) -> str | None:  # fmt: skip
+    blocked, moved, resume = events
 
     def held() -> bool:
         if conn.settled:
             moved.set()
         return blocked.is_set() or not writer.is_alive()
 
-    _run_until(loop, held)
+    _run_until(loop, path, held)
     writer.join(STUFF_DEADLINE)
     written = result.get("written", 0)
     if result.get("reason"):
@@ -167,18 +179,19 @@ def _held_back(path: DataPath, loop: Loop, front: socket.socket, back: socket.so
         )
     result["want"] = written
     resume.set()
-    _run_until(loop, lambda: not reader.is_alive())
+    _run_until(loop, path, lambda: not reader.is_alive())
     reader.join(0.1)
     if result["read"] != written:
         return f"held back, then {result['read']} of {written} bytes arrived"
-    conn.finish(None)
     return None
 
 
-def _run_until(loop: Loop, done: Callable[[], bool]) -> None:
-    """Run the loop until done() or STUFF_DEADLINE."""
+def _run_until(loop: Loop, path: DataPath, done: Callable[[], bool]) -> None:
+    """Run the loop until done() or STUFF_DEADLINE; the path's tick() every
+    10 ms (a self-test's sockmap path finds hold-backs there)."""
 
     def check() -> None:
+        path.tick()
         if done():
             loop.stop()
         else:
@@ -269,10 +282,11 @@ def _talk(sock: socket.socket, data: bytes, out: dict, key: str,
     return end
 
 
-def _run(loop: Loop, conn: Connection, moved: threading.Event) -> bool:
+def _run(loop: Loop, path: DataPath, conn: Connection, moved: threading.Event) -> bool:
     """The loop, until the connection ends or DEADLINE; whether it ended."""
 
     def watch() -> None:  # copy first: the ends send on once the pair moved
+        path.tick()  # hold-backs (a self-test's path does not read mesh_wake)
         if conn.settled or conn.closed:
             moved.set()
         else:

@@ -61,7 +61,7 @@ class SockmapPath(DataPath):
 
     def __init__(
         self, loop: Loop, maps: SockmapMaps, fallback: CopyPath, sndbuf: int = 0, msg: bool = False,
-        copy_first: bool = True,
+        copy_first: bool = True, wake: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(loop)
         self.maps = maps
@@ -73,7 +73,12 @@ class SockmapPath(DataPath):
         self._failures_seen = 0
         self.last_refusal = ""  # why the sockhash last refused a socket
         # The verdict names sockets it held bytes back on (back-pressure).
-        loop.add(maps.wake_fd, select.EPOLLIN, self._woken)
+        # One reader only: a path that does not read (the start self-test's,
+        # maybe beside a running agent's during a takeover) rechecks its
+        # pairs at every tick() instead.
+        self.wake = wake
+        if wake:
+            loop.add(maps.wake_fd, select.EPOLLIN, self._woken)
 
     def _woken(self, _events: int) -> None:
         for cookie in self.maps.woken():
@@ -204,7 +209,7 @@ class SockmapPath(DataPath):
         since the last look, recheck every spliced pair."""
         self.maps.flush()
         failures = self.maps.redirect_failures()
-        if failures != self._failures_seen:
+        if failures != self._failures_seen or not self.wake:
             self._failures_seen = failures
             for relay in list(self.relays):
                 relay.recheck()

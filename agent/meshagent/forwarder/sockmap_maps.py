@@ -97,12 +97,20 @@ class SockmapMaps:
         """R: bytes the verdict redirected from this socket."""
         return self.redir.lookup_u64(cookie) or 0
 
+    def start_budget(self, cookie: int, base: int) -> None:
+        """R = 0 and B, before the socket has a peer (no redirect can race
+        the R store): the verdict budgets its redirects from now on. Raises
+        OSError when a map is full."""
+        self.redir.update_u64(cookie, 0)
+        self.store_base(cookie, base)
+
     def store_base(self, cookie: int, base: int) -> None:
-        """B: the verdict budgets this socket's redirects from now on."""
+        """B grows by what Python sent the peer (stored before a Y)."""
         self.flight.update_u64(cookie, base % (1 << 64))
 
     def clear_base(self, cookie: int) -> None:
-        self.flight.delete_u64(cookie)
+        for table in (self.flight, self.redir):
+            table.delete_u64(cookie)
 
     def store_y(self, cookie: int, y: int) -> None:
         self.sent.update_u64(cookie, y)

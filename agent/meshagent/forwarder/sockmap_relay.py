@@ -116,9 +116,9 @@ class SockmapRelay:
             if side.pending:  # held at the move: no redirect before they are sent
                 side.sent_y = -1
                 self.maps.store_y(side.cookie, BLOCKED)
-        for side in self._redirecting():
-            self._budget(side)
         try:
+            for side in self._redirecting():
+                self._budget(side)
             if self.app is not None:
                 if self.client.y_base and not self.client.pending:
                     # before any target: P counted what Python carried
@@ -126,7 +126,7 @@ class SockmapRelay:
                 self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
             else:
                 self.maps.set_peers(self.client.cookie, self.upstream.cookie)
-        except OSError:  # no peer, no redirect: the budgets go with it
+        except OSError:  # a map is full: no peer, no redirect, no budgets
             for side in self._redirecting():
                 self.maps.clear_base(side.cookie)
                 self.maps.watched.pop(side.cookie, None)
@@ -145,7 +145,7 @@ class SockmapRelay:
         """B for side, before its peer is set (R is 0): the verdict holds
         back what would take its peer's unacked bytes past the budget."""
         side.base = side.peer.stream()[1]
-        self.maps.store_base(side.cookie, side.base)
+        self.maps.start_budget(side.cookie, side.base)
         self.maps.watched[side.cookie] = side
 
     def throttled(self, side: Side) -> None:
@@ -418,10 +418,10 @@ class SockmapRelay:
             side.restore(saved, pending)
         relay.closed_by = state["closed_by"]
         for side in relay._redirecting():
-            if side.base < 0:  # from an agent without budgets: count from here
-                side.base = side.peer.stream()[1] - maps.redirected(side.cookie)
-                maps.store_base(side.cookie, side.base)
-            maps.watched[side.cookie] = side
+            # A pair from an agent without budgets stays without one: what
+            # its psock queues hold is unknown, so B cannot be lined up.
+            if side.base >= 0:
+                maps.watched[side.cookie] = side
         for side in (relay.client, relay.upstream):
             relay._register(side)
         # No I/O until the loop runs (after the handover); a wake-up the old

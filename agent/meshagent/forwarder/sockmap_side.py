@@ -103,5 +103,9 @@ class Side:
         """(bytes_acked as the kernel counts it, that plus the bytes queued
         unacked): what the verdict's budget compares with (no SYN/FIN fix-up:
         B absorbs it)."""
-        acked = tcp_counts(self.sock)[0]
-        return acked, acked + unsent(self.sock)
+        for _ in range(8):  # an ACK between the two reads would make it short
+            acked = tcp_counts(self.sock)[0]
+            queued = unsent(self.sock)
+            if tcp_counts(self.sock)[0] == acked:
+                break
+        return acked, acked + queued
