@@ -97,8 +97,10 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
         if path["msg"]:  # the pod's sends went straight upstream
             assert status["decisions"]["msg_spliced"]["egress"] > 0
         if agent.tight:  # held back again and again, and still every byte in order
-            # (a connection that never carried 64 KiB stays on copy)
-            assert path["throttles"] >= conns // 4, path
+            # (a connection that never carried 64 KiB stays on copy; a
+            # hold-back lasts until Python caught up: count held segments)
+            assert path["throttles"] > 0, path
+            assert status["decisions"]["throttled"]["egress"] >= conns // 4, status["decisions"]
         else:
             assert path["handoff_bytes"] < path["bytes"] / 2, path
     wait_for(lambda: drained(agent), what="map entries to go")

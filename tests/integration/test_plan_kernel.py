@@ -38,7 +38,7 @@ def test_run_and_probe_kernel_agree(mesh_env):
     assert report["auto"]["backend_reason"] == status["backend_reason"]
     assert report["auto"]["programs"] == status["plan"]["programs"]
     assert report["auto"]["datapaths"] == status["plan"]["datapaths"]
-    assert status["datapath"] == report["auto"]["datapath"] == datapath
+    assert status["datapath"] == report["auto"]["datapath"] == datapath, status["datapath_reason"]
     assert report["refused"] == {}
 
 
