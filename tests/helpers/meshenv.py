@@ -32,6 +32,16 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Kill proc (by its PID) if it still runs, and wait for it (10 s at most)."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.02):
     """Poll until predicate() is truthy; fail the test with `what` on timeout."""
     deadline = time.monotonic() + timeout
@@ -164,12 +174,7 @@ class MeshEnv:
         from meshagent.pods.standalone import delete_pod
 
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            reap(proc)
         from meshagent.cleanup import cleanup as agent_cleanup
 
         try:  # what a stopped agent keeps for its successor: pins, rules

@@ -33,7 +33,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from meshenv import MeshEnv, start_agent
+from meshenv import MeshEnv, reap, start_agent
 
 PORT = 7311
 CAP = 256 << 20
@@ -252,12 +252,7 @@ for sock in socks:
 
 def end(proc: subprocess.Popen) -> None:
     """Kill proc (by its PID) if it still runs, and reap it."""
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+    reap(proc)
 
 
 class Peer:
@@ -300,6 +295,18 @@ def agent_for(env: MeshEnv, datapath: str):
     agent = start_agent(env, "--datapath", mode, *(["--no-sockmap-msg"] if nomsg else []))
     assert agent.request("status")["datapath"] == mode
     return agent
+
+
+def one_connection(env: MeshEnv, server, client, peers: list) -> tuple[Peer, Peer]:
+    """A Peer listening in server and one in client connected to it (both
+    added to peers, which the test ends)."""
+    far = Peer(env, server, "listen", "0.0.0.0", 1)
+    peers.append(far)
+    assert "listening" in far.next("listening")
+    near = Peer(env, client, "connect", server.ip4, 1)
+    peers.append(near)
+    assert far.next("accept") == near.next("connect") == {"ready": 1}
+    return far, near
 
 
 def held_back(agent) -> dict:
@@ -409,12 +416,7 @@ def test_a_slow_reader_gets_every_byte_in_order(mesh_env, datapath):
     peers: list[Peer] = []
     try:
         agent.attach(client)
-        writer = Peer(mesh_env, server, "listen", "0.0.0.0", 1)
-        peers.append(writer)
-        assert "listening" in writer.next("listening")
-        reader = Peer(mesh_env, client, "connect", server.ip4, 1)
-        peers.append(reader)
-        assert writer.next("accept") == reader.next("connect") == {"ready": 1}
+        writer, reader = one_connection(mesh_env, server, client, peers)
         writer.tell("run", send_to=SLOW_TOTAL, stall=60)  # blocks as long as it must
         reader.tell("run", recv_to=SLOW_TOTAL, pace=SLOW_PACE)
         seen = reader.next("the reader's count")
@@ -448,12 +450,7 @@ def test_a_pod_that_stops_reading_replies_stops_its_own_sends(mesh_env, datapath
     peers: list[Peer] = []
     try:
         agent.attach(client)
-        echo = Peer(mesh_env, server, "listen", "0.0.0.0", 1)
-        peers.append(echo)
-        assert "listening" in echo.next("listening")
-        pod = Peer(mesh_env, client, "connect", server.ip4, 1)
-        peers.append(pod)
-        assert echo.next("accept") == pod.next("connect") == {"ready": 1}
+        echo, pod = one_connection(mesh_env, server, client, peers)
         echo.tell("echo")
         pod.tell("run", send_to=ECHO_TOTAL, stall=1.5)
         first = pod.next("the pod's count")["sent"][0]
@@ -494,12 +491,7 @@ def test_a_server_that_stops_reading_stops_the_pod(mesh_env, datapath):
     peers: list[Peer] = []
     try:
         agent.attach(client)
-        reader = Peer(mesh_env, server, "listen", "0.0.0.0", 1)
-        peers.append(reader)
-        assert "listening" in reader.next("listening")
-        writer = Peer(mesh_env, client, "connect", server.ip4, 1)
-        peers.append(writer)
-        assert reader.next("accept") == writer.next("connect") == {"ready": 1}
+        reader, writer = one_connection(mesh_env, server, client, peers)
         writer.tell("run", send_to=CAP, stall=1.5)
         written = writer.next("the pod's count")["sent"]
         held = held_back(agent)
