@@ -18,6 +18,7 @@ class Pair(Protocol):
 
 
 SO_RCVBUFFORCE = 33
+SO_MEMINFO = 55
 # The receive buffer a held-back socket shrinks to while Python carries
 # (Side.narrow_window): below copy.CHUNK, so one peek takes all it holds.
 NARROW_FLOOR = 128 * 1024
@@ -114,34 +115,40 @@ class Side:
     def narrow_window(self) -> None:
         """A hold-back began, or Python is behind the writer in a hand-off
         (a peek came back full): from now on sock's receive buffer shrinks by
-        what Python takes (shrink_window), so taking bytes does not reopen
-        sock's window. Otherwise a writer that never pauses refills the
-        queue as fast as Python empties it, the queue never empties, and
-        splicing never resumes. The buffer never goes below what sock
-        already holds plus what its window still offers: nothing is dropped."""
+        the memory each take frees (shrink_window), so taking bytes does not
+        reopen sock's window. Otherwise a writer that never pauses refills
+        the queue as fast as Python empties it, the queue never empties, and
+        splicing never resumes. The room left (buffer minus memory held)
+        never shrinks, so whatever the window already offered still fits:
+        nothing is dropped. (Shrinking by the bytes taken did drop: a
+        partly read skb frees its memory only when it is all read.)"""
         if not self.rcvbuf:
             with contextlib.suppress(OSError):
                 self.rcvbuf = self.rcvbuf_now = self.sock.getsockopt(
                     socket.SOL_SOCKET, socket.SO_RCVBUF
                 )
 
-    def shrink_window(self, taken: int) -> None:
-        """Python took `taken` bytes off sock's queue during a hold-back."""
-        if not self.rcvbuf or self.rcvbuf_now <= NARROW_FLOOR:
-            return
-        # the skbs freed weigh more than their bytes: take off a little more
-        self.rcvbuf_now = max(NARROW_FLOOR, self.rcvbuf_now - taken - taken // 8)
-        self._set_rcvbuf(self.rcvbuf_now)
+    def rmem(self) -> int:
+        """The receive memory sock holds (SO_MEMINFO), passed skbs included."""
+        return struct.unpack_from("I", self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 36))[0]
+
+    def shrink_window(self, freed: int) -> None:
+        """A take during a hold-back freed `freed` bytes of receive memory."""
+        if self.rcvbuf and freed > 0 and self.rcvbuf_now > NARROW_FLOOR:
+            self.rcvbuf_now = max(NARROW_FLOOR, self.rcvbuf_now - freed)
+            self._set_rcvbuf(self.rcvbuf_now)
 
     def widen_window(self, size: int) -> None:
-        """Spliced again: sock's buffer goes to `size`, from now on fixed (a
+        """Spliced again: sock's buffer goes to `size` (or stays larger), from now on fixed (a
         buffer set by hand is no longer grown by the kernel). A spliced
         socket's queue is empty, so the buffer only sets the window its
         writer may fill; but at the next hold-back all of that lands in the
         queue, and Python carries it: the smaller, the more the kernel
         carries of a transfer whose reader is slower than its writer."""
         if self.rcvbuf:
-            self._set_rcvbuf(size)
+            # never below where narrowing got to: the window offered at that
+            # size may still be filling, and less room would drop segments
+            self._set_rcvbuf(max(size, self.rcvbuf_now))
             self.rcvbuf = self.rcvbuf_now = 0
 
     def _set_rcvbuf(self, size: int) -> None:
