@@ -491,7 +491,9 @@ def test_after_a_hold_back_the_kernel_splices_again(mesh_env, datapath):
               f" Python carried {held['handoff_bytes'] >> 20} MiB; {held}")  # fmt: skip
         assert written["sent"] == [total], written
         assert seen["got"] == [total] and seen["bad"] == {}, seen
-        assert held["handoff_bytes"] <= first + AGAIN // 4, (
+        # Quiet 6.18 host: Python carried 20-25% of AGAIN; with a QEMU guest
+        # busy beside it, 37%; before the catch-up, all of it.
+        assert held["handoff_bytes"] <= first + AGAIN // 2, (
             f"Python carried {held['handoff_bytes'] >> 20} MiB of {total >> 20} MiB:"
             " splicing did not resume after the hold-back"
         )

@@ -54,6 +54,7 @@ class FakeMaps:
         self.entered = 0
         # Back-pressure: nothing is redirected here (R stays 0), nothing wakes.
         self.budget = 4 << 20
+        self.rcvbuf = 512 << 10  # what SockmapMaps.rcvbuf gives at that budget
         self.bases: dict[int, int] = {}
         self.watched: dict = {}
         self.wake_fd = os.eventfd(0)
