@@ -187,11 +187,12 @@ def test_the_start_self_test_moves_after_a_half_read_segment(sockmap_path):
 
     path, loaded = sockmap_path
     spliced = loaded.metric("spliced")
-    throttled = loaded.metric("throttled")
 
     def factory(loop):
         return build_paths(loop, (DataPathMode.SOCKMAP,), SockmapMaps(loaded, path.maps.budget))
 
     assert selftest.check(DataPathMode.SOCKMAP, factory) is None
     assert loaded.metric("spliced") > spliced, "the self-test never reached the kernel's splice"
-    assert loaded.metric("throttled") > throttled, "the self-test's writer was never held back"
+    # check() returning None means its writer blocked; by the kernel's hold-back
+    # only if that pair's hand-off caught up with the writer first, which it
+    # may not (test_backpressure's xfail): so the kernel's count is not asserted

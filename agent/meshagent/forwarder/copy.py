@@ -13,7 +13,6 @@ stream. Only an orderly close clears it first (orderly_close).
 from __future__ import annotations
 
 import contextlib
-import errno
 import select
 import socket
 import struct
@@ -39,30 +38,6 @@ def recv_scratch(sock: socket.socket) -> memoryview | None:
     except BlockingIOError:
         return None
     return _SCRATCH[:got]
-
-
-def peek_scratch(sock: socket.socket) -> memoryview | None:
-    """recv_scratch with MSG_PEEK: the bytes stay in sock's queue (and its
-    window stays as it is) until discard() takes them."""
-    try:
-        got = sock.recv_into(_SCRATCH, CHUNK, socket.MSG_PEEK)
-    except BlockingIOError:
-        return None
-    return _SCRATCH[:got]
-
-
-def discard(sock: socket.socket, count: int) -> None:
-    """Take count bytes, already peeked, off sock's queue. They are there:
-    anything else means the queue changed under the peek, and the pair must
-    end (OSError) rather than send a byte twice."""
-    while count:
-        try:
-            got = sock.recv_into(_SCRATCH, min(count, CHUNK))
-        except BlockingIOError:
-            got = 0
-        if got <= 0:
-            raise OSError(errno.EIO, f"{count} peeked bytes were gone from the queue")
-        count -= got
 
 
 HIGH = 1024 * 1024

@@ -40,7 +40,6 @@ DEADLINE = 1.0
 STUFF_CAP = 256 << 20  # a writer that gets this far was never held back
 STUFF_QUIET = 0.3  # seconds of EAGAIN that count as blocked
 STUFF_DEADLINE = 4.0
-STUFF_TICK = 0.001
 
 PathFactory = Callable[[Loop], "dict[DataPathMode, DataPath]"]
 
@@ -189,16 +188,14 @@ def _hold_and_read(path: DataPath, loop: Loop, conn: Connection, result: dict,
 
 def _run_until(loop: Loop, path: DataPath, done: Callable[[], bool]) -> None:
     """Run the loop until done() or STUFF_DEADLINE; the path's tick() every
-    STUFF_TICK (a self-test's sockmap path finds hold-backs there, not in
-    mesh_wake: under a small budget the kernel holds back every few tens
-    of KiB once Python has caught up, and each waits for the next tick)."""
+    10 ms (a self-test's sockmap path finds hold-backs there)."""
 
     def check() -> None:
         path.tick()
         if done():
             loop.stop()
         else:
-            loop.call_later(STUFF_TICK, check)
+            loop.call_later(0.01, check)
 
     check()
     timer = loop.call_later(STUFF_DEADLINE, loop.stop)

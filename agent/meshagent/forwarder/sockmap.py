@@ -29,7 +29,6 @@ from meshagent.modes import DataPathMode
 from meshagent.steering import AppSocket
 
 SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
 
 __all__ = ["BLOCKED", "UPGRADE_BYTES", "UPGRADE_READS", "Accepted", "CopyFirst", "SockmapPath",
            "SockmapRelay", "Start"]  # fmt: skip
@@ -100,9 +99,6 @@ class SockmapPath(DataPath):
             # buffer is full, retries only a jiffy later: a deep send buffer
             # keeps it from stalling (bulk throughput 0.4x -> ~0.85x direct).
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sndbuf)
-        # Never below what it has (a window it already offered must fit).
-        rcvbuf = max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), self.maps.rcvbuf)
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf // 2)  # the kernel doubles it
         try:
             self.maps.insert(sock, cookie)
         except OSError as exc:

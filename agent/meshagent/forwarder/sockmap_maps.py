@@ -90,16 +90,6 @@ class SockmapMaps:
         """Whether sock_ops puts pods' new sockets into mesh_apphash."""
         self.state.update(abi.U32.pack(abi.STATE_MSG_ON), abi.U64.pack(1 if on else 0))
 
-    @property
-    def rcvbuf(self) -> int:
-        """The receive buffer a spliced socket gets (SockmapPath.enter, and
-        again after a hold-back, Side.widen_window): an eighth of the
-        budget, at least 256 KiB. While spliced its queue is empty and it
-        only sets the window; at a hold-back it is what lands in the
-        socket's queue for Python to carry. Fixed, so the kernel does not
-        grow it (it did, to tcp_rmem's maximum, while bytes were held)."""
-        return max(self.budget // 8, 256 * 1024)
-
     def x(self, cookie: int) -> int:
         return self.passed.lookup_u64(cookie) or 0
 

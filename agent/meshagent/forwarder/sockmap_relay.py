@@ -39,7 +39,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from meshagent.forwarder.copy import CHUNK, discard, orderly_close, peek_scratch, reset_close
+from meshagent.forwarder.copy import orderly_close, recv_scratch, reset_close
 from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_side import Side
@@ -56,7 +56,6 @@ EPOLLHUP = select.EPOLLHUP
 RECHECK_FIRST = 0.0005
 RECHECK_MAX = 0.05
 STALL_SECONDS = 5.0
-CARRY_LEAST = 256 * 1024  # what Python may have on its way to a reader, whatever the budget
 
 
 class SockmapRelay:
@@ -155,25 +154,14 @@ class SockmapRelay:
             return
         side.throttled = True
         side.handed_off = False
-        side.narrow_window()
         if self.on_throttle is not None:
             self.on_throttle(self)
         self._progress()
 
-    def _room(self, side: Side) -> int:
-        """How much Python may send side's peer now under the verdict's own
-        rule: nothing while the peer's psock queue holds redirected bytes
-        (R + B beyond what entered its stream: ours would overtake them),
-        and no more than takes the bytes on their way to the peer's other
-        end (R + B - acked) to the budget. Python filling the peer past the
-        budget would keep the verdict holding back for good. Under a tiny
-        budget (a test's) Python still carries CARRY_LEAST a round: each
-        round waits on a timer for the reader's acks."""
-        acked, stream = side.peer.stream()
-        ahead = self.maps.redirected(side.cookie) + side.base
-        if ahead > stream:
-            return 0
-        return max(self.maps.budget, CARRY_LEAST) - (ahead - acked)
+    def _overtakes(self, side: Side) -> bool:
+        """Would bytes sent to side's peer now overtake redirected ones still
+        in the peer's psock queue (R + B beyond what entered its stream)?"""
+        return self.maps.redirected(side.cookie) + side.base > side.peer.stream()[1]
 
     @property
     def throttling(self) -> bool:
@@ -220,9 +208,9 @@ class SockmapRelay:
     # -- events ------------------------------------------------------------
     def _mask(self, side: Side) -> int:
         mask = 0
-        if (not side.handed_off or self._carries(side)) and not side.waits_for_peer:
+        if (not side.handed_off or self._carries(side)) and not side.pending:
             mask |= EPOLLIN
-        if side.peer.out_blocked:
+        if side.peer.pending and side.peer.out_blocked:
             mask |= EPOLLOUT
         if not side.eof:
             mask |= EPOLLRDHUP
@@ -270,7 +258,6 @@ class SockmapRelay:
     def _progress(self) -> None:
         if self.closed:
             return
-        moved = self.client.read_total + self.upstream.read_total
         try:
             waiting = False
             for side in (self.client, self.upstream):
@@ -288,8 +275,6 @@ class SockmapRelay:
             if side.registered:
                 self.loop.modify(side.sock.fileno(), self._mask(side))
         if waiting:
-            if self.client.read_total + self.upstream.read_total != moved:
-                self.backoff = RECHECK_FIRST  # bytes moved: look again soon
             self._recheck_later()
         else:
             self.backoff = RECHECK_FIRST
@@ -298,73 +283,45 @@ class SockmapRelay:
         """Forward what the verdict passed to side's queue. True while the
         hand-off is incomplete and nothing but time will move it on.
 
-        Bytes are peeked, sent on, counted in Y, and only then taken off
-        side's queue. Taking them reopens side's window, and what the other
-        end sends into it arrives at once (over a veth, inside that very
-        recv()): it must find Y already covering every byte before it, or a
-        writer that never pauses keeps the hand-off from ever completing
-        (the pair would stay in Python for good after a hold-back).
-
-        The peek comes before the X == Y test: bytes queued before the
-        socket entered the sockhash only pass through the verdict on the
-        first recv() after it (measured on 6.x), so X alone cannot see them."""
+        recv() comes before the X == Y test: bytes queued before the socket
+        entered the sockhash only pass through the verdict on the first
+        recv() after it (measured on 6.x), so X alone cannot see them."""
         while True:
-            if side.pending:  # held at a move (copy-first, a takeover): they go first
-                sent = self._send_on(side, side.pending)
+            if side.pending:
+                if side.base >= 0 and self._overtakes(side):
+                    side.out_blocked = False
+                    return True  # the psock worker is on it: the timer rechecks
+                try:
+                    sent = side.peer.sock.send(side.pending)
+                except BlockingIOError:
+                    side.out_blocked = True
+                    return False  # EPOLLOUT on the peer wakes us
+                if side.base >= 0:
+                    side.base += sent
                 del side.pending[:sent]
-                if side.pending:
-                    return side.behind  # behind: the timer; out_blocked: EPOLLOUT
+                if side.pending:  # the peer's send buffer is full (it bounds what we carry)
+                    side.out_blocked = True
+                    return False  # EPOLLOUT on the peer wakes us
+                side.out_blocked = False
                 side.pending = b""
             if side.sent_y != side.read_total:
                 self._store_y(side)
-            data = peek_scratch(side.sock)
+            data = recv_scratch(side.sock)
             if data:
-                sent = self._send_on(side, data)
-                if sent:
-                    side.read_total += sent
-                    self._store_y(side)  # Y first: taking them opens the window
-                    if sent == len(data) < CHUNK:  # all the queue held: widen before the take,
-                        side.widen_window(self.maps.rcvbuf)  # whose ack tells the writer
-                    elif len(data) == CHUNK:  # the queue is deeper than a peek: behind the writer
-                        side.narrow_window()
-                    held = side.rmem() if side.rcvbuf else 0
-                    discard(side.sock, sent)
-                    if held:
-                        side.shrink_window(held - side.rmem())
-                    self.progress_at = time.monotonic()
-                if sent < len(data):
-                    return side.behind
+                side.read_total += len(data)
+                if not side.pending:
+                    side.pending = bytearray()  # made only when bytes wait
+                side.pending += data
+                self.progress_at = time.monotonic()
                 continue
             if data is not None:  # EOF (an empty view)
                 self._eof(side)
             if self.maps.x(side.cookie) == side.sent_y:
                 side.handed_off = True  # X == Y, read after the Y store
                 side.throttled = False
-                side.widen_window(self.maps.rcvbuf)
                 self.progress_at = time.monotonic()
                 return False
             return self._waiting(side)  # a claim in flight: X briefly > Y
-
-    def _send_on(self, side: Side, data: bytes | bytearray | memoryview) -> int:
-        """Send what side carries to its peer; how much went. Short: the
-        peer's send buffer is full (out_blocked: EPOLLOUT on the peer wakes
-        us; it bounds what Python carries), or the peer's psock queue still
-        holds redirected bytes these would overtake or is at the budget
-        (behind: the timer)."""
-        room = len(data) if side.base < 0 else self._room(side)
-        side.behind = room < len(data)
-        if room <= 0:
-            side.out_blocked = False
-            return 0
-        try:
-            sent = side.peer.sock.send(data[:room])
-        except BlockingIOError:
-            sent = 0
-        side.out_blocked = sent < min(room, len(data))
-        side.behind &= not side.out_blocked
-        if side.base >= 0:
-            side.base += sent
-        return sent
 
     def _store_y(self, side: Side) -> None:
         if side.base >= 0:  # B first: the Y lets the verdict redirect again
