@@ -9,7 +9,8 @@ meshagent's data paths (pod `client`, attached, to `server`; the data path
 is switched with `datapath set` before each measurement): sockmap (with
 the sk_msg fast path where the kernel has it), sockmap-nomsg, splice, copy.
 
-Workloads: iperf3 bulk (1 and 4 streams, with whole-machine CPU per GB),
+Workloads: iperf3 bulk (1 and 4 streams, with whole-machine CPU per GB;
+and 1 stream the other way, `-R`: a download, carried by the stream verdict),
 request/response with bench/rr.c (1 B and 1 KiB, p50 latency), new
 connections per second (rr conn), redis-server with redis-benchmark
 (GET; keep-alive and a connection per request, 1 and 20 clients; and 16
@@ -88,6 +89,7 @@ REDIS = {
 FIGURES = {
     "gbps_1": ("1 stream Gbit/s", True),
     "gbps_4": ("4 streams Gbit/s", True),
+    "gbps_down": ("1 stream download (iperf3 -R) Gbit/s", True),
     "cpu_per_gb": ("machine CPU s/GB, 1 stream", False),
     "p50_1": ("RR 1 B p50 µs", False),
     "p50_1024": ("RR 1 KiB p50 µs", False),
@@ -166,14 +168,18 @@ def haproxy_conf(workdir: Path, server_ip: str, splice: bool) -> Path:
     return conf
 
 
-def bulk(env, pod, target: str, streams: int) -> dict:
+def bulk(env, pod, target: str, streams: int, download: bool = False) -> dict:
+    """iperf3 from pod to target (download: target sends, `-R`)."""
     cpu0 = machine_cpu()
     out = json.loads(run_out(env, pod, ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t",
-                                        str(SECONDS), "-P", str(streams), "-J"],
+                                        str(SECONDS), "-P", str(streams), "-J",
+                                        *(["-R"] if download else [])],
                              timeout=SECONDS + 60))  # fmt: skip
     if "error" in out or "sum_received" not in out.get("end", {}):
         raise RuntimeError(f"iperf3 to {target}: {out.get('error', 'no result')}")
     received = out["end"]["sum_received"]
+    if download:
+        return {"gbps_down": received["bits_per_second"] / 1e9}
     figures = {f"gbps_{streams}": received["bits_per_second"] / 1e9}
     if streams == 1:
         figures["cpu_per_gb"] = (machine_cpu() - cpu0) / (received["bytes"] / 1e9)
@@ -423,7 +429,8 @@ def main() -> int:
                     agent.request("datapath", set=mode, **extra)
                 figures = {}
                 if "bulk" in WORKLOADS:
-                    figures.update({**bulk(env, pod, target, 1), **bulk(env, pod, target, 4)})
+                    figures.update({**bulk(env, pod, target, 1), **bulk(env, pod, target, 4),
+                                    **bulk(env, pod, target, 1, download=True)})  # fmt: skip
                 if "rr" in WORKLOADS:
                     figures.update(rr(env, pod, rr_bin, target))
                 if "redis" in WORKLOADS:
