@@ -20,7 +20,7 @@ from meshagent.api import Handler, Reply, Request
 from meshagent.attachments import Attachments
 from meshagent.bpf import loader, objects
 from meshagent.bpf.loader import Loaded
-from meshagent.bpf.pins import Pins
+from meshagent.bpf.pins import Pins, instance_name
 from meshagent.client import agent_running
 from meshagent.config import AgentConfig
 from meshagent.control import ControlServer
@@ -40,6 +40,7 @@ from meshagent.pod_ops import pod_handlers
 from meshagent.pods.resolve import Resolver
 from meshagent.pods.store import PodStore
 from meshagent.redirect import Backend as RedirectBackend
+from meshagent.redirect import own_cgroup
 from meshagent.redirect.ebpf import EbpfBackend
 from meshagent.redirect.iptables import IptablesBackend, Tools
 from meshagent.redirect.rules import RuleConfig
@@ -311,9 +312,20 @@ class Agent:
             # Rules an earlier agent left: adopt() takes over the pods of
             # attached.json and removes the rest (a pod being attached or
             # detached when it crashed is there too).
-            rules = RuleConfig(cfg.port, cfg.skip_mark, cfg.exclude_ports, cfg.exclude_cidrs)
+            # The forwarder's own sockets are known by the agent's cgroup,
+            # which it may first have to move into (own_cgroup.py).
+            attach = "/" + str(cgroup.resolve(cfg.cgroup).relative_to(cgroup.cgroup2_mount()))
+            try:
+                own = own_cgroup.settle(attach.rstrip("/.") or "/", instance_name(cfg.state_dir))
+            except MeshError as exc:
+                if self.plan.backend is Backend.IPTABLES:
+                    raise
+                self.log.warning("iptables backend unavailable", extra={"reason": str(exc)})
+                return
+            self.stack.callback(own.release)
+            rules = RuleConfig(cfg.port, own.path, cfg.exclude_ports, cfg.exclude_cidrs)
             self.backends[Backend.IPTABLES] = IptablesBackend(
-                rules, Tools.of(self.probe.iptables_flavour)
+                rules, Tools.of(self.probe.iptables_flavour), own
             )
 
     def _choose_datapath(self, paths) -> tuple[DataPathMode, str]:

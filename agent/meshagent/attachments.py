@@ -421,6 +421,8 @@ class Attachments:
             handle = PodHandle(name, pod.netns, fd, pod_id)
             if record.draining:
                 backend.keep_stopped(handle)  # fail-open must not steer it again
+            else:
+                backend.refresh(handle)  # iptables: its rules named the old agent's cgroup
             slot = self.forwarder.adopt_pod(handle, backend.steering(handle), listeners, stats)
         except BaseException:
             os.close(fd)

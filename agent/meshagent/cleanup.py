@@ -55,7 +55,7 @@ def _iptables_backend(flavour: str | None):
 
     cfg = AgentConfig()
     flavour, _how = detect_flavour(flavour)
-    rules = RuleConfig(cfg.port, cfg.skip_mark, (), ())
+    rules = RuleConfig(cfg.port, "", (), ())  # it only tears down
     return IptablesBackend(rules, Tools.of(flavour))
 
 

@@ -40,8 +40,6 @@ class AgentConfig:
     redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
     iptables: IptablesFlavour | None = None  # None: detect
-    # "MESH" in ASCII: the SO_MARK of the forwarder's upstream sockets.
-    skip_mark: int = 0x4D455348
     pods_max: int = 1024
     conns_max: int = 65536
     pod_conns_max: int = 4096  # connections one pod may have forwarded at once
@@ -83,8 +81,6 @@ class AgentConfig:
             raise MeshError("pods_max must be between 1 and 65536")
         if self.kube not in ("auto", "on", "off"):
             raise MeshError(f"--kube {self.kube}: use auto, on or off")
-        if not 0 < self.skip_mark < 1 << 32:
-            raise MeshError("skip mark must be a non-zero 32-bit value")
 
     @property
     def socket_path(self) -> Path:

@@ -337,14 +337,25 @@ def test_thousands_of_connections_at_once_lose_nothing(mesh_env, datapath, count
 
 
 def capsh_run(env, keep: tuple[str, ...], *args: str) -> subprocess.Popen:
-    """`meshagent run` with every capability but keep dropped (root still)."""
+    """`meshagent run` with every capability but keep dropped (root still),
+    in a cgroup of its own as a service or a container would be (the
+    iptables rules know its sockets by it)."""
+    from meshagent.host import cgroup
+
     everything = subprocess.run(["capsh", "--print"], capture_output=True, text=True).stdout
     bounding = next(line for line in everything.splitlines() if line.startswith("Bounding set"))
     drop = [cap for cap in bounding.split("=", 1)[1].split(",") if cap not in keep]
     argv = [sys.executable, "-m", "meshagent", "run", "--cgroup", env.cgroup_rel, *args]
+    procs = str(cgroup.create(env.cgroup_path / "agent") / "cgroup.procs")
+
+    def join() -> None:
+        with open(procs, "w") as file:
+            file.write("0\n")
+
     return subprocess.Popen(
         ["capsh", f"--drop={','.join(drop)}", "--", "-c", 'exec "$@"', "meshagent", *argv],
         env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=join,
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ import fcntl
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from meshenv import our_iptables, start_agent, wait_for
@@ -62,7 +63,7 @@ def test_attach_twice_and_reattach_keep_one_jump(mesh_env, flavour):
     from meshagent.steering import PodHandle
 
     client = mesh_env.create_pod("client")
-    backend = IptablesBackend(RuleConfig(15001, 0x4D455348), Tools.of(flavour))
+    backend = IptablesBackend(RuleConfig(15001, "/" + mesh_env.cgroup_rel), Tools.of(flavour))
     fd = netns.open_fd(client.netns)
     handle = PodHandle("client", client.netns, fd, 1)
     try:
@@ -151,7 +152,7 @@ def test_rule_work_moves_only_its_own_thread_and_always_comes_back(mesh_env):
 
     client = mesh_env.create_pod("client")
     pod_ns = os.stat(netns.path(client.netns)).st_ino
-    backend = IptablesBackend(RuleConfig(15001, 0x4D455348), Tools.of("nft"))
+    backend = IptablesBackend(RuleConfig(15001, "/" + mesh_env.cgroup_rel), Tools.of("nft"))
     child = [sys.executable, "-c", "import os; print(os.stat('/proc/self/ns/net').st_ino)"]
     home, seen, errors = here(), [], []
     stop = threading.Event()
@@ -284,3 +285,55 @@ def test_missing_iptables_binaries_are_named(monkeypatch):
         MeshError, match=r"iptables-legacy-restore is missing: run scripts/bootstrap"
     ):
         iptables.Tools.of("legacy")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_pod_that_sets_the_old_skip_mark_is_still_redirected(mesh_env, flavour):
+    """The rules know the forwarder's own sockets by the agent's cgroup (a
+    pod's socket cannot be made in it), no longer by a mark: since 5.17 a
+    pod with CAP_NET_RAW, which runtimes grant by default, can set any
+    mark. The old mark bypassed the redirect (the connection went direct);
+    now it is forwarded, exactly once: the forwarder's own upstream, with
+    no mark, is not redirected back to itself."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "10")
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", flavour)
+    try:
+        agent.attach(client)
+        out = mesh_env.client(client, server.ip4, PORT, "--mark", "0x4d455348", "--send", "10")
+        seen = srv.next()
+        assert seen["peer"] == client.ip4 and seen["recv_sha"] == out["sent_sha"]
+        assert agent.pod_status("client")["connections_total"] == 1  # forwarded, once
+        rules = save(client, flavour)
+        own = f"/{mesh_env.cgroup_rel}/agent"  # iptables-save quotes it
+        assert f'-m cgroup --path "{own}" -j RETURN' in rules, rules
+        assert "--mark" not in rules, rules
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_an_agent_in_the_root_cgroup_moves_into_its_own_and_back(mesh_env):
+    """The rule matches the agent's cgroup and everything below it, so an
+    agent started in the root cgroup (a root shell on a host without
+    systemd) moves into meshagent-<instance> for its lifetime, forwards
+    from there, and at stop moves back and removes it."""
+    from meshagent.bpf.pins import instance_name
+    from meshagent.host import cgroup
+
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "10")
+    own = cgroup.cgroup2_mount() / f"meshagent-{instance_name(mesh_env.state_dir)}"
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", "nft", in_cgroup=False)
+    try:
+        proc_cgroup = Path(f"/proc/{agent.proc.pid}/cgroup").read_text()
+        assert f"0::/{own.name}\n" in proc_cgroup, proc_cgroup
+        agent.attach(client)
+        assert f'-m cgroup --path "/{own.name}" -j RETURN' in save(client, "nft")
+        out = mesh_env.client(client, server.ip4, PORT, "--send", "10")
+        assert srv.next()["recv_sha"] == out["sent_sha"]
+        assert agent.pod_status("client")["connections_total"] == 1
+    finally:
+        assert agent.stop() == 0, agent.log()
+    assert not own.exists()

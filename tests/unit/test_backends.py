@@ -104,7 +104,7 @@ def test_ebpf_keep_stopped_outlasts_fail_open(ebpf):
 
 def test_iptables_has_no_residue_outside_pods():
     tools = Tools("nft", "/r4", "/r6", "/s4", "/s6")
-    backend = IptablesBackend(RuleConfig(port=15001, skip_mark=1), tools)
+    backend = IptablesBackend(RuleConfig(port=15001, skip_cgroup="/agent"), tools)
     assert backend.flavour == "nft"
     assert backend.reconcile([pod("web", 11)]) == []
     backend.keep_stopped(pod("web", 11))  # nothing to do, and no subprocess

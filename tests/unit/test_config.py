@@ -46,10 +46,10 @@ def test_lpm_key_maps_ipv4_into_the_ipv6_space():
 
 
 def test_cflags_carry_every_knob():
-    cfg = AgentConfig(conns_max=1024, skip_mark=0x1234, check_listener=False)
+    cfg = AgentConfig(conns_max=1024, check_listener=False)
     flags = bpf_cflags(cfg)
     assert "-DMESH_CONNS_MAX=1024" in flags
-    assert not any("SKIP_MARK" in flag for flag in flags)  # the iptables rules' only
+    assert not any("SKIP_MARK" in flag for flag in flags)  # nothing trusts a mark
     assert "-DMESH_CHECK_LISTENER=0" in flags
     assert "-DMESH_DEBUG=0" in flags
     assert all(flag.startswith("-DMESH_") for flag in flags)
@@ -71,7 +71,6 @@ def test_cflags_have_defaults_in_the_c():
         ({"port": 0}, "not a TCP port"),
         ({"log_format": "xml"}, "--log-format"),
         ({"conns_max": 4}, "conns_max"),
-        ({"skip_mark": 0}, "skip mark"),
     ],
 )
 def test_bad_agent_config(kwargs, message):

@@ -17,13 +17,13 @@ from meshagent.redirect.rules import (
 )
 
 GOLDEN = Path(__file__).parent / "golden"
-MARK = 0x4D455348
+OWN = "/system.slice/meshagent.service"  # the agent's cgroup
 
 CASES = {
-    "default": RuleConfig(port=15001, skip_mark=MARK),
+    "default": RuleConfig(port=15001, skip_cgroup=OWN),
     "excludes": RuleConfig(
         port=15006,
-        skip_mark=MARK,
+        skip_cgroup=OWN,
         exclude_ports=(22, 9000, 9001),
         exclude_cidrs=("10.96.0.0/12", "fd00:10::/64", "192.168.7.0/24"),
     ),

@@ -44,3 +44,8 @@ class Backend(Protocol):
         """A pod taken over while it was being detached: its new connections
         stay direct (fail_open must not steer it again)."""
         ...
+
+    def refresh(self, pod: PodHandle) -> None:
+        """A pod taken over while attached: whatever in its steering names
+        the agent it came from is made to name this one."""
+        ...

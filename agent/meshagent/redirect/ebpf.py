@@ -74,6 +74,9 @@ class EbpfBackend:
     def keep_stopped(self, pod: PodHandle) -> None:
         self.stopped.add(pod.netns_cookie)
 
+    def refresh(self, pod: PodHandle) -> None:
+        """Nothing: the hooks know the forwarder's sockets by cookie."""
+
     def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
         pass
 

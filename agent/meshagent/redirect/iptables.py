@@ -8,6 +8,7 @@ as Istio does: whichever already holds rules, else the system default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 from meshagent.errors import MeshError
 from meshagent.host import netns
 from meshagent.modes import Backend, IptablesFlavour, values
+from meshagent.redirect.own_cgroup import OwnCgroup
 from meshagent.redirect.rules import RuleConfig, parse_state, render_rules, render_teardown
 from meshagent.steering import Orig, PodHandle
 
@@ -89,9 +91,10 @@ class IptablesBackend:
     name = Backend.IPTABLES
     blocking = True  # iptables-restore in the pod's netns: off the loop
 
-    def __init__(self, cfg: RuleConfig, tools: Tools) -> None:
+    def __init__(self, cfg: RuleConfig, tools: Tools, own: OwnCgroup | None = None) -> None:
         self.cfg = cfg
         self.tools = tools
+        self.own = own  # how to run the tools so they see cfg.skip_cgroup as we do
 
     @property
     def flavour(self) -> str:
@@ -115,7 +118,7 @@ class IptablesBackend:
         except OSError as exc:
             raise MeshError(f"pod {pod}: network namespace {netns_name}: {exc.strerror}") from None
         try:
-            with netns.entered(fd):
+            with netns.entered(fd), self._cgroup_ns():
                 proc = subprocess.run(
                     argv,
                     input=text,
@@ -140,6 +143,9 @@ class IptablesBackend:
                 )
             raise MeshError(f"pod {pod}: {Path(argv[0]).name} failed: {err[:300]}")
         return proc.stdout
+
+    def _cgroup_ns(self) -> contextlib.AbstractContextManager:
+        return self.own.entered() if self.own is not None else contextlib.nullcontext()
 
     def _state(self, netns_name: str, family: int, pod: str) -> tuple[int, bool]:
         save = self.tools.save4 if family == 4 else self.tools.save6
@@ -180,8 +186,13 @@ class IptablesBackend:
     def snapshot(self) -> dict:
         return {"flavour": self.tools.flavour}
 
+    def refresh(self, pod: PodHandle) -> None:
+        """A pod handed over by another agent: its rules name that agent's
+        cgroup, which no socket of ours is in. Rendered again for ours."""
+        self._apply(pod, draining=False)
+
     def steering(self, pod: PodHandle) -> IptablesSteering:
-        return IptablesSteering(self.cfg.skip_mark)
+        return IptablesSteering()
 
     def _teardown(self, netns_name: str, family: int, pod: str, quiet: bool) -> None:
         try:
@@ -194,18 +205,14 @@ class IptablesBackend:
 
 
 class IptablesSteering:
-    def __init__(self, skip_mark: int) -> None:
-        self.skip_mark = skip_mark
-
     def orig_dst(self, sock: socket.socket, _ip: str, _port: int) -> Orig | None:
         found = original_dst(sock)
         return Orig(*found) if found is not None else None
 
     def prepare_upstream(self, sock: socket.socket) -> None:
-        """The nat rules RETURN on the skip mark. A pod with CAP_NET_ADMIN
-        can set it too and so bypass its own redirect (not anyone else's):
-        the ebpf backend does not trust marks."""
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.skip_mark)
+        """Nothing to do: the nat rules RETURN for the agent's own cgroup,
+        which the upstream socket was made in (own_cgroup.py). A mark would
+        not do: a pod can set one (CAP_NET_RAW since 5.17)."""
 
     def fail_open(self, on: bool) -> None:
         """Rules cannot fail open fast enough: new connections wait in the

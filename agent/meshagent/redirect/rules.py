@@ -2,8 +2,9 @@
 text by pure functions (compared with golden files in tests/unit).
 
 One chain, MESHAGENT_OUTPUT, in the nat table, jumped to from OUTPUT for
-TCP; RETURN for the forwarder's skip mark, loopback, excluded ports and
-networks; REDIRECT of the rest to the forwarder's listener port.
+TCP; RETURN for the forwarder's own sockets (by its cgroup: a pod can set
+a mark, see own_cgroup.py), loopback, excluded ports and networks;
+REDIRECT of the rest to the forwarder's listener port.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ JUMP = f"-p tcp -j {CHAIN}"  # as iptables-save prints the rule after "-A OUTPUT
 @dataclass(frozen=True)
 class RuleConfig:
     port: int
-    skip_mark: int
+    skip_cgroup: str  # the agent's cgroup v2 path (own_cgroup.py); "" only to tear down
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[str, ...] = ()
 
@@ -34,6 +35,8 @@ def render_rules(
     first, but the REDIRECT rule stays, because removing it makes the kernel
     drop the NAT of connections it already redirected (measured on 6.x);
     the chain goes once the pod's last forwarded connection has closed."""
+    if not cfg.skip_cgroup.startswith("/"):
+        raise ValueError("render_rules needs the agent's cgroup (RuleConfig.skip_cgroup)")
     loopback = "127.0.0.0/8" if family == 4 else "::1/128"
     lines = ["*nat", f":{CHAIN} - [0:0]"]
     if not jump_present:
@@ -41,7 +44,7 @@ def render_rules(
     if draining:
         lines.append(f"-A {CHAIN} -j RETURN")
     lines += [
-        f"-A {CHAIN} -m mark --mark {cfg.skip_mark:#x} -j RETURN",
+        f"-A {CHAIN} -m cgroup --path {cfg.skip_cgroup} -j RETURN",
         f"-A {CHAIN} -o lo -j RETURN",
         f"-A {CHAIN} -d {loopback} -j RETURN",
     ]
