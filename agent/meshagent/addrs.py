@@ -41,6 +41,18 @@ def is_loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
+def is_local_destination(ip: str) -> bool:
+    """Where a connect() to ip goes to this host: loopback, or the
+    unspecified 0.0.0.0 / :: (also v4-mapped), which Linux connects to a
+    local address. (For a bind, the unspecified address means every one:
+    is_loopback says no to it.)"""
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback or (mapped or address).is_unspecified
+
+
 def metrics_exposure(text: str) -> str | None:
     """The warning for a --metrics-addr reachable from beyond this host
     (metrics are unauthenticated: docs/security.md); None for loopback or off."""

@@ -387,3 +387,24 @@ def test_the_agent_needs_two_capabilities_and_names_a_missing_one(mesh_env):
     _out, err = lacking.communicate(timeout=60)
     assert lacking.returncode == 1
     assert len(err.strip().splitlines()) == 1 and "lacks cap_net_admin" in err, err
+
+
+@pytest.mark.parametrize("backend", ["ebpf", "iptables"])
+def test_a_connect_to_the_unspecified_address_is_local_and_not_steered(mesh_env, backend):
+    """connect() to 0.0.0.0 or :: reaches the pod's own loopback (Linux
+    reads it as a local address): local traffic, which neither backend
+    steers. The ebpf hooks used to take it for a remote destination and
+    send it through the forwarder, which connected back into the pod."""
+    client = mesh_env.create_pod("client")
+    srv = mesh_env.server(client, PORT, "--send", "10")  # in the pod itself
+    agent = start_agent(mesh_env, "--redirect", backend)
+    try:
+        agent.attach(client)
+        for host in ("0.0.0.0", "::"):
+            out = mesh_env.client(client, host, PORT, "--send", "10")
+            assert srv.next()["recv_sha"] == out["sent_sha"]
+        assert agent.forwarded() == 0  # neither went through the forwarder
+        if backend == "ebpf":
+            assert agent.decisions().get("loopback") == 2, agent.decisions()
+    finally:
+        assert agent.stop() == 0, agent.log()

@@ -1,4 +1,6 @@
-from meshagent.addrs import format_endpoint
+import pytest
+
+from meshagent.addrs import format_endpoint, is_local_destination
 from meshagent.bpf.abi import from_addr16, to_addr16
 
 
@@ -12,3 +14,15 @@ def test_roundtrip_and_mapping():
 def test_endpoint_format():
     assert format_endpoint("10.0.0.1", 80) == "10.0.0.1:80"
     assert format_endpoint("fd00::1", 80) == "[fd00::1]:80"
+
+
+@pytest.mark.parametrize(
+    ("ip", "local"),
+    [
+        ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", True), ("::", True), ("::ffff:0.0.0.0", True),  # connect() goes local
+        ("10.0.0.1", False), ("fd00::1", False), ("::ffff:10.0.0.1", False), ("::2", False),
+    ],
+)  # fmt: skip
+def test_a_local_destination_is_loopback_or_unspecified(ip, local):
+    assert is_local_destination(ip) is local

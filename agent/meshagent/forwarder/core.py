@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import select
 import socket
 import time
@@ -13,7 +12,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from meshagent import log
-from meshagent.addrs import format_endpoint
+from meshagent.addrs import format_endpoint, is_local_destination
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
 from meshagent.forwarder.copy import linger_reset, reset_close
@@ -258,10 +257,11 @@ class Forwarder:
             reset_close(client)
             return
         orig_ip, orig_port = orig.ip, orig.port
-        if ipaddress.ip_address(orig_ip).is_loopback:
-            # Neither backend steers loopback destinations: this is a direct
-            # connection to the listener (SO_ORIGINAL_DST reports the listener
-            # itself). Forwarding it would connect to ourselves, forever.
+        if is_local_destination(orig_ip):
+            # Neither backend steers local destinations (loopback, 0.0.0.0,
+            # ::): this is a direct connection to the listener
+            # (SO_ORIGINAL_DST reports the listener itself). Forwarding it
+            # would connect to ourselves, forever.
             slot.stats.refused_loopback += 1
             self.errors["orig_dst_loopback"] += 1
             self.limited.warning(slot.name, "orig_dst_loopback",
