@@ -17,6 +17,7 @@ from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
 from meshagent.forwarder.copy import linger_reset, reset_close
 from meshagent.forwarder.datapath import Connection, DataPath
+from meshagent.forwarder.pod_series import PodSeries
 from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
 from meshagent.host import netns
 from meshagent.host.loop import Loop
@@ -92,6 +93,7 @@ class Forwarder:
         # For the metrics: how connections ended, bytes moved, what failed.
         self.outcomes: Counter[tuple[str, str, str]] = Counter()  # (pod, datapath, result)
         self.moved: Counter[tuple[str, str, str]] = Counter()  # (pod, direction, datapath)
+        self.series = PodSeries(self.outcomes, self.moved)  # a gone pod's go, later
         self.errors: Counter[str] = Counter()
         self.on_event: Callable[[dict], None] | None = None  # a tracer's, while one runs
         self.log = log.get()
@@ -362,9 +364,14 @@ class Forwarder:
                        datapath=record.datapath)  # fmt: skip
 
     def tick(self) -> None:
-        """Once a second: each data path's periodic work."""
+        """Once a second: each data path's periodic work; the metrics of
+        pods gone a while are dropped."""
         for path in self.paths.values():
             path.tick()
+        live = {slot.name for slot in self.pods.values()}
+        live.update(record.pod for _slot, record in self.conns.values())
+        live.update(entry.record.pod for entry in self.pending.values())
+        self.series.prune(live, time.monotonic())
 
     def _fail(
         self,
