@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshagent import log
 from meshagent.api import Deferred
@@ -276,8 +277,12 @@ class Attachments:
 
     def _drop_stale(self, entry: AttachedPod, why: str) -> None:
         name = entry.handle.name
-        # Errors are expected: the namespace holding its rules is gone with them.
-        self._background(entry.backend, lambda: entry.backend.stop_new(entry.handle), _ignore)
+        # Into the netns it held, which the job owns a copy of (_forget closes
+        # the entry's now): its path may name a re-created pod's by now.
+        # Errors are expected: the namespace holding its rules may be gone.
+        held = replace(entry.handle, netns_fd=os.dup(entry.handle.netns_fd))
+        self._background(entry.backend, _closing(held.netns_fd, lambda: entry.backend.stop_new(held)),
+                         _ignore)  # fmt: skip
         self.forwarder.close_pod(entry.slot)
         self._forget(entry)
         self.log.warning("pod detached", extra={"pod": name, "reason": why})
@@ -320,7 +325,9 @@ class Attachments:
                 self.log.warning("rule removal failed", extra={"pod": name, "reason": str(error)})
             self._forget(entry)
 
-        self._background(entry.backend, lambda: entry.backend.remove(name, netns_name), done)
+        fd = os.dup(entry.handle.netns_fd)  # the job's own: _forget closes the entry's
+        job = _closing(fd, lambda: entry.backend.remove(name, netns_name, netns_fd=fd))
+        self._background(entry.backend, job, done)
 
     def _forget(self, entry: AttachedPod) -> None:
         if entry.forgotten:
@@ -498,3 +505,15 @@ def _same_netns(entry: AttachedPod, netns_name: str) -> bool:
     except OSError:
         return False
     return (st.st_dev, st.st_ino) == entry.handle.netns_id
+
+
+def _closing(fd: int, job: Callable[[], object]) -> Callable[[], object]:
+    """job, then close fd (a netns fd the job was given to own)."""
+
+    def run() -> object:
+        try:
+            return job()
+        finally:
+            os.close(fd)
+
+    return run

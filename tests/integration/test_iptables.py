@@ -6,6 +6,7 @@ import fcntl
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,7 +144,7 @@ def test_rule_work_moves_only_its_own_thread_and_always_comes_back(mesh_env):
 
     from meshagent.errors import MeshError
     from meshagent.host import netns
-    from meshagent.redirect.iptables import IptablesBackend, Tools
+    from meshagent.redirect.iptables import IptablesBackend, Tools, Where
     from meshagent.redirect.rules import RuleConfig
 
     def here() -> tuple[int, int]:
@@ -164,14 +165,18 @@ def test_rule_work_moves_only_its_own_thread_and_always_comes_back(mesh_env):
     def work() -> None:
         try:
             assert here() == home
-            for _ in range(20):
-                assert int(backend._run(client.netns, child, None, "client")) == pod_ns
-                assert here() == home
-                with pytest.raises(MeshError, match="cannot run"):
-                    backend._run(client.netns, ["/nonexistent/iptables"], None, "client")
-                assert here() == home
+            held = netns.open_fd(client.netns)  # as an attached pod's
+            try:
+                for where in [Where(client.netns), Where(client.netns, held)] * 10:
+                    assert int(backend._run(where, child, None, "client")) == pod_ns
+                    assert here() == home
+                    with pytest.raises(MeshError, match="cannot run"):
+                        backend._run(where, ["/nonexistent/iptables"], None, "client")
+                    assert here() == home
+            finally:
+                os.close(held)
             with pytest.raises(MeshError, match="is gone"):
-                backend._run("meshagent-no-such-netns", child, None, "client")
+                backend._run(Where("meshagent-no-such-netns"), child, None, "client")
             assert here() == home
         except BaseException as exc:
             errors.append(exc)
@@ -337,3 +342,24 @@ def test_an_agent_in_the_root_cgroup_moves_into_its_own_and_back(mesh_env):
     finally:
         assert agent.stop() == 0, agent.log()
     assert not own.exists()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_a_pod_recreated_behind_the_agents_back_gets_no_rules(mesh_env, flavour):
+    """A pod's netns is replaced by a new one at the same path (the pod was
+    re-created): the agent forgets the old attachment, and its last rule
+    work goes to the netns it held, not to whatever the path names now.
+    By path, the drain rules landed in the new pod, where nothing would
+    ever remove them."""
+    client = mesh_env.create_pod("client")
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", flavour)
+    try:
+        agent.attach(client)
+        assert our_iptables(client, flavour)
+        subprocess.run(["ip", "netns", "del", client.netns], check=True)
+        subprocess.run(["ip", "netns", "add", client.netns], check=True)  # the new pod
+        wait_for(lambda: agent.pod_status("client") is None, 30, "the agent to drop the pod")
+        time.sleep(1.0)  # its rule work runs off the loop, after
+        assert our_iptables(client, flavour) == []
+    finally:
+        assert agent.stop() == 0, agent.log()

@@ -29,7 +29,12 @@ class Backend(Protocol):
         """New connections go direct from now on; redirected ones keep going."""
         ...
 
-    def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None: ...
+    def remove(
+        self, pod: str, netns_name: str, quiet: bool = False, netns_fd: int | None = None
+    ) -> None:
+        """Take away what attach made; in netns_fd when given (an attached
+        pod's, held since attach), else in the netns at netns_name."""
+        ...
 
     def steering(self, pod: PodHandle) -> Steering: ...
 

@@ -77,7 +77,9 @@ class EbpfBackend:
     def refresh(self, pod: PodHandle) -> None:
         """Nothing: the hooks know the forwarder's sockets by cookie."""
 
-    def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
+    def remove(
+        self, pod: str, netns_name: str, quiet: bool = False, netns_fd: int | None = None
+    ) -> None:
         pass
 
     def steering(self, pod: PodHandle) -> EbpfSteering:

@@ -87,6 +87,18 @@ def detect_flavour(wanted: str | None = None) -> tuple[str, str]:
     return flavour, f"no rules on the host; the system default iptables is {flavour}"
 
 
+@dataclass(frozen=True)
+class Where:
+    """A pod's netns for rule work: the fd the agent holds, else its path."""
+
+    name: str
+    fd: int | None = None
+
+    @classmethod
+    def of(cls, pod: PodHandle) -> Where:
+        return cls(pod.netns_name, pod.netns_fd)
+
+
 class IptablesBackend:
     name = Backend.IPTABLES
     blocking = True  # iptables-restore in the pod's netns: off the loop
@@ -107,16 +119,24 @@ class IptablesBackend:
     def keep_stopped(self, pod: PodHandle) -> None:
         """Its rules already RETURN new connections (fail_open never changes them)."""
 
-    def _run(self, netns_name: str, argv: list[str], text: str | None, pod: str) -> str:
-        """Run argv inside the pod's netns. The netns is per thread: this
-        thread enters it, the child inherits it, and the thread comes back
-        at once, even on error (no preexec_fn, unsafe with other threads)."""
-        try:
-            fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise MeshError(f"pod {pod}: network namespace {netns_name} is gone") from None
-        except OSError as exc:
-            raise MeshError(f"pod {pod}: network namespace {netns_name}: {exc.strerror}") from None
+    def _run(self, where: Where, argv: list[str], text: str | None, pod: str) -> str:
+        """Run argv inside the pod's netns: the fd the agent holds for an
+        attached pod (a path can name a newer netns by now: the pod
+        re-created), else the path. The netns is per thread: this thread
+        enters it, the child inherits it, and the thread comes back at
+        once, even on error (no preexec_fn, unsafe with other threads)."""
+        netns_name = where.name
+        if where.fd is not None:
+            fd = os.dup(where.fd)
+        else:
+            try:
+                fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise MeshError(f"pod {pod}: network namespace {netns_name} is gone") from None
+            except OSError as exc:
+                raise MeshError(
+                    f"pod {pod}: network namespace {netns_name}: {exc.strerror}"
+                ) from None
         try:
             with netns.entered(fd), self._cgroup_ns():
                 proc = subprocess.run(
@@ -147,13 +167,13 @@ class IptablesBackend:
     def _cgroup_ns(self) -> contextlib.AbstractContextManager:
         return self.own.entered() if self.own is not None else contextlib.nullcontext()
 
-    def _state(self, netns_name: str, family: int, pod: str) -> tuple[int, bool]:
+    def _state(self, where: Where, family: int, pod: str) -> tuple[int, bool]:
         save = self.tools.save4 if family == 4 else self.tools.save6
-        return parse_state(self._run(netns_name, [save, "-t", "nat"], None, pod))
+        return parse_state(self._run(where, [save, "-t", "nat"], None, pod))
 
-    def _restore(self, netns_name: str, family: int, text: str, pod: str) -> None:
+    def _restore(self, where: Where, family: int, text: str, pod: str) -> None:
         restore = self.tools.restore4 if family == 4 else self.tools.restore6
-        self._run(netns_name, [restore, "--noflush", "-w", str(LOCK_WAIT_SECONDS)], text, pod)
+        self._run(where, [restore, "--noflush", "-w", str(LOCK_WAIT_SECONDS)], text, pod)
 
     def attach(self, pod: PodHandle) -> None:
         """Install the rules for both families; undo both if either fails."""
@@ -163,13 +183,13 @@ class IptablesBackend:
         done: list[int] = []
         try:
             for family in (4, 6):
-                jumps, _chain = self._state(pod.netns_name, family, pod.name)
+                jumps, _chain = self._state(Where.of(pod), family, pod.name)
                 text = render_rules(self.cfg, family, jumps > 0, draining)
-                self._restore(pod.netns_name, family, text, pod.name)
+                self._restore(Where.of(pod), family, text, pod.name)
                 done.append(family)
         except MeshError:
             for family in done:
-                self._teardown(pod.netns_name, family, pod.name, quiet=True)
+                self._teardown(Where.of(pod), family, pod.name, quiet=True)
             raise
 
     def stop_new(self, pod: PodHandle) -> None:
@@ -178,10 +198,12 @@ class IptablesBackend:
         `remove` takes the chain away once they are gone."""
         self._apply(pod, draining=True)
 
-    def remove(self, pod: str, netns_name: str, quiet: bool = False) -> None:
+    def remove(
+        self, pod: str, netns_name: str, quiet: bool = False, netns_fd: int | None = None
+    ) -> None:
         """Remove our chain and jumps from a pod's netns, if there."""
         for family in (4, 6):
-            self._teardown(netns_name, family, pod, quiet)
+            self._teardown(Where(netns_name, netns_fd), family, pod, quiet)
 
     def snapshot(self) -> dict:
         return {"flavour": self.tools.flavour}
@@ -194,11 +216,11 @@ class IptablesBackend:
     def steering(self, pod: PodHandle) -> IptablesSteering:
         return IptablesSteering()
 
-    def _teardown(self, netns_name: str, family: int, pod: str, quiet: bool) -> None:
+    def _teardown(self, where: Where, family: int, pod: str, quiet: bool) -> None:
         try:
-            jumps, chain = self._state(netns_name, family, pod)
+            jumps, chain = self._state(where, family, pod)
             if jumps or chain:
-                self._restore(netns_name, family, render_teardown(jumps, chain), pod)
+                self._restore(where, family, render_teardown(jumps, chain), pod)
         except MeshError:
             if not quiet:
                 raise
