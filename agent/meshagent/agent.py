@@ -314,9 +314,10 @@ class Agent:
             # detached when it crashed is there too).
             # The forwarder's own sockets are known by the agent's cgroup,
             # which it may first have to move into (own_cgroup.py).
-            attach = "/" + str(cgroup.resolve(cfg.cgroup).relative_to(cgroup.cgroup2_mount()))
+            rel = cgroup.resolve(cfg.cgroup).relative_to(cgroup.cgroup2_mount())
+            attach = "/" if rel == Path(".") else "/" + rel.as_posix()
             try:
-                own = own_cgroup.settle(attach.rstrip("/.") or "/", instance_name(cfg.state_dir))
+                own = own_cgroup.settle(attach, instance_name(cfg.state_dir))
             except MeshError as exc:
                 if self.plan.backend is Backend.IPTABLES:
                     raise

@@ -364,6 +364,8 @@ class Attachments:
                         "pod's backend not run by this agent",
                         extra={"pod": name, "reason": f"{redirect}: attached with {self.default}"},
                     )
+                    if redirect is BackendName.IPTABLES:  # its rules name the old agent's
+                        _remove_left_rules(name, record)  # cgroup: our connects would loop
                     redirect = None
                 try:
                     self._attach(pod, redirect, time.monotonic(), record.auto)
@@ -428,8 +430,6 @@ class Attachments:
             handle = PodHandle(name, pod.netns, fd, pod_id)
             if record.draining:
                 backend.keep_stopped(handle)  # fail-open must not steer it again
-            else:
-                backend.refresh(handle)  # iptables: its rules named the old agent's cgroup
             slot = self.forwarder.adopt_pod(handle, backend.steering(handle), listeners, stats)
         except BaseException:
             os.close(fd)
@@ -440,6 +440,28 @@ class Attachments:
         )  # fmt: skip
         self._next_pod_id = max(self._next_pod_id, pod_id + 1)
         return slot
+
+    def refresh_taken(self) -> None:
+        """After a takeover, once the old agent has exited (its forwarder
+        makes no more upstream sockets): steering that names the old agent
+        (iptables rules: its cgroup) is made to name this one. A pod whose
+        rules cannot be renewed is detached: left as they are, its
+        forwarder's upstream connects would be redirected to itself."""
+        for name, entry in sorted(self.pods.items()):
+            if entry.draining:
+                continue
+            try:
+                entry.backend.refresh(entry.handle)
+            except MeshError as exc:
+                self.log.warning(
+                    "pod rules not renewed; detaching", extra={"pod": name, "reason": str(exc)}
+                )
+                try:
+                    entry.backend.stop_new(entry.handle)
+                except MeshError:
+                    pass
+                entry.draining = True
+        self.save()
 
     def let_go(self) -> None:
         """Handed over: forget every pod without touching its rules or maps."""
@@ -517,3 +539,14 @@ def _closing(fd: int, job: Callable[[], object]) -> Callable[[], object]:
             os.close(fd)
 
     return run
+
+
+def _remove_left_rules(name: str, record: PodRecord) -> None:
+    """The iptables rules an earlier agent left in a pod, taken away by an
+    agent that does not run the iptables backend (best effort)."""
+    from meshagent.redirect.iptables import teardown_only
+
+    try:
+        teardown_only(record.flavour).remove(name, record.netns, quiet=True)
+    except MeshError:
+        pass

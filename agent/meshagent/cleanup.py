@@ -49,14 +49,9 @@ def cleanup(state_dir: Path, cache_dir: Path | None = None) -> list[str]:
 
 
 def _iptables_backend(flavour: str | None):
-    from meshagent.config import AgentConfig
-    from meshagent.redirect.iptables import IptablesBackend, Tools, detect_flavour
-    from meshagent.redirect.rules import RuleConfig
+    from meshagent.redirect.iptables import teardown_only
 
-    cfg = AgentConfig()
-    flavour, _how = detect_flavour(flavour)
-    rules = RuleConfig(cfg.port, "", (), ())  # it only tears down
-    return IptablesBackend(rules, Tools.of(flavour))
+    return teardown_only(flavour)
 
 
 @contextmanager

@@ -93,7 +93,9 @@ class Handover:
         deadline = time.monotonic() + PENDING_WAIT
 
         def when_quiet() -> None:
-            if not self.forwarder.handover_ready() and time.monotonic() < deadline:
+            # attach/detach jobs use a pod's netns fd, which let_go closes
+            busy = not self.forwarder.handover_ready() or bool(self.pods.busy)
+            if busy and time.monotonic() < deadline:
                 self.loop.call_later(0.01, when_quiet)
                 return
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -264,7 +266,7 @@ def _receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict
         raise
     chan.close()
     _wait_exit(int(hello["pid"]))
-    pods.save()
+    pods.refresh_taken()  # saves
     return {"pods": len(slots), "conns": conns, "from_pid": hello["pid"]}
 
 

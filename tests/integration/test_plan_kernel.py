@@ -38,7 +38,14 @@ def test_run_and_probe_kernel_agree(mesh_env):
     assert report["auto"]["backend_reason"] == status["backend_reason"]
     assert report["auto"]["programs"] == status["plan"]["programs"]
     assert report["auto"]["datapaths"] == status["plan"]["datapaths"]
-    assert status["datapath"] == report["auto"]["datapath"] == datapath, status["datapath_reason"]
+    assert report["auto"]["datapath"] == datapath
+    # run also self-tests the candidates, in order, and keeps the first that
+    # passes: a sockmap whose bound it cannot show (seen on the 6.1 and 6.12
+    # guests under software emulation) gives way to splice, and says so
+    why = status["datapath_reason"]
+    assert status["datapath"] in report["auto"]["datapaths"], why
+    if status["datapath"] != datapath:
+        assert f"{datapath} self-test failed" in why, why
     assert report["refused"] == {}
 
 

@@ -140,7 +140,7 @@ def test_excluded_port_and_cidr_are_not_steered(mesh_env, redirect):
 def test_forwarder_upstream_is_never_steered_again(mesh_env, any_agent):
     # The agent runs inside the attached cgroup and connects upstream from
     # inside the attached pod: only its socket cookie in mesh_own (ebpf) or
-    # the skip mark (iptables) keeps it from looping.
+    # the agent's own cgroup (iptables: -m cgroup) keeps it from looping.
     agent = any_agent
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")

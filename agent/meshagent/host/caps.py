@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 NEEDED = {
-    12: ("cap_net_admin", "network BPF programs and their cgroup links, SO_MARK, iptables"),
+    12: ("cap_net_admin", "network BPF programs and their cgroup links, iptables"),
     21: ("cap_sys_admin", "entering pod network namespaces (setns), loading BPF"),
 }
 

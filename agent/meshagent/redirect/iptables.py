@@ -127,7 +127,12 @@ class IptablesBackend:
         once, even on error (no preexec_fn, unsafe with other threads)."""
         netns_name = where.name
         if where.fd is not None:
-            fd = os.dup(where.fd)
+            try:
+                fd = os.dup(where.fd)
+            except OSError as exc:
+                raise MeshError(
+                    f"pod {pod}: network namespace {netns_name}: {exc.strerror}"
+                ) from None
         else:
             try:
                 fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
@@ -224,6 +229,14 @@ class IptablesBackend:
         except MeshError:
             if not quiet:
                 raise
+
+
+def teardown_only(flavour: str | None = None) -> IptablesBackend:
+    """A backend that can only remove rules (it has no cgroup of its own to
+    name): `cleanup`, and an agent without the iptables backend dropping
+    the rules an earlier agent left in a pod."""
+    detected, _how = detect_flavour(flavour)
+    return IptablesBackend(RuleConfig(0, ""), Tools.of(detected))
 
 
 class IptablesSteering:

@@ -181,4 +181,5 @@ def _move_out(instance: str) -> tuple[str, Callable[[], None]]:
         except OSError:
             pass  # a later start reuses it (same instance name)
 
-    return f"/{mine.name}", back
+    # as the kernel names it now (the mount need not be the hierarchy's root)
+    return parse_proc_cgroup(Path("/proc/self/cgroup").read_text()), back
