@@ -36,6 +36,9 @@ def cleanup(state_dir: Path, cache_dir: Path | None = None) -> list[str]:
         pins = Pins(state_dir)
         if pins.exists():
             removed += [f"pinned {item}" for item in pins.remove()]
+        own = own_cgroup_dir(state_dir)
+        if own is not None:
+            removed.append(f"cgroup {own}")
         for path in (state.attached_file, state.socket, *(state.path / n for n in LEGACY_FILES)):
             if path.exists() or path.is_symlink():
                 path.unlink()
@@ -65,3 +68,22 @@ def _agent_lock(state: StateDir) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def own_cgroup_dir(state_dir: Path) -> Path | None:
+    """The empty cgroup an agent of this state dir moved into from the root
+    cgroup (redirect/own_cgroup.py) and could not remove (it crashed):
+    removed, and returned; None when there is none."""
+    from meshagent.bpf.pins import instance_name
+    from meshagent.errors import MeshError
+    from meshagent.host import cgroup
+
+    try:
+        path = cgroup.cgroup2_mount() / f"meshagent-{instance_name(state_dir)}"
+    except MeshError:
+        return None
+    try:
+        path.rmdir()  # only an empty one: a running agent's stays
+    except OSError:
+        return None
+    return path

@@ -27,7 +27,8 @@ def residue() -> set[str]:
             found |= {f"{kind} {name}" for name in os.listdir(path) if name.startswith(prefix)}
     try:
         root = cgroup.cgroup2_mount()
-        found |= {f"cgroup {p.name}" for p in root.iterdir() if p.name.startswith("meshtest-")}
+        found |= {f"cgroup {p.name}" for p in root.iterdir()  # meshagent-: an agent's own
+                  if p.name.startswith(("meshtest-", "meshagent-meshtest-"))}  # fmt: skip
     except Exception:
         pass
     for line in Path("/proc/mounts").read_text().splitlines():  # runc's v1 cgroups (hybrid)
