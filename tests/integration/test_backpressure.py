@@ -467,8 +467,8 @@ def closed_and_counted(agent, deadline: float = 10.0) -> dict:
     strict=True,
     reason="[L] open: after a hold-back, against a writer that never pauses, the hand-off "
     "never catches up and Python carries the rest. A catch-up that fixed this (commit "
-    "8412107) exposed a slow kernel redirect under the budget (0.4 Gbit/s downloads) and "
-    "was reverted; docs/benchmarks.md",
+    "8412107) ran downloads at 0.4 Gbit/s (zero windows nobody announced) and was "
+    "reverted; bench/results/zero-window.md",
 )
 @pytest.mark.parametrize("datapath", ["sockmap", "sockmap-nomsg"])
 def test_after_a_hold_back_the_kernel_splices_again(mesh_env, datapath):
