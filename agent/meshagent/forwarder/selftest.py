@@ -12,11 +12,14 @@ deep receive queue: a connection that starts on copy then moves after a
 read that stopped inside a segment, the case where a kernel would pass
 the read part to the verdict again.
 
-The sockmap path must also hold a writer back (bpf/skb_verdict.c): a
-server writes as fast as it can to a client that reads nothing; its send
-must block long before STUFF_CAP, and once the client reads, every byte
-must arrive. A kernel whose sockmap cannot be bounded so fails here, and
-auto does not pick it.
+The sockmap path must also hold a writer back (bpf/skb_verdict.c): once
+the pair has moved to the kernel, a server writes as fast as it can to a
+client that reads nothing; its send must block long before STUFF_CAP, and
+once the client reads, every byte must arrive. A kernel whose sockmap
+cannot be bounded so fails here, and auto does not pick it. The writer
+waits for the move: a stream that never pauses can stay on copy for
+seconds where reads never reach a segment boundary (seen in QEMU guests
+without KVM, where this test then measured the copy relay's bound).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from meshagent.forwarder.copy_first import UPGRADE_BYTES
 from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
@@ -39,7 +43,8 @@ SO_RCVBUFFORCE = 33
 DEADLINE = 1.0
 STUFF_CAP = 256 << 20  # a writer that gets this far was never held back
 STUFF_QUIET = 0.3  # seconds of EAGAIN that count as blocked
-STUFF_DEADLINE = 4.0
+STUFF_DEADLINE = 4.0  # to move (after STUFF_LEAD), and again to be held back
+STUFF_LEAD = 4 * UPGRADE_BYTES  # what the writer sends before it waits for the move
 
 PathFactory = Callable[[Loop], "dict[DataPathMode, DataPath]"]
 
@@ -138,7 +143,8 @@ def _held_back(path: DataPath, loop: Loop, front: socket.socket, back: socket.so
     app_server.setblocking(False)
     result: dict = {"read": 0}
     blocked, moved, resume = threading.Event(), threading.Event(), threading.Event()
-    writer = threading.Thread(target=_stuff, args=(app_server, result, blocked), daemon=True)
+    writer = threading.Thread(target=_stuff, args=(app_server, result, blocked, moved),
+                              daemon=True)  # fmt: skip
     reader = threading.Thread(target=_count, args=(app_client, result, moved, resume), daemon=True)
 
     def done(_conn, reason) -> None:
@@ -160,13 +166,15 @@ def _hold_and_read(path: DataPath, loop: Loop, conn: Connection, result: dict,
                    events: tuple[threading.Event, ...], writer: threading.Thread,
                    reader: threading.Thread) -> str | None:  # fmt: skip
     blocked, moved, resume = events
+    started = time.monotonic()
 
     def held() -> bool:
-        if conn.settled:
+        if conn.settled and not moved.is_set():
+            result["moved"] = time.monotonic() - started
             moved.set()
         return blocked.is_set() or not writer.is_alive()
 
-    _run_until(loop, path, held)
+    _run_until(loop, path, held, 2 * STUFF_DEADLINE)
     writer.join(STUFF_DEADLINE)
     written = result.get("written", 0)
     if result.get("reason"):
@@ -175,7 +183,9 @@ def _hold_and_read(path: DataPath, loop: Loop, conn: Connection, result: dict,
         return f"the pair never moved to the kernel (carried by {conn.mode})"
     if not blocked.is_set():
         return (
-            f"a writer facing a reader that reads nothing was not held back ({written >> 20} MiB)"
+            f"a writer facing a reader that reads nothing was not held back"
+            f" ({written >> 20} MiB written; the pair moved to the kernel"
+            f" {result.get('moved', 0.0):.1f}s after the start)"
         )
     result["want"] = written
     resume.set()
@@ -186,8 +196,9 @@ def _hold_and_read(path: DataPath, loop: Loop, conn: Connection, result: dict,
     return None
 
 
-def _run_until(loop: Loop, path: DataPath, done: Callable[[], bool]) -> None:
-    """Run the loop until done() or STUFF_DEADLINE; the path's tick() every
+def _run_until(loop: Loop, path: DataPath, done: Callable[[], bool],
+               deadline: float = STUFF_DEADLINE) -> None:  # fmt: skip
+    """Run the loop until done() or deadline seconds; the path's tick() every
     10 ms (a self-test's sockmap path finds hold-backs there)."""
 
     def check() -> None:
@@ -198,21 +209,28 @@ def _run_until(loop: Loop, path: DataPath, done: Callable[[], bool]) -> None:
             loop.call_later(0.01, check)
 
     check()
-    timer = loop.call_later(STUFF_DEADLINE, loop.stop)
+    timer = loop.call_later(deadline, loop.stop)
     loop.run()
     timer.cancel()
 
 
-def _stuff(sock: socket.socket, out: dict, blocked: threading.Event) -> None:
-    """Write a counting pattern until send() has said EAGAIN for STUFF_QUIET
-    (blocked) or STUFF_CAP; out["written"]."""
+def _stuff(sock: socket.socket, out: dict, blocked: threading.Event,
+           moved: threading.Event) -> None:  # fmt: skip
+    """Write STUFF_LEAD of a counting pattern, wait for the move, then write
+    on until send() has said EAGAIN for STUFF_QUIET (blocked) or STUFF_CAP;
+    out["written"]."""
     chunk = memoryview(bytes(range(256)) * 257)
     written, quiet_since = 0, None
     deadline = time.monotonic() + STUFF_DEADLINE
     while written < STUFF_CAP and time.monotonic() < deadline:
+        if written >= STUFF_LEAD and not moved.is_set():
+            if not moved.wait(max(0.0, deadline - time.monotonic())):
+                break
+            deadline = time.monotonic() + STUFF_DEADLINE
         try:
             start = written % 256  # the pattern goes on where a partial send stopped
             written += sock.send(chunk[start : start + 65536])
+            out["written"] = written
             quiet_since = None
         except BlockingIOError:
             now = time.monotonic()
