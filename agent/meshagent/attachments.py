@@ -431,6 +431,7 @@ class Attachments:
             if record.draining:
                 backend.keep_stopped(handle)  # fail-open must not steer it again
             slot = self.forwarder.adopt_pod(handle, backend.steering(handle), listeners, stats)
+            backend.listening(handle)
         except BaseException:
             os.close(fd)
             raise
@@ -496,7 +497,7 @@ class Attachments:
             live_out, live_in = self.forwarder.live_bytes(pod.slot)
             stats["bytes_out"] += live_out
             stats["bytes_in"] += live_in
-            port = self.forwarder.port
+            port = pod.handle.port or self.forwarder.port
             out.append(
                 {
                     **pod.snapshot(),

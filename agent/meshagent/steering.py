@@ -54,6 +54,10 @@ class PodHandle:
     netns_name: str
     netns_fd: int
     pod_id: int
+    # The forwarder's listening sockets in the pod and their port (the
+    # agent's --port, unless the pod held that one when it was attached).
+    listeners: list = field(default_factory=list, repr=False)
+    port: int = 0
     _cookie: int | None = field(default=None, repr=False)
 
     _id: tuple[int, int] | None = field(default=None, repr=False)

@@ -123,6 +123,18 @@ struct sockhash_with_lookup {
 __attribute__((section("maps/sockhash")))
 struct sockhash_with_lookup mesh_sockhash = { .max_entries = MESH_SOCKS_MAX };
 BPF_ANNOTATE_KV_PAIR(mesh_sockhash, __u64, int);
+/* The forwarder's listeners, by the netns cookie of the attached pod they
+ * listen in (one map per family): a connect is steered only while this
+ * agent's own listener is there (steer.h). A socket leaves every sockhash
+ * when it closes, so a crashed agent's pods fail open at once, and a pod's
+ * own socket on the port (one it bound while no agent ran) is never taken
+ * for the forwarder. */
+__attribute__((section("maps/sockhash")))
+struct sockhash_with_lookup mesh_lsn4 = { .max_entries = MESH_PODS_MAX };
+BPF_ANNOTATE_KV_PAIR(mesh_lsn4, __u64, int);
+__attribute__((section("maps/sockhash")))
+struct sockhash_with_lookup mesh_lsn6 = { .max_entries = MESH_PODS_MAX };
+BPF_ANNOTATE_KV_PAIR(mesh_lsn6, __u64, int);
 BPF_HASH(mesh_peer, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);

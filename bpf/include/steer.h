@@ -8,27 +8,18 @@
 #include "addr.h"
 #include "trace.h"
 
-#ifndef BPF_F_CURRENT_NETNS
-#define BPF_F_CURRENT_NETNS (-1L)
-#endif
-
-/* Is the pod's forwarder listening on loopback:port in this netns?
- * mapped: look on 127.0.0.1, else on ::1. */
-static __always_inline int mesh_listener_up(struct bpf_sock_addr *ctx, __u16 port, int v4)
+/* Is this agent's listener for the pod up? Only a socket the forwarder put
+ * into mesh_lsn4/mesh_lsn6 counts (any other listener on the port in the
+ * pod's netns is the pod's own); v4: the IPv4 one, else the IPv6 one. */
+static __always_inline int mesh_listener_up(__u64 netns, int v4)
 {
 #if MESH_CHECK_LISTENER
-	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
 
-	if (v4) {
-		tuple.ipv4.daddr = bpf_htonl(0x7f000001);
-		tuple.ipv4.dport = bpf_htons(port);
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
-	} else {
-		tuple.ipv6.daddr[3] = bpf_htonl(1);
-		tuple.ipv6.dport = bpf_htons(port);
-		sk = bpf_sk_lookup_tcp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
-	}
+	if (v4)
+		sk = (struct bpf_sock *)mesh_lsn4.lookup(&netns);
+	else
+		sk = (struct bpf_sock *)mesh_lsn6.lookup(&netns);
 	if (!sk)
 		return 0;
 	bpf_sk_release(sk);
@@ -88,7 +79,7 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 	excl = mesh_excl_cidr.lookup(&lpm);
 	if (excl && *excl)  /* 0: a hole, e.g. ::ffff:0:0/96 under ::/0 (ebpf.py) */
 		return mesh_decided(MESH_REASON_EXCL_CIDR, netns, cookie, dst, dport);
-	if (!mesh_listener_up(ctx, pod->port, mesh_addr_is_mapped(dst)))
+	if (!mesh_listener_up(netns, mesh_addr_is_mapped(dst)))
 		return mesh_decided(MESH_REASON_NO_LISTENER, netns, cookie, dst, dport);
 	live = mesh_state.lookup(&live_idx);
 	if (!live || *live >= MESH_CONNS_MAX - 8)

@@ -124,3 +124,41 @@ def test_full_map_means_the_connect_goes_direct(mesh_env, tmp_path):
         assert agent.forwarded() == 9
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_a_pod_squatting_the_forwarder_port_is_neither_steered_into_it_nor_kept_out(mesh_env):
+    """While no agent runs, a pod binds the forwarder's port itself (its own
+    server, or a squatter). The connect hook steers only to the forwarder's
+    own listeners (mesh_lsn4/mesh_lsn6), so the pod's connects go direct,
+    not into that socket; the next agent attaches the pod on a port the
+    kernel picks, and forwards its connects again."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env)
+    agent.attach(client)
+    agent.proc.kill()
+    agent.proc.wait(timeout=30)
+    squatter = mesh_env.server(client, 15001)  # 0.0.0.0:15001 (and v6) in the pod
+    try:
+        mesh_env.client(client, server.ip4, PORT)
+        assert srv.next(timeout=10)["peer"] == client.ip4, "steered into the pod's own socket"
+        again = start_agent(mesh_env)
+        try:
+            status = again.request("status")
+            assert status["adopted_pods"] == ["client"], again.log()
+            (pod,) = status["pods"]
+            port = int(pod["listeners"][0].rsplit(":", 1)[1])
+            assert port != 15001
+            assert "pod listener moved" in again.log()
+            mesh_env.client(client, server.ip4, PORT)
+            assert srv.next(timeout=10)["peer"] == client.ip4
+            mesh_env.client(client, server.ip6, PORT)
+            assert srv.next(timeout=10)["peer"] == client.ip6
+            assert again.forwarded() == 2
+        finally:
+            assert again.stop() == 0
+    finally:
+        squatter.proc.kill()
+        squatter.proc.wait(timeout=10)
+    assert squatter.lines.get(timeout=5) is None  # it printed nothing: nothing reached it

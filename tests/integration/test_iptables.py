@@ -363,3 +363,31 @@ def test_a_pod_recreated_behind_the_agents_back_gets_no_rules(mesh_env, flavour)
         assert our_iptables(client, flavour) == []
     finally:
         assert agent.stop() == 0, agent.log()
+
+
+def test_a_pod_holding_the_forwarder_port_is_attached_on_another(mesh_env):
+    """A pod whose own server holds the agent's --port (15001) in its netns:
+    attach listens on a port the kernel picks there instead (it used to
+    fail, so such a pod could never be meshed), the rules redirect to that
+    one, and the pod's server keeps its port and gets none of the pod's
+    outbound connections."""
+    client = mesh_env.create_pod("client")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT, "--send", "10")
+    own = mesh_env.server(client, 15001)  # [::]:15001, dual-stack, in the pod
+    agent = start_agent(mesh_env, "--redirect", "iptables", "--iptables", "nft")
+    try:
+        agent.attach(client)
+        listeners = agent.pod_status("client")["listeners"]
+        port = int(listeners[0].rsplit(":", 1)[1])
+        assert port != 15001 and listeners == [f"127.0.0.1:{port}", f"[::1]:{port}"]
+        assert f"--to-ports {port}" in save(client, "nft")
+        for host in (server.ip4, server.ip6):
+            out = mesh_env.client(client, host, PORT, "--send", "10")
+            assert srv.next(timeout=10)["recv_sha"] == out["sent_sha"]
+        assert agent.pod_status("client")["connections_total"] == 2
+    finally:
+        assert agent.stop() == 0, agent.log()
+        own.proc.kill()
+        own.proc.wait(timeout=10)
+    assert own.lines.get(timeout=5) is None  # nothing reached the pod's own server

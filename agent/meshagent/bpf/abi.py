@@ -91,6 +91,8 @@ EXCL_CIDR = MapSpec("mesh_excl_cidr", LPM, BYTE)
 STATE = MapSpec("mesh_state", U32, U64)
 METRICS = MapSpec("mesh_metrics", U32, U64, percpu=True)
 SOCKHASH = MapSpec("mesh_sockhash", U64, FD)
+LSN4 = MapSpec("mesh_lsn4", U64, FD)  # netns cookie -> the forwarder's listener there
+LSN6 = MapSpec("mesh_lsn6", U64, FD)
 PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
@@ -109,7 +111,7 @@ EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
-    FLIGHT, WAKE,
+    FLIGHT, WAKE, LSN4, LSN6,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 

@@ -34,6 +34,11 @@ BPF_EXIT = 0x95
 BPF_STX_DW = 0x7B
 BPF_ATOMIC_DW = 0xDB
 BPF_FETCH_ADD = 0x01
+BPF_LD_IMM64 = 0x18
+BPF_PSEUDO_MAP_FD = 1
+BPF_ALU64_MOV_X = 0xBF
+BPF_ALU64_ADD_K = 0x07
+BPF_JEQ_K = 0x15
 
 # A probe program needs an attach type only for cgroup sock_addr.
 _EXPECTED_ATTACH = {"cgroup_sock_addr": sc.BPF_CGROUP_INET4_CONNECT}
@@ -73,6 +78,32 @@ def _atomic_fetch_ok() -> bool:
         + _ret1()
     )
     return _load("sk_skb", code)[0]
+
+
+def _sockhash_lookup_ok() -> bool:
+    """A sock_addr program that looks a key up in a sockhash and releases the
+    socket it may get (allowed since 5.8; before, the verifier refuses it)."""
+    try:
+        map_fd = sc.map_create(sc.MapType.SOCKHASH, 8, 4, 4, 0)
+    except OSError:
+        return False
+    try:
+        code = (
+            sc.insn(BPF_ALU64_MOV_K, 1, imm=0)
+            + sc.insn(BPF_STX_DW, 10, 1, off=-8)  # the key, 0
+            + sc.insn(BPF_LD_IMM64, 1, BPF_PSEUDO_MAP_FD, imm=map_fd)
+            + sc.insn(0)
+            + sc.insn(BPF_ALU64_MOV_X, 2, 10)
+            + sc.insn(BPF_ALU64_ADD_K, 2, imm=-8)
+            + sc.insn(BPF_CALL, imm=HELPER_IDS["bpf_map_lookup_elem"])
+            + sc.insn(BPF_JEQ_K, 0, off=2, imm=0)  # nothing found: done
+            + sc.insn(BPF_ALU64_MOV_X, 1, 0)
+            + sc.insn(BPF_CALL, imm=HELPER_IDS["bpf_sk_release"])
+            + _ret1()
+        )
+        return _load("cgroup_sock_addr", code)[0]
+    finally:
+        os.close(map_fd)
 
 
 def _link_create_known() -> bool:
@@ -124,6 +155,11 @@ def probe() -> dict:
         "getpeername_hooks": lambda: _load(
             "cgroup_sock_addr", _ret1(), sc.BPF_CGROUP_INET4_GETPEERNAME
         )[0],
+        "sockhash_lookup": lambda: (
+            "cgroup_sock_addr" in raw["program_types"]
+            and "sockhash" in raw["map_types"]
+            and _sockhash_lookup_ok()
+        ),
         "bpf_link": _link_create_known,
         "so_netns_cookie": _so_netns_cookie,
     }

@@ -59,9 +59,9 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "cgroup_sock_addr", ("bpf_get_socket_cookie",),
     ),
     KernelFeature(
-        "sk_lookup_sock_addr", Kind.HELPER, (5, 2),
-        "bpf_sk_lookup_tcp in sock_addr programs (kernel-side fail-open)",
-        "cgroup_sock_addr", ("bpf_sk_lookup_tcp", "bpf_sk_release"),
+        "sk_release_sock_addr", Kind.HELPER, (5, 2),
+        "bpf_sk_release in sock_addr programs (kernel-side fail-open)",
+        "cgroup_sock_addr", ("bpf_sk_release",),
     ),
     KernelFeature(
         "netns_cookie_sock_ops", Kind.HELPER, (5, 15), "bpf_get_netns_cookie in sock_ops programs",
@@ -125,6 +125,11 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "sk_skb", ("bpf_ringbuf_output",),
     ),
     KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
+    KernelFeature(
+        "sockhash_lookup", Kind.INSN, (5, 8),
+        "a sockhash lookup in sock_addr programs (kernel-side fail-open: the forwarder's own"
+        " listener, not any socket on its port)",
+    ),
     KernelFeature("bpf_link", Kind.ATTACH, (5, 7), "BPF links for cgroup programs"),
     KernelFeature("getpeername_hooks", Kind.ATTACH, (5, 8), "cgroup getpeername hooks"),
     KernelFeature("so_netns_cookie", Kind.SOCKOPT, (5, 14), "SO_NETNS_COOKIE (a pod's netns cookie)"),
@@ -143,7 +148,6 @@ HELPER_IDS = {
     "bpf_sock_hash_update": 70,
     "bpf_msg_redirect_hash": 71,
     "bpf_sk_redirect_hash": 72,
-    "bpf_sk_lookup_tcp": 84,
     "bpf_sk_release": 86,
     "bpf_get_netns_cookie": 122,
     "bpf_ringbuf_output": 130,
@@ -195,8 +199,9 @@ def have_macro(feature: str) -> str:
 
 
 _CONNECT_NEEDS = (
-    "cgroup_sock_addr", "netns_cookie", "socket_cookie_sock_addr", "sk_lookup_sock_addr",
-    "lru_hash", "lpm_trie", "percpu_array", "ringbuf", "ringbuf_sock_addr", "bpf_link",
+    "cgroup_sock_addr", "netns_cookie", "socket_cookie_sock_addr", "sk_release_sock_addr",
+    "sockhash_lookup", "lru_hash", "lpm_trie", "percpu_array", "sockhash", "ringbuf", "ringbuf_sock_addr",
+    "bpf_link",
 )  # fmt: skip
 _PEERNAME_NEEDS = ("cgroup_sock_addr", "netns_cookie", "getpeername_hooks", "bpf_link")
 

@@ -32,6 +32,7 @@ PAUSE_FIRST = 0.05  # seconds a listener rests when there is no room, doubling
 PAUSE_MAX = 1.0
 LOG_EVERY = 5.0  # seconds between two warnings of one pod for one reason
 LOG_KEYS_MAX = 4096  # (pod, reason) pairs remembered; past it, quiet ones are forgotten
+LISTEN_TRIES = 8  # kernel-picked ports tried when the agent's port is the pod's
 NONBLOCK = socket.SOCK_NONBLOCK  # made non-blocking: no ioctl(FIONBIO) after
 
 
@@ -39,6 +40,10 @@ def _writable_now(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
     return bool(poller.poll(0))
+
+
+class _PortTaken(Exception):
+    """A listener's port is in use in the pod (the reason, as a message)."""
 
 
 class LimitedLog:
@@ -112,9 +117,34 @@ class Forwarder:
 
     # -- listeners ---------------------------------------------------------
     def open_pod(self, pod: PodHandle, steering: Steering) -> PodSlot:
-        """Listen on 127.0.0.1:port and [::1]:port inside the pod's netns."""
-        name = pod.name
-        slot = PodSlot(name, pod.pod_id, pod.netns_fd, steering)
+        """Listen on 127.0.0.1 and [::1] inside the pod's netns, on the
+        agent's port; if the pod holds that port itself (its own server, or
+        one that squatted it while no agent ran), on a port the kernel picks
+        there, said in the log and in `status`."""
+        slot = PodSlot(pod.name, pod.pod_id, pod.netns_fd, steering)
+        try:
+            self._listen(slot, pod, self.port)
+        except _PortTaken as taken:
+            for _ in range(LISTEN_TRIES):
+                try:
+                    self._listen(slot, pod, 0)
+                    break
+                except _PortTaken:  # the kernel's pick for IPv4 is taken on IPv6
+                    continue
+            else:
+                raise MeshError(f"pod {pod.name}: {taken}") from None
+            self.log.warning(
+                "pod listener moved",
+                extra={"pod": pod.name, "reason": f"{taken}: listening on port {pod.port}"},
+            )
+        for sock in slot.listeners:
+            self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
+        self.pods[slot.pod_id] = slot
+        return slot
+
+    def _listen(self, slot: PodSlot, pod: PodHandle, port: int) -> None:
+        """Both listeners on port (0: the kernel's pick for IPv4, then the
+        same for IPv6), or none: _PortTaken when one is in use."""
         try:
             for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
                 sock = netns.socket_in(pod.netns_fd, family)
@@ -127,22 +157,21 @@ class Forwarder:
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
-                    sock.bind((host, self.port))
+                    sock.bind((host, port))
                 except OSError as exc:
-                    raise MeshError(
-                        f"pod {name}: cannot listen on {format_endpoint(host, self.port)}:"
-                        f" {exc.strerror}"
-                    ) from None
+                    where = f"cannot listen on {format_endpoint(host, port)}: {exc.strerror}"
+                    if exc.errno == errno.EADDRINUSE:
+                        raise _PortTaken(where) from None
+                    raise MeshError(f"pod {pod.name}: {where}") from None
+                port = sock.getsockname()[1]
                 sock.listen(4096)
                 sock.setblocking(False)
         except BaseException:
             for sock in slot.listeners:
                 sock.close()
+            slot.listeners.clear()
             raise
-        for sock in slot.listeners:
-            self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
-        self.pods[slot.pod_id] = slot
-        return slot
+        pod.port, pod.listeners = port, slot.listeners
 
     def close_pod(self, slot: PodSlot) -> None:
         """Stop listening for a pod. Connections already queued on the
@@ -505,6 +534,7 @@ class Forwarder:
             self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
         if listeners:
             self.pods[slot.pod_id] = slot
+            pod.port, pod.listeners = listeners[0].getsockname()[1], slot.listeners
         return slot
 
     def adopt_conn(self, slot: PodSlot, record: ConnRecord, mode: DataPathMode, client, upstream,

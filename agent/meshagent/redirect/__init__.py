@@ -50,6 +50,11 @@ class Backend(Protocol):
         stay direct (fail_open must not steer it again)."""
         ...
 
+    def listening(self, pod: PodHandle) -> None:
+        """The forwarder listens for the pod (pod.listeners, pod.port): a
+        pod handed over with its listeners (attach does this itself)."""
+        ...
+
     def refresh(self, pod: PodHandle) -> None:
         """A pod taken over while attached: whatever in its steering names
         the agent it came from is made to name this one."""

@@ -35,6 +35,10 @@ class EbpfBackend:
         self.orig_tup = loaded.map(abi.ORIG_TUP)
         self.orig_cls = loaded.map(abi.ORIG_CLS)
         self.own = loaded.map(abi.OWN)
+        self.listeners = {
+            socket.AF_INET: loaded.map(abi.LSN4),
+            socket.AF_INET6: loaded.map(abi.LSN6),
+        }
         self.port = port
         self.stopped: set[int] = set()  # detached: fail_open must not bring them back
         # Exactly this agent's exclusions (maps taken over from a pin may
@@ -58,13 +62,25 @@ class EbpfBackend:
             self.pods.delete(key)
             return
         try:
-            self.pods.update(key, abi.pod_value(pod.pod_id, self.port))
+            self.pods.update(key, abi.pod_value(pod.pod_id, pod.port or self.port))
         except OSError as exc:
             raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
 
     def attach(self, pod: PodHandle) -> None:
         self.stopped.discard(pod.netns_cookie)
+        self.listening(pod)
         self.steer(pod, True)
+
+    def listening(self, pod: PodHandle) -> None:
+        """The pod's listeners into mesh_lsn4/mesh_lsn6: the connect hooks
+        steer only to these (a closed one leaves the map by itself)."""
+        key = pod.netns_cookie
+        for sock in pod.listeners:
+            table = self.listeners[sock.family]
+            try:
+                table.update_u64(key, sock.fileno())
+            except OSError as exc:
+                raise MeshError(f"pod {pod.name}: {table.name}: {exc.strerror}") from None
 
     def stop_new(self, pod: PodHandle) -> None:
         """One map delete; open connections need nothing more."""

@@ -14,7 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meshagent.errors import MeshError
@@ -186,10 +186,11 @@ class IptablesBackend:
 
     def _apply(self, pod: PodHandle, draining: bool) -> None:
         done: list[int] = []
+        cfg = replace(self.cfg, port=pod.port) if pod.port else self.cfg  # its listeners' port
         try:
             for family in (4, 6):
                 jumps, _chain = self._state(Where.of(pod), family, pod.name)
-                text = render_rules(self.cfg, family, jumps > 0, draining)
+                text = render_rules(cfg, family, jumps > 0, draining)
                 self._restore(Where.of(pod), family, text, pod.name)
                 done.append(family)
         except MeshError:
@@ -212,6 +213,9 @@ class IptablesBackend:
 
     def snapshot(self) -> dict:
         return {"flavour": self.tools.flavour}
+
+    def listening(self, pod: PodHandle) -> None:
+        """Nothing: its rules name the port (attach, refresh)."""
 
     def refresh(self, pod: PodHandle) -> None:
         """A pod handed over by another agent: its rules name that agent's
