@@ -121,6 +121,20 @@ static __always_inline void mesh_direct(struct bpf_sock_ops *skops)
 	mesh_stale_drop(&key);
 }
 
+/* The pod's mesh_orig_tup entries (its share: maps.h), made at its first. */
+static __always_inline void mesh_pod_count(__u64 netns, __s64 delta)
+{
+	__u64 zero = 0, *mine;
+
+	mine = mesh_pod_live.lookup(&netns);
+	if (!mine && delta > 0) {
+		mesh_pod_live.insert(&netns, &zero);
+		mine = mesh_pod_live.lookup(&netns);
+	}
+	if (mine)
+		__sync_fetch_and_add(mine, delta);
+}
+
 static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 {
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
@@ -149,6 +163,7 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	live = mesh_state.lookup(&live_idx);
 	if (live)
 		__sync_fetch_and_add(live, 1);
+	mesh_pod_count(orig.netns, 1);
 	/* OR ours in: other programs' callback flags stay as they were. */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	mesh_count(MESH_REASON_REKEYED);
@@ -178,6 +193,7 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 	live = mesh_state.lookup(&live_idx);
 	if (live)
 		__sync_fetch_and_add(live, -1);
+	mesh_pod_count(key.netns, -1);
 	mesh_count(MESH_REASON_CLOSED);
 	mesh_event(MESH_EV_CLOSED, MESH_REASON_CLOSED, key.netns, bpf_get_socket_cookie(skops),
 		   &key.addr, key.port);

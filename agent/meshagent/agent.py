@@ -306,7 +306,7 @@ class Agent:
         cfg = self.cfg
         if Backend.EBPF in self.plan.backends:
             self.backends[Backend.EBPF] = EbpfBackend(
-                self.loaded, cfg.port, cfg.exclude_ports, cfg.exclude_cidrs
+                self.loaded, cfg.port, cfg.exclude_ports, cfg.exclude_cidrs, cfg.conns_max
             )
         if Backend.IPTABLES in self.plan.backends:
             # Rules an earlier agent left: adopt() takes over the pods of

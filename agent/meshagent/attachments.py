@@ -502,6 +502,8 @@ class Attachments:
                 {
                     **pod.snapshot(),
                     "listeners": [f"127.0.0.1:{port}", f"[::1]:{port}"],
+                    # no room for its new connections: they wait in its backlog
+                    "waiting": pod.slot.waiting,
                     **stats,
                 }
             )

@@ -82,6 +82,14 @@ class Collector:
         for pod, count in sorted(snap["active"].items()):
             active.add_metric([pod], count)
         yield active
+        waiting = GaugeMetricFamily(
+            "meshagent_pod_waiting",
+            "1 while the forwarder has no room for the pod's new connections (they wait)",
+            labels=["pod"],
+        )  # fmt: skip
+        for pod, flag in sorted(snap.get("waiting", {}).items()):
+            waiting.add_metric([pod], flag)
+        yield waiting
         errors = CounterMetricFamily(
             "meshagent_forwarder_errors", "Connections the forwarder could not carry",
             labels=["reason"],

@@ -38,11 +38,6 @@ class Steering(Protocol):
         """Make the forwarder's upstream socket pass the redirect (before connect)."""
         ...
 
-    def fail_open(self, on: bool) -> None:
-        """While on, the pod's new connections go direct where the backend
-        can do that (the forwarder is out of room for them)."""
-        ...
-
 
 @dataclass
 class PodHandle:

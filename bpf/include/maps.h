@@ -91,6 +91,14 @@ BPF_LPM_TRIE(mesh_excl_cidr, struct mesh_lpm_key, __u8, MESH_EXCL_MAX);
 BPF_TABLE("lru_hash", __u64, __u8, mesh_own, MESH_OWN_MAX);
 /* [0]: live entries of mesh_orig_tup, kept by the hooks. */
 BPF_ARRAY(mesh_state, __u64, 4);
+/* A pod's share of mesh_orig_tup, by its netns cookie. mesh_pod_live (the
+ * hooks only) counts its entries; mesh_pod_share (Python only: a userspace
+ * update replaces a whole entry) is what it is sure to get, about half the
+ * map over the attached pods (redirect/ebpf.py). Past its share a pod may
+ * borrow only while the map is under half full (steer.h), so no pod can
+ * fill the map and send every other pod's connects direct. */
+BPF_HASH(mesh_pod_live, __u64, __u64, MESH_PODS_MAX);
+BPF_HASH(mesh_pod_share, __u64, __u64, MESH_PODS_MAX);
 /* per-CPU decision counters, index MESH_REASON_*. */
 BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX);
 

@@ -30,6 +30,8 @@
 #define MESH_REASON_THROTTLED    19  /* verdict: peer's budget full, passed (held back) */
 #define MESH_REASON_WAKE_LOST    20  /* verdict: mesh_wake full, the forwarder's sweep finds it */
 
-#define MESH_REASON_MAX          21  /* one past the last reason */
+#define MESH_REASON_POD_QUOTA    21  /* connect refused: the pod is over its share of mesh_orig_tup */
+
+#define MESH_REASON_MAX          22  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

@@ -46,11 +46,26 @@ static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie
 	return 0;
 }
 
+/* Is the pod past its share of mesh_orig_tup while the map is half full or
+ * more (maps.h)? Then its connect is refused: going direct would let a pod
+ * leave the mesh by its own doing. No share (not set yet): no. */
+static __always_inline int mesh_over_share(__u64 netns, __u64 live)
+{
+	__u64 *share, *mine;
+
+	if (live < MESH_CONNS_MAX / 2)
+		return 0;
+	share = mesh_pod_share.lookup(&netns);
+	mine = mesh_pod_live.lookup(&netns);
+	return share && mine && (__s64)*mine >= (__s64)*share;  /* signed: a drift below 0 is 0 */
+}
+
 /* Decide whether to steer this connect(); on yes, store the original
  * destination by socket cookie and return the pod's listener port.
- * Returns 0 when the connect must go direct. Never fails a connect. */
-static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
-					const struct mesh_addr *dst, __u16 dport)
+ * Returns 0 when the connect must go direct, -1 when it is refused (the
+ * pod is over its share). Fails no connect for any other reason. */
+static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
+				      const struct mesh_addr *dst, __u16 dport)
 {
 	struct mesh_lpm_key lpm = {};
 	struct mesh_orig orig = {};
@@ -84,6 +99,10 @@ static __always_inline __u16 mesh_steer(struct bpf_sock_addr *ctx,
 	live = mesh_state.lookup(&live_idx);
 	if (!live || *live >= MESH_CONNS_MAX - 8)
 		return mesh_decided(MESH_REASON_MAP_FULL, netns, cookie, dst, dport);
+	if (mesh_over_share(netns, *live)) {
+		mesh_decided(MESH_REASON_POD_QUOTA, netns, cookie, dst, dport);
+		return -1;
+	}
 	orig.addr = *dst;
 	orig.port = dport;
 	orig.pod_id = pod->pod_id;

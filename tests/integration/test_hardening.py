@@ -157,9 +157,10 @@ def finish(procs, srv, pod) -> None:
 
 
 def test_one_pod_cannot_take_more_than_its_share(mesh_env, redirect, tmp_path):
-    """--pod-conns-max: beyond it, the pod's new connections go direct (ebpf,
-    its map entry is out while the pod is full) or wait in the listener's
-    backlog (iptables); nothing fails, and the pod is steered again after."""
+    """--pod-conns-max: beyond it, the pod's new connections wait in its
+    listener's backlog on both backends (they used to go direct on ebpf: a
+    pod could leave the mesh by opening connections); `status` says why it
+    waits; nothing fails, and every one is forwarded once there is room."""
     from meshenv import redirect_args
 
     client = mesh_env.create_pod("client")
@@ -174,15 +175,18 @@ def test_one_pod_cannot_take_more_than_its_share(mesh_env, redirect, tmp_path):
         # Full: the forwarder stops accepting for the pod at once.
         wait_for(lambda: agent.pod_status("client")["paused"] >= 1, what="the pod to be full")
         direct = agent.decisions().get("not_attached", 0)
-        procs += hold(mesh_env, client, server, 3, go)  # ebpf: direct; iptables: they wait
+        procs += hold(mesh_env, client, server, 3, go)  # they wait in the backlog
         if redirect[0] == "ebpf":
-            wait_for(lambda: agent.decisions().get("not_attached", 0) >= direct + 3,
-                     what="3 to go direct")  # fmt: skip
-        assert agent.pod_status("client")["connections_active"] == 4
+            wait_for(lambda: agent.decisions().get("steered", 0) >= 7, what="7 steered")
+            assert agent.decisions().get("not_attached", 0) == direct
+        status = agent.pod_status("client")
+        assert status["connections_active"] == 4
+        assert "--pod-conns-max" in status["waiting"]
         assert "no room for new connections" in agent.log()
         go.write_text("")
         finish(procs, srv, client)
-        assert agent.forwarded() == (4 if redirect[0] == "ebpf" else 7)
+        assert agent.forwarded() == 7
+        assert agent.pod_status("client")["waiting"] is None
         wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, what="all closed")
         before = agent.forwarded()
         mesh_env.client(client, server.ip4, PORT)  # steered again
@@ -194,9 +198,9 @@ def test_one_pod_cannot_take_more_than_its_share(mesh_env, redirect, tmp_path):
 
 def test_out_of_fds_the_agent_rests_instead_of_spinning(mesh_env, tmp_path):
     """With few fds (splice costs 6 per connection), the forwarder stops
-    accepting when its budget is spent: the pod's extra connections go
-    direct, the loop does not spin, the warning is not repeated per wakeup,
-    and every byte still arrives."""
+    accepting when its budget is spent (a pod alone may use all of it): the
+    pod's extra connections wait, the loop does not spin, the warning is
+    not repeated per wakeup, and every byte still arrives."""
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
@@ -213,9 +217,9 @@ def test_out_of_fds_the_agent_rests_instead_of_spinning(mesh_env, tmp_path):
                  what=f"{fits} forwarded")  # fmt: skip
         wait_for(lambda: agent.pod_status("client")["paused"] >= 1, what="the pause")
         direct = agent.decisions().get("not_attached", 0)
-        procs += hold(mesh_env, client, server, 4, go)  # no fds left for these: direct
-        wait_for(lambda: agent.decisions().get("not_attached", 0) >= direct + 4,
-                 what="4 to go direct")  # fmt: skip
+        procs += hold(mesh_env, client, server, 4, go)  # no fds left for these: they wait
+        wait_for(lambda: agent.decisions().get("steered", 0) >= fits + 4, what="4 more steered")
+        assert agent.decisions().get("not_attached", 0) == direct
         assert agent.request("status")["fds_in_use"] == fits * 6
         spun = agent.request("status")["loop_dispatched"]
         time.sleep(1.0)  # a spinning loop would dispatch ~10^5 events here
@@ -223,7 +227,7 @@ def test_out_of_fds_the_agent_rests_instead_of_spinning(mesh_env, tmp_path):
         assert agent.log().count("no room for new connections") <= 2
         go.write_text("")
         finish(procs, srv, client)
-        assert agent.forwarded() == fits
+        assert agent.forwarded() == fits + 4
         wait_for(lambda: agent.request("status")["fds_in_use"] == 0, what="fds given back")
     finally:
         assert agent.stop() == 0, agent.log()
@@ -407,4 +411,108 @@ def test_a_connect_to_the_unspecified_address_is_local_and_not_steered(mesh_env,
         if backend == "ebpf":
             assert agent.decisions().get("loopback") == 2, agent.decisions()
     finally:
+        assert agent.stop() == 0, agent.log()
+
+
+def test_a_pod_past_its_fd_share_waits_and_leaves_the_other_pods_theirs(mesh_env, tmp_path):
+    """Two pods, 64 fds for forwarded connections (splice: 6 each). Each
+    pod is sure of half the budget split between them (16 fds); the rest
+    is lent to a pod past its share while any is left. The greedy pod gets
+    8 connections and its extra ones wait; the other still gets its own 2
+    at once (it used to find no room at all, and went direct)."""
+    greedy = mesh_env.create_pod("greedy")
+    other = mesh_env.create_pod("other")
+    server = mesh_env.create_pod("server")
+    srv = mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--datapath", "splice", nofile=128)
+    go = tmp_path / "go"
+    procs: list = []
+    try:
+        agent.attach(greedy)
+        agent.attach(other)
+        status = agent.request("status")
+        assert (status["fd_budget"], status["fd_share"]) == (64, 16)
+        procs += hold(mesh_env, greedy, server, 10, go)
+        wait_for(lambda: agent.pod_status("greedy")["connections_active"] == 8, what="8 forwarded")
+        wait_for(lambda: agent.pod_status("greedy")["waiting"] is not None, what="greedy waits")
+        assert "past its share of 16" in agent.pod_status("greedy")["waiting"]
+        procs += hold(mesh_env, other, server, 2, go)
+        wait_for(lambda: agent.pod_status("other")["connections_active"] == 2, what="other's 2")
+        assert agent.pod_status("greedy")["connections_active"] == 8
+        assert agent.decisions().get("not_attached", 0) == 0  # nobody went direct
+        go.write_text("")
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0 and json.loads(out)["sent_bytes"] == 10
+        for _ in procs:
+            srv.next()
+        assert agent.forwarded() == 12
+    finally:
+        go.write_text("")
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert agent.stop() == 0, agent.log()
+
+
+GREEDY = """
+import errno, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held, refused, other = [], 0, 0
+for _ in range(count):
+    sock = socket.socket()
+    try:
+        sock.connect((host, port))
+        held.append(sock)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EPERM:
+            refused += 1
+        else:
+            other += 1
+print(len(held), refused, other, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_pod_past_its_share_of_the_connection_map_is_refused_not_sent_direct(mesh_env):
+    """--conns-max 256: the map-full check is at 248. A pod that opens 260
+    connections used to fill the map, then its connects and every other
+    pod's went direct. Now each pod is sure of a share (half the map over
+    the attached pods, less a margin: 52 each for two) and may borrow past
+    it only while the map is under half full, so the greedy pod gets 128
+    and its next connects are refused (EPERM, counted pod_quota, named in
+    `status`), and the other pod still gets all it asks for."""
+    greedy = mesh_env.create_pod("greedy")
+    other = mesh_env.create_pod("other")
+    server = mesh_env.create_pod("server")
+    mesh_env.server(server, PORT)
+    agent = start_agent(mesh_env, "--conns-max", "256")
+    procs: list = []
+    try:
+        agent.attach(greedy)
+        agent.attach(other)
+        shares = agent.request("status")["backend_state"]["ebpf"]["pod_shares"]
+        assert shares["greedy"]["share"] == shares["other"]["share"] == 52
+        for pod, count in ((greedy, 260), (other, 40)):
+            proc = mesh_env.popen(pod, [sys.executable, "-c", GREEDY, server.ip4, str(PORT),
+                                        str(count)], stdin=-1, stdout=-1, text=True)  # fmt: skip
+            procs.append(proc)
+            held, refused, failed = map(int, proc.stdout.readline().split())
+            if pod is greedy:
+                assert (held, refused, failed) == (128, 132, 0)
+            else:
+                assert (held, refused, failed) == (40, 0, 0)
+        decisions = agent.decisions()
+        assert decisions.get("pod_quota") == 132
+        assert decisions.get("map_full", 0) == 0  # nobody went direct for want of room
+        wait_for(lambda: agent.pod_status("other")["connections_active"] == 40, what="other's 40")
+        state = agent.request("status")["backend_state"]["ebpf"]
+        assert state["over_share"] == ["greedy"], state
+        assert state["pod_shares"]["greedy"]["live"] == 128
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
         assert agent.stop() == 0, agent.log()

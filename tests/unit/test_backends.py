@@ -91,15 +91,29 @@ def test_ebpf_reconcile_removes_other_pods(ebpf):
     assert ebpf.pods.list_keys() == [abi.U64.pack(11)]
 
 
-def test_ebpf_keep_stopped_outlasts_fail_open(ebpf):
+def test_ebpf_keep_stopped_leaves_the_pod_out_until_attach(ebpf):
     web = pod("web", 11)
     ebpf.keep_stopped(web)  # taken over while draining: not in mesh_pods
-    steering = ebpf.steering(web)
-    steering.fail_open(True)
-    steering.fail_open(False)
     assert ebpf.pods.count() == 0
     ebpf.attach(web)
     assert ebpf.pods.count() == 1
+
+
+def test_ebpf_shares_split_half_the_map_among_attached_pods(ebpf):
+    """Each attached pod's share of mesh_orig_tup, rewritten as pods come
+    and go: together the shares stay under half the map (the other half
+    is what pods past their share may borrow)."""
+    ebpf.conns_max = 1024
+    web, db = pod("web", 11), pod("db", 22, 2)
+    ebpf.attach(web)
+    assert ebpf.shares.lookup(abi.U64.pack(11)) == abi.U64.pack(ebpf.share(1))
+    ebpf.attach(db)
+    both = abi.U64.pack(ebpf.share(2))
+    assert ebpf.shares.lookup(abi.U64.pack(11)) == ebpf.shares.lookup(abi.U64.pack(22)) == both
+    assert 2 * ebpf.share(2) <= 1024 // 2 - 8
+    ebpf.stop_new(db)
+    assert ebpf.shares.list_keys() == [abi.U64.pack(11)]
+    assert ebpf.shares.lookup(abi.U64.pack(11)) == abi.U64.pack(ebpf.share(1))
 
 
 def test_iptables_has_no_residue_outside_pods():

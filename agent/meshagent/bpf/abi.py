@@ -60,6 +60,7 @@ class MapSpec:
 U16 = struct.Struct("=H")
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
+S64 = struct.Struct("=q")  # a counter the hooks may have taken below 0
 BYTE = struct.Struct("=B")
 FD = struct.Struct("=i")  # a sockhash value: the socket's fd (BCC defines it as int)
 
@@ -93,6 +94,8 @@ METRICS = MapSpec("mesh_metrics", U32, U64, percpu=True)
 SOCKHASH = MapSpec("mesh_sockhash", U64, FD)
 LSN4 = MapSpec("mesh_lsn4", U64, FD)  # netns cookie -> the forwarder's listener there
 LSN6 = MapSpec("mesh_lsn6", U64, FD)
+POD_LIVE = MapSpec("mesh_pod_live", U64, U64)  # netns cookie -> its mesh_orig_tup entries
+POD_SHARE = MapSpec("mesh_pod_share", U64, U64)  # netns cookie -> its guaranteed share
 PEER = MapSpec("mesh_peer", U64, U64)
 PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
@@ -111,7 +114,7 @@ EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
-    FLIGHT, WAKE, LSN4, LSN6,
+    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -190,6 +193,7 @@ REASONS = (
     "msg_spliced",
     "throttled",
     "wake_lost",
+    "pod_quota",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of

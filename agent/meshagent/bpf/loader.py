@@ -93,6 +93,8 @@ def clear_residue(maps: dict[str, sc.MapFd], takeover: bool) -> None:
     still owns them and hands them over."""
     if abi.STATE.name in maps and abi.ORIG_TUP.name in maps:
         recount_live(maps[abi.STATE.name], maps[abi.ORIG_TUP.name])
+    if abi.POD_LIVE.name in maps and abi.ORIG_TUP.name in maps:
+        recount_pods(maps[abi.POD_LIVE.name], maps[abi.ORIG_TUP.name])
     if takeover:
         return
     for spec in (abi.PEER, abi.PASSED, abi.SENT, abi.REDIR, abi.FLIGHT):
@@ -130,6 +132,22 @@ def recount_live(state: sc.MapFd, orig_tup: sc.MapFd, attempts: int = 3) -> int:
             extra={"reason": "a per-connection map was recreated; recounted"},
         )
     return count
+
+
+def recount_pods(pod_live: sc.MapFd, orig_tup: sc.MapFd) -> dict[int, int]:
+    """Set each pod's mesh_pod_live to its entries in mesh_orig_tup (keyed
+    by netns cookie first), and drop the counters of pods with none: a
+    counter that drifted would hold its pod over its share for good."""
+    counts: dict[int, int] = {}
+    for key in orig_tup.list_keys():
+        netns = abi.U64.unpack_from(key)[0]
+        counts[netns] = counts.get(netns, 0) + 1
+    for key in pod_live.list_keys():
+        if abi.U64.unpack(key)[0] not in counts:
+            pod_live.delete(key)
+    for netns, count in counts.items():
+        pod_live.update_u64(netns, count)
+    return counts
 
 
 def release(maps: dict[str, sc.MapFd], fds: dict[str, int]) -> None:

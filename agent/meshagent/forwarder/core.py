@@ -215,23 +215,49 @@ class Forwarder:
             self._forward(slot, client, peer[0], peer[1])
 
     # -- room: fds and the per-pod limit -------------------------------------
+    def _hold(self, slot: PodSlot, fds: int) -> None:
+        self.fds_in_use += fds
+        slot.stats.fds_in_use += fds
+
+    def fd_share(self) -> int:
+        """The fds each attached pod is sure to get: half the budget, split
+        evenly. The other half is lent: past its share a pod takes from
+        it while any is left, so a pod alone may use the whole budget, and
+        a pod that takes all it can never leaves another without its share."""
+        return (self.fd_budget // 2) // max(1, len(self.pods))
+
+    def _lent(self, share: int) -> int:
+        """fds held past their pods' shares (a detached pod's all count)."""
+        within = sum(min(slot.stats.fds_in_use, share) for slot in self.pods.values())
+        return self.fds_in_use - within
+
     def _no_room(self, slot: PodSlot, closing: bool = False) -> str | None:
         if slot.stats.connections_active >= self.pod_conns_max and not closing:
             return f"the pod has {slot.stats.connections_active} connections open (--pod-conns-max)"
         cost = self.paths[self.mode].fds_per_connection
         if self.fds_in_use + cost > self.fd_budget:
             return f"forwarded connections hold {self.fds_in_use} of {self.fd_budget} fds"
+        share = self.fd_share()
+        mine = slot.stats.fds_in_use
+        if mine + cost > share and not closing:
+            lent, more = self._lent(share), mine + cost - max(mine, share)
+            if lent + more > self.fd_budget - share * len(self.pods):
+                return (
+                    f"the pod holds {mine} fds, past its share of {share}, and the"
+                    f" {lent} lent to pods past theirs are all there is to lend"
+                )
         return None
 
     def _pause(self, slot: PodSlot, why: str) -> None:
-        """Stop accepting for the pod (its new connections go direct where
-        its backend can do that) and look again later; never spin."""
+        """Stop accepting for the pod: its new connections wait in its
+        listener's backlog (the kernel still steers them: a pod out of room
+        stays in the mesh), and look again later; never spin."""
         if not slot.paused:
             slot.paused = True
             slot.stats.paused += 1
             for sock in slot.listeners:
                 self.loop.modify(sock.fileno(), 0)
-            slot.steering.fail_open(True)
+        slot.waiting = why
         self._log_no_room(slot, why)
         self.loop.call_later(slot.backoff, lambda: self._resume(slot))
         slot.backoff = min(slot.backoff * 2, PAUSE_MAX)
@@ -241,12 +267,12 @@ class Forwarder:
             return
         why = self._no_room(slot)
         if why:
+            slot.waiting = why
             self._log_no_room(slot, why)
             self.loop.call_later(slot.backoff, lambda: self._resume(slot))
             slot.backoff = min(slot.backoff * 2, PAUSE_MAX)
             return
-        slot.paused = False
-        slot.steering.fail_open(False)
+        slot.paused, slot.waiting = False, None
         for sock in slot.listeners:
             self.loop.modify(sock.fileno(), select.EPOLLIN)
             self._accept_all(slot, sock, ACCEPT_BATCH)
@@ -255,7 +281,7 @@ class Forwarder:
         self.limited.warning(
             slot.name,
             "no_room",
-            "no room for new connections: they go direct where the backend allows",
+            "no room for new connections: they wait in the pod's listener backlog",
             {"pod": slot.name, "reason": why},
         )
 
@@ -308,7 +334,7 @@ class Forwarder:
         path = self.paths[self.mode]
         record.datapath = path.mode
         record.fds = path.fds_per_connection
-        self.fds_in_use += record.fds
+        self._hold(slot, record.fds)
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
         state = path.accepted(client, orig.app)
@@ -415,7 +441,7 @@ class Forwarder:
         slot.stats.upstream_errors += 1
         slot.stats.connections_active -= 1
         self.errors["upstream"] += 1
-        self.fds_in_use -= record.fds
+        self._hold(slot, -record.fds)
         path.abandon(state)
         reset_close(client)
         if upstream is not None:
@@ -438,7 +464,7 @@ class Forwarder:
     ) -> None:
         self.conns.pop(conn, None)
         slot.stats.connections_active -= 1
-        self.fds_in_use -= record.fds
+        self._hold(slot, -record.fds)
         if slot.paused:
             slot.backoff = PAUSE_FIRST
             self._resume(slot)
@@ -526,6 +552,7 @@ class Forwarder:
         if stats:
             slot.stats = PodStats(**stats)
             slot.stats.connections_active = 0  # counted again as they are restored
+            slot.stats.fds_in_use = 0
         for sock in listeners:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for accepted ones
@@ -544,7 +571,7 @@ class Forwarder:
             with contextlib.suppress(OSError):
                 linger_reset(sock)
         slot.stats.connections_active += 1
-        self.fds_in_use += record.fds
+        self._hold(slot, record.fds)
         conn = path.restore(client, upstream, state, fds, blobs, _Ended(self, slot, record))
         if not conn.closed:
             self.conns[conn] = (slot, record)
@@ -578,6 +605,7 @@ class Forwarder:
             "bytes": dict(self.moved),
             "errors": dict(self.errors),
             "active": {slot.name: slot.stats.connections_active for slot in self.pods.values()},
+            "waiting": {slot.name: 1 for slot in self.pods.values() if slot.paused},
             "handoff_bytes": sum(p.stats.handoff_bytes for p in self.paths.values()),
             "map_entries": {
                 name: count for p in self.paths.values() for name, count in p.map_entries().items()
@@ -590,6 +618,7 @@ class Forwarder:
             "fds_in_use": self.fds_in_use,
             "fd_budget": self.fd_budget,
             "pod_conns_max": self.pod_conns_max,
+            "fd_share": self.fd_share(),
             "datapath": self.mode.value,
             "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
         }

@@ -20,6 +20,7 @@ class PodStats:
     no_orig_dst: int = 0
     refused_loopback: int = 0  # a direct connection to the listener (would loop)
     paused: int = 0  # times the forwarder had no room for its new connections
+    fds_in_use: int = 0  # held by its forwarded connections (its share: Forwarder._no_room)
     upstream_errors: int = 0
     resets: int = 0
 
@@ -35,7 +36,8 @@ class PodSlot:
     pod_id: int  # the attachment's own id (a pod re-attached gets a new one)
     netns_fd: int
     steering: Steering  # the pod's redirect: where was it going, our upstream's pass
-    paused: bool = False  # no room for its new connections (they fail open where possible)
+    paused: bool = False  # no room for its new connections (they wait in its backlog)
+    waiting: str | None = None  # why, while paused
     backoff: float = 0.05  # how long the next pause lasts
     listeners: list[socket.socket] = field(default_factory=list)
     stats: PodStats = field(default_factory=PodStats)

@@ -47,7 +47,7 @@ class Backend(Protocol):
 
     def keep_stopped(self, pod: PodHandle) -> None:
         """A pod taken over while it was being detached: its new connections
-        stay direct (fail_open must not steer it again)."""
+        stay direct."""
         ...
 
     def listening(self, pod: PodHandle) -> None:

@@ -30,8 +30,14 @@ class EbpfBackend:
         port: int,
         exclude_ports: tuple[int, ...],
         exclude_cidrs: tuple[str, ...],
+        conns_max: int = 65536,
     ) -> None:
         self.pods = loaded.map(abi.PODS)
+        self.shares = loaded.map(abi.POD_SHARE)
+        self.pod_live = loaded.map(abi.POD_LIVE)
+        self.state = loaded.map(abi.STATE)
+        self.names: dict[bytes, str] = {}  # mesh_pods key -> pod name, for status
+        self.conns_max = conns_max
         self.orig_tup = loaded.map(abi.ORIG_TUP)
         self.orig_cls = loaded.map(abi.ORIG_CLS)
         self.own = loaded.map(abi.OWN)
@@ -40,7 +46,6 @@ class EbpfBackend:
             socket.AF_INET6: loaded.map(abi.LSN6),
         }
         self.port = port
-        self.stopped: set[int] = set()  # detached: fail_open must not bring them back
         # Exactly this agent's exclusions (maps taken over from a pin may
         # hold an earlier agent's).
         _set_entries(loaded.map(abi.EXCL_PORT), {abi.U16.pack(p): _ONE for p in exclude_ports})
@@ -53,23 +58,47 @@ class EbpfBackend:
         gone = [key for key in self.pods.list_keys() if key not in keep]
         for key in gone:
             self.pods.delete(key)
+        self.reshare()
         return [abi.U64.unpack(key)[0] for key in gone]
+
+    def share(self, pods: int) -> int:
+        """What each of `pods` attached pods is sure to get of mesh_orig_tup:
+        half the map, less a margin for connects racing the check, split
+        evenly. Past it a pod borrows only while the map is under half
+        full (bpf/include/steer.h), so the borrowed half and the shares
+        never fill it (the map-full check is at conns_max - 8)."""
+        half = self.conns_max // 2
+        return max(1, (half - 8 - half // 8) // max(1, pods))
+
+    def reshare(self) -> None:
+        """Every attached pod's share, for as many pods as are attached now
+        (entries of pods no longer attached go)."""
+        keys = self.pods.list_keys()
+        value = abi.U64.pack(self.share(len(keys)))
+        attached = set(keys)
+        for key in self.shares.list_keys():
+            if key not in attached:
+                self.shares.delete(key)
+        for key in keys:
+            self.shares.update(key, value)
 
     def steer(self, pod: PodHandle, on: bool) -> None:
         """The pod's entry in mesh_pods: in, its connects are steered."""
         key = abi.U64.pack(pod.netns_cookie)
         if not on:
             self.pods.delete(key)
+            self.names.pop(key, None)
             return
         try:
             self.pods.update(key, abi.pod_value(pod.pod_id, pod.port or self.port))
         except OSError as exc:
             raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
+        self.names[key] = pod.name
 
     def attach(self, pod: PodHandle) -> None:
-        self.stopped.discard(pod.netns_cookie)
         self.listening(pod)
         self.steer(pod, True)
+        self.reshare()
 
     def listening(self, pod: PodHandle) -> None:
         """The pod's listeners into mesh_lsn4/mesh_lsn6: the connect hooks
@@ -86,9 +115,11 @@ class EbpfBackend:
         """One map delete; open connections need nothing more."""
         self.keep_stopped(pod)
         self.steer(pod, False)
+        self.reshare()
 
     def keep_stopped(self, pod: PodHandle) -> None:
-        self.stopped.add(pod.netns_cookie)
+        """Nothing: its mesh_pods entry went at stop_new, and only attach
+        puts one back."""
 
     def refresh(self, pod: PodHandle) -> None:
         """Nothing: the hooks know the forwarder's sockets by cookie."""
@@ -102,9 +133,24 @@ class EbpfBackend:
         return EbpfSteering(self, pod)
 
     def snapshot(self) -> dict:
+        """Entry counts, and each pod's mesh_orig_tup entries against its
+        share: over_share names the pods whose connects the hooks refuse
+        now (past their share, with the map half full or more)."""
+        raw = self.state.lookup(abi.U32.pack(abi.STATE_TUP_LIVE))
+        total = abi.U64.unpack(raw)[0] if raw else 0
+        shares, over = {}, []
+        for key, name in sorted(dict(self.names).items(), key=lambda item: item[1]):
+            live, share = self.pod_live.lookup(key), self.shares.lookup(key)
+            live = max(0, abi.S64.unpack(live)[0]) if live else 0
+            share = abi.U64.unpack(share)[0] if share else 0
+            shares[name] = {"live": live, "share": share}
+            if share and live >= share and total >= self.conns_max // 2:
+                over.append(name)
         return {
             "attached_pods": self.pods.count(),
             "orig_entries": self.orig_tup.count(),
+            "pod_shares": shares,
+            "over_share": over,
         }
 
 
@@ -159,9 +205,3 @@ class EbpfSteering:
         """The connect hook passes sockets whose cookie is in mesh_own (and
         removes the entry): something a pod cannot forge, unlike a mark."""
         self.backend.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
-
-    def fail_open(self, on: bool) -> None:
-        """Out of the pod's map entry, its connects go direct (the hook's
-        not_attached); back in, they are steered again."""
-        if on or self.cookie not in self.backend.stopped:  # not while it is being detached
-            self.backend.steer(self.pod, not on)

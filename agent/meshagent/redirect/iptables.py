@@ -117,7 +117,7 @@ class IptablesBackend:
         return []
 
     def keep_stopped(self, pod: PodHandle) -> None:
-        """Its rules already RETURN new connections (fail_open never changes them)."""
+        """Its rules already RETURN new connections."""
 
     def _run(self, where: Where, argv: list[str], text: str | None, pod: str) -> str:
         """Run argv inside the pod's netns: the fd the agent holds for an
@@ -252,10 +252,6 @@ class IptablesSteering:
         """Nothing to do: the nat rules RETURN for the agent's own cgroup,
         which the upstream socket was made in (own_cgroup.py). A mark would
         not do: a pod can set one (CAP_NET_RAW since 5.17)."""
-
-    def fail_open(self, on: bool) -> None:
-        """Rules cannot fail open fast enough: new connections wait in the
-        listener's backlog until the forwarder has room."""
 
 
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
