@@ -25,7 +25,8 @@ FORWARDER_PORT = 15001  # the agent's default --port
 # Run in the pod: a steered connection from LOCAL_PORT, closed in order, then
 # a direct connect from the same port to the forwarder listener. connect()
 # is retried (bounded) while the closed connection's TIME_WAIT still holds
-# the 4-tuple (loopback reuse needs a second of age).
+# the 4-tuple (loopback reuse needs a second of age), or while the
+# forwarder's end of it is not closed yet (its SYN then meets a reset).
 SAME_PORT_TWICE = r"""
 import errno, json, socket, sys, time
 
@@ -42,7 +43,7 @@ def connect(dst, dst_port):
             return sock
         except OSError as exc:
             sock.close()
-            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.ECONNRESET):
                 raise
             time.sleep(0.1)
     raise SystemExit("the local port never came free")
