@@ -202,7 +202,7 @@ class SockmapPath(DataPath):
         held = [relay.held for relay in self.relays if relay.throttling]
         return {**super().snapshot(), "msg": self.msg, "last_refusal": self.last_refusal,
                 "budget_bytes": self.maps.budget, "throttled_connections": len(held),
-                "held_bytes": sum(held)}  # fmt: skip
+                "held_bytes": sum(held), "handoff_bypasses": self.maps.bypasses}  # fmt: skip
 
     def tick(self) -> None:
         """Delete finished connections' entries; if a verdict redirect failed

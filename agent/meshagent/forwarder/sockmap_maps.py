@@ -31,6 +31,9 @@ class SockmapMaps:
         self.redir = loaded.map(abi.REDIR)
         self.flight = loaded.map(abi.FLIGHT)
         self.budget = budget
+        # Reads that went past X: bytes the verdict never saw (open under [L]:
+        # a suspect for the rare out-of-place block after a hold-back).
+        self.bypasses = 0
         self.wake_fd = loaded.map(abi.WAKE).fd  # mesh_wake: throttled sockets
         # Python's mmap holds a dup of the fd: closed with the maps.
         self._wake = RingBuf(self.wake_fd)
