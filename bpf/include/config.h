@@ -34,7 +34,7 @@
 /* Byte offsets in struct tcp_sock (struct sock's fields included: it is
  * embedded first), read from the running kernel's BTF by the agent
  * (meshagent.bpf.btf): the installed headers may be another kernel's.
- * 0: unknown, the verdict never holds back. */
+ * 0: unknown: the verdict never holds back, and sk_msg.c counts P itself. */
 #ifndef MESH_TCP_BYTES_ACKED
 #define MESH_TCP_BYTES_ACKED 0
 #endif

@@ -32,6 +32,8 @@
 
 #define MESH_REASON_POD_QUOTA    21  /* connect refused: the pod is over its share of mesh_orig_tup */
 
-#define MESH_REASON_MAX          22  /* one past the last reason */
+#define MESH_REASON_MSG_DRIFT    22  /* sk_msg: P counted apart from A's stream (a send the kernel passed unseen); the stream decided */
+
+#define MESH_REASON_MAX          23  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

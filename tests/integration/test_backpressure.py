@@ -241,12 +241,18 @@ def shut():
     out(shut=conns)
 
 
+def sndbuf(size):
+    for sock in socks:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    out(sndbuf=socks[0].getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+
+
 for line in sys.stdin:
     cmd = json.loads(line)
     op = cmd.pop("op")
     if op == "close":
         break
-    {"run": run, "echo": echo, "shut": shut}[op](**cmd)
+    {"run": run, "echo": echo, "shut": shut, "sndbuf": sndbuf}[op](**cmd)
 for sock in socks:
     sock.setblocking(True); sock.close()
 """
@@ -535,6 +541,22 @@ def test_a_pod_that_stops_reading_replies_stops_its_own_sends(mesh_env, datapath
     """The pod sends ECHO_TOTAL to a server that sends back all it reads,
     and reads nothing: the server's send blocks, so it stops reading, so the
     pod's send blocks. Then the pod reads: both ways every byte, in order."""
+    echo_through(mesh_env, datapath, pod_sndbuf=0)
+
+
+@pytest.mark.kernel_matrix
+@pytest.mark.parametrize("datapath", ["sockmap", "copy"])
+def test_a_pod_whose_sends_the_kernel_cuts_short_keeps_its_order(mesh_env, datapath):
+    """The same with the pod's send buffer at its smallest: its 64 KiB sends
+    often go into its own TCP only in part. With sk_msg the kernel then
+    passes the pod's next send without running the program (it keeps the
+    last verdict), and a counted P fell behind: a later redirect overtook
+    bytes not yet carried (1 run in 3 in the 6.12 guest, before
+    bpf/sk_msg.c read P from the socket)."""
+    echo_through(mesh_env, datapath, pod_sndbuf=4096)
+
+
+def echo_through(mesh_env, datapath: str, pod_sndbuf: int) -> None:
     server = mesh_env.create_pod("srv")
     client = mesh_env.create_pod("cli")
     agent = agent_for(mesh_env, datapath)
@@ -542,6 +564,9 @@ def test_a_pod_that_stops_reading_replies_stops_its_own_sends(mesh_env, datapath
     try:
         agent.attach(client)
         echo, pod = one_connection(mesh_env, server, client, peers)
+        if pod_sndbuf:
+            pod.tell("sndbuf", size=pod_sndbuf)
+            assert pod.next("the pod's send buffer")["sndbuf"] <= 4 * pod_sndbuf
         echo.tell("echo")
         pod.tell("run", send_to=ECHO_TOTAL, stall=1.5)
         first = pod.next("the pod's count")["sent"][0]
@@ -555,11 +580,17 @@ def test_a_pod_that_stops_reading_replies_stops_its_own_sends(mesh_env, datapath
         pod.tell("shut")
         assert pod.next("the pod's FIN") == {"shut": 1}
         echoed = echo.next("the server's counts")
+        after = held_back(agent)
         echo.close()
         pod.close()
-        assert seen["sent"] == seen["got"] == [ECHO_TOTAL] and seen["bad"] == {}, seen
+        # Both ways at once: a misplaced block the server read (the pod's
+        # sends) comes back to the pod too; the server's count says which.
+        assert (seen["bad"], echoed["bad"]) == ({}, {}), (
+            f"misplaced bytes ({datapath}): the pod read {seen['bad']},"
+            f" the server read {echoed['bad']}; {after}"
+        )
+        assert seen["sent"] == seen["got"] == [ECHO_TOTAL], seen
         assert echoed["got"] == echoed["echoed"] == ECHO_TOTAL, echoed
-        assert echoed["bad"] == {}, "the server read other bytes than the pod sent"
         assert blocked["echoed"] < ECHO_TOTAL, blocked
         assert first < ECHO_TOTAL, f"the pod's sends never blocked ({datapath})"
         assert blocked["echoed"] <= BOUND

@@ -194,6 +194,7 @@ REASONS = (
     "throttled",
     "wake_lost",
     "pod_quota",
+    "msg_drift",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of
