@@ -117,6 +117,11 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "sk_skb", ("bpf_skc_to_tcp_sock",),
     ),
     KernelFeature(
+        "skc_to_tcp_sock_sk_msg", Kind.HELPER, (5, 10),
+        "bpf_skc_to_tcp_sock in sk_msg programs (the sk_msg path reads the pod's stream)",
+        "sk_msg", ("bpf_skc_to_tcp_sock",),
+    ),
+    KernelFeature(
         "sk_release_sk_skb", Kind.HELPER, (4, 20), "bpf_sk_release in sk_skb programs",
         "sk_skb", ("bpf_sk_release",),
     ),
@@ -224,7 +229,7 @@ PROGRAMS: tuple[Program, ...] = (
              "ringbuf_sk_skb")),
     Program("mesh_msg", "sk_msg.c", "sk_msg", sc.BPF_SK_MSG_VERDICT, Role.MSG,
             ("sk_msg", "sockhash", "netns_cookie_sk_msg", "msg_redirect_hash", "atomic_fetch",
-             "lru_hash", "percpu_array"), target="mesh_apphash"),
+             "lru_hash", "percpu_array", "skc_to_tcp_sock_sk_msg"), target="mesh_apphash"),
 )  # fmt: skip
 PROGRAMS_BY_NAME = {program.name: program for program in PROGRAMS}
 PROGRAM_FILES = {program.name: program.file for program in PROGRAMS}
