@@ -202,8 +202,9 @@ class Agent:
 
         mode, reason = self._choose_datapath(lambda loop: paths(loop, wake=False))
         self.forwarder = Forwarder(
-            self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max
-        )
+            self.loop, self.cfg.port, paths(self.loop), mode, self.cfg.pod_conns_max,
+            memory_max=self.cfg.memory_max,
+        )  # fmt: skip
         self.datapath = DataPathControl(self.forwarder, self.plan.msg, reason)
 
     def _make_pods(self) -> None:

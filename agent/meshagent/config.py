@@ -43,6 +43,9 @@ class AgentConfig:
     pods_max: int = 1024
     conns_max: int = 65536
     pod_conns_max: int = 4096  # connections one pod may have forwarded at once
+    # Bytes forwarded connections may hold (forwarder/budget.py); None: from
+    # the agent's memory cgroup limit, or the node's memory.
+    memory_max: int | None = None
     metrics_addr: str = "127.0.0.1:15090"  # /metrics, /healthz, /readyz; "off": none
     takeover: bool = False  # receive a running agent's pods and connections (upgrade)
     kube: str = "auto"  # the API watch: auto (kubeconfig given or in a cluster), on, off
@@ -77,6 +80,13 @@ class AgentConfig:
             raise MeshError("conns_max must be between 16 and 4194304")
         if not 1 <= self.pod_conns_max <= 1 << 22:
             raise MeshError("--pod-conns-max must be between 1 and 4194304")
+        from meshagent.forwarder.budget import BUFFER_MIN, COST_FACTOR
+
+        if self.memory_max is not None and self.memory_max < BUFFER_MIN * COST_FACTOR:
+            raise MeshError(
+                f"--memory-max {self.memory_max}: less than one connection needs"
+                f" ({BUFFER_MIN * COST_FACTOR} bytes)"
+            )
         if not 1 <= self.pods_max <= 1 << 16:
             raise MeshError("pods_max must be between 1 and 65536")
         if self.kube not in ("auto", "on", "off"):
@@ -97,6 +107,21 @@ def check_socket_path(path: Path) -> None:
             f" {len(os.fsencode(path))} bytes long, more than a unix socket path allows"
             f" ({SOCKET_PATH_MAX}): use a shorter one (meshagent --state-dir DIR COMMAND)"
         )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str, what: str) -> int | None:
+    """'512M' -> bytes (K, M, G are powers of 1024; Ki/Mi/Gi the same);
+    'auto' -> None."""
+    value = text.strip().upper().removesuffix("I").removesuffix("B")
+    if value == "AUTO":
+        return None
+    number, unit = value.rstrip("KMG"), value[len(value.rstrip("KMG")) :]
+    if not number.isdigit() or unit not in _UNITS:
+        raise MeshError(f"{what} {text!r}: give bytes, like 512M or 2G, or auto")
+    return int(number) * _UNITS[unit]
 
 
 def check_port(port: int, what: str = "port") -> int:

@@ -90,6 +90,21 @@ class Collector:
         for pod, flag in sorted(snap.get("waiting", {}).items()):
             waiting.add_metric([pod], flag)
         yield waiting
+        memory = snap.get("memory", {})
+        yield GaugeMetricFamily(
+            "meshagent_memory_budget_bytes",
+            "Bytes forwarded connections may hold, all pods together (--memory-max)",
+            value=memory.get("max", 0),
+        )  # fmt: skip
+        reserved = GaugeMetricFamily(
+            "meshagent_memory_reserved_bytes",
+            "Bytes of the memory budget a pod's connections hold now (each as much as its"
+            " buffers let it hold)",
+            labels=["pod"],
+        )  # fmt: skip
+        for pod, nbytes in sorted(memory.get("pods", {}).items()):
+            reserved.add_metric([pod], nbytes)
+        yield reserved
         errors = CounterMetricFamily(
             "meshagent_forwarder_errors", "Connections the forwarder could not carry",
             labels=["reason"],

@@ -306,11 +306,13 @@ def start_agent(
     in_cgroup: bool = True,
     nofile: int | None = None,
     log_name: str = "agent.log",
+    join: tuple[Path, ...] = (),
 ) -> AgentProc:
     """Start `meshagent run` attached at env's cgroup. With in_cgroup the agent
     itself runs inside that cgroup, so its own upstream sockets pass through
     the hooks (the no-loop rule is then really exercised). nofile: the
-    agent's RLIMIT_NOFILE (soft and hard)."""
+    agent's RLIMIT_NOFILE (soft and hard). join: more cgroup.procs files
+    the agent joins before it starts (a v1 memory cgroup, say)."""
     from meshagent.client import agent_running
     from meshagent.host import cgroup
 
@@ -326,6 +328,9 @@ def start_agent(
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         if in_cgroup:
             with open(procs_file, "w") as procs:
+                procs.write("0\n")
+        for path in join:
+            with open(path, "w") as procs:
                 procs.write("0\n")
 
     with open(log_path, "w") as log_file:

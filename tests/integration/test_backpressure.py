@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -631,3 +632,122 @@ def test_a_server_that_stops_reading_stops_the_pod(mesh_env, datapath):
         for peer in peers:
             end(peer.proc)
         assert agent.stop() == 0, agent.log()
+
+
+MEM_MAX = 48 << 20
+MEM_CONNS = 40
+MEM_ROOM = MEM_MAX // 4 + MEM_MAX // 2  # two pods: a share (1/4) and all that is lent (1/2)
+SKMEM = re.compile(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)")
+
+
+def agent_holds(env: MeshEnv, pod, pid: int) -> int:
+    """Bytes the kernel holds for the agent's sockets in pod (ss: each
+    socket's receive queue and send queue, as SO_MEMINFO counts them)."""
+    proc = env.popen(pod, ["ss", "-tmnpHO"], stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=30)
+    total = 0
+    for line in out.splitlines():
+        if f"pid={pid}," in line and (found := SKMEM.search(line)):
+            total += int(found[1]) + int(found[2])
+    return total
+
+
+@pytest.mark.parametrize("datapath", ["copy", "splice", "sockmap"])
+def test_the_forwarder_holds_no_more_than_its_memory_budget(mesh_env, datapath):
+    """[S] 9: with --memory-max 48M and two pods attached, one pod's 40
+    connections that read nothing, from a server that writes to all as fast
+    as it can, make the agent's sockets hold at most that pod's room (its
+    share and all that may be lent: 36 MiB), as the kernel counts them. The
+    other pod's connections still go through meanwhile; then every byte
+    arrives, in order. (With the budget at 64G, the buffers as large as
+    they go: see the print.)"""
+    server = mesh_env.create_pod("srv")
+    greedy = mesh_env.create_pod("greedy")
+    other = mesh_env.create_pod("other")
+    agent = agent_for(mesh_env, datapath, "--memory-max", "48M")
+    peers: list[Peer] = []
+    try:
+        agent.attach(greedy)
+        agent.attach(other)
+        writer = Peer(mesh_env, server, "listen", "0.0.0.0", MEM_CONNS)
+        peers.append(writer)
+        assert "listening" in writer.next("listening")
+        reader = Peer(mesh_env, greedy, "connect", server.ip4, MEM_CONNS)
+        peers.append(reader)
+        assert writer.next("accepts") == reader.next("connects") == {"ready": MEM_CONNS}
+        writer.tell("run", send_to=MANY_CAP, stall=1.5)
+        written = writer.next("the writers' counts")["sent"]
+        holds = agent_holds(mesh_env, greedy, agent.proc.pid)
+        status = agent.request("status")
+        print(f"\n{datapath}: {MEM_CONNS} writers wrote {sum(written) >> 20} MiB; the agent's"
+              f" sockets hold {holds >> 20} MiB; {status['memory']},"
+              f" greedy {agent.pod_status('greedy')['memory_reserved'] >> 20} MiB")  # fmt: skip
+        side = mesh_env.server(server, PORT + 1)
+        for _ in range(2):
+            out = mesh_env.client(other, server.ip4, PORT + 1, "--send", str(1 << 20))
+            assert side.next()["recv_sha"] == out["sent_sha"]
+        reader.tell("run", recv_to=written, deadline=600.0)
+        seen = reader.next("the readers' counts", timeout=660)
+        writer.close()
+        reader.close()
+        assert seen["got"] == written and seen["bad"] == {} and seen["eof"] == [], seen
+        assert status["memory"]["max"] == MEM_MAX
+        assert status["memory"]["reserved"] <= MEM_MAX
+        # 9 connections at 512 KiB fill its room; the rest came as
+        # the first ones shrank (36 MiB / 40: 64 KiB buffers)
+        assert status["memory"]["clamped"] > 0
+        assert agent.pod_status("greedy")["paused"] > 0
+        assert agent.pod_status("other")["connections_total"] == 2
+        assert holds <= MEM_ROOM, (
+            f"the agent's sockets hold {holds >> 20} MiB for one pod ({datapath}), past"
+            f" its room of {MEM_ROOM >> 20} MiB under --memory-max {MEM_MAX >> 20}M"
+        )
+    finally:
+        for peer in peers:
+            end(peer.proc)
+        assert agent.stop() == 0, agent.log()
+
+
+def memory_cgroup(env: MeshEnv) -> tuple[Path, Path]:
+    """A memory cgroup of the test's own with a limit: (its dir, its limit
+    file). v1 where the memory controller is there (a hybrid host, as this
+    one), else a child of the test's cgroup2 with the controller on."""
+    from meshagent.host import cgroup
+
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _dev, mount, kind, opts, *_ = line.split()
+        if kind == "cgroup" and "memory" in opts.split(","):
+            path = Path(mount) / f"meshagent-test-{env.tag}"
+            path.mkdir()
+            return path, path / "memory.limit_in_bytes"
+    if "memory" not in (env.cgroup_path / "cgroup.controllers").read_text().split():
+        pytest.skip("no memory cgroup controller on this machine (v1 or v2)")
+    (env.cgroup_path / "cgroup.subtree_control").write_text("+memory")
+    path = cgroup.create(env.cgroup_path / "memory-limited")
+    return path, path / "memory.max"
+
+
+def test_the_memory_budget_follows_the_agents_memory_limit(mesh_env):
+    """--memory-max auto: an agent in a memory cgroup limited to 1 GiB (the
+    DaemonSet sets such a limit) may let its connections hold 3/4 of it
+    less 64 MiB; --memory-max given wins."""
+    from meshagent.host import cgroup
+
+    path, limit = memory_cgroup(mesh_env)
+    try:
+        limit.write_text(str(1 << 30))
+        agent = start_agent(mesh_env, join=(path / "cgroup.procs",))
+        try:
+            memory = agent.request("status")["memory"]
+            assert memory["max"] == (3 << 30) // 4 - (64 << 20)
+            assert (memory["from"], memory["reserved"]) == ("cgroup limit", 0)
+        finally:
+            assert agent.stop() == 0, agent.log()
+        agent = start_agent(mesh_env, "--memory-max", "300M", join=(path / "cgroup.procs",))
+        try:
+            memory = agent.request("status")["memory"]
+            assert (memory["max"], memory["from"]) == (300 << 20, "--memory-max")
+        finally:
+            assert agent.stop() == 0, agent.log()
+    finally:
+        cgroup.remove(path)

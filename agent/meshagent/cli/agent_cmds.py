@@ -54,8 +54,15 @@ Examples:
     "--pod-conns-max",
     type=int,
     default=AgentConfig.pod_conns_max,
-    help="Connections one pod may have forwarded at once; beyond, its new ones go direct (ebpf)"
-    " or wait (iptables).",
+    help="Connections one pod may have forwarded at once; beyond, its new ones wait in its"
+    " listener's backlog.",
+)
+@click.option(
+    "--memory-max",
+    default="auto",
+    help="Bytes forwarded connections may hold in the kernel's buffers and the agent's, all"
+    " pods together (512M, 2G); each pod is sure of a fair share. auto: 3/4 of the agent's"
+    " memory cgroup limit less 64M, or an eighth of the node's memory.",
 )
 @click.option(
     "--sockmap-sndbuf",
@@ -115,6 +122,7 @@ def run(
     conns_max: int,
     metrics_addr: str,
     pod_conns_max: int,
+    memory_max: str,
     redirect: str,
     without: tuple[str, ...],
     iptables_flavour: str | None,
@@ -138,7 +146,7 @@ def run(
     connects go direct) and the next agent takes them over; `meshagent
     cleanup` removes everything.
     """
-    from meshagent.config import AgentConfig, bpf_cflags, parse_cidrs, parse_ports
+    from meshagent.config import AgentConfig, bpf_cflags, parse_cidrs, parse_ports, parse_size
 
     cfg = AgentConfig(
         state_dir=app.state_dir,
@@ -149,6 +157,7 @@ def run(
         log_format=log_format,
         conns_max=conns_max,
         pod_conns_max=pod_conns_max,
+        memory_max=parse_size(memory_max, "--memory-max"),
         metrics_addr=metrics_addr,
         datapath=datapath,
         sockmap_sndbuf=sockmap_sndbuf,

@@ -1,7 +1,8 @@
 """The userspace copy path: both directions of one forwarded connection.
 The Relay here also carries the splice path (forwarder/splice.py).
 
-Back-pressure: a direction stops reading when HIGH bytes wait for its peer.
+Back-pressure: a direction stops reading when HIGH bytes wait for its peer
+(less for a connection with a small buffer size: forwarder/budget.py).
 Half-close is propagated with shutdown(SHUT_WR) once a direction's bytes are
 all sent; an error or reset on one side resets the other (SO_LINGER 0).
 Both sockets of a forwarded connection carry SO_LINGER {1,0} from the start
@@ -19,6 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
+from meshagent.forwarder.budget import kernel_holds, set_buffers
 from meshagent.forwarder.datapath import DataPath, Done, Exported
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
@@ -30,11 +32,12 @@ CHUNK = 256 * 1024
 _SCRATCH = memoryview(bytearray(CHUNK))
 
 
-def recv_scratch(sock: socket.socket) -> memoryview | None:
-    """Receive into the shared buffer: a view of the bytes (empty at EOF),
-    valid until the next call; None when nothing is there (EAGAIN)."""
+def recv_scratch(sock: socket.socket, most: int = CHUNK) -> memoryview | None:
+    """Receive up to most bytes into the shared buffer: a view of the bytes
+    (empty at EOF), valid until the next call; None when nothing is there
+    (EAGAIN)."""
     try:
-        got = sock.recv_into(_SCRATCH)
+        got = sock.recv_into(_SCRATCH, most)
     except BlockingIOError:
         return None
     return _SCRATCH[:got]
@@ -75,7 +78,7 @@ def reset_close(sock: socket.socket) -> None:
 class Leg:
     """One direction: bytes read from src, written to dst."""
 
-    __slots__ = ("buf", "dst", "eof", "full", "nbytes", "shut", "src", "twin")
+    __slots__ = ("buf", "dst", "eof", "full", "high", "most", "nbytes", "shut", "src", "twin")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src = src
@@ -88,9 +91,16 @@ class Leg:
         # segment (a short read ate every segment it touched).
         self.full = False
         self.twin: Leg | None = None  # the other direction, set by the Relay
+        self.high = HIGH  # reading stops while this much waits
+        self.most = CHUNK  # bytes one read takes at most
+
+    def limit(self, buffer: int) -> None:
+        """Hold at most about 2 * buffer (budget.py): read at most buffer at a
+        time, and none while buffer waits."""
+        self.high, self.most = min(HIGH, buffer), min(CHUNK, buffer)
 
     def wants_read(self) -> bool:
-        return not self.eof and len(self.buf) < HIGH
+        return not self.eof and len(self.buf) < self.high
 
     @property
     def waiting(self) -> int:
@@ -110,11 +120,11 @@ class Leg:
         self.buf = bytearray(data)
 
     def read(self) -> None:
-        data = recv_scratch(self.src)
+        data = recv_scratch(self.src, self.most)
         if data is None:
             self.full = False
             return
-        self.full = len(data) == CHUNK
+        self.full = len(data) == self.most
         if not data:
             self.eof = True
         else:
@@ -180,6 +190,18 @@ class Relay:
         self.closed = False
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
+
+    def limit(self, buffer: int) -> None:
+        """Hold at most budget.cost(buffer) bytes, kernel and Python."""
+        for sock in (self.client, self.upstream):
+            set_buffers(sock, buffer)
+        self.out.limit(buffer)
+        self.back.limit(buffer)
+
+    def holds(self) -> int:
+        """Bytes this connection holds now (the kernel's and its own)."""
+        return (kernel_holds(self.client) + kernel_holds(self.upstream) + self.out.waiting
+                + self.back.waiting)  # fmt: skip
 
     @property
     def bytes_out(self) -> int:

@@ -52,7 +52,8 @@ class CopyFirst:
     life of the connection; after the move it passes everything to the
     SockmapRelay."""
 
-    __slots__ = ("app", "client", "copy", "inner", "on_done", "path", "reads", "upstream")
+    __slots__ = ("app", "buffer", "client", "copy", "inner", "on_done", "path", "reads",
+                 "upstream")  # fmt: skip
 
     def __init__(self, path: SplicingPath, client, upstream, app: AppSocket | None,
                  on_done: Done) -> None:  # fmt: skip
@@ -60,6 +61,7 @@ class CopyFirst:
         self.on_done = on_done
         self.inner: SockmapRelay | Relay | None = None
         self.reads = 0
+        self.buffer = 0  # the forwarder's limit (budget.py), for the relay it moves to
         self.copy = _CopyPhase(self, path.loop, client, upstream, self._copied)
 
     @property
@@ -81,6 +83,13 @@ class CopyFirst:
     bytes_out = property(lambda self: self.now.bytes_out)
     bytes_in = property(lambda self: self.now.bytes_in)
     handoff_bytes = property(lambda self: self.now.handoff_bytes)
+
+    def limit(self, buffer: int) -> None:
+        self.buffer = buffer
+        self.now.limit(buffer)
+
+    def holds(self) -> int:
+        return self.now.holds()
 
     def finish(self, reason: str | None) -> None:
         self.now.finish(reason)
@@ -159,6 +168,8 @@ class CopyFirst:
             relay.client.y_base = copy.out.nbytes  # what copy read (sent or held)
         relay.owner = self
         self.inner = relay
+        if self.buffer:  # enter() gave the sockets the path's own send buffer
+            relay.limit(self.buffer)
         try:
             relay.start()
         except OSError as exc:  # the peer map is full even after a flush

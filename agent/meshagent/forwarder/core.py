@@ -15,6 +15,7 @@ from meshagent import log
 from meshagent.addrs import format_endpoint, is_local_destination
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
+from meshagent.forwarder.budget import Shares, buffer_for, cost, memory_max_auto, set_buffers, tier
 from meshagent.forwarder.copy import linger_reset, reset_close
 from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.forwarder.pod_series import PodSeries
@@ -83,6 +84,7 @@ class Forwarder:
         mode: DataPathMode = DataPathMode.COPY,
         pod_conns_max: int = AgentConfig.pod_conns_max,
         fd_budget: int | None = None,
+        memory_max: int | None = None,
     ) -> None:
         self.loop = loop
         self.port = port
@@ -93,8 +95,17 @@ class Forwarder:
         self.pending: dict[socket.socket, Pending] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
         self.pod_conns_max = pod_conns_max
-        self.fd_budget = fd_budget if fd_budget is not None else _fd_budget()
-        self.fds_in_use = 0  # by forwarded connections, by each path's real cost
+        # By forwarded connections, by each path's real cost: fds, and bytes
+        # (budget.py); both shared fairly by the attached pods.
+        self.fds = Shares(fd_budget if fd_budget is not None else _fd_budget())
+        self.memory_from = "--memory-max"
+        if memory_max is None:
+            memory_max, self.memory_from = memory_max_auto()
+        self.memory = Shares(memory_max)
+        # Connections clamped to a smaller buffer: the cost they will reserve
+        # once the kernel holds no more for them (tick() looks).
+        self.shrinking: dict[Connection, int] = {}
+        self.clamped = 0  # connections clamped so far (status)
         # For the metrics: how connections ended, bytes moved, what failed.
         self.outcomes: Counter[tuple[str, str, str]] = Counter()  # (pod, datapath, result)
         self.moved: Counter[tuple[str, str, str]] = Counter()  # (pod, direction, datapath)
@@ -214,39 +225,95 @@ class Forwarder:
             slot.backoff = PAUSE_FIRST
             self._forward(slot, client, peer[0], peer[1])
 
-    # -- room: fds and the per-pod limit -------------------------------------
-    def _hold(self, slot: PodSlot, fds: int) -> None:
-        self.fds_in_use += fds
-        slot.stats.fds_in_use += fds
+    # -- room: fds, bytes and the per-pod limit -------------------------------
+    @property
+    def fd_budget(self) -> int:
+        return self.fds.budget
+
+    @property
+    def fds_in_use(self) -> int:
+        return self.fds.used
+
+    def _hold(self, slot: PodSlot, record: ConnRecord, sign: int = 1) -> None:
+        """Take (sign 1) or give back (-1) what record holds of both budgets."""
+        self.fds.hold(slot.pod_id, sign * record.fds)
+        slot.stats.fds_in_use += sign * record.fds
+        self._reserve(slot, sign * record.reserved)
+
+    def _reserve(self, slot: PodSlot, nbytes: int) -> None:
+        self.memory.hold(slot.pod_id, nbytes)
+        slot.stats.memory_reserved += nbytes
 
     def fd_share(self) -> int:
-        """The fds each attached pod is sure to get: half the budget, split
-        evenly. The other half is lent: past its share a pod takes from
-        it while any is left, so a pod alone may use the whole budget, and
-        a pod that takes all it can never leaves another without its share."""
-        return (self.fd_budget // 2) // max(1, len(self.pods))
-
-    def _lent(self, share: int) -> int:
-        """fds held past their pods' shares (a detached pod's all count)."""
-        within = sum(min(slot.stats.fds_in_use, share) for slot in self.pods.values())
-        return self.fds_in_use - within
+        """The fds each attached pod is sure to get (budget.Shares)."""
+        return self.fds.share(len(self.pods))
 
     def _no_room(self, slot: PodSlot, closing: bool = False) -> str | None:
+        """Why the pod's next connection must wait, or None (and then
+        slot.buffer is its buffer size). closing: the pod's listener goes
+        next, so only the node's budgets count, not its shares."""
         if slot.stats.connections_active >= self.pod_conns_max and not closing:
             return f"the pod has {slot.stats.connections_active} connections open (--pod-conns-max)"
-        cost = self.paths[self.mode].fds_per_connection
-        if self.fds_in_use + cost > self.fd_budget:
-            return f"forwarded connections hold {self.fds_in_use} of {self.fd_budget} fds"
-        share = self.fd_share()
-        mine = slot.stats.fds_in_use
-        if mine + cost > share and not closing:
-            lent, more = self._lent(share), mine + cost - max(mine, share)
-            if lent + more > self.fd_budget - share * len(self.pods):
-                return (
-                    f"the pod holds {mine} fds, past its share of {share}, and the"
-                    f" {lent} lent to pods past theirs are all there is to lend"
-                )
+        fds = self.paths[self.mode].fds_per_connection
+        if self.fds.used + fds > self.fds.budget:
+            return f"forwarded connections hold {self.fds.used} of {self.fds.budget} fds"
+        if not closing and fds > self.fds.room(slot.pod_id, self.pods):
+            return (
+                f"the pod holds {self.fds.mine(slot.pod_id)} fds, past its share of"
+                f" {self.fd_share()}, and the {self.fds.lent(self.pods)} lent to pods past"
+                " theirs are all there is to lend"
+            )
+        mine = self.memory.mine(slot.pod_id)
+        room = self.memory.budget - self.memory.used
+        if not closing:
+            room = self.memory.room(slot.pod_id, self.pods)
+        buffer = buffer_for(slot.stats.connections_active, mine, room)
+        if buffer is None:
+            # Make room: its larger connections shrink, and give back what
+            # they reserved as the kernel lets go of their bytes (tick()).
+            self._clamp(slot, tier(slot.stats.connections_active + 1, mine + room))
+            return (
+                f"the pod's connections may hold {mine} bytes: all of its share of"
+                f" {self.memory.share(len(self.pods))} and of what may be lent"
+                f" (--memory-max {self.memory.budget})"
+            )
+        slot.buffer = buffer
         return None
+
+    def _clamp(self, slot: PodSlot, buffer: int) -> None:
+        """Shrink the pod's connections with a larger buffer to buffer; each
+        keeps its reservation until it holds no more than the new cost."""
+        for conn, (owner, record) in self.conns.items():
+            if owner is slot and record.buffer > buffer and not conn.closed:
+                try:
+                    conn.limit(buffer)
+                except OSError:
+                    continue
+                record.buffer = buffer
+                self.shrinking[conn] = cost(buffer)
+                self.clamped += 1
+
+    def _settle_memory(self) -> None:
+        """Each tick: clamped connections give back what they no longer hold;
+        pods past their shares beyond what may be lent (more pods attached
+        since) are clamped to their share."""
+        for conn, target in list(self.shrinking.items()):
+            entry = self.conns.get(conn)
+            if entry is None or conn.closed:
+                del self.shrinking[conn]
+                continue
+            slot, record = entry
+            if conn.holds() <= target:
+                del self.shrinking[conn]
+                self._reserve(slot, target - record.reserved)
+                record.reserved = target
+                if slot.paused:
+                    self._resume(slot)
+        if self.memory.over(self.pods):
+            share = self.memory.share(len(self.pods))
+            for slot in self.pods.values():
+                if self.memory.mine(slot.pod_id) > share:
+                    self._clamp(slot, tier(slot.stats.connections_active, share))
 
     def _pause(self, slot: PodSlot, why: str) -> None:
         """Stop accepting for the pod: its new connections wait in its
@@ -334,9 +401,16 @@ class Forwarder:
         path = self.paths[self.mode]
         record.datapath = path.mode
         record.fds = path.fds_per_connection
-        self._hold(slot, record.fds)
+        record.buffer = slot.buffer or tier(1, self.memory.budget)
+        record.reserved = cost(record.buffer)
+        self._hold(slot, record)
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
+        try:
+            set_buffers(client, record.buffer)
+        except OSError as exc:
+            self._fail(slot, record, client, None, f"buffers: {exc.strerror}", path, None)
+            return
         state = path.accepted(client, orig.app)
         family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
         try:
@@ -345,6 +419,7 @@ class Forwarder:
             self._fail(slot, record, client, None, f"upstream socket: {exc}", path, state)
             return
         try:
+            set_buffers(upstream, record.buffer)  # before connect: its window scale fits
             slot.steering.prepare_upstream(upstream)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             linger_reset(upstream)  # a crash resets, never FINs, a cut stream
@@ -388,6 +463,11 @@ class Forwarder:
             return
         record.state = "forwarding"  # the data path takes over upstream's epoll entry
         conn = entry.path.join(client, upstream, entry.state, _Ended(self, slot, record))
+        if not conn.closed:
+            try:
+                conn.limit(record.buffer)  # the path's own part (and sockmap's send buffers)
+            except OSError as exc:
+                conn.reset(f"buffers: {exc.strerror}")
         record.datapath = conn.mode
         if self.on_event is not None:
             self._emit("forwarded", slot.name, record.client, record.orig_dst, None,
@@ -423,6 +503,7 @@ class Forwarder:
         pods gone a while are dropped."""
         for path in self.paths.values():
             path.tick()
+        self._settle_memory()
         live = {slot.name for slot in self.pods.values()}
         live.update(record.pod for _slot, record in self.conns.values())
         live.update(entry.record.pod for entry in self.pending.values())
@@ -441,8 +522,9 @@ class Forwarder:
         slot.stats.upstream_errors += 1
         slot.stats.connections_active -= 1
         self.errors["upstream"] += 1
-        self._hold(slot, -record.fds)
-        path.abandon(state)
+        self._hold(slot, record, -1)
+        if state is not None:
+            path.abandon(state)
         reset_close(client)
         if upstream is not None:
             upstream.close()
@@ -463,8 +545,9 @@ class Forwarder:
         self, slot: PodSlot, record: ConnRecord, conn: Connection, reason: str | None
     ) -> None:
         self.conns.pop(conn, None)
+        self.shrinking.pop(conn, None)
         slot.stats.connections_active -= 1
-        self._hold(slot, -record.fds)
+        self._hold(slot, record, -1)
         if slot.paused:
             slot.backoff = PAUSE_FIRST
             self._resume(slot)
@@ -552,7 +635,7 @@ class Forwarder:
         if stats:
             slot.stats = PodStats(**stats)
             slot.stats.connections_active = 0  # counted again as they are restored
-            slot.stats.fds_in_use = 0
+            slot.stats.fds_in_use = slot.stats.memory_reserved = 0
         for sock in listeners:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for accepted ones
@@ -571,10 +654,15 @@ class Forwarder:
             with contextlib.suppress(OSError):
                 linger_reset(sock)
         slot.stats.connections_active += 1
-        self._hold(slot, record.fds)
+        if not record.buffer:  # a predecessor without a memory budget: its buffers were
+            record.buffer = tier(1, self.memory.budget)  # the kernel's; it gets one now
+            record.reserved = cost(record.buffer)
+        self._hold(slot, record)
         conn = path.restore(client, upstream, state, fds, blobs, _Ended(self, slot, record))
         if not conn.closed:
             self.conns[conn] = (slot, record)
+            with contextlib.suppress(OSError):
+                conn.limit(record.buffer)
 
     # -- reporting ---------------------------------------------------------
     def open_connections(self, pod: PodSlot) -> int:
@@ -606,6 +694,10 @@ class Forwarder:
             "errors": dict(self.errors),
             "active": {slot.name: slot.stats.connections_active for slot in self.pods.values()},
             "waiting": {slot.name: 1 for slot in self.pods.values() if slot.paused},
+            "memory": {
+                "max": self.memory.budget,
+                "pods": {slot.name: slot.stats.memory_reserved for slot in self.pods.values()},
+            },
             "handoff_bytes": sum(p.stats.handoff_bytes for p in self.paths.values()),
             "map_entries": {
                 name: count for p in self.paths.values() for name, count in p.map_entries().items()
@@ -619,6 +711,14 @@ class Forwarder:
             "fd_budget": self.fd_budget,
             "pod_conns_max": self.pod_conns_max,
             "fd_share": self.fd_share(),
+            "memory": {
+                "max": self.memory.budget,
+                "from": self.memory_from,
+                "reserved": self.memory.used,
+                "share": self.memory.share(len(self.pods)),
+                "shrinking": len(self.shrinking),
+                "clamped": self.clamped,
+            },
             "datapath": self.mode.value,
             "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
         }

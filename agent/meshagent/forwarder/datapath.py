@@ -54,6 +54,11 @@ class Connection(Protocol):
 
     def reset(self, reason: str) -> None: ...  # both sides get an RST
 
+    # -- the memory budget (forwarder/budget.py) ---------------------------
+    def limit(self, buffer: int) -> None: ...  # hold at most budget.cost(buffer)
+
+    def holds(self) -> int: ...  # bytes it holds now, the kernel's and its own
+
     # -- handed to a successor agent (agent/takeover.py) -------------------
     def export(self) -> Exported: ...  # what the path's restore() takes back
 

@@ -21,6 +21,7 @@ class PodStats:
     refused_loopback: int = 0  # a direct connection to the listener (would loop)
     paused: int = 0  # times the forwarder had no room for its new connections
     fds_in_use: int = 0  # held by its forwarded connections (its share: Forwarder._no_room)
+    memory_reserved: int = 0  # bytes its connections may hold (forwarder/budget.py)
     upstream_errors: int = 0
     resets: int = 0
 
@@ -37,6 +38,7 @@ class PodSlot:
     netns_fd: int
     steering: Steering  # the pod's redirect: where was it going, our upstream's pass
     paused: bool = False  # no room for its new connections (they wait in its backlog)
+    buffer: int = 0  # the buffer size its next connection gets (forwarder/budget.py)
     waiting: str | None = None  # why, while paused
     backoff: float = 0.05  # how long the next pause lasts
     listeners: list[socket.socket] = field(default_factory=list)
@@ -56,6 +58,8 @@ class ConnRecord:
     reason: str | None = None
     datapath: str = "copy"
     fds: int = 0  # what it holds: 2 sockets, and 4 pipe ends with splice
+    buffer: int = 0  # its buffer size: it may hold budget.cost(buffer) bytes
+    reserved: int = 0  # bytes of the memory budget it holds (more while it shrinks)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -40,7 +40,8 @@ import time
 from collections.abc import Callable
 
 from meshagent import log
-from meshagent.forwarder.copy import orderly_close, recv_scratch, reset_close
+from meshagent.forwarder.budget import kernel_holds, set_buffers
+from meshagent.forwarder.copy import CHUNK, orderly_close, recv_scratch, reset_close
 from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
 from meshagent.forwarder.sockmap_side import Side
@@ -66,7 +67,7 @@ class SockmapRelay:
     settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
-                 "on_done", "on_stall", "on_throttle", "owner", "progress_at", "stalled",
+                 "most", "on_done", "on_stall", "on_throttle", "owner", "progress_at", "stalled",
                  "suspended", "timer", "upstream")  # fmt: skip
 
     def __init__(
@@ -103,6 +104,21 @@ class SockmapRelay:
         self.progress_at = time.monotonic()
         self.stalled = False
         self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
+        self.most = CHUNK  # bytes one hand-off read takes at most
+
+    def limit(self, buffer: int) -> None:
+        """Hold at most budget.cost(buffer): both sockets' buffers (the send
+        buffer also bounds what the verdict redirects: mesh_over_budget) and
+        the hand-off's reads."""
+        for side in (self.client, self.upstream):
+            set_buffers(side.sock, buffer)
+        self.most = min(CHUNK, buffer)
+
+    def holds(self) -> int:
+        """Bytes this pair holds now: the kernel's (a redirected skb is its
+        source socket's until sent) and the hand-off's."""
+        return sum(kernel_holds(side.sock) + len(side.pending)
+                   for side in (self.client, self.upstream))  # fmt: skip
 
     def _eof(self, side: Side) -> None:
         side.eof = True
@@ -307,7 +323,7 @@ class SockmapRelay:
                 side.pending = b""
             if side.sent_y != side.read_total:
                 self._store_y(side)
-            data = recv_scratch(side.sock)
+            data = recv_scratch(side.sock, self.most)
             if data:
                 side.read_total += len(data)
                 if not side.pending:

@@ -8,7 +8,7 @@ import fcntl
 import os
 import socket
 
-from meshagent.forwarder.copy import CHUNK, CopyPath, Leg
+from meshagent.forwarder.copy import CopyPath, Leg
 from meshagent.modes import DataPathMode
 
 F_SETPIPE_SZ = 1031
@@ -32,8 +32,15 @@ class SpliceLeg(Leg):
         self.queued = 0  # bytes in the pipe
         self.pipe_full = False  # the last splice into it found no room
 
+    def limit(self, buffer: int) -> None:
+        """The pipe holds at most about buffer (budget.py): a smaller pipe
+        where its bytes fit, and no read while buffer waits in it."""
+        super().limit(buffer)
+        with contextlib.suppress(OSError):  # EBUSY: what it holds does not fit yet
+            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, max(buffer, 4096))
+
     def wants_read(self) -> bool:
-        return not self.eof and not self.pipe_full and self.queued < self.PIPE_SIZE
+        return not self.eof and not self.pipe_full and self.queued < self.high
 
     @property
     def waiting(self) -> int:
@@ -41,7 +48,7 @@ class SpliceLeg(Leg):
 
     def read(self) -> None:
         try:
-            moved = os.splice(self.src.fileno(), self.pipe_w, CHUNK, flags=SPLICE_FLAGS)
+            moved = os.splice(self.src.fileno(), self.pipe_w, self.most, flags=SPLICE_FLAGS)
         except BlockingIOError:
             # A readable socket and EAGAIN: the pipe is full, by its slots
             # (one per segment) long before its bytes. Stop reading until the
