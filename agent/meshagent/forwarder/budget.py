@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BUFFER_MIN = 32 << 10
+BUFFER_MIN = 16 << 10
 BUFFER_MAX = 4 << 20
 COST_FACTOR = 8  # bytes a connection with buffer size b may hold: 8b
 FEW = 8  # a pod's first connections are sized as if it would have this many
