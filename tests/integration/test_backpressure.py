@@ -751,3 +751,34 @@ def test_the_memory_budget_follows_the_agents_memory_limit(mesh_env):
             assert agent.stop() == 0, agent.log()
     finally:
         cgroup.remove(path)
+
+
+TB = re.compile(r"skmem:\(r\d+,rb(\d+),t\d+,tb(\d+)")
+
+
+def test_a_smaller_sockmap_send_buffer_stays_under_the_budget(mesh_env):
+    """The memory budget sizes both buffers of a spliced pair; a smaller
+    --sockmap-sndbuf still wins for the send buffers (the kernel doubles it)."""
+    server = mesh_env.create_pod("srv")
+    client = mesh_env.create_pod("cli")
+    agent = agent_for(mesh_env, "sockmap", "--sockmap-sndbuf", "65536")
+    peers: list[Peer] = []
+    try:
+        agent.attach(client)
+        far, near = one_connection(mesh_env, server, client, peers)
+        far.tell("run", send_to=4 << 20, stall=1.5)  # past the move to the sockmap
+        near.tell("run", recv_to=4 << 20)
+        assert near.next("the pod's count")["got"] == [4 << 20]
+        far.next("the server's count")
+        proc = mesh_env.popen(client, ["ss", "-tmnpHO"], stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=30)
+        bufs = [(int(m[1]), int(m[2])) for line in out.splitlines()
+                if f"pid={agent.proc.pid}," in line and (m := TB.search(line))]  # fmt: skip
+        assert agent.request("status")["datapaths"]["sockmap"]["connections_active"] == 1
+        # the pair (ss lists no listener without -l): receive buffers from
+        # the budget (a lone connection: 4 MiB), send buffers 2 x 64 KiB
+        assert bufs == [(4 << 20, 2 * 65536)] * 2, out
+    finally:
+        for peer in peers:
+            end(peer.proc)
+        assert agent.stop() == 0, agent.log()

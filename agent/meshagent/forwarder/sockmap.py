@@ -147,6 +147,7 @@ class SockmapPath(DataPath):
         relay = SockmapRelay(self.loop, self.maps, client, cookies[0], upstream, cookies[1],
                              self._untrack(on_done), self._stalled, app,
                              self._throttled)  # fmt: skip
+        relay.sndbuf = self.sndbuf
         self.relays.add(relay)
         return relay
 
@@ -191,6 +192,7 @@ class SockmapPath(DataPath):
             self.loop, self.maps, client, upstream, self._counted(self._untrack(on_done)),
             self._stalled, state, blobs, self._throttled,
         )  # fmt: skip
+        relay.sndbuf = self.sndbuf
         if not relay.closed:
             self.relays.add(relay)
         return relay

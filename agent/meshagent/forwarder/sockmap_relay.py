@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 
 from meshagent import log
-from meshagent.forwarder.budget import kernel_holds, set_buffers
+from meshagent.forwarder.budget import SO_SNDBUFFORCE, kernel_holds, set_buffers
 from meshagent.forwarder.copy import CHUNK, orderly_close, recv_scratch, reset_close
 from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
@@ -67,8 +67,8 @@ class SockmapRelay:
     settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
-                 "most", "on_done", "on_stall", "on_throttle", "owner", "progress_at", "stalled",
-                 "suspended", "timer", "upstream")  # fmt: skip
+                 "most", "on_done", "on_stall", "on_throttle", "owner", "progress_at", "sndbuf",
+                 "stalled", "suspended", "timer", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -105,6 +105,7 @@ class SockmapRelay:
         self.stalled = False
         self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
         self.most = CHUNK  # bytes one hand-off read takes at most
+        self.sndbuf = 0  # --sockmap-sndbuf (SockmapPath sets it): a smaller one stays
 
     def limit(self, buffer: int) -> None:
         """Hold at most budget.cost(buffer): both sockets' buffers (the send
@@ -112,6 +113,8 @@ class SockmapRelay:
         the hand-off's reads."""
         for side in (self.client, self.upstream):
             set_buffers(side.sock, buffer)
+            if self.sndbuf and 2 * self.sndbuf < buffer:  # the kernel doubles it
+                side.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, self.sndbuf)
         self.most = min(CHUNK, buffer)
 
     def holds(self) -> int:
