@@ -34,7 +34,7 @@ from pathlib import Path
 BUFFER_MIN = 16 << 10
 BUFFER_MAX = 4 << 20
 COST_FACTOR = 8  # bytes a connection with buffer size b may hold: 8b
-FEW = 8  # a pod's first connections are sized as if it would have this many
+FEW = 32  # a pod's first connections are sized as if it would have this many
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SO_MEMINFO = 55

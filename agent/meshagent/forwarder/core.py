@@ -263,15 +263,16 @@ class Forwarder:
                 f" {self.fd_share()}, and the {self.fds.lent(self.pods)} lent to pods past"
                 " theirs are all there is to lend"
             )
-        mine = self.memory.mine(slot.pod_id)
-        room = self.memory.budget - self.memory.used
-        if not closing:
-            room = self.memory.room(slot.pod_id, self.pods)
-        buffer = buffer_for(slot.stats.connections_active, mine, room)
+        buffer = self._buffer_for(slot, closing)
         if buffer is None:
             # Make room: its larger connections shrink, and give back what
-            # they reserved as the kernel lets go of their bytes (tick()).
+            # they reserved once the kernel holds no more for them (idle
+            # ones at once, the others at a later tick()).
+            mine, room = self._memory_room(slot, closing)
             self._clamp(slot, tier(slot.stats.connections_active + 1, mine + room))
+            buffer = self._buffer_for(slot, closing)
+        if buffer is None:
+            mine = self.memory.mine(slot.pod_id)
             return (
                 f"the pod's connections may hold {mine} bytes: all of its share of"
                 f" {self.memory.share(len(self.pods))} and of what may be lent"
@@ -280,35 +281,52 @@ class Forwarder:
         slot.buffer = buffer
         return None
 
+    def _memory_room(self, slot: PodSlot, closing: bool) -> tuple[int, int]:
+        """(what the pod's connections reserve, what it may still take)."""
+        room = self.memory.budget - self.memory.used
+        if not closing:
+            room = self.memory.room(slot.pod_id, self.pods)
+        return self.memory.mine(slot.pod_id), room
+
+    def _buffer_for(self, slot: PodSlot, closing: bool) -> int | None:
+        return buffer_for(slot.stats.connections_active, *self._memory_room(slot, closing))
+
     def _clamp(self, slot: PodSlot, buffer: int) -> None:
         """Shrink the pod's connections with a larger buffer to buffer; each
         keeps its reservation until it holds no more than the new cost."""
-        for conn, (owner, record) in self.conns.items():
+        for conn, (owner, record) in list(self.conns.items()):
             if owner is slot and record.buffer > buffer and not conn.closed:
                 try:
                     conn.limit(buffer)
                 except OSError:
                     continue
                 record.buffer = buffer
-                self.shrinking[conn] = cost(buffer)
                 self.clamped += 1
+                self.shrinking[conn] = cost(buffer)
+                self._settle(conn, slot, record)
+
+    def _settle(self, conn: Connection, slot: PodSlot, record: ConnRecord) -> None:
+        """Give back what a shrinking connection reserved past its new cost
+        once it holds no more than that."""
+        target = self.shrinking[conn]
+        if conn.holds() <= target:
+            del self.shrinking[conn]
+            self._reserve(slot, target - record.reserved)
+            record.reserved = target
 
     def _settle_memory(self) -> None:
         """Each tick: clamped connections give back what they no longer hold;
         pods past their shares beyond what may be lent (more pods attached
         since) are clamped to their share."""
-        for conn, target in list(self.shrinking.items()):
+        for conn in list(self.shrinking):
             entry = self.conns.get(conn)
             if entry is None or conn.closed:
                 del self.shrinking[conn]
                 continue
             slot, record = entry
-            if conn.holds() <= target:
-                del self.shrinking[conn]
-                self._reserve(slot, target - record.reserved)
-                record.reserved = target
-                if slot.paused:
-                    self._resume(slot)
+            self._settle(conn, slot, record)
+            if conn not in self.shrinking and slot.paused:
+                self._resume(slot)
         if self.memory.over(self.pods):
             share = self.memory.share(len(self.pods))
             for slot in self.pods.values():

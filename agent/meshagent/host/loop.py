@@ -42,6 +42,9 @@ class Loop:
         self.running = False
         self.errors = 0
         self.dispatched = 0  # handler calls: a loop that spins shows here
+        # fds removed while a batch of events is handled: the batch's later
+        # events for them are the old file's, even if the number is reused
+        self._gone: set[int] = set()
         # post(): other threads hand the loop work through an eventfd
         self._posted: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -65,6 +68,7 @@ class Loop:
         if self.handlers.pop(fd, None) is None:
             return
         self.masks.pop(fd, None)
+        self._gone.add(fd)
         try:
             self.epoll.unregister(fd)
         except (OSError, ValueError):
@@ -108,7 +112,16 @@ class Loop:
             timeout = self._run_timers()
             if not self.running:  # a timer stopped the loop: no last wait
                 break
-            for fd, events in self.epoll.poll(timeout, 512):
+            batch = self.epoll.poll(timeout, 512)
+            self._gone.clear()
+            for fd, events in batch:
+                if fd in self._gone:
+                    # Removed by an earlier handler of this batch, maybe
+                    # closed and its number given to a new socket: this
+                    # event was the old file's (a spurious hang-up here
+                    # reset a new connection under load). Level-triggered:
+                    # a new registration hears of its own state next poll.
+                    continue
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     self.dispatched += 1
