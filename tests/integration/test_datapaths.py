@@ -99,8 +99,11 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
         if agent.tight:  # held back again and again, and still every byte in order
             # (a connection that never carried 64 KiB stays on copy; a
             # hold-back lasts until Python caught up: count held segments)
+            # (held-back episodes: conns // 4 or more before the memory
+            # budget fixed the socket buffers; since, 23-49 with a QEMU guest
+            # beside on 6.18 and 36 in the 6.12 guest: each carries more)
             assert path["throttles"] > 0, path
-            assert status["decisions"]["throttled"]["egress"] >= conns // 4, status["decisions"]
+            assert status["decisions"]["throttled"]["egress"] >= conns // 10, status["decisions"]
         else:
             assert path["handoff_bytes"] < path["bytes"] / 2, path
     wait_for(lambda: drained(agent), what="map entries to go")
