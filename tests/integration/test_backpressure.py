@@ -484,9 +484,10 @@ def closed_and_counted(agent, deadline: float = 10.0) -> dict:
 
 @pytest.mark.kernel_matrix
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # since the memory budget fixed the sockets' buffers it sometimes
+    # catches up (1 run in 3 on 6.18 here): not yet something to rely on
     reason="[L] open: after a hold-back, against a writer that never pauses, the hand-off "
-    "never catches up and Python carries the rest. A catch-up that fixed this (commit "
+    "rarely catches up and Python carries the rest. A catch-up that fixed this (commit "
     "8412107) ran downloads at 0.4 Gbit/s (zero windows nobody announced) and was "
     "reverted; bench/results/zero-window.md",
 )
