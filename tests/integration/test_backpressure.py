@@ -169,7 +169,7 @@ def recv_some(i, most):
     if data != pats[i][at:at + len(data)] and i not in bad:  # the first wrong bytes
         first = next(k for k, byte in enumerate(data) if byte != pats[i][at + k])
         found = pats[i].tobytes().find(data[first:first + 64])
-        bad[i] = {"at": got[i] + first, "len": len(data),
+        bad[i] = {"at": got[i] + first, "len": len(data), "port": socks[i].getsockname()[1],
                   "shift": None if found < 0 else (found - at - first) % PERIOD}
     got[i] += len(data)
     return data
@@ -332,10 +332,16 @@ def held_back(agent) -> dict:
         "budget_bytes",
         "handoff_bytes",
         "handoff_bypasses",
+        "disorders",
     )
     return {**{key: path[key] for key in keys},
             "kernel_held": status["decisions"].get("throttled", {}).get("egress", 0),
             "decisions": status["decisions"]}  # fmt: skip
+
+
+def order_warnings(agent) -> list[str]:
+    """The agent's log lines about the sockmap hand-off's order checks."""
+    return [line for line in agent.log().splitlines() if "order check" in line][:20]
 
 
 def tcp_mem() -> int:
@@ -403,10 +409,13 @@ def test_many_pods_connections_that_stop_reading_stop_their_server(mesh_env, dat
         # 576 MiB at about 2.5 MiB/s and ran out of the default 120 s
         reader.tell("run", recv_to=written, deadline=600.0)
         seen = reader.next("the readers' counts", timeout=660)
+        after = held_back(agent)
+        print(f"after reading: {after.get('disorders')}, bypasses"
+              f" {after.get('handoff_bypasses')}")  # fmt: skip
         writer.close()
         reader.close()
         assert seen["got"] == written, "some bytes never arrived"
-        assert seen["bad"] == {} and seen["eof"] == [], seen
+        assert seen["bad"] == {} and seen["eof"] == [], (seen, order_warnings(agent))
         capped = [i for i, n in enumerate(written) if n >= MANY_CAP]
         assert not capped, f"{len(capped)} writers never blocked ({datapath}): no back-pressure"
         assert max(written) <= BOUND

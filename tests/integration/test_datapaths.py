@@ -5,6 +5,8 @@ resets, no leftovers."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from meshenv import start_agent, wait_for
@@ -94,8 +96,12 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
     if status["datapath"] == "sockmap":
         # The kernel carried the payload; Python only the hand-off.
         assert status["decisions"]["spliced"]["egress"] > 0
-        if path["msg"]:  # the pod's sends went straight upstream
-            assert status["decisions"]["msg_spliced"]["egress"] > 0
+        # Not asked here: that sk_msg redirected some of the pods' sends. A
+        # pod's send goes straight upstream only once Python has carried all
+        # it sent before, and these writers never pause: in the 6.1 guest
+        # (software emulation) and once on 6.18 under load Python never
+        # caught up, and sk_msg rightly redirected nothing. test_redis shows
+        # sk_msg carrying a keep-alive client's commands.
         if agent.tight:  # held back again and again, and still every byte in order
             # (a connection that never carried 64 KiB stays on copy; a
             # hold-back lasts until Python caught up: count held segments)
@@ -106,6 +112,71 @@ def test_many_connections_write_at_once_in_random_chunks(mesh_env, path_agent):
             assert status["decisions"]["throttled"]["egress"] >= conns // 10, status["decisions"]
         else:
             assert path["handoff_bytes"] < path["bytes"] / 2, path
+    wait_for(lambda: drained(agent), what="map entries to go")
+
+
+ECHO = r"""
+import socket, sys
+l = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2]))); l.listen(1); l.settimeout(60)
+print("ready", flush=True)
+c, _ = l.accept(); c.settimeout(60)
+while data := c.recv(1 << 16):
+    c.sendall(data)
+"""
+
+ROUNDS = r"""
+import random, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+rng = random.Random(7); wrong = 0
+for n in range(int(sys.argv[3])):
+    ask = rng.randbytes(rng.randrange(1, 4096))
+    s.sendall(ask)
+    got = b""
+    while len(got) < len(ask):
+        part = s.recv(len(ask) - len(got))
+        if not part:
+            sys.exit(f"the connection closed after {n} rounds")
+        got += part
+    wrong += got != ask
+print(wrong, flush=True)
+"""
+
+
+@pytest.mark.kernel_matrix
+def test_a_keep_alive_clients_requests_go_through_the_kernel(mesh_env, path_agent):
+    """One connection, 300 requests and their echoed replies (1 B to 4 KiB):
+    every reply right; on the sockmap, once the hand-off is over, the kernel
+    carries both ways (the replies by the stream verdict, the requests by
+    sk_msg where the path has it), Python only the first bytes."""
+    agent, client, server = path_agent
+    rounds = 300
+    echo = mesh_env.popen(server, [sys.executable, "-c", ECHO, server.ip4, str(PORT)],
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert echo.stdout.readline().strip() == "ready"
+        ask = mesh_env.popen(
+            client, [sys.executable, "-c", ROUNDS, server.ip4, str(PORT), str(rounds)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        out, _ = ask.communicate(timeout=180)
+        assert ask.returncode == 0, out
+        assert out.strip() == "0", f"{out.strip()} of {rounds} replies wrong"
+    finally:
+        for proc in (echo,):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+    status = agent.request("status")
+    path = status["datapaths"][status["datapath"]]
+    assert path["connections_total"] == 1 and path["stalls"] == 0, path
+    if status["datapath"] == "sockmap":
+        decisions = status["decisions"]
+        assert decisions["spliced"]["egress"] > 0, decisions  # replies, by the verdict
+        if path["msg"]:  # requests straight into the upstream socket
+            assert decisions.get("msg_spliced", {}).get("egress", 0) > 0, decisions
+        assert path["handoff_bytes"] < path["bytes"] / 2, path
     wait_for(lambda: drained(agent), what="map entries to go")
 
 

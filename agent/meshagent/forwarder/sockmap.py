@@ -204,7 +204,8 @@ class SockmapPath(DataPath):
         held = [relay.held for relay in self.relays if relay.throttling]
         return {**super().snapshot(), "msg": self.msg, "last_refusal": self.last_refusal,
                 "budget_bytes": self.maps.budget, "throttled_connections": len(held),
-                "held_bytes": sum(held), "handoff_bypasses": self.maps.bypasses}  # fmt: skip
+                "held_bytes": sum(held), "handoff_bypasses": self.maps.bypasses,
+                "disorders": dict(self.maps.disorders)}  # fmt: skip
 
     def tick(self) -> None:
         """Delete finished connections' entries; if a verdict redirect failed

@@ -34,6 +34,9 @@ class SockmapMaps:
         # Reads that went past X: bytes the verdict never saw (open under [L]:
         # a suspect for the rare out-of-place block after a hold-back).
         self.bypasses = 0
+        # The hand-off's order checks that failed, by kind (sockmap_relay's
+        # _check_order): each one a block that may reach the peer out of place.
+        self.disorders: dict[str, int] = {}
         self.wake_fd = loaded.map(abi.WAKE).fd  # mesh_wake: throttled sockets
         # Python's mmap holds a dup of the fd: closed with the maps.
         self._wake = RingBuf(self.wake_fd)

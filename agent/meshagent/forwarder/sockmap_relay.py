@@ -178,10 +178,45 @@ class SockmapRelay:
             self.on_throttle(self)
         self._progress()
 
-    def _overtakes(self, side: Side) -> bool:
-        """Would bytes sent to side's peer now overtake redirected ones still
-        in the peer's psock queue (R + B beyond what entered its stream)?"""
-        return self.maps.redirected(side.cookie) + side.base > side.peer.stream()[1]
+    def _in_order(self, side: Side) -> bool:
+        """May Python send what it holds from side to side's peer now? Not
+        while redirected bytes still wait in the peer's psock queue (R + B
+        beyond what entered the peer's stream).
+
+        Also checks the two facts the order rests on, and says when one
+        fails (each a block that may arrive out of place, open under [L]):
+        no redirect since Python read what it holds (R unchanged: the
+        verdict redirects only once Python has sent all it read), and
+        nothing in the peer's stream that neither the verdict redirected nor
+        Python sent (the stream is not past R + B)."""
+        redirected = self.maps.redirected(side.cookie)
+        into = side.peer.stream()[1]
+        if side.r_held >= 0 and redirected != side.r_held:
+            self._disorder(side, "redirected_while_held",
+                           f"R {side.r_held} when read, {redirected} now")  # fmt: skip
+            side.r_held = redirected  # said once
+        if redirected + side.base > into:
+            return False
+        if redirected + side.base < into:
+            self._disorder(side, "stream_ahead",
+                           f"R {redirected} + B {side.base} < {into} in the peer's stream")  # fmt: skip
+            side.base = into - redirected  # said once
+        return True
+
+    def _disorder(self, side: Side, kind: str, detail: str) -> None:
+        counts = self.maps.disorders
+        counts[kind] = counts.get(kind, 0) + 1
+        try:
+            local, peer = side.sock.getsockname(), side.sock.getpeername()
+            where = f"{local[0]}:{local[1]} <-> {peer[0]}:{peer[1]}"
+        except OSError:
+            where = "closed socket"
+        log.get().warning(
+            "sockmap: hand-off order check failed",
+            extra={"reason": f"{kind}: {'pod' if side is self.client else 'upstream'} socket"
+                   f" {where} (cookie {side.cookie}), read {side.read_total},"
+                   f" sent on {max(side.sent_y, 0)}, holding {len(side.pending)}; {detail}"},
+        )  # fmt: skip
 
     @property
     def throttling(self) -> bool:
@@ -308,7 +343,7 @@ class SockmapRelay:
         recv() after it (measured on 6.x), so X alone cannot see them."""
         while True:
             if side.pending:
-                if side.base >= 0 and self._overtakes(side):
+                if side.base >= 0 and not self._in_order(side):
                     side.out_blocked = False
                     return True  # the psock worker is on it: the timer rechecks
                 try:
@@ -331,6 +366,8 @@ class SockmapRelay:
                 side.read_total += len(data)
                 if not side.pending:
                     side.pending = bytearray()  # made only when bytes wait
+                    if side.base >= 0:  # the verdict has no more to redirect before these
+                        side.r_held = self.maps.redirected(side.cookie)
                 side.pending += data
                 self.progress_at = time.monotonic()
                 continue

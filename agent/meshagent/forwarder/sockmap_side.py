@@ -40,6 +40,7 @@ class Side:
         "out_blocked",
         "peer",
         "pending",
+        "r_held",
         "read_total",
         "registered",
         "relay",
@@ -69,6 +70,7 @@ class Side:
         self.base = -1
         self.throttled = False  # the kernel held bytes back; Python carries them
         self.out_blocked = False  # the last send of pending to peer said EAGAIN
+        self.r_held = -1  # R when Python read what it holds (no redirect may follow)
 
     def on_events(self, events: int) -> None:
         """The loop's handler for this socket (a bound method: no closure)."""
