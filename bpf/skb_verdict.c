@@ -70,6 +70,65 @@ static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer, __u64 len
 	return wmem + (__s64)need > sndbuf;
 }
 
+/* TCP may queue a segment that begins before rcv_nxt, when a retransmission
+ * overlaps bytes already received (tcp_data_queue's partial packet);
+ * tcp_recvmsg skips the old bytes, but tcp_read_skb hands the verdict the
+ * whole skb, so they would be passed or redirected twice (seen on 6.18: a
+ * block of k MSS repeated in a stream after a hold-back under load). The
+ * skb's control block still holds TCP's seq and end_seq (sk_skb programs
+ * read skb->cb from its start, struct sk_skb_cb.data, since 5.16; checked
+ * per segment: end_seq - seq must be len, or len + 1 with a FIN). Bytes
+ * before N (mesh_seq) are cut off the front, 4095 at a time (the helper's
+ * limit). 0: go on with *len bytes; 1: nothing new, drop it; -1: the old
+ * bytes could not be cut (no memory): drop it and mark the socket, whose
+ * connection the forwarder then resets (a reset, never a corrupt stream). */
+#define MESH_TRIM_STEP 4095
+#define MESH_TRIM_STEPS 32  /* 127 KiB: larger than any skb TCP queues */
+
+static __always_inline int mesh_fresh(struct __sk_buff *skb, __u64 cookie, __u64 *len)
+{
+	__u32 seq = skb->cb[0], end = skb->cb[1];
+	__u32 fin = end - seq - (__u32)*len;
+	__u32 old, step;
+	__u64 *next, at;
+	int i;
+
+	if (fin > 1) {
+		mesh_count(MESH_REASON_SEQ_UNKNOWN);
+		return 0;
+	}
+	next = mesh_seq.lookup(&cookie);
+	if (!next) {  /* the first segment (or after an upgrade): it starts the count */
+		at = end - fin;
+		mesh_seq.update(&cookie, &at);
+		return 0;
+	}
+	if (*next & MESH_SEQ_LOST)
+		return 1;
+	old = (__u32)*next - seq;
+	if ((__s32)old > 0) {
+		if (old >= *len) {
+			mesh_count(MESH_REASON_OVERLAP);
+			return 1;
+		}
+		for (i = 0; i < MESH_TRIM_STEPS && old > 0; i++) {
+			step = old > MESH_TRIM_STEP ? MESH_TRIM_STEP : old;
+			if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0) != 0)
+				break;
+			old -= step;
+		}
+		if (old > 0) {
+			*next |= MESH_SEQ_LOST;
+			mesh_count(MESH_REASON_OVERLAP_LOST);
+			return -1;
+		}
+		*len = skb->len;
+		mesh_count(MESH_REASON_OVERLAP);
+	}
+	*next = end - fin;
+	return 0;
+}
+
 /* The first segment held back since Python last caught up: tell the
  * forwarder which socket to read (it does not watch spliced sockets for
  * EPOLLIN). Lost (ring full): counted, the forwarder's sweep finds it. */
@@ -90,6 +149,8 @@ int mesh_verdict(struct __sk_buff *skb)
 		mesh_count(MESH_REASON_EOF_DROP);
 		return SK_DROP;
 	}
+	if (mesh_fresh(skb, cookie, &len) != 0)
+		return SK_DROP;  /* nothing new, or a stream the forwarder resets */
 	passed = mesh_passed.lookup(&cookie);
 	if (!passed) {
 		mesh_passed.update(&cookie, &zero);

@@ -146,6 +146,12 @@ BPF_ANNOTATE_KV_PAIR(mesh_lsn6, __u64, int);
 BPF_HASH(mesh_peer, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);
+/* N: the TCP sequence number of the next byte the verdict has not yet seen
+ * on a socket (low 32 bits; MESH_SEQ_LOST set: bytes could not be trimmed,
+ * the forwarder resets the connection). Written only by the verdict, made
+ * on a socket's first segment, deleted by Python with the socket's X. */
+BPF_HASH(mesh_seq, __u64, __u64, MESH_SOCKS_MAX);
+#define MESH_SEQ_LOST (1ULL << 32)
 /* Back-pressure (skb_verdict.c): bytes on their way from a socket S to its
  * peer T's other end that it has not acked yet are
  *     R + B - T's bytes_acked     (u64 arithmetic, read as signed)

@@ -34,6 +34,10 @@
 
 #define MESH_REASON_MSG_DRIFT    22  /* sk_msg: P counted apart from A's stream (a send the kernel passed unseen); the stream decided */
 
-#define MESH_REASON_MAX          23  /* one past the last reason */
+#define MESH_REASON_OVERLAP      23  /* verdict: a segment began with bytes already delivered (a retransmission): trimmed */
+#define MESH_REASON_OVERLAP_LOST 24  /* verdict: such bytes could not be trimmed: dropped, the forwarder resets the connection */
+#define MESH_REASON_SEQ_UNKNOWN  25  /* verdict: the skb's control block held no TCP sequence numbers: not checked */
+
+#define MESH_REASON_MAX          26  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

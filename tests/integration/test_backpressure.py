@@ -166,13 +166,35 @@ def recv_some(i, most):
         eof.add(i)
         return b""
     at = got[i] % PERIOD
-    if data != pats[i][at:at + len(data)] and i not in bad:  # the first wrong bytes
-        first = next(k for k, byte in enumerate(data) if byte != pats[i][at + k])
-        found = pats[i].tobytes().find(data[first:first + 64])
-        bad[i] = {"at": got[i] + first, "len": len(data), "port": socks[i].getsockname()[1],
-                  "shift": None if found < 0 else (found - at - first) % PERIOD}
+    if i in bad or data != pats[i][at:at + len(data)]:
+        track(i, data)
     got[i] += len(data)
     return data
+
+
+def track(i, data):
+    # From the first wrong byte on, where each run of bytes belongs: runs of
+    # [stream offset, shift] (the pattern offset is the stream's plus shift,
+    # modulo PERIOD; None: found nowhere), 16 at most. Tells a reorder (a
+    # shift and its way back) from a loss or a copy.
+    if i not in bad:
+        bad[i] = {"port": socks[i].getsockname()[1], "runs": []}
+    runs = bad[i]["runs"]
+    k = 0
+    while k < len(data) and len(runs) < 16:
+        shift = runs[-1][1] if runs else 0
+        if shift is None:
+            return
+        at = (got[i] + k + shift) % PERIOD
+        ref = pats[i][at:at + len(data) - k]
+        if data[k:] == ref:
+            return
+        k += next(j for j, byte in enumerate(data[k:]) if byte != ref[j])
+        found = pats[i].tobytes().find(data[k:k + 64])
+        runs.append([got[i] + k, None if found < 0 else (found - (got[i] + k)) % PERIOD])
+        if not bad[i].get("at"):
+            bad[i].update(at=got[i] + k, len=len(data), shift=runs[-1][1])
+        k += 1
 
 
 def run(send_to=0, recv_to=None, stall=1.5, pace=None, deadline=120.0):

@@ -101,6 +101,8 @@ PASSED = MapSpec("mesh_passed", U64, U64)
 SENT = MapSpec("mesh_sent", U64, U64)
 REDIR = MapSpec("mesh_redir", U64, U64)
 FLIGHT = MapSpec("mesh_flight", U64, U64)
+SEQ = MapSpec("mesh_seq", U64, U64)  # socket cookie -> TCP sequence number of its next new byte
+SEQ_LOST = 1 << 32  # in a mesh_seq value: the verdict dropped a segment (MESH_SEQ_LOST)
 WAKE = MapSpec("mesh_wake", NOTHING, NOTHING)
 OWN = MapSpec("mesh_own", U64, BYTE)
 MSG_PASS_VALUE = CStruct("mesh_msg_pass", ("passed", "Q"), ("app", "Q"))
@@ -114,7 +116,7 @@ EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
-    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE,
+    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE, SEQ,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -195,6 +197,9 @@ REASONS = (
     "wake_lost",
     "pod_quota",
     "msg_drift",
+    "overlap",
+    "overlap_lost",
+    "seq_unknown",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of

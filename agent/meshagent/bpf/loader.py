@@ -97,7 +97,7 @@ def clear_residue(maps: dict[str, sc.MapFd], takeover: bool) -> None:
         recount_pods(maps[abi.POD_LIVE.name], maps[abi.ORIG_TUP.name])
     if takeover:
         return
-    for spec in (abi.PEER, abi.PASSED, abi.SENT, abi.REDIR, abi.FLIGHT):
+    for spec in (abi.PEER, abi.PASSED, abi.SENT, abi.REDIR, abi.FLIGHT, abi.SEQ):
         table = maps.get(spec.name)
         if table is not None and table.adopted:
             keys = table.list_keys()
@@ -231,7 +231,15 @@ class Loaded:
         if "mesh_connect4" in self.links:
             counted.append(abi.ORIG_TUP)
         if "mesh_verdict" in self.programs:
-            counted += [abi.SOCKHASH, abi.PEER, abi.PASSED, abi.SENT, abi.REDIR, abi.FLIGHT]
+            counted += [
+                abi.SOCKHASH,
+                abi.PEER,
+                abi.PASSED,
+                abi.SENT,
+                abi.REDIR,
+                abi.FLIGHT,
+                abi.SEQ,
+            ]
         if "mesh_msg" in self.programs:
             counted += [abi.APPHASH, abi.MSG_PASS, abi.MSG_TGT]
         return {

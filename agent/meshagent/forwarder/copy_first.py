@@ -39,6 +39,8 @@ class SplicingPath(Protocol):
 
     def forget(self, cookies: Iterable[int]) -> None: ...
 
+    def copying(self, pair: Connection, cookies: Iterable[int]) -> None: ...
+
 
 UPGRADE_READS = 32  # reads (both ways) before a connection moves to the sockmap
 UPGRADE_BYTES = 64 * 1024  # or bytes, whichever comes first
@@ -157,6 +159,7 @@ class CopyFirst:
         if len(cookies) < 2:  # entered ones pass everything on: copy goes on
             path.stats.fallbacks += 1
             copy.cookies = tuple(cookies)
+            path.copying(copy, cookies)
             self.inner = copy
             copy.resume()
             return

@@ -70,7 +70,11 @@ class SockmapPath(DataPath):
         self.fallback = fallback
         self.sndbuf = sndbuf
         self.relays: set[SockmapRelay] = set()
+        # Sockets in the sockhash whose pair the copy relay carries (the
+        # verdict passes their bytes, and may have to drop one: _reset_lost).
+        self.copied: dict[int, Connection] = {}
         self._failures_seen = 0
+        self._lost_seen = 0
         self.last_refusal = ""  # why the sockhash last refused a socket
         # The verdict names sockets it held bytes back on (back-pressure).
         # One reader only: a path that does not read (the start self-test's,
@@ -166,11 +170,18 @@ class SockmapPath(DataPath):
         relay = self.fallback.carry(CopiedPair, client, upstream,
                                     self._forgetting(cookies, on_done))  # fmt: skip
         relay.cookies = tuple(cookies)
+        self.copying(relay, cookies)
         return relay
+
+    def copying(self, pair: Connection, cookies: Iterable[int]) -> None:
+        """The copy relay carries these sockets of the sockhash."""
+        for cookie in cookies:
+            self.copied[cookie] = pair
 
     def forget(self, cookies: Iterable[int]) -> None:
         """Sockets that entered the sockhash and are closed now."""
         for cookie in cookies:
+            self.copied.pop(cookie, None)
             self.maps.forget(cookie)
 
     def _forgetting(self, cookies: list[int], on_done: Done) -> Done:
@@ -185,8 +196,10 @@ class SockmapPath(DataPath):
         if state["kind"] == "relay":  # a pair this path copied
             cookies = state.get("cookies", [])
             self.maps.entered += len(cookies)
-            return self.fallback.restore(client, upstream, state, fds, blobs,
+            pair = self.fallback.restore(client, upstream, state, fds, blobs,
                                          self._forgetting(cookies, on_done))  # fmt: skip
+            self.copying(pair, cookies)
+            return pair
         self.maps.entered += 2
         relay = SockmapRelay.restore(
             self.loop, self.maps, client, upstream, self._counted(self._untrack(on_done)),
@@ -211,8 +224,26 @@ class SockmapPath(DataPath):
         """Delete finished connections' entries; if a verdict redirect failed
         since the last look, recheck every spliced pair."""
         self.maps.flush()
+        lost = self.maps.overlaps_lost()
+        if lost != self._lost_seen:
+            self._lost_seen = lost
+            self._reset_lost()
         failures = self.maps.redirect_failures()
         if failures != self._failures_seen or not self.wake:
             self._failures_seen = failures
             for relay in list(self.relays):
                 relay.recheck()
+
+    def _reset_lost(self) -> None:
+        """Reset the connections a segment of which the verdict dropped (its
+        bytes already delivered could not be cut off; the verdict drops all
+        that follows, so the pod saw a whole prefix): a reset, never a
+        stream with a hole."""
+        reason = ("sockmap: a retransmitted segment overlapped bytes already delivered"
+                  " and could not be trimmed (no kernel memory)")  # fmt: skip
+        for relay in list(self.relays):
+            if any(self.maps.lost(side.cookie) for side in (relay.client, relay.upstream)):
+                relay.reset(reason)
+        for cookie, pair in list(self.copied.items()):
+            if not pair.closed and self.maps.lost(cookie):
+                pair.reset(reason)

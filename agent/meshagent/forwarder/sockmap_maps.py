@@ -30,6 +30,7 @@ class SockmapMaps:
         self.msg_tgt = loaded.map(abi.MSG_TGT)
         self.redir = loaded.map(abi.REDIR)
         self.flight = loaded.map(abi.FLIGHT)
+        self.seq = loaded.map(abi.SEQ)
         self.budget = budget
         # Reads that went past X: bytes the verdict never saw (open under [L]:
         # a suspect for the rare out-of-place block after a hold-back).
@@ -143,7 +144,7 @@ class SockmapMaps:
         doomed, self.doomed = self.doomed, []
         doomed_y, self.doomed_y = self.doomed_y, []
         doomed_b, self.doomed_b = self.doomed_b, []
-        for table in (self.peer, self.passed):
+        for table in (self.peer, self.passed, self.seq):
             table.delete_many_u64(doomed)
         if doomed_y:
             self.sent.delete_many_u64(doomed_y)
@@ -154,6 +155,16 @@ class SockmapMaps:
     def woken(self) -> list[int]:
         """Cookies the verdict named in mesh_wake since the last call."""
         return [int.from_bytes(rec[:8], "little") for rec in self._wake.read()]
+
+    def overlaps_lost(self) -> int:
+        """The verdict's overlap_lost counter (all CPUs): a socket's segment
+        began with bytes already delivered and they could not be cut off."""
+        return self._loaded.metric("overlap_lost")
+
+    def lost(self, cookie: int) -> bool:
+        """Did the verdict drop a segment of this socket's stream (its old
+        bytes could not be cut off)? Its connection must be reset."""
+        return bool((self.seq.lookup_u64(cookie) or 0) & abi.SEQ_LOST)
 
     def redirect_failures(self) -> int:
         """The verdict's redirect_failed and wake_lost counters (all CPUs):
