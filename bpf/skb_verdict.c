@@ -82,6 +82,33 @@ static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer, __u64 len
  * limit). 0: go on with *len bytes; 1: nothing new, drop it; -1: the old
  * bytes could not be cut (no memory): drop it and mark the socket, whose
  * connection the forwarder then resets (a reset, never a corrupt stream). */
+/* N for a socket's first segment. Where nothing went through the verdict
+ * yet (X and R both 0 or not made yet: what was read went by tcp_recvmsg,
+ * which counts exactly), the socket's copied_seq: the first segment may overlap too (the
+ * forwarder read all before the move). Otherwise (a socket an earlier agent
+ * spliced) the segment's own seq: unchecked, it starts the count. */
+static __always_inline __u64 mesh_first_seq(__u64 cookie, __u32 seq)
+{
+	__u64 *x, *r, at = seq;
+	struct bpf_sock *sk;
+	void *tp;
+
+	if (MESH_TCP_COPIED_SEQ == 0)
+		return at;
+	x = mesh_passed.lookup(&cookie);
+	r = mesh_redir.lookup(&cookie);
+	if ((x && *x != 0) || (r && *r != 0))
+		return at;
+	sk = (struct bpf_sock *)mesh_sockhash.lookup(&cookie);
+	if (!sk)
+		return at;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (tp)
+		at = *(__u32 *)(tp + MESH_TCP_COPIED_SEQ);
+	bpf_sk_release(sk);
+	return at;
+}
+
 #define MESH_TRIM_STEP 4095
 #define MESH_TRIM_STEPS 32  /* 127 KiB: larger than any skb TCP queues */
 
@@ -98,10 +125,12 @@ static __always_inline int mesh_fresh(struct __sk_buff *skb, __u64 cookie, __u64
 		return 0;
 	}
 	next = mesh_seq.lookup(&cookie);
-	if (!next) {  /* the first segment (or after an upgrade): it starts the count */
-		at = end - fin;
+	if (!next) {
+		at = mesh_first_seq(cookie, seq);
 		mesh_seq.update(&cookie, &at);
-		return 0;
+		next = mesh_seq.lookup(&cookie);
+		if (!next)
+			return 0;  /* map full: unchecked */
 	}
 	if (*next & MESH_SEQ_LOST)
 		return 1;

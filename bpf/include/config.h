@@ -44,6 +44,9 @@
 #ifndef MESH_TCP_SND_UNA
 #define MESH_TCP_SND_UNA 0
 #endif
+#ifndef MESH_TCP_COPIED_SEQ
+#define MESH_TCP_COPIED_SEQ 0
+#endif
 #ifndef MESH_SK_WMEM_QUEUED
 #define MESH_SK_WMEM_QUEUED 0
 #endif

@@ -86,6 +86,7 @@ CFLAGS = {
     "bytes_acked": "MESH_TCP_BYTES_ACKED",
     "write_seq": "MESH_TCP_WRITE_SEQ",
     "snd_una": "MESH_TCP_SND_UNA",
+    "copied_seq": "MESH_TCP_COPIED_SEQ",
     "sk_wmem_queued": "MESH_SK_WMEM_QUEUED",
     "sk_sndbuf": "MESH_SK_SNDBUF",
 }
@@ -96,7 +97,8 @@ def tcp_sock_offsets() -> dict[str, int]:
     """Offsets in struct tcp_sock of what the verdict reads (bpf/skb_verdict.c):
     tcp_sock's own fields, and struct sock's, which tcp_sock embeds first
     (tcp_sock.inet_conn.icsk_inet.sk; each checked to be at offset 0)."""
-    out = member_offsets("tcp_sock", ("inet_conn", "bytes_acked", "write_seq", "snd_una"))
+    out = member_offsets("tcp_sock", ("inet_conn", "bytes_acked", "write_seq", "snd_una",
+                                      "copied_seq"))  # fmt: skip
     chain = (out.pop("inet_conn"), member_offsets("inet_connection_sock", ("icsk_inet",))["icsk_inet"],
              member_offsets("inet_sock", ("sk",))["sk"])  # fmt: skip
     if any(chain):
