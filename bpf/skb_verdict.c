@@ -16,7 +16,9 @@
  * MESH_FLIGHT_MAX (mesh_over_budget; the formula is in maps.h).
  * Must never: reorder bytes, redirect a zero-length skb (a FIN: the psock
  * backlog treats a 0-byte delivery as an error), or drop data; every
- * failure passes the segment to Python.
+ * failure passes the segment to Python. The one drop of new bytes
+ * (mesh_fresh: repeated bytes that cannot be cut off) ends the stream
+ * there, and the forwarder resets the connection.
  * Minimum kernel: 5.12 (atomic fetch-and-add); sockhash verdict 4.18. */
 #include "include/maps.h"
 #include "include/metrics.h"
@@ -72,32 +74,37 @@ static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer, __u64 len
 
 /* TCP may queue a segment that begins before rcv_nxt, when a retransmission
  * overlaps bytes already received (tcp_data_queue's partial packet);
- * tcp_recvmsg skips the old bytes, but tcp_read_skb hands the verdict the
- * whole skb, so they would be passed or redirected twice (seen on 6.18: a
- * block of k MSS repeated in a stream after a hold-back under load). The
- * skb's control block still holds TCP's seq and end_seq (sk_skb programs
- * read skb->cb from its start, struct sk_skb_cb.data, since 5.16; checked
- * per segment: end_seq - seq must be len, or len + 1 with a FIN). Bytes
- * before N (mesh_seq) are cut off the front, 4095 at a time (the helper's
- * limit). 0: go on with *len bytes; 1: nothing new, drop it; -1: the old
- * bytes could not be cut (no memory): drop it and mark the socket, whose
- * connection the forwarder then resets (a reset, never a corrupt stream). */
-/* N for a socket's first segment. Where nothing went through the verdict
- * yet (X and R both 0 or not made yet: what was read went by tcp_recvmsg,
- * which counts exactly), the socket's copied_seq: the first segment may overlap too (the
- * forwarder read all before the move). Otherwise (a socket an earlier agent
- * spliced) the segment's own seq: unchecked, it starts the count. */
-static __always_inline __u64 mesh_first_seq(__u64 cookie, __u32 seq)
+ * tcp_recvmsg skips the old bytes, but tcp_read_skb (6.0+) hands the verdict
+ * the whole skb, so they would be passed or redirected twice (seen on 6.18:
+ * blocks of k MSS repeated after a hold-back under load). The skb's control
+ * block still holds TCP's seq, end_seq and flags (sk_skb programs read
+ * skb->cb from its start, struct sk_skb_cb.data, since 5.16; checked per
+ * segment: end_seq - seq must be len, plus 1 with a FIN). N (mesh_seq) is
+ * where the socket's next new byte starts. MESH_SEQ_CHECK (the agent sets
+ * it from the kernel release, meshagent.bpf.features.seq_check): 0 no
+ * check; 1 a segment with old bytes is dropped and the socket marked, and
+ * the forwarder resets its connection (kernels where changing the skb's
+ * head could panic); 2 the old bytes are cut off the front. Returns 0: go
+ * on with *len bytes; 1: nothing new, drop it; -1: dropped, the stream is
+ * cut here (the forwarder resets the connection: never a hole). */
+#ifndef MESH_SEQ_CHECK
+#define MESH_SEQ_CHECK 0
+#endif
+#define MESH_TRIM_STEP 4095   /* bpf_skb_adjust_room's limit per call */
+#define MESH_TRIM_STEPS 64    /* 255 KiB; past it (BIG TCP), a reset */
+
+/* N for a socket's first segment. Python made the entry MESH_SEQ_COPIED
+ * when it put the socket into the sockhash after reading it only with
+ * recv() (which counts exactly): then the socket's copied_seq, as the first
+ * segment may overlap too. Otherwise (a socket an earlier agent spliced)
+ * the segment's own seq: unchecked, it starts the count. */
+static __always_inline __u64 mesh_first_seq(__u64 cookie, __u64 *next, __u32 seq)
 {
-	__u64 *x, *r, at = seq;
 	struct bpf_sock *sk;
+	__u64 at = seq;
 	void *tp;
 
-	if (MESH_TCP_COPIED_SEQ == 0)
-		return at;
-	x = mesh_passed.lookup(&cookie);
-	r = mesh_redir.lookup(&cookie);
-	if ((x && *x != 0) || (r && *r != 0))
+	if (!next || !(*next & MESH_SEQ_COPIED) || MESH_TCP_COPIED_SEQ == 0)
 		return at;
 	sk = (struct bpf_sock *)mesh_sockhash.lookup(&cookie);
 	if (!sk)
@@ -109,24 +116,21 @@ static __always_inline __u64 mesh_first_seq(__u64 cookie, __u32 seq)
 	return at;
 }
 
-#define MESH_TRIM_STEP 4095
-#define MESH_TRIM_STEPS 32  /* 127 KiB: larger than any skb TCP queues */
-
 static __always_inline int mesh_fresh(struct __sk_buff *skb, __u64 cookie, __u64 *len)
 {
 	__u32 seq = skb->cb[0], end = skb->cb[1];
-	__u32 fin = end - seq - (__u32)*len;
+	__u32 fin = skb->cb[3] & 1;  /* TCP_SKB_CB(skb)->tcp_flags & TCPHDR_FIN */
 	__u32 old, step;
 	__u64 *next, at;
 	int i;
 
-	if (fin > 1) {
+	if (end - seq != (__u32)*len + fin) {
 		mesh_count(MESH_REASON_SEQ_UNKNOWN);
 		return 0;
 	}
 	next = mesh_seq.lookup(&cookie);
-	if (!next) {
-		at = mesh_first_seq(cookie, seq);
+	if (!next || (*next & MESH_SEQ_COPIED)) {
+		at = mesh_first_seq(cookie, next, seq);
 		mesh_seq.update(&cookie, &at);
 		next = mesh_seq.lookup(&cookie);
 		if (!next)
@@ -140,12 +144,16 @@ static __always_inline int mesh_fresh(struct __sk_buff *skb, __u64 cookie, __u64
 			mesh_count(MESH_REASON_OVERLAP);
 			return 1;
 		}
+#if MESH_SEQ_CHECK >= 2
+		/* one allocation for all the old bytes: each step then only pulls */
+		bpf_skb_pull_data(skb, old);
 		for (i = 0; i < MESH_TRIM_STEPS && old > 0; i++) {
 			step = old > MESH_TRIM_STEP ? MESH_TRIM_STEP : old;
 			if (bpf_skb_adjust_room(skb, -(__s32)step, 0, 0) != 0)
 				break;
 			old -= step;
 		}
+#endif
 		if (old > 0) {
 			*next |= MESH_SEQ_LOST;
 			mesh_count(MESH_REASON_OVERLAP_LOST);
@@ -178,8 +186,10 @@ int mesh_verdict(struct __sk_buff *skb)
 		mesh_count(MESH_REASON_EOF_DROP);
 		return SK_DROP;
 	}
+#if MESH_SEQ_CHECK
 	if (mesh_fresh(skb, cookie, &len) != 0)
 		return SK_DROP;  /* nothing new, or a stream the forwarder resets */
+#endif
 	passed = mesh_passed.lookup(&cookie);
 	if (!passed) {
 		mesh_passed.update(&cookie, &zero);

@@ -148,10 +148,13 @@ BPF_HASH(mesh_passed, __u64, __u64, MESH_SOCKS_MAX);
 BPF_HASH(mesh_sent, __u64, __u64, MESH_SOCKS_MAX);
 /* N: the TCP sequence number of the next byte the verdict has not yet seen
  * on a socket (low 32 bits; MESH_SEQ_LOST set: bytes could not be trimmed,
- * the forwarder resets the connection). Written only by the verdict, made
- * on a socket's first segment, deleted by Python with the socket's X. */
+ * the forwarder resets the connection). Made MESH_SEQ_COPIED by Python as
+ * it puts a socket it read only with recv() into the sockhash (N is then
+ * that socket's copied_seq), else on the socket's first segment; then
+ * written only by the verdict; deleted by Python with the socket's X. */
 BPF_HASH(mesh_seq, __u64, __u64, MESH_SOCKS_MAX);
 #define MESH_SEQ_LOST (1ULL << 32)
+#define MESH_SEQ_COPIED (1ULL << 33)
 /* Back-pressure (skb_verdict.c): bytes on their way from a socket S to its
  * peer T's other end that it has not acked yet are
  *     R + B - T's bytes_acked     (u64 arithmetic, read as signed)

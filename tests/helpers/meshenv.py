@@ -143,6 +143,14 @@ class MeshEnv:
         kwargs.setdefault("text", True)
         return self.popen(pod, [sys.executable, str(TCPTOOL), *args], **kwargs)
 
+    def script(self, pod, text: str, *args: str, timeout: float = 120) -> str:
+        """Run a Python script in pod; its output (it must exit 0)."""
+        proc = self.popen(pod, [sys.executable, "-c", text, *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        out, _ = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"a script in pod {pod.name} failed: {out}"
+        return out
+
     def client(self, pod, host: str, port: int, *args: str, timeout: float = 60) -> dict:
         """Run the tcptool client in pod to host:port; return its JSON line."""
         proc = self.tcptool(pod, "client", "--host", host, "--port", str(port), *args)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 
 import pytest
 from meshenv import start_agent, wait_for
@@ -111,12 +110,7 @@ def test_redis_values_come_back_whole_and_benchmark_clients_all_finish(mesh_env,
 
     wait_for(ping, 30, "redis-server to answer through the mesh")
     for seed in (1, 2):
-        check = mesh_env.popen(
-            client, [sys.executable, "-c", CHECKER, server.ip4, str(PORT), str(seed)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        out, _ = check.communicate(timeout=120)
-        assert check.returncode == 0, out
+        out = mesh_env.script(client, CHECKER, server.ip4, str(PORT), str(seed))
         assert "400 values, 0 wrong" in out
     # 20 clients, keep-alive and a connection per request: every request answered.
     for keepalive in ("1", "0"):

@@ -103,6 +103,7 @@ REDIR = MapSpec("mesh_redir", U64, U64)
 FLIGHT = MapSpec("mesh_flight", U64, U64)
 SEQ = MapSpec("mesh_seq", U64, U64)  # socket cookie -> TCP sequence number of its next new byte
 SEQ_LOST = 1 << 32  # in a mesh_seq value: the verdict dropped a segment (MESH_SEQ_LOST)
+SEQ_COPIED = 1 << 33  # made so by Python: N starts at the socket's copied_seq (MESH_SEQ_COPIED)
 WAKE = MapSpec("mesh_wake", NOTHING, NOTHING)
 OWN = MapSpec("mesh_own", U64, BYTE)
 MSG_PASS_VALUE = CStruct("mesh_msg_pass", ("passed", "Q"), ("app", "Q"))

@@ -49,6 +49,46 @@ def version(release: str | None = None) -> Version:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+def full_version(
+    release: str | None = None, build: str | None = None
+) -> tuple[int, int, int] | None:
+    """(major, minor, sublevel), from the release ("6.1.45") or, where the
+    release hides it (Debian: "6.1.0-57-amd64"), from the build string
+    ("... Debian 6.1.140-1 ..."); None when neither says."""
+    release = release if release is not None else platform.release()
+    build = build if build is not None else platform.version()
+    found = re.search(r"Debian (\d+)\.(\d+)\.(\d+)", build)
+    if found:
+        return int(found[1]), int(found[2]), int(found[3])
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", release)
+    if found and not re.match(r"\d+\.\d+\.0-\d+", release):
+        return int(found[1]), int(found[2]), int(found[3])
+    return None
+
+
+def seq_check(release: str | None = None, build: str | None = None) -> int:
+    """How the stream verdict treats a segment that repeats bytes already
+    delivered (bpf/skb_verdict.c, MESH_SEQ_CHECK): 0 not checked, 1 the
+    connection is reset, 2 the old bytes are cut off.
+
+    The check reads TCP's sequence numbers from skb->cb, which sk_skb
+    programs see from its start only since 5.16 (before, 8 bytes on: 0).
+    Cutting changes the skb's head, which panics (BUG_ON(skb_shared)) where
+    the verdict's caller still took a second reference (sk_psock_verdict_recv's
+    skb_get, from 6.0 until 78fa0d61d97a: in 6.4, 6.1.31 and 6.3.5): there
+    only a reset, and where the sublevel cannot be known, too."""
+    major_minor = version(release)
+    if major_minor < (5, 16):
+        return 0
+    if major_minor < (6, 0) or major_minor >= (6, 4):
+        return 2
+    full = full_version(release, build)
+    if full is not None and ((full[:2] == (6, 1) and full[2] >= 31) or
+                             (full[:2] == (6, 3) and full[2] >= 5)):  # fmt: skip
+        return 2
+    return 1
+
+
 def _ret1() -> bytes:
     return sc.insn(BPF_ALU64_MOV_K, 0, imm=1) + sc.insn(BPF_EXIT)
 

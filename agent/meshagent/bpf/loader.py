@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshagent import log
-from meshagent.bpf import abi, btf, objects
+from meshagent.bpf import abi, btf, features, objects
 from meshagent.bpf import syscall as sc
 from meshagent.bpf.pins import Pins
 from meshagent.bpf.programs import PROGRAM_FILES, PROGRAMS_BY_NAME, Program
@@ -38,7 +38,9 @@ def load_programs(
     them all (and makes no maps). With pins, a pinned map of the same
     definition is taken over, state and all (a restart, an upgrade)."""
     try:
-        obj = objects.obtain([*bpf_cflags(cfg), *have, *btf.cflags()], cfg.cache_dir)
+        seq = [] if any(f.startswith("-DMESH_SEQ_CHECK=") for f in cfg.extra_cflags) else [
+            f"-DMESH_SEQ_CHECK={features.seq_check()}"]  # fmt: skip
+        obj = objects.obtain([*bpf_cflags(cfg), *have, *btf.cflags(), *seq], cfg.cache_dir)
     except MeshError as exc:
         return {}, {}, {program.name: str(exc) for program in programs}
     maps = _adopt_maps(obj, pins) if pins is not None else obj.create_maps()

@@ -130,9 +130,10 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         "sk_skb", ("bpf_ringbuf_output",),
     ),
     KernelFeature(
-        "skb_adjust_room_sk_skb", Kind.HELPER, (5, 10),
-        "bpf_skb_adjust_room in sk_skb programs (the verdict cuts retransmitted bytes off)",
-        "sk_skb", ("bpf_skb_adjust_room",),
+        "skb_trim_sk_skb", Kind.HELPER, (5, 10),
+        "bpf_skb_pull_data and bpf_skb_adjust_room in sk_skb programs (the verdict cuts"
+        " retransmitted bytes off)",
+        "sk_skb", ("bpf_skb_pull_data", "bpf_skb_adjust_room"),
     ),
     KernelFeature("atomic_fetch", Kind.INSN, (5, 12), "atomic fetch-and-add (BPF_FETCH)"),
     KernelFeature(
@@ -153,6 +154,7 @@ HELPER_IDS = {
     "bpf_map_delete_elem": 3,
     "bpf_get_current_pid_tgid": 14,
     "bpf_get_current_comm": 16,
+    "bpf_skb_pull_data": 39,
     "bpf_get_socket_cookie": 46,
     "bpf_skb_adjust_room": 50,
     "bpf_sock_ops_cb_flags_set": 59,
@@ -232,7 +234,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("mesh_verdict", "skb_verdict.c", "sk_skb", sc.BPF_SK_SKB_STREAM_VERDICT, Role.VERDICT,
             ("sk_skb", "sockhash", "socket_cookie_sk_skb", "sk_redirect_hash", "atomic_fetch",
              "percpu_array", "skc_to_tcp_sock_sk_skb", "sk_release_sk_skb", "ringbuf",
-             "ringbuf_sk_skb", "skb_adjust_room_sk_skb")),
+             "ringbuf_sk_skb", "skb_trim_sk_skb")),
     Program("mesh_msg", "sk_msg.c", "sk_msg", sc.BPF_SK_MSG_VERDICT, Role.MSG,
             ("sk_msg", "sockhash", "netns_cookie_sk_msg", "msg_redirect_hash", "atomic_fetch",
              "lru_hash", "percpu_array", "skc_to_tcp_sock_sk_msg"), target="mesh_apphash"),

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from meshagent import log
 from meshagent.bpf import abi
 from meshagent.forwarder.copy import CopyPath
 from meshagent.forwarder.copy_first import UPGRADE_BYTES, UPGRADE_READS, CopiedPair, CopyFirst
@@ -239,11 +240,24 @@ class SockmapPath(DataPath):
         bytes already delivered could not be cut off; the verdict drops all
         that follows, so the pod saw a whole prefix): a reset, never a
         stream with a hole."""
-        reason = ("sockmap: a retransmitted segment overlapped bytes already delivered"
-                  " and could not be trimmed (no kernel memory)")  # fmt: skip
+        reason = ("sockmap: a retransmitted segment repeated bytes already delivered that"
+                  " could not be cut off (on this kernel, or for want of memory)")  # fmt: skip
         for relay in list(self.relays):
             if any(self.maps.lost(side.cookie) for side in (relay.client, relay.upstream)):
+                _said(reason, relay.client.sock, relay.upstream.sock)
                 relay.reset(reason)
         for cookie, pair in list(self.copied.items()):
             if not pair.closed and self.maps.lost(cookie):
+                _said(reason, pair.client, pair.upstream)
                 pair.reset(reason)
+
+
+def _said(reason: str, client: socket.socket, upstream: socket.socket) -> None:
+    """Log a reset the pod will see, naming the connection (pod address and
+    port, original destination)."""
+    try:
+        pod, dest = client.getpeername(), upstream.getpeername()
+        where = f"{pod[0]}:{pod[1]} -> {dest[0]}:{dest[1]}"
+    except OSError:
+        where = "a closed connection"
+    log.get().warning("connection reset", extra={"reason": f"{where}: {reason}"})

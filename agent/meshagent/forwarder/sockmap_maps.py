@@ -61,7 +61,14 @@ class SockmapMaps:
     def insert(self, sock: socket.socket, cookie: int) -> None:
         """Put the socket into the sockhash. Raises OSError (EOPNOTSUPP when
         the socket is no longer ESTABLISHED)."""
-        self.sockhash.update_u64(cookie, sock.fileno())
+        # Read only with recv() so far: the verdict's count of its TCP
+        # sequence starts at its copied_seq (bpf/skb_verdict.c, mesh_fresh).
+        self.seq.update_u64(cookie, abi.SEQ_COPIED)
+        try:
+            self.sockhash.update_u64(cookie, sock.fileno())
+        except OSError:
+            self.seq.delete_u64(cookie)
+            raise
         self.entered += 1
 
     def set_peers(self, a: int, b: int) -> None:
