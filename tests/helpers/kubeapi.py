@@ -1,5 +1,5 @@
 """A real Kubernetes API server for the tests: etcd 3.4 (Debian's) and
-kube-apiserver v1.20.2 (built from Debian's source by kube/build-apiserver),
+kube-apiserver v1.20.2 (built from Debian's source by kube/build-kube.sh),
 on 127.0.0.1 only, with static tokens, RBAC + Node authorization and a
 service-account key pair. No controllers and no kubelet run: the tests
 play the kubelet (create Pod objects, run sandboxes, patch status).
