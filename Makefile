@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels kube-prepare bench-profile
+.PHONY: bootstrap demo test unit lint bench bench-scrape bench-footprint soak clean test-kernels kube-prepare bench-profile cluster cluster-down
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -24,6 +24,14 @@ test: bootstrap
 # The Kubernetes tests' parts (API server, images, CRI stubs): `make test` runs it.
 kube-prepare: bootstrap
 	kube/prepare
+
+# A one-node Kubernetes cluster with a real kubelet on this machine
+# (kube/cluster; docs/install-kubernetes.md#a-cluster-on-this-machine).
+cluster: kube-prepare
+	kube/cluster up
+
+cluster-down:
+	kube/cluster down
 
 test-kernels: bootstrap
 	vagrant/test-kernels
