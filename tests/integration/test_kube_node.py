@@ -1,0 +1,174 @@
+"""The DaemonSet on a real kubelet (kube/cluster: etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, kubelet v1.20.2, containerd 1.6 +
+runc, Debian's CNI plugins), installed, used, killed and removed with the
+commands of docs/install-kubernetes.md and docs/uninstall-upgrade.md.
+
+The agent attaches "at the root cgroup" as in production: the node's
+cgroup namespace makes that root the cluster's own cgroup (kube-NAME), so
+the hooks never see the host's other processes. Pods are made by the
+kubelet from `kubectl run` and Deployments; the tests play no kubelet here.
+
+The tests run in order and share the cluster: each leaves the agent
+installed and ready for the next.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from kubecluster import (
+    AGENT_NS,
+    AGENT_SELECTOR,
+    BIN,
+    IMAGE_TAR,
+    ROOT,
+    KubeCluster,
+    doc_commands,
+    sysctls,
+    wait_for,
+)
+
+INSTALL_DOC = ROOT / "docs" / "install-kubernetes.md"
+BUSYBOX = "localhost/busybox:meshtest"
+LABEL = "meshagent.io/attach"
+SERVE = "echo meshtest-ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"
+
+
+@pytest.fixture(scope="module")
+def kube():
+    if os.geteuid() != 0:
+        pytest.fail("the kubelet cluster needs root (CI runs as root)")
+    for command in ("kube-apiserver", "kubelet", "kube-controller-manager", "kube-scheduler",
+                    "kubectl"):  # fmt: skip
+        if not (BIN / command).exists():
+            pytest.fail(f"{BIN / command} is not built: run kube/prepare (make test does)")
+    if not IMAGE_TAR.exists():
+        pytest.fail(f"{IMAGE_TAR} is not built: run kube/prepare (make test does)")
+    cluster = KubeCluster(f"mt{os.getpid() % 100000}")
+    try:
+        yield cluster.up()
+    finally:
+        left = cluster.down()
+    assert not left, f"kube/cluster down left: {left}"
+
+
+def _serve(kube: KubeCluster, namespace: str, labelled: bool) -> str:
+    """A namespace with an HTTP server (a Deployment) and a client pod;
+    returns the server's URL."""
+    kube.kubectl("create", "namespace", namespace)
+    if labelled:
+        kube.kubectl("label", "namespace", namespace, f"{LABEL}=true")
+    kube.kubectl("-n", namespace, "create", "deployment", "web", f"--image={BUSYBOX}", "--",
+                 "sh", "-c", SERVE)  # fmt: skip
+    kube.kubectl("-n", namespace, "run", "client", f"--image={BUSYBOX}", "--restart=Never",
+                 "--", "sleep", "3600")  # fmt: skip
+    wait_for(lambda: len(kube.json("-n", namespace, "get", "pods")["items"]) == 2, 60, "pods")
+    kube.wait_pods_ready(namespace)
+    url = f"http://{kube.pod_ip(namespace, 'app=web')}:8080/index.html"
+    wait_for(lambda: kube.fetch(namespace, "client", url).stdout.strip() == "meshtest-ok", 30,
+             f"the server of {namespace}")  # fmt: skip
+    return url
+
+
+def _client_conns(kube: KubeCluster, namespace: str) -> int | None:
+    pod = kube.attached().get(f"{namespace}/client")
+    return None if pod is None else pod["connections_total"]
+
+
+def test_a_pod_that_starts_before_the_agent_is_meshed_once_the_documented_install_runs(kube):
+    """Pods started before the DaemonSet (no CNI entry yet) go direct; the
+    install as documented makes the DaemonSet ready, and the agent finds
+    them by the kubelet's cgroup and steers their new connections."""
+    url = _serve(kube, "early", labelled=True)
+    assert kube.fetch("early", "client", url).stdout.strip() == "meshtest-ok"  # direct
+
+    for block in (0, 1):  # the image, then the manifests
+        for command in doc_commands(INSTALL_DOC, "## Install", block):
+            kube.sh(command)
+
+    (agent,) = kube.agent_pods()
+    probe = agent["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/readyz" and probe["host"] == "127.0.0.1"
+    wait_for(lambda: len([n for n in kube.attached() if n.startswith("early/")]) == 2, 60,
+             "the early pods attached")  # fmt: skip
+    pods = kube.attached()
+    assert pods["early/client"]["source"] == "cgroup" and pods["early/client"]["auto"]
+    # The kubelet's cgroupfs layout, as the agent sees it through its mounts.
+    assert kube.agent_status()["cgroup"] == "/sys/fs/cgroup/unified"
+    before = _client_conns(kube, "early")
+    assert kube.fetch("early", "client", url).stdout.strip() == "meshtest-ok"
+    assert _client_conns(kube, "early") == before + 1
+
+
+def test_a_labelled_namespaces_pods_are_steered_and_removing_the_label_detaches(kube):
+    url = _serve(kube, "shop", labelled=True)
+    wait_for(lambda: {"shop/client"} <= set(kube.attached()), 60, "shop/client attached")
+    pods = kube.attached()
+    web = next(name for name in pods if name.startswith("shop/web-"))
+    for name in ("shop/client", web):  # made after the plugin was chained: recorded at ADD
+        assert pods[name]["source"] == "cni" and pods[name]["auto"], pods[name]
+    before = _client_conns(kube, "shop")
+    assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
+    assert _client_conns(kube, "shop") == before + 1
+
+    kube.kubectl("label", "namespace", "shop", f"{LABEL}-")
+    wait_for(lambda: not any(n.startswith("shop/") for n in kube.attached()), 30, "detached")
+    total = sum(p["connections_total"] for p in kube.attached().values())
+    assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"  # direct again
+    assert sum(p["connections_total"] for p in kube.attached().values()) == total
+    kube.kubectl("label", "namespace", "shop", f"{LABEL}=true")
+    wait_for(lambda: "shop/client" in kube.attached(), 30, "attached again")
+
+
+def test_a_killed_agent_fails_open_and_the_next_one_adopts_the_pods(kube):
+    """SIGKILL of the agent's process (the kubelet restarts the container),
+    then `kubectl delete pod` (the DaemonSet makes a new pod): meanwhile the
+    meshed pods' connects go direct, none fails; after, they are steered."""
+    url = f"http://{kube.pod_ip('shop', 'app=web')}:8080/index.html"
+    agent = kube.wait_agent_ready()
+    pid = kube.agent_status()["pid"]  # in the node's PID namespace (hostPID)
+    kube.node_exec("kill", "-KILL", str(pid))
+    fetched = 0
+
+    def back() -> bool:
+        nonlocal fetched
+        proc = kube.fetch("shop", "client", url)
+        assert proc.stdout.strip() == "meshtest-ok", f"a connect failed: {proc.stderr}"
+        fetched += 1
+        pods = kube.agent_pods()
+        return bool(pods) and pods[0]["status"]["containerStatuses"][0]["restartCount"] >= 1
+
+    wait_for(back, 120, "the agent restarted by the kubelet")
+    kube.wait_agent_ready()
+    wait_for(lambda: "shop/client" in kube.attached(), 60, "shop/client adopted")
+    before = _client_conns(kube, "shop")
+    assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
+    assert _client_conns(kube, "shop") == before + 1
+    assert fetched >= 1
+
+    kube.kubectl("-n", AGENT_NS, "delete", "pod", "-l", AGENT_SELECTOR, "--wait=false")
+    wait_for(lambda: kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
+             and kube.wait_agent_ready(not_uid=agent["metadata"]["uid"]), 180, "a new agent pod")  # fmt: skip
+    wait_for(lambda: {"shop/client", "early/client"} <= set(kube.attached()), 60, "adopted")
+    assert kube.attached()["shop/client"]["source"] in ("cni", "cgroup")
+    before = _client_conns(kube, "shop")
+    assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
+    assert _client_conns(kube, "shop") == before + 1
+
+
+def test_the_node_keeps_the_host_as_it_was(kube):
+    """The kubelet checks its six sysctls (protectKernelDefaults) and finds
+    them bind-mounted in the node's mount namespace; the host's are as
+    before. The node's bpffs is its own: the agent's pins are not in the
+    host's /sys/fs/bpf."""
+    assert sysctls() == kube.host_sysctls
+    inside = kube.node_exec("cat", "/proc/sys/vm/overcommit_memory").stdout.strip()
+    assert inside == "1"
+    pins = kube.node_exec("ls", "/sys/fs/bpf/meshagent").stdout.split()
+    assert pins, "the agent pins nothing in the node's bpffs"
+    host_pins = (
+        os.listdir("/sys/fs/bpf/meshagent") if Path("/sys/fs/bpf/meshagent").exists() else []
+    )
+    assert not set(pins) & set(host_pins)
