@@ -18,10 +18,13 @@ from pathlib import Path
 from meshagent.state import LEGACY_FILES, StateDir
 
 
-def cleanup(state_dir: Path, cache_dir: Path | None = None) -> list[str]:
-    """What was removed, one line each."""
+def cleanup(state_dir: Path, cache_dir: Path | None = None, cni_records: bool = False) -> list[str]:
+    """What was removed, one line each. cni_records: also the CNI plugin's
+    records of the node's pods, and the state dir itself once it is empty
+    (an uninstall on Kubernetes: the plugin is out of the chain by then)."""
     from meshagent.bpf.pins import Pins
     from meshagent.host import netns
+    from meshagent.pods.kubelet import CNI_DIR
 
     state = StateDir(state_dir)
     removed: list[str] = []
@@ -43,8 +46,19 @@ def cleanup(state_dir: Path, cache_dir: Path | None = None) -> list[str]:
             if path.exists() or path.is_symlink():
                 path.unlink()
                 removed.append(str(path))
+        records = state.path / CNI_DIR
+        if cni_records and records.is_dir():
+            count = len(list(records.iterdir()))
+            shutil.rmtree(records)
+            removed.append(f"{count} CNI record(s) in {records}")
     state.lock_file.unlink(missing_ok=True)
     state.successor_lock.unlink(missing_ok=True)
+    if cni_records:
+        try:
+            state.path.rmdir()  # only an empty one: standalone pods' files stay
+            removed.append(f"state dir {state.path}")
+        except OSError:
+            pass
     if cache_dir is not None and cache_dir.is_dir():
         shutil.rmtree(cache_dir)
         removed.append(f"compiled BPF objects in {cache_dir}")

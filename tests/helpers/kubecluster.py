@@ -31,11 +31,14 @@ def sysctls() -> dict[str, str]:
     return {key: Path(f"/proc/sys/{key}").read_text().strip() for key in SYSCTLS}
 
 
-def doc_commands(doc: Path, heading: str, block: int = 0) -> list[str]:
-    """The shell commands of a doc's code block (the block-th after heading),
-    one per line, comments dropped: the tests run what the docs say."""
+def doc_commands(doc: Path, *headings: str, block: int = 0) -> list[str]:
+    """The shell commands of a doc's code block (the block-th after the last
+    of headings, each looked for after the one before), one per line,
+    comments dropped: the tests run what the docs say."""
     text = doc.read_text()
-    start = text.index(heading)
+    start = 0
+    for heading in headings:
+        start = text.index(heading + "\n", start)
     blocks = re.findall(r"```[a-z]*\n(.*?)```", text[start:], flags=re.S)
     commands = []
     for line in blocks[block].splitlines():

@@ -85,7 +85,7 @@ def test_a_pod_that_starts_before_the_agent_is_meshed_once_the_documented_instal
     assert kube.fetch("early", "client", url).stdout.strip() == "meshtest-ok"  # direct
 
     for block in (0, 1):  # the image, then the manifests
-        for command in doc_commands(INSTALL_DOC, "## Install", block):
+        for command in doc_commands(INSTALL_DOC, "## Install", block=block):
             kube.sh(command)
 
     (agent,) = kube.agent_pods()
@@ -172,3 +172,28 @@ def test_the_node_keeps_the_host_as_it_was(kube):
         os.listdir("/sys/fs/bpf/meshagent") if Path("/sys/fs/bpf/meshagent").exists() else []
     )
     assert not set(pins) & set(host_pins)
+
+
+UNINSTALL_DOC = ROOT / "docs" / "uninstall-upgrade.md"
+
+
+def test_the_documented_uninstall_leaves_the_node_clean_and_the_pods_working(kube):
+    """docs/uninstall-upgrade.md's Kubernetes uninstall, word for word: no
+    pinned object, no program at the node's cgroup, no CNI entry, plugin or
+    record, no state dir; the pods that were meshed connect directly."""
+    url = f"http://{kube.pod_ip('shop', 'app=web')}:8080/index.html"
+    assert kube.node_exec("ls", "/sys/fs/bpf/meshagent").stdout.split()  # installed
+    for command in doc_commands(UNINSTALL_DOC, "## Kubernetes", "### Uninstall"):
+        kube.sh(command)
+
+    assert "meshagent" not in kube.node_exec("ls", "/sys/fs/bpf").stdout.split()
+    programs = kube.node_exec("bpftool", "-j", "cgroup", "show", "/sys/fs/cgroup/unified").stdout
+    assert programs.strip() in ("", "[]"), programs
+    assert kube.node_exec("test", "-e", "/run/meshagent", check=False).returncode == 1
+    assert kube.node_exec("test", "-e", "/opt/cni/bin/meshagent-cni", check=False).returncode == 1
+    conf = kube.node_exec("cat", "/etc/cni/net.d/10-bridge.conflist").stdout
+    assert "meshagent" not in conf and '"bridge"' in conf
+    assert not kube.json("get", "daemonsets", "--all-namespaces")["items"]
+    for namespace in ("shop", "early"):
+        url = f"http://{kube.pod_ip(namespace, 'app=web')}:8080/index.html"
+        assert kube.fetch(namespace, "client", url).stdout.strip() == "meshtest-ok"

@@ -341,12 +341,20 @@ def datapath_set(app: App, mode: str, msg: bool | None) -> None:
     click.echo(f"data path {mode} for new connections{note}")
 
 
-@click.command(epilog="\b\nExamples:\n  meshagent cleanup\n  meshagent cleanup --cache -o json")
+@click.command(
+    epilog="\b\nExamples:\n  meshagent cleanup\n  meshagent cleanup --cache -o json\n"
+    "  meshagent cleanup --cni-records   # deploy/cleanup.yaml, after the DaemonSet"
+)
 @click.option("--cache", is_flag=True, help="Also remove the compiled BPF objects.")
+@click.option(
+    "--cni-records",
+    is_flag=True,
+    help="Also the CNI plugin's records of pods, and the state dir once empty (uninstall).",
+)
 @cache_dir_option
 @output_option("what was removed")
 @click.pass_obj
-def cleanup(app: App, cache: bool, cache_dir: Path, output: str) -> None:
+def cleanup(app: App, cache: bool, cni_records: bool, cache_dir: Path, output: str) -> None:
     """Remove everything a stopped agent left for its successor (uninstall).
 
     A stopped agent keeps its pods attached: pinned BPF maps, programs and
@@ -357,7 +365,7 @@ def cleanup(app: App, cache: bool, cache_dir: Path, output: str) -> None:
     require_root("meshagent cleanup")
     from meshagent.cleanup import cleanup as run_cleanup
 
-    removed = run_cleanup(app.state_dir, cache_dir if cache else None)
+    removed = run_cleanup(app.state_dir, cache_dir if cache else None, cni_records)
     if output == "json":
         click.echo(json.dumps({"removed": removed}))
         return
