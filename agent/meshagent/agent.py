@@ -74,6 +74,10 @@ class Agent:
         self.facts: AgentFacts | None = None
         self.datapath: DataPathControl | None = None
         self.ready = False
+        # `meshagent retire` (the DaemonSet's preStop) said a new pod comes:
+        # /readyz says 503 from then on, so that the new pod's probes of the
+        # node's shared address wait for its own agent.
+        self.retiring = False
         self.heartbeat = time.monotonic()  # the loop's last turn (for /healthz)
         self.published: dict = {}  # the loop's counters, for the metrics thread
         self.metrics: MetricsServer | None = None
@@ -131,7 +135,7 @@ class Agent:
             self.facts.took_over = takeover.receive(
                 self.cfg.socket_path, self.pods, self.forwarder, self.state
             )
-            took = self.facts.took_over  # the old agent has exited now
+            took = self.facts.took_over  # the old agent has let go (or exited)
             self.log.info(
                 "took over from the running agent",
                 extra={"reason": f"pid {took['from_pid']}: {took['pods']} pods,"
@@ -171,6 +175,9 @@ class Agent:
             self.forwarder, self.pods, self.datapath, trace, self.kube, self.watch, reader,
         )  # fmt: skip
         forwarder = self.forwarder
+        self.handover = takeover.Handover(
+            self.loop, self.forwarder, self.pods, self.state.successor_lock
+        )
 
         def ping(_request: Request) -> Reply:
             return Reply({"pid": os.getpid()})
@@ -178,15 +185,21 @@ class Agent:
         def connections(_request: Request) -> Reply:
             return Reply({"connections": forwarder.connections()})
 
+        def retiring(_request: Request) -> Reply:
+            if not self.retiring:
+                self.retiring = True
+                self.log.info("retiring", extra={"reason": "a new agent pod will take over;"
+                                                 " /readyz says 503 from now on"})  # fmt: skip
+            return Reply({"pid": os.getpid()})
+
         return {
             "ping": ping,
             **pod_handlers(self.pods, self.kube),
             "status": status,
             "trace": trace,
             "connections": connections,
-            "handover": takeover.Handover(
-                self.loop, self.forwarder, self.pods, self.state.successor_lock
-            ),
+            "handover": self.handover,
+            "retiring": retiring,
             "datapath": self.datapath,
         }
 
@@ -234,8 +247,9 @@ class Agent:
             return
         collector = Collector(lambda: self.published, None)
         self.metrics = MetricsServer(
-            addr, collector, healthy_since(lambda: self.heartbeat), lambda: self.ready
-        )
+            addr, collector, healthy_since(lambda: self.heartbeat),
+            lambda: self.ready and not self.retiring,
+        )  # fmt: skip
         self.stack.callback(self.metrics.close)
         self._collector = collector
         exposed = metrics_exposure(self.cfg.metrics_addr)
@@ -429,3 +443,23 @@ def run(cfg: AgentConfig) -> None:
         agent.run()
     finally:
         agent.stop()
+    handover = getattr(agent, "handover", None)
+    if handover is not None and handover.done and cfg.after_handover == "wait":
+        _wait_for_stop(agent.log)
+
+
+def _wait_for_stop(logger) -> None:
+    """Handed over, in a container: stay until stopped, holding nothing (a
+    container that exits is restarted by the kubelet)."""
+    import signal
+    import threading
+
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    logger.info(
+        "handed over; waiting to be stopped",
+        extra={"reason": "--after-handover wait: the successor has every pod and connection"},
+    )
+    while not stopped.wait(3600):
+        pass

@@ -48,6 +48,9 @@ class AgentConfig:
     memory_max: int | None = None
     metrics_addr: str = "127.0.0.1:15090"  # /metrics, /healthz, /readyz; "off": none
     takeover: bool = False  # receive a running agent's pods and connections (upgrade)
+    # Once handed over to a successor: "exit", or "wait" for SIGTERM (in a
+    # container, whose exit the kubelet would answer with a restart).
+    after_handover: str = "exit"
     kube: str = "auto"  # the API watch: auto (kubeconfig given or in a cluster), on, off
     kubeconfig: str | None = None
     node_name: str | None = None

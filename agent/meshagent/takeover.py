@@ -76,6 +76,7 @@ class Handover:
         self.forwarder = forwarder
         self.pods = pods
         self.under_way = False  # a successor is receiving our pods and connections
+        self.done = False  # handed over: the successor has everything
         self._waiting: int | None = None  # the channel's fd while we wait for ok
 
     def __call__(self, request: Request) -> Deferred:
@@ -167,6 +168,7 @@ class Handover:
         )
         fwd.let_go()
         self.pods.let_go()
+        self.done = True
         self.loop.stop()
 
     def _send_all(self, chan: socket.socket) -> tuple[int, int]:
@@ -198,17 +200,17 @@ class Handover:
 # -- the successor's side -----------------------------------------------------
 def receive(socket_path: Path, pods: Attachments, forwarder: Forwarder, state: StateDir) -> dict:
     """Take the running agent's pods and connections; returns counts. The
-    old agent has exited when this returns. Nothing here reads or writes a
+    old agent has exited, or let go of everything, when this returns. Nothing here reads or writes a
     forwarded socket: the loop does, once it runs. The successor lock is
     held throughout: the running agent hands over only to its holder."""
     lock = state.lock_successor()
     try:
-        return _receive(socket_path, pods, forwarder)
+        return _receive(socket_path, pods, forwarder, state)
     finally:
         os.close(lock)
 
 
-def _receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict:
+def _receive(socket_path: Path, pods: Attachments, forwarder: Forwarder, state: StateDir) -> dict:
     try:
         sock, _reply, fds, _rest = request_with_fds(
             socket_path, {"op": "handover"}, 1, timeout=OK_WAIT
@@ -265,7 +267,7 @@ def _receive(socket_path: Path, pods: Attachments, forwarder: Forwarder) -> dict
             ) from None
         raise
     chan.close()
-    _wait_exit(int(hello["pid"]))
+    _wait_let_go(int(hello["pid"]), state)
     pods.refresh_taken()  # saves
     return {"pods": len(slots), "conns": conns, "from_pid": hello["pid"]}
 
@@ -291,7 +293,10 @@ def _slot_of(slots: dict[int, PodSlot], header: dict) -> PodSlot:
     return slot
 
 
-def _wait_exit(pid: int) -> None:
+def _wait_let_go(pid: int, state: StateDir) -> None:
+    """Until the old agent has exited, or let go of everything: the state
+    dir's lock, the last thing it closes, is free (an agent run with
+    --after-handover wait stays until it is stopped)."""
     deadline = time.monotonic() + EXIT_WAIT
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         try:
@@ -300,6 +305,11 @@ def _wait_exit(pid: int) -> None:
                     return  # exited, not yet reaped by its parent
         except (OSError, IndexError):
             return
+        try:
+            os.close(state.lock())
+            return  # free: it has let go
+        except MeshError:
+            pass
         time.sleep(0.02)
 
 

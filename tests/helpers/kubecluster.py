@@ -123,8 +123,9 @@ class KubeCluster:
 
     def agent(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """`meshagent ARGS` in the running agent pod (kubectl exec)."""
-        pods = [p for p in self.agent_pods() if _ready(p)]
-        assert pods, "no ready agent pod"
+        every = self.agent_pods()
+        pods = [p for p in every if _ready(p)]
+        assert pods, f"no ready agent pod: {[_describe(p) for p in every]}"
         return self.kubectl("-n", AGENT_NS, "exec", pods[0]["metadata"]["name"], "-c", "agent",
                             "--", "meshagent", *args, check=check)  # fmt: skip
 
@@ -155,6 +156,13 @@ class KubeCluster:
     def fetch(self, namespace: str, client: str, url: str) -> subprocess.CompletedProcess:
         return self.kubectl("-n", namespace, "exec", client, "--", "wget", "-q",
                             "-O", "-", url, check=False, timeout=30)  # fmt: skip
+
+
+def _describe(pod: dict) -> str:
+    """name, phase and each container's state and restarts."""
+    states = [f"{c['name']}:{next(iter(c.get('state', {})), '?')}/{c.get('restartCount', 0)}"
+              for c in pod.get("status", {}).get("containerStatuses", [])]  # fmt: skip
+    return f"{pod['metadata']['name']} {pod.get('status', {}).get('phase')} {' '.join(states)}"
 
 
 def _ready(pod: dict) -> bool:

@@ -48,12 +48,15 @@ def test_the_manifests_apply_and_say_what_they_promise(kube_api):
             assert mounts[path]["mountPropagation"] == propagation
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert all("hostPath" in volumes[m["name"]] for m in agent["volumeMounts"])
-    assert "uninstall" in agent["lifecycle"]["preStop"]["exec"]["command"]
+    assert agent["lifecycle"]["preStop"]["exec"]["command"][:2] == ["meshagent", "retire"]
+    assert "--takeover=auto" in agent["command"]
+    assert {"POD_NAME", "POD_NAMESPACE"} <= set(env)
     (init,) = spec["initContainers"]
     assert init["command"][:3] == ["meshagent", "cni", "install"]
     assert init["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
-    # The ServiceAccount may read pods and namespaces, and nothing else.
+    # The ServiceAccount may read pods and namespaces; in its own namespace it
+    # may patch pods (the preStop releases its own) and get DaemonSets.
     sa = "system:serviceaccount:meshagent:meshagent"
 
     def can(verb: str, resource: str, *extra: str) -> bool:
@@ -66,6 +69,11 @@ def test_the_manifests_apply_and_say_what_they_promise(kube_api):
                            ("list", "secrets"), ("get", "configmaps"), ("list", "nodes"),
                            ("patch", "namespaces")):  # fmt: skip
         assert not can(verb, resource, "--all-namespaces"), (verb, resource)
+    own = ("-n", "meshagent")
+    assert can("patch", "pods", *own) and can("get", "daemonsets", *own)
+    for verb, resource in (("create", "pods"), ("delete", "pods"), ("patch", "daemonsets"),
+                           ("list", "secrets")):  # fmt: skip
+        assert not can(verb, resource, *own), (verb, resource)
 
 
 def test_a_broken_manifest_is_refused_by_the_api_server(kube_api, tmp_path):

@@ -14,7 +14,9 @@ installed and ready for the next.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,9 @@ def test_a_labelled_namespaces_pods_are_steered_and_removing_the_label_detaches(
     web = next(name for name in pods if name.startswith("shop/web-"))
     for name in ("shop/client", web):  # made after the plugin was chained: recorded at ADD
         assert pods[name]["source"] == "cni" and pods[name]["auto"], pods[name]
+        # containerd made this netns file after the agent's container started:
+        # the agent sees it through HostToContainer propagation of /var/run/netns.
+        assert pods[name]["netns"].startswith("/var/run/netns/cni-"), pods[name]
     before = _client_conns(kube, "shop")
     assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
     assert _client_conns(kube, "shop") == before + 1
@@ -122,10 +127,11 @@ def test_a_labelled_namespaces_pods_are_steered_and_removing_the_label_detaches(
     wait_for(lambda: "shop/client" in kube.attached(), 30, "attached again")
 
 
-def test_a_killed_agent_fails_open_and_the_next_one_adopts_the_pods(kube):
-    """SIGKILL of the agent's process (the kubelet restarts the container),
-    then `kubectl delete pod` (the DaemonSet makes a new pod): meanwhile the
-    meshed pods' connects go direct, none fails; after, they are steered."""
+def test_a_killed_agent_fails_open_and_a_deleted_agent_pod_hands_over(kube):
+    """SIGKILL of the agent's process (the kubelet restarts the container):
+    meanwhile the meshed pods' connects go direct, none fails, and the
+    restarted agent adopts them. Then `kubectl delete pod`: the DaemonSet's
+    new pod takes the node over from the old one."""
     url = f"http://{kube.pod_ip('shop', 'app=web')}:8080/index.html"
     agent = kube.wait_agent_ready()
     pid = kube.agent_status()["pid"]  # in the node's PID namespace (hostPID)
@@ -152,7 +158,11 @@ def test_a_killed_agent_fails_open_and_the_next_one_adopts_the_pods(kube):
     wait_for(lambda: kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
              and kube.wait_agent_ready(not_uid=agent["metadata"]["uid"]), 180, "a new agent pod")  # fmt: skip
     wait_for(lambda: {"shop/client", "early/client"} <= set(kube.attached()), 60, "adopted")
-    assert kube.attached()["shop/client"]["source"] in ("cni", "cgroup")
+    # The deleted pod's preStop handed the node over (early/client, found by
+    # its cgroup, included): the new agent took over, it did not adopt.
+    took = kube.agent_status()["took_over"]
+    assert took and took["pods"] >= 4, took
+    assert kube.attached()["early/client"]["source"] == "cgroup"
     before = _client_conns(kube, "shop")
     assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
     assert _client_conns(kube, "shop") == before + 1
@@ -175,6 +185,60 @@ def test_the_node_keeps_the_host_as_it_was(kube):
 
 
 UNINSTALL_DOC = ROOT / "docs" / "uninstall-upgrade.md"
+LOAD = Path(__file__).resolve().parents[1] / "helpers" / "kube_load.py"
+AGENT_IMAGE = "localhost/meshagent:0.1.0"
+
+
+def test_an_upgrade_as_documented_ends_no_connection(kube):
+    """docs/uninstall-upgrade.md's Kubernetes upgrade (IMAGE: a second tag of
+    the image) while a meshed pod sends for 30 s on one connection and opens
+    a new one every 0.1 s: the digests match, no connect fails, the new agent
+    took the connection over and the old pod is gone without a failed hook."""
+    kube.kubectl("create", "namespace", "up")
+    kube.kubectl("label", "namespace", "up", f"{LABEL}=true")
+    source = LOAD.read_text()
+    kube.kubectl("-n", "up", "run", "server", f"--image={AGENT_IMAGE}", "--restart=Never",
+                 "--command", "--", "python3", "-c", source, "server")  # fmt: skip
+    kube.kubectl("-n", "up", "run", "client", f"--image={AGENT_IMAGE}", "--restart=Never",
+                 "--command", "--", "sleep", "3600")  # fmt: skip
+    wait_for(lambda: len(kube.json("-n", "up", "get", "pods")["items"]) == 2, 60, "pods")
+    kube.wait_pods_ready("up")
+    wait_for(lambda: "up/client" in kube.attached(), 60, "up/client attached")
+    server = kube.json("-n", "up", "get", "pod", "server")["status"]["podIP"]
+    kube.node_exec("ctr", "-n", "k8s.io", "images", "tag", AGENT_IMAGE, "localhost/meshagent:next")
+    old = kube.wait_agent_ready()
+    load = subprocess.Popen(
+        [str(BIN / "kubectl"), "-n", "up", "exec", "client", "--", "python3", "-c", source,
+         "client", server, "30"],
+        env=kube.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: kube.attached()["up/client"]["connections_active"] >= 1, 20,
+                 "the transfer forwarded")  # fmt: skip
+        for command in doc_commands(UNINSTALL_DOC, "## Kubernetes", "### Upgrade"):
+            kube.sh(command.replace("IMAGE", "localhost/meshagent:next"))
+        out, err = load.communicate(timeout=120)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    assert result.get("digest") and result["digest"] == result.get("server_digest"), (result, err)
+    assert result["failed"] == 0 and not result["errors"], result
+    assert result["connects"] >= 100 and result["sent"] > 10_000_000, result
+
+    status = kube.agent_status()
+    logs = kube.kubectl("-n", AGENT_NS, "logs", "-l", AGENT_SELECTOR, "--tail=30").stdout
+    assert status["took_over"] and status["took_over"]["conns"] >= 1, (status["took_over"], logs)
+    (new,) = kube.agent_pods()
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    assert new["spec"]["containers"][0]["image"] == "localhost/meshagent:next"
+    # The kubelet may keep the old pod Terminating up to its grace period (90 s).
+    wait_for(lambda: len(kube.json("-n", AGENT_NS, "get", "pods")["items"]) == 1, 120,
+             "the old agent pod gone")  # fmt: skip
+    events = kube.json("-n", AGENT_NS, "get", "events")["items"]
+    assert not [e["message"] for e in events if e["reason"] == "FailedPreStopHook"]
+    assert kube.attached()["up/client"]["resets"] == 0
 
 
 def test_the_documented_uninstall_leaves_the_node_clean_and_the_pods_working(kube):

@@ -72,3 +72,19 @@ def test_exhausted_network():
 def test_bad_node_config(kwargs, message):
     with pytest.raises(MeshError, match=message):
         NodeConfig(**kwargs)
+
+
+def test_a_pod_found_by_its_cgroup_is_found_again_by_its_recorded_path(tmp_path):
+    """A successor (or a restarted agent) has no UID from the API server yet:
+    a cgroup-found pod is found again by the recorded /proc/PID/ns/net while
+    it exists, and only else through the CNI record or the API's UID."""
+    from meshagent.pods.resolve import Resolver
+    from meshagent.pods.store import PodStore
+
+    resolver = Resolver(PodStore(tmp_path))
+    with pytest.raises(MeshError, match="node's own network namespace"):
+        resolver.again("shop/web", "cgroup", "/proc/self/ns/net")  # the path is used
+    with pytest.raises(MeshError, match="no CNI record and no UID"):
+        resolver.again("shop/web", "cgroup", str(tmp_path / "gone"))
+    with pytest.raises(MeshError, match="is gone"):
+        resolver.again("shop/web", "pid", str(tmp_path / "gone"))

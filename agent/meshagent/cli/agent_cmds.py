@@ -88,9 +88,21 @@ Examples:
 )
 @click.option(
     "--takeover",
-    is_flag=True,
+    type=click.Choice(["always", "auto"]),
+    is_flag=False,
+    flag_value="always",
+    default=None,
     help="Upgrade in place: receive the running agent's pods, listeners and forwarded"
-    " connections; it exits without ending any.",
+    " connections; it exits without ending any. --takeover=auto: only if an agent runs on"
+    " the state dir, else start as usual (the DaemonSet's agent).",
+)
+@click.option(
+    "--after-handover",
+    type=click.Choice(["exit", "wait"]),
+    default=AgentConfig.after_handover,
+    show_default=True,
+    help="Once handed over to a successor: exit, or wait to be stopped (SIGTERM): in a"
+    " container, whose exit the kubelet would answer with a restart.",
 )
 @click.option(
     "--kube",
@@ -130,7 +142,8 @@ def run(
     sockmap_sndbuf: int,
     sockmap_budget: int,
     sockmap_msg: bool,
-    takeover: bool,
+    takeover: str | None,
+    after_handover: str,
     kube: str,
     kubeconfig: str | None,
     node_name: str | None,
@@ -168,7 +181,8 @@ def run(
         iptables=iptables_flavour,
         extra_cflags=tuple(bpf_cflags_extra),
         cache_dir=cache_dir,
-        takeover=takeover,
+        takeover=takeover == "always",
+        after_handover=after_handover,
         kube=kube,
         kubeconfig=kubeconfig,
         node_name=node_name,
@@ -186,6 +200,12 @@ def run(
     require_root("meshagent run")
     from meshagent.agent import run as run_agent
 
+    if takeover == "auto":
+        from dataclasses import replace
+
+        from meshagent.client import agent_running
+
+        cfg = replace(cfg, takeover=agent_running(cfg.socket_path))
     run_agent(cfg)
 
 
@@ -375,6 +395,32 @@ def cleanup(app: App, cache: bool, cni_records: bool, cache_dir: Path, output: s
         click.echo("nothing to remove")
 
 
+@click.command(
+    epilog="\b\nExamples:\n  meshagent retire --timeout 60   # deploy/daemonset.yaml's preStop"
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the new pod's agent to take over.",
+)
+@click.pass_obj
+def retire(app: App, timeout: float) -> None:
+    """Hand this node over to a new agent pod (the DaemonSet's preStop).
+
+    Takes this pod (POD_NAME, POD_NAMESPACE) out of its DaemonSet, so that
+    the DaemonSet starts a pod of its current template on the node at once,
+    and waits until that pod's agent (run --takeover=auto) has taken over:
+    an upgrade or a `kubectl delete pod` then ends no connection. Returns at
+    once when the DaemonSet is being deleted. Always exits 0: the outcome is
+    one line.
+    """
+    from meshagent.kube.retire import retire as run_retire
+
+    click.echo(run_retire(app.socket_path, timeout, click.echo))
+
+
 def register(cli: click.Group) -> None:
-    for command in (run, attach, detach, status, datapath, cleanup):
+    for command in (run, attach, detach, status, datapath, cleanup, retire):
         cli.add_command(command)

@@ -85,13 +85,18 @@ class Resolver:
         return PodRef(name, path, "cgroup", uid)
 
     def again(self, name: str, source: str, netns: str) -> PodRef:
-        """A recorded pod (state.PodRecord), found the way it was found."""
-        if source in ("netns", "pid"):
-            if not os.path.exists(netns):
+        """A recorded pod (state.PodRecord), found the way it was found. A
+        pod found by its cgroup is found again by the recorded path (one of
+        its processes' /proc/PID/ns/net) while it exists: a successor or a
+        restarted agent has no UID from the API server yet. The caller
+        checks that the namespace is still the recorded one (netns_id)."""
+        if source in ("netns", "pid", "cgroup"):
+            if os.path.exists(netns):
+                ref = PodRef(name, netns, source)
+                not_the_hosts(ref)
+                return ref
+            if source != "cgroup":
                 raise MeshError(f"pod {name}: its network namespace {netns} is gone")
-            ref = PodRef(name, netns, source)
-            not_the_hosts(ref)
-            return ref
         return self.get(name)
 
 
