@@ -184,6 +184,90 @@ def test_the_node_keeps_the_host_as_it_was(kube):
     assert not set(pins) & set(host_pins)
 
 
+# The node's own client: requests to a service of the node, on loopback and
+# on the node's address, every 0.1 s for SECONDS; JSON {ok, failed, errors}.
+NODE_CLIENT = """
+import json, sys, time, urllib.request
+ok, failed, errors = 0, 0, []
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    for host in ("127.0.0.1", sys.argv[1]):
+        try:
+            with urllib.request.urlopen(f"http://{host}:18080/", timeout=10) as resp:
+                resp.read()
+            ok += 1
+        except OSError as exc:
+            failed += 1
+            errors.append(repr(exc))
+    time.sleep(0.1)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}))
+"""
+
+
+def _heartbeat(kube: KubeCluster) -> str:
+    """The kubelet's last renewal of its node lease (every 10 s), the node Ready."""
+    node = kube.json("get", "node", kube.name)
+    (ready,) = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+    assert ready["status"] == "True", ready
+    return kube.json("-n", "kube-node-lease", "get", "lease", kube.name)["spec"]["renewTime"]
+
+
+def test_the_nodes_own_traffic_is_untouched_at_the_production_attach_point(kube):
+    """The DaemonSet's agent attaches at the root cgroup, as in production:
+    here the root of the node's cgroup namespace, below which the kubelet,
+    containerd, etcd and the API server run, in the node's own netns. A
+    service of the node and its client (node processes, not pods), the
+    kubelet's heartbeats and the API server's etcd traffic go on, untouched,
+    while a pod is steered, through a SIGKILL of the agent and a hand-over:
+    every request succeeds and the kernel counts each connect not_attached."""
+    status = kube.agent_status()
+    assert status["cgroup"] == "/sys/fs/cgroup/unified"  # the node's root: nothing above
+    node_ip = kube.json("get", "node", kube.name)["status"]["addresses"][0]["address"]
+    server = kube.node_exec("sh", "-c", "python3 -m http.server 18080 --bind 0.0.0.0"
+                            " >/dev/null 2>&1 & echo $!").stdout.strip()  # fmt: skip
+    url = f"http://{kube.pod_ip('shop', 'app=web')}:8080/index.html"
+    try:
+        wait_for(lambda: kube.node_exec("python3", "-c", NODE_CLIENT, node_ip, "0.1",
+                                        check=False).returncode == 0, 20, "the node's service")  # fmt: skip
+        before = kube.agent_status()["decisions"].get("not_attached", {})
+        quiet = json.loads(kube.node_exec("python3", "-c", NODE_CLIENT, node_ip, "2").stdout)
+        after = kube.agent_status()["decisions"].get("not_attached", {})
+        assert quiet["failed"] == 0 and quiet["ok"] >= 10, quiet
+        assert sum(after.values()) - sum(before.values()) >= quiet["ok"], (before, after)
+        heartbeat = _heartbeat(kube)
+
+        client = subprocess.Popen(
+            [str(ROOT / "kube" / "cluster"), "exec", "--name", kube.name, "--", "python3", "-c",
+             NODE_CLIENT, node_ip, "40"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+
+            def restarts() -> int:
+                return kube.agent_pods()[0]["status"]["containerStatuses"][0]["restartCount"]
+
+            restarted = restarts()
+            kube.node_exec("kill", "-KILL", str(kube.agent_status()["pid"]))
+            wait_for(lambda: restarts() > restarted, 120, "the agent restarted")
+            old = kube.wait_agent_ready()
+            kube.kubectl("-n", AGENT_NS, "delete", "pod", old["metadata"]["name"], "--wait=false")
+            kube.wait_agent_ready(not_uid=old["metadata"]["uid"])
+            out, err = client.communicate(timeout=120)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+        result = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        assert result.get("ok", 0) >= 100 and result["failed"] == 0, (result, err)
+        wait_for(lambda: _heartbeat(kube) != heartbeat, 60, "a new heartbeat")
+        wait_for(lambda: "shop/client" in kube.attached(), 60, "shop/client attached")
+        before = _client_conns(kube, "shop")
+        assert kube.fetch("shop", "client", url).stdout.strip() == "meshtest-ok"
+        assert _client_conns(kube, "shop") == before + 1
+    finally:
+        kube.node_exec("kill", server, check=False)
+
+
 UNINSTALL_DOC = ROOT / "docs" / "uninstall-upgrade.md"
 LOAD = Path(__file__).resolve().parents[1] / "helpers" / "kube_load.py"
 AGENT_IMAGE = "localhost/meshagent:0.1.0"
@@ -239,6 +323,55 @@ def test_an_upgrade_as_documented_ends_no_connection(kube):
     events = kube.json("-n", AGENT_NS, "get", "events")["items"]
     assert not [e["message"] for e in events if e["reason"] == "FailedPreStopHook"]
     assert kube.attached()["up/client"]["resets"] == 0
+
+
+def test_with_when_no_agent_wait_a_pod_starts_only_once_an_agent_runs(kube):
+    """`meshagent cni install --when-no-agent wait` in the DaemonSet's init
+    container: a pod of a labelled namespace that comes while no agent runs
+    waits (the plugin fails its ADD with "try again later", the kubelet
+    retries its sandbox) and starts once an agent runs, its very first
+    connection steered. kube-system's pods start anyway."""
+    patch = [{"op": "add", "path": "/spec/template/spec/initContainers/0/command/-",
+              "value": value} for value in ("--when-no-agent", "wait")]  # fmt: skip
+    kube.kubectl("-n", AGENT_NS, "patch", "daemonset", "meshagent", "--type=json", "-p",
+                 json.dumps(patch))  # fmt: skip
+    kube.kubectl("-n", AGENT_NS, "rollout", "status", "daemonset/meshagent", "--timeout=5m",
+                 timeout=320)  # fmt: skip
+    conf = json.loads(kube.node_exec("cat", "/etc/cni/net.d/10-bridge.conflist").stdout)
+    assert conf["plugins"][-1]["whenNoAgent"] == "wait", conf
+    ds = kube.json("-n", AGENT_NS, "get", "daemonset", "meshagent")
+    saved = {"apiVersion": "apps/v1", "kind": "DaemonSet", "spec": ds["spec"],
+             "metadata": {k: ds["metadata"][k] for k in ("name", "namespace", "labels")}}  # fmt: skip
+    kube.kubectl("-n", AGENT_NS, "delete", "daemonset", "meshagent", "--cascade=foreground",
+                 timeout=200)  # fmt: skip
+    url = f"http://{kube.pod_ip('shop', 'app=web')}:8080/index.html"
+    kube.kubectl("-n", "shop", "run", "late", f"--image={BUSYBOX}", "--restart=Never", "--",
+                 "sh", "-c", f"wget -q -O - {url}; sleep 3600")  # fmt: skip
+    kube.kubectl("-n", "kube-system", "run", "system", f"--image={BUSYBOX}", "--restart=Never",
+                 "--", "sleep", "3600")  # fmt: skip
+    try:
+        kube.kubectl("-n", "kube-system", "wait", "--for=condition=Ready", "pod/system",
+                     "--timeout=60s", timeout=70)  # fmt: skip
+
+        def waiting() -> bool:
+            events = kube.json("-n", "shop", "get", "events")["items"]
+            return any(e["involvedObject"]["name"] == "late"
+                       and "no meshagent agent runs" in e["message"] for e in events)  # fmt: skip
+
+        wait_for(waiting, 60, "the late pod's sandbox refused for want of an agent")
+        assert kube.json("-n", "shop", "get", "pod", "late")["status"]["phase"] == "Pending"
+
+        kube.kubectl("create", "-f", "-", stdin=json.dumps(saved))
+        kube.wait_agent_ready()
+        kube.kubectl("-n", "shop", "wait", "--for=condition=Ready", "pod/late", "--timeout=180s",
+                     timeout=190)  # fmt: skip
+        logs = kube.kubectl("-n", "shop", "logs", "late").stdout
+        assert "meshtest-ok" in logs, logs
+        late = kube.attached()["shop/late"]
+        assert late["source"] == "cni" and late["connections_total"] >= 1, late  # the first one
+    finally:
+        kube.kubectl("-n", "shop", "delete", "pod", "late", "--wait=false", check=False)
+        kube.kubectl("-n", "kube-system", "delete", "pod", "system", "--wait=false", check=False)
 
 
 def test_the_documented_uninstall_leaves_the_node_clean_and_the_pods_working(kube):

@@ -289,3 +289,31 @@ def test_a_record_dir_that_is_not_a_dir_is_a_check_error_not_a_traceback(tmp_pat
     (state / "cni").write_text("not a directory")
     code, out = run(env(netns_file, CNI_COMMAND="CHECK"), conf(tmp_path))
     assert code == 1 and error(out)["code"] in (3, 5)
+
+
+def test_when_no_agent_wait_keeps_a_pod_from_starting_until_an_agent_answers(tmp_path, netns_file):
+    """whenNoAgent "wait": with no agent, ADD fails with 11 (try again later),
+    so the runtime retries the sandbox; excluded namespaces start anyway;
+    "start" (the default) starts the pod; anything else is a config error."""
+    code, out = run(env(netns_file), conf(tmp_path, whenNoAgent="wait"))
+    assert code != 0 and error(out)["code"] == 11 and "default/web" in error(out)["msg"]
+    system = ARGS.replace("default", "kube-system")
+    code, out = run(env(netns_file, CNI_ARGS=system), conf(tmp_path, whenNoAgent="wait"))
+    assert code == 0 and json.loads(out) == PREV
+    assert run(env(netns_file), conf(tmp_path, whenNoAgent="start"))[0] == 0
+    code, out = run(env(netns_file), conf(tmp_path, whenNoAgent="never"))
+    assert code != 0 and error(out)["code"] == 7
+
+
+def test_install_writes_when_no_agent_only_when_not_the_default(tmp_path):
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10-k8s.conflist").write_text(
+        json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]})
+    )
+    install(tmp_path / "bin", conf_dir, tmp_path / "state")
+    entry = json.loads((conf_dir / "10-k8s.conflist").read_text())["plugins"][-1]
+    assert "whenNoAgent" not in entry
+    install(tmp_path / "bin", conf_dir, tmp_path / "state", when_no_agent="wait")
+    entry = json.loads((conf_dir / "10-k8s.conflist").read_text())["plugins"][-1]
+    assert entry["whenNoAgent"] == "wait"

@@ -114,3 +114,16 @@ def test_the_api_watch_reports_the_phase():
     meta = ObjectMeta(name="x", namespace="jobs", uid="1234-ab", labels={LABEL: "true"})
     assert _pod_view(Pod(metadata=meta, status=PodStatus(phase="Succeeded"))).phase == "Succeeded"
     assert _pod_view(Pod(metadata=meta)).phase == ""
+
+
+def test_cni_add_says_undecided_until_the_api_view_has_the_pod(kube):
+    """A plugin with whenNoAgent "wait" retries an undecided ADD: before the
+    first full list, or while the watch has not seen the pod, the labels may
+    still want it."""
+    assert kube.cni_add("shop/web")["undecided"] is True  # not synced
+    kube.replace_all({}, {"shop": {LABEL: "true"}})
+    assert kube.cni_add("shop/web")["undecided"] is True  # synced, pod unseen
+    kube.pod_event("ADDED", "shop/other", PodView(uid="9", labels={LABEL: "false"},
+                                                  phase="Pending"))  # fmt: skip
+    answer = kube.cni_add("shop/other")
+    assert answer["attached"] is False and "undecided" not in answer  # known: decided

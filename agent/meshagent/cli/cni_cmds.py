@@ -9,11 +9,12 @@ import click
 
 from meshagent.cli.app import App, require_root
 from meshagent.cli.options import output_option
-from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES
+from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES, WHEN_NO_AGENT
 
 INSTALL_EXAMPLES = """\
   meshagent cni install                       # /opt/cni/bin and /etc/cni/net.d
   meshagent cni install --attach all --exclude-namespaces kube-system,monitoring
+  meshagent cni install --when-no-agent wait   # pods wait for the agent, never unmeshed
   meshagent cni install --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d
 """
 UNINSTALL_EXAMPLES = """\
@@ -48,16 +49,25 @@ def _dirs(fn):
     " namespace so labelled); all: every pod outside --exclude-namespaces.",
 )
 @click.option("--exclude-namespaces", default=",".join(EXCLUDE_NAMESPACES),
-              help="Namespaces never attached with --attach all (comma-separated).")  # fmt: skip
+              help="Namespaces never attached with --attach all, and never kept waiting"
+                   " by --when-no-agent wait (comma-separated).")  # fmt: skip
+@click.option(
+    "--when-no-agent",
+    type=click.Choice(WHEN_NO_AGENT),
+    default=WHEN_NO_AGENT[0],
+    show_default=True,
+    help="A pod that starts while no agent runs: start (unmeshed, direct until an agent"
+    " runs) or wait (its sandbox is retried until an agent answers).",
+)
 @click.pass_obj
 def install(app: App, bin_dir: Path, conf_dir: Path, output: str, attach: str,
-            exclude_namespaces: str) -> None:  # fmt: skip
+            exclude_namespaces: str, when_no_agent: str) -> None:  # fmt: skip
     """Put meshagent-cni in BIN_DIR and chain it into the node's first config."""
     from meshagent.kube.install import install as do_install
 
     require_root("meshagent cni install")
     exclude = [n for n in exclude_namespaces.split(",") if n]
-    done = do_install(bin_dir, conf_dir, app.state_dir, attach, exclude)
+    done = do_install(bin_dir, conf_dir, app.state_dir, attach, exclude, when_no_agent)
     if output == "json":
         click.echo(json.dumps(done, indent=2))
     else:

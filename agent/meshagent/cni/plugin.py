@@ -10,10 +10,15 @@ idempotent. CHECK verifies the record. VERSION lists the versions.
 
 Its entry in the conflist:
   {"type": "meshagent-cni", "stateDir": "/run/meshagent",
-   "attach": "labelled" | "all", "excludeNamespaces": ["kube-system"]}
+   "attach": "labelled" | "all", "excludeNamespaces": ["kube-system"],
+   "whenNoAgent": "start" | "wait"}
 "labelled" (the default) leaves the choice to the agent's API watch (label
 meshagent.io/attach=true on the pod or its namespace); "all" attaches every
-pod outside excludeNamespaces.
+pod outside excludeNamespaces. With no agent running, "start" (the default)
+lets the pod start unmeshed (its connections go direct until an agent
+runs); "wait" fails ADD with code 11 (try again later) for every pod
+outside excludeNamespaces, so the runtime keeps retrying its sandbox and
+the pod starts only once an agent answers: it never sends unmeshed.
 
 Errors are the spec's JSON on stdout, with its codes, and a non-zero exit.
 """
@@ -31,6 +36,7 @@ from meshagent.config import AgentConfig
 SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 COMMANDS = ("ADD", "DEL", "CHECK", "VERSION")
 ATTACH = ("labelled", "all")  # the first: the default, here and in `cni install`
+WHEN_NO_AGENT = ("start", "wait")  # likewise
 EXCLUDE_NAMESPACES = ("kube-system",)  # the default of excludeNamespaces
 AGENT_TIMEOUT = 10.0
 
@@ -60,6 +66,7 @@ class Conf:
     attach_all: bool
     exclude_namespaces: tuple[str, ...]
     prev_result: dict | None
+    wait_for_agent: bool = False  # whenNoAgent "wait"
 
 
 def parse_conf(raw: bytes, command: str) -> Conf:
@@ -90,12 +97,16 @@ def parse_conf(raw: bytes, command: str) -> Conf:
     exclude = data.get("excludeNamespaces", list(EXCLUDE_NAMESPACES))
     if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
         raise CniError(E_CONFIG, "excludeNamespaces must be a list of namespace names")
+    when = data.get("whenNoAgent", WHEN_NO_AGENT[0])
+    if when not in WHEN_NO_AGENT:
+        raise CniError(E_CONFIG, f'whenNoAgent {when!r}: use "start" or "wait"')
     prev = data.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise CniError(E_CONFIG, "prevResult must be a JSON object")
     if prev is not None and not isinstance(prev.get("ips", []), list | None):
         raise CniError(E_CONFIG, "prevResult.ips must be a list")
-    return Conf(version, str(name), Path(state_dir), attach == "all", tuple(exclude), prev)
+    return Conf(version, str(name), Path(state_dir), attach == "all", tuple(exclude), prev,
+                when == "wait")  # fmt: skip
 
 
 def parse_args(text: str) -> dict[str, str]:
@@ -195,6 +206,20 @@ def cmd_add(conf: Conf, env: dict[str, str]) -> dict:
         answer = _tell_agent(conf.state_dir, "cni-add", record.full_name)
     except Exception as exc:  # the pod must start whatever the agent does
         answer = {"error": f"telling the agent failed: {exc!r}"}
+    if conf.wait_for_agent and namespace not in conf.exclude_namespaces:
+        # The runtime calls DEL (which removes the record) and retries ADD.
+        if answer is None:
+            raise CniError(
+                E_TRY_LATER,
+                f"pod {record.full_name}: no meshagent agent runs on this node; the pod"
+                " waits for one (whenNoAgent: wait)",
+            )
+        if answer.get("undecided"):
+            raise CniError(
+                E_TRY_LATER,
+                f"pod {record.full_name}: the agent cannot tell yet whether to attach it"
+                f" ({answer.get('reason')}); the pod waits (whenNoAgent: wait)",
+            )
     if answer is not None and answer.get("error"):
         # The pod runs either way: the agent logs why and retries at start.
         _warn(record.full_name, str(answer["error"]))

@@ -101,7 +101,12 @@ class KubePods:
     def cni_add(self, name: str):
         want, why = self.wanted(name)
         if not want:
-            return {"pod": name, "attached": False, "reason": why}
+            answer = {"pod": name, "attached": False, "reason": why}
+            if self.watching and (not self.synced or name not in self.pods):
+                # The API view is not complete, or not yet of this pod: the
+                # labels may still want it (a plugin told to wait retries).
+                answer["undecided"] = True
+            return answer
         return self._attach(name, why)
 
     def cni_del(self, name: str):

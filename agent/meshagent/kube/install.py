@@ -20,7 +20,7 @@ import tempfile
 import zipapp
 from pathlib import Path
 
-from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES
+from meshagent.cni.plugin import ATTACH, EXCLUDE_NAMESPACES, WHEN_NO_AGENT
 from meshagent.errors import MeshError
 
 PLUGIN = "meshagent-cni"
@@ -62,9 +62,13 @@ def _write(path: Path, data: dict | bytes, mode: int = 0o644) -> None:
         raise
 
 
-def plugin_entry(state_dir: Path, attach: str, exclude: list[str]) -> dict:
-    return {"type": PLUGIN, "stateDir": str(state_dir), "attach": attach,
-            "excludeNamespaces": exclude}  # fmt: skip
+def plugin_entry(state_dir: Path, attach: str, exclude: list[str],
+                 when_no_agent: str = WHEN_NO_AGENT[0]) -> dict:  # fmt: skip
+    entry = {"type": PLUGIN, "stateDir": str(state_dir), "attach": attach,
+             "excludeNamespaces": exclude}  # fmt: skip
+    if when_no_agent != WHEN_NO_AGENT[0]:
+        entry["whenNoAgent"] = when_no_agent
+    return entry
 
 
 def chained(data: dict, entry: dict, path: Path) -> dict:
@@ -111,13 +115,14 @@ def build_plugin(target: Path) -> None:
 
 
 def install(bin_dir: Path, conf_dir: Path, state_dir: Path, attach: str = ATTACH[0],
-            exclude: list[str] | None = None) -> dict:  # fmt: skip
+            exclude: list[str] | None = None,
+            when_no_agent: str = WHEN_NO_AGENT[0]) -> dict:  # fmt: skip
     """Place the plugin and chain it; returns what was done."""
     path = node_config(conf_dir)
     data = _read(path)
     if exclude is None:
         exclude = list(EXCLUDE_NAMESPACES)
-    entry = plugin_entry(state_dir, attach, exclude)
+    entry = plugin_entry(state_dir, attach, exclude, when_no_agent)
     new = chained(data, entry, path)
     build_plugin(bin_dir / PLUGIN)
     target = path
