@@ -15,11 +15,11 @@ bootstrap:
 demo: bootstrap
 	$(VENV)/bin/meshagent demo
 
+# The host suite and the guests run side by side (scripts/test-all).
 test: bootstrap
 	$(if $(strip $(TEST_KERNELS)),vagrant/prepare $(TEST_KERNELS))
 	kube/prepare
-	$(PY) -m pytest tests -q
-	$(if $(strip $(TEST_KERNELS)),vagrant/test-kernels $(TEST_KERNELS))
+	scripts/test-all $(TEST_KERNELS)
 
 # The Kubernetes tests' parts (API server, images, CRI stubs): `make test` runs it.
 kube-prepare: bootstrap
