@@ -315,10 +315,12 @@ def start_agent(
     nofile: int | None = None,
     log_name: str = "agent.log",
     join: tuple[Path, ...] = (),
+    at_root: bool = False,
 ) -> AgentProc:
     """Start `meshagent run` attached at env's cgroup. With in_cgroup the agent
     itself runs inside that cgroup, so its own upstream sockets pass through
-    the hooks (the no-loop rule is then really exercised). nofile: the
+    the hooks (the no-loop rule is then really exercised). at_root: no
+    --cgroup, the production attach point (only in a vagrant/ guest). nofile: the
     agent's RLIMIT_NOFILE (soft and hard). join: more cgroup.procs files
     the agent joins before it starts (a v1 memory cgroup, say)."""
     from meshagent.client import agent_running
@@ -343,7 +345,14 @@ def start_agent(
 
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshagent", "run", "--cgroup", env.cgroup_rel, *extra],
+            [
+                sys.executable,
+                "-m",
+                "meshagent",
+                "run",
+                *(() if at_root else ("--cgroup", env.cgroup_rel)),
+                *extra,
+            ],
             env=env.env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
