@@ -113,6 +113,7 @@ class Agent:
             self._lock_state_dir()
             self._serve_metrics()
         _raise_fd_limit()
+        self.mesh_parts = self._read_mesh()  # before anything is made: a bad file stops here
         cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
         self.plan = self._load(cgroup_path)
@@ -219,6 +220,23 @@ class Agent:
             memory_max=self.cfg.memory_max,
         )  # fmt: skip
         self.datapath = DataPathControl(self.forwarder, self.plan.msg, reason)
+        if self.mesh_parts is not None:
+            from meshagent.mesh.node import Mesh
+
+            self.forwarder.use_mesh(Mesh(self.loop, *self.mesh_parts))
+
+    def _read_mesh(self):
+        """(the mesh view, this node's certificates), or None without --mesh."""
+        if self.cfg.mesh is None:
+            return None
+        import socket as _socket
+
+        from meshagent.mesh import meshfile
+        from meshagent.mesh.certs import NodeCerts
+
+        me = self.cfg.node_name or _socket.gethostname()
+        view = meshfile.load(self.cfg.mesh, me)
+        return view, NodeCerts(self.cfg.certs, view.trust_domain, me)
 
     def _make_pods(self) -> None:
         """The attachments, the pod resolver and the Kubernetes side (CNI

@@ -54,6 +54,10 @@ class AgentConfig:
     kube: str = "auto"  # the API watch: auto (kubeconfig given or in a cluster), on, off
     kubeconfig: str | None = None
     node_name: str | None = None
+    # The mesh between nodes (mesh/): the mesh file, and this node's
+    # certificate directory (node.crt, node.key, ca.crt); both or neither.
+    mesh: Path | None = None
+    certs: Path | None = None
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())

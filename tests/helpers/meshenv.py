@@ -88,6 +88,7 @@ class MeshEnv:
     cidr6: str
     procs: list[subprocess.Popen] = field(default_factory=list)
     extra_env: dict[str, str] = field(default_factory=dict)  # e.g. a cache dir of its own
+    node_netns: str = ""  # the netns holding the bridge: a node of a mesh lab
 
     @property
     def cgroup_path(self) -> Path:
@@ -107,6 +108,7 @@ class MeshEnv:
             "MESHAGENT_CGROUP_PARENT": f"{self.cgroup_rel}/pods",
             "MESHAGENT_NETNS_PREFIX": f"mt{self.tag}-",
             "MESHAGENT_METRICS_ADDR": "127.0.0.1:0",  # any free port: agents never collide
+            "MESHAGENT_NODE_NETNS": self.node_netns,
             **self.extra_env,
         }
 
@@ -119,6 +121,7 @@ class MeshEnv:
             cidr6=self.cidr6,
             cgroup_parent=f"{self.cgroup_rel}/pods",
             netns_prefix=f"mt{self.tag}-",
+            node_netns=self.node_netns,
         )
 
     def store(self):

@@ -118,7 +118,27 @@ Examples:
     show_default="in-cluster",
     help="kubeconfig for the API watch.",
 )
-@click.option("--node-name", envvar="NODE_NAME", help="This node's name (the API watch's filter).")
+@click.option(
+    "--node-name",
+    envvar="NODE_NAME",
+    help="This node's name (the API watch's filter; the mesh file's entry for this node)."
+    "  [default: the host name]",
+)
+@click.option(
+    "--mesh",
+    "mesh_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="MESHAGENT_MESH",
+    help="Join a mesh of nodes (a mesh file: trust domain, nodes and their pod CIDRs):"
+    " connections to other nodes' pods go there over mutual TLS. Needs --certs.",
+)
+@click.option(
+    "--certs",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="MESHAGENT_CERTS",
+    help="This node's certificate directory (node.crt, node.key, ca.crt: meshagent ca"
+    " issue); read again when the files change.",
+)
 @click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
@@ -147,6 +167,8 @@ def run(
     kube: str,
     kubeconfig: str | None,
     node_name: str | None,
+    mesh_file: Path | None,
+    certs: Path | None,
     dump_bpf: bool,
     cache_dir,
     bpf_cflags_extra: tuple[str, ...],
@@ -186,7 +208,13 @@ def run(
         kube=kube,
         kubeconfig=kubeconfig,
         node_name=node_name,
+        mesh=mesh_file,
+        certs=certs,
     )
+    if (mesh_file is None) != (certs is None):
+        from meshagent.errors import MeshError
+
+        raise MeshError("--mesh and --certs go together: a mesh needs this node's certificate")
     from meshagent import kernel
 
     if without:

@@ -39,6 +39,10 @@ def pod() -> None:
               help="cgroup (under the v2 mount) that holds pod cgroups.")  # fmt: skip
 @click.option("--netns-prefix", envvar="MESHAGENT_NETNS_PREFIX", default=NodeConfig.netns_prefix,
               help="Pod netns names.")  # fmt: skip
+@click.option("--node-netns", envvar="MESHAGENT_NODE_NETNS", default=NodeConfig.node_netns,
+              show_default="this one",
+              help="The network namespace that holds the bridge (a node of a mesh on one"
+              " machine).")  # fmt: skip
 @click.pass_context
 def create(ctx: click.Context, name: str, ip: str | None, **node_options: str) -> None:
     """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""

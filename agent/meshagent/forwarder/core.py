@@ -112,12 +112,19 @@ class Forwarder:
         self.series = PodSeries(self.outcomes, self.moved)  # a gone pod's go, later
         self.errors: Counter[str] = Counter()
         self.on_event: Callable[[dict], None] | None = None  # a tracer's, while one runs
+        self.mesh = None  # mesh.node.Mesh: other nodes, over mutual TLS (use_mesh)
         self.log = log.get()
         self.limited = LimitedLog(self.log)  # per-connection warnings
         for path in paths.values():
             path.on_stall = self._stalled
             path.on_throttle = self._throttled
         paths[mode].selected(True)
+
+    def use_mesh(self, mesh) -> None:
+        """Connections to other nodes' pods cross the mutual-TLS hop; each
+        attached pod takes the hop from them on port 15008."""
+        self.mesh = mesh
+        mesh.forwarder = self
 
     def set_mode(self, mode: DataPathMode) -> None:
         if mode not in self.paths:
@@ -151,6 +158,8 @@ class Forwarder:
         for sock in slot.listeners:
             self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
         self.pods[slot.pod_id] = slot
+        if self.mesh is not None:
+            self.mesh.open_pod(slot)
         return slot
 
     def _listen(self, slot: PodSlot, pod: PodHandle, port: int) -> None:
@@ -190,6 +199,8 @@ class Forwarder:
         if self.pods.get(slot.pod_id) is not slot:
             return
         del self.pods[slot.pod_id]
+        if self.mesh is not None:
+            self.mesh.close_pod(slot)
         for sock in slot.listeners:
             self._accept_all(slot, sock, closing=True)
             self.loop.remove(sock.fileno())
@@ -416,7 +427,8 @@ class Forwarder:
             reset_close(client)
             return
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
-        path = self.paths[self.mode]
+        node = self.mesh.remote(orig_ip) if self.mesh is not None else None
+        path = self.mesh.path if node is not None else self.paths[self.mode]
         record.datapath = path.mode
         record.fds = path.fds_per_connection
         record.buffer = slot.buffer or tier(1, self.memory.budget)
@@ -429,7 +441,13 @@ class Forwarder:
         except OSError as exc:
             self._fail(slot, record, client, None, f"buffers: {exc.strerror}", path, None)
             return
-        state = path.accepted(client, orig.app)
+        if node is None:
+            state = path.accepted(client, orig.app)
+            to_port = orig_port
+        else:  # to the destination pod's hop listener, on its node
+            state = self.mesh.outbound_state(slot, orig_ip, orig_port, node)
+            record.mtls = {"direction": "out", "node": node.name}
+            to_port = self.mesh.port
         family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
         try:
             upstream = netns.socket_in(slot.netns_fd, family, socket.SOCK_STREAM | NONBLOCK)
@@ -441,7 +459,7 @@ class Forwarder:
             slot.steering.prepare_upstream(upstream)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             linger_reset(upstream)  # a crash resets, never FINs, a cut stream
-            err = upstream.connect_ex((orig_ip, orig_port))
+            err = upstream.connect_ex((orig_ip, to_port))
         except OSError as exc:
             self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}", path,
                        state)  # fmt: skip
@@ -617,7 +635,10 @@ class Forwarder:
                     self._accept_all(slot, sock, ACCEPT_BATCH)
 
     def exported(self) -> list[tuple[PodSlot, ConnRecord, Connection]]:
-        return [(slot, record, conn) for conn, (slot, record) in self.conns.items()]
+        """What a successor takes: not the TLS hops (their sessions live in
+        this process's OpenSSL; they end with a reset when it exits)."""
+        return [(slot, record, conn) for conn, (slot, record) in self.conns.items()
+                if conn.mode != "tls"]  # fmt: skip
 
     def suspend(self) -> None:
         """Nothing of the pods or connections reaches this loop any more."""
@@ -625,7 +646,8 @@ class Forwarder:
             for sock in slot.listeners:
                 self.loop.remove(sock.fileno())
         for conn in self.conns:
-            conn.suspend()
+            if conn.mode != "tls":
+                conn.suspend()
 
     def resume(self) -> None:
         """The successor failed: serve again, as before."""
@@ -633,7 +655,8 @@ class Forwarder:
             for sock in slot.listeners:
                 self.loop.add(sock.fileno(), 0, self._acceptor(slot, sock))
         for conn in self.conns:
-            conn.resume()
+            if conn.mode != "tls":
+                conn.resume()
         self.start_accepting()
 
     def let_go(self) -> None:
@@ -742,6 +765,8 @@ class Forwarder:
         }
 
     def close(self) -> None:
+        if self.mesh is not None:
+            self.mesh.close()
         for slot in list(self.pods.values()):
             self.close_pod(slot)
         # Connections no successor takes over end with an RST, never a FIN:

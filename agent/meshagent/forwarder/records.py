@@ -24,6 +24,7 @@ class PodStats:
     memory_reserved: int = 0  # bytes its connections may hold (forwarder/budget.py)
     upstream_errors: int = 0
     resets: int = 0
+    inbound_total: int = 0  # hops taken from other nodes' pods (mesh/node.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,6 +61,9 @@ class ConnRecord:
     fds: int = 0  # what it holds: 2 sockets, and 4 pipe ends with splice
     buffer: int = 0  # its buffer size: it may hold budget.cost(buffer) bytes
     reserved: int = 0  # bytes of the memory budget it holds (more while it shrinks)
+    # Across nodes (mesh/node.py): direction, the other node, the peer's
+    # verified identity, the client workload's; None on this node.
+    mtls: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

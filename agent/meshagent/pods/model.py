@@ -21,6 +21,9 @@ class NodeConfig:
     cidr6: str = "fd6d:6573:6800::/64"
     cgroup_parent: str = "meshagent/pods"
     netns_prefix: str = "mesh-"  # netns of pod NAME: <prefix>NAME
+    # Where the bridge and the pods' host-side veths live: a named netns
+    # (a node of a two-node mesh on one machine), or "" for the caller's own.
+    node_netns: str = ""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9][-a-z0-9]{0,15}", self.netns_prefix):
@@ -33,6 +36,10 @@ class NodeConfig:
             raise MeshError(f"pod network {self.cidr4}: too small (at most /29)")
         if net6.prefixlen > 120:
             raise MeshError(f"pod IPv6 network {self.cidr6}: too small (at most /120)")
+        if self.node_netns and not re.fullmatch(
+            r"[A-Za-z0-9][-A-Za-z0-9_.]{0,63}", self.node_netns
+        ):
+            raise MeshError(f"node netns {self.node_netns!r}: a network namespace's name")
         if not self.cgroup_parent.strip("/"):
             raise MeshError("cgroup parent must not be the cgroup root")
 

@@ -32,13 +32,20 @@ def _netlink_error(exc: Exception, what: str) -> MeshError:
     return MeshError(f"{what}: {reason}")
 
 
-def _ensure_bridge(node: NodeConfig) -> bool:
-    """Make the node bridge with the gateways if absent; True if made now."""
+def _node_ipr(node_netns: str = ""):
+    """Netlink in the node's netns (the bridge's), or in ours."""
     from pyroute2 import IPRoute
 
+    if node_netns and not netns.exists(node_netns):
+        raise MeshError(f"node network namespace {node_netns} does not exist")
+    return IPRoute(netns=node_netns) if node_netns else IPRoute()
+
+
+def _ensure_bridge(node: NodeConfig) -> bool:
+    """Make the node bridge with the gateways if absent; True if made now."""
     net4_len = int(node.cidr4.split("/")[1])
     net6_len = int(node.cidr6.split("/")[1])
-    with IPRoute() as ipr:
+    with _node_ipr(node.node_netns) as ipr:
         if ipr.link_lookup(ifname=node.bridge):
             return False
         try:
@@ -50,16 +57,17 @@ def _ensure_bridge(node: NodeConfig) -> bool:
             )
             ipr.link("set", index=index, state="up")
         except Exception as exc:
-            _delete_link(node.bridge)
+            _delete_link(node.bridge, node.node_netns)
             raise _netlink_error(exc, f"bridge {node.bridge}") from None
     return True
 
 
-def _delete_link(ifname: str) -> None:
-    from pyroute2 import IPRoute
+def _delete_link(ifname: str, node_netns: str = "") -> None:
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with IPRoute() as ipr:
+    if node_netns and not netns.exists(node_netns):
+        return  # the node's namespace went, and its links with it
+    with _node_ipr(node_netns) as ipr:
         for index in ipr.link_lookup(ifname=ifname):
             try:
                 ipr.link("del", index=index)
@@ -88,7 +96,6 @@ def create_pod(
 ) -> Pod:
     """Make the pod: netns, veth to the bridge, dual-stack addresses, default
     routes, a cgroup. Undoes everything it made if any step fails."""
-    from pyroute2 import IPRoute
     from pyroute2 import netns as pyr_netns
 
     validate_name(name)
@@ -131,14 +138,14 @@ def create_pod(
         try:
             pyr_netns.create(ns_name)
             undo.callback(pyr_netns.remove, ns_name)
-            with IPRoute() as ipr:
+            with _node_ipr(node.node_netns) as ipr:
                 ipr.link(
                     "add",
                     ifname=pod.host_veth,
                     kind="veth",
                     peer={"ifname": "eth0", "net_ns_fd": ns_name},
                 )
-                undo.callback(_delete_link, pod.host_veth)
+                undo.callback(_delete_link, pod.host_veth, node.node_netns)
                 index = ipr.link_lookup(ifname=pod.host_veth)[0]
                 bridge = ipr.link_lookup(ifname=node.bridge)[0]
                 ipr.link("set", index=index, master=bridge, state="up")
@@ -164,7 +171,8 @@ def delete_pod(store: PodStore, name: str) -> Pod:
         cgroup.remove(cgroup.resolve(pod.cgroup, must_exist=False))
         if netns.exists(pod.netns):
             pyr_netns.remove(pod.netns)
-        _delete_link(pod.host_veth)
+        node = store.node()
+        _delete_link(pod.host_veth, node.node_netns if node else "")
         store.drop(name)
         if not store.all() and not store.problems():  # the node's parts go with the last pod
             node = store.node()
@@ -189,7 +197,7 @@ def _make_parents(root: Path, node: NodeConfig, made: list[str]) -> None:
 def _unmake_node(node: NodeConfig, made: dict) -> None:
     """Remove the bridge and cgroup levels the first pod made, nothing else."""
     if made.get("bridge"):
-        _delete_link(node.bridge)
+        _delete_link(node.bridge, node.node_netns)
     root = cgroup.cgroup2_mount()
     for rel in reversed(made.get("cgroups", [])):
         try:

@@ -1,0 +1,443 @@
+"""The mutual-TLS hop between two nodes' forwarders: one TLS 1.3 connection
+per forwarded connection, from the client pod's netns to port 15008 of the
+destination pod (docs/architecture.md says why not HBONE's pooled HTTP/2).
+
+Inside TLS, before the stream:
+
+    client -> server   MESH/1 {"dst": "IP:PORT", "src": "SPIFFE ID"}\\n
+    server -> client   OK\\n                 (then the stream)
+                       NO <reason>\\n        (and the end)
+
+The client sends its stream right after its header (no round trip waits
+for OK); the server holds those bytes until the application accepted.
+A Hop is a forwarder Connection (forwarder/datapath.py) from its start:
+its end, clean or not, goes to on_done with the reason.
+
+Half-close is TLS's own: close_notify, then the TCP FIN. A TCP end without
+close_notify is a cut stream, and resets the other side.
+
+Here OpenSSL in this process carries the bytes (memory BIOs). Where the
+kernel has TLS the same hop hands the keys to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import socket
+import ssl
+from collections.abc import Callable
+
+from meshagent.forwarder.budget import kernel_holds, set_buffers
+from meshagent.forwarder.copy import orderly_close, recv_scratch, reset_close
+from meshagent.host.loop import Loop
+
+PORT = 15008
+MAGIC = b"MESH/1 "
+LINE_MAX = 4096
+HIGH = 1 << 20
+CHUNK = 256 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+
+EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
+EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
+
+HANDSHAKE, HEADER, CONNECTING, REPLY, RELAY = "handshake", "header", "connecting", "reply", "relay"
+
+
+class Refused(Exception):
+    """The hop cannot go on: the reason, short, as counted (a metrics label)
+    and a message for the log."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    """A handshake failure's reason, as counted."""
+    text = f"{getattr(exc, 'verify_message', '') or ''} {exc.reason or ''} {exc}".lower()
+    for needle, reason in (
+        ("expired", "expired"),
+        ("not yet valid", "not_yet_valid"),
+        ("unknown_ca", "unknown_ca"),
+        ("unknown ca", "unknown_ca"),
+        ("local issuer", "unknown_ca"),
+        ("self-signed", "unknown_ca"),
+        ("self signed", "unknown_ca"),
+        ("certificate required", "no_certificate"),
+        ("peer did not return a certificate", "no_certificate"),
+        ("wrong version", "not_tls"),
+        ("http request", "not_tls"),
+        ("protocol version", "protocol_version"),
+        ("unsupported protocol", "protocol_version"),
+        ("bad certificate", "bad_certificate"),
+        ("decrypt", "bad_record"),
+        ("bad record mac", "bad_record"),
+    ):
+        if needle in text:
+            return reason
+    return "handshake"
+
+
+def peer_uri(tls: ssl.SSLObject) -> str | None:
+    cert = tls.getpeercert()
+    for kind, value in (cert or {}).get("subjectAltName", ()):
+        if kind == "URI":
+            return value
+    return None
+
+
+class Hop:
+    """One connection across the hop: wire (TLS, to or from the other node)
+    and plain (the pod's socket on the client side, the application's on the
+    server side)."""
+
+    handoff_bytes = 0
+    settled = True
+    mode = "tls"
+
+    def __init__(
+        self,
+        loop: Loop,
+        wire: socket.socket,
+        ctx: ssl.SSLContext,
+        server_side: bool,
+        on_done: Callable,
+        check_peer: Callable[[Hop], None],
+        plain: socket.socket | None = None,
+        header: dict | None = None,
+        on_header: Callable[[Hop, dict], None] | None = None,
+        on_up: Callable[[Hop], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.wire = wire
+        self.plain = plain
+        self.server_side = server_side
+        self.on_done = on_done
+        self.check_peer = check_peer
+        self.on_header = on_header
+        self.on_up = on_up  # the stream flows: the hop is up
+        self.inc, self.outg = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.outg, server_side=server_side)
+        self.phase = HANDSHAKE
+        self.header = header
+        self.peer: str | None = None  # the peer node's SPIFFE ID, once verified
+        self.source: str | None = None  # the client workload's (server side)
+        self.line = bytearray()
+        self.to_plain = bytearray()  # decrypted, for plain
+        self.to_wire = bytearray()  # encrypted, for wire
+        self.high = HIGH
+        self.most = CHUNK
+        self.wire_eof = False  # raw EOF from wire
+        self.tls_eof = False  # close_notify from the peer
+        self.plain_eof = False
+        self.notify_sent = False  # our close_notify is in to_wire
+        self.wire_shut = False
+        self.plain_shut = False
+        self.closed = False
+        self.closed_by: str | None = None
+        self.bytes_out = 0  # client pod -> server application
+        self.bytes_in = 0
+        self.registered: set[int] = set()
+        self._register(wire, self._on_wire)
+        if plain is not None:
+            self._register(plain, self._on_plain)
+        self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
+        loop.call_later(0, self._pump)  # the client's hello (or nothing yet)
+
+    # -- the Connection interface ----------------------------------------
+    def limit(self, buffer: int) -> None:
+        for sock in (self.wire, self.plain):
+            if sock is not None:
+                set_buffers(sock, buffer)
+        self.high, self.most = min(HIGH, buffer), min(CHUNK, buffer)
+
+    def holds(self) -> int:
+        held = len(self.to_plain) + len(self.to_wire) + self.inc.pending + kernel_holds(self.wire)
+        return held + (kernel_holds(self.plain) if self.plain is not None else 0)
+
+    def export(self):
+        raise NotImplementedError("a TLS hop's session lives in this process")
+
+    def suspend(self) -> None:
+        for fd in list(self.registered):
+            self.loop.modify(fd, 0)
+
+    def resume(self) -> None:
+        self._update()
+
+    def finish(self, reason: str | None) -> None:
+        self._end(reason, orderly_close)
+
+    def reset(self, reason: str) -> None:
+        self._end(reason, reset_close)
+
+    # -- the server side: the application connected ----------------------
+    def connected(self, plain: socket.socket) -> None:
+        """The application accepted: OK, and the stream."""
+        if self.closed:
+            reset_close(plain)
+            return
+        self.plain = plain
+        self._register(plain, self._on_plain)
+        self.tls.write(b"OK\n")
+        self._up()
+        self._pump()
+
+    def refuse(self, reason: str, message: str) -> None:
+        """NO, and the end (server side)."""
+        if self.closed:
+            return
+        with contextlib.suppress(ssl.SSLError):
+            self.tls.write(b"NO " + reason.encode() + b"\n")
+        self._flush_wire()
+        self.reset(f"{reason}: {message}")
+
+    # -- events -----------------------------------------------------------
+    def _register(self, sock: socket.socket, handler: Callable[[int], None]) -> None:
+        self.loop.add(sock.fileno(), EPOLLIN, handler)
+        self.registered.add(sock.fileno())
+
+    def _on_wire(self, events: int) -> None:
+        self._pump(wire=events)
+
+    def _on_plain(self, events: int) -> None:
+        self._pump(plain=events)
+
+    def _too_slow(self) -> None:
+        self.timer = None
+        if self.phase in (HANDSHAKE, HEADER, REPLY):
+            self._failed(Refused("timeout", f"no {self.phase} within {HANDSHAKE_TIMEOUT:.0f}s"))
+
+    def _failed(self, exc: Refused) -> None:
+        self._flush_wire()  # an alert, or NO, on its way
+        self.reset(f"{exc.reason}: {exc}")
+
+    def _pump(self, wire: int = 0, plain: int = 0) -> None:
+        if self.closed:
+            return
+        try:
+            if wire & (EPOLLIN | EPOLL_BAD):
+                self._read_wire()
+            if self.phase == HANDSHAKE:
+                self._handshake()
+            if self.phase in (HEADER, REPLY):
+                self._read_line()
+            if self.phase == RELAY:
+                self._decrypt()
+                self._write_plain()
+            if self.phase in (REPLY, RELAY) and self.plain is not None:
+                if plain & (EPOLLIN | EPOLL_BAD):
+                    self._read_plain()
+                if plain & EPOLLOUT:
+                    self._write_plain()
+                self._maybe_notify()
+            self._flush_wire()
+        except Refused as exc:
+            self._failed(exc)
+            return
+        except ssl.SSLError as exc:
+            if self.phase == HANDSHAKE:
+                self._failed(Refused(tls_reason(exc), f"TLS handshake: {exc.reason or exc}"))
+            else:
+                self.reset(f"tls: {exc.reason or exc}")
+            return
+        except OSError as exc:
+            self.reset(f"{type(exc).__name__}: {exc.strerror or exc}")
+            return
+        if self.plain_shut and self.wire_shut:
+            self.finish(None)
+            return
+        self._update()
+
+    def _read_wire(self) -> None:
+        if self.wire_eof:
+            return
+        while self.inc.pending < self.high:
+            data = recv_scratch(self.wire, self.most)
+            if data is None:
+                return
+            if not data:
+                self.wire_eof = True
+                self.inc.write_eof()
+                return
+            self.inc.write(data)
+
+    def _handshake(self) -> None:
+        try:
+            self.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            if self.wire_eof:
+                raise Refused("handshake", "the peer closed during the TLS handshake") from None
+            return
+        self.peer = peer_uri(self.tls)
+        self.check_peer(self)  # Refused if it is not who it must be
+        if self.server_side:
+            self.phase = HEADER
+        else:
+            self.tls.write(MAGIC + json.dumps(self.header, separators=(",", ":")).encode() + b"\n")
+            self.phase = REPLY
+
+    def _read_line(self) -> None:
+        """The header (server) or the reply (client), up to its newline."""
+        while b"\n" not in self.line:
+            try:
+                data = self.tls.read(LINE_MAX + 1 - len(self.line))
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLWantReadError:
+                if self.wire_eof:
+                    raise Refused("closed", f"the peer closed before its {self.phase}") from None
+                return
+            if not data:
+                raise Refused("closed", f"the peer closed before its {self.phase}")
+            self.line += data
+            if len(self.line) > LINE_MAX and b"\n" not in self.line:
+                raise Refused("bad_header", f"no {self.phase} line within {LINE_MAX} bytes")
+        line, _, rest = bytes(self.line).partition(b"\n")
+        self.line = bytearray()
+        if self.server_side:
+            if not line.startswith(MAGIC):
+                raise Refused("bad_header", "not a meshagent hop (no MESH/1 header)")
+            try:
+                header = json.loads(line[len(MAGIC) :])
+                if not isinstance(header, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                raise Refused("bad_header", f"header: {exc}") from None
+            self.to_plain += rest  # the client's first bytes: held until the app accepts
+            self.phase = CONNECTING
+            self._cancel_timer()
+            self.on_header(self, header)
+            return
+        if line == b"OK":
+            self.to_plain += rest
+            self._cancel_timer()
+            self._up()
+            return
+        reason = line[3:].decode(errors="replace") if line.startswith(b"NO ") else "bad_reply"
+        raise Refused(f"refused_{reason}" if reason != "bad_reply" else reason,
+                      f"the destination node refused: {reason}")  # fmt: skip
+
+    def _up(self) -> None:
+        self.phase = RELAY
+        if self.on_up is not None:
+            self.on_up(self)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _decrypt(self) -> None:
+        while not self.tls_eof and len(self.to_plain) < self.high:
+            try:
+                data = self.tls.read(self.most)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLZeroReturnError:  # close_notify (OpenSSL may also say b"")
+                data = b""
+            except (ssl.SSLEOFError, ssl.SSLSyscallError):
+                raise OSError(0, "the peer's stream ended without close_notify") from None
+            if not data:
+                self.tls_eof = True
+                if self.closed_by is None:
+                    self.closed_by = "pod" if self.server_side else "upstream"
+                return
+            self.to_plain += data
+            self._count(len(data), inbound=True)
+
+    def _count(self, n: int, inbound: bool) -> None:
+        """inbound: bytes that came over the wire."""
+        if inbound == self.server_side:
+            self.bytes_out += n
+        else:
+            self.bytes_in += n
+
+    def _write_plain(self) -> None:
+        if self.to_plain:
+            try:
+                sent = self.plain.send(self.to_plain)
+            except BlockingIOError:
+                sent = 0
+            del self.to_plain[:sent]
+        if self.tls_eof and not self.to_plain and not self.plain_shut:
+            self.plain_shut = True
+            if not self.wire_shut:
+                self.plain.shutdown(socket.SHUT_WR)
+
+    def _read_plain(self) -> None:
+        while not self.plain_eof and len(self.to_wire) < self.high:
+            data = recv_scratch(self.plain, self.most)
+            if data is None:
+                return
+            if not data:
+                self.plain_eof = True
+                if self.closed_by is None:
+                    self.closed_by = "upstream" if self.server_side else "pod"
+                return
+            self.tls.write(data)
+            self._count(len(data), inbound=False)
+            self.to_wire += self.outg.read()
+
+    def _maybe_notify(self) -> None:
+        """The plain side ended: close_notify, once nothing waits to be read
+        (OpenSSL's shutdown reads whatever waits, and would swallow it)."""
+        if self.plain_eof and not self.notify_sent and not self.inc.pending:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                self.tls.unwrap()
+            self.notify_sent = True
+
+    def _flush_wire(self) -> None:
+        self.to_wire += self.outg.read()
+        if self.to_wire:
+            try:
+                sent = self.wire.send(self.to_wire)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                if not self.closed:
+                    raise
+                sent = len(self.to_wire)
+            del self.to_wire[:sent]
+        if self.notify_sent and not self.to_wire and not self.wire_shut:
+            self.wire_shut = True
+            if not self.plain_shut:
+                self.wire.shutdown(socket.SHUT_WR)
+
+    def _update(self) -> None:
+        wire = 0
+        reading = self.phase != CONNECTING and (
+            self.phase != RELAY or len(self.to_plain) < self.high
+        )
+        if reading and not self.wire_eof:
+            wire |= EPOLLIN
+        if self.to_wire:
+            wire |= EPOLLOUT
+        self.loop.modify(self.wire.fileno(), wire)
+        if self.plain is not None and self.plain.fileno() in self.registered:
+            plain = 0
+            if (
+                not self.plain_eof
+                and len(self.to_wire) < self.high
+                and self.phase in (REPLY, RELAY)
+            ):
+                plain |= EPOLLIN
+            if self.to_plain and self.phase == RELAY:
+                plain |= EPOLLOUT
+            self.loop.modify(self.plain.fileno(), plain)
+
+    def _end(self, reason: str | None, close: Callable[[socket.socket], None]) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        for fd in self.registered:
+            self.loop.remove(fd)
+        self.registered.clear()
+        close(self.wire)
+        if self.plain is not None:
+            close(self.plain)
+        self.on_done(self, reason)

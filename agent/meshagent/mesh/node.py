@@ -1,0 +1,372 @@
+"""This node in the mesh: outbound, a steered connection to a pod of
+another node goes there over the mutual-TLS hop (mesh/hop.py); inbound, each
+attached pod gets a listener on port 15008 inside its netns that takes the
+hop, checks who is asking and delivers to the application with the client
+pod's own address as the source.
+
+The transparent source, without iptables: the socket to the application is
+made in the pod's netns with IP_TRANSPARENT, bound to the client pod's
+address and marked (SO_MARK). In the pod's netns, net.ipv4.tcp_fwmark_accept
+gives the application's accepted socket the mark of the SYN, and a rule
+sends what carries the mark to a table whose only route is `local default
+dev lo`: the application's replies come back to our socket instead of
+leaving for the client's node. Nothing else in the pod carries the mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import select
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshagent import log
+from meshagent.addrs import format_endpoint
+from meshagent.errors import MeshError
+from meshagent.forwarder.budget import cost, set_buffers, tier
+from meshagent.forwarder.copy import linger_reset, reset_close
+from meshagent.forwarder.records import ConnRecord, PodSlot
+from meshagent.host import netns
+from meshagent.host.loop import Loop
+from meshagent.mesh.certs import NodeCerts
+from meshagent.mesh.hop import PORT, Hop, Refused
+from meshagent.mesh.identity import SpiffeId, node_id, standalone_pod_id
+from meshagent.mesh.meshfile import MeshNode, MeshView
+
+MARK = 0x3A98  # 15000: the hop's sockets to applications
+TABLE = 15008
+RULE_PREF = 15008
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class Inbound:
+    """One attached pod's side of the hop: its listeners and what was
+    changed in its netns (undone when it leaves)."""
+
+    slot: PodSlot
+    listeners: list[socket.socket] = field(default_factory=list)
+    fwmark_accept_was: str | None = None
+    error: str | None = None
+
+
+class TlsPath:
+    """The forwarder's data path for a connection that crosses the hop
+    (it asks only join, abandon and fds_per_connection)."""
+
+    fds_per_connection = 2
+    mode = "tls"
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+
+    def join(self, client: socket.socket, wire: socket.socket, state: dict, on_done) -> Hop:
+        return self.mesh.outbound_hop(client, wire, state, on_done)
+
+    def abandon(self, state: object) -> None:
+        pass
+
+
+class Mesh:
+    def __init__(self, loop: Loop, view: MeshView, certs: NodeCerts) -> None:
+        self.loop = loop
+        self.view = view
+        self.certs = certs
+        self.path = TlsPath(self)
+        self.port = PORT
+        self.inbound: dict[int, Inbound] = {}  # pod_id ->
+        # (direction, result): result "ok" or a failure's reason.
+        self.handshakes: Counter[tuple[str, str]] = Counter()
+        self.hops: dict[Hop, str] = {}  # live hops: direction
+        self.forwarder = None  # set by Forwarder.use_mesh
+        self.log = log.get()
+
+    # -- who is who --------------------------------------------------------
+    def pod_identity(self, pod: str) -> str:
+        return str(standalone_pod_id(self.view.trust_domain, self.view.me, pod))
+
+    def remote(self, ip: str) -> MeshNode | None:
+        return self.view.remote(ip)
+
+    # -- outbound -----------------------------------------------------------
+    def outbound_state(self, slot: PodSlot, orig_ip: str, orig_port: int, node: MeshNode) -> dict:
+        return {
+            "node": node.name,
+            "header": {
+                "dst": format_endpoint(orig_ip, orig_port),
+                "src": self.pod_identity(slot.name),
+            },
+        }
+
+    def outbound_hop(self, client: socket.socket, wire: socket.socket, state: dict, on_done) -> Hop:
+        expected = str(node_id(self.view.trust_domain, state["node"]))
+
+        def check(hop: Hop) -> None:
+            if hop.peer != expected:
+                raise Refused("wrong_node", f"the destination's node is {hop.peer}, not {expected}")
+
+        def done(hop: Hop, reason: str | None) -> None:
+            self.hops.pop(hop, None)
+            if hop.phase != "relay":
+                self.handshakes[("out", (reason or "closed").split(":")[0])] += 1
+            on_done(hop, reason)
+
+        def up(hop: Hop) -> None:
+            self.handshakes[("out", "ok")] += 1
+
+        hop = Hop(self.loop, wire, self.certs.current().client, False, done, check, plain=client,
+                  header=state["header"], on_up=up)  # fmt: skip
+        self.hops[hop] = "out"
+        return hop
+
+    # -- inbound ------------------------------------------------------------
+    def open_pod(self, slot: PodSlot) -> None:
+        """Listen on 15008 in the pod; a pod where that fails stays attached
+        (its outbound is meshed) and `status` says why it takes no hop."""
+        entry = Inbound(slot)
+        self.inbound[slot.pod_id] = entry
+        try:
+            with netns.entered(slot.netns_fd):
+                entry.fwmark_accept_was = _route_marked_to_lo(True)
+            for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+                sock = netns.socket_in(slot.netns_fd, family)
+                entry.listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                linger_reset(sock)
+                sock.bind((host, PORT))
+                sock.listen(4096)
+                sock.setblocking(False)
+                self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(entry, sock))
+        except Exception as exc:  # netlink's errors too: the pod stays attached
+            entry.error = f"inbound hop: {getattr(exc, 'strerror', None) or exc}"
+            self.log.warning("pod takes no hop from other nodes",
+                             extra={"pod": slot.name, "reason": entry.error})  # fmt: skip
+            self._close_listeners(entry)
+
+    def close_pod(self, slot: PodSlot) -> None:
+        entry = self.inbound.pop(slot.pod_id, None)
+        if entry is None:
+            return
+        self._close_listeners(entry)
+        if entry.fwmark_accept_was is not None:
+            with contextlib.suppress(OSError, MeshError), netns.entered(slot.netns_fd):
+                _route_marked_to_lo(False, entry.fwmark_accept_was)
+
+    def _close_listeners(self, entry: Inbound) -> None:
+        for sock in entry.listeners:
+            with contextlib.suppress(KeyError, OSError, ValueError):
+                self.loop.remove(sock.fileno())
+            sock.close()
+        entry.listeners.clear()
+
+    def _acceptor(self, entry: Inbound, listener: socket.socket) -> Callable[[int], None]:
+        def handle(_events: int) -> None:
+            for _ in range(64):
+                try:
+                    wire, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    return
+                self._take(entry, wire, peer[0], peer[1])
+
+        return handle
+
+    def _take(self, entry: Inbound, wire: socket.socket, peer_ip: str, peer_port: int) -> None:
+        slot = entry.slot
+        wire.setblocking(False)
+        wire.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fwd = self.forwarder
+        record = ConnRecord(slot.name, format_endpoint(peer_ip, peer_port), "?", time.time())
+        record.datapath = "tls"
+        record.fds = 2
+        record.buffer = slot.buffer or tier(1, fwd.memory.budget)
+        record.reserved = cost(record.buffer)
+        record.mtls = {"direction": "in"}
+        fwd._hold(slot, record)
+        slot.stats.inbound_total += 1
+        set_buffers(wire, record.buffer)
+
+        def done(hop: Hop, reason: str | None) -> None:
+            self.hops.pop(hop, None)
+            fwd._hold(slot, record, -1)
+            record.bytes_out, record.bytes_in = hop.bytes_out, hop.bytes_in
+            if hop.phase != "relay":
+                key = (reason or "closed").split(":")[0]
+                self.handshakes[("in", key)] += 1
+                fwd.errors[f"mtls_in_{key}"] += 1
+                fwd.limited.warning(slot.name, f"mtls_in:{key}",
+                    "refused a hop from another node",
+                    {"pod": slot.name, "conn": record.client, "reason": reason,
+                     "peer": hop.peer})  # fmt: skip
+            fwd.moved[(slot.name, "in_hop", "tls")] += hop.bytes_in + hop.bytes_out
+            fwd._end(record, "reset" if reason else "closed", reason, closed_by=hop.closed_by,
+                     direction="in", peer=hop.peer, source=hop.source)  # fmt: skip
+
+        def check(hop: Hop) -> None:
+            self._check_client(hop, peer_ip)
+            record.mtls["peer"] = hop.peer
+
+        def up(hop: Hop) -> None:
+            self.handshakes[("in", "ok")] += 1
+
+        hop = Hop(self.loop, wire, self.certs.current().server, True, done, check, on_up=up,
+                  on_header=lambda h, header: self._deliver(entry, h, header, peer_ip, record))  # fmt: skip
+        self.hops[hop] = "in"
+
+    def _check_client(self, hop: Hop, peer_ip: str) -> None:
+        """The client's node is a node of this mesh, and the connection comes
+        from that node's pod addresses."""
+        try:
+            ident = SpiffeId.parse(hop.peer or "")
+        except MeshError:
+            raise Refused("bad_identity", f"the client's certificate names {hop.peer}") from None
+        node = self.view.nodes.get(ident.node or "") if ident.is_node else None
+        if ident.trust_domain != self.view.trust_domain or node is None:
+            raise Refused("unknown_node", f"{hop.peer} is no node of this mesh")
+        if not node.holds(peer_ip):
+            raise Refused("not_on_node", f"{peer_ip} is not a pod address of node {node.name}")
+
+    def _deliver(self, entry: Inbound, hop: Hop, header: dict, peer_ip: str,
+                 record: ConnRecord) -> None:  # fmt: skip
+        """The header is in: check it, connect to the application."""
+        slot = entry.slot
+        peer = SpiffeId.parse(hop.peer or "")
+        src = str(header.get("src", ""))
+        try:
+            claimed = SpiffeId.parse(src)
+        except MeshError:
+            hop.refuse("bad_identity", f"the source identity {src!r} is no SPIFFE ID")
+            return
+        if claimed.trust_domain != self.view.trust_domain or claimed.node != peer.node:
+            hop.refuse("identity_not_on_node",
+                       f"node {peer.node} asserted {src}, a workload it does not hold")  # fmt: skip
+            return
+        hop.source = src
+        record.mtls["source"] = src
+        dst = str(header.get("dst", ""))
+        local = hop.wire.getsockname()[0]
+        host, _, port_text = dst.rpartition(":")
+        host = host.strip("[]")
+        try:
+            port = int(port_text)
+            same = ipaddress.ip_address(host) == ipaddress.ip_address(local)
+        except ValueError:
+            hop.refuse("bad_header", f"destination {dst!r}")
+            return
+        if not same or not 0 < port < 65536 or port == PORT:
+            hop.refuse("bad_destination", f"{dst} is not this pod's ({local})")
+            return
+        record.orig_dst = format_endpoint(host, port)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            app = netns.socket_in(slot.netns_fd, family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except (OSError, MeshError) as exc:
+            hop.refuse("internal", f"socket: {exc}")
+            return
+        try:
+            if family == socket.AF_INET:
+                app.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            else:
+                app.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+            app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_buffers(app, record.buffer)
+            linger_reset(app)
+            slot.steering.prepare_upstream(app)
+            app.bind((peer_ip, 0))
+            err = app.connect_ex((host, port))
+        except OSError as exc:
+            app.close()
+            hop.refuse("internal", f"transparent socket: {exc.strerror}")
+            return
+        if err not in (0, errno.EINPROGRESS):
+            app.close()
+            hop.refuse("app_refused", f"{dst}: {errno.errorcode.get(err, err)}")
+            return
+
+        def connected(_events: int = 0, timed_out: bool = False) -> None:
+            if timer is not None:
+                timer.cancel()
+            with contextlib.suppress(KeyError, OSError, ValueError):
+                self.loop.remove(app.fileno())
+            code = (
+                errno.ETIMEDOUT if timed_out else app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            )
+            if code:
+                reset_close(app)
+                hop.refuse("app_refused", f"{dst}: {errno.errorcode.get(code, code)}")
+                return
+            record.state = "forwarding"
+            hop.connected(app)
+
+        timer = None
+        if err == 0:
+            connected()
+            return
+        timer = self.loop.call_later(CONNECT_TIMEOUT, lambda: connected(timed_out=True))
+        self.loop.add(app.fileno(), select.EPOLLOUT, connected)
+
+    # -- reporting ------------------------------------------------------------
+    def pod_snapshot(self, pod_id: int) -> dict | None:
+        entry = self.inbound.get(pod_id)
+        if entry is None:
+            return None
+        return {
+            "identity": self.pod_identity(entry.slot.name),
+            "inbound": f"{PORT}" if entry.listeners else None,
+            "error": entry.error,
+        }
+
+    def snapshot(self) -> dict:
+        return {
+            **self.view.to_dict(),
+            "certificate": self.certs.snapshot(),
+            "handshakes": {f"{d} {r}": n for (d, r), n in sorted(self.handshakes.items())},
+            "hops": len(self.hops),
+        }
+
+    def close(self) -> None:
+        for entry in list(self.inbound.values()):
+            self.close_pod(entry.slot)
+        for hop in list(self.hops):
+            hop.reset("agent stopped")
+
+
+def _route_marked_to_lo(on: bool, restore: str | None = None) -> str | None:
+    """In the current thread's netns: what carries MARK is delivered
+    locally (both families); tcp_fwmark_accept on. Returns the sysctl's
+    value before (on), or puts restore back (off)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    was = None
+    with open(FWMARK_ACCEPT) as f:
+        was = f.read().strip()
+    with IPRoute() as ipr:
+        # Local routes are of host scope (the kernel refuses IPv4 ones of another).
+        for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+            route = {"dst": dst, "table": TABLE, "type": "local", "family": family, "scope": 254}
+            rule = {"family": family, "fwmark": MARK, "fwmask": 0xFFFFFFFF, "table": TABLE,
+                    "priority": RULE_PREF}  # fmt: skip
+            with contextlib.suppress(NetlinkError):
+                ipr.rule("del", **rule)
+            with contextlib.suppress(NetlinkError):
+                ipr.route("del", **route)
+            if on:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.route("add", oif=lo, **route)
+                ipr.rule("add", **rule)
+    with open(FWMARK_ACCEPT, "w") as f:
+        f.write("1" if on else (restore or "0"))
+    return was
