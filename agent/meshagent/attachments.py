@@ -492,6 +492,7 @@ class Attachments:
     def snapshot(self) -> list[dict]:
         """Each attached pod with its forwarder counters."""
         out = []
+        mesh = self.forwarder.mesh
         for pod in self.attached():
             stats = pod.slot.stats.to_dict()
             live_out, live_in = self.forwarder.live_bytes(pod.slot)
@@ -505,6 +506,7 @@ class Attachments:
                     # no room for its new connections: they wait in its backlog
                     "waiting": pod.slot.waiting,
                     **stats,
+                    "mesh": mesh.pod_snapshot(pod.slot.pod_id) if mesh is not None else None,
                 }
             )
         return out

@@ -117,6 +117,7 @@ class Collector:
             value=snap["handoff_bytes"],
         )  # fmt: skip
         yield from _sockmap(snap.get("datapaths", {}).get("sockmap"))
+        yield from _mesh(snap.get("mesh"))
         yield from self._bpf(snap)
         yield _histogram(snap["attach_seconds"])
 
@@ -212,6 +213,36 @@ def _sockmap(stats: dict | None) -> Iterator:
     yield GaugeMetricFamily(
         "meshagent_sockmap_budget_bytes", "Bytes a spliced connection may have on their way"
         " to a reader, per direction (--sockmap-budget)", value=stats.get("budget_bytes", 0),
+    )  # fmt: skip
+
+
+def _mesh(stats: dict | None) -> Iterator:
+    """The mutual-TLS hop (mesh/node.py), when the agent is in a mesh."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not stats:
+        return
+    handshakes = CounterMetricFamily(
+        "meshagent_mtls_handshakes", "Hops between nodes by direction (out: to another node,"
+        " in: from one) and result (ok, or the reason it was refused)",
+        labels=["direction", "result"],
+    )  # fmt: skip
+    for (direction, result), count in sorted(stats["handshakes"].items()):
+        handshakes.add_metric([direction, result], count)
+    yield handshakes
+    hops = GaugeMetricFamily(
+        "meshagent_mtls_connections", "Hops between nodes open now", labels=["direction"]
+    )
+    for direction in ("in", "out"):
+        hops.add_metric([direction], stats["hops"].get(direction, 0))
+    yield hops
+    yield GaugeMetricFamily(
+        "meshagent_mtls_certificate_expiry_seconds", "When this node's certificate ends"
+        " (Unix time)", value=stats["cert_expiry"],
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "meshagent_mtls_certificate_reloads", "Times new certificate files were taken up",
+        value=stats["cert_reloads"],
     )  # fmt: skip
 
 

@@ -103,6 +103,7 @@ def register_all() -> click.Group:
     """Every command group on `cli` (the modules import only click)."""
     from meshagent.cli import (
         agent_cmds,
+        ca_cmds,
         cni_cmds,
         demo_cmds,
         kernel_cmds,
@@ -112,7 +113,7 @@ def register_all() -> click.Group:
     )  # fmt: skip
 
     for module in (pod_cmds, agent_cmds, cni_cmds, kernel_cmds, trace_cmds, probe_cmds,
-                   demo_cmds):  # fmt: skip
+                   demo_cmds, ca_cmds):  # fmt: skip
         module.register(cli)
     _show_envvars(cli)
     return cli

@@ -332,12 +332,31 @@ def status(app: App, output: str, connections: bool) -> None:
                 f" {pod['connections_active']:6} {pod['bytes_out']:12} {pod['bytes_in']:12}"
                 f" {errors:5}"
             )
+    mesh = reply.get("mesh")
+    if mesh:
+        cert = mesh["certificate"]
+        click.echo(
+            f"mesh: node {mesh['node']} of {mesh['trust_domain']} ({len(mesh['nodes'])} nodes),"
+            f" {mesh['hops']} hops open; certificate {cert['identity']} until {cert['not_after']}"
+        )
+        for pod in reply["pods"]:
+            info = pod.get("mesh") or {}
+            where = f"takes hops on {info['inbound']}" if info.get("inbound") else info.get("error")
+            click.echo(f"  {pod['name']}: {info.get('identity')} {where}")
+        done = ", ".join(f"{k}={v}" for k, v in mesh["handshakes"].items())
+        click.echo(f"  handshakes: {done or 'none yet'}")
     decisions = ", ".join(f"{k}={sum(v.values())}" for k, v in reply["decisions"].items())
     click.echo(f"kernel decisions: {decisions or 'none yet'}")
     for conn in reply.get("connections", []):
+        hop = conn.get("mtls") or {}
+        via = ""
+        if hop.get("direction") == "out":
+            via = f" mtls to {hop.get('node')}"
+        elif hop.get("direction") == "in":
+            via = f" mtls from {hop.get('source') or hop.get('peer')}"
         click.echo(
             f"  {conn['pod']:12} {conn['client']:>22} -> {conn['orig_dst']:22} {conn['state']:10}"
-            f" out={conn['bytes_out']} in={conn['bytes_in']}"
+            f" out={conn['bytes_out']} in={conn['bytes_in']}{via}"
         )
 
 

@@ -539,6 +539,8 @@ class Forwarder:
         pods gone a while are dropped."""
         for path in self.paths.values():
             path.tick()
+        if self.mesh is not None:
+            self.mesh.tick()
         self._settle_memory()
         live = {slot.name for slot in self.pods.values()}
         live.update(record.pod for _slot, record in self.conns.values())
@@ -603,6 +605,8 @@ class Forwarder:
         record.reason = reason
         record.ended = time.time()
         self.recent.append(record)
+        if record.mtls is not None:
+            more.setdefault("mtls", record.mtls)
         if self.on_event is not None:
             self._emit(state, record.pod, record.client, record.orig_dst, reason,
                        datapath=record.datapath, bytes_out=record.bytes_out,
@@ -686,6 +690,8 @@ class Forwarder:
         if listeners:
             self.pods[slot.pod_id] = slot
             pod.port, pod.listeners = listeners[0].getsockname()[1], slot.listeners
+            if self.mesh is not None:
+                self.mesh.open_pod(slot)
         return slot
 
     def adopt_conn(self, slot: PodSlot, record: ConnRecord, mode: DataPathMode, client, upstream,
@@ -744,6 +750,7 @@ class Forwarder:
                 name: count for p in self.paths.values() for name, count in p.map_entries().items()
             },
             "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
+            "mesh": self.mesh.counters() if self.mesh is not None else None,
         }
 
     def snapshot(self) -> dict:
@@ -762,6 +769,7 @@ class Forwarder:
             },
             "datapath": self.mode.value,
             "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
+            "mesh": self.mesh.snapshot() if self.mesh is not None else None,
         }
 
     def close(self) -> None:

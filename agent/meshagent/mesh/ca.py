@@ -70,7 +70,12 @@ def init(directory: Path, trust_domain: str, days: int = 365) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     key = _key()
     now = dt.datetime.now(dt.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshagent CA {trust_domain}")])
+    # Two CAs of one trust domain never share a name: a certificate of the
+    # other is then "of an unknown CA", not "of a bad signature".
+    tag = os.urandom(4).hex()
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"meshagent CA {trust_domain} {tag}")]
+    )
     uri = x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")
     cert = (
         x509.CertificateBuilder()

@@ -101,6 +101,11 @@ class NodeCerts:
             self.last_error = str(exc)
         return self.contexts
 
+    def not_after_epoch(self) -> float:
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(self.contexts.not_after).timestamp()
+
     def snapshot(self) -> dict:
         c = self.contexts
         return {

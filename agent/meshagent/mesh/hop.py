@@ -66,6 +66,7 @@ def tls_reason(exc: ssl.SSLError) -> str:
         ("local issuer", "unknown_ca"),
         ("self-signed", "unknown_ca"),
         ("self signed", "unknown_ca"),
+        ("signature failure", "unknown_ca"),  # another CA of the same name
         ("certificate required", "no_certificate"),
         ("peer did not return a certificate", "no_certificate"),
         ("wrong version", "not_tls"),

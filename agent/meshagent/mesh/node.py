@@ -45,6 +45,7 @@ IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
 CONNECT_TIMEOUT = 10.0
+RETRIES = 30  # ticks a pod's 15008 is tried again
 
 
 @dataclass
@@ -56,6 +57,7 @@ class Inbound:
     listeners: list[socket.socket] = field(default_factory=list)
     fwmark_accept_was: str | None = None
     error: str | None = None
+    tries: int = 0
 
 
 class TlsPath:
@@ -119,8 +121,12 @@ class Mesh:
                 self.handshakes[("out", (reason or "closed").split(":")[0])] += 1
             on_done(hop, reason)
 
+        record = getattr(on_done, "record", None)  # the forwarder's (_Ended)
+
         def up(hop: Hop) -> None:
             self.handshakes[("out", "ok")] += 1
+            if record is not None and record.mtls is not None:
+                record.mtls["peer"] = hop.peer
 
         hop = Hop(self.loop, wire, self.certs.current().client, False, done, check, plain=client,
                   header=state["header"], on_up=up)  # fmt: skip
@@ -128,10 +134,11 @@ class Mesh:
         return hop
 
     # -- inbound ------------------------------------------------------------
-    def open_pod(self, slot: PodSlot) -> None:
+    def open_pod(self, slot: PodSlot, tries: int = 0) -> None:
         """Listen on 15008 in the pod; a pod where that fails stays attached
-        (its outbound is meshed) and `status` says why it takes no hop."""
-        entry = Inbound(slot)
+        (its outbound is meshed), `status` says why it takes no hop, and
+        tick() tries again a while (a predecessor may hold the port still)."""
+        entry = Inbound(slot, tries=tries)
         self.inbound[slot.pod_id] = entry
         try:
             with netns.entered(slot.netns_fd):
@@ -149,8 +156,9 @@ class Mesh:
                 self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(entry, sock))
         except Exception as exc:  # netlink's errors too: the pod stays attached
             entry.error = f"inbound hop: {getattr(exc, 'strerror', None) or exc}"
-            self.log.warning("pod takes no hop from other nodes",
-                             extra={"pod": slot.name, "reason": entry.error})  # fmt: skip
+            if tries in (0, RETRIES):
+                self.log.warning("pod takes no hop from other nodes",
+                                 extra={"pod": slot.name, "reason": entry.error})  # fmt: skip
             self._close_listeners(entry)
 
     def close_pod(self, slot: PodSlot) -> None:
@@ -335,6 +343,25 @@ class Mesh:
             "handshakes": {f"{d} {r}": n for (d, r), n in sorted(self.handshakes.items())},
             "hops": len(self.hops),
         }
+
+    def counters(self) -> dict:
+        """Copies for the metrics thread."""
+        return {
+            "handshakes": dict(self.handshakes),
+            "hops": Counter(self.hops.values()),
+            "cert_expiry": self.certs.not_after_epoch(),
+            "cert_reloads": self.certs.reloads,
+        }
+
+    def tick(self) -> None:
+        """Once a second: new certificates are taken up; a pod whose 15008
+        could not be opened (a predecessor still held it) is tried again."""
+        self.certs.current()
+        for entry in list(self.inbound.values()):
+            if not entry.listeners and entry.error is not None and entry.tries < RETRIES:
+                slot = entry.slot
+                del self.inbound[slot.pod_id]
+                self.open_pod(slot, entry.tries + 1)
 
     def close(self) -> None:
         for entry in list(self.inbound.values()):
