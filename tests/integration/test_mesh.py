@@ -157,7 +157,7 @@ def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(pair):
     # It trusts the mesh's CA (so it goes on to show its own certificate).
     (foreign / "ca.crt").write_bytes((nodes.ca / "ca.crt").read_bytes())
     expired = nodes.issue(0, hours=1, out=nodes.dir / "expired",
-                          not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3))  # fmt: skip
+                          not_before=dt.datetime.now(dt.UTC) - dt.timedelta(hours=3))  # fmt: skip
     dst = f"{server.ip4}:{PORT}"
 
     def hop(certs, src: str) -> dict:
@@ -293,7 +293,7 @@ def test_certificates_rotate_during_a_transfer_without_dropping_it(pair):
     connection is made with them."""
     nodes, client, server = pair
     env_a, env_b = nodes.envs
-    srv = echo_server(env_b, server, "0.0.0.0", 2)
+    srv = echo_server(env_b, server, "0.0.0.0", 2)  # the long transfer, then one more
     before = [a.request("status")["mesh"]["certificate"]["serial"] for a in nodes.agents]
     proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "30"],
                        stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -312,3 +312,4 @@ def test_certificates_rotate_during_a_transfer_without_dropping_it(pair):
         assert cert["reloads"] == 1 and cert["reload_errors"] == 0, cert
     counted = nodes.agents[1].request("status")["mesh"]["handshakes"]
     assert counted == {"in ok": 2}, counted
+    srv.wait(timeout=30)
