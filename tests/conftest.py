@@ -65,6 +65,37 @@ def any_agent(mesh_env: MeshEnv, redirect) -> Iterator[AgentProc]:
         assert code == 0, f"agent exited {code}: {proc.log()}"
 
 
+@pytest.fixture
+def mesh_nodes():
+    """Two nodes of a mesh on this machine (tests/helpers/meshlab.py), no agents yet."""
+    if not is_root():
+        pytest.skip("needs root: BPF, netns, cgroups")
+    from meshlab import make_two_nodes
+
+    made = make_two_nodes()
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+@pytest.fixture
+def mesh_pair(mesh_nodes):
+    """Agents on both nodes; pod client on node-a and server on node-b,
+    both attached (the server's hop listener open)."""
+    from meshenv import wait_for
+
+    a, b = mesh_nodes.start_all()
+    client = mesh_nodes.envs[0].create_pod("client")
+    server = mesh_nodes.envs[1].create_pod("server")
+    a.attach(client)
+    b.attach(server)
+    wait_for(lambda: (b.pod_status("server") or {}).get("mesh", {}).get("inbound"),
+             what="the server pod's hop listener")  # fmt: skip
+    yield mesh_nodes, client, server
+    mesh_nodes.stop_all()
+
+
 @pytest.fixture(autouse=True)
 def no_residue():
     """After every test: nothing of the tests' own is left on the machine."""

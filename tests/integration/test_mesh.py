@@ -11,38 +11,11 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-from meshenv import is_root, wait_for
-from meshlab import make_two_nodes, payloads
+from meshenv import wait_for
+from meshlab import payloads
 
 PORT = 9200
 MARKER = b"MESHAGENT-PLAINTEXT-MARKER-0123456789"
-
-
-@pytest.fixture
-def nodes():
-    if not is_root():
-        pytest.skip("needs root: BPF, netns, cgroups")
-    made = make_two_nodes()
-    try:
-        yield made
-    finally:
-        made.cleanup()
-
-
-@pytest.fixture
-def pair(nodes):
-    """Agents on both nodes; pod client on node-a and server on node-b,
-    both attached."""
-    a, b = nodes.start_all()
-    client = nodes.envs[0].create_pod("client")
-    server = nodes.envs[1].create_pod("server")
-    a.attach(client)
-    b.attach(server)
-    wait_for(lambda: (b.pod_status("server") or {}).get("mesh", {}).get("inbound"),
-             what="the server pod's hop listener")  # fmt: skip
-    yield nodes, client, server
-    nodes.stop_all()
 
 
 ECHO = r"""
@@ -84,11 +57,11 @@ def echo_server(env, pod, host: str, conns: int):
     return proc
 
 
-def test_a_transfer_between_nodes_carries_no_plaintext_on_the_wire(pair, tmp_path):
+def test_a_transfer_between_nodes_carries_no_plaintext_on_the_wire(mesh_pair, tmp_path):
     """The marker crosses the wire 40,000 times (20,000 each way) through the
     mesh and never appears in a captured payload; the same transfer from an
     unattached pod (direct, plaintext) shows it: the capture sees payloads."""
-    nodes, client, server = pair
+    nodes, client, server = mesh_pair
     env_a, env_b = nodes.envs
     plain = env_a.create_pod("plain")  # not attached: goes direct
     srv = echo_server(env_b, server, "0.0.0.0", 2)
@@ -138,7 +111,7 @@ except (OSError, ssl.SSLError) as exc:
 """
 
 
-def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(pair):
+def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(mesh_pair):
     """From a pod of node-a (not attached: straight to the server pod's port
     15008): a certificate of another CA, an expired one, node-a's asserting
     a pod of node-b, node-b's used from node-a's addresses. Each is refused
@@ -147,7 +120,7 @@ def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(pair):
 
     from meshagent.mesh import ca as mesh_ca
 
-    nodes, _client, server = pair
+    nodes, _client, server = mesh_pair
     env_a = nodes.envs[0]
     raw = env_a.create_pod("raw")
     srv = echo_server(nodes.envs[1], server, "0.0.0.0", 1)
@@ -180,10 +153,10 @@ def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(pair):
     assert counted.get("in ok") == 1, counted
 
 
-def test_many_connections_across_nodes_write_at_once_in_random_chunks(pair):
+def test_many_connections_across_nodes_write_at_once_in_random_chunks(mesh_pair):
     """200 connections at once from node-a to node-b, both ends writing at
     once in random chunks of 1 B to 256 KiB: every byte arrives, in order."""
-    nodes, client, server = pair
+    nodes, client, server = mesh_pair
     env_a, env_b = nodes.envs
     conns = 200
     size = 512 * 1024
@@ -211,10 +184,10 @@ def test_many_connections_across_nodes_write_at_once_in_random_chunks(pair):
     assert counted == {"in ok": conns}, counted
 
 
-def test_half_close_across_nodes_then_ten_megabytes_back(pair):
+def test_half_close_across_nodes_then_ten_megabytes_back(mesh_pair):
     """The client sends, shuts its side (close_notify, FIN), and the server
     sends 10 MB after it saw the end: every byte arrives."""
-    nodes, client, server = pair
+    nodes, client, server = mesh_pair
     env_a, env_b = nodes.envs
     back = 10 * 1024 * 1024
     srv = env_b.server(server, PORT, "--send", str(back), "--send-after-eof")
@@ -225,10 +198,10 @@ def test_half_close_across_nodes_then_ten_megabytes_back(pair):
     assert seen["peer"] == client.ip6
 
 
-def test_same_node_and_unmeshed_destinations_go_as_before(pair):
+def test_same_node_and_unmeshed_destinations_go_as_before(mesh_pair):
     """A pod on node-a to another pod on node-a: no hop (the node's own
     data path); status says which pods take hops."""
-    nodes, client, _server = pair
+    nodes, client, _server = mesh_pair
     env_a = nodes.envs[0]
     local = env_a.create_pod("local")
     srv = env_a.server(local, PORT, "--send", "1000")
@@ -242,8 +215,9 @@ def test_same_node_and_unmeshed_destinations_go_as_before(pair):
     assert "client: spiffe://mesh.test/node/node-a/pod/client takes hops on 15008" in text
 
 
-def test_bad_mesh_files_and_certificates_are_refused_at_start(nodes, tmp_path):
+def test_bad_mesh_files_and_certificates_are_refused_at_start(mesh_nodes, tmp_path):
     """One line, non-zero, nothing made."""
+    nodes = mesh_nodes
     env = nodes.envs[0]
     cases = {
         "nodes: [": "not YAML",
@@ -287,11 +261,11 @@ ROTATE_CLIENT = textwrap.dedent(r"""
 """)
 
 
-def test_certificates_rotate_during_a_transfer_without_dropping_it(pair):
+def test_certificates_rotate_during_a_transfer_without_dropping_it(mesh_pair):
     """New certificates for both nodes while a 30 s echo transfer runs: the
     transfer completes whole; the agents take the new files up, and a new
     connection is made with them."""
-    nodes, client, server = pair
+    nodes, client, server = mesh_pair
     env_a, env_b = nodes.envs
     srv = echo_server(env_b, server, "0.0.0.0", 2)  # the long transfer, then one more
     before = [a.request("status")["mesh"]["certificate"]["serial"] for a in nodes.agents]
