@@ -12,7 +12,6 @@ import sys
 import textwrap
 
 import pytest
-
 from meshenv import wait_for
 from meshlab import payloads
 
