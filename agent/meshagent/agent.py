@@ -223,7 +223,16 @@ class Agent:
         if self.mesh_parts is not None:
             from meshagent.mesh.node import Mesh
 
-            self.forwarder.use_mesh(Mesh(self.loop, *self.mesh_parts))
+            mesh = Mesh(self.loop, *self.mesh_parts)
+            store = self.store
+
+            def mode_of(name: str) -> str:
+                """A standalone pod's, from its record (pod create --mtls)."""
+                pod = store.find(name) if "/" not in name else None
+                return pod.mtls if pod is not None else "permissive"
+
+            mesh.mode_of = mode_of
+            self.forwarder.use_mesh(mesh)
 
     def _read_mesh(self):
         """(the mesh view, this node's certificates), or None without --mesh."""

@@ -129,10 +129,10 @@ class MeshEnv:
 
         return PodStore(self.state_dir)
 
-    def create_pod(self, name: str, ip: str | None = None):
+    def create_pod(self, name: str, ip: str | None = None, mtls: str = "permissive"):
         from meshagent.pods.standalone import create_pod
 
-        return create_pod(self.store(), name, ip, self.node())
+        return create_pod(self.store(), name, ip, self.node(), mtls)
 
     def popen(self, pod, argv, **kwargs) -> subprocess.Popen:
         from meshagent.pods.standalone import popen

@@ -320,3 +320,55 @@ def test_the_two_node_demo_shows_the_hop_and_leaves_nothing(tmp_path):
     assert "the peer proved it is spiffe://demo.mesh/meshagent/node/node-b" in out, out
     assert "segments holding the page's text: 0" in out, out
     assert made() == before
+
+
+def test_strict_pods_take_only_the_mesh_even_while_no_agent_runs(mesh_nodes):
+    """A strict pod on node-b: an unattached pod of node-a is refused in
+    plaintext, an attached one passes over the hop; a same-node attached pod
+    passes too (delivered from inside the strict pod, with its own
+    address), an unattached same-node pod is refused. With node-b's agent
+    stopped, the strict pod stays closed to all, while a permissive pod of
+    node-b is reached in plaintext (the client's node falls back and says
+    so)."""
+    nodes = mesh_nodes
+    a, b = nodes.start_all()
+    env_a, env_b = nodes.envs
+    client = env_a.create_pod("client")
+    outsider = env_a.create_pod("outsider")
+    locked = env_b.create_pod("locked", mtls="strict")
+    open_ = env_b.create_pod("open")
+    neighbour = env_b.create_pod("neighbour")
+    loner = env_b.create_pod("loner")
+    a.attach(client)
+    for pod in (locked, open_, neighbour):
+        b.attach(pod)
+    wait_for(lambda: (b.pod_status("locked") or {}).get("mesh", {}).get("inbound"),
+             what="the strict pod's hop listener")  # fmt: skip
+    assert b.pod_status("locked")["mesh"]["mode"] == "strict"
+    servers = {pod.name: env_b.server(pod, PORT, "--send", "100") for pod in (locked, open_)}
+
+    def reaches(env, src, dst) -> bool:
+        proc = env.tcptool(src, "client", "--host", dst.ip4, "--port", str(PORT), "--send", "10",
+                           "--timeout", "10")  # fmt: skip
+        out, _ = proc.communicate(timeout=60)
+        line = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        ok = proc.returncode == 0 and line.get("recv_bytes") == 100
+        if ok:
+            seen = servers[dst.name].next()
+            assert seen["peer"] == src.ip4, seen  # always the client's own address
+        return ok
+
+    assert reaches(env_a, client, locked)
+    assert not reaches(env_a, outsider, locked)
+    assert reaches(env_b, neighbour, locked)
+    assert not reaches(env_b, loner, locked)
+    assert reaches(env_a, outsider, open_)
+    nodes.agents[1].stop()
+    nodes.agents[1] = None
+    assert not reaches(env_a, client, locked), "a strict pod took plaintext while no agent ran"
+    assert not reaches(env_b, loner, locked)
+    assert reaches(env_a, client, open_)
+    counted = a.request("status")["mesh"]["handshakes"]
+    assert counted.get("out fallback_plaintext", 0) >= 2, counted
+    last = [c for c in a.request("connections")["connections"] if c["pod"] == "client"][-1]
+    assert last["mtls"]["fallback"].startswith("plaintext"), last

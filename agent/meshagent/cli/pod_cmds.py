@@ -43,8 +43,11 @@ def pod() -> None:
               show_default="this one",
               help="The network namespace that holds the bridge (a node of a mesh on one"
               " machine).")  # fmt: skip
+@click.option("--mtls", type=click.Choice(["permissive", "strict"]), default="permissive",
+              help="strict: only the mesh's mutual-TLS hop (and the pod itself) may connect"
+              " to it, also while no agent runs.")  # fmt: skip
 @click.pass_context
-def create(ctx: click.Context, name: str, ip: str | None, **node_options: str) -> None:
+def create(ctx: click.Context, name: str, ip: str | None, mtls: str, **node_options: str) -> None:
     """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""
     from click.core import ParameterSource
 
@@ -55,7 +58,7 @@ def create(ctx: click.Context, name: str, ip: str | None, **node_options: str) -
     # None: the node's own (node.json), else NodeConfig's defaults.
     node = NodeConfig(**node_options) if any(given) else None
     app: App = ctx.obj
-    made = create_pod(app.store(), name, ip, node)
+    made = create_pod(app.store(), name, ip, node, mtls)
     click.echo(f"pod {made.name} created: {made.ip4} {made.ip6} (netns {made.netns})")
 
 

@@ -445,12 +445,23 @@ class Forwarder:
             state = path.accepted(client, orig.app)
             to_port = orig_port
         else:  # to the destination pod's hop listener, on its node
-            state = self.mesh.outbound_state(slot, orig_ip, orig_port, node)
+            state = self.mesh.outbound_state(slot, orig_ip, orig_port, node, orig.app)
             record.mtls = {"direction": "out", "node": node.name}
             to_port = self.mesh.port
-        family = socket.AF_INET6 if ":" in orig_ip else socket.AF_INET
+        self._connect_upstream(slot, record, client, path, state, orig_ip, to_port)
+
+    def _connect_upstream(self, slot: PodSlot, record: ConnRecord, client: socket.socket,
+                          path: DataPath, state: object, ip: str, port: int) -> None:  # fmt: skip
+        """Connect to ip:port from inside the pod (or, for a pod of this node
+        that takes plaintext only from its own netns, from inside that one:
+        mesh/node.py), then hand both sockets to path."""
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
         try:
-            upstream = netns.socket_in(slot.netns_fd, family, socket.SOCK_STREAM | NONBLOCK)
+            upstream = None
+            if self.mesh is not None and port != self.mesh.port:
+                upstream = self.mesh.local_upstream(slot, ip, family)
+            if upstream is None:
+                upstream = netns.socket_in(slot.netns_fd, family, socket.SOCK_STREAM | NONBLOCK)
         except (OSError, MeshError) as exc:
             self._fail(slot, record, client, None, f"upstream socket: {exc}", path, state)
             return
@@ -459,12 +470,14 @@ class Forwarder:
             slot.steering.prepare_upstream(upstream)
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             linger_reset(upstream)  # a crash resets, never FINs, a cut stream
-            err = upstream.connect_ex((orig_ip, to_port))
+            err = upstream.connect_ex((ip, port))
         except OSError as exc:
             self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}", path,
                        state)  # fmt: skip
             return
         if err not in (0, errno.EINPROGRESS):
+            if self._fall_back(slot, record, client, upstream, path, state, err):
+                return
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
             self._fail(slot, record, client, upstream, reason, path, state)
             return
@@ -480,6 +493,26 @@ class Forwarder:
             return
         self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
 
+    def _fall_back(self, slot: PodSlot, record: ConnRecord, client: socket.socket,
+                   upstream: socket.socket, path: object, state: object, err: int) -> bool:  # fmt: skip
+        """The destination pod takes no hop (its node's agent is down, or it
+        is not attached there): connect in plaintext, as without a mesh. A
+        strict pod refuses that itself (its rules stay while no agent runs:
+        closed for strict, open for permissive). True when it did."""
+        if self.mesh is None or path is not self.mesh.path or err != errno.ECONNREFUSED:
+            return False
+        upstream.close()
+        self.mesh.fell_back(slot, record, state)
+        self._hold(slot, record, -1)
+        path = self.paths[self.mode]
+        record.datapath = path.mode
+        record.fds = path.fds_per_connection
+        self._hold(slot, record)
+        ip, _, port = state["header"]["dst"].rpartition(":")
+        new_state = path.accepted(client, state.get("app"))
+        self._connect_upstream(slot, record, client, path, new_state, ip.strip("[]"), int(port))
+        return True
+
     def _connect_done(self, upstream: socket.socket, timed_out: bool = False) -> None:
         entry = self.pending.pop(upstream, None)
         if entry is None:
@@ -494,6 +527,8 @@ class Forwarder:
         )
         if err:
             self.loop.remove(upstream.fileno())
+            if self._fall_back(slot, record, client, upstream, entry.path, entry.state, err):
+                return
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
             self._fail(slot, record, client, upstream, reason, entry.path, entry.state)
             return

@@ -57,6 +57,8 @@ class Inbound:
     listeners: list[socket.socket] = field(default_factory=list)
     fwmark_accept_was: str | None = None
     error: str | None = None
+    mode: str = "permissive"
+    addrs: dict[int, str] = field(default_factory=dict)  # family -> the pod's address
     tries: int = 0
 
 
@@ -89,6 +91,9 @@ class Mesh:
         self.handshakes: Counter[tuple[str, str]] = Counter()
         self.hops: dict[Hop, str] = {}  # live hops: direction
         self.forwarder = None  # set by Forwarder.use_mesh
+        # A pod's inbound mode (mesh/strict.py), by name; the agent sets it.
+        self.mode_of: Callable[[str], str] = lambda _name: "permissive"
+        self.strict_ips: dict[str, Inbound] = {}  # this node's strict pods, by address
         self.log = log.get()
 
     # -- who is who --------------------------------------------------------
@@ -99,14 +104,53 @@ class Mesh:
         return self.view.remote(ip)
 
     # -- outbound -----------------------------------------------------------
-    def outbound_state(self, slot: PodSlot, orig_ip: str, orig_port: int, node: MeshNode) -> dict:
+    def outbound_state(self, slot: PodSlot, orig_ip: str, orig_port: int, node: MeshNode,
+                       app: object = None) -> dict:  # fmt: skip
+        """What the hop needs; app: the data path's (kept for a fall-back)."""
         return {
             "node": node.name,
             "header": {
                 "dst": format_endpoint(orig_ip, orig_port),
                 "src": self.pod_identity(slot.name),
             },
+            "app": app,
         }
+
+    def fell_back(self, slot: PodSlot, record: ConnRecord, state: dict) -> None:
+        """The destination took no hop (connection refused on 15008): the
+        forwarder goes on in plaintext; counted, said once in a while."""
+        self.handshakes[("out", "fallback_plaintext")] += 1
+        if record.mtls is not None:
+            record.mtls["fallback"] = "plaintext: the destination takes no hop"
+        fwd = self.forwarder
+        fwd.limited.warning(slot.name, "mtls_fallback",
+            "the destination pod takes no hop (no agent on its node, or not attached there);"
+            " plaintext, as without a mesh",
+            {"pod": slot.name, "conn": record.client, "orig_dst": record.orig_dst,
+             "reason": "mtls_fallback_plaintext"})  # fmt: skip
+
+    def local_upstream(self, slot: PodSlot, ip: str, family: int) -> socket.socket | None:
+        """For a strict pod of this node: a socket in its netns, bound to
+        the client pod's own address (transparent), so that its rules let
+        it in and it sees who connects. None for any other destination."""
+        entry = self.strict_ips.get(ip)
+        if entry is None:
+            return None
+        src = self.inbound.get(slot.pod_id)
+        source = (src.addrs if src is not None else {}).get(family)
+        if source is None:
+            raise MeshError(f"no IPv{4 if family == socket.AF_INET else 6} address of the pod")
+        sock = netns.socket_in(
+            entry.slot.netns_fd, family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+        )
+        try:
+            _transparent(sock, family)
+            entry.slot.steering.prepare_upstream(sock)
+            sock.bind((source, 0))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def outbound_hop(self, client: socket.socket, wire: socket.socket, state: dict, on_done) -> Hop:
         expected = str(node_id(self.view.trust_domain, state["node"]))
@@ -138,11 +182,14 @@ class Mesh:
         """Listen on 15008 in the pod; a pod where that fails stays attached
         (its outbound is meshed), `status` says why it takes no hop, and
         tick() tries again a while (a predecessor may hold the port still)."""
-        entry = Inbound(slot, tries=tries)
+        entry = Inbound(slot, tries=tries, mode=self.mode_of(slot.name))
         self.inbound[slot.pod_id] = entry
         try:
             with netns.entered(slot.netns_fd):
-                entry.fwmark_accept_was = _route_marked_to_lo(True)
+                entry.fwmark_accept_was, entry.addrs = _route_marked_to_lo(True)
+            if entry.mode == "strict":
+                for addr in entry.addrs.values():
+                    self.strict_ips[addr] = entry
             for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
                 sock = netns.socket_in(slot.netns_fd, family)
                 entry.listeners.append(sock)
@@ -165,9 +212,12 @@ class Mesh:
         entry = self.inbound.pop(slot.pod_id, None)
         if entry is None:
             return
+        for addr in entry.addrs.values():
+            if self.strict_ips.get(addr) is entry:
+                del self.strict_ips[addr]
         self._close_listeners(entry)
         if entry.fwmark_accept_was is not None:
-            with contextlib.suppress(OSError, MeshError), netns.entered(slot.netns_fd):
+            with contextlib.suppress(Exception), netns.entered(slot.netns_fd):
                 _route_marked_to_lo(False, entry.fwmark_accept_was)
 
     def _close_listeners(self, entry: Inbound) -> None:
@@ -283,11 +333,7 @@ class Mesh:
             hop.refuse("internal", f"socket: {exc}")
             return
         try:
-            if family == socket.AF_INET:
-                app.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            else:
-                app.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-            app.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+            _transparent(app, family)
             app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             set_buffers(app, record.buffer)
             linger_reset(app)
@@ -333,6 +379,7 @@ class Mesh:
         return {
             "identity": self.pod_identity(entry.slot.name),
             "inbound": f"{PORT}" if entry.listeners else None,
+            "mode": entry.mode,
             "error": entry.error,
         }
 
@@ -370,17 +417,34 @@ class Mesh:
             hop.reset("agent stopped")
 
 
-def _route_marked_to_lo(on: bool, restore: str | None = None) -> str | None:
+def _transparent(sock: socket.socket, family: int) -> None:
+    """A socket that may bind another host's address, marked so that the
+    replies to it stay in the netns (_route_marked_to_lo)."""
+    if family == socket.AF_INET:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+
+
+def _route_marked_to_lo(on: bool, restore: str | None = None) -> tuple[str, dict[int, str]]:
     """In the current thread's netns: what carries MARK is delivered
     locally (both families); tcp_fwmark_accept on. Returns the sysctl's
-    value before (on), or puts restore back (off)."""
+    value before and the pod's global addresses by family (on), or puts
+    restore back (off)."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
     was = None
     with open(FWMARK_ACCEPT) as f:
         was = f.read().strip()
+    addrs: dict[int, str] = {}
     with IPRoute() as ipr:
+        if on:
+            for msg in ipr.get_addr():
+                family = msg["family"]
+                if msg["scope"] == 0 and family not in addrs:  # universe: not lo, not link-local
+                    addrs[family] = msg.get_attr("IFA_ADDRESS")
         # Local routes are of host scope (the kernel refuses IPv4 ones of another).
         for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
             route = {"dst": dst, "table": TABLE, "type": "local", "family": family, "scope": 254}
@@ -396,4 +460,4 @@ def _route_marked_to_lo(on: bool, restore: str | None = None) -> str | None:
                 ipr.rule("add", **rule)
     with open(FWMARK_ACCEPT, "w") as f:
         f.write("1" if on else (restore or "0"))
-    return was
+    return was, addrs

@@ -64,6 +64,9 @@ class Pod:
     host_veth: str
     cgroup: str  # relative to the cgroup v2 mount
     bridge: str
+    # Inbound across the mesh (mesh/strict.py): "strict" pods take only the
+    # mesh's connections (their rules are made with them), "permissive" any.
+    mtls: str = "permissive"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -92,13 +92,24 @@ def _setup_pod_side(pod: Pod, node: NodeConfig) -> None:
 
 
 def create_pod(
-    store: PodStore, name: str, ip: str | None = None, node: NodeConfig | None = None
+    store: PodStore,
+    name: str,
+    ip: str | None = None,
+    node: NodeConfig | None = None,
+    mtls: str = "permissive",
 ) -> Pod:
     """Make the pod: netns, veth to the bridge, dual-stack addresses, default
-    routes, a cgroup. Undoes everything it made if any step fails."""
+    routes, a cgroup; for a strict pod, the rules that let only the mesh in
+    (before anything runs in it). Undoes everything it made if any step fails."""
     from pyroute2 import netns as pyr_netns
 
+    from meshagent.mesh.strict import MtlsMode
+
     validate_name(name)
+    try:
+        mode = MtlsMode(mtls)
+    except ValueError:
+        raise MeshError(f"--mtls {mtls!r}: permissive or strict") from None
     with store.locked(), ExitStack() as undo:
         if store.find(name) is not None:
             raise MeshError(f"pod {name} already exists")
@@ -127,6 +138,7 @@ def create_pod(
             host_veth=host_veth_name(ns_name),
             cgroup=f"{node.cgroup_parent.strip('/')}/{name}",
             bridge=node.bridge,
+            mtls=mode.value,
         )
         if current is None:
             made: dict = {"bridge": False, "cgroups": []}
@@ -150,6 +162,10 @@ def create_pod(
                 bridge = ipr.link_lookup(ifname=node.bridge)[0]
                 ipr.link("set", index=index, master=bridge, state="up")
             _setup_pod_side(pod, node)
+            if mode is MtlsMode.STRICT:
+                from meshagent.mesh import strict
+
+                strict.apply(ns_name, True, what=f"pod {name}")
         except MeshError:
             raise
         except Exception as exc:
