@@ -57,7 +57,7 @@ class Refused(Exception):
 
 def tls_reason(exc: ssl.SSLError) -> str:
     """A handshake failure's reason, as counted."""
-    text = f"{getattr(exc, 'verify_message', '') or ''} {exc.reason or ''} {exc}".lower()
+    text = f"{getattr(exc, 'verify_message', '') or ''} {getattr(exc, 'reason', '') or ''} {exc}".lower()
     for needle, reason in (
         ("expired", "expired"),
         ("not yet valid", "not_yet_valid"),
@@ -236,6 +236,7 @@ class Hop:
                     self._write_plain()
                 self._maybe_notify()
             self._flush_wire()
+            self._hung_up(wire, plain)
         except Refused as exc:
             self._failed(exc)
             return
@@ -252,6 +253,18 @@ class Hop:
             self.finish(None)
             return
         self._update()
+
+    def _hung_up(self, wire: int, plain: int) -> None:
+        """A side closed both ways (EPOLLHUP, reported whatever the mask):
+        done with it if nothing more was owed to it, else a cut stream."""
+        if wire & select.EPOLLHUP and self.wire_eof and not self.wire_shut:
+            if self.to_wire or (self.phase == RELAY and not self.plain_eof):
+                raise OSError(0, "the other node hung up with bytes owed to it")
+            self.wire_shut = True
+        if plain & select.EPOLLHUP and self.plain_eof and not self.plain_shut:
+            if self.to_plain or not self.tls_eof:
+                raise OSError(0, "the plain side hung up with bytes owed to it")
+            self.plain_shut = True
 
     def _read_wire(self) -> None:
         if self.wire_eof:
