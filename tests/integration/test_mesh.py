@@ -372,3 +372,71 @@ def test_strict_pods_take_only_the_mesh_even_while_no_agent_runs(mesh_nodes):
     assert counted.get("out fallback_plaintext", 0) >= 2, counted
     last = [c for c in a.request("connections")["connections"] if c["pod"] == "client"][-1]
     assert last["mtls"]["fallback"].startswith("plaintext"), last
+
+
+def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair):
+    """What a client sees when node-b's agent is upgraded in place while a
+    cross-node connection runs: a reset (the hop's TLS session lives in the
+    old agent's OpenSSL and cannot move), never a clean end of a cut
+    stream; the new agent opens the pod's port 15008 again, and the next
+    connection crosses as before."""
+    from meshenv import start_agent
+
+    nodes, client, server = mesh_pair
+    env_a, env_b = nodes.envs
+    echo_server(env_b, server, "0.0.0.0", 2)
+    proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "20"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    old = nodes.agents[1]
+    wait_for(lambda: old.request("status")["mesh"]["hops"] == 1, what="the hop")
+    new = start_agent(env_b, "--mesh", str(nodes.mesh_file), "--certs", str(nodes.certs(1)),
+                      "--node-name", "node-b", "--takeover", log_name="new.log")  # fmt: skip
+    nodes.agents[1] = new
+    wait_for(lambda: old.proc.poll() is not None, 60, "the old agent to exit")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and ("ConnectionResetError" in err or "BrokenPipeError" in err), (
+        out,
+        err,
+    )
+    wait_for(lambda: (new.pod_status("server") or {}).get("mesh", {}).get("inbound"),
+             what="the new agent's hop listener")  # fmt: skip
+    assert int(env_a.script(client, SEND_MARKERS, server.ip4, str(PORT), "after")) == 5 * 20000
+    assert new.request("status")["mesh"]["handshakes"] == {"in ok": 1}
+
+
+def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):
+    """`meshagent trace -o json` on each node: node-a's closed event names
+    the hop to node-b and the peer it verified; node-b's names the client
+    workload and its node."""
+    import threading
+
+    nodes, client, server = mesh_pair
+    env_a, env_b = nodes.envs
+    srv = env_b.server(server, PORT, "--send", "300")
+    seen: dict[str, list] = {"a": [], "b": []}
+    tracers = []
+    for key, env, pod in (("a", env_a, "client"), ("b", env_b, "server")):
+        tracer = subprocess.Popen([sys.executable, "-m", "meshagent", "trace", "-o", "json", "--pod",
+                                   pod], env=env.env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        env.procs.append(tracer)
+        tracers.append(tracer)
+        threading.Thread(target=lambda t=tracer, k=key: seen[k].extend(json.loads(x) for x in t.stdout),
+                         daemon=True).start()  # fmt: skip
+    for agent in nodes.agents:
+        wait_for(lambda a=agent: a.request("status")["tracing"], what="the trace to start")
+    got = env_a.client(client, server.ip4, PORT, "--send", "700")
+    assert got["recv_bytes"] == 300 and srv.next()["recv_bytes"] == 700
+
+    def closed(key: str) -> list:
+        return [e for e in seen[key] if e.get("source") == "forwarder" and e["event"] == "closed"]
+
+    wait_for(lambda: closed("a") and closed("b"), 30, "both traces to show the hop")
+    for tracer in tracers:
+        tracer.terminate()
+    out, inn = closed("a")[0], closed("b")[0]
+    assert out["mtls"] == {"direction": "out", "node": "node-b",
+                           "peer": "spiffe://mesh.test/meshagent/node/node-b"}, out  # fmt: skip
+    assert (out["bytes_out"], out["bytes_in"]) == (700, 300)
+    assert inn["source"] == "spiffe://mesh.test/node/node-a/pod/client", inn
+    assert inn["peer"] == "spiffe://mesh.test/meshagent/node/node-a" and inn["direction"] == "in"
+    assert (inn["bytes_out"], inn["bytes_in"]) == (700, 300), inn

@@ -700,12 +700,16 @@ class Forwarder:
 
     def let_go(self) -> None:
         """The successor has everything: drop this process's references
-        without a FIN or RST (the successor's copies keep the sockets)."""
+        without a FIN or RST (the successor's copies keep the sockets).
+        Not the TLS hops: their sessions are this process's, they end here
+        with a reset (mesh/node.py)."""
         for slot in self.pods.values():
             for sock in slot.listeners:
                 sock.close()
             slot.listeners.clear()
-        self.pods.clear()
+        self.pods.clear()  # first: a hop's end below must not accept for a pod
+        if self.mesh is not None:
+            self.mesh.let_go()
         self.conns.clear()
 
     def adopt_pod(self, pod: PodHandle, steering: Steering, listeners: list,

@@ -410,6 +410,17 @@ class Mesh:
                 del self.inbound[slot.pod_id]
                 self.open_pod(slot, entry.tries + 1)
 
+    def let_go(self) -> None:
+        """A successor took the pods over: close the hop listeners (it opens
+        its own, and keeps the pods' routes, which stay as they are) and
+        reset the hops, whose TLS sessions cannot leave this process."""
+        for entry in self.inbound.values():
+            self._close_listeners(entry)
+        self.inbound.clear()
+        self.strict_ips.clear()
+        for hop in list(self.hops):
+            hop.reset("takeover: a hop's TLS session cannot move to the new agent")
+
     def close(self) -> None:
         for entry in list(self.inbound.values()):
             self.close_pod(entry.slot)
