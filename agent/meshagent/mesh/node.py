@@ -268,8 +268,7 @@ class Mesh:
                     {"pod": slot.name, "conn": record.client, "reason": reason,
                      "peer": hop.peer})  # fmt: skip
             fwd.moved[(slot.name, "in_hop", "tls")] += hop.bytes_in + hop.bytes_out
-            fwd._end(record, "reset" if reason else "closed", reason, closed_by=hop.closed_by,
-                     direction="in", peer=hop.peer, source=hop.source)  # fmt: skip
+            fwd._end(record, "reset" if reason else "closed", reason, closed_by=hop.closed_by)
 
         def check(hop: Hop) -> None:
             self._check_client(hop, peer_ip)
@@ -362,6 +361,8 @@ class Mesh:
                 hop.refuse("app_refused", f"{dst}: {errno.errorcode.get(code, code)}")
                 return
             record.state = "forwarding"
+            self.forwarder._emit("forwarded", slot.name, record.client, record.orig_dst, None,
+                                 datapath="tls", mtls=record.mtls)  # fmt: skip
             hop.connected(app)
 
         timer = None
