@@ -96,6 +96,9 @@ def worker(host: str, port: int, syn: bool, timeout: float) -> dict:
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
+HOP_PORT = 15008  # mesh/hop.py
+# A segment that starts a TLS record: its content type (RFC 8446 5.1).
+TLS_RECORDS = {20: "change_cipher_spec", 21: "alert", 22: "handshake", 23: "application_data"}
 SO_TIMESTAMPNS = 35
 
 
@@ -123,12 +126,15 @@ def _drain(capture: socket.socket, wall: float) -> list[dict]:
                       if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS), None)  # fmt: skip
         when = stamp[0] + stamp[1] / 1e9 if stamp else time.time()
         tcp = pkt[TCP]
+        payload = bytes(tcp.payload)
         out.append({
             "t_ms": round((when - wall) * 1000, 3),
             "iface": ifname,
             "src": format_endpoint(tcp.underlayer.src, tcp.sport),
             "dst": format_endpoint(tcp.underlayer.dst, tcp.dport),
             "flags": str(tcp.flags),
+            "len": len(payload),
+            "tls": TLS_RECORDS.get(payload[0]) if len(payload) > 2 and payload[1] == 3 else None,
         })  # fmt: skip
     return out
 
@@ -222,8 +228,23 @@ def _verdict(result: dict, events: list[dict]) -> dict:
                  and e.get("client") == local]  # fmt: skip
     result["kernel"] = kernel[0] if kernel else None
     result["forwarder"] = forwarder
+    host = target.rpartition(":")[0]
+    hop_dst = f"{host}:{HOP_PORT}"
+    hop = [p for p in packets if hop_dst in (p["dst"], p["src"])]
+    if hop:  # the mesh's hop to the destination's node: what the wire carried
+        mtls = next((e.get("mtls") for e in forwarder if e.get("mtls")), None) or {}
+        result["hop"] = {
+            "to": hop_dst,
+            "node": mtls.get("node"),
+            "peer": mtls.get("peer"),
+            "tls_records": sorted({p["tls"] for p in hop if p.get("tls")}),
+            "payload_bytes": sum(p.get("len", 0) for p in hop),
+            "segments_not_tls": sum(1 for p in hop if p.get("len") and not p.get("tls")),
+        }
     if result.get("answer"):
         result["verdict"] = f"crafted SYN: {result['answer']}"
+    elif listener and result.get("hop"):
+        result["verdict"] = "steered, then over the mesh's mutual-TLS hop"
     elif listener:
         result["verdict"] = "steered"
     elif upstream:
@@ -252,6 +273,11 @@ def show(result: dict, echo: Echo) -> None:
         echo(f"  kernel: {kernel['event']} ({why}) for this socket")
     for event in result.get("forwarder", []):
         echo(f"  forwarder: {event['event']} via {event.get('datapath')}")
+    hop = result.get("hop")
+    if hop:
+        echo(f"  hop: to {hop['to']} (node {hop['node']}, proven {hop['peer']}): TLS records"
+             f" {', '.join(hop['tls_records']) or 'none'}, {hop['payload_bytes']} bytes,"
+             f" {hop['segments_not_tls']} segments that start no TLS record")  # fmt: skip
     upstream = result.get("upstream_syn")
     if upstream:
         echo(

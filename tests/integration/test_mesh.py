@@ -444,3 +444,22 @@ def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):
                            "source": "spiffe://mesh.test/node/node-a/pod/client"}, inn  # fmt: skip
     assert any(e["event"] == "forwarded" and e.get("mtls") for e in seen["b"]), seen["b"]
     assert (inn["bytes_out"], inn["bytes_in"]) == (700, 300), inn
+
+
+def test_probe_shows_the_hop_on_the_wire(mesh_pair):
+    """`meshagent probe client SERVER:PORT` on node-a: steered, then the hop
+    to node-b's port 15008, whose segments are TLS records; the node it
+    proved to be."""
+    nodes, _client, server = mesh_pair
+    env_a, env_b = nodes.envs
+    env_b.server(server, PORT)
+    proc = env_a.meshagent("probe", "client", f"{server.ip4}:{PORT}", "-o", "json")
+    result = json.loads(proc.stdout)
+    assert result["verdict"] == "steered, then over the mesh's mutual-TLS hop", result
+    hop = result["hop"]
+    assert hop["to"] == f"{server.ip4}:15008" and hop["node"] == "node-b", hop
+    assert hop["peer"] == "spiffe://mesh.test/meshagent/node/node-b", hop
+    assert "handshake" in hop["tls_records"] and "application_data" in hop["tls_records"], hop
+    assert hop["payload_bytes"] > 0 and hop["segments_not_tls"] == 0, hop
+    text = env_a.meshagent("probe", "client", f"{server.ip4}:{PORT}").stdout
+    assert f"hop: to {server.ip4}:15008 (node node-b" in text, text
