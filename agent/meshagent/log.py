@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-FIELDS = ("pod", "conn", "orig_dst", "reason")
+FIELDS = ("pod", "conn", "orig_dst", "node", "peer", "reason")
 
 
 class _JsonFormatter(logging.Formatter):

@@ -154,6 +154,7 @@ class Mesh:
 
     def outbound_hop(self, client: socket.socket, wire: socket.socket, state: dict, on_done) -> Hop:
         expected = str(node_id(self.view.trust_domain, state["node"]))
+        record = getattr(on_done, "record", None)  # the forwarder's (_Ended)
 
         def check(hop: Hop) -> None:
             if hop.peer != expected:
@@ -162,10 +163,14 @@ class Mesh:
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
             if hop.phase != "relay":
-                self.handshakes[("out", (reason or "closed").split(":")[0])] += 1
+                key = (reason or "closed").split(":")[0]
+                self.handshakes[("out", key)] += 1
+                if record is not None:
+                    self.forwarder.limited.warning(record.pod, f"mtls_out:{key}",
+                        "the hop to another node failed; reset the pod's connection",
+                        {"pod": record.pod, "conn": record.client, "orig_dst": record.orig_dst,
+                         "reason": reason, "node": state["node"]})  # fmt: skip
             on_done(hop, reason)
-
-        record = getattr(on_done, "record", None)  # the forwarder's (_Ended)
 
         def up(hop: Hop) -> None:
             self.handshakes[("out", "ok")] += 1
