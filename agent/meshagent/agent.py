@@ -245,7 +245,13 @@ class Agent:
 
         me = self.cfg.node_name or _socket.gethostname()
         view = meshfile.load(self.cfg.mesh, me)
-        return view, NodeCerts(self.cfg.certs, view.trust_domain, me)
+        NodeCerts(self.cfg.certs, view.trust_domain, me)  # a bad certificate stops here
+        kernel, why = False, "--ktls off"
+        if self.cfg.ktls != "off":
+            from meshagent.mesh import ktls
+
+            kernel, why = ktls.selftest(self.cfg.certs)
+        return view, NodeCerts(self.cfg.certs, view.trust_domain, me, kernel), why
 
     def _make_pods(self) -> None:
         """The attachments, the pod resolver and the Kubernetes side (CNI

@@ -58,6 +58,7 @@ class AgentConfig:
     # certificate directory (node.crt, node.key, ca.crt); both or neither.
     mesh: Path | None = None
     certs: Path | None = None
+    ktls: str = "auto"  # the hop's bytes in the kernel's TLS where it self-tests well
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())

@@ -51,6 +51,20 @@ print(len(got))
 """
 
 
+def kernel_has_tls() -> bool:
+    """This kernel offers the tls ULP (a socket not yet connected says so
+    with ENOTCONN; without the module, ENOENT)."""
+    import errno
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, 31, b"tls")
+        except OSError as exc:
+            return exc.errno == errno.ENOTCONN
+    return True
+
+
 def echo_server(env, pod, host: str, conns: int):
     proc = env.popen(pod, [sys.executable, "-c", ECHO, host, str(PORT), str(conns)],
                      stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -58,6 +72,7 @@ def echo_server(env, pod, host: str, conns: int):
     return proc
 
 
+@pytest.mark.kernel_matrix
 def test_a_transfer_between_nodes_carries_no_plaintext_on_the_wire(mesh_pair, tmp_path):
     """The marker crosses the wire 40,000 times (20,000 each way) through the
     mesh and never appears in a captured payload; the same transfer from an
@@ -84,7 +99,11 @@ def test_a_transfer_between_nodes_carries_no_plaintext_on_the_wire(mesh_pair, tm
     # Both sides name each other.
     conns = nodes.agents[0].request("connections")["connections"]
     out_hop = next(c for c in conns if c["pod"] == "client")
-    assert out_hop["datapath"] == "tls" and out_hop["state"] == "closed", out_hop
+    kernel = nodes.agents[0].request("status")["mesh"]["kernel_tls"]
+    # Where the kernel has TLS, the hop must run in it: the self-test passed.
+    assert kernel["on"] == kernel_has_tls(), kernel
+    assert out_hop["datapath"] == ("ktls" if kernel["on"] else "tls"), out_hop
+    assert out_hop["state"] == "closed", out_hop
     assert out_hop["mtls"] == {"direction": "out", "node": "node-b",
                                "peer": "spiffe://mesh.test/meshagent/node/node-b"}  # fmt: skip
     conns = nodes.agents[1].request("connections")["connections"]
@@ -112,6 +131,7 @@ except (OSError, ssl.SSLError) as exc:
 """
 
 
+@pytest.mark.kernel_matrix
 def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(mesh_pair):
     """From a pod of node-a (not attached: straight to the server pod's port
     15008): a certificate of another CA, an expired one, node-a's asserting
@@ -154,6 +174,7 @@ def test_a_peer_that_is_not_who_it_must_be_is_refused_and_counted(mesh_pair):
     assert counted.get("in ok") == 1, counted
 
 
+@pytest.mark.kernel_matrix
 def test_many_connections_across_nodes_write_at_once_in_random_chunks(mesh_pair):
     """200 connections at once from node-a to node-b, both ends writing at
     once in random chunks of 1 B to 256 KiB: every byte arrives, in order."""
@@ -185,6 +206,7 @@ def test_many_connections_across_nodes_write_at_once_in_random_chunks(mesh_pair)
     assert counted == {"in ok": conns}, counted
 
 
+@pytest.mark.kernel_matrix
 def test_half_close_across_nodes_then_ten_megabytes_back(mesh_pair):
     """The client sends, shuts its side (close_notify, FIN), and the server
     sends 10 MB after it saw the end: every byte arrives."""
@@ -210,7 +232,7 @@ def test_same_node_and_unmeshed_destinations_go_as_before(mesh_pair):
     assert srv.next()["recv_sha"] == got["sent_sha"]
     conns = nodes.agents[0].request("connections")["connections"]
     last = [c for c in conns if c["orig_dst"] == f"{local.ip4}:{PORT}"][-1]
-    assert last["datapath"] != "tls" and last["mtls"] is None, last
+    assert last["datapath"] not in ("tls", "ktls") and last["mtls"] is None, last
     text = env_a.meshagent("status").stdout
     assert "mesh: node node-a of mesh.test (2 nodes)" in text
     assert "client: spiffe://mesh.test/node/node-a/pod/client takes hops on 15008" in text
@@ -322,6 +344,7 @@ def test_the_two_node_demo_shows_the_hop_and_leaves_nothing(tmp_path):
     assert made() == before
 
 
+@pytest.mark.kernel_matrix
 def test_strict_pods_take_only_the_mesh_even_while_no_agent_runs(mesh_nodes):
     """A strict pod on node-b: an unattached pod of node-a is refused in
     plaintext, an attached one passes over the hop; a same-node attached pod
@@ -374,13 +397,17 @@ def test_strict_pods_take_only_the_mesh_even_while_no_agent_runs(mesh_nodes):
     assert last["mtls"]["fallback"].startswith("plaintext"), last
 
 
+@pytest.mark.kernel_matrix
 def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair):
     """What a client sees when node-b's agent is upgraded in place while a
-    cross-node connection runs: a reset (the hop's TLS session lives in the
-    old agent's OpenSSL and cannot move), never a clean end of a cut
-    stream; the new agent opens the pod's port 15008 again, and the next
-    connection crosses as before."""
+    cross-node connection runs. With the hop in OpenSSL: a reset (its TLS
+    session lives in the old agent and cannot move), never a clean end of
+    a cut stream. With the kernel's TLS: nothing, the kernel holds the
+    session and the spliced hop is handed over whole. Either way the new
+    agent opens the pod's port 15008 again and the next connection
+    crosses as before."""
     from meshenv import start_agent
+    from test_takeover import answers
 
     nodes, client, server = mesh_pair
     env_a, env_b = nodes.envs
@@ -393,11 +420,17 @@ def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair
                       "--node-name", "node-b", "--takeover", log_name="new.log")  # fmt: skip
     nodes.agents[1] = new
     wait_for(lambda: old.proc.poll() is not None, 60, "the old agent to exit")
+    wait_for(lambda: answers(new), 60, "the new agent to answer")
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and ("ConnectionResetError" in err or "BrokenPipeError" in err), (
-        out,
-        err,
-    )
+    if new.request("status")["mesh"]["kernel_tls"]["on"]:
+        # The kernel holds the session: the hop was handed over like any
+        # spliced connection, and the transfer finished whole.
+        sent, got, same = out.split()
+        assert proc.returncode == 0 and sent == got and same == "True", (out, err)
+        assert new.request("status")["took_over"]["conns"] == 1
+    else:
+        reset = "ConnectionResetError" in err or "BrokenPipeError" in err
+        assert proc.returncode != 0 and reset, (out, err)
     wait_for(lambda: (new.pod_status("server") or {}).get("mesh", {}).get("inbound"),
              what="the new agent's hop listener")  # fmt: skip
     assert int(env_a.script(client, SEND_MARKERS, server.ip4, str(PORT), "after")) == 5 * 20000

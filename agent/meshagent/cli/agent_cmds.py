@@ -133,6 +133,14 @@ Examples:
     " connections to other nodes' pods go there over mutual TLS. Needs --certs.",
 )
 @click.option(
+    "--ktls",
+    type=click.Choice(["auto", "off"]),
+    default=AgentConfig.ktls,
+    envvar="MESHAGENT_KTLS",
+    help="The mesh hop's bytes: auto, the kernel's TLS and splice where a start-up self-test"
+    " passes (TLS 1.2), else OpenSSL in the agent (TLS 1.3); off: always OpenSSL.",
+)
+@click.option(
     "--certs",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="MESHAGENT_CERTS",
@@ -168,6 +176,7 @@ def run(
     kubeconfig: str | None,
     node_name: str | None,
     mesh_file: Path | None,
+    ktls: str,
     certs: Path | None,
     dump_bpf: bool,
     cache_dir,
@@ -210,6 +219,7 @@ def run(
         node_name=node_name,
         mesh=mesh_file,
         certs=certs,
+        ktls=ktls,
     )
     if (mesh_file is None) != (certs is None):
         from meshagent.errors import MeshError
@@ -345,6 +355,9 @@ def status(app: App, output: str, connections: bool) -> None:
             click.echo(f"  {pod['name']}: {info.get('identity')} {where}")
         done = ", ".join(f"{k}={v}" for k, v in mesh["handshakes"].items())
         click.echo(f"  handshakes: {done or 'none yet'}")
+        kernel = mesh.get("kernel_tls") or {}
+        how = "kernel TLS, spliced" if kernel.get("on") else "OpenSSL in the agent"
+        click.echo(f"  the hop's bytes: {how} ({kernel.get('why')})")
     decisions = ", ".join(f"{k}={sum(v.values())}" for k, v in reply["decisions"].items())
     click.echo(f"kernel decisions: {decisions or 'none yet'}")
     for conn in reply.get("connections", []):

@@ -677,7 +677,7 @@ class Forwarder:
         """What a successor takes: not the TLS hops (their sessions live in
         this process's OpenSSL; they end with a reset when it exits)."""
         return [(slot, record, conn) for conn, (slot, record) in self.conns.items()
-                if conn.mode != "tls"]  # fmt: skip
+                if isinstance(conn.mode, DataPathMode)]  # fmt: skip
 
     def suspend(self) -> None:
         """Nothing of the pods or connections reaches this loop any more."""
@@ -685,7 +685,7 @@ class Forwarder:
             for sock in slot.listeners:
                 self.loop.remove(sock.fileno())
         for conn in self.conns:
-            if conn.mode != "tls":
+            if isinstance(conn.mode, DataPathMode):  # a hop in OpenSSL carries on
                 conn.suspend()
 
     def resume(self) -> None:
@@ -694,7 +694,7 @@ class Forwarder:
             for sock in slot.listeners:
                 self.loop.add(sock.fileno(), 0, self._acceptor(slot, sock))
         for conn in self.conns:
-            if conn.mode != "tls":
+            if isinstance(conn.mode, DataPathMode):
                 conn.resume()
         self.start_accepting()
 

@@ -15,7 +15,6 @@ from meshagent.mesh.ca import CA_CERT, NODE_CERT, NODE_KEY, describe
 from meshagent.mesh.identity import SpiffeId
 
 LOOK_EVERY = 1.0  # seconds between two looks at the files' times
-TLS_MIN = ssl.TLSVersion.TLSv1_3
 
 
 @dataclass
@@ -39,9 +38,11 @@ def _stamp(directory: Path) -> tuple:
     return tuple(out)
 
 
-def _context(side: int, directory: Path) -> ssl.SSLContext:
+def _context(side: int, directory: Path, kernel_tls: bool = False) -> ssl.SSLContext:
+    from meshagent.mesh.ktls import tune
+
     ctx = ssl.SSLContext(side)
-    ctx.minimum_version = TLS_MIN
+    tune(ctx, kernel_tls)  # 1.3 in OpenSSL, or 1.2 with the kernel's TLS
     ctx.verify_mode = ssl.CERT_REQUIRED
     if side == ssl.PROTOCOL_TLS_CLIENT:
         ctx.check_hostname = False  # peers are named by SPIFFE ID, checked by the hop
@@ -60,8 +61,11 @@ def _context(side: int, directory: Path) -> ssl.SSLContext:
 class NodeCerts:
     """The node's TLS contexts, current with the files."""
 
-    def __init__(self, directory: Path, trust_domain: str, node: str) -> None:
+    def __init__(
+        self, directory: Path, trust_domain: str, node: str, kernel_tls: bool = False
+    ) -> None:
         self.directory = Path(directory)
+        self.kernel_tls = kernel_tls
         self.trust_domain = trust_domain
         self.node = node
         self.loaded_at = 0.0
@@ -79,8 +83,8 @@ class NodeCerts:
                 f"{self.directory / NODE_CERT} is {ident}, not node {self.node} of trust"
                 f" domain {self.trust_domain} (meshagent ca issue {self.node})"
             )
-        client = _context(ssl.PROTOCOL_TLS_CLIENT, self.directory)
-        server = _context(ssl.PROTOCOL_TLS_SERVER, self.directory)
+        client = _context(ssl.PROTOCOL_TLS_CLIENT, self.directory, self.kernel_tls)
+        server = _context(ssl.PROTOCOL_TLS_SERVER, self.directory, self.kernel_tls)
         self.loaded_at = time.monotonic()
         return Contexts(client, server, ident, info["not_after"], info["serial"], stamp)
 

@@ -36,6 +36,7 @@ from meshagent.host.loop import Loop
 from meshagent.mesh.certs import NodeCerts
 from meshagent.mesh.hop import PORT, Hop, Refused
 from meshagent.mesh.identity import SpiffeId, node_id, standalone_pod_id
+from meshagent.mesh.ktls import KtlsHop
 from meshagent.mesh.meshfile import MeshNode, MeshView
 
 MARK = 0x3A98  # 15000: the hop's sockets to applications
@@ -64,13 +65,13 @@ class Inbound:
 
 class TlsPath:
     """The forwarder's data path for a connection that crosses the hop
-    (it asks only join, abandon and fds_per_connection)."""
-
-    fds_per_connection = 2
-    mode = "tls"
+    (it asks only join, abandon and fds_per_connection): OpenSSL in this
+    process ("tls"), or the kernel's TLS, spliced ("ktls": two pipes more)."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
+        self.mode = "ktls" if mesh.kernel_tls else "tls"
+        self.fds_per_connection = 4 if mesh.kernel_tls else 2
 
     def join(self, client: socket.socket, wire: socket.socket, state: dict, on_done) -> Hop:
         return self.mesh.outbound_hop(client, wire, state, on_done)
@@ -80,10 +81,13 @@ class TlsPath:
 
 
 class Mesh:
-    def __init__(self, loop: Loop, view: MeshView, certs: NodeCerts) -> None:
+    def __init__(self, loop: Loop, view: MeshView, certs: NodeCerts, kernel_why: str = "") -> None:
         self.loop = loop
         self.view = view
         self.certs = certs
+        self.kernel_tls = certs.kernel_tls  # the hop's bytes: kernel TLS and splice, or OpenSSL
+        self.kernel_why = kernel_why
+        self.hop_class = KtlsHop if self.kernel_tls else Hop
         self.path = TlsPath(self)
         self.port = PORT
         self.inbound: dict[int, Inbound] = {}  # pod_id ->
@@ -177,7 +181,7 @@ class Mesh:
             if record is not None and record.mtls is not None:
                 record.mtls["peer"] = hop.peer
 
-        hop = Hop(self.loop, wire, self.certs.current().client, False, done, check, plain=client,
+        hop = self.hop_class(self.loop, wire, self.certs.current().client, False, done, check, plain=client,
                   header=state["header"], on_up=up)  # fmt: skip
         self.hops[hop] = "out"
         return hop
@@ -251,8 +255,8 @@ class Mesh:
         wire.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fwd = self.forwarder
         record = ConnRecord(slot.name, format_endpoint(peer_ip, peer_port), "?", time.time())
-        record.datapath = "tls"
-        record.fds = 2
+        record.datapath = self.path.mode
+        record.fds = self.path.fds_per_connection
         record.buffer = slot.buffer or tier(1, fwd.memory.budget)
         record.reserved = cost(record.buffer)
         record.mtls = {"direction": "in"}
@@ -282,7 +286,7 @@ class Mesh:
         def up(hop: Hop) -> None:
             self.handshakes[("in", "ok")] += 1
 
-        hop = Hop(self.loop, wire, self.certs.current().server, True, done, check, on_up=up,
+        hop = self.hop_class(self.loop, wire, self.certs.current().server, True, done, check, on_up=up,
                   on_header=lambda h, header: self._deliver(entry, h, header, peer_ip, record))  # fmt: skip
         self.hops[hop] = "in"
 
@@ -367,7 +371,7 @@ class Mesh:
                 return
             record.state = "forwarding"
             self.forwarder._emit("forwarded", slot.name, record.client, record.orig_dst, None,
-                                 datapath="tls", mtls=record.mtls)  # fmt: skip
+                                 datapath=record.datapath, mtls=record.mtls)  # fmt: skip
             hop.connected(app)
 
         timer = None
@@ -392,6 +396,7 @@ class Mesh:
     def snapshot(self) -> dict:
         return {
             **self.view.to_dict(),
+            "kernel_tls": {"on": self.kernel_tls, "why": self.kernel_why},
             "certificate": self.certs.snapshot(),
             "handshakes": {f"{d} {r}": n for (d, r), n in sorted(self.handshakes.items())},
             "hops": len(self.hops),
