@@ -107,6 +107,7 @@ def selftest(certs_dir: Path) -> tuple[bool, str]:
             tls = context(ssl.PROTOCOL_TLS_SERVER).wrap_socket(conn, server_side=True)
             found["server"] = kernel_tls_on(tls)
             raw = socket.socket(fileno=tls.detach())
+            raw.settimeout(10)  # a new object over the fd: its timeout is not the old one's
             got = bytearray()
             while len(got) < 65536 and (chunk := raw.recv(65536)):
                 got += chunk
@@ -122,6 +123,7 @@ def selftest(certs_dir: Path) -> tuple[bool, str]:
         tls = context(ssl.PROTOCOL_TLS_CLIENT).wrap_socket(conn)
         client_on = kernel_tls_on(tls)
         raw = socket.socket(fileno=tls.detach())
+        raw.settimeout(10)
         data = os.urandom(65536)
         r, w = os.pipe()
         try:
