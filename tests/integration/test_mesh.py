@@ -264,7 +264,7 @@ def test_bad_mesh_files_and_certificates_are_refused_at_start(mesh_nodes, tmp_pa
 
 
 ROTATE_CLIENT = textwrap.dedent(r"""
-    import hashlib, socket, sys, threading, time
+    import hashlib, os, socket, sys, threading, time
     s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
     back, got = hashlib.sha256(), [0]
     def read():
@@ -274,8 +274,9 @@ ROTATE_CLIENT = textwrap.dedent(r"""
     digest = hashlib.sha256()
     block = bytes(range(256)) * 256
     deadline = time.monotonic() + float(sys.argv[3])
+    stop = sys.argv[4] if len(sys.argv) > 4 else ""
     sent = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop and os.path.exists(stop)):
         s.sendall(block); digest.update(block); sent += len(block)
         time.sleep(0.01)
     s.shutdown(socket.SHUT_WR)
@@ -398,8 +399,8 @@ def test_strict_pods_take_only_the_mesh_even_while_no_agent_runs(mesh_nodes):
 
 
 @pytest.mark.kernel_matrix
-def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair):
-    """What a client sees when node-b's agent is upgraded in place while a
+def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair, tmp_path):
+    """What a client sees when its node's agent is upgraded in place while a
     cross-node connection runs. With the hop in OpenSSL: a reset (its TLS
     session lives in the old agent and cannot move), never a clean end of
     a cut stream. With the kernel's TLS: nothing, the kernel holds the
@@ -412,16 +413,19 @@ def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair
     nodes, client, server = mesh_pair
     env_a, env_b = nodes.envs
     echo_server(env_b, server, "0.0.0.0", 2)
-    proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "20"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    old = nodes.agents[1]
+    stop = tmp_path / "stop"
+    proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "600",
+                                str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)  # fmt: skip
+    old = nodes.agents[0]
     wait_for(lambda: old.request("status")["mesh"]["hops"] == 1, what="the hop")
-    new = start_agent(env_b, "--mesh", str(nodes.mesh_file), "--certs", str(nodes.certs(1)),
-                      "--node-name", "node-b", "--takeover", log_name="new.log")  # fmt: skip
-    nodes.agents[1] = new
-    wait_for(lambda: old.proc.poll() is not None, 60, "the old agent to exit")
+    new = start_agent(env_a, "--mesh", str(nodes.mesh_file), "--certs", str(nodes.certs(0)),
+                      "--node-name", "node-a", "--takeover", log_name="new.log")  # fmt: skip
+    nodes.agents[0] = new
+    wait_for(lambda: old.proc.poll() is not None, 120, "the old agent to exit")
     wait_for(lambda: answers(new), 60, "the new agent to answer")
-    out, err = proc.communicate(timeout=60)
+    stop.touch()
+    out, err = proc.communicate(timeout=120)
     if new.request("status")["mesh"]["kernel_tls"]["on"]:
         # The kernel holds the session: the hop was handed over like any
         # spliced connection, and the transfer finished whole.
@@ -431,10 +435,10 @@ def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair
     else:
         reset = "ConnectionResetError" in err or "BrokenPipeError" in err
         assert proc.returncode != 0 and reset, (out, err)
-    wait_for(lambda: (new.pod_status("server") or {}).get("mesh", {}).get("inbound"),
+    wait_for(lambda: (new.pod_status("client") or {}).get("mesh", {}).get("inbound"),
              what="the new agent's hop listener")  # fmt: skip
     assert int(env_a.script(client, SEND_MARKERS, server.ip4, str(PORT), "after")) == 5 * 20000
-    assert new.request("status")["mesh"]["handshakes"] == {"in ok": 1}
+    assert new.request("status")["mesh"]["handshakes"] == {"out ok": 1}
 
 
 def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):

@@ -180,7 +180,7 @@ class KtlsHop:
         self._closed_by: str | None = None
         self.tls = ctx.wrap_socket(wire, server_side=server_side, do_handshake_on_connect=False)
         self.wire: socket.socket = self.tls  # the bare socket after the handshake
-        self.fd = wire.fileno()
+        self.fd = self.tls.fileno()  # wrap_socket took the fd over from wire
         self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
         loop.add(self.fd, EPOLLIN | EPOLLOUT, self._event)
 

@@ -424,12 +424,18 @@ class Mesh:
     def let_go(self) -> None:
         """A successor took the pods over: close the hop listeners (it opens
         its own, and keeps the pods' routes, which stay as they are) and
-        reset the hops, whose TLS sessions cannot leave this process."""
+        reset the hops whose sessions cannot leave this process: all in
+        OpenSSL, and the inbound ones (not handed over yet). Outbound hops
+        in the kernel's TLS went over with the pod's connections."""
         for entry in self.inbound.values():
             self._close_listeners(entry)
         self.inbound.clear()
         self.strict_ips.clear()
-        for hop in list(self.hops):
+        from meshagent.modes import DataPathMode
+
+        for hop, direction in list(self.hops.items()):
+            if direction == "out" and isinstance(hop.mode, DataPathMode):
+                continue  # spliced in the kernel's TLS: handed over with the pod's connections
             hop.reset("takeover: a hop's TLS session cannot move to the new agent")
 
     def close(self) -> None:
