@@ -191,14 +191,24 @@ def test_many_connections_across_nodes_write_at_once_in_random_chunks(mesh_pair)
     lines = [json.loads(line) for line in out.splitlines()]
     assert lines.pop() == {"done": conns, "stuck": 0}
     by_client = {line["id"]: line for line in lines}
-    by_server = {}
+    by_server, broken = {}, []
     for _ in range(conns):
-        seen = srv.next()
-        by_server[seen["id"]] = seen
+        try:
+            seen = srv.next()
+        except AssertionError:
+            failed = [line for line in lines if "recv_error" in line or "connect_error" in line]
+            logs = "\n".join(a.log()[-3000:] for a in nodes.agents)
+            raise AssertionError((len(by_server), failed[:5], logs)) from None
+        if "id" in seen:
+            by_server[seen["id"]] = seen
+        else:  # not even its first 8 bytes arrived
+            broken.append(seen)
+    logs = "\n".join(a.log()[-3000:] for a in nodes.agents)
+    assert not broken, (broken, logs)
     assert sorted(by_client) == sorted(by_server) == list(range(conns))
     for conn_id, sent in by_client.items():
         got = by_server[conn_id]
-        assert "recv_error" not in sent and "recv_error" not in got, (sent, got)
+        assert "recv_error" not in sent and "recv_error" not in got, (sent, got, logs)
         assert got["recv_sha"] == sent["sent_sha"], f"node-a->node-b bytes differ on {conn_id}"
         assert sent["recv_sha"] == got["sent_sha"], f"node-b->node-a bytes differ on {conn_id}"
         assert got["peer"] == client.ip4

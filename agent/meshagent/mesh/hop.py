@@ -38,7 +38,9 @@ MAGIC = b"MESH/1 "
 LINE_MAX = 4096
 HIGH = 1 << 20
 CHUNK = 256 * 1024
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = (
+    30.0  # a handshake waits this long for its peer (200 at once under emulation: 20 s)
+)
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
