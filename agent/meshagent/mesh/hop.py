@@ -84,6 +84,28 @@ def tls_reason(exc: ssl.SSLError) -> str:
     return "handshake"
 
 
+def parse_header(line: bytes) -> dict:
+    """The client's header line (without its newline), or Refused."""
+    if not line.startswith(MAGIC):
+        raise Refused("bad_header", "not a meshagent hop (no MESH/1 header)")
+    try:
+        header = json.loads(line[len(MAGIC) :])
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise Refused("bad_header", f"header: {exc}") from None
+    return header
+
+
+def check_reply(line: bytes) -> None:
+    """The server's reply line: OK, or Refused with its reason."""
+    if line == b"OK":
+        return
+    reason = line[3:].decode(errors="replace") if line.startswith(b"NO ") else "bad_reply"
+    raise Refused(f"refused_{reason}" if reason != "bad_reply" else reason,
+                  f"the destination node refused: {reason}")  # fmt: skip
+
+
 def peer_uri(tls: ssl.SSLObject) -> str | None:
     cert = tls.getpeercert()
     for kind, value in (cert or {}).get("subjectAltName", ()):
@@ -315,27 +337,16 @@ class Hop:
         line, _, rest = bytes(self.line).partition(b"\n")
         self.line = bytearray()
         if self.server_side:
-            if not line.startswith(MAGIC):
-                raise Refused("bad_header", "not a meshagent hop (no MESH/1 header)")
-            try:
-                header = json.loads(line[len(MAGIC) :])
-                if not isinstance(header, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                raise Refused("bad_header", f"header: {exc}") from None
+            header = parse_header(line)
             self.to_plain += rest  # the client's first bytes: held until the app accepts
             self.phase = CONNECTING
             self._cancel_timer()
             self.on_header(self, header)
             return
-        if line == b"OK":
-            self.to_plain += rest
-            self._cancel_timer()
-            self._up()
-            return
-        reason = line[3:].decode(errors="replace") if line.startswith(b"NO ") else "bad_reply"
-        raise Refused(f"refused_{reason}" if reason != "bad_reply" else reason,
-                      f"the destination node refused: {reason}")  # fmt: skip
+        check_reply(line)
+        self.to_plain += rest
+        self._cancel_timer()
+        self._up()
 
     def _up(self) -> None:
         self.phase = RELAY

@@ -32,7 +32,16 @@ from pathlib import Path
 from meshagent.forwarder.copy import Relay, reset_close
 from meshagent.forwarder.splice import SpliceLeg
 from meshagent.host.loop import Loop
-from meshagent.mesh.hop import HANDSHAKE_TIMEOUT, LINE_MAX, MAGIC, Refused, peer_uri, tls_reason
+from meshagent.mesh.hop import (
+    HANDSHAKE_TIMEOUT,
+    LINE_MAX,
+    MAGIC,
+    Refused,
+    check_reply,
+    parse_header,
+    peer_uri,
+    tls_reason,
+)
 from meshagent.modes import DataPathMode
 
 SOL_TLS, TLS_TX, TLS_RX = 282, 1, 2
@@ -324,24 +333,13 @@ class KtlsHop:
         line = self.wire.recv(end + 1)[:-1]
         self._cancel_timer()
         if self.server_side:
-            if not line.startswith(MAGIC):
-                raise Refused("bad_header", "not a meshagent hop (no MESH/1 header)")
-            try:
-                header = json.loads(line[len(MAGIC) :])
-                if not isinstance(header, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                raise Refused("bad_header", f"header: {exc}") from None
+            header = parse_header(line)
             self.phase = "connecting"
             self.loop.modify(self.fd, 0)
             self.on_header(self, header)
             return
-        if line == b"OK":
-            self._relay()
-            return
-        reason = line[3:].decode(errors="replace") if line.startswith(b"NO ") else "bad_reply"
-        raise Refused(f"refused_{reason}" if reason != "bad_reply" else reason,
-                      f"the destination node refused: {reason}")  # fmt: skip
+        check_reply(line)
+        self._relay()
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
