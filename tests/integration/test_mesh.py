@@ -244,6 +244,9 @@ def test_same_node_and_unmeshed_destinations_go_as_before(mesh_pair):
     last = [c for c in conns if c["orig_dst"] == f"{local.ip4}:{PORT}"][-1]
     assert last["datapath"] not in ("tls", "ktls") and last["mtls"] is None, last
     text = env_a.meshagent("status").stdout
+    assert "the hop's bytes: " in text
+    probe = json.loads(env_a.meshagent("probe-kernel", "-o", "json").stdout)
+    assert probe["mesh_hop"]["kernel_tls"] == kernel_has_tls(), probe["mesh_hop"]
     assert "mesh: node node-a of mesh.test (2 nodes)" in text
     assert "client: spiffe://mesh.test/node/node-a/pod/client takes hops on 15008" in text
 

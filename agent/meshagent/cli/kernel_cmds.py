@@ -45,7 +45,11 @@ def probe_kernel(
         first = plan(probe, cfg)
         probe = probe.with_refused(refusals(cfg, first.programs, first.cflags))
     chosen = plan(probe, cfg)
-    report = {**probe.to_dict(), "auto": chosen.to_dict()}
+    from meshagent.mesh.ktls import kernel_offers_tls
+
+    offered, how = kernel_offers_tls()
+    report = {**probe.to_dict(), "auto": chosen.to_dict(),
+              "mesh_hop": {"kernel_tls": offered, "how": how}}  # fmt: skip
     if output == "json":
         click.echo(json.dumps(report, indent=2))
         return
@@ -56,6 +60,8 @@ def probe_kernel(
         click.echo(f"  refused: {name}: {reason}")
     click.echo(f"auto backend:  {chosen.backend or 'none'} ({chosen.backend_reason})")
     click.echo(f"auto datapath: {chosen.datapaths[0]} ({chosen.datapath_reason})")
+    hop = "kernel TLS, spliced" if offered else "OpenSSL in the agent"
+    click.echo(f"mesh hop:      {hop} ({how}; `run --mesh` self-tests OpenSSL's hand-over)")
     for note in chosen.notes:
         click.echo(f"note: {note}")
     if chosen.error:

@@ -78,19 +78,28 @@ def kernel_tls_on(sock: socket.socket) -> bool:
     return True
 
 
-def selftest(certs_dir: Path) -> tuple[bool, str]:
-    """(usable, why): a TLS 1.2 pair on loopback with this node's own
-    certificate, kernel TLS both ways, and 64 KiB spliced each way."""
+def kernel_offers_tls() -> tuple[bool, str]:
+    """(offered, how it was found): the tls ULP on a TCP socket (one not
+    yet connected answers ENOTCONN when the kernel has it, ENOENT when not)."""
     probe = socket.socket()
     try:
         probe.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            return False, "the kernel has no TLS (CONFIG_TLS, the tls module)"
+            return False, "the kernel has no TLS (CONFIG_TLS, the tls module): setsockopt TCP_ULP"
         if exc.errno != errno.ENOTCONN:
             return False, f"the kernel's TLS: {exc.strerror}"
     finally:
         probe.close()
+    return True, "setsockopt TCP_ULP tls: the kernel has TLS"
+
+
+def selftest(certs_dir: Path) -> tuple[bool, str]:
+    """(usable, why): a TLS 1.2 pair on loopback with this node's own
+    certificate, kernel TLS both ways, and 64 KiB spliced each way."""
+    offered, how = kernel_offers_tls()
+    if not offered:
+        return False, how
     from meshagent.mesh.ca import CA_CERT, NODE_CERT, NODE_KEY
 
     def context(side: int) -> ssl.SSLContext:
