@@ -70,6 +70,8 @@ class Agent:
         self.pods: Attachments | None = None
         self.kube: KubePods | None = None  # which Kubernetes pods to attach
         self.watch: ApiWatch | None = None  # the API watch, when configured
+        self.mesh_view = None  # --mesh kube: mesh/kubeview.py, fed by the watch
+        self.enroller = None  # --mesh kube: mesh/enroll.py
         self.control: ControlServer | None = None
         self.facts: AgentFacts | None = None
         self.datapath: DataPathControl | None = None
@@ -151,6 +153,8 @@ class Agent:
         if self.watch is not None:
             self.watch.start()
             self.stack.callback(self.watch.close)
+            if self.mesh_view is not None:
+                self._enroll()
         self.pods.start_offloading()
         reader = Worker(self.loop, "reader")  # whole-map walks for status
         self.stack.callback(reader.close)
@@ -235,8 +239,9 @@ class Agent:
             self.forwarder.use_mesh(mesh)
 
     def _read_mesh(self):
-        """(the mesh view, this node's certificates), or None without --mesh."""
-        if self.cfg.mesh is None:
+        """(the mesh view, this node's certificates), or None without --mesh
+        (and with --mesh kube: the mesh comes once the node is enrolled)."""
+        if self.cfg.mesh is None or str(self.cfg.mesh) == "kube":
             return None
         import socket as _socket
 
@@ -264,8 +269,54 @@ class Agent:
         resolver.uid_of = self.kube.uid_of
         kube_cfg = settings(self.cfg.kubeconfig, self.cfg.node_name, self.cfg.kube)
         if kube_cfg is not None:
-            self.watch = ApiWatch(self.loop, self.kube, kube_cfg)
+            if str(self.cfg.mesh) == "kube":
+                from meshagent.mesh.kubeview import KubeMeshView
+
+                self.mesh_view = KubeMeshView("", kube_cfg.node)
+            self.watch = ApiWatch(self.loop, self.kube, kube_cfg, self.mesh_view)
             self.kube.watching = True
+
+    def _enroll(self) -> None:
+        """--mesh kube: the node's certificate from the identity service; the
+        mesh starts with the first one (until then, connections to other
+        nodes go as without a mesh)."""
+        from meshagent.kube.watch import make_client
+        from meshagent.mesh.enroll import TOKEN, Enroller
+
+        namespace = os.environ.get("POD_NAMESPACE", "meshagent")
+        token = Path(os.environ.get("MESHAGENT_CA_TOKEN", str(TOKEN)))
+        enroller = Enroller(make_client(self.watch.cfg), namespace, self.cfg.certs, token,
+                            lambda got: self.loop.post(lambda: self._enrolled(got)))  # fmt: skip
+        self.enroller = enroller
+        enroller.start()
+        self.stack.callback(enroller.close)
+
+    def _enrolled(self, got) -> None:
+        from meshagent.mesh.certs import NodeCerts
+        from meshagent.mesh.node import Mesh
+
+        if self.forwarder.mesh is not None or self.mesh_view is None:
+            return  # the files changed: NodeCerts takes them up
+        view = self.mesh_view
+        view.trust_domain = got.trust_domain
+        kernel, why = False, "--ktls off"
+        if self.cfg.ktls != "off":
+            from meshagent.mesh import ktls
+
+            kernel, why = ktls.selftest(self.cfg.certs)
+        try:
+            certs = NodeCerts(self.cfg.certs, view.trust_domain, view.me, kernel)
+        except MeshError as exc:
+            self.log.warning("the identity service's certificate does not fit this node",
+                             extra={"reason": str(exc)})  # fmt: skip
+            return
+        mesh = Mesh(self.loop, view, certs, why)
+        mesh.mode_of = view.mode
+        mesh.enforce_modes = True
+        mesh.enroll = self.enroller
+        self.forwarder.use_mesh(mesh)
+        self.log.info("joined the mesh", extra={"identity": got.identity,
+                                                "trust_domain": got.trust_domain})  # fmt: skip
 
     def _claim_control(self) -> None:
         """The control socket, claimed now (a second agent is refused); it

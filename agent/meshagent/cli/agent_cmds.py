@@ -130,7 +130,9 @@ Examples:
     type=click.Path(dir_okay=False, path_type=Path),
     envvar="MESHAGENT_MESH",
     help="Join a mesh of nodes (a mesh file: trust domain, nodes and their pod CIDRs):"
-    " connections to other nodes' pods go there over mutual TLS. Needs --certs.",
+    " connections to other nodes' pods go there over mutual TLS. Needs --certs. 'kube':"
+    " the mesh from the Kubernetes API, the certificate from the identity service"
+    " (deploy/mesh.yaml).",
 )
 @click.option(
     "--ktls",
@@ -221,7 +223,16 @@ def run(
         certs=certs,
         ktls=ktls,
     )
-    if (mesh_file is None) != (certs is None):
+    if str(mesh_file) == "kube":
+        from meshagent.errors import MeshError
+
+        if kube == "off":
+            raise MeshError("--mesh kube needs the API (--kube auto or on)")
+        import dataclasses
+
+        # The agent writes its own certificate there (mesh/enroll.py).
+        cfg = dataclasses.replace(cfg, certs=certs or app.state_dir / "mesh-certs")
+    elif (mesh_file is None) != (certs is None):
         from meshagent.errors import MeshError
 
         raise MeshError("--mesh and --certs go together: a mesh needs this node's certificate")

@@ -81,3 +81,29 @@ def show(directory: Path, output: str) -> None:
 
 def register(cli: click.Group) -> None:
     cli.add_command(ca)
+
+
+@ca.command(epilog="\b\nExample (the Deployment of deploy/mesh.yaml):\n"
+            "  meshagent ca serve --trust-domain cluster.local")  # fmt: skip
+@click.option("--trust-domain", default="cluster.local", envvar="MESHAGENT_TRUST_DOMAIN",
+              show_default=True, help="The mesh's trust domain (SPIFFE).")  # fmt: skip
+@click.option("--namespace", envvar="POD_NAMESPACE", default="meshagent", show_default=True,
+              help="Where the CA's Secret and ConfigMap live (its own namespace).")  # fmt: skip
+@click.option("--agents", default="meshagent:meshagent", show_default=True,
+              help="NAMESPACE:SERVICEACCOUNT of the node agents it signs for.")  # fmt: skip
+@click.option("--hours", type=float, default=24.0, show_default=True,
+              help="A node certificate's life; agents renew at half of it.")  # fmt: skip
+@click.option("--port", type=int, default=15012, show_default=True)
+def serve(trust_domain: str, namespace: str, agents: str, hours: float, port: int) -> None:
+    """The identity service on Kubernetes: signs each node agent's key for
+    its own node, after a TokenReview of its pod-bound token."""
+    from meshagent import log
+    from meshagent.errors import MeshError
+    from meshagent.mesh import kube_ca
+
+    if agents.count(":") != 1 or not all(agents.split(":")):
+        raise MeshError(f"--agents {agents!r}: NAMESPACE:SERVICEACCOUNT")
+    if not 0 < hours <= 24 * 366:
+        raise MeshError("--hours: more than 0, at most a year")
+    log.setup("json")
+    kube_ca.serve(namespace, trust_domain, agents, port, hours)

@@ -125,6 +125,8 @@ class Forwarder:
         attached pod takes the hop from them on port 15008."""
         self.mesh = mesh
         mesh.forwarder = self
+        for slot in list(self.pods.values()):  # pods attached before the mesh came
+            mesh.open_pod(slot)
 
     def set_mode(self, mode: DataPathMode) -> None:
         if mode not in self.paths:

@@ -28,11 +28,16 @@ FINISHED = ("Succeeded", "Failed")  # phases whose containers will not run again
 
 @dataclass
 class PodView:
-    """What the API server says of a pod on this node."""
+    """What the API server says of a pod (on this node, or, for the mesh,
+    on any node)."""
 
     uid: str
     labels: dict[str, str] = field(default_factory=dict)
     phase: str = ""  # Pending, Running, Succeeded, Failed, Unknown ("" not known)
+    node: str = ""  # spec.nodeName
+    ips: tuple[str, ...] = ()  # status.podIPs
+    service_account: str = ""
+    host_network: bool = False
 
 
 def opted_in(pod_labels: dict[str, str], ns_labels: dict[str, str]) -> bool:

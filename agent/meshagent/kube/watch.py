@@ -1,5 +1,7 @@
 """The API watch: pods on this node (fieldSelector spec.nodeName) and the
-namespaces' labels, fed to kube/autoattach.py on the agent's loop.
+namespaces' labels, fed to kube/autoattach.py on the agent's loop. With the
+mesh on (`--mesh kube`) it watches every node's pods instead: this node's
+go to kube/autoattach.py, all of them to the mesh's view (mesh/kubeview.py).
 
 Each kind is listed, then watched from the list's resourceVersion. A watch
 that breaks (the server ends it, or the connection drops) resumes from the
@@ -87,10 +89,11 @@ def describe(exc: BaseException) -> str:
 class ApiWatch:
     """Two threads (pods, namespaces); results are posted to the loop."""
 
-    def __init__(self, loop, kube: KubePods, cfg: KubeSettings) -> None:
+    def __init__(self, loop, kube: KubePods, cfg: KubeSettings, mesh_view=None) -> None:
         self.loop = loop
         self.kube = kube
         self.cfg = cfg
+        self.mesh_view = mesh_view  # mesh/kubeview.py: every node's pods, or None
         self.log = log.get()
         self.stopping = threading.Event()
         self.state: dict[str, str] = {"pods": "starting", "namespaces": "starting"}
@@ -145,8 +148,7 @@ class ApiWatch:
         from lightkube.resources.core_v1 import Namespace, Pod
 
         if kind == "pods":
-            listing = self.client.list(Pod, namespace="*",
-                                       fields={"spec.nodeName": self.cfg.node})  # fmt: skip
+            listing = self.client.list(Pod, namespace="*", fields=self._fields())
             views = {_pod_name(p): _pod_view(p) for p in listing}
         else:
             listing = self.client.list(Namespace)
@@ -156,10 +158,21 @@ class ApiWatch:
         self.loop.post(lambda: self._listed(kind, views))
         return version
 
+    def _fields(self) -> dict | None:
+        """This node's pods only, unless the mesh wants every node's."""
+        return None if self.mesh_view is not None else {"spec.nodeName": self.cfg.node}
+
+    def _local(self, pods: dict[str, PodView]) -> dict[str, PodView]:
+        if self.mesh_view is None:
+            return pods
+        return {name: view for name, view in pods.items() if view.node == self.cfg.node}
+
     def _listed(self, kind: str, views: dict) -> None:
         self.listed[kind] = views
         if len(self.listed) == 2:
-            self.kube.replace_all(self.listed["pods"], self.listed["namespaces"])
+            self.kube.replace_all(self._local(self.listed["pods"]), self.listed["namespaces"])
+            if self.mesh_view is not None:
+                self.mesh_view.replace_all(self.listed["pods"], self.listed["namespaces"])
 
     def _watch(self, kind: str, version: str) -> None:
         from lightkube.resources.core_v1 import Namespace, Pod
@@ -173,7 +186,7 @@ class ApiWatch:
             return OnErrorResult(OnErrorAction.RETRY, sleep=min(2.0**count, BACKOFF_MAX))
 
         if kind == "pods":
-            stream = self.client.watch(Pod, namespace="*", fields={"spec.nodeName": self.cfg.node},
+            stream = self.client.watch(Pod, namespace="*", fields=self._fields(),
                                        resource_version=version, on_error=on_error)  # fmt: skip
         else:
             stream = self.client.watch(Namespace, resource_version=version, on_error=on_error)
@@ -198,6 +211,13 @@ class ApiWatch:
             else:
                 listed[name] = view
         if len(self.listed) == 2:
+            if self.mesh_view is not None:
+                mesh = (
+                    self.mesh_view.pod_event if kind == "pods" else self.mesh_view.namespace_event
+                )
+                mesh(event, name, view)
+                if kind == "pods" and view.node != self.cfg.node:
+                    return  # another node's pod: the mesh's only
             act = self.kube.pod_event if kind == "pods" else self.kube.namespace_event
             act(event, name, view)
 
@@ -223,8 +243,22 @@ def _pod_name(pod) -> str:
 
 
 def _pod_view(pod) -> PodView:
-    phase = (pod.status.phase if pod.status is not None else None) or ""
-    return PodView(uid=pod.metadata.uid or "", labels=dict(pod.metadata.labels or {}), phase=phase)
+    status, spec = pod.status, pod.spec
+    phase = (status.phase if status is not None else None) or ""
+    ips: tuple[str, ...] = ()
+    if status is not None:
+        ips = tuple(p.ip for p in (status.podIPs or []) if p.ip) or (
+            (status.podIP,) if status.podIP else ()
+        )
+    return PodView(
+        uid=pod.metadata.uid or "",
+        labels=dict(pod.metadata.labels or {}),
+        phase=phase,
+        node=(spec.nodeName if spec is not None else None) or "",
+        ips=ips,
+        service_account=(spec.serviceAccountName if spec is not None else None) or "",
+        host_network=bool(spec is not None and spec.hostNetwork),
+    )
 
 
 def _gone(exc: BaseException) -> bool:

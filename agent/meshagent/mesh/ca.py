@@ -134,33 +134,31 @@ def trust_domain_of(cert) -> str:
     raise MeshError("the CA certificate names no trust domain (spiffe:// URI SAN)")
 
 
-def issue(
-    ca_dir: Path,
-    node: str,
-    out: Path,
+def sign(
+    ca_key,
+    ca_cert,
+    public_key,
+    name: str,
+    uri: str | None = None,
+    dns: str | None = None,
     hours: float = 24.0,
     not_before: dt.datetime | None = None,
-) -> Issued:
-    """Node NODE's key and certificate, and the CA's certificate, into out
-    (node.key, node.crt, ca.crt), each file replaced whole."""
+):
+    """A certificate for public_key, signed by the CA: its name a SPIFFE
+    URI (a node) or a DNS name (the identity service's own)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    if not 0 < hours <= 24 * 366:
-        raise MeshError("--hours: more than 0, at most a year")
-    ca_dir = Path(ca_dir)
-    ca_key, ca_cert = _load_ca(ca_dir)
-    domain = trust_domain_of(ca_cert)
-    ident = node_id(domain, node)
-    key = _key()
     start = not_before or dt.datetime.now(dt.UTC) - SKEW
     end = start + SKEW + dt.timedelta(hours=hours)
-    cert = (
+    names: list = [x509.UniformResourceIdentifier(uri)] if uri else []
+    names += [x509.DNSName(dns)] if dns else []
+    return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -175,19 +173,41 @@ def issue(
             ),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(ident))]),
-            critical=True,
-        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=bool(uri))
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def write_node(out: Path, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
+    """A node's three files, each replaced whole; the key first, so that a
+    reader that sees the new certificate finds its key."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # The key first: a reader that sees the new certificate finds its key.
-    _write(out / NODE_KEY, _pem_key(key), secret=True)
-    _write(out / CA_CERT, (ca_dir / CA_CERT).read_bytes(), secret=False)
-    _write(out / NODE_CERT, _pem_cert(cert), secret=False)
-    return Issued(str(ident), end.isoformat(timespec="seconds"), out)
+    _write(out / NODE_KEY, key_pem, secret=True)
+    _write(out / CA_CERT, ca_pem, secret=False)
+    _write(out / NODE_CERT, cert_pem, secret=False)
+
+
+def issue(
+    ca_dir: Path,
+    node: str,
+    out: Path,
+    hours: float = 24.0,
+    not_before: dt.datetime | None = None,
+) -> Issued:
+    """Node NODE's key and certificate, and the CA's certificate, into out
+    (node.key, node.crt, ca.crt), each file replaced whole."""
+    if not 0 < hours <= 24 * 366:
+        raise MeshError("--hours: more than 0, at most a year")
+    ca_dir = Path(ca_dir)
+    ca_key, ca_cert = _load_ca(ca_dir)
+    ident = node_id(trust_domain_of(ca_cert), node)
+    key = _key()
+    cert = sign(ca_key, ca_cert, key.public_key(), node, uri=str(ident), hours=hours,
+                not_before=not_before)  # fmt: skip
+    write_node(out, _pem_key(key), _pem_cert(cert), (ca_dir / CA_CERT).read_bytes())
+    end = cert.not_valid_after.replace(tzinfo=dt.UTC)
+    return Issued(str(ident), end.isoformat(timespec="seconds"), Path(out))
 
 
 def describe(cert_path: Path) -> dict:

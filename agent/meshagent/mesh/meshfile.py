@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshagent.errors import MeshError
-from meshagent.mesh.identity import check_segment, check_trust_domain
+from meshagent.mesh.identity import SpiffeId, check_segment, check_trust_domain, standalone_pod_id
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -63,6 +63,25 @@ class MeshView:
         """The other node that holds ip, or None (this node's own, or unmeshed)."""
         node = self.node_of(ip)
         return node if node is not None and node.name != self.me else None
+
+    def holds(self, node: MeshNode, ip: str) -> bool:
+        """ip is one of node's pod addresses."""
+        return node.holds(ip)
+
+    def workload(self, pod: str) -> str:
+        """The identity this node asserts for its pod (by name)."""
+        return str(standalone_pod_id(self.trust_domain, self.me, pod))
+
+    def check_source(self, peer_node: str, peer_ip: str, claimed: SpiffeId) -> str | None:
+        """Why peer_node may not assert claimed for a connection from
+        peer_ip, or None: standalone, a node asserts only its own pods."""
+        if claimed.node != peer_node:
+            return f"node {peer_node} asserted {claimed}, a workload it does not hold"
+        return None
+
+    def mode(self, pod: str) -> str:
+        """A pod's inbound mode: standalone, the agent's pod records say it."""
+        return "permissive"
 
     def to_dict(self) -> dict:
         return {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import os
 import select
 import socket
 import time
@@ -35,7 +36,7 @@ from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.mesh.certs import NodeCerts
 from meshagent.mesh.hop import PORT, Hop, Refused
-from meshagent.mesh.identity import SpiffeId, node_id, standalone_pod_id
+from meshagent.mesh.identity import SpiffeId, node_id
 from meshagent.mesh.ktls import KtlsHop
 from meshagent.mesh.meshfile import MeshNode, MeshView
 
@@ -44,7 +45,11 @@ TABLE = 15008
 RULE_PREF = 15008
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
-FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+FWMARK_ACCEPT = "ipv4/tcp_fwmark_accept"  # under /proc/sys/net (sysctl_net)
+# A container's /proc/sys is read-only: the DaemonSet mounts the host's
+# /proc/sys/net here (as Cilium's does). Either shows the netns of the
+# thread that opens a file, so a pod's knobs are written from inside it.
+HOST_SYSCTL_NET = "/host/proc/sys/net"
 CONNECT_TIMEOUT = 10.0
 RETRIES = 30  # ticks a pod's 15008 is tried again
 
@@ -98,11 +103,15 @@ class Mesh:
         # A pod's inbound mode (mesh/strict.py), by name; the agent sets it.
         self.mode_of: Callable[[str], str] = lambda _name: "permissive"
         self.strict_ips: dict[str, Inbound] = {}  # this node's strict pods, by address
+        # On Kubernetes the labels say a pod's mode and the agent makes its
+        # strict rules (or takes them away) when it opens the pod.
+        self.enforce_modes = False
+        self.enroll = None  # mesh/enroll.py on Kubernetes: the certificate's source
         self.log = log.get()
 
     # -- who is who --------------------------------------------------------
     def pod_identity(self, pod: str) -> str:
-        return str(standalone_pod_id(self.view.trust_domain, self.view.me, pod))
+        return self.view.workload(pod)
 
     def remote(self, ip: str) -> MeshNode | None:
         return self.view.remote(ip)
@@ -199,6 +208,10 @@ class Mesh:
             if entry.mode == "strict":
                 for addr in entry.addrs.values():
                     self.strict_ips[addr] = entry
+            if self.enforce_modes:
+                from meshagent.mesh import strict
+
+                strict.apply_fd(slot.netns_fd, entry.mode == "strict", what=f"pod {slot.name}")
             for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
                 sock = netns.socket_in(slot.netns_fd, family)
                 entry.listeners.append(sock)
@@ -300,7 +313,7 @@ class Mesh:
         node = self.view.nodes.get(ident.node or "") if ident.is_node else None
         if ident.trust_domain != self.view.trust_domain or node is None:
             raise Refused("unknown_node", f"{hop.peer} is no node of this mesh")
-        if not node.holds(peer_ip):
+        if not self.view.holds(node, peer_ip):
             raise Refused("not_on_node", f"{peer_ip} is not a pod address of node {node.name}")
 
     def _deliver(self, entry: Inbound, hop: Hop, header: dict, peer_ip: str,
@@ -314,9 +327,13 @@ class Mesh:
         except MeshError:
             hop.refuse("bad_identity", f"the source identity {src!r} is no SPIFFE ID")
             return
-        if claimed.trust_domain != self.view.trust_domain or claimed.node != peer.node:
-            hop.refuse("identity_not_on_node",
-                       f"node {peer.node} asserted {src}, a workload it does not hold")  # fmt: skip
+        why = (
+            f"{src} is of another trust domain"
+            if claimed.trust_domain != self.view.trust_domain
+            else self.view.check_source(peer.node or "", peer_ip, claimed)
+        )
+        if why is not None:
+            hop.refuse("identity_not_on_node", why)
             return
         hop.source = src
         record.mtls["source"] = src
@@ -400,6 +417,7 @@ class Mesh:
             "certificate": self.certs.snapshot(),
             "handshakes": {f"{d} {r}": n for (d, r), n in sorted(self.handshakes.items())},
             "hops": len(self.hops),
+            **({"enroll": self.enroll.snapshot()} if self.enroll is not None else {}),
         }
 
     def counters(self) -> dict:
@@ -464,7 +482,8 @@ def _route_marked_to_lo(on: bool, restore: str | None = None) -> tuple[str, dict
     from pyroute2.netlink.exceptions import NetlinkError
 
     was = None
-    with open(FWMARK_ACCEPT) as f:
+    knob = sysctl_net(FWMARK_ACCEPT)
+    with open(knob) as f:
         was = f.read().strip()
     addrs: dict[int, str] = {}
     with IPRoute() as ipr:
@@ -486,6 +505,12 @@ def _route_marked_to_lo(on: bool, restore: str | None = None) -> tuple[str, dict
                 lo = ipr.link_lookup(ifname="lo")[0]
                 ipr.route("add", oif=lo, **route)
                 ipr.rule("add", **rule)
-    with open(FWMARK_ACCEPT, "w") as f:
+    with open(knob, "w") as f:
         f.write("1" if on else (restore or "0"))
     return was, addrs
+
+
+def sysctl_net(knob: str) -> str:
+    """The file of net.KNOB (as ipv4/tcp_fwmark_accept) for this thread's netns."""
+    top = HOST_SYSCTL_NET if os.path.isdir(HOST_SYSCTL_NET) else "/proc/sys/net"
+    return f"{top}/{knob}"

@@ -54,9 +54,6 @@ def _state(save_text: str) -> tuple[int, bool]:
 
 def apply(netns_name: str, on: bool, flavour: str | None = None, what: str = "pod") -> None:
     """Make (on) or remove the rules in a pod's netns; idempotent."""
-    from meshagent.redirect.iptables import Tools, detect_flavour
-
-    tools = Tools.of(flavour or detect_flavour()[0])
     try:
         fd = os.open(netns.path(netns_name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -64,12 +61,20 @@ def apply(netns_name: str, on: bool, flavour: str | None = None, what: str = "po
             return  # the netns went, and its rules with it
         raise MeshError(f"{what}: network namespace {netns_name} is gone") from None
     try:
-        with netns.entered(fd):
-            for save, restore in ((tools.save4, tools.restore4), (tools.save6, tools.restore6)):
-                now = _run([save, "-t", "filter"], None, what)
-                _run([restore, "--noflush", "-w", "5"], render(on, *_state(now)), what)
+        apply_fd(fd, on, flavour, what)
     finally:
         os.close(fd)
+
+
+def apply_fd(fd: int, on: bool, flavour: str | None = None, what: str = "pod") -> None:
+    """apply, in the netns open as fd."""
+    from meshagent.redirect.iptables import Tools, detect_flavour
+
+    tools = Tools.of(flavour or detect_flavour()[0])
+    with netns.entered(fd):
+        for save, restore in ((tools.save4, tools.restore4), (tools.save6, tools.restore6)):
+            now = _run([save, "-t", "filter"], None, what)
+            _run([restore, "--noflush", "-w", "5"], render(on, *_state(now)), what)
 
 
 def present(netns_name: str, flavour: str | None = None) -> bool:
