@@ -273,6 +273,7 @@ class Agent:
                 from meshagent.mesh.kubeview import KubeMeshView
 
                 self.mesh_view = KubeMeshView("", kube_cfg.node)
+                self.mesh_view.state_dir = self.cfg.state_dir
             self.watch = ApiWatch(self.loop, self.kube, kube_cfg, self.mesh_view)
             self.kube.watching = True
 

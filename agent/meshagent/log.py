@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-FIELDS = ("pod", "conn", "orig_dst", "node", "peer", "reason")
+FIELDS = ("pod", "conn", "orig_dst", "node", "peer", "identity", "reason", "detail")
 
 
 class _JsonFormatter(logging.Formatter):

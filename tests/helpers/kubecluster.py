@@ -49,8 +49,10 @@ def doc_commands(doc: Path, *headings: str, block: int = 0) -> list[str]:
 
 
 class KubeCluster:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, nodes: int = 1) -> None:
         self.name = name
+        self.nodes = nodes
+        self.node_names = [name] + [f"{name}-{i + 1}" for i in range(1, nodes)]
         self.dir = ROOT / "kube" / ".cache" / "clusters" / name
         self.kubeconfig = self.dir / "kubeconfig"
         self.host_sysctls: dict[str, str] = {}
@@ -67,7 +69,7 @@ class KubeCluster:
 
     def up(self) -> KubeCluster:
         self.host_sysctls = sysctls()
-        proc = self.cli("up")
+        proc = self.cli("up", "--nodes", str(self.nodes))
         assert proc.returncode == 0, f"kube/cluster up: {proc.stderr[-3000:]}"
         return self
 
@@ -75,14 +77,15 @@ class KubeCluster:
         """Take it down; what it left, if anything."""
         proc = self.cli("down")
         left = [] if proc.returncode == 0 else [f"kube/cluster down: {proc.stderr.strip()}"]
-        netns = f"kube-{self.name}"
-        if Path(f"/run/netns/{netns}").exists():
-            left.append(f"netns {netns}")
+        for node in self.node_names:
+            netns = f"kube-{node}"
+            if Path(f"/run/netns/{netns}").exists():
+                left.append(f"netns {netns}")
+            for hierarchy in Path("/sys/fs/cgroup").iterdir():
+                if (hierarchy / netns).exists():
+                    left.append(f"cgroup {hierarchy / netns}")
         if Path(f"/sys/class/net/mn-{self.name}").exists():
             left.append(f"veth mn-{self.name}")
-        for hierarchy in Path("/sys/fs/cgroup").iterdir():
-            if (hierarchy / netns).exists():
-                left.append(f"cgroup {hierarchy / netns}")
         if self.dir.exists():
             left.append(f"folder {self.dir}")
         if self.host_sysctls and sysctls() != self.host_sysctls:
@@ -108,10 +111,10 @@ class KubeCluster:
     def json(self, *args: str) -> dict:
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 
-    def node_exec(self, *args: str, check: bool = True,
-                  timeout: float = 60) -> subprocess.CompletedProcess:  # fmt: skip
-        proc = subprocess.run([str(CLUSTER), "exec", "--name", self.name, "--", *args],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    def node_exec(self, *args: str, check: bool = True, timeout: float = 60,
+                  node: int = 1) -> subprocess.CompletedProcess:  # fmt: skip
+        proc = subprocess.run([str(CLUSTER), "exec", "--name", self.name, "--node", str(node),
+                               "--", *args], capture_output=True, text=True, timeout=timeout)  # fmt: skip
         if check:
             assert proc.returncode == 0, f"on the node: {' '.join(args)}: {proc.stderr[-2000:]}"
         return proc
@@ -126,6 +129,13 @@ class KubeCluster:
         every = self.agent_pods()
         pods = [p for p in every if _ready(p)]
         assert pods, f"no ready agent pod: {[_describe(p) for p in every]}"
+        return self.kubectl("-n", AGENT_NS, "exec", pods[0]["metadata"]["name"], "-c", "agent",
+                            "--", "meshagent", *args, check=check)  # fmt: skip
+
+    def agent_on(self, node: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`meshagent ARGS` in the agent pod of node NODE."""
+        pods = [p for p in self.agent_pods() if p["spec"].get("nodeName") == node and _ready(p)]
+        assert pods, f"no ready agent pod on {node}"
         return self.kubectl("-n", AGENT_NS, "exec", pods[0]["metadata"]["name"], "-c", "agent",
                             "--", "meshagent", *args, check=check)  # fmt: skip
 

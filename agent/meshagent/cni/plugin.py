@@ -194,6 +194,7 @@ def cmd_add(conf: Conf, env: dict[str, str]) -> dict:
         ips=_ips(conf.prev_result),
         attach=conf.attach_all and namespace not in conf.exclude_namespaces,
     )
+    _strict_rules(conf, record.full_name, namespace, name, netns_path)
     # From here on only our own bookkeeping: whatever fails, the pod starts
     # (the agent finds it by its cgroup, or attaches it at start).
     try:
@@ -224,6 +225,29 @@ def cmd_add(conf: Conf, env: dict[str, str]) -> dict:
         # The pod runs either way: the agent logs why and retries at start.
         _warn(record.full_name, str(answer["error"]))
     return result
+
+
+def _strict_rules(conf: Conf, pod: str, namespace: str, name: str, netns_path: str) -> None:
+    """A pod the mesh's labels make strict gets its rules now, before its
+    containers run (mesh/strict.py); without them it does not start."""
+    from meshagent.errors import MeshError
+    from meshagent.mesh import strict
+    from meshagent.mesh.kubeview import strict_at_add
+
+    if not strict_at_add(conf.state_dir, namespace, name):
+        return
+    try:
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CniError(E_UNKNOWN_CONTAINER, f"pod {pod}: {netns_path}: {exc.strerror}") from None
+    try:
+        strict.apply_fd(fd, True, what=f"pod {pod}")
+    except MeshError as exc:
+        raise CniError(
+            E_INTERNAL, f"pod {pod} is strict (mTLS) and its rules failed: {exc}"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def _warn(pod: str, why: str) -> None:

@@ -12,7 +12,10 @@ meshagent.io/mtls (strict | permissive) on the pod, else its namespace.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from meshagent.kube.autoattach import PodView, opted_in
 from meshagent.mesh.identity import SpiffeId, kube_pod_id
@@ -20,6 +23,10 @@ from meshagent.mesh.meshfile import MeshNode, MeshView
 
 MTLS_LABEL = "meshagent.io/mtls"
 MODES = ("permissive", "strict")
+# Under the state dir: the labels' modes, for the CNI plugin, which makes a
+# strict pod's rules at ADD, before anything in the pod runs, also while no
+# agent runs (the file stays): strict fails closed from the pod's start.
+MODES_FILE = "mesh-modes.json"
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class KubeMeshView(MeshView):
         self.pods: dict[str, PodView] = {}
         self.namespaces: dict[str, dict[str, str]] = {}
         self.by_ip: dict[str, Peer] = {}
+        self.state_dir: Path | None = None  # where MODES_FILE is kept (the agent's)
+        self._modes_written: dict | None = None
 
     # -- fed by the watch --------------------------------------------------
     def replace_all(self, pods: dict[str, PodView], namespaces: dict[str, dict[str, str]]) -> None:
@@ -81,6 +90,24 @@ class KubeMeshView(MeshView):
             nodes.setdefault(view.node, MeshNode(view.node, ()))
         nodes.setdefault(self.me, MeshNode(self.me, ()))
         self.by_ip, self.nodes = by_ip, nodes
+        self._write_modes()
+
+    def _write_modes(self) -> None:
+        if self.state_dir is None:
+            return
+        modes = {
+            "namespaces": {ns: labels[MTLS_LABEL] for ns, labels in sorted(self.namespaces.items())
+                           if labels.get(MTLS_LABEL) in MODES},
+            "pods": {name: view.labels[MTLS_LABEL] for name, view in sorted(self.pods.items())
+                     if view.labels.get(MTLS_LABEL) in MODES},
+        }  # fmt: skip
+        if modes == self._modes_written:
+            return
+        path = self.state_dir / MODES_FILE
+        tmp = path.with_name(f".{MODES_FILE}.tmp")
+        tmp.write_text(json.dumps(modes, indent=1))
+        os.replace(tmp, path)
+        self._modes_written = modes
 
     # -- read by the mesh ----------------------------------------------------
     def node_of(self, ip: str) -> MeshNode | None:
@@ -120,3 +147,15 @@ class KubeMeshView(MeshView):
             name: {"meshed_addresses": count} for name, count in sorted(per_node.items())
         }
         return out
+
+
+def strict_at_add(state_dir: Path, namespace: str, name: str) -> bool:
+    """Is pod NAMESPACE/NAME strict, as the agent last wrote the labels?"""
+    try:
+        modes = json.loads((Path(state_dir) / MODES_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    own = (modes.get("pods") or {}).get(f"{namespace}/{name}")
+    if own in MODES:
+        return own == "strict"
+    return (modes.get("namespaces") or {}).get(namespace) == "strict"
