@@ -17,11 +17,13 @@ MOUNTS = {
     "/run/meshagent": None,
     "/host/opt/cni/bin": None,
     "/host/etc/cni/net.d": None,
+    "/host/proc/sys/net": None,
+    "/var/run/secrets/meshagent": None,
 }
 
 
 def test_the_manifests_apply_and_say_what_they_promise(kube_api):
-    for name in ("namespace.yaml", "rbac.yaml", "daemonset.yaml"):
+    for name in ("namespace.yaml", "rbac.yaml", "mesh.yaml", "daemonset.yaml"):
         kube_api.kubectl("apply", "-f", str(DEPLOY / name))
     ds = kube_api.get("/apis/apps/v1/namespaces/meshagent/daemonsets/meshagent")
     spec = ds["spec"]["template"]["spec"]
@@ -47,7 +49,13 @@ def test_the_manifests_apply_and_say_what_they_promise(kube_api):
         if propagation:
             assert mounts[path]["mountPropagation"] == propagation
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert all("hostPath" in volumes[m["name"]] for m in agent["volumeMounts"])
+    token = mounts["/var/run/secrets/meshagent"]
+    assert token["readOnly"] is True
+    (source,) = volumes[token["name"]]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "meshagent-ca"  # not the API server's
+    assert all("hostPath" in volumes[m["name"]] for m in agent["volumeMounts"] if m is not token)
+    mesh_env = {e["name"]: e for e in agent["env"]}["MESHAGENT_MESH"]
+    assert mesh_env["valueFrom"]["configMapKeyRef"]["optional"] is True  # no mesh.yaml: no mesh
     assert agent["lifecycle"]["preStop"]["exec"]["command"][:2] == ["meshagent", "retire"]
     assert "--takeover=auto" in agent["command"]
     assert {"POD_NAME", "POD_NAMESPACE"} <= set(env)
@@ -74,6 +82,29 @@ def test_the_manifests_apply_and_say_what_they_promise(kube_api):
     for verb, resource in (("create", "pods"), ("delete", "pods"), ("patch", "daemonsets"),
                            ("list", "secrets")):  # fmt: skip
         assert not can(verb, resource, *own), (verb, resource)
+    # The mesh: the agents read the published CA certificate, not the CA's Secret.
+    assert can("get", "configmaps/meshagent-ca-root", *own)
+    assert not can("get", "secrets/meshagent-ca", *own)
+    assert not can("get", "configmaps/other", *own)
+
+    # The identity service: TokenReview, its own Secret and ConfigMap; no other secret.
+    ca_sa = "system:serviceaccount:meshagent:meshagent-ca"
+
+    def ca_can(verb: str, resource: str, *extra: str) -> bool:
+        out = kube_api.kubectl("auth", "can-i", verb, resource, "--as", ca_sa, *extra, check=False)
+        return out.stdout.strip() == "yes"
+
+    assert ca_can("create", "tokenreviews.authentication.k8s.io")
+    assert ca_can("get", "secrets/meshagent-ca", *own) and ca_can("get", "pods", *own)
+    assert ca_can("update", "configmaps/meshagent-ca-root", *own)
+    for verb, resource, where in (("get", "secrets/other", own), ("list", "secrets", own),
+                                  ("get", "pods", ("--all-namespaces",)),
+                                  ("get", "secrets", ("--all-namespaces",))):  # fmt: skip
+        assert not ca_can(verb, resource, *where), (verb, resource)
+    (ca,) = kube_api.get("/apis/apps/v1/namespaces/meshagent/deployments/meshagent-ca")[
+        "spec"]["template"]["spec"]["containers"]  # fmt: skip
+    assert ca["securityContext"]["runAsUser"] != 0
+    assert ca["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
 def test_a_broken_manifest_is_refused_by_the_api_server(kube_api, tmp_path):
