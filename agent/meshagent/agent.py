@@ -236,27 +236,48 @@ class Agent:
                 return pod.mtls if pod is not None else "permissive"
 
             mesh.mode_of = mode_of
+            if self.mesh_view is not None:  # Kubernetes: the labels say
+                mesh.mode_of = self.mesh_view.mode
+                mesh.enforce_modes = True
             self.forwarder.use_mesh(mesh)
 
     def _read_mesh(self):
-        """(the mesh view, this node's certificates), or None without --mesh
-        (and with --mesh kube: the mesh comes once the node is enrolled)."""
-        if self.cfg.mesh is None or str(self.cfg.mesh) == "kube":
+        """(the mesh view, this node's certificates, the kernel TLS reason),
+        or None without --mesh. With --mesh kube: the view is the API's;
+        the certificate one the identity service gave this node before (a
+        restart, a takeover: the mesh goes on at once), else None until the
+        node is enrolled."""
+        if self.cfg.mesh is None:
             return None
         import socket as _socket
 
-        from meshagent.mesh import meshfile
         from meshagent.mesh.certs import NodeCerts
 
         me = self.cfg.node_name or _socket.gethostname()
-        view = meshfile.load(self.cfg.mesh, me)
-        NodeCerts(self.cfg.certs, view.trust_domain, me)  # a bad certificate stops here
-        kernel, why = False, "--ktls off"
-        if self.cfg.ktls != "off":
-            from meshagent.mesh import ktls
+        if str(self.cfg.mesh) == "kube":
+            from meshagent.mesh.kubeview import KubeMeshView
 
-            kernel, why = ktls.selftest(self.cfg.certs)
+            self.mesh_view = KubeMeshView("", me)
+            self.mesh_view.state_dir = self.cfg.state_dir
+            domain = _cached_trust_domain(self.cfg.certs, me)
+            if domain is None:
+                return None
+            self.mesh_view.trust_domain = domain
+            view = self.mesh_view
+        else:
+            from meshagent.mesh import meshfile
+
+            view = meshfile.load(self.cfg.mesh, me)
+            NodeCerts(self.cfg.certs, view.trust_domain, me)  # a bad certificate stops here
+        kernel, why = self._kernel_tls()
         return view, NodeCerts(self.cfg.certs, view.trust_domain, me, kernel), why
+
+    def _kernel_tls(self) -> tuple[bool, str]:
+        if self.cfg.ktls == "off":
+            return False, "--ktls off"
+        from meshagent.mesh import ktls
+
+        return ktls.selftest(self.cfg.certs)
 
     def _make_pods(self) -> None:
         """The attachments, the pod resolver and the Kubernetes side (CNI
@@ -269,11 +290,6 @@ class Agent:
         resolver.uid_of = self.kube.uid_of
         kube_cfg = settings(self.cfg.kubeconfig, self.cfg.node_name, self.cfg.kube)
         if kube_cfg is not None:
-            if str(self.cfg.mesh) == "kube":
-                from meshagent.mesh.kubeview import KubeMeshView
-
-                self.mesh_view = KubeMeshView("", kube_cfg.node)
-                self.mesh_view.state_dir = self.cfg.state_dir
             self.watch = ApiWatch(self.loop, self.kube, kube_cfg, self.mesh_view)
             self.kube.watching = True
 
@@ -296,15 +312,12 @@ class Agent:
         from meshagent.mesh.certs import NodeCerts
         from meshagent.mesh.node import Mesh
 
-        if self.forwarder.mesh is not None or self.mesh_view is None:
+        if self.forwarder.mesh is not None:
+            self.forwarder.mesh.enroll = self.enroller
             return  # the files changed: NodeCerts takes them up
         view = self.mesh_view
         view.trust_domain = got.trust_domain
-        kernel, why = False, "--ktls off"
-        if self.cfg.ktls != "off":
-            from meshagent.mesh import ktls
-
-            kernel, why = ktls.selftest(self.cfg.certs)
+        kernel, why = self._kernel_tls()
         try:
             certs = NodeCerts(self.cfg.certs, view.trust_domain, view.me, kernel)
         except MeshError as exc:
@@ -548,3 +561,22 @@ def _wait_for_stop(logger) -> None:
     )
     while not stopped.wait(3600):
         pass
+
+
+def _cached_trust_domain(certs: Path, node: str) -> str | None:
+    """The trust domain of a node certificate left in certs by an earlier
+    agent of this node (the identity service's), if it is still good."""
+    import datetime as dt
+
+    from meshagent.mesh import ca
+    from meshagent.mesh.identity import SpiffeId
+
+    try:
+        info = ca.describe(certs / ca.NODE_CERT)
+        ident = SpiffeId.parse(info["identity"] or "")
+    except (OSError, ValueError, MeshError):
+        return None
+    ends = dt.datetime.fromisoformat(info["not_after"])
+    if not ident.is_node or ident.node != node or ends < dt.datetime.now(dt.UTC):
+        return None
+    return ident.trust_domain

@@ -179,6 +179,32 @@ def test_strict_pods_refuse_plaintext_even_before_their_agent_runs(kube):
     assert pods["shop/strict-web"]["mesh"]["mode"] == "strict", pods["shop/strict-web"]
 
 
+def test_a_restarted_agent_goes_on_with_its_certificate_at_once(kube):
+    """The agent's certificate stays on its node (the state dir): a new
+    agent (a crash, a restart, an upgrade's takeover) meshes its pods with it
+    at once and renews it in the background."""
+    a, _ = kube.node_names
+    before = _mesh(kube, a)["certificate"]["serial"]
+    old = _status(kube, a)["pid"]
+    kube.node_exec("kill", "-KILL", str(old))
+    wait_for(lambda: _restarted(kube, a, old), 180, "the agent restarted")
+    mesh = _mesh(kube, a)
+    assert mesh["certificate"]["serial"] == before, mesh["certificate"]
+    web = _ip(kube, "shop", "web")
+    before_in = _handshakes(kube, a, "in ok")
+    seen = wait_for(lambda: _addr(kube.fetch("shop", "client", f"http://{web}:8080/cgi-bin/ip")
+                                  .stdout) or None, 60, "a fetch across the mesh")  # fmt: skip
+    assert seen == _ip(kube, "shop", "client")
+    assert _handshakes(kube, a, "in ok") >= before_in + 1
+
+
+def _restarted(kube: KubeCluster, node: str, old_pid: int) -> bool:
+    try:
+        return _status(kube, node)["pid"] != old_pid
+    except AssertionError:  # no ready agent pod for a moment
+        return False
+
+
 TRY_TOKEN = r"""
 import json, sys
 from pathlib import Path

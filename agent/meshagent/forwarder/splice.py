@@ -8,7 +8,7 @@ import fcntl
 import os
 import socket
 
-from meshagent.forwarder.copy import CopyPath, Leg
+from meshagent.forwarder.copy import CopyPath, Leg, Relay
 from meshagent.modes import DataPathMode
 
 F_SETPIPE_SZ = 1031
@@ -48,7 +48,7 @@ class SpliceLeg(Leg):
 
     def read(self) -> None:
         try:
-            moved = os.splice(self.src.fileno(), self.pipe_w, self.most, flags=SPLICE_FLAGS)
+            moved = self._splice_in()
         except BlockingIOError:
             # A readable socket and EAGAIN: the pipe is full, by its slots
             # (one per segment) long before its bytes. Stop reading until the
@@ -62,6 +62,10 @@ class SpliceLeg(Leg):
             self.nbytes += moved
             self.queued += moved
         self.flush()
+
+    def _splice_in(self) -> int:
+        """Bytes from the socket into the pipe; 0 at the end of the stream."""
+        return os.splice(self.src.fileno(), self.pipe_w, self.most, flags=SPLICE_FLAGS)
 
     def flush(self) -> None:
         while self.queued:
@@ -95,3 +99,12 @@ class SplicePath(CopyPath):
     mode = DataPathMode.SPLICE
     leg = SpliceLeg
     fds_per_connection = 6  # two sockets and a pipe (two ends) per direction
+
+    def restore(self, client, upstream, state: dict, fds: list[int], blobs: list[bytes],
+                on_done) -> Relay:  # fmt: skip
+        """A mesh hop in the kernel's TLS goes on with TLS's half-close."""
+        from meshagent.mesh.ktls import TlsSpliceLeg, ulp
+
+        leg = TlsSpliceLeg if ulp(upstream) == b"tls" else self.leg
+        return Relay.restore(self.loop, client, upstream, self._counted(on_done), leg, self.mode,
+                             state, fds, blobs)  # fmt: skip
