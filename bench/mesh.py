@@ -150,11 +150,15 @@ def main() -> int:
                               for m, base in zip(rounds, samples[anchor], strict=True)]  # fmt: skip
                     entry[f"vs_{anchor}"] = spread(ratios)
                 summary[name][figure] = entry
-        hops = b.request("status")["mesh"]["handshakes"]
+        mesh = b.request("status")["mesh"]
+        kernel = mesh["kernel_tls"]
+        hop = ("TLS 1.2, the kernel's TLS, spliced" if kernel["on"]
+               else "TLS 1.3, OpenSSL in the agent") + f" ({kernel['why']})"  # fmt: skip
         meta = {"rounds": ROUNDS, "seconds": float(os.environ.get("BENCH_SECONDS", "2")),
-                "hop": "TLS 1.3, OpenSSL in the agent (no kernel TLS on this kernel)",
-                "handshakes_on_node_b": hops}  # fmt: skip
-        path = save_results("mesh", meta, {"summary": summary})
+                "hop": hop, "handshakes_on_node_b": mesh["handshakes"],
+                "where": os.environ.get("BENCH_WHERE", "this machine")}  # fmt: skip
+        name = "mesh-ktls-vm" if kernel["on"] else "mesh"
+        path = save_results(os.environ.get("BENCH_NAME", name), meta, {"summary": summary})
         print(table(summary))
         print(f"wrote {path.relative_to(ROOT)}")
     finally:

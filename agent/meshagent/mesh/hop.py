@@ -173,6 +173,11 @@ class Hop:
         loop.call_later(0, self._pump)  # the client's hello (or nothing yet)
 
     # -- the Connection interface ----------------------------------------
+    @property
+    def close_notify(self) -> dict:
+        """TLS's half-close each way: ours sent, the peer's received."""
+        return {"sent": self.notify_sent, "received": self.tls_eof}
+
     def limit(self, buffer: int) -> None:
         for sock in (self.wire, self.plain):
             if sock is not None:

@@ -182,13 +182,14 @@ class TlsSpliceLeg(SpliceLeg):
     stream, and resets the other side. splice(2) stops at a record that is
     not data (EINVAL); recvmsg then reads it with its type."""
 
-    __slots__ = ("notified", "tls_dst", "tls_src")
+    __slots__ = ("notified", "notify_sent", "tls_dst", "tls_src")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         super().__init__(src, dst)
         self.tls_src = ulp(src) == b"tls"
         self.tls_dst = ulp(dst) == b"tls"
         self.notified = False  # the peer's close_notify came
+        self.notify_sent = False  # ours went
 
     def _splice_in(self) -> int:
         if not self.tls_src:
@@ -231,11 +232,12 @@ class TlsSpliceLeg(SpliceLeg):
 
     def export(self) -> tuple[dict, list[int], bytes]:
         state, fds, data = super().export()
-        return {**state, "notified": self.notified}, fds, data
+        return {**state, "notified": self.notified, "notify_sent": self.notify_sent}, fds, data
 
     def restore(self, state: dict, fds: list[int], data: bytes) -> None:
         super().restore(state, fds, data)
         self.notified = bool(state.get("notified"))
+        self.notify_sent = bool(state.get("notify_sent"))
 
 
 def ulp(sock: socket.socket) -> bytes:
@@ -289,6 +291,13 @@ class KtlsHop:
     @property
     def closed_by(self) -> str | None:
         return self.relay.closed_by if self.relay is not None else self._closed_by
+
+    @property
+    def close_notify(self) -> dict:
+        """TLS's half-close each way: ours sent, the peer's received."""
+        legs = (self.relay.out, self.relay.back) if self.relay is not None else ()
+        return {"sent": any(getattr(leg, "notify_sent", False) for leg in legs),
+                "received": any(getattr(leg, "notified", False) for leg in legs)}  # fmt: skip
 
     @property
     def bytes_out(self) -> int:

@@ -175,6 +175,8 @@ class Mesh:
 
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
+            if record is not None and record.mtls is not None and hop.phase == "relay":
+                record.mtls["close_notify"] = hop.close_notify
             if hop.phase != "relay":
                 key = (reason or "closed").split(":")[0]
                 self.handshakes[("out", key)] += 1
@@ -281,6 +283,8 @@ class Mesh:
             self.hops.pop(hop, None)
             fwd._hold(slot, record, -1)
             record.bytes_out, record.bytes_in = hop.bytes_out, hop.bytes_in
+            if hop.phase == "relay":
+                record.mtls["close_notify"] = hop.close_notify
             if hop.phase != "relay":
                 key = (reason or "closed").split(":")[0]
                 self.handshakes[("in", key)] += 1
