@@ -106,7 +106,8 @@ def test_a_transfer_between_nodes_carries_no_plaintext_on_the_wire(mesh_pair, tm
     assert out_hop["datapath"] == ("ktls" if kernel["on"] else "tls"), out_hop
     assert out_hop["state"] == "closed", out_hop
     assert out_hop["mtls"] == {"direction": "out", "node": "node-b",
-                               "peer": "spiffe://mesh.test/meshagent/node/node-b"}  # fmt: skip
+                               "peer": "spiffe://mesh.test/meshagent/node/node-b",
+                               "close_notify": {"sent": True, "received": True}}  # fmt: skip
     conns = nodes.agents[1].request("connections")["connections"]
     in_hop = next(c for c in conns if c["pod"] == "server")
     assert in_hop["mtls"]["source"] == "spiffe://mesh.test/node/node-a/pod/client", in_hop
@@ -513,6 +514,45 @@ def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair
     assert new.request("status")["mesh"]["handshakes"] == {"out ok": 1}
 
 
+@pytest.mark.kernel_matrix
+def test_a_takeover_on_the_servers_node_hands_kernel_tls_hops_over(mesh_pair, tmp_path):
+    """The same upgrade on the destination's node, where the hop ends in
+    the server pod: with the kernel's TLS the inbound hop (the TLS socket
+    and the transparent socket to the application) is handed over like a
+    spliced connection and the transfer finishes whole; in OpenSSL the
+    client sees a reset. The next connection crosses as before."""
+    from meshenv import start_agent
+    from test_takeover import answers
+
+    nodes, client, server = mesh_pair
+    env_a, env_b = nodes.envs
+    echo_server(env_b, server, "0.0.0.0", 2)
+    stop = tmp_path / "stop"
+    proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "600",
+                                str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)  # fmt: skip
+    old = nodes.agents[1]
+    wait_for(lambda: old.request("status")["mesh"]["hops"] == 1, what="the hop")
+    new = start_agent(env_b, "--mesh", str(nodes.mesh_file), "--certs", str(nodes.certs(1)),
+                      "--node-name", "node-b", "--takeover", log_name="new.log")  # fmt: skip
+    nodes.agents[1] = new
+    wait_for(lambda: old.proc.poll() is not None, 120, "the old agent to exit")
+    wait_for(lambda: answers(new), 60, "the new agent to answer")
+    stop.touch()
+    out, err = proc.communicate(timeout=120)
+    if new.request("status")["mesh"]["kernel_tls"]["on"]:
+        sent, got, same = out.split()
+        assert proc.returncode == 0 and sent == got and same == "True", (out, err)
+        assert new.request("status")["took_over"]["conns"] == 1
+    else:
+        reset = "ConnectionResetError" in err or "BrokenPipeError" in err
+        assert proc.returncode != 0 and reset, (out, err)
+    wait_for(lambda: (new.pod_status("server") or {}).get("mesh", {}).get("inbound"),
+             what="the new agent's hop listener")  # fmt: skip
+    assert int(env_a.script(client, SEND_MARKERS, server.ip4, str(PORT), "after")) == 5 * 20000
+    assert new.request("status")["mesh"]["handshakes"] == {"in ok": 1}
+
+
 def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):
     """`meshagent trace -o json` on each node: node-a's closed event names
     the hop to node-b and the peer it verified; node-b's names the client
@@ -547,10 +587,12 @@ def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):
         tracer.terminate()
     out, inn = closed("a")[0], closed("b")[0]
     assert out["mtls"] == {"direction": "out", "node": "node-b",
-                           "peer": "spiffe://mesh.test/meshagent/node/node-b"}, out  # fmt: skip
+                           "peer": "spiffe://mesh.test/meshagent/node/node-b",
+                           "close_notify": {"sent": True, "received": True}}, out  # fmt: skip
     assert (out["bytes_out"], out["bytes_in"]) == (700, 300)
-    assert inn["mtls"] == {"direction": "in", "peer": "spiffe://mesh.test/meshagent/node/node-a",
-                           "source": "spiffe://mesh.test/node/node-a/pod/client"}, inn  # fmt: skip
+    inn_mtls = {k: v for k, v in inn["mtls"].items() if k != "close_notify"}
+    assert inn_mtls == {"direction": "in", "peer": "spiffe://mesh.test/meshagent/node/node-a",
+                        "source": "spiffe://mesh.test/node/node-a/pod/client"}, inn  # fmt: skip
     assert any(e["event"] == "forwarded" and e.get("mtls") for e in seen["b"]), seen["b"]
     assert (inn["bytes_out"], inn["bytes_in"]) == (700, 300), inn
 

@@ -711,7 +711,7 @@ class Forwarder:
             slot.listeners.clear()
         self.pods.clear()  # first: a hop's end below must not accept for a pod
         if self.mesh is not None:
-            self.mesh.let_go()
+            self.mesh.let_go({conn for conn in self.conns if isinstance(conn.mode, DataPathMode)})
         self.conns.clear()
 
     def adopt_pod(self, pod: PodHandle, steering: Steering, listeners: list,

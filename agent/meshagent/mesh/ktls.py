@@ -226,6 +226,7 @@ class TlsSpliceLeg(SpliceLeg):
                     self.dst.sendmsg(
                         [CLOSE_NOTIFY], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([ALERT]))]
                     )
+                    self.notify_sent = True
                 finally:
                     self.dst.setblocking(False)
         super()._maybe_shut()

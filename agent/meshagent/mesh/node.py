@@ -39,6 +39,7 @@ from meshagent.mesh.hop import PORT, Hop, Refused
 from meshagent.mesh.identity import SpiffeId, node_id
 from meshagent.mesh.ktls import KtlsHop
 from meshagent.mesh.meshfile import MeshNode, MeshView
+from meshagent.modes import DataPathMode
 
 MARK = 0x3A98  # 15000: the hop's sockets to applications
 TABLE = 15008
@@ -281,6 +282,7 @@ class Mesh:
 
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
+            fwd.conns.pop(hop, None)
             fwd._hold(slot, record, -1)
             record.bytes_out, record.bytes_in = hop.bytes_out, hop.bytes_in
             if hop.phase == "relay":
@@ -394,6 +396,10 @@ class Mesh:
             self.forwarder._emit("forwarded", slot.name, record.client, record.orig_dst, None,
                                  datapath=record.datapath, mtls=record.mtls)  # fmt: skip
             hop.connected(app)
+            if isinstance(hop.mode, DataPathMode):
+                # Spliced in the kernel's TLS: the forwarder's like any
+                # spliced connection, so a takeover hands it over.
+                self.forwarder.conns[hop] = (slot, record)
 
         timer = None
         if err == 0:
@@ -443,21 +449,20 @@ class Mesh:
                 del self.inbound[slot.pod_id]
                 self.open_pod(slot, entry.tries + 1)
 
-    def let_go(self) -> None:
+    def let_go(self, handed: set | frozenset = frozenset()) -> None:
         """A successor took the pods over: close the hop listeners (it opens
         its own, and keeps the pods' routes, which stay as they are) and
-        reset the hops whose sessions cannot leave this process: all in
-        OpenSSL, and the inbound ones (not handed over yet). Outbound hops
-        in the kernel's TLS went over with the pod's connections."""
+        reset the hops whose sessions cannot leave this process: those in
+        OpenSSL, and any not handed over. Hops spliced in the kernel's TLS
+        (handed: both directions) went over with the pods' connections."""
         for entry in self.inbound.values():
             self._close_listeners(entry)
         self.inbound.clear()
         self.strict_ips.clear()
-        from meshagent.modes import DataPathMode
-
-        for hop, direction in list(self.hops.items()):
-            if direction == "out" and isinstance(hop.mode, DataPathMode):
-                continue  # spliced in the kernel's TLS: handed over with the pod's connections
+        for hop in list(self.hops):
+            if hop in handed:
+                self.hops.pop(hop, None)  # the successor's now: no reset, no count here
+                continue
             hop.reset("takeover: a hop's TLS session cannot move to the new agent")
 
     def close(self) -> None:
