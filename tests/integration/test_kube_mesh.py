@@ -58,11 +58,16 @@ def kube():
     assert not left, f"kube/cluster down left: {left}"
 
 
-def _pod(kube: KubeCluster, namespace: str, name: str, node: str, command: list[str]) -> None:
+def _pod(kube: KubeCluster, namespace: str, name: str, node: str, command: list[str],
+         probe: bool = False) -> None:  # fmt: skip
+    container = {"name": "c", "image": BUSYBOX, "command": command}
+    if probe:  # the kubelet's HTTP probe, from the node, in plaintext
+        container["readinessProbe"] = {"httpGet": {"path": "/cgi-bin/ip", "port": 8080},
+                                       "periodSeconds": 1}  # fmt: skip
     manifest = {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
                 "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
-                         "containers": [{"name": "c", "image": BUSYBOX, "command": command}]}}  # fmt: skip
+                         "containers": [container]}}  # fmt: skip
     kube.kubectl("apply", "-f", "-", stdin=json.dumps(manifest))
 
 
@@ -75,7 +80,9 @@ def _mesh(kube: KubeCluster, node: str) -> dict:
 
 
 def _handshakes(kube: KubeCluster, node: str, key: str) -> int:
-    return (_mesh(kube, node).get("handshakes") or {}).get(key, 0)
+    """Handshakes of kind key ("out ok"): full ones and resumed sessions."""
+    counted = _mesh(kube, node).get("handshakes") or {}
+    return counted.get(key, 0) + counted.get(key.replace(" ok", " resumed"), 0)
 
 
 def _addr(text: str) -> str:
@@ -164,7 +171,8 @@ def test_strict_pods_refuse_plaintext_even_before_their_agent_runs(kube):
     pid = _status(kube, a)["pid"]
     kube.node_exec("kill", "-STOP", str(pid))
     try:
-        _pod(kube, "shop", "strict-web", a, ["sh", "-c", SERVE])
+        # Ready only if the kubelet's probe gets through the strict rules.
+        _pod(kube, "shop", "strict-web", a, ["sh", "-c", SERVE], probe=True)
         kube.wait_pods_ready("shop", timeout=90)
         url = f"http://{_ip(kube, 'shop', 'strict-web')}:8080/cgi-bin/ip"
         refused = kube.fetch("plain", "client", url)

@@ -105,7 +105,7 @@ def test_a_transfer_between_nodes_carries_no_plaintext_on_the_wire(mesh_pair, tm
     assert kernel["on"] == kernel_has_tls(), kernel
     assert out_hop["datapath"] == ("ktls" if kernel["on"] else "tls"), out_hop
     assert out_hop["state"] == "closed", out_hop
-    assert out_hop["mtls"] == {"direction": "out", "node": "node-b",
+    assert out_hop["mtls"] == {"direction": "out", "node": "node-b", "resumed": False,
                                "peer": "spiffe://mesh.test/meshagent/node/node-b",
                                "close_notify": {"sent": True, "received": True}}  # fmt: skip
     conns = nodes.agents[1].request("connections")["connections"]
@@ -215,7 +215,7 @@ def test_many_connections_across_nodes_write_at_once_in_random_chunks(mesh_pair)
         assert sent["recv_sha"] == got["sent_sha"], f"node-b->node-a bytes differ on {conn_id}"
         assert got["peer"] == client.ip4
     counted = nodes.agents[1].request("status")["mesh"]["handshakes"]
-    assert counted == {"in ok": conns}, counted
+    assert counted.get("in ok", 0) + counted.get("in resumed", 0) == conns, counted
 
 
 @pytest.mark.kernel_matrix
@@ -231,6 +231,18 @@ def test_half_close_across_nodes_then_ten_megabytes_back(mesh_pair):
     assert seen["recv_sha"] == got["sent_sha"] and seen["recv_bytes"] == 100000
     assert got["recv_bytes"] == back and got["recv_sha"] == seen["sent_sha"]
     assert seen["peer"] == client.ip6
+    # The next hop to node-b resumes the TLS session (no certificates sent
+    # or checked again), and node-b still knows who is asking.
+    a, b = nodes.agents
+    wait_for(lambda: a.request("status")["mesh"]["sessions"] == ["node-b"], what="a session")
+    srv = env_b.server(server, PORT + 1, "--send", "1000")
+    got = env_a.client(client, server.ip4, PORT + 1, "--send", "1000")
+    assert srv.next()["recv_sha"] == got["sent_sha"]
+    assert b.request("status")["mesh"]["handshakes"] == {"in ok": 1, "in resumed": 1}
+    last = [c for c in b.request("connections")["connections"] if c.get("mtls")][-1]
+    assert last["mtls"]["source"] == "spiffe://mesh.test/node/node-a/pod/client", last
+    out = [c for c in a.request("connections")["connections"] if c.get("mtls")][-1]
+    assert out["mtls"]["resumed"] is True and out["mtls"]["peer"].endswith("/node/node-b"), out
 
 
 @pytest.mark.kernel_matrix
@@ -472,14 +484,19 @@ def test_strict_pods_take_only_the_mesh_even_while_no_agent_runs(mesh_nodes):
 
 
 @pytest.mark.kernel_matrix
-def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair, tmp_path):
-    """What a client sees when its node's agent is upgraded in place while a
-    cross-node connection runs. With the hop in OpenSSL: a reset (its TLS
-    session lives in the old agent and cannot move), never a clean end of
-    a cut stream. With the kernel's TLS: nothing, the kernel holds the
-    session and the spliced hop is handed over whole. Either way the new
-    agent opens the pod's port 15008 again and the next connection
-    crosses as before."""
+@pytest.mark.parametrize(("node", "pod", "counted"), [(0, "client", "out ok"), (1, "server", "in ok")],
+                         ids=["client-node", "server-node"])  # fmt: skip
+def test_a_takeover_on_either_node_hands_over_what_it_can_and_serves_new_hops(
+    mesh_pair, tmp_path, node, pod, counted
+):
+    """What a client sees when the agent of its node, or of the server's
+    node, is upgraded in place while a cross-node connection runs. With the
+    hop in OpenSSL: a reset (its TLS session lives in the old agent and
+    cannot move), never a clean end of a cut stream. With the kernel's TLS
+    on the client's node: nothing, the kernel holds the session and the
+    spliced hop is handed over whole; on the server's node the inbound hop
+    is not handed over yet: a reset. Either way the new agent opens the
+    pod's port 15008 again and the next connection crosses as before."""
     from meshenv import start_agent
     from test_takeover import answers
 
@@ -490,67 +507,27 @@ def test_a_takeover_resets_the_hops_it_cannot_move_and_serves_new_ones(mesh_pair
     proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "600",
                                 str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        text=True)  # fmt: skip
-    old = nodes.agents[0]
+    old = nodes.agents[node]
     wait_for(lambda: old.request("status")["mesh"]["hops"] == 1, what="the hop")
-    new = start_agent(env_a, "--mesh", str(nodes.mesh_file), "--certs", str(nodes.certs(0)),
-                      "--node-name", "node-a", "--takeover", log_name="new.log")  # fmt: skip
-    nodes.agents[0] = new
+    new = start_agent(nodes.envs[node], "--mesh", str(nodes.mesh_file), "--certs",
+                      str(nodes.certs(node)), "--node-name", nodes.node_name(node), "--takeover",
+                      log_name="new.log")  # fmt: skip
+    nodes.agents[node] = new
     wait_for(lambda: old.proc.poll() is not None, 120, "the old agent to exit")
     wait_for(lambda: answers(new), 60, "the new agent to answer")
     stop.touch()
     out, err = proc.communicate(timeout=120)
-    if new.request("status")["mesh"]["kernel_tls"]["on"]:
-        # The kernel holds the session: the hop was handed over like any
-        # spliced connection, and the transfer finished whole.
+    if new.request("status")["mesh"]["kernel_tls"]["on"] and pod == "client":
         sent, got, same = out.split()
         assert proc.returncode == 0 and sent == got and same == "True", (out, err)
         assert new.request("status")["took_over"]["conns"] == 1
     else:
         reset = "ConnectionResetError" in err or "BrokenPipeError" in err
         assert proc.returncode != 0 and reset, (out, err)
-    wait_for(lambda: (new.pod_status("client") or {}).get("mesh", {}).get("inbound"),
+    wait_for(lambda: (new.pod_status(pod) or {}).get("mesh", {}).get("inbound"),
              what="the new agent's hop listener")  # fmt: skip
     assert int(env_a.script(client, SEND_MARKERS, server.ip4, str(PORT), "after")) == 5 * 20000
-    assert new.request("status")["mesh"]["handshakes"] == {"out ok": 1}
-
-
-@pytest.mark.kernel_matrix
-def test_a_takeover_on_the_servers_node_hands_kernel_tls_hops_over(mesh_pair, tmp_path):
-    """The same upgrade on the destination's node, where the hop ends in
-    the server pod: with the kernel's TLS the inbound hop (the TLS socket
-    and the transparent socket to the application) is handed over like a
-    spliced connection and the transfer finishes whole; in OpenSSL the
-    client sees a reset. The next connection crosses as before."""
-    from meshenv import start_agent
-    from test_takeover import answers
-
-    nodes, client, server = mesh_pair
-    env_a, env_b = nodes.envs
-    echo_server(env_b, server, "0.0.0.0", 2)
-    stop = tmp_path / "stop"
-    proc = env_a.popen(client, [sys.executable, "-c", ROTATE_CLIENT, server.ip4, str(PORT), "600",
-                                str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True)  # fmt: skip
-    old = nodes.agents[1]
-    wait_for(lambda: old.request("status")["mesh"]["hops"] == 1, what="the hop")
-    new = start_agent(env_b, "--mesh", str(nodes.mesh_file), "--certs", str(nodes.certs(1)),
-                      "--node-name", "node-b", "--takeover", log_name="new.log")  # fmt: skip
-    nodes.agents[1] = new
-    wait_for(lambda: old.proc.poll() is not None, 120, "the old agent to exit")
-    wait_for(lambda: answers(new), 60, "the new agent to answer")
-    stop.touch()
-    out, err = proc.communicate(timeout=120)
-    if new.request("status")["mesh"]["kernel_tls"]["on"]:
-        sent, got, same = out.split()
-        assert proc.returncode == 0 and sent == got and same == "True", (out, err)
-        assert new.request("status")["took_over"]["conns"] == 1
-    else:
-        reset = "ConnectionResetError" in err or "BrokenPipeError" in err
-        assert proc.returncode != 0 and reset, (out, err)
-    wait_for(lambda: (new.pod_status("server") or {}).get("mesh", {}).get("inbound"),
-             what="the new agent's hop listener")  # fmt: skip
-    assert int(env_a.script(client, SEND_MARKERS, server.ip4, str(PORT), "after")) == 5 * 20000
-    assert new.request("status")["mesh"]["handshakes"] == {"in ok": 1}
+    assert new.request("status")["mesh"]["handshakes"] == {counted: 1}
 
 
 def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):
@@ -586,7 +563,7 @@ def test_trace_shows_each_hop_with_the_identities_on_both_nodes(mesh_pair):
     for tracer in tracers:
         tracer.terminate()
     out, inn = closed("a")[0], closed("b")[0]
-    assert out["mtls"] == {"direction": "out", "node": "node-b",
+    assert out["mtls"] == {"direction": "out", "node": "node-b", "resumed": False,
                            "peer": "spiffe://mesh.test/meshagent/node/node-b",
                            "close_notify": {"sent": True, "received": True}}, out  # fmt: skip
     assert (out["bytes_out"], out["bytes_in"]) == (700, 300)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from meshagent.kube.autoattach import PodView
-from meshagent.mesh import ca, kube_ca
+from meshagent.mesh import ca, kube_ca, strict
 from meshagent.mesh.identity import SpiffeId
 from meshagent.mesh.kubeview import MODES_FILE, KubeMeshView, strict_at_add
 
@@ -153,3 +153,11 @@ def test_the_identity_service_signs_for_the_tokens_pod_node_whatever_was_asked(a
     with pytest.raises(kube_ca.Refused) as bad:
         signer.sign("token", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END")
     assert bad.value.reason == "bad_csr"
+
+
+def test_strict_rules_on_kubernetes_let_the_node_in_for_the_kubelets_probes():
+    text = strict.render(True, 0, False, node=("10.244.0.1",))
+    lines = text.splitlines()
+    allow = lines.index("-A MESHAGENT-STRICT -s 10.244.0.1 -j RETURN")
+    assert allow < lines.index("-A MESHAGENT-STRICT -p tcp -j REJECT --reject-with tcp-reset")
+    assert "-s " not in strict.render(True, 0, False)  # standalone: nobody but the mesh

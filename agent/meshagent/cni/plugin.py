@@ -241,7 +241,7 @@ def _strict_rules(conf: Conf, pod: str, namespace: str, name: str, netns_path: s
     except OSError as exc:
         raise CniError(E_UNKNOWN_CONTAINER, f"pod {pod}: {netns_path}: {exc.strerror}") from None
     try:
-        strict.apply_fd(fd, True, what=f"pod {pod}")
+        strict.apply_fd(fd, True, what=f"pod {pod}", allow_node=True)  # the kubelet's probes
     except MeshError as exc:
         raise CniError(
             E_INTERNAL, f"pod {pod} is strict (mTLS) and its rules failed: {exc}"

@@ -47,7 +47,10 @@ def _context(side: int, directory: Path, kernel_tls: bool = False) -> ssl.SSLCon
     if side == ssl.PROTOCOL_TLS_CLIENT:
         ctx.check_hostname = False  # peers are named by SPIFFE ID, checked by the hop
     else:
-        ctx.num_tickets = 0  # nothing after the handshake but the stream (kernel TLS)
+        # Sessions resume (a ticket per handshake): TLS 1.2 sends its ticket
+        # within the handshake; TLS 1.3 after it, which the kernel's TLS
+        # would take for the stream, so only the OpenSSL mode asks for one.
+        ctx.num_tickets = 0 if kernel_tls else 1
     try:
         ctx.load_cert_chain(directory / NODE_CERT, directory / NODE_KEY)
         ctx.load_verify_locations(cafile=str(directory / CA_CERT))

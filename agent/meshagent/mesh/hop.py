@@ -27,6 +27,7 @@ import json
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 from meshagent.forwarder.budget import kernel_holds, set_buffers
@@ -114,6 +115,24 @@ def peer_uri(tls: ssl.SSLObject) -> str | None:
     return None
 
 
+def check_resumed(tls) -> None:
+    """A resumed session skipped the certificate check: the certificate it
+    was made with must still be in its time (a ticket outlives none)."""
+    if not tls.session_reused:
+        return
+    cert = tls.getpeercert() or {}
+    try:
+        ends = ssl.cert_time_to_seconds(cert["notAfter"])
+    except (KeyError, ValueError):
+        raise Refused("bad_certificate", "a resumed session without its certificate") from None
+    if ends < time.time():
+        raise Refused("expired", "a resumed session of a certificate that has expired")
+
+
+def resumable(session: ssl.SSLSession | None) -> ssl.SSLSession | None:
+    return session if session is not None and session.has_ticket else None
+
+
 class Hop:
     """One connection across the hop: wire (TLS, to or from the other node)
     and plain (the pod's socket on the client side, the application's on the
@@ -135,6 +154,7 @@ class Hop:
         header: dict | None = None,
         on_header: Callable[[Hop, dict], None] | None = None,
         on_up: Callable[[Hop], None] | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         self.loop = loop
         self.wire = wire
@@ -145,7 +165,7 @@ class Hop:
         self.on_header = on_header
         self.on_up = on_up  # the stream flows: the hop is up
         self.inc, self.outg = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self.inc, self.outg, server_side=server_side)
+        self.tls = ctx.wrap_bio(self.inc, self.outg, server_side=server_side, session=session)
         self.phase = HANDSHAKE
         self.header = header
         self.peer: str | None = None  # the peer node's SPIFFE ID, once verified
@@ -177,6 +197,15 @@ class Hop:
     def close_notify(self) -> dict:
         """TLS's half-close each way: ours sent, the peer's received."""
         return {"sent": self.notify_sent, "received": self.tls_eof}
+
+    @property
+    def resumed(self) -> bool:
+        return self.tls.session_reused
+
+    def new_session(self) -> ssl.SSLSession | None:
+        """The session to resume the next hop to the same node with (TLS
+        1.3: once the ticket that follows the handshake has been read)."""
+        return resumable(self.tls.session)
 
     def limit(self, buffer: int) -> None:
         for sock in (self.wire, self.plain):
@@ -242,7 +271,8 @@ class Hop:
             self._failed(Refused("timeout", f"no {self.phase} within {HANDSHAKE_TIMEOUT:.0f}s"))
 
     def _failed(self, exc: Refused) -> None:
-        self._flush_wire()  # an alert, or NO, on its way
+        with contextlib.suppress(OSError):  # the peer may be gone already (EPIPE)
+            self._flush_wire()  # an alert, or NO, on its way
         self.reset(f"{exc.reason}: {exc}")
 
     def _pump(self, wire: int = 0, plain: int = 0) -> None:
@@ -316,6 +346,7 @@ class Hop:
                 raise Refused("handshake", "the peer closed during the TLS handshake") from None
             return
         self.peer = peer_uri(self.tls)
+        check_resumed(self.tls)
         self.check_peer(self)  # Refused if it is not who it must be
         if self.server_side:
             self.phase = HEADER

@@ -38,8 +38,10 @@ from meshagent.mesh.hop import (
     MAGIC,
     Refused,
     check_reply,
+    check_resumed,
     parse_header,
     peer_uri,
+    resumable,
     tls_reason,
 )
 from meshagent.modes import DataPathMode
@@ -258,7 +260,8 @@ class KtlsHop:
     def __init__(self, loop: Loop, wire: socket.socket, ctx: ssl.SSLContext, server_side: bool,
                  on_done: Callable, check_peer: Callable, plain: socket.socket | None = None,
                  header: dict | None = None, on_header: Callable | None = None,
-                 on_up: Callable | None = None) -> None:  # fmt: skip
+                 on_up: Callable | None = None,
+                 session: ssl.SSLSession | None = None) -> None:  # fmt: skip
         self.loop = loop
         self.server_side = server_side
         self.on_done = on_done
@@ -274,7 +277,10 @@ class KtlsHop:
         self.buffer = 0
         self.closed = False
         self._closed_by: str | None = None
-        self.tls = ctx.wrap_socket(wire, server_side=server_side, do_handshake_on_connect=False)
+        self.tls = ctx.wrap_socket(wire, server_side=server_side, do_handshake_on_connect=False,
+                                   session=session)  # fmt: skip
+        self.resumed = False
+        self.session: ssl.SSLSession | None = None  # for the next hop to the same node
         self.wire: socket.socket = self.tls  # the bare socket after the handshake
         self.fd = self.tls.fileno()  # wrap_socket took the fd over from wire
         self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
@@ -292,6 +298,9 @@ class KtlsHop:
     @property
     def closed_by(self) -> str | None:
         return self.relay.closed_by if self.relay is not None else self._closed_by
+
+    def new_session(self) -> ssl.SSLSession | None:
+        return self.session
 
     @property
     def close_notify(self) -> dict:
@@ -396,7 +405,11 @@ class KtlsHop:
             self.loop.modify(self.fd, EPOLLOUT)
             return
         self.peer = peer_uri(self.tls)
+        check_resumed(self.tls)
         self.check_peer(self)
+        self.resumed = self.tls.session_reused
+        if not self.server_side:
+            self.session = resumable(self.tls.session)  # TLS 1.2: the ticket came in the handshake
         if not kernel_tls_on(self.tls):
             raise Refused("ktls_off", "the kernel did not take this connection's keys")
         self.wire = socket.socket(fileno=self.tls.detach())  # plaintext, the kernel's TLS

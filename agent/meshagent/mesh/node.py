@@ -21,6 +21,7 @@ import ipaddress
 import os
 import select
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -39,7 +40,6 @@ from meshagent.mesh.hop import PORT, Hop, Refused
 from meshagent.mesh.identity import SpiffeId, node_id
 from meshagent.mesh.ktls import KtlsHop
 from meshagent.mesh.meshfile import MeshNode, MeshView
-from meshagent.modes import DataPathMode
 
 MARK = 0x3A98  # 15000: the hop's sockets to applications
 TABLE = 15008
@@ -100,6 +100,9 @@ class Mesh:
         # (direction, result): result "ok" or a failure's reason.
         self.handshakes: Counter[tuple[str, str]] = Counter()
         self.hops: dict[Hop, str] = {}  # live hops: direction
+        # The last resumable session to each node, with the client context
+        # it was made in (a new certificate: a new context, a full handshake).
+        self.sessions: dict[str, tuple[object, ssl.SSLSession]] = {}
         self.forwarder = None  # set by Forwarder.use_mesh
         # A pod's inbound mode (mesh/strict.py), by name; the agent sets it.
         self.mode_of: Callable[[str], str] = lambda _name: "permissive"
@@ -176,8 +179,10 @@ class Mesh:
 
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
-            if record is not None and record.mtls is not None and hop.phase == "relay":
-                record.mtls["close_notify"] = hop.close_notify
+            if hop.phase == "relay":
+                keep(hop)  # TLS 1.3: the ticket came after the handshake
+                if record is not None and record.mtls is not None:
+                    record.mtls["close_notify"] = hop.close_notify
             if hop.phase != "relay":
                 key = (reason or "closed").split(":")[0]
                 self.handshakes[("out", key)] += 1
@@ -189,12 +194,22 @@ class Mesh:
             on_done(hop, reason)
 
         def up(hop: Hop) -> None:
-            self.handshakes[("out", "ok")] += 1
+            self.handshakes[("out", "resumed" if hop.resumed else "ok")] += 1
             if record is not None and record.mtls is not None:
                 record.mtls["peer"] = hop.peer
+                record.mtls["resumed"] = hop.resumed
+            keep(hop)
 
-        hop = self.hop_class(self.loop, wire, self.certs.current().client, False, done, check, plain=client,
-                  header=state["header"], on_up=up)  # fmt: skip
+        def keep(hop: Hop) -> None:
+            session = hop.new_session()
+            if session is not None:
+                self.sessions[state["node"]] = (ctx, session)
+
+        ctx = self.certs.current().client
+        kept = self.sessions.get(state["node"])
+        session = kept[1] if kept is not None and kept[0] is ctx else None
+        hop = self.hop_class(self.loop, wire, ctx, False, done, check, plain=client,
+                             header=state["header"], on_up=up, session=session)  # fmt: skip
         self.hops[hop] = "out"
         return hop
 
@@ -214,7 +229,8 @@ class Mesh:
             if self.enforce_modes:
                 from meshagent.mesh import strict
 
-                strict.apply_fd(slot.netns_fd, entry.mode == "strict", what=f"pod {slot.name}")
+                strict.apply_fd(slot.netns_fd, entry.mode == "strict", what=f"pod {slot.name}",
+                                allow_node=True)  # fmt: skip
             for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
                 sock = netns.socket_in(slot.netns_fd, family)
                 entry.listeners.append(sock)
@@ -282,7 +298,6 @@ class Mesh:
 
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
-            fwd.conns.pop(hop, None)
             fwd._hold(slot, record, -1)
             record.bytes_out, record.bytes_in = hop.bytes_out, hop.bytes_in
             if hop.phase == "relay":
@@ -303,7 +318,7 @@ class Mesh:
             record.mtls["peer"] = hop.peer
 
         def up(hop: Hop) -> None:
-            self.handshakes[("in", "ok")] += 1
+            self.handshakes[("in", "resumed" if hop.resumed else "ok")] += 1
 
         hop = self.hop_class(self.loop, wire, self.certs.current().server, True, done, check, on_up=up,
                   on_header=lambda h, header: self._deliver(entry, h, header, peer_ip, record))  # fmt: skip
@@ -396,10 +411,6 @@ class Mesh:
             self.forwarder._emit("forwarded", slot.name, record.client, record.orig_dst, None,
                                  datapath=record.datapath, mtls=record.mtls)  # fmt: skip
             hop.connected(app)
-            if isinstance(hop.mode, DataPathMode):
-                # Spliced in the kernel's TLS: the forwarder's like any
-                # spliced connection, so a takeover hands it over.
-                self.forwarder.conns[hop] = (slot, record)
 
         timer = None
         if err == 0:
@@ -427,6 +438,7 @@ class Mesh:
             "certificate": self.certs.snapshot(),
             "handshakes": {f"{d} {r}": n for (d, r), n in sorted(self.handshakes.items())},
             "hops": len(self.hops),
+            "sessions": sorted(self.sessions),  # nodes a new hop resumes a session with
             **({"enroll": self.enroll.snapshot()} if self.enroll is not None else {}),
         }
 
@@ -453,8 +465,9 @@ class Mesh:
         """A successor took the pods over: close the hop listeners (it opens
         its own, and keeps the pods' routes, which stay as they are) and
         reset the hops whose sessions cannot leave this process: those in
-        OpenSSL, and any not handed over. Hops spliced in the kernel's TLS
-        (handed: both directions) went over with the pods' connections."""
+        OpenSSL, the inbound ones (not handed over yet), any not handed
+        over. Outbound hops spliced in the kernel's TLS (handed) went over
+        with the pods' connections."""
         for entry in self.inbound.values():
             self._close_listeners(entry)
         self.inbound.clear()

@@ -10,6 +10,7 @@ pod has none: without an agent it is reached in plaintext, as before.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from enum import StrEnum
 
@@ -25,9 +26,11 @@ class MtlsMode(StrEnum):
     STRICT = "strict"  # only the mesh does
 
 
-def render(on: bool, jumps: int, chain: bool) -> str:
+def render(on: bool, jumps: int, chain: bool, node: tuple[str, ...] = ()) -> str:
     """iptables-restore --noflush text: the chain and its one jump (on), or
-    neither (off). jumps, chain: what is there now."""
+    neither (off). jumps, chain: what is there now. node: the node's own
+    addresses toward the pod (Kubernetes: the kubelet's probes come from
+    there), let in as plaintext."""
     lines = ["*filter"]
     if on or chain:
         lines.append(f":{CHAIN} - [0:0]")  # declared: flushed
@@ -39,6 +42,7 @@ def render(on: bool, jumps: int, chain: bool) -> str:
             f"-A {CHAIN} -i lo -j RETURN",
             f"-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
             f"-A {CHAIN} -p tcp --dport {HOP_PORT} -j RETURN",
+            *(f"-A {CHAIN} -s {addr} -j RETURN" for addr in node),
             f"-A {CHAIN} -p tcp -j REJECT --reject-with tcp-reset",
         ]
     elif chain:
@@ -66,15 +70,34 @@ def apply(netns_name: str, on: bool, flavour: str | None = None, what: str = "po
         os.close(fd)
 
 
-def apply_fd(fd: int, on: bool, flavour: str | None = None, what: str = "pod") -> None:
-    """apply, in the netns open as fd."""
+def apply_fd(fd: int, on: bool, flavour: str | None = None, what: str = "pod",
+             allow_node: bool = False) -> None:  # fmt: skip
+    """apply, in the netns open as fd; allow_node: let in the pod's
+    gateways (its node's addresses), as for the kubelet's probes."""
     from meshagent.redirect.iptables import Tools, detect_flavour
 
     tools = Tools.of(flavour or detect_flavour()[0])
     with netns.entered(fd):
-        for save, restore in ((tools.save4, tools.restore4), (tools.save6, tools.restore6)):
+        gateways = _gateways() if allow_node and on else {}
+        for family, save, restore in ((4, tools.save4, tools.restore4),
+                                      (6, tools.save6, tools.restore6)):  # fmt: skip
             now = _run([save, "-t", "filter"], None, what)
-            _run([restore, "--noflush", "-w", "5"], render(on, *_state(now)), what)
+            text = render(on, *_state(now), node=tuple(gateways.get(family, ())))
+            _run([restore, "--noflush", "-w", "5"], text, what)
+
+
+def _gateways() -> dict[int, list[str]]:
+    """The gateways of this netns's default routes, by IP version."""
+    from pyroute2 import IPRoute
+
+    out: dict[int, list[str]] = {4: [], 6: []}
+    with IPRoute() as ipr:
+        for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+            for route in ipr.get_default_routes(family=family):
+                gateway = route.get_attr("RTA_GATEWAY")
+                if gateway and gateway not in out[version]:
+                    out[version].append(gateway)
+    return out
 
 
 def present(netns_name: str, flavour: str | None = None) -> bool:
