@@ -302,8 +302,12 @@ class Agent:
 
         namespace = os.environ.get("POD_NAMESPACE", "meshagent")
         token = Path(os.environ.get("MESHAGENT_CA_TOKEN", str(TOKEN)))
+        mesh = self.forwarder.mesh  # started with a certificate left on this node
+        cached = mesh.certs.not_after_epoch() if mesh is not None else None
         enroller = Enroller(make_client(self.watch.cfg), namespace, self.cfg.certs, token,
-                            lambda got: self.loop.post(lambda: self._enrolled(got)))  # fmt: skip
+                            lambda got: self.loop.post(lambda: self._enrolled(got)), cached)  # fmt: skip
+        if mesh is not None:
+            mesh.enroll = enroller
         self.enroller = enroller
         enroller.start()
         self.stack.callback(enroller.close)

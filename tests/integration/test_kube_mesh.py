@@ -198,6 +198,7 @@ def test_a_restarted_agent_goes_on_with_its_certificate_at_once(kube):
     wait_for(lambda: _restarted(kube, a, old), 180, "the agent restarted")
     mesh = _mesh(kube, a)
     assert mesh["certificate"]["serial"] == before, mesh["certificate"]
+    assert mesh["enroll"]["enrolments"] == 0, mesh["enroll"]  # renewed at half-life, not now
     web = _ip(kube, "shop", "web")
     before_in = _handshakes(kube, a, "in ok")
     seen = wait_for(lambda: _addr(kube.fetch("shop", "client", f"http://{web}:8080/cgi-bin/ip")

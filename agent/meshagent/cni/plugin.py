@@ -241,13 +241,25 @@ def _strict_rules(conf: Conf, pod: str, namespace: str, name: str, netns_path: s
     except OSError as exc:
         raise CniError(E_UNKNOWN_CONTAINER, f"pod {pod}: {netns_path}: {exc.strerror}") from None
     try:
-        strict.apply_fd(fd, True, what=f"pod {pod}", allow_node=True)  # the kubelet's probes
+        # The node's addresses toward the pod (its gateways), for the kubelet's probes.
+        strict.apply_fd(fd, True, what=f"pod {pod}", allow_node=True,
+                        gateways=_gateways(conf.prev_result))  # fmt: skip
     except MeshError as exc:
         raise CniError(
             E_INTERNAL, f"pod {pod} is strict (mTLS) and its rules failed: {exc}"
         ) from None
     finally:
         os.close(fd)
+
+
+def _gateways(prev: dict | None) -> dict[int, list[str]]:
+    """The gateways of the pod's addresses in prevResult, by IP version."""
+    out: dict[int, list[str]] = {4: [], 6: []}
+    for entry in (prev or {}).get("ips") or []:
+        gateway = entry.get("gateway") if isinstance(entry, dict) else None
+        if gateway:
+            out[6 if ":" in gateway else 4].append(str(gateway))
+    return out
 
 
 def _warn(pod: str, why: str) -> None:

@@ -49,8 +49,13 @@ class EnrollError(Exception):
 
 
 class Enroller:
-    def __init__(self, client, namespace: str, out: Path, token: Path, on_cert) -> None:
-        self.client = client  # lightkube Client (the agent's ServiceAccount)
+    def __init__(self, client, namespace: str, out: Path, token: Path, on_cert,
+                 cached_until: float | None = None) -> None:  # fmt: skip
+        self.client = client
+        # A certificate left by an earlier agent of this node, good until
+        # then (epoch seconds): renewed at half its remaining life, not at
+        # once (restarts do not all ask the identity service at once).
+        self.cached_until = cached_until  # lightkube Client (the agent's ServiceAccount)
         self.namespace = namespace
         self.out = Path(out)
         self.token = Path(token)
@@ -75,6 +80,9 @@ class Enroller:
     def _run(self) -> None:
         backoff = 1.0
         said = ""
+        if self.cached_until is not None:
+            self.state = "using the certificate an earlier agent of this node got"
+            self.stopping.wait(max(0.0, (self.cached_until - time.time()) / 2))
         while not self.stopping.is_set():
             try:
                 got = self.enroll_once()

@@ -71,14 +71,18 @@ def apply(netns_name: str, on: bool, flavour: str | None = None, what: str = "po
 
 
 def apply_fd(fd: int, on: bool, flavour: str | None = None, what: str = "pod",
-             allow_node: bool = False) -> None:  # fmt: skip
+             allow_node: bool = False, gateways: dict[int, list[str]] | None = None) -> None:  # fmt: skip
     """apply, in the netns open as fd; allow_node: let in the pod's
-    gateways (its node's addresses), as for the kubelet's probes."""
+    gateways (its node's addresses), as for the kubelet's probes: given
+    (the CNI plugin has them from prevResult), else read in the netns."""
     from meshagent.redirect.iptables import Tools, detect_flavour
 
     tools = Tools.of(flavour or detect_flavour()[0])
     with netns.entered(fd):
-        gateways = _gateways() if allow_node and on else {}
+        if not (allow_node and on):
+            gateways = {}
+        elif gateways is None:
+            gateways = _gateways()
         for family, save, restore in ((4, tools.save4, tools.restore4),
                                       (6, tools.save6, tools.restore6)):  # fmt: skip
             now = _run([save, "-t", "filter"], None, what)
