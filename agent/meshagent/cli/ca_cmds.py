@@ -93,7 +93,8 @@ def register(cli: click.Group) -> None:
               help="NAMESPACE:SERVICEACCOUNT of the node agents it signs for.")  # fmt: skip
 @click.option("--hours", type=float, default=24.0, show_default=True,
               help="A node certificate's life; agents renew at half of it.")  # fmt: skip
-@click.option("--port", type=int, default=15012, show_default=True)
+@click.option("--port", type=int, default=15012, show_default=True,
+              help="Where it listens (HTTPS, its own certificate from the CA).")  # fmt: skip
 def serve(trust_domain: str, namespace: str, agents: str, hours: float, port: int) -> None:
     """The identity service on Kubernetes: signs each node agent's key for
     its own node, after a TokenReview of its pod-bound token."""

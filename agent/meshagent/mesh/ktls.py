@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from meshagent.forwarder.copy import Relay, reset_close
-from meshagent.forwarder.splice import SpliceLeg
+from meshagent.forwarder.splice import SOL_TLS, TCP_ULP, TlsSpliceLeg
 from meshagent.host.loop import Loop
 from meshagent.mesh.hop import (
     HANDSHAKE_TIMEOUT,
@@ -46,8 +46,7 @@ from meshagent.mesh.hop import (
 )
 from meshagent.modes import DataPathMode
 
-SOL_TLS, TLS_TX, TLS_RX = 282, 1, 2
-TCP_ULP = 31
+TLS_TX, TLS_RX = 1, 2
 OP_ENABLE_KTLS = 1 << 3  # OpenSSL 3's SSL_OP_ENABLE_KTLS (Python 3.11 has no name for it)
 CIPHERS = (
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305"
@@ -170,84 +169,6 @@ def selftest(certs_dir: Path) -> tuple[bool, str]:
     if bytes(back) != data:
         return False, "64 KiB spliced through kernel TLS came back different"
     return True, "self-tested at start: TLS 1.2 with the kernel's TLS both ways, spliced"
-
-
-TLS_SET_RECORD_TYPE, TLS_GET_RECORD_TYPE = 1, 2  # cmsg types at SOL_TLS
-ALERT = 21  # the record type
-CLOSE_NOTIFY = b"\x01\x00"  # warning, close_notify
-
-
-class TlsSpliceLeg(SpliceLeg):
-    """A SpliceLeg to or from a socket whose TLS the kernel does, with TLS's
-    own half-close, as the OpenSSL hop (hop.py) has it: a close_notify alert
-    before our FIN; the peer's FIN without its close_notify is a cut
-    stream, and resets the other side. splice(2) stops at a record that is
-    not data (EINVAL); recvmsg then reads it with its type."""
-
-    __slots__ = ("notified", "notify_sent", "tls_dst", "tls_src")
-
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
-        super().__init__(src, dst)
-        self.tls_src = ulp(src) == b"tls"
-        self.tls_dst = ulp(dst) == b"tls"
-        self.notified = False  # the peer's close_notify came
-        self.notify_sent = False  # ours went
-
-    def _splice_in(self) -> int:
-        if not self.tls_src:
-            return super()._splice_in()
-        try:
-            moved = super()._splice_in()
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            moved = None
-        if moved is None:  # a record that is not data
-            data, ancdata, _flags, _addr = self.src.recvmsg(64, socket.CMSG_SPACE(1))
-            kind = next((d[0] for lvl, typ, d in ancdata
-                         if lvl == SOL_TLS and typ == TLS_GET_RECORD_TYPE and d), None)  # fmt: skip
-            if kind == ALERT and data[:2] == CLOSE_NOTIFY:
-                self.notified = True
-                return 0
-            raise ConnectionResetError(
-                errno.ECONNRESET, f"the peer sent a TLS record of type {kind} ({data[:2].hex()})"
-            )
-        if moved == 0 and not self.notified:
-            raise ConnectionResetError(
-                errno.ECONNRESET, "the peer's stream ended without close_notify"
-            )
-        return moved
-
-    def _maybe_shut(self) -> None:
-        if self.tls_dst and self.eof and not self.waiting and not self.shut:
-            # One small record into a send buffer just drained: a second at
-            # most, rather than a half-close the peer would take for a cut.
-            with contextlib.suppress(OSError):
-                self.dst.settimeout(1.0)
-                try:
-                    self.dst.sendmsg(
-                        [CLOSE_NOTIFY], [(SOL_TLS, TLS_SET_RECORD_TYPE, bytes([ALERT]))]
-                    )
-                    self.notify_sent = True
-                finally:
-                    self.dst.setblocking(False)
-        super()._maybe_shut()
-
-    def export(self) -> tuple[dict, list[int], bytes]:
-        state, fds, data = super().export()
-        return {**state, "notified": self.notified, "notify_sent": self.notify_sent}, fds, data
-
-    def restore(self, state: dict, fds: list[int], data: bytes) -> None:
-        super().restore(state, fds, data)
-        self.notified = bool(state.get("notified"))
-        self.notify_sent = bool(state.get("notify_sent"))
-
-
-def ulp(sock: socket.socket) -> bytes:
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16).rstrip(b"\0")
-    except OSError:
-        return b""
 
 
 class KtlsHop:
