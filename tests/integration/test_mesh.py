@@ -216,6 +216,10 @@ def test_many_connections_across_nodes_write_at_once_in_random_chunks(mesh_pair)
         assert got["peer"] == client.ip4
     counted = nodes.agents[1].request("status")["mesh"]["handshakes"]
     assert counted.get("in ok", 0) + counted.get("in resumed", 0) == conns, counted
+    # A burst to a node with no session yet: one full handshake, and the
+    # hops made meanwhile waited for it and resumed its session.
+    counted = nodes.agents[0].request("status")["mesh"]["handshakes"]
+    assert counted.get("out ok") == 1 and counted.get("out resumed") == conns - 1, counted
 
 
 @pytest.mark.kernel_matrix

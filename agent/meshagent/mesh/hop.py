@@ -155,6 +155,7 @@ class Hop:
         on_header: Callable[[Hop, dict], None] | None = None,
         on_up: Callable[[Hop], None] | None = None,
         session: ssl.SSLSession | None = None,
+        start: bool = True,
     ) -> None:
         self.loop = loop
         self.wire = wire
@@ -186,11 +187,24 @@ class Hop:
         self.bytes_out = 0  # client pod -> server application
         self.bytes_in = 0
         self.registered: set[int] = set()
-        self._register(wire, self._on_wire)
-        if plain is not None:
-            self._register(plain, self._on_plain)
-        self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
-        loop.call_later(0, self._pump)  # the client's hello (or nothing yet)
+        self.timer = None
+        self.started = False
+        if start:
+            self.begin()
+
+    def begin(self, session: ssl.SSLSession | None = None) -> None:
+        """The handshake starts (a hop made with start=False waits for
+        this: the first hop to a node, whose session it may resume)."""
+        if self.closed or self.started:
+            return
+        if session is not None:
+            self.tls.session = session  # ValueError: made in another context
+        self.started = True
+        self._register(self.wire, self._on_wire)
+        if self.plain is not None:
+            self._register(self.plain, self._on_plain)
+        self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
+        self.loop.call_later(0, self._pump)  # the client's hello (or nothing yet)
 
     # -- the Connection interface ----------------------------------------
     @property
@@ -225,7 +239,8 @@ class Hop:
             self.loop.modify(fd, 0)
 
     def resume(self) -> None:
-        self._update()
+        if self.started:
+            self._update()
 
     def finish(self, reason: str | None) -> None:
         self._end(reason, orderly_close)
@@ -251,7 +266,8 @@ class Hop:
             return
         with contextlib.suppress(ssl.SSLError):
             self.tls.write(b"NO " + reason.encode() + b"\n")
-        self._flush_wire()
+        with contextlib.suppress(OSError):  # the peer may have given up (reset) already
+            self._flush_wire()
         self.reset(f"{reason}: {message}")
 
     # -- events -----------------------------------------------------------

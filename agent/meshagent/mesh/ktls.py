@@ -182,7 +182,7 @@ class KtlsHop:
                  on_done: Callable, check_peer: Callable, plain: socket.socket | None = None,
                  header: dict | None = None, on_header: Callable | None = None,
                  on_up: Callable | None = None,
-                 session: ssl.SSLSession | None = None) -> None:  # fmt: skip
+                 session: ssl.SSLSession | None = None, start: bool = True) -> None:  # fmt: skip
         self.loop = loop
         self.server_side = server_side
         self.on_done = on_done
@@ -204,8 +204,20 @@ class KtlsHop:
         self.session: ssl.SSLSession | None = None  # for the next hop to the same node
         self.wire: socket.socket = self.tls  # the bare socket after the handshake
         self.fd = self.tls.fileno()  # wrap_socket took the fd over from wire
-        self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
-        loop.add(self.fd, EPOLLIN | EPOLLOUT, self._event)
+        self.timer = None
+        self.started = False
+        if start:
+            self.begin()
+
+    def begin(self, session: ssl.SSLSession | None = None) -> None:
+        """The handshake starts (see Hop.begin)."""
+        if self.closed or self.started:
+            return
+        if session is not None:
+            self.tls.session = session  # ValueError: made in another context
+        self.started = True
+        self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
+        self.loop.add(self.fd, EPOLLIN | EPOLLOUT, self._event)
 
     # -- the Connection interface: the relay's once it runs ------------------
     @property

@@ -103,6 +103,10 @@ class Mesh:
         # The last resumable session to each node, with the client context
         # it was made in (a new certificate: a new context, a full handshake).
         self.sessions: dict[str, tuple[object, ssl.SSLSession]] = {}
+        # While the first (full) handshake to a node is under way, the hops
+        # to that node made meanwhile wait for it, to resume its session: a
+        # burst of connections costs one full handshake, not one each.
+        self.first: dict[str, list] = {}  # node -> hops waiting
         self.forwarder = None  # set by Forwarder.use_mesh
         # A pod's inbound mode (mesh/strict.py), by name; the agent sets it.
         self.mode_of: Callable[[str], str] = lambda _name: "permissive"
@@ -179,6 +183,8 @@ class Mesh:
 
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
+            if leading is not None:
+                self._release(node, leading)
             if hop.phase == "relay":
                 keep(hop)  # TLS 1.3: the ticket came after the handshake
                 if record is not None and record.mtls is not None:
@@ -199,19 +205,45 @@ class Mesh:
                 record.mtls["peer"] = hop.peer
                 record.mtls["resumed"] = hop.resumed
             keep(hop)
+            if leading is not None:
+                self._release(node, leading)
 
         def keep(hop: Hop) -> None:
             session = hop.new_session()
             if session is not None:
                 self.sessions[state["node"]] = (ctx, session)
 
+        node = state["node"]
         ctx = self.certs.current().client
-        kept = self.sessions.get(state["node"])
-        session = kept[1] if kept is not None and kept[0] is ctx else None
+        session = self._session(node, ctx)
+        waits = session is None and node in self.first
+        leading = None  # if this hop is the first: the list of those waiting for it
+        if session is None and not waits:
+            leading = self.first[node] = []
         hop = self.hop_class(self.loop, wire, ctx, False, done, check, plain=client,
-                             header=state["header"], on_up=up, session=session)  # fmt: skip
+                             header=state["header"], on_up=up, session=session,
+                             start=not waits)  # fmt: skip
+        if waits:
+            self.first[node].append(hop)
         self.hops[hop] = "out"
         return hop
+
+    def _session(self, node: str, ctx: object) -> ssl.SSLSession | None:
+        kept = self.sessions.get(node)
+        return kept[1] if kept is not None and kept[0] is ctx else None
+
+    def _release(self, node: str, waiting: list) -> None:
+        """The first handshake to node ended (up, or failed): the hops that
+        waited for it start, resuming its session if there is one."""
+        if self.first.get(node) is not waiting:
+            return  # released already
+        del self.first[node]
+        session = self._session(node, self.certs.current().client)
+        for hop in waiting:
+            try:
+                hop.begin(session)
+            except ValueError:  # made before the certificate changed: another context
+                hop.begin(None)
 
     # -- inbound ------------------------------------------------------------
     def open_pod(self, slot: PodSlot, tries: int = 0) -> None:
