@@ -250,6 +250,38 @@ def test_half_close_across_nodes_then_ten_megabytes_back(mesh_pair):
 
 
 @pytest.mark.kernel_matrix
+def test_one_connection_after_another_goes_on_one_link(mesh_pair):
+    """Ten connections one after another from a pod to the same server pod:
+    in the OpenSSL mode the first one's TLS connection carries all ten
+    (framed streams, no TCP or TLS handshake after the first), each
+    stream whole both ways and seen from the client pod's own address; in
+    the kernel-TLS mode each is a connection of its own, resumed."""
+    nodes, client, server = mesh_pair
+    env_a, env_b = nodes.envs
+    a, b = nodes.agents
+    srv = env_b.server(server, PORT, "--send", "3000")
+    for n in range(10):
+        got = env_a.client(client, server.ip4, PORT, "--send", str(1000 + n), "--seed", str(n))
+        seen = srv.next()
+        assert seen["recv_sha"] == got["sent_sha"] and seen["recv_bytes"] == 1000 + n
+        assert got["recv_sha"] == seen["sent_sha"] and got["recv_bytes"] == 3000
+        assert seen["peer"] == client.ip4
+    mesh_a, mesh_b = a.request("status")["mesh"], b.request("status")["mesh"]
+    if mesh_a["kernel_tls"]["on"]:
+        assert mesh_a["handshakes"] == {"out ok": 1, "out resumed": 9}, mesh_a
+        return
+    assert mesh_a["handshakes"] == {"out ok": 1, "out reused": 9}, mesh_a
+    assert mesh_b["handshakes"] == {"in ok": 1, "in reused": 9}, mesh_b
+    assert mesh_a["links"] == {"idle": 1, "taken": 9, "ended": 0}, mesh_a
+    conns = [c for c in a.request("connections")["connections"] if c.get("mtls")]
+    assert len(conns) == 10 and all(c["state"] == "closed" for c in conns), conns
+    assert [bool(c["mtls"].get("reused")) for c in conns] == [False] + [True] * 9, conns
+    inbound = [c for c in b.request("connections")["connections"] if c.get("mtls")]
+    assert [c["mtls"]["source"] for c in inbound] == [
+        "spiffe://mesh.test/node/node-a/pod/client"] * 10, inbound  # fmt: skip
+
+
+@pytest.mark.kernel_matrix
 def test_a_node_without_kernel_tls_and_one_with_it_end_streams_cleanly_both_ways(
     mesh_nodes, tmp_path
 ):

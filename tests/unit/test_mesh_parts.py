@@ -228,6 +228,130 @@ def test_a_peer_check_that_refuses_ends_both_sides(pki):
     assert ends["server"] is not None and pair.headers == []
 
 
+class Reuse:
+    """Client and server hops that take reuse (the OpenSSL mode's framed
+    streams), as mesh/node.py makes them: each stream's end gives back its
+    link; the next client hop goes on it, and the server takes it again."""
+
+    def __init__(self, pki, server_reuses: bool = True) -> None:
+        self.loop = Loop()
+        self.cctx = NodeCerts(pki / "a", "mesh.test", "a").contexts.client
+        self.sctx = NodeCerts(pki / "b", "mesh.test", "b").contexts.server
+        self.server_reuses = server_reuses
+        self.ends: list[tuple[str, str | None]] = []
+        self.headers: list[dict] = []
+        self.client_links: list = []
+        self.server_hops: list[Hop] = []
+        self.apps: list[socket.socket] = []  # the application's end of each stream
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def _done(self, name):
+        return lambda _hop, reason: self.ends.append((name, reason))
+
+    def _serve(self, wire, link=None) -> None:
+        def on_header(hop: Hop, header: dict) -> None:
+            self.headers.append(header)
+            app_side, app = socket.socketpair()
+            app_side.setblocking(False)
+            self.apps.append(app)
+            hop.connected(app_side)
+
+        more = {"link": link, "on_idle": lambda nxt: self._serve(nxt.wire, nxt)}
+        hop = Hop(self.loop, wire, self.sctx, True, self._done("server"), lambda h: None,
+                  on_header=on_header, **(more if self.server_reuses else {}))  # fmt: skip
+        self.server_hops.append(hop)
+
+    def stream(self, n: int) -> tuple[socket.socket, Hop]:
+        """Stream n from a new pod socket: on an idle link if one is back."""
+        pod, pod_side = socket.socketpair()
+        pod_side.setblocking(False)
+        made: list[Hop] = []
+
+        def start() -> None:
+            link = self.client_links.pop() if self.client_links else None
+            if link is None:
+                wire_a, wire_b = socket.socketpair()
+                wire_a.setblocking(False)
+                wire_b.setblocking(False)
+                self._serve(wire_b)
+            made.append(Hop(self.loop, link.wire if link else wire_a, self.cctx, False,
+                            self._done("client"), lambda h: None, plain=pod_side,
+                            header={"dst": f"10.2.0.7:{n}", "src": "x"}, link=link,
+                            on_idle=self.client_links.append))  # fmt: skip
+
+        self.loop.post(start)
+        for _ in range(200):
+            if made:
+                break
+            threading.Event().wait(0.01)
+        return pod, made[0]
+
+    def wait(self, what, timeout: float = 20) -> None:
+        for _ in range(int(timeout / 0.02)):
+            if what():
+                return
+            threading.Event().wait(0.02)
+        raise AssertionError(f"timed out: {self.ends}")
+
+    def stop(self) -> None:
+        self.loop.post(self.loop.stop)
+        self.thread.join(10)
+
+
+def _exchange(pair: Reuse, pod: socket.socket, app_index: int, up: bytes, down: bytes) -> None:
+    sender = threading.Thread(target=lambda: (pod.sendall(up), pod.shutdown(socket.SHUT_WR)))
+    sender.start()
+    pair.wait(lambda: len(pair.apps) > app_index)
+    app = pair.apps[app_index]
+    assert _read_all(app) == up
+    app.sendall(down)
+    app.shutdown(socket.SHUT_WR)
+    assert _read_all(pod) == down
+    sender.join(10)
+    app.close()
+    pod.close()
+
+
+def test_a_link_carries_the_next_stream_without_a_handshake(pki):
+    """Framed streams: both ways end cleanly, the link comes back, and the
+    next stream goes on it (the same TLS session), header and all; a chunk
+    boundary anywhere, 1 B to 1 MiB, arrives whole."""
+    pair = Reuse(pki)
+    try:
+        first_pod, first = pair.stream(1)
+        _exchange(pair, first_pod, 0, bytes(range(256)) * 4096, b"\x07" * 100_000)
+        pair.wait(lambda: len(pair.client_links) == 1 and len(pair.ends) == 2)
+        assert sorted(pair.ends) == [("client", None), ("server", None)]
+        assert first.framed and not first.reused
+        tls = pair.client_links[0].tls
+        for n, (up, down) in enumerate([(b"x", b"y"), (b"", b"z" * 3), (b"q" * (1 << 20), b"")]):
+            pod, hop = pair.stream(2 + n)
+            _exchange(pair, pod, 1 + n, up, down)
+            pair.wait(lambda n=n: len(pair.client_links) == 1 and len(pair.ends) == 4 + 2 * n)
+            assert hop.reused and hop.tls is tls
+            assert (hop.bytes_out, hop.bytes_in) == (len(up), len(down))
+        assert [h["dst"] for h in pair.headers] == [f"10.2.0.7:{n}" for n in (1, 2, 3, 4)]
+        assert all(reason is None for _, reason in pair.ends), pair.ends
+        assert pair.server_hops[-1].idle  # waiting for a fifth
+    finally:
+        pair.stop()
+
+
+def test_a_server_that_does_not_reuse_gets_a_stream_per_connection(pki):
+    """The offer declined (`OK`, as an agent before reuse answers): the
+    stream is TLS's own, ended by close_notify, and no link comes back."""
+    pair = Reuse(pki, server_reuses=False)
+    try:
+        pod, hop = pair.stream(1)
+        _exchange(pair, pod, 0, b"a" * 70_000, b"b" * 70_000)
+        pair.wait(lambda: len(pair.ends) == 2)
+        assert not hop.framed and hop.close_notify == {"sent": True, "received": True}
+        assert pair.client_links == [] and all(r is None for _, r in pair.ends), pair.ends
+    finally:
+        pair.stop()
+
+
 def test_tls_reasons():
     err = ssl.SSLCertVerificationError(1, "certificate verify failed")
     err.verify_message = "certificate has expired"

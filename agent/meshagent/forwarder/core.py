@@ -458,6 +458,12 @@ class Forwarder:
         that takes plaintext only from its own netns, from inside that one:
         mesh/node.py), then hand both sockets to path."""
         family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        if self.mesh is not None and port == self.mesh.port and path is self.mesh.path:
+            link = self.mesh.take_link(slot, ip)  # an idle TLS connection there: no handshake
+            if link is not None:
+                state["link"] = link
+                self._joined(slot, record, client, link.wire, path, state)
+                return
         try:
             upstream = None
             if self.mesh is not None and port != self.mesh.port:
@@ -534,8 +540,13 @@ class Forwarder:
             reason = f"upstream connect: {errno.errorcode.get(err, err)}"
             self._fail(slot, record, client, upstream, reason, entry.path, entry.state)
             return
+        self._joined(slot, record, client, upstream, entry.path, entry.state)
+
+    def _joined(self, slot: PodSlot, record: ConnRecord, client: socket.socket,
+                upstream: socket.socket, path: DataPath, state: object) -> None:  # fmt: skip
+        """Connected: the data path takes both sockets."""
         record.state = "forwarding"  # the data path takes over upstream's epoll entry
-        conn = entry.path.join(client, upstream, entry.state, _Ended(self, slot, record))
+        conn = path.join(client, upstream, state, _Ended(self, slot, record))
         if not conn.closed:
             try:
                 conn.limit(record.buffer)  # the path's own part (and sockmap's send buffers)

@@ -16,6 +16,16 @@ its end, clean or not, goes to on_done with the reason.
 Half-close is TLS's own: close_notify, then the TCP FIN. A TCP end without
 close_notify is a cut stream, and resets the other side.
 
+Reuse (the OpenSSL mode): a client that offers it (`"reuse": true` in its
+header, and no stream bytes until the reply) and a server that takes it
+(`OK reuse`) frame the stream instead: each chunk is a 4-byte length and
+its bytes, and a chunk of length 0 ends the stream one way (where
+close_notify would). When both ways have ended cleanly, the TLS
+connection (a Link) goes back to the client's node, idle, for the next
+connection from the same pod to the same destination pod: its header
+comes on the same TLS session, with no TCP or TLS handshake. Anything
+unclean (a reset, an error, a timeout) ends the link with the stream.
+
 Here OpenSSL in this process carries the bytes (memory BIOs). Where the
 kernel has TLS the same hop hands the keys to it.
 """
@@ -27,8 +37,10 @@ import json
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from meshagent.forwarder.budget import kernel_holds, set_buffers
 from meshagent.forwarder.copy import orderly_close, recv_scratch, reset_close
@@ -42,6 +54,10 @@ CHUNK = 256 * 1024
 HANDSHAKE_TIMEOUT = (
     30.0  # a handshake waits this long for its peer (200 at once under emulation: 20 s)
 )
+IDLE_TIMEOUT = 60.0  # a reused link waits this long for its next header (server side)
+LINK_MAX_AGE = 600.0  # a link carries no new stream after this long
+FRAME = struct.Struct("!I")
+STREAM_END = FRAME.pack(0)
 
 EPOLLIN, EPOLLOUT = select.EPOLLIN, select.EPOLLOUT
 EPOLL_BAD = select.EPOLLERR | select.EPOLLHUP
@@ -98,10 +114,11 @@ def parse_header(line: bytes) -> dict:
     return header
 
 
-def check_reply(line: bytes) -> None:
-    """The server's reply line: OK, or Refused with its reason."""
-    if line == b"OK":
-        return
+def check_reply(line: bytes) -> bool:
+    """The server's reply line: OK (True: it took reuse, `OK reuse`), or
+    Refused with its reason."""
+    if line in (b"OK", b"OK reuse"):
+        return line == b"OK reuse"
     reason = line[3:].decode(errors="replace") if line.startswith(b"NO ") else "bad_reply"
     raise Refused(f"refused_{reason}" if reason != "bad_reply" else reason,
                   f"the destination node refused: {reason}")  # fmt: skip
@@ -133,6 +150,41 @@ def resumable(session: ssl.SSLSession | None) -> ssl.SSLSession | None:
     return session if session is not None and session.has_ticket else None
 
 
+@dataclass
+class Link:
+    """A TLS connection between two nodes whose last stream ended cleanly,
+    framed: what the next Hop on it takes over."""
+
+    wire: socket.socket
+    tls: ssl.SSLObject
+    inc: ssl.MemoryBIO
+    outg: ssl.MemoryBIO
+    peer: str | None
+    after: bytes = b""  # decrypted bytes past the last stream's end (the next header)
+    streams: int = 1  # streams carried so far
+    born: float = 0.0  # time.monotonic() of its handshake
+
+    def fit(self, ctx_now: ssl.SSLContext, ctx: ssl.SSLContext) -> bool:
+        """Fit for another stream: made with this node's current certificate
+        (a new one: new links), the peer's still in its time, and younger
+        than LINK_MAX_AGE."""
+        if ctx_now is not ctx or time.monotonic() - self.born > LINK_MAX_AGE:
+            return False
+        try:
+            ends = ssl.cert_time_to_seconds((self.tls.getpeercert() or {})["notAfter"])
+        except (KeyError, ValueError):
+            return False
+        return ends > time.time()
+
+    def close(self) -> None:
+        """close_notify if it goes out at once, then the FIN."""
+        with contextlib.suppress(ssl.SSLError, OSError, ValueError):
+            self.tls.unwrap()
+        with contextlib.suppress(OSError):
+            self.wire.send(self.outg.read())
+        orderly_close(self.wire)
+
+
 class Hop:
     """One connection across the hop: wire (TLS, to or from the other node)
     and plain (the pod's socket on the client side, the application's on the
@@ -156,6 +208,8 @@ class Hop:
         on_up: Callable[[Hop], None] | None = None,
         session: ssl.SSLSession | None = None,
         start: bool = True,
+        link: Link | None = None,
+        on_idle: Callable[[Link], None] | None = None,
     ) -> None:
         self.loop = loop
         self.wire = wire
@@ -165,13 +219,25 @@ class Hop:
         self.check_peer = check_peer
         self.on_header = on_header
         self.on_up = on_up  # the stream flows: the hop is up
-        self.inc, self.outg = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = ctx.wrap_bio(self.inc, self.outg, server_side=server_side, session=session)
-        self.phase = HANDSHAKE
+        self.on_idle = on_idle  # set: the link may carry another stream after this one
+        self.link = link  # the link this hop goes on with (no handshake), if any
+        # Framed (see the module's doc): on a link, or once the reply took reuse.
+        self.framed = link is not None
+        self.frame_left = 0  # bytes of the chunk being read still to come
+        self.frame_head = bytearray()  # a chunk's length, while incomplete
+        self.after = bytearray()  # decrypted past the stream's end: the next header
+        if link is None:
+            self.inc, self.outg = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = ctx.wrap_bio(self.inc, self.outg, server_side=server_side,
+                                    session=session)  # fmt: skip
+        else:
+            self.inc, self.outg, self.tls = link.inc, link.outg, link.tls
+        self.born = time.monotonic() if link is None else link.born
+        self.phase = HANDSHAKE if link is None else HEADER
         self.header = header
-        self.peer: str | None = None  # the peer node's SPIFFE ID, once verified
+        self.peer: str | None = None if link is None else link.peer  # the peer node's SPIFFE ID
         self.source: str | None = None  # the client workload's (server side)
-        self.line = bytearray()
+        self.line = bytearray() if link is None else bytearray(link.after)
         self.to_plain = bytearray()  # decrypted, for plain
         self.to_wire = bytearray()  # encrypted, for wire
         self.high = HIGH
@@ -203,8 +269,23 @@ class Hop:
         self._register(self.wire, self._on_wire)
         if self.plain is not None:
             self._register(self.plain, self._on_plain)
-        self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
+        wait = HANDSHAKE_TIMEOUT
+        if self.link is not None and self.server_side:
+            wait = IDLE_TIMEOUT  # an idle link: the client's next stream, or nothing
+        elif self.link is not None:
+            self._send_header()
+        self.timer = self.loop.call_later(wait, self._too_slow)
         self.loop.call_later(0, self._pump)  # the client's hello (or nothing yet)
+
+    @property
+    def reused(self) -> bool:
+        return self.link is not None
+
+    @property
+    def idle(self) -> bool:
+        """A reused link's server side that is waiting for a header: its
+        end (the client let the link go, or it stayed idle) is no failure."""
+        return self.link is not None and self.server_side and self.phase == HEADER
 
     # -- the Connection interface ----------------------------------------
     @property
@@ -256,7 +337,7 @@ class Hop:
             return
         self.plain = plain
         self._register(plain, self._on_plain)
-        self.tls.write(b"OK\n")
+        self.tls.write(b"OK reuse\n" if self.framed else b"OK\n")
         self._up()
         self._pump()
 
@@ -283,6 +364,9 @@ class Hop:
 
     def _too_slow(self) -> None:
         self.timer = None
+        if self.idle:
+            self.finish("idle")
+            return
         if self.phase in (HANDSHAKE, HEADER, REPLY):
             self._failed(Refused("timeout", f"no {self.phase} within {HANDSHAKE_TIMEOUT:.0f}s"))
 
@@ -304,7 +388,7 @@ class Hop:
             if self.phase == RELAY:
                 self._to_plain()
             if self.phase in (REPLY, RELAY) and self.plain is not None:
-                if plain & (EPOLLIN | EPOLL_BAD):
+                if plain & (EPOLLIN | EPOLL_BAD) and not self._offering:
                     self._read_plain()
                 if plain & EPOLLOUT and self.phase == RELAY:
                     self._to_plain()
@@ -326,7 +410,48 @@ class Hop:
         if self.plain_shut and self.wire_shut:
             self.finish(None)
             return
+        if self._stream_done:
+            self._recycle()
+            return
         self._update()
+
+    @property
+    def _offering(self) -> bool:
+        """The client offered reuse on a new link: no stream bytes until the
+        reply says whether they are framed."""
+        return self.phase == REPLY and self.offer
+
+    @property
+    def offer(self) -> bool:
+        return not self.server_side and self.on_idle is not None and self.link is None
+
+    @property
+    def _stream_done(self) -> bool:
+        """Framed, and ended cleanly both ways: the link can carry another."""
+        return (
+            self.framed
+            and self.phase == RELAY
+            and self.plain_eof
+            and self.notify_sent
+            and not self.to_wire
+            and not self.outg.pending
+            and self.plain_shut
+        )
+
+    def _recycle(self) -> None:
+        """The stream ended cleanly both ways: its end goes to on_done, and
+        the TLS connection, idle, to on_idle."""
+        self.closed = True
+        self._cancel_timer()
+        for fd in self.registered:
+            self.loop.remove(fd)
+        self.registered.clear()
+        orderly_close(self.plain)
+        streams = self.link.streams + 1 if self.link is not None else 1
+        link = Link(self.wire, self.tls, self.inc, self.outg, self.peer, bytes(self.after), streams,
+                    self.born)  # fmt: skip
+        self.on_done(self, None)
+        self.on_idle(link)
 
     def _hung_up(self, wire: int, plain: int) -> None:
         """A side closed both ways (EPOLLHUP, reported whatever the mask):
@@ -366,8 +491,12 @@ class Hop:
         if self.server_side:
             self.phase = HEADER
         else:
-            self.tls.write(MAGIC + json.dumps(self.header, separators=(",", ":")).encode() + b"\n")
-            self.phase = REPLY
+            self._send_header()
+
+    def _send_header(self) -> None:
+        header = {**self.header, "reuse": True} if self.offer else self.header
+        self.tls.write(MAGIC + json.dumps(header, separators=(",", ":")).encode() + b"\n")
+        self.phase = REPLY
 
     def _read_line(self) -> None:
         """The header (server) or the reply (client), up to its newline."""
@@ -389,13 +518,19 @@ class Hop:
         self.line = bytearray()
         if self.server_side:
             header = parse_header(line)
-            self.to_plain += rest  # the client's first bytes: held until the app accepts
+            if header.pop("reuse", False) is True and self.on_idle is not None:
+                self.framed = True
             self.phase = CONNECTING
+            self._take_plain(rest)  # the client's first bytes: held until the app accepts
             self._cancel_timer()
             self.on_header(self, header)
             return
-        check_reply(line)
-        self.to_plain += rest
+        took = check_reply(line)
+        if self.offer:
+            self.framed = took
+            if not took:
+                self.on_idle = None  # the server keeps to a connection per stream
+        self._take_plain(rest)
         self._cancel_timer()
         self._up()
 
@@ -433,14 +568,50 @@ class Hop:
             except (ssl.SSLEOFError, ssl.SSLSyscallError):
                 raise OSError(0, "the peer's stream ended without close_notify") from None
             if not data:
-                self.tls_eof = True
-                if self.closed_by is None:
-                    self.closed_by = "pod" if self.server_side else "upstream"
+                if self.framed:
+                    raise OSError(0, "the peer's link ended within a stream")
+                self._peer_ended()
                 return got
-            self.to_plain += data
-            got += len(data)
-            self._count(len(data), inbound=True)
+            got += self._take_plain(data)
         return got
+
+    def _peer_ended(self) -> None:
+        self.tls_eof = True
+        if self.closed_by is None:
+            self.closed_by = "pod" if self.server_side else "upstream"
+
+    def _take_plain(self, data: bytes) -> int:
+        """Decrypted bytes for plain: as they are, or unframed (and what
+        follows the stream's end kept for the next stream). How many."""
+        if not self.framed:
+            self.to_plain += data
+            self._count(len(data), inbound=True)
+            return len(data)
+        if self.tls_eof:
+            self.after += data
+            return 0
+        view, pos, took = memoryview(data), 0, 0
+        while pos < len(view):
+            if self.frame_left:
+                n = min(self.frame_left, len(view) - pos)
+                self.to_plain += view[pos : pos + n]
+                self.frame_left -= n
+                pos += n
+                took += n
+                continue
+            need = FRAME.size - len(self.frame_head)
+            self.frame_head += view[pos : pos + need]
+            pos += min(need, len(view) - pos)
+            if len(self.frame_head) < FRAME.size:
+                break
+            (self.frame_left,) = FRAME.unpack(self.frame_head)
+            self.frame_head.clear()
+            if self.frame_left == 0:  # the stream's end, this way
+                self._peer_ended()
+                self.after += view[pos:]
+                break
+        self._count(took, inbound=True)
+        return took
 
     def _count(self, n: int, inbound: bool) -> None:
         """inbound: bytes that came over the wire."""
@@ -471,14 +642,17 @@ class Hop:
                 if self.closed_by is None:
                     self.closed_by = "upstream" if self.server_side else "pod"
                 return
-            self.tls.write(data)
+            self.tls.write(FRAME.pack(len(data)) + data if self.framed else data)
             self._count(len(data), inbound=False)
             self.to_wire += self.outg.read()
 
     def _maybe_notify(self) -> None:
         """The plain side ended: close_notify, once nothing waits to be read
         (OpenSSL's shutdown reads whatever waits, and would swallow it)."""
-        if self.plain_eof and not self.notify_sent and not self.inc.pending:
+        if self.plain_eof and not self.notify_sent and self.framed:
+            self.tls.write(STREAM_END)  # the stream's end, not the link's
+            self.notify_sent = True
+        elif self.plain_eof and not self.notify_sent and not self.inc.pending:
             with contextlib.suppress(ssl.SSLWantReadError):
                 self.tls.unwrap()
             self.notify_sent = True
@@ -495,7 +669,7 @@ class Hop:
                     raise
                 sent = len(self.to_wire)
             del self.to_wire[:sent]
-        if self.notify_sent and not self.to_wire and not self.wire_shut:
+        if self.notify_sent and not self.to_wire and not self.wire_shut and not self.framed:
             self.wire_shut = True
             if not self.plain_shut:
                 self.wire.shutdown(socket.SHUT_WR)
@@ -516,6 +690,7 @@ class Hop:
                 not self.plain_eof
                 and len(self.to_wire) < self.high
                 and self.phase in (REPLY, RELAY)
+                and not self._offering
             ):
                 plain |= EPOLLIN
             if self.to_plain and self.phase == RELAY:

@@ -36,9 +36,10 @@ from meshagent.forwarder.records import ConnRecord, PodSlot
 from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.mesh.certs import NodeCerts
-from meshagent.mesh.hop import PORT, Hop, Refused
+from meshagent.mesh.hop import PORT, Hop, Link, Refused
 from meshagent.mesh.identity import SpiffeId, node_id
 from meshagent.mesh.ktls import KtlsHop
+from meshagent.mesh.links import LinkPool
 from meshagent.mesh.meshfile import MeshNode, MeshView
 
 MARK = 0x3A98  # 15000: the hop's sockets to applications
@@ -107,6 +108,9 @@ class Mesh:
         # to that node made meanwhile wait for it, to resume its session: a
         # burst of connections costs one full handshake, not one each.
         self.first: dict[str, list] = {}  # node -> hops waiting
+        # Links reused for the next stream (mesh/hop.py): the OpenSSL mode.
+        self.reuse = not self.kernel_tls
+        self.links = LinkPool(loop)
         self.forwarder = None  # set by Forwarder.use_mesh
         # A pod's inbound mode (mesh/strict.py), by name; the agent sets it.
         self.mode_of: Callable[[str], str] = lambda _name: "permissive"
@@ -130,6 +134,7 @@ class Mesh:
         """What the hop needs; app: the data path's (kept for a fall-back)."""
         return {
             "node": node.name,
+            "key": (slot.pod_id, orig_ip),  # an idle link's (mesh/links.py)
             "header": {
                 "dst": format_endpoint(orig_ip, orig_port),
                 "src": self.pod_identity(slot.name),
@@ -200,10 +205,14 @@ class Mesh:
             on_done(hop, reason)
 
         def up(hop: Hop) -> None:
-            self.handshakes[("out", "resumed" if hop.resumed else "ok")] += 1
+            self.handshakes[("out", _how(hop))] += 1
             if record is not None and record.mtls is not None:
                 record.mtls["peer"] = hop.peer
                 record.mtls["resumed"] = hop.resumed
+                if hop.reused:
+                    record.mtls["reused"] = True
+            if hop.reused:
+                return
             keep(hop)
             if leading is not None:
                 self._release(node, leading)
@@ -215,18 +224,33 @@ class Mesh:
 
         node = state["node"]
         ctx = self.certs.current().client
-        session = self._session(node, ctx)
-        waits = session is None and node in self.first
+        more = {}
+        if self.reuse:
+            key = state["key"]
+            more = {"link": state.pop("link", None),
+                    "on_idle": lambda link: self._idle_out(key, link, ctx)}  # fmt: skip
+        session = None if more.get("link") else self._session(node, ctx)
+        waits = session is None and node in self.first and not more.get("link")
         leading = None  # if this hop is the first: the list of those waiting for it
-        if session is None and not waits:
+        if session is None and not waits and not more.get("link"):
             leading = self.first[node] = []
         hop = self.hop_class(self.loop, wire, ctx, False, done, check, plain=client,
                              header=state["header"], on_up=up, session=session,
-                             start=not waits)  # fmt: skip
+                             start=not waits, **more)  # fmt: skip
         if waits:
             self.first[node].append(hop)
         self.hops[hop] = "out"
         return hop
+
+    def _idle_out(self, key: tuple[int, str], link: Link, ctx: ssl.SSLContext) -> None:
+        if link.fit(self.certs.current().client, ctx):
+            self.links.park(key, link)
+        else:
+            link.close()
+
+    def take_link(self, slot: PodSlot, ip: str) -> Link | None:
+        """An idle link from slot's pod to the pod at ip, if one waits."""
+        return self.links.take((slot.pod_id, ip)) if self.reuse else None
 
     def _session(self, node: str, ctx: object) -> ssl.SSLSession | None:
         kept = self.sessions.get(node)
@@ -282,6 +306,7 @@ class Mesh:
             self._close_listeners(entry)
 
     def close_pod(self, slot: PodSlot) -> None:
+        self.links.drop_pod(slot.pod_id)
         entry = self.inbound.pop(slot.pod_id, None)
         if entry is None:
             return
@@ -313,10 +338,14 @@ class Mesh:
 
         return handle
 
-    def _take(self, entry: Inbound, wire: socket.socket, peer_ip: str, peer_port: int) -> None:
+    def _take(self, entry: Inbound, wire: socket.socket, peer_ip: str, peer_port: int,
+              link: Link | None = None, ctx: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        """A hop from another node: a new connection, or (link) the next
+        stream on one whose last stream ended cleanly."""
         slot = entry.slot
-        wire.setblocking(False)
-        wire.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if link is None:
+            wire.setblocking(False)
+            wire.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         fwd = self.forwarder
         record = ConnRecord(slot.name, format_endpoint(peer_ip, peer_port), "?", time.time())
         record.datapath = self.path.mode
@@ -331,6 +360,8 @@ class Mesh:
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
             fwd._hold(slot, record, -1)
+            if getattr(hop, "idle", False):
+                return  # a link that carried no next stream: nothing to count
             record.bytes_out, record.bytes_in = hop.bytes_out, hop.bytes_in
             if hop.phase == "relay":
                 record.mtls["close_notify"] = hop.close_notify
@@ -350,10 +381,26 @@ class Mesh:
             record.mtls["peer"] = hop.peer
 
         def up(hop: Hop) -> None:
-            self.handshakes[("in", "resumed" if hop.resumed else "ok")] += 1
+            self.handshakes[("in", _how(hop))] += 1
 
-        hop = self.hop_class(self.loop, wire, self.certs.current().server, True, done, check, on_up=up,
-                  on_header=lambda h, header: self._deliver(entry, h, header, peer_ip, record))  # fmt: skip
+        def header_in(hop: Hop, header: dict) -> None:
+            if link is not None:
+                record.started = time.time()  # the stream's, not the idle wait's
+                record.mtls["peer"] = hop.peer
+                record.mtls["reused"] = True
+            self._deliver(entry, hop, header, peer_ip, record)
+
+        ctx = ctx or self.certs.current().server
+
+        def idle_in(nxt: Link) -> None:
+            if nxt.fit(self.certs.current().server, ctx):
+                self._take(entry, nxt.wire, peer_ip, peer_port, nxt, ctx)
+            else:
+                nxt.close()
+
+        more = {"link": link, "on_idle": idle_in} if self.reuse else {}
+        hop = self.hop_class(self.loop, wire, ctx, True, done, check, on_up=up,
+                             on_header=header_in, **more)  # fmt: skip
         self.hops[hop] = "in"
 
     def _check_client(self, hop: Hop, peer_ip: str) -> None:
@@ -471,6 +518,7 @@ class Mesh:
             "handshakes": {f"{d} {r}": n for (d, r), n in sorted(self.handshakes.items())},
             "hops": len(self.hops),
             "sessions": sorted(self.sessions),  # nodes a new hop resumes a session with
+            "links": self.links.snapshot(),
             **({"enroll": self.enroll.snapshot()} if self.enroll is not None else {}),
         }
 
@@ -503,6 +551,7 @@ class Mesh:
         for entry in self.inbound.values():
             self._close_listeners(entry)
         self.inbound.clear()
+        self.links.close()
         self.strict_ips.clear()
         for hop in list(self.hops):
             if hop in handed:
@@ -511,10 +560,18 @@ class Mesh:
             hop.reset("takeover: a hop's TLS session cannot move to the new agent")
 
     def close(self) -> None:
+        self.links.close()
         for entry in list(self.inbound.values()):
             self.close_pod(entry.slot)
         for hop in list(self.hops):
             hop.reset("agent stopped")
+
+
+def _how(hop: Hop) -> str:
+    """A hop that came up, as counted: on a reused link, resumed, or ok."""
+    if getattr(hop, "reused", False):
+        return "reused"
+    return "resumed" if hop.resumed else "ok"
 
 
 def _transparent(sock: socket.socket, family: int) -> None:
