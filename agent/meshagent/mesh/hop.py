@@ -556,7 +556,8 @@ class Hop:
                 return
 
     def _decrypt(self) -> int:
-        """Decrypt into to_plain up to the high mark; how many bytes."""
+        """Decrypt into to_plain up to the high mark; how many bytes came
+        out of TLS."""
         got = 0
         while not self.tls_eof and len(self.to_plain) < self.high:
             try:
@@ -572,7 +573,8 @@ class Hop:
                     raise OSError(0, "the peer's link ended within a stream")
                 self._peer_ended()
                 return got
-            got += self._take_plain(data)
+            self._take_plain(data)
+            got += len(data)  # progress (a chunk's length alone is progress too)
         return got
 
     def _peer_ended(self) -> None:
