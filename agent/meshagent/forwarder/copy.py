@@ -65,6 +65,13 @@ def _close_lingering(sock: socket.socket, linger: bytes) -> None:
     sock.close()
 
 
+def writable_now(sock: socket.socket) -> bool:
+    """The socket's connect ended (connected or failed), asked without waiting."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 def orderly_close(sock: socket.socket) -> None:
     """Close with a FIN: the forwarder decided this end (linger_reset off)."""
     _close_lingering(sock, _LINGER_OFF)

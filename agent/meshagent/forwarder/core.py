@@ -16,7 +16,7 @@ from meshagent.addrs import format_endpoint, is_local_destination
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
 from meshagent.forwarder.budget import Shares, buffer_for, cost, memory_max_auto, set_buffers, tier
-from meshagent.forwarder.copy import linger_reset, reset_close
+from meshagent.forwarder.copy import linger_reset, reset_close, writable_now
 from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.forwarder.pod_series import PodSeries
 from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
@@ -35,12 +35,6 @@ LOG_EVERY = 5.0  # seconds between two warnings of one pod for one reason
 LOG_KEYS_MAX = 4096  # (pod, reason) pairs remembered; past it, quiet ones are forgotten
 LISTEN_TRIES = 8  # kernel-picked ports tried when the agent's port is the pod's
 NONBLOCK = socket.SOCK_NONBLOCK  # made non-blocking: no ioctl(FIONBIO) after
-
-
-def _writable_now(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLOUT)
-    return bool(poller.poll(0))
 
 
 class _PortTaken(Exception):
@@ -491,7 +485,7 @@ class Forwarder:
             return
         # On a local bridge the handshake often completes inside connect():
         # skip the epoll round trip, and the timer (it would live 10 s).
-        immediate = err == 0 or _writable_now(upstream)
+        immediate = err == 0 or writable_now(upstream)
         timer = None if immediate else self.loop.call_later(
             CONNECT_TIMEOUT, lambda: self._connect_done(upstream, timed_out=True)
         )  # fmt: skip
@@ -528,6 +522,8 @@ class Forwarder:
         slot, record, client = entry.slot, entry.record, entry.client
         if entry.timer is not None:
             entry.timer.cancel()
+        if timed_out and writable_now(upstream):
+            timed_out = False  # connected meanwhile: a busy loop ran the timer first
         err = (
             errno.ETIMEDOUT
             if timed_out

@@ -31,7 +31,7 @@ from meshagent import log
 from meshagent.addrs import format_endpoint
 from meshagent.errors import MeshError
 from meshagent.forwarder.budget import cost, set_buffers, tier
-from meshagent.forwarder.copy import linger_reset, reset_close
+from meshagent.forwarder.copy import linger_reset, reset_close, writable_now
 from meshagent.forwarder.records import ConnRecord, PodSlot
 from meshagent.host import netns
 from meshagent.host.loop import Loop
@@ -479,6 +479,8 @@ class Mesh:
                 timer.cancel()
             with contextlib.suppress(KeyError, OSError, ValueError):
                 self.loop.remove(app.fileno())
+            if timed_out and writable_now(app):
+                timed_out = False  # connected meanwhile: a busy loop ran the timer first
             code = (
                 errno.ETIMEDOUT if timed_out else app.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             )
