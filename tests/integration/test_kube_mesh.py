@@ -80,9 +80,10 @@ def _mesh(kube: KubeCluster, node: str) -> dict:
 
 
 def _handshakes(kube: KubeCluster, node: str, key: str) -> int:
-    """Handshakes of kind key ("out ok"): full ones and resumed sessions."""
+    """Streams of kind key ("out ok"): on new connections (full handshakes,
+    resumed sessions) and on reused links."""
     counted = _mesh(kube, node).get("handshakes") or {}
-    return counted.get(key, 0) + counted.get(key.replace(" ok", " resumed"), 0)
+    return sum(counted.get(key.replace(" ok", f" {how}"), 0) for how in ("ok", "resumed", "reused"))
 
 
 def _addr(text: str) -> str:
