@@ -441,11 +441,7 @@ class Hop:
     def _recycle(self) -> None:
         """The stream ended cleanly both ways: its end goes to on_done, and
         the TLS connection, idle, to on_idle."""
-        self.closed = True
-        self._cancel_timer()
-        for fd in self.registered:
-            self.loop.remove(fd)
-        self.registered.clear()
+        self._unhook()
         orderly_close(self.plain)
         streams = self.link.streams + 1 if self.link is not None else 1
         link = Link(self.wire, self.tls, self.inc, self.outg, self.peer, bytes(self.after), streams,
@@ -543,6 +539,14 @@ class Hop:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _unhook(self) -> None:
+        """Closed: no timer, no events."""
+        self.closed = True
+        self._cancel_timer()
+        for fd in self.registered:
+            self.loop.remove(fd)
+        self.registered.clear()
 
     def _to_plain(self) -> None:
         """Decrypt what the memory BIO holds and write it to plain, for as
@@ -702,11 +706,7 @@ class Hop:
     def _end(self, reason: str | None, close: Callable[[socket.socket], None]) -> None:
         if self.closed:
             return
-        self.closed = True
-        self._cancel_timer()
-        for fd in self.registered:
-            self.loop.remove(fd)
-        self.registered.clear()
+        self._unhook()
         close(self.wire)
         if self.plain is not None:
             close(self.plain)

@@ -57,12 +57,8 @@ class LinkPool:
         parked = self.idle.get(key)
         if not parked:
             return None
-        entry = parked.pop()
-        if not parked:
-            del self.idle[key]
-        entry.timer.cancel()
-        with contextlib.suppress(KeyError, OSError, ValueError):
-            self.loop.remove(entry.link.wire.fileno())
+        entry = parked[-1]  # the most recently used
+        self._unpark(key, entry)
         self.taken += 1
         return entry.link
 
@@ -77,17 +73,20 @@ class LinkPool:
                 self._drop(key, entry)
 
     def _drop(self, key: Key, entry: _Parked) -> None:
-        parked = self.idle.get(key, [])
-        if entry not in parked:
+        if entry not in self.idle.get(key, []):
             return
+        self._unpark(key, entry)
+        self.ended += 1
+        self._close(entry.link)
+
+    def _unpark(self, key: Key, entry: _Parked) -> None:
+        parked = self.idle[key]
         parked.remove(entry)
         if not parked:
             del self.idle[key]
         entry.timer.cancel()
         with contextlib.suppress(KeyError, OSError, ValueError):
             self.loop.remove(entry.link.wire.fileno())
-        self.ended += 1
-        self._close(entry.link)
 
     @staticmethod
     def _close(link: Link) -> None:
