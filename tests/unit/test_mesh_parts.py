@@ -352,6 +352,19 @@ def test_a_server_that_does_not_reuse_gets_a_stream_per_connection(pki):
         pair.stop()
 
 
+def test_both_hop_kinds_answer_what_the_mesh_asks():
+    """mesh/node.py drives Hop (OpenSSL) and KtlsHop (the kernel's TLS)
+    alike: every attribute it reads of a hop is on both (the kernel-TLS
+    mode runs only in the guests, so a missing one would show only there)."""
+    from meshagent.mesh.ktls import KtlsHop
+
+    for name in ("begin", "reused", "idle", "resumed", "new_session", "close_notify",
+                 "connected", "refuse", "reset", "finish", "limit", "holds", "phase"):  # fmt: skip
+        assert hasattr(Hop, name) or name == "phase", name  # phase: set per instance
+        assert hasattr(KtlsHop, name) or name in ("resumed", "phase"), name
+    assert KtlsHop.reused is False and KtlsHop.idle is False
+
+
 def test_tls_reasons():
     err = ssl.SSLCertVerificationError(1, "certificate verify failed")
     err.verify_message = "certificate has expired"

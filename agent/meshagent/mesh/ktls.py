@@ -177,6 +177,8 @@ class KtlsHop:
     whose Connection interface it passes on."""
 
     handoff_bytes = 0
+    reused = False  # a connection per stream: links are the OpenSSL mode's
+    idle = False
 
     def __init__(self, loop: Loop, wire: socket.socket, ctx: ssl.SSLContext, server_side: bool,
                  on_done: Callable, check_peer: Callable, plain: socket.socket | None = None,

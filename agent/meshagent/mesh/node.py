@@ -360,7 +360,7 @@ class Mesh:
         def done(hop: Hop, reason: str | None) -> None:
             self.hops.pop(hop, None)
             fwd._hold(slot, record, -1)
-            if getattr(hop, "idle", False):
+            if hop.idle:
                 return  # a link that carried no next stream: nothing to count
             record.bytes_out, record.bytes_in = hop.bytes_out, hop.bytes_in
             if hop.phase == "relay":
@@ -571,7 +571,7 @@ class Mesh:
 
 def _how(hop: Hop) -> str:
     """A hop that came up, as counted: on a reused link, resumed, or ok."""
-    if getattr(hop, "reused", False):
+    if hop.reused:
         return "reused"
     return "resumed" if hop.resumed else "ok"
 
