@@ -257,6 +257,8 @@ class Hop:
         self.started = False
         if start:
             self.begin()
+        else:  # the first hop's end starts it; should that never come, this does
+            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self.begin)
 
     def begin(self, session: ssl.SSLSession | None = None) -> None:
         """The handshake starts (a hop made with start=False waits for
@@ -266,6 +268,7 @@ class Hop:
         if session is not None:
             self.tls.session = session  # ValueError: made in another context
         self.started = True
+        self._cancel_timer()
         self._register(self.wire, self._on_wire)
         if self.plain is not None:
             self._register(self.plain, self._on_plain)

@@ -210,6 +210,8 @@ class KtlsHop:
         self.started = False
         if start:
             self.begin()
+        else:  # the first hop's end starts it; should that never come, this does
+            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self.begin)
 
     def begin(self, session: ssl.SSLSession | None = None) -> None:
         """The handshake starts (see Hop.begin)."""
@@ -218,6 +220,7 @@ class KtlsHop:
         if session is not None:
             self.tls.session = session  # ValueError: made in another context
         self.started = True
+        self._cancel_timer()
         self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
         self.loop.add(self.fd, EPOLLIN | EPOLLOUT, self._event)
 
