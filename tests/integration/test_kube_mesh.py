@@ -201,6 +201,10 @@ def test_a_restarted_agent_goes_on_with_its_certificate_at_once(kube):
     assert mesh["certificate"]["serial"] == before, mesh["certificate"]
     assert mesh["enroll"]["enrolments"] == 0, mesh["enroll"]  # renewed at half-life, not now
     web = _ip(kube, "shop", "web")
+    # Until the new agent has opened web's hop listener, a permissive pod
+    # takes its clients in plaintext (the fallback): wait for the listener.
+    wait_for(lambda: ({p["name"]: p for p in _status(kube, a)["pods"]}.get("shop/web") or {})
+             .get("mesh", {}).get("inbound"), 60, "web's hop listener on the new agent")  # fmt: skip
     before_in = _handshakes(kube, a, "in ok")
     seen = wait_for(lambda: _addr(kube.fetch("shop", "client", f"http://{web}:8080/cgi-bin/ip")
                                   .stdout) or None, 60, "a fetch across the mesh")  # fmt: skip
