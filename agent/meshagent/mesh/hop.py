@@ -185,7 +185,42 @@ class Link:
         orderly_close(self.wire)
 
 
-class Hop:
+class Startable:
+    """A hop whose handshake may wait (start=False) for the first hop to its
+    node, to resume that one's session (mesh/node.py); shared by Hop and
+    KtlsHop, whose begin() starts their own."""
+
+    closed: bool
+    tls: ssl.SSLObject | ssl.SSLSocket
+
+    def _start_or_wait(self, loop: Loop, start: bool) -> None:
+        self.timer = None
+        self.started = False
+        if start:
+            self.begin()
+        else:  # the first hop's end starts it; should that never come, this does
+            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self.begin)
+
+    def _starting(self, session: ssl.SSLSession | None) -> bool:
+        """Whether begin() goes on: not closed, not started yet."""
+        if self.closed or self.started:
+            return False
+        if session is not None:
+            self.tls.session = session  # ValueError: made in another context
+        self.started = True
+        self._cancel_timer()
+        return True
+
+    def begin(self, session: ssl.SSLSession | None = None) -> None:
+        raise NotImplementedError
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class Hop(Startable):
     """One connection across the hop: wire (TLS, to or from the other node)
     and plain (the pod's socket on the client side, the application's on the
     server side)."""
@@ -253,22 +288,13 @@ class Hop:
         self.bytes_out = 0  # client pod -> server application
         self.bytes_in = 0
         self.registered: set[int] = set()
-        self.timer = None
-        self.started = False
-        if start:
-            self.begin()
-        else:  # the first hop's end starts it; should that never come, this does
-            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self.begin)
+        self._start_or_wait(loop, start)
 
     def begin(self, session: ssl.SSLSession | None = None) -> None:
         """The handshake starts (a hop made with start=False waits for
         this: the first hop to a node, whose session it may resume)."""
-        if self.closed or self.started:
+        if not self._starting(session):
             return
-        if session is not None:
-            self.tls.session = session  # ValueError: made in another context
-        self.started = True
-        self._cancel_timer()
         self._register(self.wire, self._on_wire)
         if self.plain is not None:
             self._register(self.plain, self._on_plain)
@@ -537,11 +563,6 @@ class Hop:
         self.phase = RELAY
         if self.on_up is not None:
             self.on_up(self)
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def _unhook(self) -> None:
         """Closed: no timer, no events."""

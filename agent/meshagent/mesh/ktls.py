@@ -37,6 +37,7 @@ from meshagent.mesh.hop import (
     LINE_MAX,
     MAGIC,
     Refused,
+    Startable,
     check_reply,
     check_resumed,
     parse_header,
@@ -171,7 +172,7 @@ def selftest(certs_dir: Path) -> tuple[bool, str]:
     return True, "self-tested at start: TLS 1.2 with the kernel's TLS both ways, spliced"
 
 
-class KtlsHop:
+class KtlsHop(Startable):
     """A hop until its stream runs (the handshake, the header, the reply),
     then a spliced Relay between the plain socket and the TLS socket,
     whose Connection interface it passes on."""
@@ -206,21 +207,12 @@ class KtlsHop:
         self.session: ssl.SSLSession | None = None  # for the next hop to the same node
         self.wire: socket.socket = self.tls  # the bare socket after the handshake
         self.fd = self.tls.fileno()  # wrap_socket took the fd over from wire
-        self.timer = None
-        self.started = False
-        if start:
-            self.begin()
-        else:  # the first hop's end starts it; should that never come, this does
-            self.timer = loop.call_later(HANDSHAKE_TIMEOUT, self.begin)
+        self._start_or_wait(loop, start)
 
     def begin(self, session: ssl.SSLSession | None = None) -> None:
         """The handshake starts (see Hop.begin)."""
-        if self.closed or self.started:
+        if not self._starting(session):
             return
-        if session is not None:
-            self.tls.session = session  # ValueError: made in another context
-        self.started = True
-        self._cancel_timer()
         self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._too_slow)
         self.loop.add(self.fd, EPOLLIN | EPOLLOUT, self._event)
 
@@ -385,11 +377,6 @@ class KtlsHop:
             return
         check_reply(line)
         self._relay()
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def _relay(self) -> None:
         """The stream: spliced both ways, the kernel's TLS on the wire."""
