@@ -35,6 +35,7 @@ from meshagent.forwarder.copy import linger_reset, reset_close, writable_now
 from meshagent.forwarder.records import ConnRecord, PodSlot
 from meshagent.host import netns
 from meshagent.host.loop import Loop
+from meshagent.mesh import openssl
 from meshagent.mesh.certs import NodeCerts
 from meshagent.mesh.hop import PORT, Hop, Link, Refused
 from meshagent.mesh.identity import SpiffeId, node_id
@@ -95,6 +96,11 @@ class Mesh:
         self.kernel_tls = certs.kernel_tls  # the hop's bytes: kernel TLS and splice, or OpenSSL
         self.kernel_why = kernel_why
         self.hop_class = KtlsHop if self.kernel_tls else Hop
+        if not self.kernel_tls:
+            try:
+                openssl.check()  # the OpenSSL hop's half-close (mesh/openssl.py)
+            except openssl.Unavailable as exc:
+                raise MeshError(f"the mesh's TLS hop cannot half-close here: {exc}") from None
         self.path = TlsPath(self)
         self.port = PORT
         self.inbound: dict[int, Inbound] = {}  # pod_id ->
