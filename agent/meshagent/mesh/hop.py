@@ -614,7 +614,8 @@ class Hop(Startable):
                 break
             got += n
             if n < RECORD and not self.tls.pending():
-                break  # a short record: epoll says if more came (no read for EAGAIN)
+                self.wire_more = False  # a short record: epoll says if more came (no EAGAIN read)
+                break
         if got:
             self._take_plain(_FROM_WIRE_VIEW[:got])
         return got
