@@ -1,0 +1,1 @@
+"""L4 authorization by address, port and workload identity (issue [H])."""

@@ -1,0 +1,168 @@
+"""The policy file, its decisions, and the connect hook's tables (pure)."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from meshagent.policy.model import EGRESS, INGRESS, PolicyError, Workload, parse_text
+from meshagent.policy.tables import MAX_ENTRIES, egress_table, lookup
+
+WEB = Workload("web", "default", "web-sa", (("app", "web"),), ("10.244.0.2", "fd6d::2"))
+DB = Workload("db", "data", "pg", (("app", "db"),), ("10.244.1.5", "fd6d:1::5"))
+CACHE = Workload("cache", "data", "redis", (("app", "cache"),), ("10.244.1.6",))
+
+POLICY = """
+apiVersion: meshagent.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web-out}
+spec:
+  selector: {matchLabels: {app: web}}
+  egress:
+    - action: DENY
+      to: [{ipBlock: {cidr: 10.9.0.0/16}}]
+    - action: ALLOW
+      to:
+        - ipBlock: {cidr: 10.0.0.0/8}
+      ports: [80, "8000-8100"]
+    - action: ALLOW
+      to: [{workload: {namespace: data, serviceAccount: pg}}]
+      ports: [5432]
+    - action: DENY
+      ports: [22]
+---
+apiVersion: meshagent.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: db-in, namespace: data}
+spec:
+  selector: {matchLabels: {app: db}}
+  ingress:
+    - from: [{workload: {namespace: default, matchLabels: {app: web}}}]
+      ports: [5432]
+"""
+
+
+def test_a_policy_decides_as_documented():
+    rules = parse_text(POLICY)
+    d = rules.decide(WEB, EGRESS, "10.9.1.1", 80)
+    assert (d.allow, d.rule) == (False, "default/web-out/egress[0]")
+    d = rules.decide(WEB, EGRESS, "10.1.2.3", 8050)
+    assert (d.allow, d.rule) == (True, "default/web-out/egress[1]")
+    assert rules.decide(WEB, EGRESS, "10.1.2.3", 443).rule == "default-deny"
+    assert rules.decide(WEB, EGRESS, "10.244.1.5", 5432, peer=DB).allow
+    assert not rules.decide(WEB, EGRESS, "10.244.1.6", 5432, peer=CACHE).allow
+    assert rules.decide(WEB, EGRESS, "10.1.2.3", 22).rule == "default/web-out/egress[3]"
+    assert not rules.decide(WEB, EGRESS, "fd6d::9", 80).allow  # an IPv4 block is no IPv6 one
+    # Nobody governs the cache's egress, nor the web's ingress.
+    assert rules.decide(CACHE, EGRESS, "1.2.3.4", 22).to_dict() == {
+        "verdict": "allow",
+        "rule": None,
+        "governed": False,
+    }
+    assert rules.decide(WEB, INGRESS, "10.244.1.6", 80, peer=CACHE).allow
+    assert rules.decide(DB, INGRESS, "10.244.0.2", 5432, peer=WEB).allow
+    assert rules.decide(DB, INGRESS, "10.244.1.6", 5432, peer=CACHE).rule == "default-deny"
+    assert rules.decide(DB, INGRESS, "10.244.0.2", 5433, peer=WEB).rule == "default-deny"
+
+
+def test_an_empty_direction_denies_everything_that_way():
+    rules = parse_text("metadata: {name: lock}\nspec:\n  selector: {pods: [web]}\n  egress: []\n")
+    assert rules.decide(WEB, EGRESS, "10.1.1.1", 80).to_dict() == {
+        "verdict": "deny",
+        "rule": "default-deny",
+        "governed": True,
+    }
+    assert rules.decide(WEB, INGRESS, "10.1.1.1", 80).allow
+    assert rules.decide(DB, EGRESS, "10.1.1.1", 80).allow  # another namespace
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "says"),
+    [
+        ("metadata: {name: a}\nspec:\n  egress:\n    - action: MAYBE\n", 4, "ALLOW or DENY"),
+        ("metadata: {name: a}\nspec:\n  egress:\n    - ports: [70000]\n", 4, "1-65535"),
+        (
+            "metadata: {name: a}\nspec:\n  egress:\n    - to: [{ipBlock: {cidr: 10.0.0.0/33}}]\n",
+            4,
+            "ipBlock.cidr",
+        ),
+        ("metadata: {name: a}\nspec:\n  egress: []\n  sideways: []\n", 4, "unknown key 'sideways'"),
+        ("metadata: {name: A_B}\nspec: {egress: []}\n", 1, "metadata.name"),
+        ("metadata: {name: a}\nspec: {selector: {}}\n", 2, "neither egress nor ingress"),
+        (
+            "metadata: {name: a}\nspec: {egress: []}\n---\nmetadata: {name: a}\nspec: {egress: []}\n",
+            4,
+            "also at line 1",
+        ),
+        ("metadata: {name: a}\nspec:\n  egress:\n    - to: [{workload: {}}]\n", 4, "workload:"),
+        (
+            "metadata: {name: a}\nspec:\n  egress:\n  - {action: ALLOW, action: DENY}\n",
+            4,
+            "given twice",
+        ),
+        ("metadata: {name: a\n", 2, "not YAML"),
+        ("kind: NetworkPolicy\nmetadata: {name: a}\nspec: {egress: []}\n", 1, "kind"),
+    ],
+)
+def test_a_bad_policy_is_refused_with_its_line(text, line, says):
+    with pytest.raises(PolicyError) as err:
+        parse_text(text, "p.yaml")
+    assert f"p.yaml line {line}" in str(err.value)
+    assert says in str(err.value)
+
+
+def _random_policy(rng: random.Random) -> str:
+    nets = ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24", "10.1.2.3/32", "0.0.0.0/0",
+            "::/0", "fd6d::/16", "fd6d::2/128", "192.168.0.0/16"]  # fmt: skip
+    lines = ["metadata: {name: r}", "spec:", "  selector: {matchLabels: {app: web}}", "  egress:"]
+    for _ in range(rng.randint(0, 6)):
+        lines.append(f"    - action: {rng.choice(['ALLOW', 'DENY'])}")
+        if rng.random() < 0.8:
+            peers = [
+                f"{{ipBlock: {{cidr: '{rng.choice(nets)}'}}}}" for _ in range(rng.randint(1, 2))
+            ]
+            if rng.random() < 0.3:
+                peers.append("{workload: {namespace: data}}")
+            lines.append(f"      to: [{', '.join(peers)}]")
+        if rng.random() < 0.6:
+            lines.append(f"      ports: [{rng.choice([80, 22, 5432])}, '8000-8100']")
+    return "\n".join(lines) + "\n"
+
+
+def test_the_hook_table_decides_as_the_policy_does():
+    """One longest-prefix lookup and the first port match: the same answer
+    as PolicySet.decide, over random rule sets and destinations."""
+    rng = random.Random(7)
+    dests = ["10.1.2.3", "10.1.2.9", "10.1.9.9", "10.200.0.1", "192.168.3.4", "8.8.8.8",
+             "fd6d::2", "fd6d::3", "2001:db8::1", "10.244.1.5", "fd6d:1::5", "10.244.1.6"]  # fmt: skip
+    known = [WEB, DB, CACHE]
+    for _ in range(300):
+        rules = parse_text(_random_policy(rng))
+        table = egress_table(rules, WEB, known)
+        assert table is not None
+        for ip in dests:
+            peer = next((w for w in known if ip in w.addrs), None)
+            for port in (22, 80, 5432, 8050, 9999):
+                want = rules.decide(WEB, EGRESS, ip, port, peer=peer)
+                allowed, number = lookup(table, ip, port)
+                assert allowed == want.allow, (ip, port, want)
+                got = rules.rules[number - 1].id if number else "default-deny"
+                assert got == want.rule, (ip, port)
+
+
+def test_ipv4_destinations_never_take_an_ipv6_network():
+    rules = parse_text("metadata: {name: r}\nspec:\n  egress:\n"
+                       "    - to: [{ipBlock: {cidr: '::/0'}}]\n")  # fmt: skip
+    table = egress_table(rules, Workload("any"), [])
+    assert lookup(table, "2001:db8::1", 80)[0]
+    assert not lookup(table, "10.1.1.1", 80)[0]
+    assert ipaddress.ip_network("::ffff:0:0/96") in table
+
+
+def test_too_many_rules_over_one_address_are_refused():
+    body = "".join(f"    - ports: [{p}]\n" for p in range(1, MAX_ENTRIES + 2))
+    rules = parse_text("metadata: {name: r}\nspec:\n  egress:\n" + body)
+    with pytest.raises(PolicyError, match="at most 16"):
+        egress_table(rules, Workload("any"), [])
