@@ -116,6 +116,7 @@ class Agent:
             self._serve_metrics()
         _raise_fd_limit()
         self.mesh_parts = self._read_mesh()  # before anything is made: a bad file stops here
+        self.policy_rules = self._read_policy()  # likewise
         cgroup_path = cgroup.resolve(self.cfg.cgroup)
         self.probe = kernel.probe(self.cfg.without, self.cfg.iptables)
         self.plan = self._load(cgroup_path)
@@ -124,6 +125,7 @@ class Agent:
         self._make_backends()
         self._make_forwarder()
         self._make_pods()
+        self._make_policy()
         # Unwound in reverse: the pods stay attached for the next agent (their
         # new connects go direct meanwhile), forwarded connections close, the
         # rules kept for draining pods go.
@@ -149,6 +151,7 @@ class Agent:
             self.facts.metrics_addr = self.metrics.address if self.metrics else None
             self._claim_control()
         self.facts.adopted = self.pods.adopt()
+        self.policy.apply(self.policy_rules)  # every pod's tables, one new generation
         self.kube.reconcile()  # CNI records of pods to attach that came while no agent ran
         if self.watch is not None:
             self.watch.start()
@@ -206,7 +209,109 @@ class Agent:
             "handover": self.handover,
             "retiring": retiring,
             "datapath": self.datapath,
+            "policy": self._policy_request,
         }
+
+    def _read_policy(self):
+        from meshagent.policy.model import PolicySet, load
+
+        if self.cfg.policy is None:
+            return PolicySet(source="none")
+        return load(self.cfg.policy)
+
+    def _make_policy(self) -> None:
+        """The policy engine, and the pods' part in it: a pod's tables
+        before its connects are steered; new tables when pods come and go."""
+        from meshagent.policy.engine import PolicyEngine
+
+        engine = PolicyEngine(self.loaded, self.loop.call_later)
+        engine.path = self.cfg.policy
+        engine.pods = lambda: [
+            (self._workload(e.handle.name),
+             e.handle.netns_cookie if e.backend.name is Backend.EBPF else None)
+            for e in self.pods.attached() if not e.draining
+        ]  # fmt: skip
+        engine.peers = self._policy_peers
+
+        def prepare(handle, backend) -> None:
+            if backend.name is Backend.EBPF:
+                engine.prepare(self._workload(handle.name), handle.netns_cookie)
+
+        self.pods.prepare = prepare
+        self.pods.changed = engine.pods_changed
+        self.policy = engine
+        self.forwarder.policy = engine
+        self.forwarder.workload_of = self._workload
+
+    def _workload(self, name: str):
+        """What the policy knows of an attached pod of this node."""
+        from meshagent.policy.model import Workload
+
+        if "/" in name:  # NAMESPACE/NAME: Kubernetes
+            namespace, short = name.split("/", 1)
+            view = self.kube.pods.get(name)
+            if view is None:
+                return Workload(short, namespace)
+            return Workload(short, namespace, view.service_account or "default",
+                            tuple(sorted(view.labels.items())), tuple(view.ips))  # fmt: skip
+        pod = self.store.find(name)
+        addrs = tuple(a for a in ((pod.ip4, pod.ip6) if pod is not None else ()) if a)
+        identity = self.mesh_parts[0].workload(name) if self.mesh_parts else ""
+        return Workload(name, addrs=addrs, identity=identity)
+
+    def _policy_peers(self) -> list:
+        """Workloads of other nodes the policy can name (Kubernetes' mesh view)."""
+        from meshagent.policy.model import Workload
+
+        view = self.mesh_view
+        if view is None:
+            return []
+        out = []
+        for name, pod in getattr(view, "pods", {}).items():
+            if "/" not in name or pod.node == view.me or not pod.ips:
+                continue
+            namespace, short = name.split("/", 1)
+            out.append(Workload(short, namespace, pod.service_account or "default",
+                                tuple(sorted(pod.labels.items())), tuple(pod.ips)))  # fmt: skip
+        return out
+
+    def _policy_request(self, request: Request) -> Reply:
+        """show | apply (text, source) | check (pod, dest, port, from)."""
+        action = request.text("action")
+        engine = self.policy
+        if action == "show":
+            return Reply({**engine.summary(), "rule_ids": [r.id for r in engine.rules.rules]})
+        if action == "apply":
+            return Reply(engine.apply_file(Path(request.text("path"))))
+        if action == "check":
+            return Reply(self._policy_check(request))
+        raise MeshError(f"policy: no action {action!r} (show, apply, check)")
+
+    def _policy_check(self, request: Request) -> dict:
+        import ipaddress
+
+        from meshagent.policy.model import workload_of_identity
+
+        name = request.text("pod")
+        attached = any(e.handle.name == name for e in self.pods.attached() if not e.draining)
+        if not attached and "/" not in name and self.store.find(name) is None:
+            raise MeshError(f"pod {name}: no such pod (see `meshagent pod list`)")
+        pod = self._workload(name)
+        ip, port = request.text("ip"), request.optional_int("port") or 0
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise MeshError(f"policy check: {ip!r} is not an IP address") from None
+        src = request.optional_text("from")
+        if src is None:
+            decision = self.policy.decide_egress(pod, ip, port)
+            direction = "egress"
+        else:  # ingress to pod's port, from a workload named by ID (or at ip)
+            peer = workload_of_identity(src, ip) if src else self.policy.peer_at(ip)
+            decision = self.policy.decide_ingress(pod, ip, port, peer)
+            direction = "ingress"
+        return {"pod": name, "direction": direction, "peer": ip, "port": port, "from": src,
+                **decision.to_dict(), "policy_version": self.policy.version}  # fmt: skip
 
     def _make_forwarder(self) -> None:
         maps = SockmapMaps(self.loaded, self.cfg.sockmap_budget) if self.plan.sockmap else None
@@ -472,7 +577,8 @@ class Agent:
         wfd.setblocking(False)
         old_fd = signal.set_wakeup_fd(wfd.fileno())
         handlers = {
-            sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)
+            sig: signal.signal(sig, lambda *_: None)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
 
         def restore() -> None:
@@ -493,6 +599,12 @@ class Agent:
             if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
                 self.log.info("signal received; stopping")
                 self.loop.stop()
+            elif signal.SIGHUP in data:
+                self.log.info("SIGHUP: the policy file again")
+                try:
+                    self.policy.reload()
+                except MeshError as exc:
+                    self.log.warning("policy not applied", extra={"reason": str(exc)})
 
         self.loop.add(rfd.fileno(), 1, on_signal)
 

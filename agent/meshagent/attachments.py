@@ -100,6 +100,14 @@ class Attachments:
         # Pods whose rules are being written: recorded first, so that after a
         # crash meanwhile the next agent knows to remove them.
         self.attaching: dict[str, PodRecord] = {}
+        # The policy (policy/engine.py): a pod's tables before it is steered,
+        # and word when the set of pods changed.
+        self.prepare: Callable[[PodHandle, Backend], None] | None = None
+        self.changed: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.changed is not None:
+            self.changed()
 
     def start_offloading(self) -> None:
         self.worker = Worker(self.forwarder.loop, "rules")
@@ -215,6 +223,7 @@ class Attachments:
             self.save()
             self.attach_seconds.append(time.monotonic() - started)
             del self.attach_seconds[:-1024]
+            self._changed()
             self.log.info(
                 "pod attached",
                 extra={
@@ -224,6 +233,12 @@ class Attachments:
             )
             return {"pod": name, "already": False, "backend": backend.name.value}
 
+        if self.prepare is not None:
+            try:
+                self.prepare(handle, backend)
+            except BaseException:
+                undo.close()
+                raise
         return self._blocking(name, backend, lambda: backend.attach(handle), commit, "attach")
 
     def detach(self, name: str, grace: bool = True):
@@ -249,6 +264,7 @@ class Attachments:
                 )
             entry.draining = True
             self.save()
+            self._changed()
             open_conns = self.forwarder.open_connections(entry.slot)
             if grace:
                 entry.closing = self.forwarder.loop.call_later(

@@ -59,6 +59,7 @@ class AgentConfig:
     mesh: Path | None = None
     certs: Path | None = None
     ktls: str = "auto"  # the hop's bytes in the kernel's TLS where it self-tests well
+    policy: Path | None = None  # the authorization policy file (policy/model.py)
     check_listener: bool = True
     debug: bool = False
     extra_cflags: tuple[str, ...] = field(default=())

@@ -58,6 +58,8 @@ def reads_only(op: str, data: dict) -> bool:
     """A request that changes nothing (any root peer may send it)."""
     if op == "datapath":
         return data.get("set") is None and data.get("msg") is None
+    if op == "policy":
+        return data.get("action") in ("show", "check")
     return op in READ_ONLY
 
 

@@ -97,6 +97,9 @@ class Status:
             "pods": self.pods.snapshot(),
             "busy_pods": sorted(self.pods.busy),  # attach or detach under way
         }
+        policy = getattr(self.forwarder, "policy", None)
+        if policy is not None:
+            now["policy"] = policy.summary()
         loaded, backends = self.loaded, dict(self.backends)
 
         def walk() -> tuple[dict, dict]:

@@ -47,6 +47,7 @@ def run(
     sock, reply, fds, pending = _open(socket_path, pod, port)
     sock.setblocking(False)
     names = {int(cookie): name for cookie, name in reply["pods"].items()}
+    rules = {int(gen): ids for gen, ids in reply.get("rules", {}).items()}
     ring = RingBuf(fds[0]) if fds else None
     poller = select.epoll()
     poller.register(sock.fileno(), select.EPOLLIN)
@@ -65,7 +66,7 @@ def run(
                 for raw in ring.read():
                     event = abi.decode_event(raw)
                     event["pod"] = names.get(event["netns_cookie"])
-                    _show(_kernel(event), network, as_json, echo)
+                    _show(_kernel(event, rules), network, as_json, echo)
             try:
                 data = sock.recv(65536)
             except BlockingIOError:
@@ -89,8 +90,9 @@ def run(
         sock.close()
 
 
-def _kernel(event: dict) -> dict:
-    """A ring buffer event in the same words as the forwarder's."""
+def _kernel(event: dict, rules: dict[int, list[str]] | None = None) -> dict:
+    """A ring buffer event in the same words as the forwarder's (a policy's
+    denial with its rule, by the numbers of the rule set the hook used)."""
     out = {
         "time": time.time(),
         "source": "kernel",
@@ -101,7 +103,11 @@ def _kernel(event: dict) -> dict:
         "netns_cookie": event["netns_cookie"],
     }
     endpoint = format_endpoint(event["addr"], event["port"])
-    if event["event"] == "connect":
+    if event["event"] == "connect" and event["reason"] in ("denied_policy", "pod_quota"):
+        out.update(event="denied", orig_dst=endpoint, reason=event["reason"])
+        if event["reason"] == "denied_policy":
+            out["rule"] = _rule_name(event["rule"], event["rule_gen"], rules or {})
+    elif event["event"] == "connect":
         steered = event["reason"] == "steered"
         out.update(event="steered" if steered else "passed", orig_dst=endpoint,
                    reason=None if steered else event["reason"])  # fmt: skip
@@ -110,6 +116,13 @@ def _kernel(event: dict) -> dict:
     else:
         out.update(event="closed", client=endpoint, reason=None, source="kernel")
     return out
+
+
+def _rule_name(number: int, gen: int, rules: dict[int, list[str]]) -> str:
+    if number == 0:
+        return "default-deny"
+    ids = rules.get(gen)
+    return ids[number - 1] if ids and number <= len(ids) else f"rule #{number} (set {gen})"
 
 
 def _show(event: dict, network, as_json: bool, echo: Echo) -> None:
@@ -139,13 +152,17 @@ def _detail(event: dict) -> str:
             return f"{event['orig_dst']} -> the pod's forwarder"
         if kind == "passed":
             return f"{event['orig_dst']} direct ({event['reason']})"
+        if kind == "denied":
+            why = f"{event['reason']}: {event['rule']}" if event.get("rule") else event["reason"]
+            return f"{event['orig_dst']} connect() refused, EPERM ({why})"
         if kind == "established":
             return f"{event['orig_dst']} steered connection up"
         return f"steered connection from {event.get('client')} closed"
     if kind == "forwarded":
         return f"{event['client']} -> {event['orig_dst']} via {event.get('datapath')}"
     if kind == "refused":
-        return f"{event['client']} refused ({event['reason']})"
+        rule = f": {event['rule']}" if event.get("rule") else ""
+        return f"{event['client']} -> {event.get('orig_dst')} refused ({event['reason']}{rule})"
     moved = f"out {event.get('bytes_out', 0)} B, in {event.get('bytes_in', 0)} B"
     if event.get("closed_by"):
         moved += f", {event['closed_by']} closed first"

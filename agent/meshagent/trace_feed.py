@@ -130,7 +130,10 @@ class TraceFeed:
             cookie = next((c for c, name in pods.items() if name == pod), 0)
             if kernel and not cookie:
                 raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
-        reply = Reply({"trace": True, "pods": {str(c): n for c, n in pods.items()}})
+        policy = getattr(self.forwarder, "policy", None)
+        rules = {str(g): list(ids) for g, ids in policy.numbers.items()} if policy else {}
+        reply = Reply({"trace": True, "pods": {str(c): n for c, n in pods.items()},
+                       "rules": rules})  # fmt: skip
         if kernel:
             trace_map = loaded.map(abi.TRACE)
             trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))

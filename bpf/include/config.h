@@ -71,6 +71,11 @@
 #endif
 
 /* Capacity of the excluded port and CIDR maps. */
+/* Policy entries (pods x destination prefixes), allocated as used. */
+#ifndef MESH_POL_MAX
+#define MESH_POL_MAX 65536
+#endif
+
 #ifndef MESH_EXCL_MAX
 #define MESH_EXCL_MAX 256
 #endif

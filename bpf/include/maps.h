@@ -58,6 +58,8 @@ struct mesh_event {
 	__u8 kind;              /* MESH_EV_* */
 	__u8 reason;            /* MESH_REASON_* */
 	char comm[16];          /* connect: the calling process's name */
+	__u32 rule;             /* denied_policy: the rule's number << 16 | its set's generation & 0xffff */
+	__u32 pad;
 };
 
 /* What the tracer wants: nothing while on == 0. */
@@ -99,6 +101,31 @@ BPF_ARRAY(mesh_state, __u64, 4);
  * fill the map and send every other pod's connects direct. */
 BPF_HASH(mesh_pod_live, __u64, __u64, MESH_PODS_MAX);
 BPF_HASH(mesh_pod_share, __u64, __u64, MESH_PODS_MAX);
+/* L4 policy (policy.h; the agent's policy/tables.py): a governed pod's
+ * egress rules by destination prefix. The key holds the rule set's
+ * generation (mesh_pol_gen[0]: the agent fills a new one, then flips [0]
+ * and removes the old: no connect sees half a rule set) and the pod's netns
+ * cookie, whose 96 bits prefixlen counts before the address's own. The
+ * value: the rules that cover the prefix, DENY first, each
+ *     lo | hi << 16 | action << 32 | rule << 40
+ * (ports host order; action MESH_POL_ALLOW or MESH_POL_DENY). No entry: no
+ * policy governs the pod's egress. */
+struct mesh_pol_key {
+	__u32 prefixlen;
+	__u32 gen;
+	__u64 netns;
+	struct mesh_addr addr;
+};
+
+struct mesh_pol_val {
+	__u32 n;                /* rules in r */
+	__u32 pad;
+	__u64 r[16];            /* MESH_POL_RULES */
+};
+
+BPF_LPM_TRIE(mesh_pol_cidr, struct mesh_pol_key, struct mesh_pol_val, MESH_POL_MAX);
+BPF_ARRAY(mesh_pol_gen, __u32, 1);
+
 /* per-CPU decision counters, index MESH_REASON_*. */
 BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX);
 

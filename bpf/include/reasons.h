@@ -38,6 +38,8 @@
 #define MESH_REASON_OVERLAP_LOST 24  /* verdict: such bytes could not be trimmed: dropped, the forwarder resets the connection */
 #define MESH_REASON_SEQ_UNKNOWN  25  /* verdict: the skb's control block held no TCP sequence numbers: not checked */
 
-#define MESH_REASON_MAX          26  /* one past the last reason */
+#define MESH_REASON_DENIED_POLICY 26 /* connect refused (EPERM): a policy rule, or its default deny */
+
+#define MESH_REASON_MAX          27  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

@@ -7,6 +7,7 @@
 #include "metrics.h"
 #include "addr.h"
 #include "trace.h"
+#include "policy.h"
 
 /* Is this agent's listener for the pod up? Only a socket the forwarder put
  * into mesh_lsn4/mesh_lsn6 counts (any other listener on the port in the
@@ -28,9 +29,10 @@ static __always_inline int mesh_listener_up(__u64 netns, int v4)
 }
 
 /* Count the decision and tell a tracer (with the calling process where the
- * kernel lets sock_addr programs see it); 0: the connect goes direct. */
-static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie,
-					  const struct mesh_addr *dst, __u16 dport)
+ * kernel lets sock_addr programs see it, and the policy rule that refused
+ * it); 0: the connect goes direct. */
+static __always_inline __u16 mesh_decided_by(__u8 reason, __u32 rule, __u64 netns, __u64 cookie,
+					     const struct mesh_addr *dst, __u16 dport)
 {
 	struct mesh_event ev = {};
 
@@ -38,12 +40,19 @@ static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie
 	if (!mesh_tracing(netns, dport))
 		return 0;
 	mesh_event_fill(&ev, MESH_EV_CONNECT, reason, netns, cookie, dst, dport);
+	ev.rule = rule;
 #if MESH_HAVE_CURRENT_TASK_SOCK_ADDR
 	ev.pid = bpf_get_current_pid_tgid() >> 32;
 	bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
 #endif
 	mesh_events.ringbuf_output(&ev, sizeof(ev), 0);
 	return 0;
+}
+
+static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie,
+					  const struct mesh_addr *dst, __u16 dport)
+{
+	return mesh_decided_by(reason, 0, netns, cookie, dst, dport);
 }
 
 /* Is the pod past its share of mesh_orig_tup while the map is half full or
@@ -62,8 +71,11 @@ static __always_inline int mesh_over_share(__u64 netns, __u64 live)
 
 /* Decide whether to steer this connect(); on yes, store the original
  * destination by socket cookie and return the pod's listener port.
- * Returns 0 when the connect must go direct, -1 when it is refused (the
- * pod is over its share). Fails no connect for any other reason. */
+ * Returns 0 when the connect must go direct, -1 when it is refused (a
+ * policy denies it, or the pod is over its share). Fails no connect for
+ * any other reason. The policy is checked before the exclusions and the
+ * fail-open cases: a denied destination stays denied whichever way the
+ * connection would have gone. */
 static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
 				      const struct mesh_addr *dst, __u16 dport)
 {
@@ -73,6 +85,7 @@ static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
 	__u8 *excl;
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	__u64 netns, cookie, *live;
+	__u32 rule;
 
 	netns = bpf_get_netns_cookie(ctx);
 	cookie = bpf_get_socket_cookie(ctx);
@@ -87,6 +100,10 @@ static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
 	}
 	if (mesh_addr_is_loopback(dst))
 		return mesh_decided(MESH_REASON_LOOPBACK, netns, cookie, dst, dport);
+	if (!mesh_policy_allows(netns, dst, dport, &rule)) {
+		mesh_decided_by(MESH_REASON_DENIED_POLICY, rule, netns, cookie, dst, dport);
+		return -1;
+	}
 	if (mesh_excl_port.lookup(&dport))
 		return mesh_decided(MESH_REASON_EXCL_PORT, netns, cookie, dst, dport);
 	lpm.prefixlen = 128;

@@ -166,3 +166,63 @@ def test_too_many_rules_over_one_address_are_refused():
     rules = parse_text("metadata: {name: r}\nspec:\n  egress:\n" + body)
     with pytest.raises(PolicyError, match="at most 16"):
         egress_table(rules, Workload("any"), [])
+
+
+class FakeMap:
+    """A BPF map as the engine uses it, logging every write in order."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self.data = name, log, {}
+
+    def lookup(self, key):
+        return self.data.get(key)
+
+    def update(self, key, value):
+        self.log.append((self.name, "update", key))
+        self.data[key] = value
+
+    def delete(self, key):
+        self.log.append((self.name, "delete", key))
+        return self.data.pop(key, None) is not None
+
+    def list_keys(self):
+        return list(self.data)
+
+
+class FakeLoaded:
+    def __init__(self) -> None:
+        self.log: list = []
+        self.maps = {n: FakeMap(n, self.log) for n in ("mesh_pol_cidr", "mesh_pol_gen")}
+
+    def map(self, spec):
+        return self.maps[spec.name]
+
+
+def test_a_new_rule_set_is_written_whole_before_the_flip_and_the_old_goes_after():
+    from meshagent.bpf import abi
+    from meshagent.policy.engine import PolicyEngine
+
+    loaded = FakeLoaded()
+    timers: list = []
+    engine = PolicyEngine(loaded, call_later=lambda _delay, fn: timers.append(fn))
+    engine.pods = lambda: [(WEB, 11), (DB, 22)]
+    engine.apply(parse_text(POLICY))
+    for fn in timers:
+        fn()
+    first = engine.gen
+    loaded.log.clear()
+    timers.clear()
+    engine.apply(parse_text(POLICY.replace("10.9.0.0/16", "10.8.0.0/16")))
+    flips = [i for i, (m, _op, _k) in enumerate(loaded.log) if m == "mesh_pol_gen"]
+    assert len(flips) == 1
+    flip = flips[0]
+    gen_of = lambda key: abi.POL_KEY.unpack(key)[1]  # noqa: E731
+    before, after = loaded.log[:flip], loaded.log[flip + 1 :]
+    assert before and all(op == "update" and gen_of(k) == first + 1 for _m, op, k in before)
+    assert after == []  # the old generation goes after a grace, not at the flip
+    for fn in timers:
+        fn()
+    gone = [gen_of(k) for _m, op, k in loaded.log if op == "delete"]
+    assert gone and set(gone) == {first}
+    left = {gen_of(k) for k in loaded.maps["mesh_pol_cidr"].data}
+    assert left == {first + 1}

@@ -78,8 +78,12 @@ LPM = CStruct("mesh_lpm_key", ("prefixlen", "I"), ("addr", "16s"))
 EVENT = CStruct(
     "mesh_event",
     ("netns", "Q"), ("cookie", "Q"), ("addr", "16s"), ("pid", "I"), ("port", "H"),
-    ("kind", "B"), ("reason", "B"), ("comm", "16s"),
+    ("kind", "B"), ("reason", "B"), ("comm", "16s"), ("rule", "I"), ("pad", "I"),
 )  # fmt: skip
+EVENT_BEFORE_RULE = 56  # an older agent's events end at comm
+POL_KEY = CStruct("mesh_pol_key", ("prefixlen", "I"), ("gen", "I"), ("netns", "Q"), ("addr", "16s"))
+POL_RULES = 16  # MESH_POL_RULES
+POL_VAL = CStruct("mesh_pol_val", ("n", "I"), ("pad", "I"), ("r", f"{POL_RULES}Q"))
 TRACE_CFG = CStruct("mesh_trace_cfg", ("on", "I"), ("port", "H"), ("pad", "H"), ("netns", "Q"))
 NOTHING = struct.Struct("=")  # a ring buffer has no keys or values
 
@@ -113,11 +117,13 @@ MSG_PASS = MapSpec("mesh_msg_pass", TUPLE, MSG_PASS_VALUE)
 MSG_TGT = MapSpec("mesh_msg_tgt", TUPLE, MSG_TGT_VALUE)
 TRACE = MapSpec("mesh_trace", U32, TRACE_CFG)
 EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
+POL_CIDR = MapSpec("mesh_pol_cidr", POL_KEY, POL_VAL)  # (generation, pod, prefix) -> its rules
+POL_GEN = MapSpec("mesh_pol_gen", U32, U32)  # [0]: the rule set's generation in force
 
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
-    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE, SEQ,
+    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE, SEQ, POL_CIDR, POL_GEN,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -201,6 +207,7 @@ REASONS = (
     "overlap",
     "overlap_lost",
     "seq_unknown",
+    "denied_policy",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of
@@ -262,8 +269,14 @@ def orig_app(value: bytes) -> int | None:
 
 def decode_event(raw: bytes) -> dict:
     """A mesh_event as a dict (names, not numbers)."""
-    netns, cookie, addr, pid, port, kind, reason, comm = EVENT.unpack_from(raw)
+    if len(raw) >= EVENT.size:
+        netns, cookie, addr, pid, port, kind, reason, comm, rule, _pad = EVENT.unpack_from(raw)
+    else:  # an older agent's hooks: no rule
+        raw = bytes(raw[:EVENT_BEFORE_RULE]).ljust(EVENT.size, b"\0")
+        netns, cookie, addr, pid, port, kind, reason, comm, rule, _pad = EVENT.unpack_from(raw)
     return {
+        "rule": rule >> 16,  # the policy rule's number (0: the default deny)
+        "rule_gen": rule & 0xFFFF,
         "event": EVENT_KINDS.get(kind, str(kind)),
         "reason": REASONS[reason] if reason < len(REASONS) else str(reason),
         "netns_cookie": netns,

@@ -108,12 +108,13 @@ def register_all() -> click.Group:
         demo_cmds,
         kernel_cmds,
         pod_cmds,
+        policy_cmds,
         probe_cmds,
         trace_cmds,
     )  # fmt: skip
 
     for module in (pod_cmds, agent_cmds, cni_cmds, kernel_cmds, trace_cmds, probe_cmds,
-                   demo_cmds, ca_cmds):  # fmt: skip
+                   demo_cmds, ca_cmds, policy_cmds):  # fmt: skip
         module.register(cli)
     _show_envvars(cli)
     return cli

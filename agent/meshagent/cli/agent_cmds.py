@@ -150,6 +150,15 @@ Examples:
     " issue); read again when the files change.",
 )
 @click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="MESHAGENT_POLICY",
+    help="Authorization policy (AuthorizationPolicy documents, docs/policy.md): who may"
+    " connect where, decided at connect(). Read again on SIGHUP and by `meshagent policy"
+    " apply`; a malformed file is refused and the rules in force stay.",
+)
+@click.option(
     "--dump-bpf", is_flag=True, hidden=True, help="Print the exact BPF text and cflags, then exit."
 )
 @plan_options
@@ -180,6 +189,7 @@ def run(
     mesh_file: Path | None,
     ktls: str,
     certs: Path | None,
+    policy_file: Path | None,
     dump_bpf: bool,
     cache_dir,
     bpf_cflags_extra: tuple[str, ...],
@@ -221,6 +231,7 @@ def run(
         node_name=node_name,
         mesh=mesh_file,
         certs=certs,
+        policy=policy_file,
         ktls=ktls,
     )
     if str(mesh_file) == "kube":

@@ -107,6 +107,8 @@ class Forwarder:
         self.errors: Counter[str] = Counter()
         self.on_event: Callable[[dict], None] | None = None  # a tracer's, while one runs
         self.mesh = None  # mesh.node.Mesh: other nodes, over mutual TLS (use_mesh)
+        self.policy = None  # policy.engine.PolicyEngine (the agent sets it)
+        self.workload_of = None  # pod name -> policy.model.Workload
         self.log = log.get()
         self.limited = LimitedLog(self.log)  # per-connection warnings
         for path in paths.values():
@@ -422,6 +424,18 @@ class Forwarder:
                        "orig_dst_loopback")  # fmt: skip
             reset_close(client)
             return
+        denied = self._policy_denies(slot, orig_ip, orig_port)
+        if denied is not None:
+            slot.stats.denied_policy += 1
+            self.errors["denied_policy"] += 1
+            self.limited.warning(slot.name, "denied_policy", "refused by policy; reset",
+                {"pod": slot.name, "conn": conn, "reason": f"denied_policy ({denied})",
+                 "orig_dst": format_endpoint(orig_ip, orig_port)},
+            )  # fmt: skip
+            self._emit("refused", slot.name, conn, format_endpoint(orig_ip, orig_port),
+                       "denied_policy", rule=denied)  # fmt: skip
+            reset_close(client)
+            return
         record = ConnRecord(slot.name, conn, format_endpoint(orig_ip, orig_port), time.time())
         node = self.mesh.remote(orig_ip) if self.mesh is not None else None
         path = self.mesh.path if node is not None else self.paths[self.mode]
@@ -445,6 +459,29 @@ class Forwarder:
             record.mtls = {"direction": "out", "node": node.name}
             to_port = self.mesh.port
         self._connect_upstream(slot, record, client, path, state, orig_ip, to_port)
+
+    def _policy_denies(self, slot: PodSlot, ip: str, port: int) -> str | None:
+        """The rule that denies this connection, or None. Egress here only
+        for pods the connect hook did not check (iptables); ingress for a
+        destination pod of this node (the hop's inbound checks the others)."""
+        policy = self.policy
+        if policy is None or not policy.rules.policies:
+            return None
+        me = None
+        if not getattr(slot.steering, "kernel_policy", False):
+            me = self.workload_of(slot.name)
+            decision = policy.decide_egress(me, ip, port)
+            if not decision.allow:
+                return decision.rule
+        dest = policy.local_at(ip) if policy.has_ingress else None
+        if dest is not None:
+            me = me or self.workload_of(slot.name)
+            family = ":" in ip
+            src = next((a for a in me.addrs if (":" in a) == family), ip)
+            decision = policy.decide_ingress(dest, src, port, me)
+            if not decision.allow:
+                return f"{decision.rule} (ingress of {dest.namespace}/{dest.name})"
+        return None
 
     def _connect_upstream(self, slot: PodSlot, record: ConnRecord, client: socket.socket,
                           path: DataPath, state: object, ip: str, port: int) -> None:  # fmt: skip

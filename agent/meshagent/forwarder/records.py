@@ -25,6 +25,7 @@ class PodStats:
     upstream_errors: int = 0
     resets: int = 0
     inbound_total: int = 0  # hops taken from other nodes' pods (mesh/node.py)
+    denied_policy: int = 0  # connections a policy refused (forwarder, hop inbound)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -409,6 +409,24 @@ class Mesh:
                              on_header=header_in, **more)  # fmt: skip
         self.hops[hop] = "in"
 
+    def _policy_denies(self, pod: str, peer_ip: str, port: int, src: str) -> str | None:
+        """The rule that denies a hop from src (proven by the peer node's
+        certificate and checked against the mesh) to pod's port, or None."""
+        policy = getattr(self.forwarder, "policy", None)
+        if policy is None or not policy.has_ingress:
+            return None
+        from meshagent.policy.model import workload_of_identity
+
+        me = self.forwarder.workload_of(pod)
+        peer = workload_of_identity(src, peer_ip)
+        known = policy.peer_at(peer_ip)
+        if known is not None and (known.namespace, known.service_account) == (
+            peer.namespace, peer.service_account,
+        ):  # fmt: skip
+            peer = known  # the API's view adds its labels
+        decision = policy.decide_ingress(me, peer_ip, port, peer)
+        return None if decision.allow else decision.rule
+
     def _check_client(self, hop: Hop, peer_ip: str) -> None:
         """The client's node is a node of this mesh, and the connection comes
         from that node's pod addresses."""
@@ -457,6 +475,11 @@ class Mesh:
             hop.refuse("bad_destination", f"{dst} is not this pod's ({local})")
             return
         record.orig_dst = format_endpoint(host, port)
+        denied = self._policy_denies(slot.name, peer_ip, port, src)
+        if denied is not None:
+            slot.stats.denied_policy += 1
+            hop.refuse("denied_policy", f"{src} to {dst}: {denied}")
+            return
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             app = netns.socket_in(slot.netns_fd, family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)

@@ -245,7 +245,7 @@ class _List(list):
 def _loader():
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml where there
         pass
 
     def mapping(loader, node):
@@ -462,6 +462,18 @@ def _ports(value: object, where: str, line: int) -> tuple[PortRange, ...]:
             raise _fail(where, line, f"port {item!r}: 1-65535, or a range LO-HI")
         out.append(PortRange(lo, hi))
     return tuple(out)
+
+
+def workload_of_identity(identity: str, ip: str) -> Workload:
+    """A connection's source as its SPIFFE ID says: spiffe://D/ns/NS/sa/SA
+    (Kubernetes), spiffe://D/node/NODE/pod/POD (standalone)."""
+    from meshagent.mesh.identity import SpiffeId
+
+    path = SpiffeId.parse(identity).path
+    parts = dict(zip(path[::2], path[1::2], strict=False))
+    if "ns" in parts:
+        return Workload("", parts["ns"], parts.get("sa", "default"), (), (ip,), identity)
+    return Workload(parts.get("pod", ""), addrs=(ip,), identity=identity)
 
 
 def workloads_matching(selector: WorkloadSelector, known: Iterable[Workload]) -> list[Workload]:

@@ -78,6 +78,21 @@ def _covers(c: _Covered, prefix: V6Net) -> bool:
     return c.v4 == prefix.subnet_of(MAPPED)
 
 
+_ALL = (1 << 128) - 1
+
+
+def _covering(prefix: V6Net, by_net: dict) -> list:
+    """The rules' prefixes that hold prefix (itself included): one dict
+    lookup per shorter length, not a scan of every rule."""
+    out: list = []
+    addr = int(prefix.network_address)
+    for length in range(prefix.prefixlen, -1, -1):
+        found = by_net.get((addr & (_ALL ^ (_ALL >> length)), length))
+        if found:
+            out += found
+    return out
+
+
 def egress_table(rules_set: PolicySet, pod: Workload, known: list[Workload]
                  ) -> dict[V6Net, list[Entry]] | None:  # fmt: skip
     """The pod's trie entries, or None when no policy governs its egress.
@@ -95,11 +110,14 @@ def egress_table(rules_set: PolicySet, pod: Workload, known: list[Workload]
         for peer in rule.peers:
             covered += [(rule, c) for c in _prefixes(peer, known)]
     prefixes = {EVERYTHING, MAPPED} | {c.net for _r, c in covered}
+    by_net: dict[tuple[int, int], list[tuple[Rule, _Covered]]] = {}
+    for rule, c in covered:
+        by_net.setdefault((int(c.net.network_address), c.net.prefixlen), []).append((rule, c))
     table: dict[V6Net, list[Entry]] = {}
     for prefix in prefixes:
         entries: list[Entry] = []
         seen: set[tuple[int, int, int]] = set()
-        for rule, c in covered:
+        for rule, c in _covering(prefix, by_net):
             if not _covers(c, prefix):
                 continue
             action = ACTION_ALLOW if rule.action == ALLOW else ACTION_DENY

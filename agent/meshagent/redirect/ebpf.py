@@ -184,6 +184,8 @@ def _set_entries(table, wanted: dict[bytes, bytes]) -> None:
 
 
 class EbpfSteering:
+    kernel_policy = True  # the connect hook applied the pod's egress policy
+
     def __init__(self, backend: EbpfBackend, pod: PodHandle) -> None:
         self.backend = backend
         self.pod = pod
