@@ -9,10 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
-from meshenv import redirect_args, start_agent
+from meshenv import redirect_args, start_agent, wait_for
 
 A, B = 18080, 18090  # the server's two ports
 
@@ -101,9 +102,23 @@ def test_egress_by_cidr_and_port_both_families(mesh_env, redirect, servers):
         agent.attach(client)
         agent.attach(other)
         denied = expected(redirect[0])
+        seen: list = []
+        tracer = subprocess.Popen([sys.executable, "-m", "meshagent", "trace", "-o", "json",
+                                   "--pod", "client"], env=mesh_env.env, stdout=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        mesh_env.procs.append(tracer)
+        threading.Thread(target=lambda: seen.extend(json.loads(x) for x in tracer.stdout),
+                         daemon=True).start()  # fmt: skip
+        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
         got = probe(mesh_env, client, ep(server.ip4, A), ep(server.ip4, B), ep(server.ip6, A),
                     ep(server.ip6, B))  # fmt: skip
         assert got == ["ok", denied, "ok", denied]
+        # The trace names the rule (the hook's, or the forwarder's re-check).
+        kind = "denied" if redirect[0] == "ebpf" else "refused"
+        wait_for(lambda: len([e for e in seen if e["event"] == kind]) >= 2, 30, "denials in trace")
+        rules = sorted(e["rule"] for e in seen if e["event"] == kind)
+        assert rules[0] == "default-deny" and rules[1].startswith("default/client-out/egress[0]")
+        tracer.terminate()
         # A pod no policy selects: allowed everything.
         assert probe(mesh_env, other, ep(server.ip4, B), ep(server.ip6, B)) == ["ok", "ok"]
         if redirect[0] == "ebpf":
@@ -274,3 +289,41 @@ def test_a_bad_policy_file_stops_the_agent_at_start(mesh_env):
     assert out.returncode != 0
     assert "bad.yaml line 4" in out.stderr and "1-65535" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_across_nodes_the_destination_checks_the_source_identity(mesh_nodes):
+    """node-b's policy lets only pod good of node-a reach the server: pod
+    bad's hop is refused at node-b (NO denied_policy), counted there, and
+    its connection reset; `policy check --from` says the same."""
+    env_a, env_b = mesh_nodes.envs
+    server = env_b.create_pod("server")
+    env_b.server(server, A, "--send", "100")
+    text = f"""metadata: {{name: server-in}}
+spec:
+  selector: {{pods: [server]}}
+  ingress:
+    - from: [{{workload: {{pod: good}}}}]
+      ports: [{A}]
+"""
+    a = mesh_nodes.start(0)
+    b = mesh_nodes.start(1, "--policy", str(write(env_b, "in.yaml", text)))
+    good, bad = env_a.create_pod("good"), env_a.create_pod("bad")
+    a.attach(good)
+    a.attach(bad)
+    b.attach(server)
+    wait_for(lambda: (b.pod_status("server") or {}).get("mesh", {}).get("inbound"),
+             what="the server pod's hop listener")  # fmt: skip
+    assert probe(env_a, good, ep(server.ip4, A)) == ["ok"]
+    assert probe(env_a, bad, ep(server.ip4, A), ep(server.ip6, A)) in (
+        ["ECONNRESET", "ECONNRESET"], ["closed", "closed"], ["ECONNRESET", "closed"],
+        ["closed", "ECONNRESET"],
+    )  # fmt: skip
+    status = b.request("status")
+    assert status["mesh"]["handshakes"].get("in denied_policy") == 2, status["mesh"]["handshakes"]
+    pods = {p["name"]: p for p in status["pods"]}
+    assert pods["server"]["denied_policy"] == 2
+    domain = b.request("status")["mesh"]["trust_domain"]
+    for pod, verdict in ((bad, "deny"), (good, "allow")):
+        out = env_b.meshagent("policy", "check", "server", ep(pod.ip4, A), "--from",
+                              f"spiffe://{domain}/node/node-a/pod/{pod.name}", "-o", "json")  # fmt: skip
+        assert json.loads(out.stdout)["verdict"] == verdict
