@@ -86,6 +86,15 @@ def servers(mesh_env):
     return server
 
 
+def answers(agent) -> bool:
+    from meshagent.errors import MeshError
+
+    try:
+        return bool(agent.request("ping"))
+    except MeshError:
+        return False
+
+
 def expected(backend: str) -> str:
     """How a denied connect shows: EPERM from the hook; a reset from the
     forwarder for an iptables pod (its connect() completed already)."""
@@ -256,7 +265,7 @@ def test_connects_through_a_reload_never_see_half_a_rule_set(mesh_env, servers):
         assert agent.stop() == 0, agent.log()
 
 
-def test_the_rules_hold_while_no_agent_runs_and_after_a_restart(mesh_env, servers):
+def test_the_rules_hold_while_no_agent_runs_after_a_restart_and_a_takeover(mesh_env, servers):
     server = servers
     client = mesh_env.create_pod("client")
     path = write(mesh_env, "policy.yaml", policy_text(server))
@@ -272,6 +281,14 @@ def test_the_rules_hold_while_no_agent_runs_and_after_a_restart(mesh_env, server
     try:
         assert probe(mesh_env, client, ep(server.ip4, A), ep(server.ip4, B)) == ["ok", "EPERM"]
         assert agent.forwarded() >= 1
+        # A takeover (an upgrade in place): the successor's rules, at once.
+        new = start_agent(mesh_env, "--policy", str(path), "--takeover", log_name="new.log")
+        wait_for(lambda: agent.proc.poll() is not None, 60, "the old agent to exit")
+        assert agent.proc.returncode == 0, agent.log()
+        agent = new
+        wait_for(lambda: answers(agent), 60, "the new agent to answer")
+        assert probe(mesh_env, client, ep(server.ip4, A), ep(server.ip4, B)) == ["ok", "EPERM"]
+        assert agent.request("policy", action="show")["policies"] == ["default/client-out"]
     finally:
         assert agent.stop() == 0, agent.log()
     # Without --policy the next agent governs nothing.
