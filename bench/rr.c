@@ -4,6 +4,7 @@
 //   rr serve PORT                     epoll echo server on [::]:PORT (dual stack)
 //   rr rr HOST PORT SIZE SECONDS      one connection, SIZE-byte ping-pong
 //   rr conn HOST PORT SECONDS         connect, 16-byte request/echo, close
+//   rr connect HOST PORT SECONDS      connect() alone (its latency), close
 //   rr hold HOST PORT COUNT FILE      open COUNT idle connections until FILE exists
 // Results are one JSON line on stdout. Every loop is bounded in time.
 #define _GNU_SOURCE
@@ -160,6 +161,35 @@ static int conn(const char *host, const char *port, double seconds)
 	return failed ? 1 : 0;
 }
 
+/* connect() alone, then close: its latency (the connect hooks' cost plus
+ * the handshake with whatever listens), and how many per second. */
+static int connect_only(const char *host, const char *port, double seconds)
+{
+	size_t cap = 1 << 20, count = 0, failed = 0;
+	double *lat = malloc(cap * sizeof(double)), start = now(), end = start + seconds;
+
+	while (count < cap && now() < end && failed < 1000) {
+		double t = now();
+		int fd = dial(host, port);
+
+		if (fd < 0) {
+			failed++;
+			continue;
+		}
+		lat[count++] = now() - t;
+		close(fd);
+	}
+	if (!count) {
+		fprintf(stderr, "connect: none succeeded\n");
+		return 1;
+	}
+	double elapsed = now() - start;
+	qsort(lat, count, sizeof(double), cmp);
+	printf("{\"cps\": %.1f, \"p50_us\": %.2f, \"p99_us\": %.2f, \"count\": %zu, \"failed\": %zu}\n",
+	       count / elapsed, lat[count / 2] * 1e6, lat[(size_t)(count * 0.99)] * 1e6, count, failed);
+	return failed ? 1 : 0;
+}
+
 static int hold(const char *host, const char *port, int count, const char *file)
 {
 	struct rlimit lim = {.rlim_cur = count + 64, .rlim_max = count + 64};
@@ -186,8 +216,11 @@ int main(int argc, char **argv)
 		return rr(argv[2], argv[3], atoi(argv[4]), atof(argv[5]));
 	if (argc == 5 && !strcmp(argv[1], "conn"))
 		return conn(argv[2], argv[3], atof(argv[4]));
+	if (argc == 5 && !strcmp(argv[1], "connect"))
+		return connect_only(argv[2], argv[3], atof(argv[4]));
 	if (argc == 6 && !strcmp(argv[1], "hold"))
 		return hold(argv[2], argv[3], atoi(argv[4]), argv[5]);
-	fprintf(stderr, "usage: rr serve PORT | rr HOST PORT SIZE SECS | conn HOST PORT SECS | hold HOST PORT N FILE\n");
+	fprintf(stderr, "usage: rr serve PORT | rr HOST PORT SIZE SECS | conn HOST PORT SECS | "
+		"connect HOST PORT SECS | hold HOST PORT N FILE\n");
 	return 2;
 }
