@@ -257,16 +257,20 @@ class Agent:
         pod = self.store.find(name)
         addrs = tuple(a for a in ((pod.ip4, pod.ip6) if pod is not None else ()) if a)
         identity = self.mesh_parts[0].workload(name) if self.mesh_parts else ""
-        return Workload(name, addrs=addrs, identity=identity)
+        labels = tuple(sorted(pod.labels.items())) if pod is not None else ()
+        return Workload(name, labels=labels, addrs=addrs, identity=identity)
 
     def _policy_peers(self) -> list:
-        """Workloads of other nodes the policy can name (Kubernetes' mesh view)."""
+        """Workloads the policy can name besides the attached pods: this
+        node's other standalone pods, and other nodes' pods (Kubernetes'
+        mesh view)."""
         from meshagent.policy.model import Workload
 
+        attached = {e.handle.name for e in self.pods.attached() if not e.draining}
+        out = [self._workload(p.name) for p in self.store.scan()[0] if p.name not in attached]
         view = self.mesh_view
         if view is None:
-            return []
-        out = []
+            return out
         for name, pod in getattr(view, "pods", {}).items():
             if "/" not in name or pod.node == view.me or not pod.ips:
                 continue

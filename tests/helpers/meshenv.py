@@ -129,10 +129,11 @@ class MeshEnv:
 
         return PodStore(self.state_dir)
 
-    def create_pod(self, name: str, ip: str | None = None, mtls: str = "permissive"):
+    def create_pod(self, name: str, ip: str | None = None, mtls: str = "permissive",
+                   labels: dict[str, str] | None = None):  # fmt: skip
         from meshagent.pods.standalone import create_pod
 
-        return create_pod(self.store(), name, ip, self.node(), mtls)
+        return create_pod(self.store(), name, ip, self.node(), mtls, labels)
 
     def popen(self, pod, argv, **kwargs) -> subprocess.Popen:
         from meshagent.pods.standalone import popen

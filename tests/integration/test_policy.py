@@ -146,6 +146,36 @@ def test_egress_by_cidr_and_port_both_families(mesh_env, redirect, servers):
         assert agent.stop() == 0, agent.log()
 
 
+def test_pods_and_peers_by_labels_and_a_new_pod_joins_the_rules(mesh_env):
+    """app=web may reach pods labelled tier=db on port A, nothing else. A
+    second db pod made after the rules were written (`pod create` does not
+    tell the agent) joins them when it is attached."""
+    web = mesh_env.create_pod("web", labels={"app": "web"})
+    db = mesh_env.create_pod("db", labels={"tier": "db"})
+    cache = mesh_env.create_pod("cache", labels={"tier": "cache"})
+    for pod in (db, cache):
+        mesh_env.server(pod, A, "--send", "100")
+    text = f"""metadata: {{name: web-out}}
+spec:
+  selector: {{matchLabels: {{app: web}}}}
+  egress:
+    - to: [{{workload: {{matchLabels: {{tier: db}}}}}}]
+      ports: [{A}]
+"""
+    agent = start_agent(mesh_env, "--policy", str(write(mesh_env, "labels.yaml", text)))
+    try:
+        agent.attach(web)
+        got = probe(mesh_env, web, ep(db.ip4, A), ep(db.ip6, A), ep(cache.ip4, A))
+        assert got == ["ok", "ok", "EPERM"]
+        db2 = mesh_env.create_pod("db2", labels={"tier": "db"})
+        mesh_env.server(db2, A, "--send", "100")
+        assert probe(mesh_env, web, ep(db2.ip4, A)) == ["EPERM"]  # the tables predate it
+        agent.attach(db2)  # the agent learns of it: web's tables are made again
+        assert probe(mesh_env, web, ep(db2.ip4, A)) == ["ok"]
+    finally:
+        assert agent.stop() == 0, agent.log()
+
+
 def test_a_reload_changes_new_connects_only_and_a_bad_file_changes_nothing(mesh_env, servers):
     server = servers
     client = mesh_env.create_pod("client")

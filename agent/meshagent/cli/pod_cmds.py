@@ -46,8 +46,16 @@ def pod() -> None:
 @click.option("--mtls", type=click.Choice(["permissive", "strict"]), default="permissive",
               help="strict: only the mesh's mutual-TLS hop (and the pod itself) may connect"
               " to it, also while no agent runs.")  # fmt: skip
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A label policies select the pod by (docs/policy.md); again for more.",
+)
 @click.pass_context
-def create(ctx: click.Context, name: str, ip: str | None, mtls: str, **node_options: str) -> None:
+def create(ctx: click.Context, name: str, ip: str | None, mtls: str, labels: tuple[str, ...],
+           **node_options: str) -> None:  # fmt: skip
     """Create pod NAME: netns mesh-NAME, veth to the bridge, IPv4 + IPv6."""
     from click.core import ParameterSource
 
@@ -58,7 +66,9 @@ def create(ctx: click.Context, name: str, ip: str | None, mtls: str, **node_opti
     # None: the node's own (node.json), else NodeConfig's defaults.
     node = NodeConfig(**node_options) if any(given) else None
     app: App = ctx.obj
-    made = create_pod(app.store(), name, ip, node, mtls)
+    from meshagent.pods.model import parse_labels
+
+    made = create_pod(app.store(), name, ip, node, mtls, parse_labels(labels))
     click.echo(f"pod {made.name} created: {made.ip4} {made.ip6} (netns {made.netns})")
 
 

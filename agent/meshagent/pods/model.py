@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
 
 from meshagent.errors import MeshError
 
@@ -67,9 +68,24 @@ class Pod:
     # Inbound across the mesh (mesh/strict.py): "strict" pods take only the
     # mesh's connections (their rules are made with them), "permissive" any.
     mtls: str = "permissive"
+    # What policies select it by (policy/model.py), as Kubernetes labels.
+    labels: dict[str, str] = dc_field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_labels(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """KEY=VALUE strings (--label) as a dict; MeshError naming a bad one."""
+    from meshagent.policy.model import LABEL_KEY_RE, LABEL_VALUE_RE
+
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not LABEL_KEY_RE.match(key) or not LABEL_VALUE_RE.match(value):
+            raise MeshError(f"--label {item!r}: KEY=VALUE, as Kubernetes labels (app=web)")
+        out[key] = value
+    return out
 
 
 def _network(text: str, version: int, what: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:

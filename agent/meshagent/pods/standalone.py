@@ -97,6 +97,7 @@ def create_pod(
     ip: str | None = None,
     node: NodeConfig | None = None,
     mtls: str = "permissive",
+    labels: dict[str, str] | None = None,
 ) -> Pod:
     """Make the pod: netns, veth to the bridge, dual-stack addresses, default
     routes, a cgroup; for a strict pod, the rules that let only the mesh in
@@ -139,6 +140,7 @@ def create_pod(
             cgroup=f"{node.cgroup_parent.strip('/')}/{name}",
             bridge=node.bridge,
             mtls=mode.value,
+            labels=dict(labels or {}),
         )
         if current is None:
             made: dict = {"bridge": False, "cgroups": []}
