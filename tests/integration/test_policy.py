@@ -176,11 +176,17 @@ spec:
         assert agent.stop() == 0, agent.log()
 
 
+def with_policy(env, server):
+    """Pod client, and an agent with policy_text(server) from a file: (the
+    pod, the file, the agent)."""
+    client = env.create_pod("client")
+    path = write(env, "policy.yaml", policy_text(server))
+    return client, path, start_agent(env, "--policy", str(path))
+
+
 def test_a_reload_changes_new_connects_only_and_a_bad_file_changes_nothing(mesh_env, servers):
     server = servers
-    client = mesh_env.create_pod("client")
-    path = write(mesh_env, "policy.yaml", policy_text(server))
-    agent = start_agent(mesh_env, "--policy", str(path))
+    client, path, agent = with_policy(mesh_env, server)
     held = None
     try:
         agent.attach(client)
@@ -297,9 +303,7 @@ def test_connects_through_a_reload_never_see_half_a_rule_set(mesh_env, servers):
 
 def test_the_rules_hold_while_no_agent_runs_after_a_restart_and_a_takeover(mesh_env, servers):
     server = servers
-    client = mesh_env.create_pod("client")
-    path = write(mesh_env, "policy.yaml", policy_text(server))
-    agent = start_agent(mesh_env, "--policy", str(path))
+    client, path, agent = with_policy(mesh_env, server)
     try:
         agent.attach(client)
         assert probe(mesh_env, client, ep(server.ip4, A), ep(server.ip4, B)) == ["ok", "EPERM"]
