@@ -101,6 +101,7 @@ def expected(backend: str) -> str:
     return "EPERM" if backend == "ebpf" else "ECONNRESET"
 
 
+@pytest.mark.kernel_matrix
 def test_egress_by_cidr_and_port_both_families(mesh_env, redirect, servers):
     server = servers
     client = mesh_env.create_pod("client")
@@ -301,6 +302,7 @@ def test_connects_through_a_reload_never_see_half_a_rule_set(mesh_env, servers):
         assert agent.stop() == 0, agent.log()
 
 
+@pytest.mark.kernel_matrix
 def test_the_rules_hold_while_no_agent_runs_after_a_restart_and_a_takeover(mesh_env, servers):
     server = servers
     client, path, agent = with_policy(mesh_env, server)
