@@ -240,6 +240,19 @@ class Agent:
         self.pods.prepare = prepare
         self.pods.changed = engine.pods_changed
         self.policy = engine
+        if self.watch is not None:  # AuthorizationPolicy objects (deploy/policy-crd.yaml)
+            waiting: list = []
+
+            def pods_changed() -> None:  # a burst of pod events: one new generation
+                def run() -> None:
+                    waiting.clear()
+                    engine.pods_changed()
+
+                if not waiting:
+                    waiting.append(self.loop.call_later(0.5, run))
+
+            self.watch.on_policies = engine.apply_kube
+            self.watch.on_pods = pods_changed
         self.forwarder.policy = engine
         self.forwarder.workload_of = self._workload
 
@@ -268,11 +281,13 @@ class Agent:
 
         attached = {e.handle.name for e in self.pods.attached() if not e.draining}
         out = [self._workload(p.name) for p in self.store.scan()[0] if p.name not in attached]
+        out += [self._workload(name) for name, pod in self.kube.pods.items()
+                if name not in attached and pod.ips]  # fmt: skip
         view = self.mesh_view
         if view is None:
             return out
         for name, pod in getattr(view, "pods", {}).items():
-            if "/" not in name or pod.node == view.me or not pod.ips:
+            if "/" not in name or name in self.kube.pods or not pod.ips:
                 continue
             namespace, short = name.split("/", 1)
             out.append(Workload(short, namespace, pod.service_account or "default",

@@ -23,7 +23,7 @@ MOUNTS = {
 
 
 def test_the_manifests_apply_and_say_what_they_promise(kube_api):
-    for name in ("namespace.yaml", "rbac.yaml", "mesh.yaml", "daemonset.yaml"):
+    for name in ("namespace.yaml", "rbac.yaml", "mesh.yaml", "daemonset.yaml", "policy-crd.yaml"):
         kube_api.kubectl("apply", "-f", str(DEPLOY / name))
     ds = kube_api.get("/apis/apps/v1/namespaces/meshagent/daemonsets/meshagent")
     spec = ds["spec"]["template"]["spec"]

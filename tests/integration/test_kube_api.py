@@ -299,3 +299,63 @@ def test_bad_kube_settings_are_one_line_errors(mesh_env):
         )  # fmt: skip
         assert proc.returncode == 1 and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+POLICY_CR = """apiVersion: meshagent.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: client-out, namespace: {ns}}}
+spec:
+  selector: {{matchLabels: {{app: client}}}}
+  egress:
+    - action: {action}
+      to: [{{workload: {{matchLabels: {{app: {app}}}}}}}]
+      ports: [{port}]
+"""
+
+
+def wget(cluster, client: str, server: str) -> tuple[int, str]:
+    ip = cluster.sandboxes[server].ip
+    return cluster.node.exec(cluster.containers[client],
+                             ["wget", "-q", "-T", "5", "-O", "-",
+                              f"http://{ip}:{HTTP_PORT}/index.html"])  # fmt: skip
+
+
+def test_authorization_policies_from_the_api(mesh_env, kube_api, cluster):
+    """deploy/policy-crd.yaml's objects, watched: the client (app=client)
+    may reach pods labelled app=web on the HTTP port, nothing else; the
+    API server refuses an object its schema does not take (the rules stay);
+    a change and a deletion apply to new connections."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    kube_api.kubectl("apply", "-f", os.path.join(root, "deploy", "policy-crd.yaml"))
+    kube_api.kubectl("wait", "--for", "condition=established", "--timeout", "60s",
+                     "crd/authorizationpolicies.meshagent.io")  # fmt: skip
+    agent = kube_agent(mesh_env, kube_api, cluster)
+    cluster.pod("web", labels={"app": "web"}, serve=True)
+    cluster.pod("other", labels={"app": "other"}, serve=True)
+    cluster.pod("client", labels={"app": "client", LABEL: "true"})
+    wait_for(lambda: synced(agent), 30, "the API watch to list")
+    wait_for(lambda: attached(agent, cluster.full("client")), 30, "client attached")
+    text = POLICY_CR.format(ns=cluster.namespace, action="ALLOW", app="web", port=HTTP_PORT)
+    kube_api.kubectl("apply", "-f", "-", stdin=text)
+    wait_for(lambda: agent.request("policy", action="show")["policies"]
+             == [f"{cluster.namespace}/client-out"], 30, "the policy from the API")  # fmt: skip
+    assert wget(cluster, "client", "web")[0] == 0
+    code, out = wget(cluster, "client", "other")
+    assert code != 0 and "not permitted" in out, out
+    assert agent.decisions()["denied_policy"] == 1
+    # An object the schema refuses never reaches the agent: the rules stay.
+    bad = kube_api.kubectl("apply", "-f", "-", check=False,
+                           stdin=text.replace("action: ALLOW", "action: MAYBE"))  # fmt: skip
+    assert bad.returncode != 0 and "MAYBE" in bad.stderr, bad.stderr
+    assert wget(cluster, "client", "other")[0] != 0
+    # A change: app=other allowed, app=web now denied by the default deny.
+    version = agent.request("policy", action="show")["version"]
+    kube_api.kubectl("apply", "-f", "-", stdin=text.replace("app: web", "app: other"))
+    wait_for(lambda: agent.request("policy", action="show")["version"] > version, 30, "the change")
+    assert wget(cluster, "client", "other")[0] == 0
+    assert wget(cluster, "client", "web")[0] != 0
+    # Deleted: nothing governs the client.
+    kube_api.kubectl("delete", "authorizationpolicy", "client-out", "-n", cluster.namespace)
+    wait_for(lambda: not agent.request("policy", action="show")["policies"], 30, "the deletion")
+    assert wget(cluster, "client", "web")[0] == 0
+    assert agent.stop() == 0, agent.log()

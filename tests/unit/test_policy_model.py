@@ -226,3 +226,34 @@ def test_a_new_rule_set_is_written_whole_before_the_flip_and_the_old_goes_after(
     assert gone and set(gone) == {first}
     left = {gen_of(k) for k in loaded.maps["mesh_pol_cidr"].data}
     assert left == {first + 1}
+
+
+def _object(cidr: str) -> dict:
+    return {"apiVersion": "meshagent.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "web-out", "namespace": "shop", "uid": "u1",
+                         "resourceVersion": "7"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}},
+                     "egress": [{"action": "DENY", "to": [{"ipBlock": {"cidr": cidr}}],
+                                 "ports": [22, "8000-8100"]}]}}  # fmt: skip
+
+
+def test_the_api_servers_objects_are_read_as_a_file_is_and_a_bad_one_keeps_its_last_version():
+    from meshagent.policy.engine import PolicyEngine
+    from meshagent.policy.model import parse_object
+
+    policy = parse_object(_object("10.9.0.0/16"))
+    assert policy.key == "shop/web-out" and policy.egress[0].ports[1].hi == 8100
+    with pytest.raises(PolicyError) as err:
+        parse_object(_object("10.9.0.0/40"))
+    assert str(err.value).startswith("AuthorizationPolicy shop/web-out: ipBlock.cidr")
+    engine = PolicyEngine()
+    engine.apply(parse_text(POLICY))
+    engine.apply_kube([_object("10.9.0.0/16")])
+    shop_web = Workload("web", "shop", labels=(("app", "web"),))
+    assert not engine.decide_egress(shop_web, "10.9.1.1", 22).allow
+    assert len(engine.rules.policies) == 3  # the file's two, the API's one
+    engine.apply_kube([_object("10.9.0.0/40")])  # the schema let it through; the agent cannot
+    assert engine.refused == 1
+    assert not engine.decide_egress(shop_web, "10.9.1.1", 22).allow  # the last good one stays
+    engine.apply_kube([])  # deleted
+    assert engine.decide_egress(shop_web, "10.9.1.1", 22).allow

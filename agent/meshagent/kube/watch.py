@@ -2,6 +2,8 @@
 namespaces' labels, fed to kube/autoattach.py on the agent's loop. With the
 mesh on (`--mesh kube`) it watches every node's pods instead: this node's
 go to kube/autoattach.py, all of them to the mesh's view (mesh/kubeview.py).
+The authorization policies (deploy/policy-crd.yaml) are watched apart:
+every change hands the whole set to the policy (on_policies).
 
 Each kind is listed, then watched from the list's resourceVersion. A watch
 that breaks (the server ends it, or the connection drops) resumes from the
@@ -102,9 +104,16 @@ class ApiWatch:
         self.resumes = 0
         self.client = make_client(cfg)
         _warm_decoders()
+        self.on_policies = None  # (list of AuthorizationPolicy dicts) -> None, on the loop
+        self.on_pods = None  # () -> None: a pod came, went or changed (the policy's peers)
+        self.policies: dict[str, dict] = {}
 
     def start(self) -> None:
-        for kind in ("pods", "namespaces"):
+        kinds = ["pods", "namespaces"]
+        if self.on_policies is not None:
+            self.state["policies"] = "starting"
+            kinds.append("policies")
+        for kind in kinds:
             thread = threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind}",
                                       daemon=True)  # fmt: skip
             thread.start()
@@ -134,6 +143,8 @@ class ApiWatch:
                     self._set_state(kind, "relisting: resourceVersion too old (410)")
                     continue
                 why = describe(exc)
+                if kind == "policies" and _code(exc) == 404:
+                    why = "no AuthorizationPolicy resource: kubectl apply -f deploy/policy-crd.yaml"
                 self._set_state(kind, f"retrying: {why}")
                 if why != said:
                     self.log.warning(f"API watch of {kind} failed", extra={"reason": why})
@@ -147,6 +158,12 @@ class ApiWatch:
     def _list(self, kind: str) -> str:
         from lightkube.resources.core_v1 import Namespace, Pod
 
+        if kind == "policies":
+            listing = self.client.list(policy_resource(), namespace="*")
+            objs = {_key(o): o.to_dict() for o in listing}
+            self.relists += 1
+            self.loop.post(lambda: self._policies_listed(objs))
+            return listing.resourceVersion
         if kind == "pods":
             listing = self.client.list(Pod, namespace="*", fields=self._fields())
             views = {_pod_name(p): _pod_view(p) for p in listing}
@@ -185,6 +202,16 @@ class ApiWatch:
             self._set_state(kind, f"resuming: {describe(exc)}")
             return OnErrorResult(OnErrorAction.RETRY, sleep=min(2.0**count, BACKOFF_MAX))
 
+        if kind == "policies":
+            stream = self.client.watch(policy_resource(), namespace="*", resource_version=version,
+                                       on_error=on_error)  # fmt: skip
+            for event, obj in stream:
+                if self.stopping.is_set():
+                    return
+                self._set_state(kind, "watching")
+                key, body = _key(obj), obj.to_dict()
+                self.loop.post(lambda e=event, k=key, b=body: self._policy_event(e, k, b))
+            return
         if kind == "pods":
             stream = self.client.watch(Pod, namespace="*", fields=self._fields(),
                                        resource_version=version, on_error=on_error)  # fmt: skip
@@ -217,9 +244,24 @@ class ApiWatch:
                 )
                 mesh(event, name, view)
                 if kind == "pods" and view.node != self.cfg.node:
-                    return  # another node's pod: the mesh's only
+                    if self.on_pods is not None:
+                        self.on_pods()
+                    return  # another node's pod: the mesh's only and the policy's
             act = self.kube.pod_event if kind == "pods" else self.kube.namespace_event
             act(event, name, view)
+            if kind == "pods" and self.on_pods is not None:
+                self.on_pods()
+
+    def _policies_listed(self, objs: dict[str, dict]) -> None:
+        self.policies = objs
+        self.on_policies(list(objs.values()))
+
+    def _policy_event(self, event: str, key: str, body: dict) -> None:
+        if event == "DELETED":
+            self.policies.pop(key, None)
+        else:
+            self.policies[key] = body
+        self.on_policies(list(self.policies.values()))
 
 
 def _warm_decoders() -> None:
@@ -236,6 +278,24 @@ def _warm_decoders() -> None:
         decoders.decode_object(b'{"metadata": {"name": "x"}}', res)
     decoders.decode_watch_event(b'{"type": "ADDED", "object": {}}')
     decoders.decode_status(b'{"code": 410}')
+
+
+_POLICY = None
+
+
+def policy_resource():
+    """lightkube's class for deploy/policy-crd.yaml's resource (made once)."""
+    global _POLICY
+    if _POLICY is None:
+        from lightkube.generic_resource import create_namespaced_resource
+
+        _POLICY = create_namespaced_resource("meshagent.io", "v1alpha1", "AuthorizationPolicy",
+                                             "authorizationpolicies")  # fmt: skip
+    return _POLICY
+
+
+def _key(obj) -> str:
+    return f"{obj.metadata.namespace}/{obj.metadata.name}"
 
 
 def _pod_name(pod) -> str:
@@ -261,5 +321,9 @@ def _pod_view(pod) -> PodView:
     )
 
 
+def _code(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "status", None), "code", None)
+
+
 def _gone(exc: BaseException) -> bool:
-    return getattr(getattr(exc, "status", None), "code", None) == 410
+    return _code(exc) == 410

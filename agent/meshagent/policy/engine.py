@@ -29,10 +29,12 @@ from meshagent.policy.model import (
     EGRESS,
     INGRESS,
     Decision,
+    Policy,
     PolicyError,
     PolicySet,
     Workload,
     load,
+    parse_object,
 )
 from meshagent.policy.tables import egress_table
 
@@ -64,16 +66,43 @@ class PolicyEngine:
         self.peers: Callable[[], list[Workload]] = list  # workloads on other nodes
         self.refused = 0  # rule sets refused (malformed)
         self.numbers: dict[int, tuple[str, ...]] = {}  # generation & 0xffff -> its rule ids
+        self.file_rules = PolicySet(source="none")  # --policy, `policy apply`
+        self.kube: dict[str, Policy] = {}  # the API's AuthorizationPolicy objects, good ones
 
     # -- the rule set ------------------------------------------------------
-    def load_file(self, path: Path) -> PolicySet:
-        """Read and check path; PolicyError without a change."""
-        rules = load(path)
-        self.path = Path(path)
-        return rules
-
     def apply(self, rules: PolicySet) -> dict:
-        """Put rules in force (whole): the maps first, then Python's view."""
+        """The file's rules (with the API's, if any) in force."""
+        self.file_rules = rules
+        return self._put()
+
+    def apply_kube(self, objs: list[dict]) -> dict:
+        """The API's AuthorizationPolicy objects (with the file's) in force.
+        An object the agent cannot take (the schema let it through) is
+        logged and counted; its last good version, if any, stays."""
+        good: dict[str, Policy] = {}
+        for obj in objs:
+            meta = obj.get("metadata") or {}
+            key = f"{meta.get('namespace')}/{meta.get('name')}"
+            try:
+                good[key] = parse_object(obj)
+            except MeshError as exc:
+                self.refused += 1
+                self.log.warning("policy object refused; its last good version stays",
+                                 extra={"reason": str(exc)})  # fmt: skip
+                if key in self.kube:
+                    good[key] = self.kube[key]
+        self.kube = good
+        return self._put()
+
+    def _put(self) -> dict:
+        """Put the union in force (whole): the maps first, then Python's view."""
+        file_rules = self.file_rules
+        policies = file_rules.policies + tuple(self.kube.values())
+        source = file_rules.source if not self.kube else (
+            f"{file_rules.source} and {len(self.kube)} API objects"
+            if file_rules.policies else "the API"
+        )  # fmt: skip
+        rules = PolicySet(policies, source=source)
         self._write_all(rules)
         self.version += 1
         rules.version = self.version

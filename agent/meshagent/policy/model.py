@@ -315,7 +315,26 @@ def parse_text(text: str, where: str = "policy") -> PolicySet:
 
 
 def _fail(where: str, line: int, what: str) -> PolicyError:
-    return PolicyError(f"{where} line {line}: {what}")
+    return PolicyError(f"{where} line {line}: {what}" if line else f"{where}: {what}")
+
+
+def _lined(obj: object) -> object:
+    """A plain object (an API server's) in the shapes the reader takes, with
+    no lines."""
+    if isinstance(obj, dict):
+        out = _Map({k: _lined(v) for k, v in obj.items()})
+        out.lines = {}
+        return out
+    if isinstance(obj, list):
+        return _List(_lined(v) for v in obj)
+    return obj
+
+
+def parse_object(obj: dict) -> Policy:
+    """An AuthorizationPolicy as the API server gives it (deploy/policy-crd.yaml)."""
+    meta = obj.get("metadata") or {}
+    where = f"AuthorizationPolicy {meta.get('namespace', '?')}/{meta.get('name', '?')}"
+    return parse_policy(_lined(obj), where)
 
 
 def _keys(obj: object, allowed: set[str], where: str, what: str, line: int) -> _Map:
@@ -349,7 +368,7 @@ def _labels(value: object, where: str, line: int, what: str) -> tuple[tuple[str,
 
 
 def parse_policy(doc: object, where: str) -> Policy:
-    line = getattr(doc, "line", 1)
+    line = getattr(doc, "line", 0)
     doc = _keys(doc, {"apiVersion", "kind", "metadata", "spec"}, where, "policy", line)
     if doc.get("apiVersion", API_VERSION) != API_VERSION:
         raise _fail(
