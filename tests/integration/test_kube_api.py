@@ -176,10 +176,14 @@ def test_the_watch_resumes_when_it_breaks_and_when_the_api_server_restarts(
     cluster.label_pod("client", None)
     wait_for(lambda: not attached(agent, cluster.full("client")), 60,
              "detached after the API server restarted")  # fmt: skip
+
     # Right after a restart the API server answers 403 until its RBAC caches
     # fill: the watch retries until both kinds are watched again.
-    wait_for(lambda: agent.request("status")["kube"]["api"]["state"]
-             == {"pods": "watching", "namespaces": "watching"}, 60, "both watches back")  # fmt: skip
+    def back() -> bool:
+        state = agent.request("status")["kube"]["api"]["state"]
+        return state["pods"] == state["namespaces"] == "watching"
+
+    wait_for(back, 60, "both watches back")
     assert agent.stop() == 0
 
 
@@ -282,7 +286,7 @@ def test_an_api_server_down_or_refusing_leaves_the_node_working(
         sleeper, ["wget", "-q", "-O", "-", f"http://{web.ip}:{HTTP_PORT}/index.html"]
     )
     assert code == 0 and "meshtest-ok" in out
-    assert agent.log().count(expected) == 1 or agent.log().count(expected) == 2  # pods, namespaces
+    assert agent.log().count(expected) in (1, 2, 3)  # pods, namespaces, policies
     assert "Traceback" not in agent.log()
     assert agent.stop() == 0
 
@@ -316,7 +320,7 @@ spec:
 def wget(cluster, client: str, server: str) -> tuple[int, str]:
     ip = cluster.sandboxes[server].ip
     return cluster.node.exec(cluster.containers[client],
-                             ["wget", "-q", "-T", "5", "-O", "-",
+                             ["wget", "-q", "-O", "-",
                               f"http://{ip}:{HTTP_PORT}/index.html"])  # fmt: skip
 
 

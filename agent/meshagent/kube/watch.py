@@ -161,7 +161,6 @@ class ApiWatch:
         if kind == "policies":
             listing = self.client.list(policy_resource(), namespace="*")
             objs = {_key(o): o.to_dict() for o in listing}
-            self.relists += 1
             self.loop.post(lambda: self._policies_listed(objs))
             return listing.resourceVersion
         if kind == "pods":
