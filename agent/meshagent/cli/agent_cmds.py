@@ -380,6 +380,11 @@ def status(app: App, output: str, connections: bool) -> None:
         kernel = mesh.get("kernel_tls") or {}
         how = "kernel TLS, spliced" if kernel.get("on") else "OpenSSL in the agent"
         click.echo(f"  the hop's bytes: {how} ({kernel.get('why')})")
+    policy = reply.get("policy")
+    if policy and policy.get("policies"):
+        click.echo(f"policy: version {policy['version']} from {policy['source']},"
+                   f" {len(policy['policies'])} policies, {policy['rules']} rules"
+                   f" ({policy['refused']} refused)")  # fmt: skip
     decisions = ", ".join(f"{k}={sum(v.values())}" for k, v in reply["decisions"].items())
     click.echo(f"kernel decisions: {decisions or 'none yet'}")
     for conn in reply.get("connections", []):
