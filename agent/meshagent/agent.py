@@ -248,8 +248,12 @@ class Agent:
                     waiting.clear()
                     engine.pods_changed()
 
-                if not waiting:
+                if engine.holding:  # the first listing: the rules go in force now
+                    engine.release()
+                elif not waiting:
                     waiting.append(self.loop.call_later(0.5, run))
+
+            engine.holding = True
 
             self.watch.on_policies = engine.apply_kube
             self.watch.on_pods = pods_changed
@@ -282,12 +286,12 @@ class Agent:
         attached = {e.handle.name for e in self.pods.attached() if not e.draining}
         out = [self._workload(p.name) for p in self.store.scan()[0] if p.name not in attached]
         out += [self._workload(name) for name, pod in self.kube.pods.items()
-                if name not in attached and pod.ips]  # fmt: skip
+                if name not in attached and _addressed(pod)]  # fmt: skip
         view = self.mesh_view
         if view is None:
             return out
         for name, pod in getattr(view, "pods", {}).items():
-            if "/" not in name or name in self.kube.pods or not pod.ips:
+            if "/" not in name or name in self.kube.pods or not _addressed(pod):
                 continue
             namespace, short = name.split("/", 1)
             out.append(Workload(short, namespace, pod.service_account or "default",
@@ -715,3 +719,10 @@ def _cached_trust_domain(certs: Path, node: str) -> str | None:
     if not ident.is_node or ident.node != node or ends < dt.datetime.now(dt.UTC):
         return None
     return ident.trust_domain
+
+
+def _addressed(pod) -> bool:
+    """A Kubernetes pod whose addresses stand for it: running in its own
+    network (not hostNetwork: the node's address), not finished (its
+    address may be another pod's by now)."""
+    return bool(pod.ips) and not pod.host_network and pod.phase not in ("Succeeded", "Failed")

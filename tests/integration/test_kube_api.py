@@ -358,6 +358,16 @@ def test_authorization_policies_from_the_api(mesh_env, kube_api, cluster):
     wait_for(lambda: agent.request("policy", action="show")["version"] > version, 30, "the change")
     assert wget(cluster, "client", "other")[0] == 0
     assert wget(cluster, "client", "web")[0] != 0
+    # A restart: the kernel keeps the rules meanwhile, and the new agent
+    # writes its own only once the watch has the pods' labels.
+    assert agent.stop() == 0, agent.log()
+    assert wget(cluster, "client", "web")[0] != 0
+    agent = kube_agent(mesh_env, kube_api, cluster, log_name="agent2.log")
+    wait_for(lambda: synced(agent), 30, "the API watch to list again")
+    wait_for(lambda: not agent.request("policy", action="show")["holding"], 30, "the rules")
+    assert agent.request("policy", action="show")["policies"] == [f"{cluster.namespace}/client-out"]
+    assert wget(cluster, "client", "web")[0] != 0
+    assert wget(cluster, "client", "other")[0] == 0
     # Deleted: nothing governs the client.
     kube_api.kubectl("delete", "authorizationpolicy", "client-out", "-n", cluster.namespace)
     wait_for(lambda: not agent.request("policy", action="show")["policies"], 30, "the deletion")

@@ -257,3 +257,40 @@ def test_the_api_servers_objects_are_read_as_a_file_is_and_a_bad_one_keeps_its_l
     assert not engine.decide_egress(shop_web, "10.9.1.1", 22).allow  # the last good one stays
     engine.apply_kube([])  # deleted
     assert engine.decide_egress(shop_web, "10.9.1.1", 22).allow
+
+
+def test_a_set_that_cannot_be_put_in_force_leaves_the_one_in_force_whole():
+    """Too many ports over one address: refused, and nothing of it kept
+    (a later change is not blocked by it)."""
+    from meshagent.policy.engine import PolicyEngine
+
+    loaded = FakeLoaded()
+    engine = PolicyEngine(loaded, call_later=lambda _d, _fn: None)
+    engine.pods = lambda: [(WEB, 11)]
+    engine.apply(parse_text(POLICY))
+    wide = "".join(f"    - ports: [{p}]\n" for p in range(1, 20))
+    with pytest.raises(PolicyError, match="at most 16"):
+        engine.apply(parse_text("metadata: {name: wide}\nspec:\n  egress:\n" + wide))
+    assert [p.key for p in engine.rules.policies] == ["default/web-out", "data/db-in"]
+    assert [p.key for p in engine.file_rules.policies] == ["default/web-out", "data/db-in"]
+    assert engine.apply_kube([_object("10.9.0.0/16")]) is not None  # not blocked by it
+
+
+def test_two_changes_within_the_grace_keep_both_newer_generations_until_their_own_timers():
+    from meshagent.bpf import abi
+    from meshagent.policy.engine import PolicyEngine
+
+    loaded = FakeLoaded()
+    timers: list = []
+    engine = PolicyEngine(loaded, call_later=lambda _d, fn: timers.append(fn))
+    engine.pods = lambda: [(WEB, 11)]
+    for text in (POLICY, POLICY.replace("10.9.", "10.8."), POLICY.replace("10.9.", "10.7.")):
+        engine.apply(parse_text(text))
+    gens = lambda: {abi.POL_KEY.unpack(k)[1] for k in loaded.maps["mesh_pol_cidr"].data}  # noqa: E731
+    assert gens() == {1, 2, 3}
+    timers.pop(0)()  # the first flip's (to 1): nothing before 1
+    assert gens() == {1, 2, 3}
+    timers.pop(0)()  # the second's (to 2): 1 goes; 2 waits for the third's grace
+    assert gens() == {2, 3}
+    timers.pop(0)()
+    assert gens() == {3}

@@ -469,13 +469,13 @@ class Forwarder:
             return None
         me = None
         if not getattr(slot.steering, "kernel_policy", False):
-            me = self.workload_of(slot.name)
+            me = policy.workload(slot.name) or self.workload_of(slot.name)
             decision = policy.decide_egress(me, ip, port)
             if not decision.allow:
                 return decision.rule
         dest = policy.local_at(ip) if policy.has_ingress else None
         if dest is not None:
-            me = me or self.workload_of(slot.name)
+            me = me or policy.workload(slot.name) or self.workload_of(slot.name)
             family = ":" in ip
             src = next((a for a in me.addrs if (":" in a) == family), ip)
             decision = policy.decide_ingress(dest, src, port, me)

@@ -189,6 +189,8 @@ class ApiWatch:
             self.kube.replace_all(self._local(self.listed["pods"]), self.listed["namespaces"])
             if self.mesh_view is not None:
                 self.mesh_view.replace_all(self.listed["pods"], self.listed["namespaces"])
+            if self.on_pods is not None:  # labels and addresses the policy goes by
+                self.on_pods()
 
     def _watch(self, kind: str, version: str) -> None:
         from lightkube.resources.core_v1 import Namespace, Pod

@@ -417,7 +417,7 @@ class Mesh:
             return None
         from meshagent.policy.model import workload_of_identity
 
-        me = self.forwarder.workload_of(pod)
+        me = policy.workload(pod) or self.forwarder.workload_of(pod)
         peer = workload_of_identity(src, peer_ip)
         known = policy.peer_at(peer_ip)
         if known is not None and (known.namespace, known.service_account) == (

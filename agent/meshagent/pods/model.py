@@ -71,8 +71,17 @@ class Pod:
     # What policies select it by (policy/model.py), as Kubernetes labels.
     labels: dict[str, str] = dc_field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()
+        ):
+            raise MeshError(f"pod {self.name}: labels: a mapping of strings")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not out["labels"]:  # what an agent before labels can read
+            del out["labels"]
+        return out
 
 
 def parse_labels(items: tuple[str, ...] | list[str]) -> dict[str, str]:

@@ -39,6 +39,7 @@ from meshagent.policy.model import (
 from meshagent.policy.tables import egress_table
 
 GRACE = 0.05  # s: after a flip, before the old generation's entries go (a hook runs in µs)
+MAX_RULES = 65535  # a rule's number in the hook's entries and trace events is 16 bits
 
 
 def pol_key(gen: int, netns: int, prefix: ipaddress.IPv6Network) -> bytes:
@@ -68,17 +69,27 @@ class PolicyEngine:
         self.numbers: dict[int, tuple[str, ...]] = {}  # generation & 0xffff -> its rule ids
         self.file_rules = PolicySet(source="none")  # --policy, `policy apply`
         self.kube: dict[str, Policy] = {}  # the API's AuthorizationPolicy objects, good ones
+        self.bad: dict[str, str] = {}  # API objects refused: the reason last logged
+        # On Kubernetes, until the API watch has listed the pods (their labels
+        # select them): new rules are kept, not written; the generation in
+        # force (a previous agent's, adopted with the maps) stays meanwhile.
+        self.holding = False
+        self._pods: list[tuple[Workload, int | None]] = []  # as of view()
+        self._peers: list[Workload] = []
 
     # -- the rule set ------------------------------------------------------
     def apply(self, rules: PolicySet) -> dict:
-        """The file's rules (with the API's, if any) in force."""
-        self.file_rules = rules
-        return self._put()
+        """The file's rules (with the API's, if any) in force, or a
+        MeshError and the rules in force stay (nothing kept of these)."""
+        return self._put(rules, self.kube)
 
-    def apply_kube(self, objs: list[dict]) -> dict:
+    def apply_kube(self, objs: list[dict]) -> dict | None:
         """The API's AuthorizationPolicy objects (with the file's) in force.
         An object the agent cannot take (the schema let it through) is
-        logged and counted; its last good version, if any, stays."""
+        logged and counted; its last good version, if any, stays. A set
+        that cannot be put in force (too many rules over one address) is
+        logged and counted, and the rules in force stay. Never raises: it
+        runs on the loop for a watch event."""
         good: dict[str, Policy] = {}
         for obj in objs:
             meta = obj.get("metadata") or {}
@@ -86,24 +97,37 @@ class PolicyEngine:
             try:
                 good[key] = parse_object(obj)
             except MeshError as exc:
-                self.refused += 1
-                self.log.warning("policy object refused; its last good version stays",
-                                 extra={"reason": str(exc)})  # fmt: skip
+                if self.bad.get(key) != str(exc):  # once per version of the object
+                    self.bad[key] = str(exc)
+                    self.refused += 1
+                    self.log.warning("policy object refused; its last good version stays",
+                                     extra={"reason": str(exc)})  # fmt: skip
                 if key in self.kube:
                     good[key] = self.kube[key]
-        self.kube = good
-        return self._put()
+        try:
+            return self._put(self.file_rules, good)
+        except MeshError as exc:
+            self.refused += 1
+            self.log.warning("the API's policies not applied; the rules in force stay",
+                             extra={"reason": str(exc)})  # fmt: skip
+            return None
 
-    def _put(self) -> dict:
-        """Put the union in force (whole): the maps first, then Python's view."""
-        file_rules = self.file_rules
-        policies = file_rules.policies + tuple(self.kube.values())
-        source = file_rules.source if not self.kube else (
-            f"{file_rules.source} and {len(self.kube)} API objects"
+    def _put(self, file_rules: PolicySet, kube: dict[str, Policy]) -> dict:
+        """Put the union in force (whole): the maps first, then Python's
+        view; what it was made of is kept only once it is in force."""
+        policies = file_rules.policies + tuple(kube.values())
+        source = file_rules.source if not kube else (
+            f"{file_rules.source} and {len(kube)} API objects"
             if file_rules.policies else "the API"
         )  # fmt: skip
         rules = PolicySet(policies, source=source)
+        if len(rules.rules) > MAX_RULES:
+            raise PolicyError(f"{source}: {len(rules.rules)} rules (at most {MAX_RULES})")
+        if self.holding:
+            self.file_rules, self.kube = file_rules, kube
+            return {**self.summary(), "held": "until the API watch has listed the pods"}
         self._write_all(rules)
+        self.file_rules, self.kube = file_rules, kube
         self.version += 1
         rules.version = self.version
         self.rules = rules
@@ -115,13 +139,13 @@ class PolicyEngine:
 
     def apply_file(self, path: Path) -> dict:
         """`policy apply`: the file's rules in force, or a PolicyError and
-        the rules in force stay (SIGHUP reads the --policy file again)."""
+        the rules in force stay (SIGHUP and a restart read the --policy
+        file again)."""
         try:
-            rules = load(path)
+            return self.apply(load(path))
         except PolicyError:
             self.refused += 1
             raise
-        return self.apply(rules)
 
     def reload(self) -> dict | None:
         """SIGHUP: the --policy file again. A bad one is logged, refused, and
@@ -129,25 +153,31 @@ class PolicyEngine:
         if self.path is None:
             return None
         try:
-            rules = load(self.path)
+            return self.apply(load(self.path))
         except MeshError as exc:
             self.refused += 1
             self.log.warning("policy file refused; the rules in force stay",
                              extra={"reason": str(exc)})  # fmt: skip
             return None
-        return self.apply(rules)
 
     def summary(self) -> dict:
         return {**self.rules.summary(), "generation": self.gen, "refused": self.refused,
-                "loaded_at": self.loaded_at}  # fmt: skip
+                "loaded_at": self.loaded_at, "holding": self.holding}  # fmt: skip
 
     # -- decisions in Python (iptables-backend pods, inbound, `policy check`)
+    # They read the pods as they were at the last rebuild (view()): no disk
+    # or API work per connection.
+    def view(self) -> None:
+        """Take the pods and the peers as they are now."""
+        self._pods = self.pods()
+        self._peers = self.peers()
+
     def workload(self, name: str) -> Workload | None:
-        return next((w for w, _c in self.pods() if w.name == _short(name) and
+        return next((w for w, _c in self._pods if w.name == _short(name) and
                      w.namespace == _namespace(name)), None)  # fmt: skip
 
     def known(self) -> list[Workload]:
-        return [w for w, _c in self.pods()] + self.peers()
+        return [w for w, _c in self._pods] + self._peers
 
     @property
     def has_ingress(self) -> bool:
@@ -155,7 +185,7 @@ class PolicyEngine:
 
     def local_at(self, ip: str) -> Workload | None:
         """The pod of this node at ip, if one is attached."""
-        return next((w for w, _c in self.pods() if ip in w.addrs), None)
+        return next((w for w, _c in self._pods if ip in w.addrs), None)
 
     def peer_at(self, ip: str) -> Workload | None:
         return next((w for w in self.known() if ip in w.addrs), None)
@@ -175,10 +205,10 @@ class PolicyEngine:
         except (OSError, KeyError, TypeError, ValueError):
             return 0
 
-    def _tables(self, rules: PolicySet, pods: list[tuple[Workload, int | None]]) -> dict:
-        known = [w for w, _c in pods] + self.peers()
+    def _tables(self, rules: PolicySet) -> dict:
+        known = self.known()
         out = {}
-        for pod, cookie in pods:
+        for pod, cookie in self._pods:
             if cookie is None:
                 continue
             table = egress_table(rules, pod, known)  # PolicyError: too many over one prefix
@@ -187,33 +217,46 @@ class PolicyEngine:
         return out
 
     def _write_all(self, rules: PolicySet) -> None:
-        tables = self._tables(rules, self.pods())
+        """Every governed pod's tables under a new generation, then the
+        flip; MeshError (nothing changed) if they cannot all be written."""
+        self.view()
+        tables = self._tables(rules)
         if self.cidr is None:
             return
+        # Another agent (a takeover's predecessor) may have flipped since.
+        self.gen = self._gen_in_force() if self.gen_map is not None else self.gen
         gen = (self.gen + 1) & 0xFFFFFFFF
         try:
             for cookie, table in tables.items():
                 for prefix, entries in table.items():
                     self.cidr.update(pol_key(gen, cookie, prefix), pol_value(entries))
+            self.gen_map.update(abi.U32.pack(0), abi.U32.pack(gen))  # the flip
         except OSError as exc:
-            self._drop_gen(keep=self.gen)
-            raise MeshError(f"policy: {abi.POL_CIDR.name}: {exc.strerror} (the rules in force stay)"
-                            ) from None  # fmt: skip
-        self.gen_map.update(abi.U32.pack(0), abi.U32.pack(gen))  # the flip
+            self._drop(lambda g: g == gen)  # what was written of the new one
+            raise MeshError(f"policy: {getattr(exc, 'strerror', None) or exc} (the rules in force "
+                            f"stay; {abi.POL_CIDR.name} holds MESH_POL_MAX entries, two sets' "
+                            "worth at a change)") from None  # fmt: skip
         self.gen = gen
         self.numbers[gen & 0xFFFF] = tuple(r.id for r in rules.rules)
         for old in [g for g in self.numbers if g not in (gen & 0xFFFF, (gen - 1) & 0xFFFF)]:
             del self.numbers[old]
-        if self.call_later is not None:
-            self.call_later(GRACE, lambda: self._drop_gen(keep=self.gen))
+        if self.call_later is not None:  # the old generation, once no connect can be reading it
+            self.call_later(GRACE, lambda keep=gen: self._drop(lambda g: _older(g, keep)))
         else:
             time.sleep(GRACE)
-            self._drop_gen(keep=self.gen)
+            self._drop(lambda g: _older(g, gen))
 
-    def _drop_gen(self, keep: int) -> None:
-        """Remove every entry of a generation other than keep."""
-        for key in self.cidr.list_keys():
-            if abi.POL_KEY.unpack(key)[1] != keep:
+    def _drop(self, which: Callable[[int], bool]) -> None:
+        """Remove the entries of the generations which() names. A flip's
+        timer names those before it: one flipped away from at least GRACE
+        ago (a newer flip since has its own timer)."""
+        try:
+            keys = self.cidr.list_keys()
+        except OSError as exc:
+            self.log.warning("policy: old entries not removed", extra={"reason": str(exc)})
+            return
+        for key in keys:
+            if which(abi.POL_KEY.unpack(key)[1]):
                 try:
                     self.cidr.delete(key)
                 except (OSError, KeyError):
@@ -221,7 +264,8 @@ class PolicyEngine:
 
     def prepare(self, pod: Workload, cookie: int) -> None:
         """A pod about to be steered: its tables in the generation in force
-        (it is not steered yet, so no connect sees them half written)."""
+        (it is not steered yet, so no connect sees them half written; the
+        next generation leaves out whatever a failed attach left)."""
         if self.cidr is None:
             return
         table = egress_table(self.rules, pod, [*self.known(), pod])
@@ -229,24 +273,41 @@ class PolicyEngine:
             try:
                 self.cidr.update(pol_key(self.gen, cookie, prefix), pol_value(entries))
             except OSError as exc:
-                raise MeshError(f"pod {pod.name}: policy: {abi.POL_CIDR.name}: {exc.strerror}"
+                raise MeshError(f"pod {pod.name}: policy: {getattr(exc, 'strerror', None) or exc}"
                                 ) from None  # fmt: skip
 
-    def pods_changed(self) -> None:
-        """Pods came or went: rules naming workloads may resolve to other
-        addresses now (a new generation when anything differs)."""
-        if any(p.workload is not None for r in self.rules.rules for p in r.peers):
-            self._write_all(self.rules)
+    def release(self) -> None:
+        """The API watch has listed the pods: the rules kept meanwhile in
+        force (never raises: a watch event)."""
+        self.holding = False
+        try:
+            self._put(self.file_rules, self.kube)
+        except MeshError as exc:
+            self.refused += 1
+            self.log.warning("policy not applied; the rules in force stay",
+                             extra={"reason": str(exc)})  # fmt: skip
 
-    def forget(self, cookie: int) -> None:
-        if self.cidr is None:
+    def pods_changed(self) -> None:
+        """Pods came, went or changed (labels, addresses): every governed
+        pod's tables again, as a new generation (a detached pod's go with
+        the old one). A set that no longer fits is logged; the tables in
+        force stay. Never raises: it runs in an attach's commit or for a
+        watch event."""
+        if self.holding:
             return
-        for key in self.cidr.list_keys():
-            if abi.POL_KEY.unpack(key)[2] == cookie:
-                try:
-                    self.cidr.delete(key)
-                except (OSError, KeyError):
-                    pass
+        if not self.rules.policies:
+            self.view()
+            return
+        try:
+            self._write_all(self.rules)
+        except MeshError as exc:
+            self.log.warning("policy tables not rebuilt for the pods' change; the ones in force"
+                             " stay", extra={"reason": str(exc)})  # fmt: skip
+
+
+def _older(gen: int, than: int) -> bool:
+    """gen came before than (generations count up, modulo 2**32)."""
+    return 0 < (than - gen) & 0xFFFFFFFF < 1 << 31
 
 
 def _short(name: str) -> str:

@@ -376,10 +376,10 @@ def parse_policy(doc: object, where: str) -> Policy:
         )
     if doc.get("kind", KIND) != KIND:
         raise _fail(where, doc.at("kind"), f"kind {doc['kind']!r}: expected {KIND}")
-    meta = _keys(doc.get("metadata"), {"name", "namespace", "labels", "annotations", "uid",
-                                       "resourceVersion", "generation", "creationTimestamp",
-                                       "managedFields"},
-                 where, "metadata", doc.at("metadata"))  # fmt: skip
+    meta = doc.get("metadata")  # only name and namespace count (an API server adds more)
+    if not isinstance(meta, dict):
+        raise _fail(where, doc.at("metadata"), "metadata: expected a mapping with a name")
+    meta = meta if isinstance(meta, _Map) else _lined(meta)
     name = _name(meta.get("name"), where, meta.at("name"), "metadata.name")
     namespace = _name(meta.get("namespace", DEFAULT_NAMESPACE), where, meta.at("namespace"),
                       "metadata.namespace")  # fmt: skip
