@@ -8,13 +8,15 @@
  * direct) first drops what an earlier connection of the same client tuple
  * left in mesh_orig_cls, so an entry serves only its own connection.
  * With the sk_msg path on, a steered socket also enters mesh_apphash at
- * established (see sk_msg.c).
+ * established (see sk_msg.c). A kernel-mode pod's connection (not steered)
+ * is followed from its SYN to its close (include/kernel.h).
  * Must never: affect a socket that was not steered.
  * Minimum kernel: 5.15 (bpf_get_netns_cookie in sock_ops programs). */
 #include "include/maps.h"
 #include "include/metrics.h"
 #include "include/addr.h"
 #include "include/trace.h"
+#include "include/kernel.h"
 
 static __always_inline void mesh_client_key(struct bpf_sock_ops *skops,
 					    struct mesh_tuple *key)
@@ -146,7 +148,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	cookie = bpf_get_socket_cookie(skops);
 	found = mesh_orig_sk.lookup(&cookie);
 	if (!found) {
-		mesh_direct(skops);
+		if (!mesh_kernel_up(skops, cookie))
+			mesh_direct(skops);
 		return;
 	}
 	orig = *found;
@@ -205,11 +208,14 @@ int mesh_sockops(struct bpf_sock_ops *skops)
 	bpf_sk_redirect_hash((void *)skops, (void *)0, (void *)0, 0);
 #endif
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		mesh_kernel_syn(skops);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		mesh_rekey(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (!mesh_kernel_state(skops) && skops->args[1] == BPF_TCP_CLOSE)
 			mesh_forget(skops);
 		break;
 	}

@@ -71,6 +71,8 @@ class Agent:
         self.kube: KubePods | None = None  # which Kubernetes pods to attach
         self.watch: ApiWatch | None = None  # the API watch, when configured
         self.mesh_view = None  # --mesh kube: mesh/kubeview.py, fed by the watch
+        self.kernel_conns = None  # kernel mode's records and mesh_kfwd (ebpf backend)
+        self.policy = None
         self.enroller = None  # --mesh kube: mesh/enroll.py
         self.control: ControlServer | None = None
         self.facts: AgentFacts | None = None
@@ -152,6 +154,7 @@ class Agent:
             self._claim_control()
         self.facts.adopted = self.pods.adopt()
         self.policy.apply(self.policy_rules)  # every pod's tables, one new generation
+        self._kernel_forwarded()
         self.kube.reconcile()  # CNI records of pods to attach that came while no agent ran
         if self.watch is not None:
             self.watch.start()
@@ -238,7 +241,12 @@ class Agent:
                 engine.prepare(self._workload(handle.name), handle.netns_cookie)
 
         self.pods.prepare = prepare
-        self.pods.changed = engine.pods_changed
+
+        def changed() -> None:
+            engine.pods_changed()
+            self._kernel_forwarded()
+
+        self.pods.changed = changed
         self.policy = engine
         if self.watch is not None:  # AuthorizationPolicy objects (deploy/policy-crd.yaml)
             waiting: list = []
@@ -352,6 +360,10 @@ class Agent:
             memory_max=self.cfg.memory_max,
         )  # fmt: skip
         self.datapath = DataPathControl(self.forwarder, self.plan.msg, reason)
+        if Backend.EBPF in self.backends:  # kernel mode: the hooks decide and account
+            from meshagent.forwarder.kernel_conns import KernelConns
+
+            self.kernel_conns = KernelConns(self.loop, self.loaded, self.forwarder)
         if self.mesh_parts is not None:
             from meshagent.mesh.node import Mesh
 
@@ -591,8 +603,29 @@ class Agent:
         self.pods.drop_vanished()
         self.kube.retry_pending()
         self.forwarder.tick()
+        self._kernel_forwarded()
         self._publish()
         self.loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _kernel_forwarded(self) -> None:
+        """mesh_kfwd: where kernel-mode pods' connects still go to the
+        forwarder: other nodes' pods (mutual TLS) and this node's pods
+        with ingress rules (the forwarder checks them)."""
+        if self.kernel_conns is None:
+            return
+        nets: list[str] = []
+        mesh = self.forwarder.mesh
+        view = mesh.view if mesh is not None else None
+        if view is not None and hasattr(view, "by_ip"):  # Kubernetes: each pod's address
+            nets += [ip for ip, pod in view.by_ip.items() if pod.node != view.me]
+        elif view is not None:  # the mesh file: other nodes' pod CIDRs
+            nets += [str(c) for n in view.nodes.values() if n.name != view.me for c in n.pod_cidrs]
+        if self.policy is not None and self.policy.has_ingress:
+            nets += self.policy.ingress_addrs()
+        try:
+            self.kernel_conns.forward_to(nets)
+        except OSError as exc:
+            self.log.error("kernel mode: mesh_kfwd not written", extra={"reason": str(exc)})
 
     def _install_signals(self) -> None:
         rfd, wfd = socket.socketpair()
@@ -662,6 +695,7 @@ GIL_SWITCH_SECONDS = 0.0005
 def run(cfg: AgentConfig) -> None:
     import faulthandler
     import gc
+    import signal
     import sys
 
     faulthandler.enable()  # a crash in native code (BCC, ssl) leaves every thread's stack
@@ -670,6 +704,9 @@ def run(cfg: AgentConfig) -> None:
     # while a scrape holds the GIL it waits up to this long (Python's
     # default is 5 ms; bench/scrape.py measures the difference).
     sys.setswitchinterval(GIL_SWITCH_SECONDS)
+    # A SIGHUP (policy reload) that comes while the agent starts, before
+    # its handlers are in, must not stop it: the policy is read at start.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     agent = Agent(cfg)
     agent.start()
     # Everything made while starting (BCC, the plan, the modules) lives as

@@ -26,6 +26,7 @@ from meshagent.forwarder.records import PodSlot
 from meshagent.host import netns
 from meshagent.host.worker import Worker
 from meshagent.modes import Backend as BackendName
+from meshagent.modes import PodMode
 from meshagent.pods.resolve import PodRef, Resolver, check_name
 from meshagent.pods.store import PodStore
 from meshagent.redirect import Backend, PodHandle
@@ -61,13 +62,31 @@ class AttachedPod:
             source=self.source,
             auto=self.auto,
             flavour=self.backend.flavour,
+            mode=self.handle.mode,
+        )
+
+    @property
+    def mode(self) -> tuple[str, str]:
+        """The mode its connections get, and why."""
+        if self.handle.mode != PodMode.KERNEL:
+            return PodMode.FORWARD.value, "the default"
+        if self.backend.name is not BackendName.EBPF:
+            return PodMode.FORWARD.value, (
+                f"kernel asked; the {self.backend.name} backend has no connect hook"
+                " (every connection is forwarded)"
+            )
+        return PodMode.KERNEL.value, (
+            "asked: direct, except to other nodes' pods (mTLS) and pods with ingress rules"
         )
 
     def snapshot(self) -> dict:
         record = self.record().to_dict()
+        mode, why = self.mode
         return {
             "name": self.handle.name,
             **{k: record[k] for k in ("backend", "netns", "netns_id", "source", "auto")},
+            "mode": mode,
+            "mode_reason": why,
             "attached_since": self.since,
             "state": "draining" if self.draining else "attached",
         }
@@ -159,20 +178,26 @@ class Attachments:
         netns_path: str | None = None,
         pid: int | None = None,
         auto: bool = False,
+        mode: PodMode | None = None,
     ):
-        """A dict, or a Deferred one when the backend's work runs off the loop."""
+        """A dict, or a Deferred one when the backend's work runs off the loop.
+        An attached pod asked for another mode changes to it in place."""
         self._check_idle(name)
         pod = self.resolver.get(name, netns_path, pid)
-        return self._attach(pod, redirect, time.monotonic(), auto)
+        return self._attach(pod, redirect, time.monotonic(), auto, mode)
 
     def _attach(
-        self, pod: PodRef, redirect: BackendName | None, started: float, auto: bool = False
-    ):
+        self, pod: PodRef, redirect: BackendName | None, started: float, auto: bool = False,
+        mode: PodMode | None = None,
+    ):  # fmt: skip
         name = pod.name
         current = self.pods.get(name)
         if current is not None and not current.draining:
             if _same_netns(current, pod.netns):
-                return {"pod": name, "already": True, "backend": current.backend.name.value}
+                if mode is not None and mode != current.handle.mode:
+                    self.set_mode(current, mode)
+                return {"pod": name, "already": True, "backend": current.backend.name.value,
+                        "mode": current.mode[0]}  # fmt: skip
             self._drop_stale(current, "the pod was re-created: a new network namespace")
             current = None
         wanted = redirect or self.default
@@ -190,6 +215,7 @@ class Attachments:
             fd = netns.open_fd(pod.netns)
             undo.callback(os.close, fd)
             handle = PodHandle(name, pod.netns, fd, self._next_pod_id)
+            handle.mode = (mode or PodMode.FORWARD).value
             twin = next((p for p in self.attached() if p.handle.netns_id == handle.netns_id), None)
             if twin is not None:
                 raise MeshError(
@@ -228,10 +254,12 @@ class Attachments:
                 "pod attached",
                 extra={
                     "pod": name,
-                    "reason": f"backend={backend.name} netns={pod.netns} ({pod.source})",
+                    "reason": f"backend={backend.name} mode={self.pods[name].mode[0]}"
+                    f" netns={pod.netns} ({pod.source})",
                 },
             )
-            return {"pod": name, "already": False, "backend": backend.name.value}
+            return {"pod": name, "already": False, "backend": backend.name.value,
+                    "mode": self.pods[name].mode[0]}  # fmt: skip
 
         if self.prepare is not None:
             try:
@@ -240,6 +268,18 @@ class Attachments:
                 undo.close()
                 raise
         return self._blocking(name, backend, lambda: backend.attach(handle), commit, "attach")
+
+    def set_mode(self, entry: AttachedPod, mode: PodMode) -> None:
+        """Another mode for an attached pod, from its next connect on (open
+        connections go on as they are)."""
+        old = entry.mode[0]
+        entry.handle.mode = mode.value
+        if entry.backend.name is BackendName.EBPF:
+            entry.backend.steer(entry.handle, True)
+        self.save()
+        self._changed()
+        self.log.info("pod mode changed", extra={"pod": entry.handle.name,
+                                                 "reason": f"{old} -> {entry.mode[0]}"})  # fmt: skip
 
     def detach(self, name: str, grace: bool = True):
         """A dict, or a Deferred one when the backend's work runs off the loop."""
@@ -384,7 +424,8 @@ class Attachments:
                         _remove_left_rules(name, record)  # cgroup: our connects would loop
                     redirect = None
                 try:
-                    self._attach(pod, redirect, time.monotonic(), record.auto)
+                    self._attach(pod, redirect, time.monotonic(), record.auto,
+                                 PodMode(record.mode))  # fmt: skip
                 except MeshError as exc:
                     why = str(exc)
                 else:
@@ -443,7 +484,7 @@ class Attachments:
             backend = self.backends.get(BackendName(record.backend))
             if backend is None:
                 raise MeshError(f"pod {name}: this agent does not run backend {record.backend}")
-            handle = PodHandle(name, pod.netns, fd, pod_id)
+            handle = PodHandle(name, pod.netns, fd, pod_id, mode=record.mode)
             if record.draining:
                 backend.keep_stopped(handle)  # fail-open must not steer it again
             slot = self.forwarder.adopt_pod(handle, backend.steering(handle), listeners, stats)

@@ -13,6 +13,13 @@ class Backend(StrEnum):
     IPTABLES = "iptables"  # nat OUTPUT REDIRECT rules inside the pod's netns
 
 
+class PodMode(StrEnum):
+    """What the forwarder does for an attached pod's connections."""
+
+    FORWARD = "forward"  # every connection through the forwarder (the extension point)
+    KERNEL = "kernel"  # direct, the kernel decides and accounts; forwarded only where needed
+
+
 class Redirect(StrEnum):
     """`--redirect`: a backend, or auto (ebpf where the kernel has it)."""
 

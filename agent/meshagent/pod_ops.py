@@ -6,7 +6,7 @@ from __future__ import annotations
 from meshagent.api import Handler, Reply, Request, reply_of
 from meshagent.attachments import Attachments
 from meshagent.kube.autoattach import KubePods
-from meshagent.modes import Backend
+from meshagent.modes import Backend, PodMode
 from meshagent.pods.kubelet import split_name
 
 
@@ -19,6 +19,7 @@ def pod_handlers(pods: Attachments, kube: KubePods) -> dict[str, Handler]:
                 redirect,
                 request.optional_text("netns"),
                 request.optional_int("pid"),
+                mode=request.choice("mode", PodMode, optional=True),
             )
         )
 

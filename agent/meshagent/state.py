@@ -45,6 +45,7 @@ class PodRecord:
     auto: bool = False  # attached for a label or the CNI config, not by hand
     flavour: str | None = None  # iptables: which flavour holds its rules
     attaching: bool = False  # its rules were being written (a crash meanwhile)
+    mode: str = "forward"  # modes.PodMode (kept only when not forward)
 
     def to_dict(self) -> dict:
         """The JSON form, without the name (the key of attached.json) and
@@ -54,6 +55,8 @@ class PodRecord:
         for key in ("flavour", "attaching"):
             if not out[key]:
                 del out[key]
+        if out["mode"] == "forward":  # records as older agents wrote them
+            del out["mode"]
         return out
 
     @classmethod
@@ -67,6 +70,8 @@ class PodRecord:
         for key in ("backend", "netns", "netns_id"):
             if not isinstance(getattr(record, key), str):
                 raise MeshError(f"pod {name}: its attachment record has no valid {key!r}")
+        if record.mode not in ("forward", "kernel"):
+            raise MeshError(f"pod {name}: its attachment record has no valid 'mode'")
         return record
 
 

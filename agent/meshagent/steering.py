@@ -53,6 +53,7 @@ class PodHandle:
     # agent's --port, unless the pod held that one when it was attached).
     listeners: list = field(default_factory=list, repr=False)
     port: int = 0
+    mode: str = "forward"  # modes.PodMode: kernel: its connects go direct (redirect/ebpf.py)
     _cookie: int | None = field(default=None, repr=False)
 
     _id: tuple[int, int] | None = field(default=None, repr=False)

@@ -53,6 +53,23 @@
 #ifndef MESH_SK_SNDBUF
 #define MESH_SK_SNDBUF 0
 #endif
+#ifndef MESH_SK_FLAGS
+#define MESH_SK_FLAGS 0
+#endif
+#ifndef MESH_SK_ERR
+#define MESH_SK_ERR 0
+#endif
+
+/* Size of mesh_kdone (kernel-mode connections' records), in pages. */
+#ifndef MESH_KDONE_PAGES
+#define MESH_KDONE_PAGES 64
+#endif
+
+/* Capacity of mesh_kfwd: destinations a kernel-mode pod still sends
+ * through the forwarder (other nodes' pods, pods with ingress rules). */
+#ifndef MESH_KFWD_MAX
+#define MESH_KFWD_MAX 16384
+#endif
 
 /* Size of mesh_wake (throttled sockets for the forwarder), in pages. */
 #ifndef MESH_WAKE_PAGES

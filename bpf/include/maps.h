@@ -17,8 +17,13 @@ struct mesh_addr {
 struct mesh_pod {
 	__u32 pod_id;        /* the agent's id for the pod */
 	__u16 port;          /* forwarder listener port, host order */
-	__u16 flags;         /* reserved (per-pod policy) */
+	__u16 flags;         /* MESH_POD_* */
 };
+
+/* mesh_pod.flags: kernel mode: the pod's connects go direct (no
+ * forwarder) unless their destination is in mesh_kfwd; kernel.h
+ * accounts for them. */
+#define MESH_POD_KERNEL 1
 
 /* An original destination, as the application asked for it. */
 struct mesh_orig {
@@ -125,6 +130,55 @@ struct mesh_pol_val {
 
 BPF_LPM_TRIE(mesh_pol_cidr, struct mesh_pol_key, struct mesh_pol_val, MESH_POL_MAX);
 BPF_ARRAY(mesh_pol_gen, __u32, 1);
+
+/* Kernel mode (kernel.h). A kernel-mode pod's connection, by its socket
+ * cookie, from its connect() until it closes (LRU: a connect that never
+ * reached sock_ops leaves nothing that lasts). */
+struct mesh_kconn {
+	__u64 started;          /* bpf_ktime_get_ns() at connect() */
+	__u64 netns;
+	struct mesh_addr addr;  /* destination */
+	__u32 pod_id;
+	__u16 port;             /* destination port, host order */
+	__u8 flags;             /* MESH_KC_* */
+	__u8 closer;            /* MESH_KC_BY_*: whose FIN came first */
+};
+
+#define MESH_KC_UP 1        /* established */
+#define MESH_KC_FIN_OUT 2   /* the pod's FIN is queued (FIN_WAIT1, LAST_ACK) */
+#define MESH_KC_FIN_IN 4    /* the peer's FIN came (CLOSE_WAIT, CLOSING, or SOCK_DONE) */
+#define MESH_KC_EXACT 8     /* in a record: FIN and error read from the socket itself */
+#define MESH_KC_BY_POD 1
+#define MESH_KC_BY_PEER 2
+
+/* What the agent learns when a kernel-mode connection closes. */
+struct mesh_kdone {
+	__u64 netns;
+	__u64 cookie;
+	__u64 started;          /* ktime ns at connect() */
+	__u64 ended;            /* ktime ns at close */
+	__u64 sent;             /* bytes the pod sent that the peer acked */
+	__u64 rcvd;             /* bytes the pod's socket took in, in order */
+	struct mesh_addr addr;  /* destination */
+	struct mesh_addr src;   /* the pod's end */
+	__u32 pod_id;
+	__s32 err;              /* sk_err at close (with MESH_KC_EXACT) */
+	__u16 port;
+	__u16 sport;
+	__u8 flags;             /* MESH_KC_* */
+	__u8 closer;            /* MESH_KC_BY_* */
+	__u8 last;              /* the TCP state it closed from (BPF_TCP_*) */
+	__u8 pad;
+};
+
+BPF_TABLE("lru_hash", __u64, struct mesh_kconn, mesh_kconn, MESH_CONNS_MAX);
+BPF_RINGBUF_OUTPUT(mesh_kdone, MESH_KDONE_PAGES);
+/* Destinations a kernel-mode pod's connects still go to the forwarder for
+ * (value 1; written by the agent: other nodes' pods, for mTLS, and pods
+ * whose ingress rules the forwarder checks). */
+BPF_LPM_TRIE(mesh_kfwd, struct mesh_lpm_key, __u8, MESH_KFWD_MAX);
+/* netns cookie -> its kernel-mode connections established now. */
+BPF_HASH(mesh_klive, __u64, __s64, MESH_PODS_MAX);
 
 /* per-CPU decision counters, index MESH_REASON_*. */
 BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX);

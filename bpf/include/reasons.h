@@ -40,6 +40,9 @@
 
 #define MESH_REASON_DENIED_POLICY 26 /* connect refused (EPERM): a policy rule, or its default deny */
 
-#define MESH_REASON_MAX          27  /* one past the last reason */
+#define MESH_REASON_KERNEL       27  /* kernel mode: the connect goes direct; sock_ops accounts it (kernel.h) */
+#define MESH_REASON_ACCT_LOST    28  /* kernel mode: a connection's record found mesh_kdone full */
+
+#define MESH_REASON_MAX          29  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

@@ -55,6 +55,24 @@ static __always_inline __u16 mesh_decided(__u8 reason, __u64 netns, __u64 cookie
 	return mesh_decided_by(reason, 0, netns, cookie, dst, dport);
 }
 
+/* Kernel mode: the connect goes direct and is remembered for sock_ops
+ * (kernel.h); 0 whatever happens. A full map leaves the connection direct
+ * and unaccounted (map_full). */
+static __always_inline int mesh_kernel_conn(__u64 netns, __u64 cookie, const struct mesh_pod *pod,
+					    const struct mesh_addr *dst, __u16 dport)
+{
+	struct mesh_kconn conn = {};
+
+	conn.started = bpf_ktime_get_ns();
+	conn.netns = netns;
+	conn.addr = *dst;
+	conn.port = dport;
+	conn.pod_id = pod->pod_id;
+	if (mesh_kconn.update(&cookie, &conn))
+		return mesh_decided(MESH_REASON_MAP_FULL, netns, cookie, dst, dport);
+	return mesh_decided(MESH_REASON_KERNEL, netns, cookie, dst, dport);
+}
+
 /* Is the pod past its share of mesh_orig_tup while the map is half full or
  * more (maps.h)? Then its connect is refused: going direct would let a pod
  * leave the mesh by its own doing. No share (not set yet): no. */
@@ -111,6 +129,10 @@ static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
 	excl = mesh_excl_cidr.lookup(&lpm);
 	if (excl && *excl)  /* 0: a hole, e.g. ::ffff:0:0/96 under ::/0 (ebpf.py) */
 		return mesh_decided(MESH_REASON_EXCL_CIDR, netns, cookie, dst, dport);
+	/* A kernel-mode pod: direct, unless the forwarder has work to do for
+	 * this destination (mesh_kfwd). */
+	if ((pod->flags & MESH_POD_KERNEL) && !mesh_kfwd.lookup(&lpm))
+		return mesh_kernel_conn(netns, cookie, pod, dst, dport);
 	if (!mesh_listener_up(netns, mesh_addr_is_mapped(dst)))
 		return mesh_decided(MESH_REASON_NO_LISTENER, netns, cookie, dst, dport);
 	live = mesh_state.lookup(&live_idx);

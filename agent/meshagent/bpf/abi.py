@@ -119,11 +119,33 @@ TRACE = MapSpec("mesh_trace", U32, TRACE_CFG)
 EVENTS = MapSpec("mesh_events", NOTHING, NOTHING)
 POL_CIDR = MapSpec("mesh_pol_cidr", POL_KEY, POL_VAL)  # (generation, pod, prefix) -> its rules
 POL_GEN = MapSpec("mesh_pol_gen", U32, U32)  # [0]: the rule set's generation in force
+KCONN_VALUE = CStruct(
+    "mesh_kconn",
+    ("started", "Q"), ("netns", "Q"), ("addr", "16s"), ("pod_id", "I"), ("port", "H"),
+    ("flags", "B"), ("closer", "B"),
+)  # fmt: skip
+KDONE_RECORD = CStruct(
+    "mesh_kdone",
+    ("netns", "Q"), ("cookie", "Q"), ("started", "Q"), ("ended", "Q"), ("sent", "Q"),
+    ("rcvd", "Q"), ("addr", "16s"), ("src", "16s"), ("pod_id", "I"), ("err", "i"),
+    ("port", "H"), ("sport", "H"), ("flags", "B"), ("closer", "B"), ("last", "B"),
+    ("pad", "B"),
+)  # fmt: skip
+KCONN = MapSpec("mesh_kconn", U64, KCONN_VALUE)  # socket cookie -> a kernel-mode connection
+KDONE = MapSpec("mesh_kdone", NOTHING, NOTHING)  # their records at close (KDONE_RECORD)
+KFWD = MapSpec("mesh_kfwd", LPM, BYTE)  # destinations kernel-mode pods still forward
+KLIVE = MapSpec("mesh_klive", U64, S64)  # netns cookie -> its kernel-mode connections up
+POD_KERNEL = 1  # mesh_pod.flags: MESH_POD_KERNEL
+KC_UP, KC_FIN_OUT, KC_FIN_IN, KC_EXACT = 1, 2, 4, 8  # MESH_KC_*
+KC_BY = {0: None, 1: "pod", 2: "upstream"}  # MESH_KC_BY_*
+TCP_STATES = {1: "established", 2: "syn_sent", 4: "fin_wait1", 5: "fin_wait2", 7: "close",
+              8: "close_wait", 9: "last_ack", 11: "closing"}  # BPF_TCP_* # fmt: skip
 
 MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
-    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE, SEQ, POL_CIDR, POL_GEN,
+    FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE, SEQ, POL_CIDR, POL_GEN, KCONN, KDONE,
+    KFWD, KLIVE,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -208,6 +230,8 @@ REASONS = (
     "overlap_lost",
     "seq_unknown",
     "denied_policy",
+    "kernel",
+    "acct_lost",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of
@@ -246,8 +270,8 @@ def cidr_key(cidr: str) -> bytes:
     return LPM.pack(*cidr_lpm_key(cidr))
 
 
-def pod_value(pod_id: int, port: int) -> bytes:
-    return POD.pack(pod_id, port, 0)
+def pod_value(pod_id: int, port: int, kernel: bool = False) -> bytes:
+    return POD.pack(pod_id, port, POD_KERNEL if kernel else 0)
 
 
 def client_key(netns_cookie: int, client_ip: str, client_port: int) -> bytes:

@@ -37,8 +37,29 @@ class BtfError(MeshError):
 def member_offsets(
     struct_name: str, members: tuple[str, ...], path: Path = VMLINUX
 ) -> dict[str, int]:
-    """Byte offsets of the named direct members of `struct struct_name`.
-    Raises BtfError (one line) when the BTF, the struct or a member is missing."""
+    """Byte offsets of the named members of `struct struct_name`: its direct
+    members, or members of an anonymous struct or union inside it (how
+    sock_common holds skc_flags). Raises BtfError (one line) when the BTF,
+    the struct or a member is missing."""
+    raw, strings, types = _read(path)
+    name_of = functools.partial(_name, raw, strings)
+    for kind, name_off, info, at in types:
+        if kind == _STRUCT and name_of(name_off) == struct_name:
+            found: dict[str, int] = {}
+            _members(raw, types, name_of, at, info, 0, members, found)
+            missing = [m for m in members if m not in found]
+            if missing:
+                raise BtfError(
+                    f"struct {struct_name} has no {', '.join(missing)} in this kernel's BTF"
+                )
+            return found
+    raise BtfError(f"struct {struct_name} not in {path}")
+
+
+@functools.cache
+def _read(path: Path) -> tuple[bytes, int, list[tuple[int, int, int, int]]]:
+    """The file, where its strings start, and its types by id (id 0, void,
+    is index 0): (kind, name offset, info, where its members start)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -49,36 +70,36 @@ def member_offsets(
     if magic != MAGIC:
         raise BtfError(f"{path} is not BTF (or not little-endian)")
     type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", raw, 8)
-    types = hdr_len + type_off
     strings = hdr_len + str_off
-    want = raw.find(b"\0" + struct_name.encode() + b"\0", strings)
-    if want < 0:
-        raise BtfError(f"struct {struct_name} not in {path}")
-    want_off = want + 1 - strings
-    at, end = types, types + type_len
+    types: list[tuple[int, int, int, int]] = [(0, 0, 0, 0)]
+    at, end = hdr_len + type_off, hdr_len + type_off + type_len
     while at < end:
         name_off, info, _size = struct.unpack_from("<III", raw, at)
         kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
         at += 12
-        if kind == _STRUCT and name_off == want_off:
-            return _members(raw, at, vlen, info >> 31, strings, struct_name, members)
+        types.append((kind, name_off, info, at))
         at += _EXTRA.get(kind, 0) + _PER_ITEM.get(kind, 0) * vlen
-    raise BtfError(f"struct {struct_name} not in {path}")
+    return raw, strings, types
 
 
-def _members(raw: bytes, at: int, vlen: int, kind_flag: int, strings: int, struct_name: str,
-             members: tuple[str, ...]) -> dict[str, int]:  # fmt: skip
-    found: dict[str, int] = {}
+def _name(raw: bytes, strings: int, name_off: int) -> str:
+    return raw[strings + name_off : raw.index(b"\0", strings + name_off)].decode()
+
+
+def _members(raw: bytes, types: list, name_of, at: int, info: int, base: int,
+             members: tuple[str, ...], found: dict[str, int]) -> None:  # fmt: skip
+    kind_flag, vlen = info >> 31, info & 0xFFFF
     for i in range(vlen):
-        name_off, _type, offset = struct.unpack_from("<III", raw, at + 12 * i)
-        name = raw[strings + name_off : raw.index(b"\0", strings + name_off)].decode()
-        if name in members:
-            bits = offset & 0xFFFFFF if kind_flag else offset
+        name_off, type_id, offset = struct.unpack_from("<III", raw, at + 12 * i)
+        bits = base + (offset & 0xFFFFFF if kind_flag else offset)
+        if name_off == 0 and type_id < len(types):  # anonymous: look inside
+            kind, _n, inner_info, inner_at = types[type_id]
+            if kind in (_STRUCT, _UNION):
+                _members(raw, types, name_of, inner_at, inner_info, bits, members, found)
+            continue
+        name = name_of(name_off)
+        if name in members and name not in found:
             found[name] = bits // 8
-    missing = [m for m in members if m not in found]
-    if missing:
-        raise BtfError(f"struct {struct_name} has no {', '.join(missing)} in this kernel's BTF")
-    return found
 
 
 # What the verdict reads of its peer socket, by the -D macro it enters as.
@@ -89,6 +110,8 @@ CFLAGS = {
     "copied_seq": "MESH_TCP_COPIED_SEQ",
     "sk_wmem_queued": "MESH_SK_WMEM_QUEUED",
     "sk_sndbuf": "MESH_SK_SNDBUF",
+    "sk_flags": "MESH_SK_FLAGS",
+    "sk_err": "MESH_SK_ERR",
 }
 
 
@@ -103,7 +126,10 @@ def tcp_sock_offsets() -> dict[str, int]:
              member_offsets("inet_sock", ("sk",))["sk"])  # fmt: skip
     if any(chain):
         raise BtfError("struct sock is not at the start of struct tcp_sock in this kernel's BTF")
-    out.update(member_offsets("sock", ("sk_wmem_queued", "sk_sndbuf")))
+    out.update(member_offsets("sock", ("__sk_common", "sk_wmem_queued", "sk_sndbuf", "sk_err")))
+    if out.pop("__sk_common"):
+        raise BtfError("struct sock_common is not at the start of struct sock in this kernel's BTF")
+    out["sk_flags"] = member_offsets("sock_common", ("skc_flags",))["skc_flags"]
     return out
 
 

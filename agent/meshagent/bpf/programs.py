@@ -97,6 +97,20 @@ KERNEL_FEATURES: tuple[KernelFeature, ...] = (
         " probed present on 5.10 in a VM, earlier releases not checked)",
         "cgroup_sock_addr", ("bpf_get_current_pid_tgid", "bpf_get_current_comm"),
     ),
+    KernelFeature(
+        "ktime_sock_addr", Kind.HELPER, (4, 17), "bpf_ktime_get_ns in sock_addr programs",
+        "cgroup_sock_addr", ("bpf_ktime_get_ns",),
+    ),
+    KernelFeature(
+        "ktime_sock_ops", Kind.HELPER, (4, 13), "bpf_ktime_get_ns in sock_ops programs",
+        "sock_ops", ("bpf_ktime_get_ns",),
+    ),
+    KernelFeature(
+        "skc_to_tcp_sock_sock_ops", Kind.HELPER, (5, 9),
+        "bpf_skc_to_tcp_sock in sock_ops programs (kernel mode's byte counts leave out the"
+        " FIN exactly, and name a reset's error)",
+        "sock_ops", ("bpf_skc_to_tcp_sock",),
+    ),
     KernelFeature("sk_msg", Kind.PROG, (4, 17), "sk_msg programs"),
     KernelFeature(
         "netns_cookie_sk_msg", Kind.HELPER, (5, 15), "bpf_get_netns_cookie in sk_msg programs",
@@ -152,6 +166,7 @@ HELPER_IDS = {
     "bpf_map_lookup_elem": 1,
     "bpf_map_update_elem": 2,
     "bpf_map_delete_elem": 3,
+    "bpf_ktime_get_ns": 5,
     "bpf_get_current_pid_tgid": 14,
     "bpf_get_current_comm": 16,
     "bpf_skb_pull_data": 39,
@@ -214,7 +229,7 @@ def have_macro(feature: str) -> str:
 _CONNECT_NEEDS = (
     "cgroup_sock_addr", "netns_cookie", "socket_cookie_sock_addr", "sk_release_sock_addr",
     "sockhash_lookup", "lru_hash", "lpm_trie", "percpu_array", "sockhash", "ringbuf", "ringbuf_sock_addr",
-    "bpf_link",
+    "ktime_sock_addr", "bpf_link",
 )  # fmt: skip
 _PEERNAME_NEEDS = ("cgroup_sock_addr", "netns_cookie", "getpeername_hooks", "bpf_link")
 
@@ -225,8 +240,8 @@ PROGRAMS: tuple[Program, ...] = (
             Role.REDIRECT, _CONNECT_NEEDS, ("current_task_sock_addr",)),
     Program("mesh_sockops", "sockops.c", "sock_ops", sc.BPF_CGROUP_SOCK_OPS, Role.REDIRECT,
             ("sock_ops", "netns_cookie_sock_ops", "socket_cookie_sock_ops", "sock_ops_cb_flags",
-             "lru_hash", "percpu_array", "ringbuf", "ringbuf_sock_ops", "bpf_link"),
-            ("sock_hash_update_sock_ops",)),
+             "lru_hash", "percpu_array", "ringbuf", "ringbuf_sock_ops", "ktime_sock_ops", "bpf_link"),
+            ("sock_hash_update_sock_ops", "skc_to_tcp_sock_sock_ops")),
     Program("mesh_getpeer4", "getpeername4.c", "cgroup_sock_addr",
             sc.BPF_CGROUP_INET4_GETPEERNAME, Role.PEERNAME, _PEERNAME_NEEDS),
     Program("mesh_getpeer6", "getpeername6.c", "cgroup_sock_addr",

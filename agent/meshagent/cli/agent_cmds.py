@@ -14,6 +14,7 @@ from meshagent.modes import (
     Backend,
     DataPathMode,
     LogFormat,
+    PodMode,
     values,
 )
 
@@ -273,6 +274,7 @@ ATTACH_EPILOG = """\b
 Examples:
   meshagent attach client                        # a standalone pod
   meshagent attach client --redirect iptables
+  meshagent attach client --mode kernel          # direct: the kernel decides and counts
   meshagent attach default/web                   # a Kubernetes pod on this node
   meshagent attach default/web --pid 4242        # found by one of its processes
   meshagent attach default/web --netns /var/run/netns/cni-1234
@@ -287,12 +289,21 @@ Examples:
     show_default="the agent's",
     help="This pod's redirect backend.",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(values(PodMode)),
+    show_default="forward",
+    help="forward: every connection through the forwarder. kernel: direct (policy, trace and"
+    " per-connection accounting in the kernel); forwarded only to other nodes' pods and pods"
+    " with ingress rules. Given for an attached pod, changes its mode.",
+)
 @click.option("--netns", "netns_path", help="The pod's network namespace: a path, or a name.")
 @click.option("--pid", type=int, help="A process of the pod: its network namespace is the pod's.")
 @click.pass_obj
 def attach(
-    app: App, pod: str, redirect: str | None, netns_path: str | None, pid: int | None
-) -> None:
+    app: App, pod: str, redirect: str | None, mode: str | None, netns_path: str | None,
+    pid: int | None,
+) -> None:  # fmt: skip
     """Steer POD's outbound TCP through the running agent's forwarder.
 
     POD is a standalone pod's NAME, or NAMESPACE/NAME of a Kubernetes pod on
@@ -304,13 +315,16 @@ def attach(
 
     check_name(pod)
     args: dict = {"redirect": redirect} if redirect else {}
+    if mode:
+        args["mode"] = mode
     if netns_path:
         args["netns"] = netns_path
     if pid is not None:
         args["pid"] = pid
     reply = request(app.socket_path, "attach", pod=pod, **args)
     state = "was already attached" if reply.get("already") else "attached"
-    click.echo(f"pod {pod} {state} ({reply['backend']})")
+    how = f"{reply['backend']}, {reply['mode']}" if "mode" in reply else reply["backend"]
+    click.echo(f"pod {pod} {state} ({how})")
 
 
 @click.command(epilog="\b\nExample:\n  meshagent detach client")

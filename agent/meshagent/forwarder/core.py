@@ -85,6 +85,8 @@ class Forwarder:
         self.paths = paths
         self.mode = mode
         self.pods: dict[int, PodSlot] = {}  # pod_id -> slot, for pods with listeners
+        self.pod_names: dict[int, str] = {}  # pod_id -> name, also after its slot went
+        self.kernel = None  # kernel_conns.KernelConns: kernel-mode pods' connections
         self.conns: dict[Connection, tuple[PodSlot, ConnRecord]] = {}
         self.pending: dict[socket.socket, Pending] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=RECENT_MAX)
@@ -156,6 +158,7 @@ class Forwarder:
         for sock in slot.listeners:
             self.loop.add(sock.fileno(), select.EPOLLIN, self._acceptor(slot, sock))
         self.pods[slot.pod_id] = slot
+        self.pod_names[slot.pod_id] = slot.name
         if self.mesh is not None:
             self.mesh.open_pod(slot)
         return slot
@@ -680,11 +683,18 @@ class Forwarder:
         self._end(record, "reset" if reason else "closed", reason, closed_by=conn.closed_by,
                   handoff_bytes=conn.handoff_bytes)  # fmt: skip
 
-    def _end(self, record: ConnRecord, state: str, reason: str | None, **more: object) -> None:
+    def ended(self, record: ConnRecord, state: str, reason: str | None, ended_at: float,
+              **more: object) -> None:  # fmt: skip
+        """A connection carried elsewhere (kernel mode) ended: counted as ours are."""
+        self._end(record, state, reason, ended_at, **more)
+
+    def _end(self, record: ConnRecord, state: str, reason: str | None,
+             ended_at: float | None = None, **more: object) -> None:  # fmt: skip
         self.outcomes[(record.pod, record.datapath, state)] += 1
         record.state = state
         record.reason = reason
-        record.ended = time.time()
+        record.ended = time.time() if ended_at is None else ended_at
+        record.closed_by = more.get("closed_by")  # type: ignore[assignment]
         self.recent.append(record)
         if record.mtls is not None:
             more.setdefault("mtls", record.mtls)
@@ -762,6 +772,7 @@ class Forwarder:
                   stats: dict | None = None) -> PodSlot:  # fmt: skip
         """A pod handed over with its listening sockets (no moment without)."""
         slot = PodSlot(pod.name, pod.pod_id, pod.netns_fd, steering)
+        self.pod_names[slot.pod_id] = slot.name
         if stats:
             slot.stats = PodStats(**stats)
             slot.stats.connections_active = 0  # counted again as they are restored
@@ -824,7 +835,10 @@ class Forwarder:
             "outcomes": dict(self.outcomes),
             "bytes": dict(self.moved),
             "errors": dict(self.errors),
-            "active": {slot.name: slot.stats.connections_active for slot in self.pods.values()},
+            "active": {
+                slot.name: slot.stats.connections_active + self._kernel_active(slot)
+                for slot in self.pods.values()
+            },
             "waiting": {slot.name: 1 for slot in self.pods.values() if slot.paused},
             "memory": {
                 "max": self.memory.budget,
@@ -837,6 +851,10 @@ class Forwarder:
             "datapaths": {mode.value: path.snapshot() for mode, path in self.paths.items()},
             "mesh": self.mesh.counters() if self.mesh is not None else None,
         }
+
+    def _kernel_active(self, slot: PodSlot) -> int:
+        cookie = getattr(slot.steering, "cookie", None)  # ebpf pods only
+        return self.kernel.active(cookie) if self.kernel is not None and cookie else 0
 
     def snapshot(self) -> dict:
         return {

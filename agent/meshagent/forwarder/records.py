@@ -65,9 +65,13 @@ class ConnRecord:
     # Across nodes (mesh/node.py): direction, the other node, the peer's
     # verified identity, the client workload's; None on this node.
     mtls: dict | None = None
+    closed_by: str | None = None  # whose end closed first: pod or upstream (None: neither)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["closed_by"] is None:  # a handover to an older agent takes the rest
+            del out["closed_by"]
+        return out
 
 
 @dataclass

@@ -183,6 +183,15 @@ class PolicyEngine:
     def has_ingress(self) -> bool:
         return any(p.ingress is not None for p in self.rules.policies)
 
+    def ingress_addrs(self) -> list[str]:
+        """Addresses of this node's attached pods whose ingress a policy
+        governs: the forwarder checks those (kernel-mode pods send their
+        connections there through it)."""
+        ruled = [p for p in self.rules.policies if p.ingress is not None]
+        if not ruled:
+            return []
+        return [a for w, _c in self._pods if any(p.selects(w) for p in ruled) for a in w.addrs]
+
     def local_at(self, ip: str) -> Workload | None:
         """The pod of this node at ip, if one is attached."""
         return next((w for w, _c in self._pods if ip in w.addrs), None)

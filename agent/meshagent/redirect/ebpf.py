@@ -35,6 +35,7 @@ class EbpfBackend:
         self.pods = loaded.map(abi.PODS)
         self.shares = loaded.map(abi.POD_SHARE)
         self.pod_live = loaded.map(abi.POD_LIVE)
+        self.klive = loaded.map(abi.KLIVE)  # kernel-mode connections up, per pod
         self.state = loaded.map(abi.STATE)
         self.names: dict[bytes, str] = {}  # mesh_pods key -> pod name, for status
         self.conns_max = conns_max
@@ -83,14 +84,18 @@ class EbpfBackend:
             self.shares.update(key, value)
 
     def steer(self, pod: PodHandle, on: bool) -> None:
-        """The pod's entry in mesh_pods: in, its connects are steered."""
+        """The pod's entry in mesh_pods: in, its connects are steered (in
+        kernel mode: decided and accounted, but steered only where the
+        forwarder has work, mesh_kfwd)."""
         key = abi.U64.pack(pod.netns_cookie)
         if not on:
             self.pods.delete(key)
             self.names.pop(key, None)
+            self.klive.delete(key)  # its connections still closing find none: no-op
             return
         try:
-            self.pods.update(key, abi.pod_value(pod.pod_id, pod.port or self.port))
+            value = abi.pod_value(pod.pod_id, pod.port or self.port, pod.mode == "kernel")
+            self.pods.update(key, value)
         except OSError as exc:
             raise MeshError(f"pod {pod.name}: {self.pods.name}: {exc.strerror}") from None
         self.names[key] = pod.name
