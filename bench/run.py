@@ -7,7 +7,9 @@ Paths: `direct` (pod `plain`, never attached, to pod `server`), `haproxy`
 `haproxy-splice` (the same with `option splice-auto`, pod `proxys`), and
 meshagent's data paths (pod `client`, attached, to `server`; the data path
 is switched with `datapath set` before each measurement): sockmap (with
-the sk_msg fast path where the kernel has it), sockmap-nomsg, splice, copy.
+the sk_msg fast path where the kernel has it), sockmap-nomsg, splice, copy;
+and `meshagent kernel` (pod `kclient`, attached in kernel mode: direct, with
+the policy hook and sock_ops's accounting).
 
 Workloads: iperf3 bulk (1 and 4 streams, with whole-machine CPU per GB;
 and 1 stream the other way, `-R`: a download, carried by the stream verdict),
@@ -23,7 +25,8 @@ ratios), prints the table and puts it in docs/benchmarks.md between the
 bench markers. Run as root: `make bench`; BENCH_ROUNDS (default 5) and
 BENCH_SECONDS (default 2) set the rounds and the length of each timed run.
 For a quick look (never written to docs/benchmarks.md): BENCH_PATHS (e.g.
-"direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis, pg).
+"direct,haproxy,meshagent sockmap") and BENCH_WORKLOADS (bulk, rr, redis, pg);
+its results go to bench/results/partial.json, or BENCH_RESULT.json.
 BENCH_PIN=1 pins every client to CPU 0 and every server to CPU 1 (the
 proxies, HAProxy and the agent, are left to the scheduler), to see
 whether pinning lowers the spread.
@@ -63,6 +66,7 @@ ALL_WORKLOADS = ("bulk", "rr", "redis", "pg")
 WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", ",".join(ALL_WORKLOADS)).split(",") if w]
 PIN = os.environ.get("BENCH_PIN") == "1"
 AGENT_ARGS = os.environ.get("BENCH_AGENT_ARGS", "").split()  # e.g. "--sockmap-sndbuf 0"
+RESULT = os.environ.get("BENCH_RESULT", "partial")  # a partial run's result file
 PARTIAL = bool(ONLY_PATHS) or set(WORKLOADS) != set(ALL_WORKLOADS) or PIN or bool(AGENT_ARGS)
 
 
@@ -389,10 +393,10 @@ def main() -> int:
     servers = contextlib.ExitStack()
     try:
         rr_bin = build_rr(workdir)
-        plain, client, server, proxy, proxys = (
-            env.create_pod(n) for n in ("plain", "client", "server", "proxy", "proxys")
+        plain, client, server, proxy, proxys, kclient = (
+            env.create_pod(n) for n in ("plain", "client", "server", "proxy", "proxys", "kclient")
         )
-        for pod in (plain, client, proxy, proxys):
+        for pod in (plain, client, proxy, proxys, kclient):
             tune_pod(env, pod)
         env.popen(server, server_cpu([str(rr_bin), "serve", str(RR_PORT)]),
                   stdout=subprocess.DEVNULL)  # fmt: skip
@@ -410,6 +414,7 @@ def main() -> int:
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         agent = start_agent(env, "--datapath", "copy", *AGENT_ARGS)
         agent.attach(client)
+        agent.request("attach", pod=kclient.name, mode="kernel")
         msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]
         time.sleep(1.0)
         paths = {
@@ -417,6 +422,7 @@ def main() -> int:
             "haproxy": (plain, proxy.ip4, None),
             "haproxy-splice": (plain, proxys.ip4, None),
             **{f"meshagent {p}": (client, server.ip4, p) for p in MESH_PATHS},
+            "meshagent kernel": (kclient, server.ip4, None),
         }
         if ONLY_PATHS:
             paths = {name: paths[name] for name in ("direct", "haproxy", *ONLY_PATHS)}
@@ -442,8 +448,8 @@ def main() -> int:
                 if "pg" in WORKLOADS:
                     figures.update(pgbench(env, pod, target))
                 samples[name].append(figures)
-                if datapath:
-                    wait_for(lambda: agent.pod_status("client")["connections_active"] == 0, 60,
+                if pod in (client, kclient):
+                    wait_for(lambda n=pod.name: agent.pod_status(n)["connections_active"] == 0, 60,
                              "the benchmark's connections to end")  # fmt: skip
             print(f"bench: round {round_no + 1}/{ROUNDS} done"
                   f" ({time.monotonic() - started:.0f} s)", file=sys.stderr)  # fmt: skip
@@ -459,7 +465,7 @@ def main() -> int:
         }
         summary = summarise(samples)
         RESULTS.mkdir(exist_ok=True)
-        name = "partial" if PARTIAL else "latest"  # a quick look keeps the last full run
+        name = RESULT if PARTIAL else "latest"  # a quick look keeps the last full run
         (RESULTS / f"{name}.json").write_text(
             json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n"
         )

@@ -194,6 +194,8 @@ class Agent:
             return Reply({"pid": os.getpid()})
 
         def connections(_request: Request) -> Reply:
+            if forwarder.kernel is not None:
+                forwarder.kernel.drain()  # kernel-mode records that wait in the ring
             return Reply({"connections": forwarder.connections()})
 
         def retiring(_request: Request) -> Reply:

@@ -47,6 +47,7 @@ def run(
     sock, reply, fds, pending = _open(socket_path, pod, port)
     sock.setblocking(False)
     names = {int(cookie): name for cookie, name in reply["pods"].items()}
+    modes = reply.get("modes", {})  # pod -> forward or kernel (an older agent: none)
     rules = {int(gen): ids for gen, ids in reply.get("rules", {}).items()}
     ring = RingBuf(fds[0]) if fds else None
     poller = select.epoll()
@@ -66,7 +67,7 @@ def run(
                 for raw in ring.read():
                     event = abi.decode_event(raw)
                     event["pod"] = names.get(event["netns_cookie"])
-                    _show(_kernel(event, rules), network, as_json, echo)
+                    _show(_kernel(event, rules, modes), network, as_json, echo)
             try:
                 data = sock.recv(65536)
             except BlockingIOError:
@@ -90,9 +91,12 @@ def run(
         sock.close()
 
 
-def _kernel(event: dict, rules: dict[int, list[str]] | None = None) -> dict:
+def _kernel(event: dict, rules: dict[int, list[str]] | None = None,
+            modes: dict[str, str] | None = None) -> dict:  # fmt: skip
     """A ring buffer event in the same words as the forwarder's (a policy's
-    denial with its rule, by the numbers of the rule set the hook used)."""
+    denial with its rule, by the numbers of the rule set the hook used);
+    mode: what carries the connection (kernel: direct, the kernel counts it;
+    forward: the pod's forwarder)."""
     out = {
         "time": time.time(),
         "source": "kernel",
@@ -107,14 +111,24 @@ def _kernel(event: dict, rules: dict[int, list[str]] | None = None) -> dict:
         out.update(event="denied", orig_dst=endpoint, reason=event["reason"])
         if event["reason"] == "denied_policy":
             out["rule"] = _rule_name(event["rule"], event["rule_gen"], rules or {})
+    elif event["event"] == "connect" and event["reason"] == "kernel":
+        out.update(event="direct", orig_dst=endpoint, reason=None, mode="kernel")
     elif event["event"] == "connect":
         steered = event["reason"] == "steered"
         out.update(event="steered" if steered else "passed", orig_dst=endpoint,
                    reason=None if steered else event["reason"])  # fmt: skip
+        if steered:
+            out["mode"] = "forward"
+            if (modes or {}).get(event["pod"] or "") == "kernel":  # the forwarder has work
+                out["why"] = "kernel-mode pod: the destination needs the forwarder (mTLS, ingress)"
     elif event["event"] == "established":
         out.update(event="established", orig_dst=endpoint, reason=None)
+    elif event["reason"] == "kernel":  # its destination (sock_ops knows no client then)
+        out.update(event="closed", orig_dst=endpoint, reason=None)
     else:
-        out.update(event="closed", client=endpoint, reason=None, source="kernel")
+        out.update(event="closed", client=endpoint, reason=None)
+    if event["event"] != "connect":
+        out["mode"] = "kernel" if event["reason"] == "kernel" else "forward"
     return out
 
 
@@ -149,14 +163,20 @@ def _detail(event: dict) -> str:
     kind, source = event["event"], event.get("source")
     if source == "kernel":
         if kind == "steered":
-            return f"{event['orig_dst']} -> the pod's forwarder"
+            why = f" ({event['why']})" if event.get("why") else ""
+            return f"{event['orig_dst']} -> the pod's forwarder{why}"
+        if kind == "direct":
+            return f"{event['orig_dst']} direct (kernel mode: the kernel counts it)"
         if kind == "passed":
             return f"{event['orig_dst']} direct ({event['reason']})"
         if kind == "denied":
             why = f"{event['reason']}: {event['rule']}" if event.get("rule") else event["reason"]
             return f"{event['orig_dst']} connect() refused, EPERM ({why})"
+        what = "kernel-mode" if event.get("mode") == "kernel" else "steered"
         if kind == "established":
-            return f"{event['orig_dst']} steered connection up"
+            return f"{event['orig_dst']} {what} connection up"
+        if event.get("mode") == "kernel":
+            return f"{event['orig_dst']} kernel-mode connection closed"
         return f"steered connection from {event.get('client')} closed"
     if kind == "forwarded":
         return f"{event['client']} -> {event['orig_dst']} via {event.get('datapath')}"
@@ -164,6 +184,8 @@ def _detail(event: dict) -> str:
         rule = f": {event['rule']}" if event.get("rule") else ""
         return f"{event['client']} -> {event.get('orig_dst')} refused ({event['reason']}{rule})"
     moved = f"out {event.get('bytes_out', 0)} B, in {event.get('bytes_in', 0)} B"
+    if event.get("datapath") == "kernel":
+        moved = f"kernel mode, {moved}"
     if event.get("closed_by"):
         moved += f", {event['closed_by']} closed first"
     if event.get("handoff_bytes"):

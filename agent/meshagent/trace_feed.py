@@ -132,8 +132,9 @@ class TraceFeed:
                 raise MeshError(f"trace: pod {pod}: its network namespace cookie is unknown")
         policy = getattr(self.forwarder, "policy", None)
         rules = {str(g): list(ids) for g, ids in policy.numbers.items()} if policy else {}
+        modes = {e.handle.name: e.mode[0] for e in self.pods.attached()}
         reply = Reply({"trace": True, "pods": {str(c): n for c, n in pods.items()},
-                       "rules": rules})  # fmt: skip
+                       "rules": rules, "modes": modes})  # fmt: skip
         if kernel:
             trace_map = loaded.map(abi.TRACE)
             trace_map.update(abi.U32.pack(0), abi.TRACE_CFG.pack(1, port, 0, cookie))

@@ -62,7 +62,14 @@
 
 /* Size of mesh_kdone (kernel-mode connections' records), in pages. */
 #ifndef MESH_KDONE_PAGES
-#define MESH_KDONE_PAGES 64
+#define MESH_KDONE_PAGES 256
+#endif
+
+/* mesh_kdone wakes the agent once this many records wait (else the agent
+ * reads it on its own, a few times a second): one wake-up per batch, not
+ * per connection. */
+#ifndef MESH_KDONE_WAKE
+#define MESH_KDONE_WAKE 1024
 #endif
 
 /* Capacity of mesh_kfwd: destinations a kernel-mode pod still sends

@@ -55,6 +55,25 @@ static __always_inline int mesh_kernel_up(struct bpf_sock_ops *skops, __u64 cook
 	return 1;
 }
 
+/* One record into mesh_kdone, waking the agent only once a batch waits
+ * (it reads the ring a few times a second anyway). */
+static __always_inline void mesh_kdone_put(struct mesh_kdone *done)
+{
+	__u32 out_idx = MESH_STATE_KDONE_OUT, read_idx = MESH_STATE_KDONE_READ;
+	__u64 *out = mesh_state.lookup(&out_idx), *read = mesh_state.lookup(&read_idx);
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (!out || !read)
+		return;
+	if (*out - *read + 1 >= MESH_KDONE_WAKE)
+		flags = BPF_RB_FORCE_WAKEUP;
+	if (mesh_kdone.ringbuf_output(done, sizeof(*done), flags)) {
+		mesh_count(MESH_REASON_ACCT_LOST);
+		return;
+	}
+	__sync_fetch_and_add(out, 1);
+}
+
 /* The close: one record for the agent. bytes_acked counts the SYN (1)
  * and, once acked, the FIN; bytes_received counts the peer's FIN once
  * taken in. Those come off, read from the socket itself where the kernel
@@ -117,8 +136,7 @@ static __always_inline void mesh_kernel_done(struct bpf_sock_ops *skops, __u64 c
 		done.src.a[3] = a3;
 	}
 	done.sport = (__u16)skops->local_port;
-	if (mesh_kdone.ringbuf_output(&done, sizeof(done), 0))
-		mesh_count(MESH_REASON_ACCT_LOST);
+	mesh_kdone_put(&done);
 	mesh_event(MESH_EV_CLOSED, MESH_REASON_KERNEL, conn->netns, cookie, &conn->addr,
 		   conn->port);
 	mesh_kconn.delete(&cookie);

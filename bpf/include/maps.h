@@ -185,6 +185,8 @@ BPF_PERCPU_ARRAY(mesh_metrics, __u64, MESH_REASON_MAX);
 
 #define MESH_STATE_TUP_LIVE 0
 #define MESH_STATE_MSG_ON 1  /* != 0: sock_ops puts pods' sockets into mesh_apphash */
+#define MESH_STATE_KDONE_OUT 2   /* records sock_ops put into mesh_kdone, ever */
+#define MESH_STATE_KDONE_READ 3  /* ... and the agent read (written by Python alone) */
 
 /* [0]: the tracer's wishes; the ring buffer it reads. */
 BPF_ARRAY(mesh_trace, struct mesh_trace_cfg, 1);

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import pytest
@@ -137,7 +138,7 @@ def test_kernel_mode_goes_direct_and_accounts_each_byte(mesh_env):
     server_pod = mesh_env.create_pod("server")
     client = mesh_env.create_pod("client")
     server = serve(mesh_env, server_pod)
-    agent = start_agent(mesh_env)
+    agent = start_agent(mesh_env, "--redirect", "ebpf")  # kernel mode is the hooks'; else skipped
     try:
         reply = agent.request("attach", pod="client", mode="kernel")
         assert reply["mode"] == "kernel"
@@ -224,7 +225,7 @@ spec:
     - action: DENY
       to: [{{ipBlock: {{cidr: {other}/32}}}}]
     - action: ALLOW
-      to: [{{ipBlock: {{cidr: 0.0.0.0/0}}}}]
+      to: [{{ipBlock: {{cidr: 0.0.0.0/0}}}}, {{ipBlock: {{cidr: "::/0"}}}}]
 """
 
 
@@ -246,10 +247,34 @@ def test_kernel_mode_keeps_policy_and_forwards_where_the_forwarder_has_work(mesh
         agent.attach(server_pod)  # its ingress rules: the forwarder checks them
         for pod in (client, intruder):
             agent.request("attach", pod=pod.name, mode="kernel")
+        seen: list = []
+        tracer = subprocess.Popen([sys.executable, "-m", "meshagent", "trace", "-o", "json",
+                                   "--pod", "client"], env=mesh_env.env, stdout=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        mesh_env.procs.append(tracer)
+        threading.Thread(target=lambda: seen.extend(json.loads(x) for x in tracer.stdout),
+                         daemon=True).start()  # fmt: skip
+        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
         res = run_client(mesh_env, client, f"X:{ep(other.ip4, PORT)}",
-                         f"C:{ep(server_pod.ip4, PORT)}:100")  # fmt: skip
+                         f"C:{ep(server_pod.ip4, PORT)}:100", f"C:{ep(other.ip6, PORT)}:7")  # fmt: skip
         assert res[0].get("error") == "EPERM", res
         assert res[1]["rcvd"] == 500, res
+        assert res[2]["rcvd"] == 500, res
+
+        # The trace says what carried each connection, and why.
+        def traced(kind: str, dst: str, **want) -> bool:
+            return any(e["event"] == kind and e.get("orig_dst") == dst and
+                       all(e.get(k) == v for k, v in want.items()) for e in seen)  # fmt: skip
+
+        to_server, to_other = ep(server_pod.ip4, PORT), ep(other.ip6, PORT)
+        wait_for(lambda: traced("closed", to_other, datapath="kernel", bytes_out=8,
+                                bytes_in=500, closed_by="pod"), 20, "the kernel record traced")  # fmt: skip
+        assert traced("denied", ep(other.ip4, PORT), reason="denied_policy"), seen
+        assert traced("direct", to_other, mode="kernel"), seen
+        assert traced("closed", to_other, mode="kernel", source="kernel"), seen
+        steered = [e for e in seen if e["event"] == "steered" and e["orig_dst"] == to_server]
+        assert steered and steered[0]["mode"] == "forward" and "ingress" in steered[0]["why"]
+        tracer.terminate()
         conns = agent.request("connections")["connections"]
         through = [r for r in conns if r["pod"] == "client" and r["datapath"] != "kernel"]
         assert len(through) == 1, conns  # forwarded: the server's ingress rules

@@ -359,6 +359,23 @@ def test_same_node_and_unmeshed_destinations_go_as_before(mesh_pair):
     assert probe["mesh_hop"]["kernel_tls"] == kernel_has_tls(), probe["mesh_hop"]
     assert "mesh: node node-a of mesh.test (2 nodes)" in text
     assert "client: spiffe://mesh.test/node/node-a/pod/client takes hops on 15008" in text
+    # In kernel mode, the pod on this node is reached direct (the kernel
+    # counts it); the pod on node-b still over mutual TLS, through the forwarder.
+    agent = nodes.agents[0]
+    assert agent.request("attach", pod="client", mode="kernel")["mode"] == "kernel"
+    far = nodes.envs[1].server(_server, PORT, "--send", "1000")
+    for host, srv_ in ((local.ip4, srv), (_server.ip4, far)):
+        got = env_a.client(client, host, PORT, "--send", "3000")
+        assert srv_.next()["recv_sha"] == got["sent_sha"]
+
+    def last_to(host: str) -> dict | None:
+        conns = agent.request("connections")["connections"]
+        return next((c for c in reversed(conns) if c["orig_dst"] == f"{host}:{PORT}"), None)
+
+    wait_for(lambda: (last_to(local.ip4) or {}).get("datapath") == "kernel", 10, "kernel record")
+    near, hop = last_to(local.ip4), last_to(_server.ip4)
+    assert (near["bytes_out"], near["bytes_in"], near["mtls"]) == (3000, 1000, None), near
+    assert hop["mtls"] is not None and hop["datapath"] in ("tls", "ktls"), hop
 
 
 def test_bad_mesh_files_and_certificates_are_refused_at_start(mesh_nodes, tmp_path):

@@ -84,7 +84,14 @@ def test_rendered_source_inlines_each_header_once():
 
 # -- struct layouts (the compiled side is checked at every load; here the logic
 # and, without a compiler, the C's natural alignment of each struct in maps.h)
-C_TYPES = {"__u8": (1, 1), "__u16": (2, 2), "__u32": (4, 4), "__s32": (4, 4), "__u64": (8, 8), "char": (1, 1)}
+C_TYPES = {
+    "__u8": (1, 1),
+    "__u16": (2, 2),
+    "__u32": (4, 4),
+    "__s32": (4, 4),
+    "__u64": (8, 8),
+    "char": (1, 1),
+}
 C_TYPES["struct mesh_addr"] = (16, 4)
 
 

@@ -4,13 +4,14 @@ attached yet is retried with a growing, capped wait ([S] item 14)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from meshagent.errors import MeshError
 from meshagent.kube.autoattach import (
     LABEL,
+    MODE_LABEL,
     RETRY_MAX_SECONDS,
     RETRY_SECONDS,
     KubePods,
@@ -20,9 +21,15 @@ from meshagent.pods.kubelet import CniStore
 
 
 @dataclass
+class Handle:
+    mode: str = "forward"
+
+
+@dataclass
 class Entry:
     auto: bool = True
     draining: bool = False
+    handle: Handle = field(default_factory=Handle)
 
 
 class FakeAttachments:
@@ -34,12 +41,15 @@ class FakeAttachments:
         self.found: set[str] = set()
         self.tries: list[str] = []
 
-    def attach(self, name: str, auto: bool = False) -> dict:
+    def attach(self, name: str, auto: bool = False, mode=None) -> dict:
         self.tries.append(name)
         if name not in self.found:
             raise MeshError(f"pod {name}: no process in its cgroup names its netns")
-        self.pods[name] = Entry(auto=auto)
+        self.pods[name] = Entry(auto=auto, handle=Handle(mode.value if mode else "forward"))
         return {"pod": name, "attached": True}
+
+    def set_mode(self, entry: Entry, mode) -> None:
+        entry.handle.mode = mode.value
 
     def detach(self, name: str) -> dict:
         self.pods.pop(name)
@@ -127,3 +137,26 @@ def test_cni_add_says_undecided_until_the_api_view_has_the_pod(kube):
                                                   phase="Pending"))  # fmt: skip
     answer = kube.cni_add("shop/other")
     assert answer["attached"] is False and "undecided" not in answer  # known: decided
+
+
+def test_the_mode_label_picks_the_mode_at_attach_and_changes_it_in_place(kube):
+    """meshagent.io/mode on the namespace, overridden by the pod's own; a
+    value that is no mode is ignored."""
+    kube.attachments.found.update({"shop/web", "shop/db"})
+    web = PodView(uid="1", labels={LABEL: "true"}, phase="Running")
+    db = PodView(uid="2", labels={LABEL: "true", MODE_LABEL: "forward"}, phase="Running")
+    kube.replace_all({"shop/web": web, "shop/db": db}, {"shop": {MODE_LABEL: "kernel"}})
+    pods = kube.attachments.pods
+    assert (pods["shop/web"].handle.mode, pods["shop/db"].handle.mode) == ("kernel", "forward")
+    kube.pod_event(
+        "MODIFIED",
+        "shop/db",
+        PodView(uid="2", phase="Running", labels={LABEL: "true", MODE_LABEL: "kernel"}),
+    )
+    assert pods["shop/db"].handle.mode == "kernel"
+    kube.pod_event(
+        "MODIFIED",
+        "shop/web",
+        PodView(uid="1", phase="Running", labels={LABEL: "true", MODE_LABEL: "fast"}),
+    )
+    assert pods["shop/web"].handle.mode == "kernel"  # the namespace's, still

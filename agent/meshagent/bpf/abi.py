@@ -196,6 +196,8 @@ def _struct(name: str | None) -> str:
 # mesh_state indexes.
 STATE_TUP_LIVE = 0
 STATE_MSG_ON = 1
+STATE_KDONE_OUT = 2  # records sock_ops put into mesh_kdone, ever
+STATE_KDONE_READ = 3  # ... and the agent read
 
 # mesh_event kinds (MESH_EV_* in trace.h).
 EVENT_KINDS = {1: "connect", 2: "established", 3: "closed"}

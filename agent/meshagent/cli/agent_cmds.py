@@ -369,15 +369,19 @@ def status(app: App, output: str, connections: bool) -> None:
         click.echo("no pods attached")
     else:
         click.echo(
-            f"{'POD':16} {'BACKEND':8} {'CONNS':>7} {'ACTIVE':>6} {'OUT':>12} {'IN':>12} {'ERR':>5}"
+            f"{'POD':16} {'BACKEND':8} {'MODE':7} {'CONNS':>7} {'ACTIVE':>6} {'OUT':>12}"
+            f" {'IN':>12} {'ERR':>5}"
         )
         for pod in reply["pods"]:
             errors = pod["no_orig_dst"] + pod["upstream_errors"]
             click.echo(
-                f"{pod['name']:16} {pod['backend']:8} {pod['connections_total']:7}"
-                f" {pod['connections_active']:6} {pod['bytes_out']:12} {pod['bytes_in']:12}"
-                f" {errors:5}"
+                f"{pod['name']:16} {pod['backend']:8} {pod.get('mode', 'forward'):7}"
+                f" {pod['connections_total']:7} {pod['connections_active']:6}"
+                f" {pod['bytes_out']:12} {pod['bytes_in']:12} {errors:5}"
             )
+        for pod in reply["pods"]:
+            if pod.get("mode_reason", "").startswith("kernel asked"):
+                click.echo(f"  {pod['name']}: {pod['mode_reason']}")
     mesh = reply.get("mesh")
     if mesh:
         cert = mesh["certificate"]
@@ -408,9 +412,10 @@ def status(app: App, output: str, connections: bool) -> None:
             via = f" mtls to {hop.get('node')}"
         elif hop.get("direction") == "in":
             via = f" mtls from {hop.get('source') or hop.get('peer')}"
+        by = f" closed by {conn['closed_by']}" if conn.get("closed_by") else ""
         click.echo(
             f"  {conn['pod']:12} {conn['client']:>22} -> {conn['orig_dst']:22} {conn['state']:10}"
-            f" out={conn['bytes_out']} in={conn['bytes_in']}{via}"
+            f" {conn.get('datapath', ''):8} out={conn['bytes_out']} in={conn['bytes_in']}{by}{via}"
         )
 
 

@@ -683,17 +683,19 @@ class Forwarder:
         self._end(record, "reset" if reason else "closed", reason, closed_by=conn.closed_by,
                   handoff_bytes=conn.handoff_bytes)  # fmt: skip
 
-    def ended(self, record: ConnRecord, state: str, reason: str | None, ended_at: float,
-              **more: object) -> None:  # fmt: skip
-        """A connection carried elsewhere (kernel mode) ended: counted as ours are."""
-        self._end(record, state, reason, ended_at, **more)
+    def emit_ended(self, record: dict) -> None:
+        """A tracer's event for a connection carried elsewhere (kernel mode:
+        forwarder/kernel_conns.py), in the words of ours."""
+        self._emit(record["state"], record["pod"], record["client"], record["orig_dst"],
+                   record["reason"], datapath=record["datapath"], bytes_out=record["bytes_out"],
+                   bytes_in=record["bytes_in"], closed_by=record.get("closed_by"),
+                   seconds=round(record["ended"] - record["started"], 6))  # fmt: skip
 
-    def _end(self, record: ConnRecord, state: str, reason: str | None,
-             ended_at: float | None = None, **more: object) -> None:  # fmt: skip
+    def _end(self, record: ConnRecord, state: str, reason: str | None, **more: object) -> None:
         self.outcomes[(record.pod, record.datapath, state)] += 1
         record.state = state
         record.reason = reason
-        record.ended = time.time() if ended_at is None else ended_at
+        record.ended = time.time()
         record.closed_by = more.get("closed_by")  # type: ignore[assignment]
         self.recent.append(record)
         if record.mtls is not None:

@@ -22,7 +22,8 @@ from meshagent.bpf.ringbuf import RingBuf
 from meshagent.forwarder.records import ConnRecord
 
 KERNEL = "kernel"  # the data path's name in records and metrics
-READ_BATCH = 4096  # records per wake-up; the rest at the next
+READ_BATCH = 4096  # records read at once
+DRAIN_SECONDS = 0.2  # the ring is read this often, besides when a batch wakes us
 FWD_MAX = 16384  # MESH_KFWD_MAX
 
 
@@ -37,46 +38,79 @@ class KernelConns:
         self.records = 0  # accounted so far
         self.log = log.get()
         self._too_many = False
+        self.state = loaded.map(abi.STATE)
+        self.loop = loop
+        self.read_total = self._read_so_far()  # a predecessor's reads count too
         loop.add(self.ring.fd, select.EPOLLIN, self._ready)
+        loop.call_later(DRAIN_SECONDS, self._tick)
         forwarder.kernel = self
 
+    def _read_so_far(self) -> int:
+        raw = self.state.lookup(abi.U32.pack(abi.STATE_KDONE_READ))
+        return abi.U64.unpack(raw)[0] if raw else 0
+
     def _ready(self, _events: int = 0) -> None:
-        for raw in self.ring.read(READ_BATCH):
-            self.account(raw)
+        """Read what waits; the hooks wake us only once a batch waits
+        (MESH_KDONE_WAKE), so the count read is theirs to compare."""
+        records = self.ring.read(READ_BATCH)
+        while records:
+            self.account(records)
+            self.read_total += len(records)
+            records = self.ring.read(READ_BATCH) if len(records) == READ_BATCH else []
+        self.state.update(abi.U32.pack(abi.STATE_KDONE_READ), abi.U64.pack(self.read_total))
+
+    def _tick(self) -> None:
+        self._ready()
+        self.loop.call_later(DRAIN_SECONDS, self._tick)
 
     def drain(self) -> None:
-        """Every record written so far (status, tests: nothing waits in the ring)."""
+        """Every record written so far (`connections`, status: none waits in the ring)."""
         self._ready()
 
-    def account(self, raw: bytes) -> None:
-        (_netns, _cookie, started, ended, sent, rcvd, addr, src, pod_id, err, port, sport,
-         flags, closer, last, _pad) = abi.KDONE_RECORD.unpack_from(raw)  # fmt: skip
-        now_wall, now_mono = time.time(), time.monotonic_ns()
-        name = self.fwd.pod_names.get(pod_id, f"pod#{pod_id}")
-        record = ConnRecord(
-            name,
-            format_endpoint(abi.from_addr16(src), sport),
-            format_endpoint(abi.from_addr16(addr), port),
-            now_wall - (now_mono - started) / 1e9,
-            datapath=KERNEL,
-        )
-        record.bytes_out, record.bytes_in = sent, rcvd
-        state, reason, closed_by = outcome(flags, err, closer, last)
-        self.records += 1
-        slot = self.fwd.pods.get(pod_id)
-        if slot is not None:
-            slot.stats.connections_total += 1
-            slot.stats.bytes_out += sent
-            slot.stats.bytes_in += rcvd
-            if state == "reset":
-                slot.stats.resets += 1
-            elif state == "failed":
-                slot.stats.upstream_errors += 1
-        self.fwd.moved[(name, "out", KERNEL)] += sent
-        self.fwd.moved[(name, "in", KERNEL)] += rcvd
-        more: dict = {"closed_by": closed_by, "exact": bool(flags & abi.KC_EXACT)}
-        self.fwd.ended(record, state, reason, ended_at=now_wall - (now_mono - ended) / 1e9,
-                       **more)  # fmt: skip
+    def account(self, records: list[bytes]) -> None:
+        """A batch of records: summed per pod and result (the counters), and
+        kept whole only where someone looks (the last of `recent`; each one
+        while a tracer runs): a pod may open thousands a second."""
+        fwd = self.fwd
+        sums: dict[tuple[int, str], list[int]] = {}
+        unpack = abi.KDONE_RECORD.unpack_from
+        for raw in records:
+            fields = unpack(raw)
+            sent, rcvd, pod_id, err, flags = fields[4], fields[5], fields[8], fields[9], fields[12]
+            if not err and flags & _UP_AND_FIN > abi.KC_UP:  # the usual end, quickly
+                state = "closed"
+            else:
+                state = outcome(flags, err, fields[13], fields[14])[0]
+            total = sums.get((pod_id, state))
+            if total is None:
+                sums[(pod_id, state)] = [1, sent, rcvd]
+            else:
+                total[0] += 1
+                total[1] += sent
+                total[2] += rcvd
+        self.records += len(records)
+        clock = time.time() - time.monotonic_ns() / 1e9  # wall = clock + ktime / 1e9
+        tracing = fwd.on_event is not None
+        for raw in records if tracing else records[-RECENT_KEPT:]:
+            record = KernelRecord(raw, fwd.pod_names, clock)
+            fwd.recent.append(record)
+            if tracing:
+                fwd.emit_ended(record.to_dict())
+        for (pod_id, state), (count, sent, rcvd) in sums.items():
+            name = fwd.pod_names.get(pod_id, f"pod#{pod_id}")
+            slot = fwd.pods.get(pod_id)
+            if slot is not None:
+                stats = slot.stats
+                stats.connections_total += count
+                stats.bytes_out += sent
+                stats.bytes_in += rcvd
+                if state == "reset":
+                    stats.resets += count
+                elif state == "failed":
+                    stats.upstream_errors += count
+            fwd.outcomes[(name, KERNEL, state)] += count
+            fwd.moved[(name, "out", KERNEL)] += sent
+            fwd.moved[(name, "in", KERNEL)] += rcvd
 
     def active(self, cookie: int) -> int:
         """A pod's kernel-mode connections established now."""
@@ -105,6 +139,38 @@ class KernelConns:
 
 
 _BY_PEER = {errno.ECONNRESET, errno.EPIPE}
+_UP_AND_FIN = abi.KC_UP | abi.KC_FIN_OUT | abi.KC_FIN_IN
+RECENT_KEPT = 256  # forwarder.core.RECENT_MAX: no more are shown
+
+
+class KernelRecord:
+    """A kernel-mode connection's record, as `connections` and a tracer
+    read it (a ConnRecord's fields), made from the raw bytes only when
+    read: most are never looked at."""
+
+    __slots__ = ("clock", "names", "raw")
+
+    def __init__(self, raw: bytes, names: dict[int, str], clock: float) -> None:
+        self.raw, self.names, self.clock = raw, names, clock
+
+    def to_dict(self) -> dict:
+        (_netns, _cookie, started, ended, sent, rcvd, addr, src, pod_id, err, port, sport,
+         flags, closer, last, _pad) = abi.KDONE_RECORD.unpack_from(self.raw)  # fmt: skip
+        state, reason, closed_by = outcome(flags, err, closer, last)
+        record = ConnRecord(
+            self.names.get(pod_id, f"pod#{pod_id}"),
+            format_endpoint(abi.from_addr16(src), sport),
+            format_endpoint(abi.from_addr16(addr), port),
+            self.clock + started / 1e9,
+            state=state,
+            bytes_out=sent,
+            bytes_in=rcvd,
+            ended=self.clock + ended / 1e9,
+            reason=reason,
+            datapath=KERNEL,
+            closed_by=closed_by,
+        )
+        return {**record.to_dict(), "exact": bool(flags & abi.KC_EXACT)}
 
 
 def outcome(flags: int, err: int, closer: int, last: int) -> tuple[str, str | None, str | None]:

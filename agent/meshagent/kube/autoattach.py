@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 
 from meshagent import log
 from meshagent.errors import MeshError
+from meshagent.modes import PodMode
 from meshagent.pods.kubelet import CniStore
 
 LABEL = "meshagent.io/attach"
+MODE_LABEL = "meshagent.io/mode"  # kernel or forward, on the pod or its namespace
 RETRY_SECONDS = 5.0  # a wanted pod whose sandbox is not found yet: the first wait
 RETRY_MAX_SECONDS = 300.0  # ... doubled at each failure up to this
 FINISHED = ("Succeeded", "Failed")  # phases whose containers will not run again
@@ -45,6 +47,15 @@ def opted_in(pod_labels: dict[str, str], ns_labels: dict[str, str]) -> bool:
     if own is not None:
         return own == "true"
     return ns_labels.get(LABEL) == "true"
+
+
+def mode_of(pod_labels: dict[str, str], ns_labels: dict[str, str]) -> PodMode | None:
+    """The mode the labels ask for (the pod's over its namespace's), or None."""
+    for labels in (pod_labels, ns_labels):
+        value = labels.get(MODE_LABEL)
+        if value in (m.value for m in PodMode):
+            return PodMode(value)
+    return None
 
 
 class KubePods:
@@ -136,8 +147,22 @@ class KubePods:
                 self._attach(name, why)
             elif not want and attached and entry.auto and self.watching and self.synced:
                 self._detach(name, why)
+            elif attached and self.watching:  # the mode label changed
+                mode = self._mode(name)
+                if (
+                    mode is not None
+                    and mode != entry.handle.mode
+                    and name not in self.attachments.busy
+                ):
+                    self.attachments.set_mode(entry, mode)
             if not want:
                 self._forget(name)
+
+    def _mode(self, name: str) -> PodMode | None:
+        view = self.pods.get(name)
+        if view is None:
+            return None
+        return mode_of(view.labels, self.namespaces.get(name.split("/", 1)[0], {}))
 
     def retry_pending(self) -> None:
         now = time.monotonic()
@@ -149,7 +174,7 @@ class KubePods:
         if name in self.attachments.busy:
             return {"pod": name, "attached": False, "reason": "busy"}
         try:
-            reply = self.attachments.attach(name, auto=True)
+            reply = self.attachments.attach(name, auto=True, mode=self._mode(name))
         except MeshError as exc:
             wait = self.backoff.get(name, RETRY_SECONDS)
             self.pending[name] = time.monotonic() + wait
