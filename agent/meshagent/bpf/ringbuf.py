@@ -12,6 +12,7 @@ from meshagent.bpf.syscall import map_info
 BUSY = 1 << 31
 DISCARD = 1 << 30
 HEADER = 8
+_HEADER = struct.Struct("=II")  # a record's length (with BUSY, DISCARD) and page offset
 
 
 class RingBuf:
@@ -29,17 +30,19 @@ class RingBuf:
     def read(self, limit: int = 4096) -> list[bytes]:
         """The records written since the last read (at most limit)."""
         out: list[bytes] = []
-        cons = struct.unpack_from("=Q", self.consumer, 0)[0]
+        cons = start = struct.unpack_from("=Q", self.consumer, 0)[0]
         prod = struct.unpack_from("=Q", self.producer, 0)[0]
+        producer, data, mask, header = self.producer, self.data, self.mask, _HEADER.unpack_from
         while cons < prod and len(out) < limit:
-            at = self.data + (cons & self.mask)
-            length, _pgoff = struct.unpack_from("=II", self.producer, at)
+            at = data + (cons & mask)
+            length, _pgoff = header(producer, at)
             if length & BUSY:
                 break  # still being written
             size = length & ~(BUSY | DISCARD)
             if not length & DISCARD:
-                out.append(bytes(self.producer[at + HEADER : at + HEADER + size]))
+                out.append(producer[at + HEADER : at + HEADER + size])
             cons += (size + HEADER + 7) & ~7
+        if cons != start:  # once per batch: the space is the kernel's again
             struct.pack_into("=Q", self.consumer, 0, cons)
         return out
 
