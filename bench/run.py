@@ -260,13 +260,13 @@ def summarise(samples: dict[str, list[dict]]) -> dict:
     return out
 
 
-def table(summary: dict, meta: dict) -> str:
+def table(summary: dict, meta: dict, name: str = "latest") -> str:
     paths = list(summary)
     lines = [
         f"`make bench`, {meta['date']}: kernel {meta['kernel']}, {meta['cpus']} vCPUs"
         f" ({meta['cpu_model']}), {meta['rounds']} interleaved rounds of {meta['seconds']:g} s"
         " runs. Each cell: the median per-round ratio to direct (min-max), then"
-        " the median value. Source: `bench/results/latest.json`.",
+        f" the median value. Source: `bench/results/{name}.json`.",
         "",
         "| figure | " + " | ".join(paths) + " |",
         "|---|" + "---|" * len(paths),
@@ -469,7 +469,7 @@ def main() -> int:
         (RESULTS / f"{name}.json").write_text(
             json.dumps({"meta": meta, "summary": summary}, indent=1) + "\n"
         )
-        text = table(summary, meta)
+        text = table(summary, meta, name)
         if not PARTIAL and plot(summary, RESULTS / "latest.png"):
             text += "\n\n![ratios to direct](../bench/results/latest.png)"
         print(text)
