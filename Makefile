@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-scrape bench-footprint soak clean test-kernels kube-prepare bench-profile cluster cluster-down
+.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels kube-prepare bench-profile cluster cluster-down
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -66,6 +66,10 @@ bench-mesh-profile: bootstrap
 bench-policy: bootstrap
 	scripts/bootstrap bench
 	$(PY) bench/policy.py
+
+bench-handoff: bootstrap
+	scripts/bootstrap bench
+	$(PY) bench/handoff.py
 
 bench-kernel: bootstrap
 	scripts/bootstrap bench
