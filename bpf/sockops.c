@@ -16,7 +16,6 @@
 #include "include/metrics.h"
 #include "include/addr.h"
 #include "include/trace.h"
-#include "include/kernel.h"
 
 static __always_inline void mesh_client_key(struct bpf_sock_ops *skops,
 					    struct mesh_tuple *key)
@@ -40,6 +39,8 @@ static __always_inline void mesh_client_key(struct bpf_sock_ops *skops,
 	}
 	key->port = (__u16)skops->local_port;
 }
+
+#include "include/kernel.h"  /* kernel mode: uses mesh_client_key */
 
 /* The sk_msg path (sk_msg.c): the pod's socket into mesh_apphash with a
  * fresh P, and whatever target a socket of the same tuple left is gone. */

@@ -4,7 +4,7 @@
  * policy's decision) and keeps when and where in mesh_kconn; from here
  * sock_ops follows the connection to its close and hands the agent one
  * record (mesh_kdone): bytes each way, when, whose FIN came first, how it
- * ended. */
+ * ended. Included by sockops.c after mesh_client_key. */
 #ifndef MESH_KERNEL_H
 #define MESH_KERNEL_H
 
@@ -82,12 +82,13 @@ static __always_inline void mesh_kernel_done(struct bpf_sock_ops *skops, __u64 c
 					     struct mesh_kconn *conn, __u32 last)
 {
 	struct mesh_kdone done = {};
+	struct mesh_tuple key = {};
 	__u64 acked = skops->bytes_acked, rcvd = skops->bytes_received;
 	__u32 una = skops->snd_una, nxt = skops->snd_nxt;
 	__u8 flags = conn->flags;
 
 #if MESH_HAVE_SKC_TO_TCP_SOCK_SOCK_OPS
-	if (MESH_SK_FLAGS && MESH_SK_ERR && MESH_TCP_WRITE_SEQ) {
+	if (MESH_SK_FLAGS != 0 && MESH_SK_ERR != 0 && MESH_TCP_WRITE_SEQ != 0) {
 		struct bpf_sock *sk = skops->sk;
 		void *tp = sk ? bpf_skc_to_tcp_sock(sk) : 0;
 
@@ -120,22 +121,9 @@ static __always_inline void mesh_kernel_done(struct bpf_sock_ops *skops, __u64 c
 	done.flags = flags;
 	done.closer = conn->closer;
 	done.last = last;
-	if (skops->family == MESH_AF_INET) {
-		__u32 ip4 = skops->local_ip4;
-
-		barrier_var(ip4);
-		mesh_addr_from4(&done.src, ip4);
-	} else {
-		__u32 a0 = skops->local_ip6[0], a1 = skops->local_ip6[1];
-		__u32 a2 = skops->local_ip6[2], a3 = skops->local_ip6[3];
-
-		barrier_var(a3);
-		done.src.a[0] = a0;
-		done.src.a[1] = a1;
-		done.src.a[2] = a2;
-		done.src.a[3] = a3;
-	}
-	done.sport = (__u16)skops->local_port;
+	mesh_client_key(skops, &key);
+	done.src = key.addr;
+	done.sport = key.port;
 	mesh_kdone_put(&done);
 	mesh_event(MESH_EV_CLOSED, MESH_REASON_KERNEL, conn->netns, cookie, &conn->addr,
 		   conn->port);

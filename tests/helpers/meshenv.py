@@ -262,6 +262,19 @@ class AgentProc:
     def decisions(self) -> dict[str, int]:
         return {k: sum(v.values()) for k, v in self.request("status")["decisions"].items()}
 
+    def trace(self, pod: str) -> tuple[subprocess.Popen, list[dict]]:
+        """`meshagent trace -o json --pod POD`, running once the agent says
+        so; its events arrive in the list (stopped with the sandbox)."""
+        seen: list[dict] = []
+        tracer = subprocess.Popen([sys.executable, "-m", "meshagent", "trace", "-o", "json",
+                                   "--pod", pod], env=self.env.env, stdout=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        self.env.procs.append(tracer)
+        threading.Thread(target=lambda: seen.extend(json.loads(x) for x in tracer.stdout),
+                         daemon=True).start()  # fmt: skip
+        wait_for(lambda: self.request("status")["tracing"], what="the trace to start")
+        return tracer, seen
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import pytest
@@ -247,14 +246,7 @@ def test_kernel_mode_keeps_policy_and_forwards_where_the_forwarder_has_work(mesh
         agent.attach(server_pod)  # its ingress rules: the forwarder checks them
         for pod in (client, intruder):
             agent.request("attach", pod=pod.name, mode="kernel")
-        seen: list = []
-        tracer = subprocess.Popen([sys.executable, "-m", "meshagent", "trace", "-o", "json",
-                                   "--pod", "client"], env=mesh_env.env, stdout=subprocess.PIPE,
-                                  text=True)  # fmt: skip
-        mesh_env.procs.append(tracer)
-        threading.Thread(target=lambda: seen.extend(json.loads(x) for x in tracer.stdout),
-                         daemon=True).start()  # fmt: skip
-        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
+        tracer, seen = agent.trace("client")
         res = run_client(mesh_env, client, f"X:{ep(other.ip4, PORT)}",
                          f"C:{ep(server_pod.ip4, PORT)}:100", f"C:{ep(other.ip6, PORT)}:7")  # fmt: skip
         assert res[0].get("error") == "EPERM", res

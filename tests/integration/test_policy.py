@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -112,14 +111,7 @@ def test_egress_by_cidr_and_port_both_families(mesh_env, redirect, servers):
         agent.attach(client)
         agent.attach(other)
         denied = expected(redirect[0])
-        seen: list = []
-        tracer = subprocess.Popen([sys.executable, "-m", "meshagent", "trace", "-o", "json",
-                                   "--pod", "client"], env=mesh_env.env, stdout=subprocess.PIPE,
-                                  text=True)  # fmt: skip
-        mesh_env.procs.append(tracer)
-        threading.Thread(target=lambda: seen.extend(json.loads(x) for x in tracer.stdout),
-                         daemon=True).start()  # fmt: skip
-        wait_for(lambda: agent.request("status")["tracing"], what="the trace to start")
+        tracer, seen = agent.trace("client")
         got = probe(mesh_env, client, ep(server.ip4, A), ep(server.ip4, B), ep(server.ip6, A),
                     ep(server.ip6, B))  # fmt: skip
         assert got == ["ok", denied, "ok", denied]
