@@ -323,7 +323,8 @@ def attach(
         args["pid"] = pid
     reply = request(app.socket_path, "attach", pod=pod, **args)
     state = "was already attached" if reply.get("already") else "attached"
-    how = f"{reply['backend']}, {reply['mode']}" if "mode" in reply else reply["backend"]
+    kernel = reply.get("mode") == "kernel"
+    how = f"{reply['backend']}, kernel mode" if kernel else reply["backend"]
     click.echo(f"pod {pod} {state} ({how})")
 
 
