@@ -615,15 +615,12 @@ class Agent:
         with ingress rules (the forwarder checks them)."""
         if self.kernel_conns is None:
             return
-        nets: list[str] = []
+        from meshagent.forwarder.kernel_conns import forwarded_networks
+
         mesh = self.forwarder.mesh
-        view = mesh.view if mesh is not None else None
-        if view is not None and hasattr(view, "by_ip"):  # Kubernetes: each pod's address
-            nets += [ip for ip, pod in view.by_ip.items() if pod.node != view.me]
-        elif view is not None:  # the mesh file: other nodes' pod CIDRs
-            nets += [str(c) for n in view.nodes.values() if n.name != view.me for c in n.pod_cidrs]
-        if self.policy is not None and self.policy.has_ingress:
-            nets += self.policy.ingress_addrs()
+        policy = self.policy
+        ingress = policy.ingress_addrs() if policy is not None and policy.has_ingress else []
+        nets = forwarded_networks(mesh.view if mesh is not None else None, ingress)
         try:
             self.kernel_conns.forward_to(nets)
         except OSError as exc:

@@ -138,6 +138,19 @@ class KernelConns:
         self.forwarded = wanted
 
 
+def forwarded_networks(view, ingress: Iterable[str]) -> list[str]:
+    """What mesh_kfwd holds: other nodes' pods (view: the mesh's; None
+    without one), by each pod's address on Kubernetes (kubeview.py) or by
+    the mesh file's pod CIDRs, and the addresses of this node's pods whose
+    ingress a policy governs."""
+    nets: list[str] = []
+    if view is not None and hasattr(view, "by_ip"):  # Kubernetes: each pod's address
+        nets += [ip for ip, pod in view.by_ip.items() if pod.node != view.me]
+    elif view is not None:  # the mesh file: other nodes' pod CIDRs
+        nets += [str(c) for n in view.nodes.values() if n.name != view.me for c in n.pod_cidrs]
+    return nets + list(ingress)
+
+
 _BY_PEER = {errno.ECONNRESET, errno.EPIPE}
 _UP_AND_FIN = abi.KC_UP | abi.KC_FIN_OUT | abi.KC_FIN_IN
 RECENT_KEPT = 256  # forwarder.core.RECENT_MAX: no more are shown
