@@ -74,24 +74,30 @@ port = int(sys.argv[1])
 srv = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
 print(json.dumps({"listening": port}), flush=True)
 def handle(conn, peer):
-    how = conn.recv(1)
-    got, sent = len(how), 0
-    if how == b"S":
-        conn.sendall(b"s" * 1000); sent = 1000
-    elif how == b"R":
-        while got < 10:
-            got += len(conn.recv(10 - got))
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    else:
-        try:
+    # Every connection gets its line, whatever happened to it (the pod's
+    # abort may come before this thread reads a byte).
+    how, got, sent = b"", 0, 0
+    try:
+        how = conn.recv(1)
+        got = len(how)
+        if how == b"S":
+            conn.sendall(b"s" * 1000); sent = 1000
+        elif how == b"R":
+            while got < 10:
+                d = conn.recv(10 - got)
+                if not d:
+                    break
+                got += len(d)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
             while True:
                 d = conn.recv(65536)
                 if not d:
                     break
                 got += len(d)
             conn.sendall(b"c" * 500); sent = 500
-        except OSError:
-            pass
+    except OSError:
+        pass
     conn.close()
     print(json.dumps({"how": how.decode(), "got": got, "sent": sent,
                       "peer_port": peer[1]}), flush=True)
@@ -174,8 +180,12 @@ def test_kernel_mode_goes_direct_and_accounts_each_byte(mesh_env):
                 continue
             srv = served[res["local_port"]]
             # What the pod sent is what the server got; what it got, the server sent.
-            assert rec["bytes_out"] == res["sent"] == srv["got"], what
+            assert rec["bytes_out"] == res["sent"], what
             assert rec["bytes_in"] == res["rcvd"] == srv["sent"], what
+            if res["how"] == "A":  # its RST drops what the server had not read yet
+                assert srv["got"] <= res["sent"], what
+            else:
+                assert srv["got"] == res["sent"], what
             if res["how"] == "C":
                 assert (rec["state"], rec["closed_by"]) == ("closed", "pod"), what
             elif res["how"] == "S":
