@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels kube-prepare bench-profile cluster cluster-down
+.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels test-vagrant kube-prepare bench-profile cluster cluster-down
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -43,6 +43,14 @@ cluster-down:
 
 test-kernels: bootstrap
 	vagrant/test-kernels
+
+# The kernel-matrix suite in Vagrant VMs (libvirt, software emulation): a box
+# per kernel built from Debian's packages, `vagrant up` provisioned by
+# scripts/bootstrap, the suite over `vagrant ssh`, `vagrant destroy`
+# (vagrant/test-vagrant). Slow: not part of `make test`. VAGRANT_KERNELS
+# picks kernels of vagrant/kernels (default: all).
+test-vagrant:
+	VAGRANT_KERNELS="$(VAGRANT_KERNELS)" vagrant/test-vagrant
 
 unit: bootstrap
 	$(PY) -m pytest tests/unit -q
