@@ -198,9 +198,9 @@ class Relay:
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
 
-    def limit(self, buffer: int) -> None:
+    def limit(self, buffer: int, sockets: bool = True) -> None:
         """Hold at most budget.cost(buffer) bytes, kernel and Python."""
-        for sock in (self.client, self.upstream):
+        for sock in (self.client, self.upstream) if sockets else ():
             set_buffers(sock, buffer)
         self.out.limit(buffer)
         self.back.limit(buffer)

@@ -86,9 +86,9 @@ class CopyFirst:
     bytes_in = property(lambda self: self.now.bytes_in)
     handoff_bytes = property(lambda self: self.now.handoff_bytes)
 
-    def limit(self, buffer: int) -> None:
+    def limit(self, buffer: int, sockets: bool = True) -> None:
         self.buffer = buffer
-        self.now.limit(buffer)
+        self.now.limit(buffer, sockets)
 
     def holds(self) -> int:
         return self.now.holds()

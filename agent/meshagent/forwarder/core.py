@@ -585,7 +585,9 @@ class Forwarder:
         conn = path.join(client, upstream, state, _Ended(self, slot, record))
         if not conn.closed:
             try:
-                conn.limit(record.buffer)  # the path's own part (and sockmap's send buffers)
+                # the path's own part (and sockmap's send buffers): both
+                # sockets got the buffers at accept and before connect
+                conn.limit(record.buffer, sockets=False)
             except OSError as exc:
                 conn.reset(f"buffers: {exc.strerror}")
         record.datapath = conn.mode

@@ -55,7 +55,9 @@ class Connection(Protocol):
     def reset(self, reason: str) -> None: ...  # both sides get an RST
 
     # -- the memory budget (forwarder/budget.py) ---------------------------
-    def limit(self, buffer: int) -> None: ...  # hold at most budget.cost(buffer)
+    # hold at most budget.cost(buffer); sockets=False: the sockets' buffers are
+    # set already (at accept, before connect), only the path's own part is left
+    def limit(self, buffer: int, sockets: bool = True) -> None: ...
 
     def holds(self) -> int: ...  # bytes it holds now, the kernel's and its own
 

@@ -107,10 +107,12 @@ class SockmapRelay:
         self.most = CHUNK  # bytes one hand-off read takes at most
         self.sndbuf = 0  # --sockmap-sndbuf (SockmapPath sets it): a smaller one stays
 
-    def limit(self, buffer: int) -> None:
+    def limit(self, buffer: int, sockets: bool = True) -> None:
         """Hold at most budget.cost(buffer): both sockets' buffers (the send
         buffer also bounds what the verdict redirects: mesh_over_budget) and
-        the hand-off's reads."""
+        the hand-off's reads. The buffers are set again even when they are
+        already (sockets=False): entering the sockhash gave them the path's
+        own send buffer."""
         for side in (self.client, self.upstream):
             set_buffers(side.sock, buffer)
             if self.sndbuf and 2 * self.sndbuf < buffer:  # the kernel doubles it

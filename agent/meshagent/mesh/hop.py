@@ -341,7 +341,7 @@ class Hop(Startable):
         1.3: once the ticket that follows the handshake has been read)."""
         return resumable(self.tls.session)
 
-    def limit(self, buffer: int) -> None:
+    def limit(self, buffer: int, sockets: bool = True) -> None:  # the wire's are not set yet
         for sock in (self.wire, self.plain):
             if sock is not None:
                 set_buffers(sock, buffer)

@@ -251,7 +251,7 @@ class KtlsHop(Startable):
             return 0
         return self.relay.bytes_out if self.server_side else self.relay.bytes_in
 
-    def limit(self, buffer: int) -> None:
+    def limit(self, buffer: int, sockets: bool = True) -> None:  # the wire's are not set yet
         self.buffer = buffer
         if self.relay is not None:
             self.relay.limit(buffer)
