@@ -65,11 +65,13 @@ def _close_lingering(sock: socket.socket, linger: bytes) -> None:
     sock.close()
 
 
-def writable_now(sock: socket.socket) -> bool:
-    """The socket's connect ended (connected or failed), asked without waiting."""
+def writable_now(sock: socket.socket) -> int:
+    """The socket's connect ended (connected or failed), asked without
+    waiting: its poll events (POLLOUT alone: connected), 0 while it goes on."""
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
-    return bool(poller.poll(0))
+    ready = poller.poll(0)
+    return ready[0][1] if ready else 0
 
 
 def orderly_close(sock: socket.socket) -> None:
@@ -292,9 +294,11 @@ class Relay:
         self.on_done(self, reason)
 
     def _unregister(self) -> None:
+        """Before both sockets are closed (closing takes them out of the
+        epoll set: forget, not remove)."""
         for sock in (self.client, self.upstream):
             if sock.fileno() >= 0:
-                self.loop.remove(sock.fileno())
+                self.loop.forget(sock.fileno())
         self.out.close()
         self.back.close()
 

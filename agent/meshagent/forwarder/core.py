@@ -525,15 +525,16 @@ class Forwarder:
             return
         # On a local bridge the handshake often completes inside connect():
         # skip the epoll round trip, and the timer (it would live 10 s).
-        immediate = err == 0 or writable_now(upstream)
-        timer = None if immediate else self.loop.call_later(
+        ready = select.POLLOUT if err == 0 else writable_now(upstream)
+        timer = None if ready else self.loop.call_later(
             CONNECT_TIMEOUT, lambda: self._connect_done(upstream, timed_out=True)
         )  # fmt: skip
         self.pending[upstream] = Pending(slot, record, client, timer, path, state)
-        if immediate:
-            self._connect_done(upstream)
+        if ready:
+            self._connect_done(upstream, events=ready)
             return
-        self.loop.add(upstream.fileno(), select.EPOLLOUT, lambda _ev: self._connect_done(upstream))
+        self.loop.add(upstream.fileno(), select.EPOLLOUT,
+                      lambda ev: self._connect_done(upstream, events=ev))  # fmt: skip
 
     def _fall_back(self, slot: PodSlot, record: ConnRecord, client: socket.socket,
                    upstream: socket.socket, path: object, state: object, err: int) -> bool:  # fmt: skip
@@ -555,7 +556,10 @@ class Forwarder:
         self._connect_upstream(slot, record, client, path, new_state, ip.strip("[]"), int(port))
         return True
 
-    def _connect_done(self, upstream: socket.socket, timed_out: bool = False) -> None:
+    def _connect_done(self, upstream: socket.socket, timed_out: bool = False,
+                      events: int = 0) -> None:  # fmt: skip
+        """events: what poll or epoll said of it (writable, and no error or
+        hang-up: connected, with no SO_ERROR to ask)."""
         entry = self.pending.pop(upstream, None)
         if entry is None:
             return
@@ -564,11 +568,12 @@ class Forwarder:
             entry.timer.cancel()
         if timed_out and writable_now(upstream):
             timed_out = False  # connected meanwhile: a busy loop ran the timer first
-        err = (
-            errno.ETIMEDOUT
-            if timed_out
-            else upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        )
+        if timed_out:
+            err = errno.ETIMEDOUT
+        elif events == select.POLLOUT:  # == EPOLLOUT
+            err = 0
+        else:
+            err = upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self.loop.remove(upstream.fileno())
             if self._fall_back(slot, record, client, upstream, entry.path, entry.state, err):

@@ -306,10 +306,12 @@ class SockmapRelay:
             self._unregister(side)
         self._progress()
 
-    def _unregister(self, side: Side) -> None:
+    def _unregister(self, side: Side, closing: bool = False) -> None:
+        """closing: the socket is closed next, which takes it out of the
+        epoll set (forget, not remove)."""
         if side.registered:
             side.registered = False
-            self.loop.remove(side.sock.fileno())
+            (self.loop.forget if closing else self.loop.remove)(side.sock.fileno())
 
     # -- the state machine -------------------------------------------------
     def _progress(self) -> None:
@@ -512,7 +514,7 @@ class SockmapRelay:
         if self.timer is not None:
             self.timer.cancel()
         for side in (self.client, self.upstream):
-            self._unregister(side)
+            self._unregister(side, closing=True)
             self.maps.watched.pop(side.cookie, None)
 
     def abort(self, failed: Side, exc: OSError) -> None:

@@ -74,6 +74,15 @@ class Loop:
         except (OSError, ValueError):
             pass
 
+    def forget(self, fd: int) -> None:
+        """remove() for an fd its caller closes next, and the only one open
+        on its file: closing it takes it out of the epoll set (one system
+        call fewer per socket)."""
+        if self.handlers.pop(fd, None) is None:
+            return
+        self.masks.pop(fd, None)
+        self._gone.add(fd)
+
     def post(self, fn: Callable[[], None]) -> None:
         """Run fn on the loop soon; the one method safe from any thread."""
         self._posted.append(fn)
