@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from meshenv import make_env, start_agent  # noqa: E402
 from run import REDIS_PORT, tune_pod  # noqa: E402
+from syscalls import per_request, table  # noqa: E402
 
 WORKLOAD = os.environ.get("PROFILE_WORKLOAD", "conn")
 DATAPATH = os.environ.get("PROFILE_DATAPATH", "sockmap")
@@ -58,32 +59,6 @@ def load(env, pod, target: str, deadline: float) -> int:
         proc.wait(timeout=120)
         made += 5000
     return made
-
-
-def count_syscalls(env, pod, target: str, pid: int, workdir: Path) -> list[str]:
-    """The agent's system calls per connection (strace -c, after the
-    sampled part: strace slows what it watches)."""
-    out = workdir / "strace.txt"
-    tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(out)],
-                              stderr=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(1.0)
-    conns = 2000
-    env.popen(pod, ["redis-benchmark", "-h", target, "-p", str(REDIS_PORT), "-t", "get", "-n",
-                    str(conns), "-c", "20", "-k", "0" if WORKLOAD == "conn" else "1", "-q"],
-              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=120)  # fmt: skip
-    time.sleep(0.5)
-    tracer.send_signal(2)
-    tracer.wait(timeout=30)
-    rows = []
-    for line in out.read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
-            rows.append((int(fields[3]), fields[-1]))
-    rows.sort(reverse=True)
-    per = [f"{n / conns:6.1f}  {name}" for n, name in rows if n / conns >= 0.5]
-    total = sum(n for n, _ in rows) / conns
-    return [f"strace: the agent's system calls per request ({conns} requests;"
-            f" {total:.0f} in all, every thread)", *per]  # fmt: skip
 
 
 def python_table(raw: Path) -> list[str]:
@@ -150,7 +125,8 @@ def main() -> int:
         made = load(env, client, server.ip4, deadline)
         perf.wait(timeout=SECONDS + 60)
         spying.wait(timeout=SECONDS + 60)
-        syscalls = count_syscalls(env, client, server.ip4, agent.proc.pid, workdir)
+        keep = "0" if WORKLOAD == "conn" else "1"
+        syscalls = table(per_request(env, client, server.ip4, agent.proc.pid, keep, workdir))
         status = agent.request("status")
         lines = [f"profile: redis GET, {'a connection per request' if WORKLOAD == 'conn' else 'keep-alive'},"
                  f" 20 clients, datapath {DATAPATH}, {SECONDS:.0f} s, {made} requests,"

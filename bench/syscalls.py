@@ -1,0 +1,124 @@
+"""System calls the agent makes per request ([P] part 1): redis GET from an
+attached pod to redis-server in another pod, 20 clients, a connection per
+request and keep-alive, on the sockmap and copy paths, counted with
+`strace -c -f` on the agent. Counts, not times: they do not depend on
+what else the machine is doing, so they compare commits on any machine.
+
+Adds one entry to bench/results/syscalls.json, named by SYSCALLS_LABEL
+(default: the commit). SYSCALLS_AGENT_TREE=DIR measures the agent package
+in DIR/agent (a worktree of an older commit: `git worktree add`) with
+this script, so a change's before and after come from the same load.
+Run as root: `make bench-syscalls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from meshenv import make_env, start_agent  # noqa: E402
+from run import REDIS_PORT, RESULTS, cpu_model, source_tree, tune_pod  # noqa: E402
+
+REQUESTS = int(os.environ.get("SYSCALLS_REQUESTS", "2000"))
+DATAPATHS = ("sockmap", "copy")
+WORKLOADS = {"conn": "0", "ka": "1"}  # redis-benchmark -k
+
+
+def per_request(env, pod, target: str, pid: int, keep: str, workdir: Path) -> dict[str, float]:
+    """The agent's system calls per request, by name (every thread), while
+    redis-benchmark makes REQUESTS requests."""
+    out = workdir / "strace.txt"
+    tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", str(out)],
+                              stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(1.0)
+    env.popen(pod, ["redis-benchmark", "-h", target, "-p", str(REDIS_PORT), "-t", "get", "-n",
+                    str(REQUESTS), "-c", "20", "-k", keep, "-q"],
+              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=120)  # fmt: skip
+    time.sleep(0.5)
+    tracer.send_signal(2)
+    tracer.wait(timeout=30)
+    counts = {}
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[3].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3]) / REQUESTS
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def table(counts: dict[str, float]) -> list[str]:
+    """Lines for a profile: the calls made at least every other request."""
+    rows = [f"{n:6.1f}  {name}" for name, n in counts.items() if n >= 0.5]
+    return [f"strace: the agent's system calls per request ({REQUESTS} requests;"
+            f" {sum(counts.values()):.0f} in all, every thread)", *rows]  # fmt: skip
+
+
+def measured_tree() -> tuple[dict, Path | None]:
+    tree = os.environ.get("SYSCALLS_AGENT_TREE")
+    if not tree:
+        return source_tree(), None
+    path = Path(tree).resolve()
+    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return {"commit": commit, "agent_code_changed": None}, path / "agent"
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("syscalls: run as root (make bench-syscalls)", file=sys.stderr)
+        return 1
+    for tool in ("strace", "redis-server", "redis-benchmark"):
+        if not shutil.which(tool):
+            print(f"syscalls: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
+            return 1
+    source, agent_dir = measured_tree()
+    if agent_dir is not None:
+        os.environ["PYTHONPATH"] = str(agent_dir)  # the agent's `python -m meshagent`
+    label = os.environ.get("SYSCALLS_LABEL") or source["commit"]
+    workdir = Path(tempfile.mkdtemp(prefix="meshagent-syscalls-"))
+    env = make_env()
+    agent = None
+    entry: dict = {}
+    try:
+        client, server = env.create_pod("client"), env.create_pod("server")
+        tune_pod(env, client)
+        env.popen(server, ["redis-server", "--port", str(REDIS_PORT), "--bind", "*",
+                           "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                           "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+        for datapath in DATAPATHS:
+            agent = start_agent(env, "--datapath", datapath, log_name=f"agent-{datapath}.log")
+            agent.attach(client)
+            time.sleep(1.0)
+            for workload, keep in WORKLOADS.items():
+                counts = per_request(env, client, server.ip4, agent.proc.pid, keep, workdir)
+                entry[f"{workload}-{datapath}"] = {"total": round(sum(counts.values()), 1),
+                                                   "by_call": counts}  # fmt: skip
+                print(f"{label} {workload}-{datapath}: {sum(counts.values()):.1f} per request")
+            agent.stop()
+            agent = None
+    finally:
+        if agent is not None:
+            agent.stop()
+        env.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    path = RESULTS / "syscalls.json"
+    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
+    data["runs"][label] = {"date": time.strftime("%Y-%m-%d"), "kernel": os.uname().release,
+                           "cpu_model": cpu_model(), "requests": REQUESTS, **source,
+                           "workload": "redis GET, 20 clients", **entry}  # fmt: skip
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {path.relative_to(ROOT)} ({label})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
