@@ -40,6 +40,7 @@ from run import (  # noqa: E402
     RR_PORT,
     build_rr,
     bulk,
+    ready,
     rr,
     save_results,
     spread,
@@ -95,13 +96,8 @@ def haproxy_pair(workdir: Path, ca_dir: Path, server_ip: str, hpb_ip: str) -> tu
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("bench: run as root (make bench-mesh)", file=sys.stderr)
+    if not ready("bench", "bench-mesh", ("iperf3", "haproxy", "gcc")):
         return 1
-    for tool in ("iperf3", "haproxy", "gcc"):
-        if not shutil.which(tool):
-            print(f"bench: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
-            return 1
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-bench-mesh-"))
     nodes = make_two_nodes()
     try:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from meshenv import make_env, start_agent  # noqa: E402
-from run import REDIS_PORT, tune_pod  # noqa: E402
+from run import REDIS_PORT, ready, redis_pods  # noqa: E402
 from syscalls import per_request, table  # noqa: E402
 
 WORKLOAD = os.environ.get("PROFILE_WORKLOAD", "conn")
@@ -92,23 +92,14 @@ def perf_table(data: Path) -> list[str]:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("profile: run as root (make bench-profile)", file=sys.stderr)
+    if not ready("profile", "bench-profile", ("perf", "strace", "redis-server", "redis-benchmark")):
         return 1
-    for tool in ("perf", "strace", "redis-server", "redis-benchmark"):
-        if not shutil.which(tool):
-            print(f"profile: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
-            return 1
     spy = py_spy()
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-profile-"))
     env = make_env()
     agent = None
     try:
-        client, server = env.create_pod("client"), env.create_pod("server")
-        tune_pod(env, client)
-        env.popen(server, ["redis-server", "--port", str(REDIS_PORT), "--bind", "*",
-                           "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                           "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+        client, server = redis_pods(env, workdir)
         agent = start_agent(env, "--datapath", DATAPATH)
         agent.attach(client)
         time.sleep(1.0)

@@ -117,6 +117,28 @@ def build_rr(workdir: Path) -> Path:
     return binary
 
 
+def ready(name: str, target: str, tools: tuple[str, ...]) -> bool:
+    """Root, and the tools a bench runs; else one line that says what to do."""
+    if os.geteuid() != 0:
+        print(f"{name}: run as root (make {target})", file=sys.stderr)
+        return False
+    for tool in tools:
+        if not shutil.which(tool):
+            print(f"{name}: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
+            return False
+    return True
+
+
+def redis_pods(env: MeshEnv, workdir: Path) -> tuple:
+    """A client pod (tuned like the bench's) and a pod running redis-server."""
+    client, server = env.create_pod("client"), env.create_pod("server")
+    tune_pod(env, client)
+    env.popen(server, ["redis-server", "--port", str(REDIS_PORT), "--bind", "*",
+                       "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                       "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+    return client, server
+
+
 def machine_cpu() -> float:
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = parts[3] + parts[4]
@@ -376,13 +398,9 @@ def cpu_model() -> str:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("bench: run as root (make bench)", file=sys.stderr)
+    if not ready("bench", "bench", ("iperf3", "haproxy", "gcc", "redis-server",
+                                     "redis-benchmark")):  # fmt: skip
         return 1
-    for tool in ("iperf3", "haproxy", "gcc", "redis-server", "redis-benchmark"):
-        if not shutil.which(tool):
-            print(f"bench: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
-            return 1
     if "pg" in WORKLOADS and missing_tools():
         print(f"bench: {', '.join(missing_tools())} missing: run scripts/bootstrap",
               file=sys.stderr)  # fmt: skip

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from meshenv import make_env, start_agent  # noqa: E402
-from run import REDIS_PORT, RESULTS, cpu_model, source_tree, tune_pod  # noqa: E402
+from run import REDIS_PORT, RESULTS, cpu_model, ready, redis_pods, source_tree  # noqa: E402
 
 REQUESTS = int(os.environ.get("SYSCALLS_REQUESTS", "2000"))
 DATAPATHS = ("sockmap", "copy")
@@ -73,13 +73,8 @@ def measured_tree() -> tuple[dict, Path | None]:
 
 
 def main() -> int:
-    if os.geteuid() != 0:
-        print("syscalls: run as root (make bench-syscalls)", file=sys.stderr)
+    if not ready("syscalls", "bench-syscalls", ("strace", "redis-server", "redis-benchmark")):
         return 1
-    for tool in ("strace", "redis-server", "redis-benchmark"):
-        if not shutil.which(tool):
-            print(f"syscalls: {tool} is missing: run scripts/bootstrap bench", file=sys.stderr)
-            return 1
     source, agent_dir = measured_tree()
     if agent_dir is not None:
         os.environ["PYTHONPATH"] = str(agent_dir)  # the agent's `python -m meshagent`
@@ -89,11 +84,7 @@ def main() -> int:
     agent = None
     entry: dict = {}
     try:
-        client, server = env.create_pod("client"), env.create_pod("server")
-        tune_pod(env, client)
-        env.popen(server, ["redis-server", "--port", str(REDIS_PORT), "--bind", "*",
-                           "--protected-mode", "no", "--save", "", "--appendonly", "no",
-                           "--dir", str(workdir)], stdout=subprocess.DEVNULL)  # fmt: skip
+        client, server = redis_pods(env, workdir)
         for datapath in DATAPATHS:
             agent = start_agent(env, "--datapath", datapath, log_name=f"agent-{datapath}.log")
             agent.attach(client)
