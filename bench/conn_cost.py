@@ -1,0 +1,131 @@
+"""What a forwarded connection costs the agent ([P] part 1), commit against
+commit: redis GET with a connection per request, 20 clients, from an
+attached pod through the sockmap path, and the agent's own CPU time
+(utime + stime of its process, every thread) per request, with the
+requests per second. The trees are measured in interleaved rounds in the
+same minutes, so a change's before and after meet the same machine.
+
+    CONN_COST_TREES="before=/tmp/wt-OLD,after=." bench/conn_cost.py
+
+A tree is a checkout (an older commit: `git worktree add`); its agent
+package is what the agent runs (PYTHONPATH), this script the rest.
+CONN_COST_ROUNDS (default 6), CONN_COST_REQUESTS (default 20000),
+CONN_COST_CPU: run everything on this CPU only (taskset), e.g. when
+something else keeps the other one busy. Writes
+bench/results/conn-cost.json. Run as root: `make bench-conn-cost`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from meshenv import make_env, start_agent  # noqa: E402
+from run import REDIS_PORT, cpu_model, ready, redis_pods, run_out, save_results  # noqa: E402
+
+ROUNDS = int(os.environ.get("CONN_COST_ROUNDS", "6"))
+REQUESTS = int(os.environ.get("CONN_COST_REQUESTS", "20000"))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def trees() -> dict[str, tuple[Path, str]]:
+    """name -> (checkout, its commit), from CONN_COST_TREES (default: this one)."""
+    spec = os.environ.get("CONN_COST_TREES", f"this={ROOT}")
+    out = {}
+    for item in spec.split(","):
+        name, _, path = item.partition("=")
+        tree = Path(path or ".").resolve()
+        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+        if not (tree / "agent" / "meshagent").is_dir() or not commit:
+            raise SystemExit(f"conn_cost: {tree} is not a checkout of this project")
+        out[name.strip()] = (tree, commit)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def benchmark(env, pod, target: str, requests: int) -> float:
+    out = run_out(env, pod, ["redis-benchmark", "-h", target, "-p", str(REDIS_PORT), "-t", "get",
+                             "-n", str(requests), "-c", "20", "-k", "0", "--csv"],
+                  timeout=600)  # fmt: skip
+    rows = [row for row in csv.reader(io.StringIO(out)) if row and row[0] == "GET"]
+    if not rows:
+        raise RuntimeError(f"redis-benchmark printed no GET row: {out}")
+    return float(rows[0][1])
+
+
+def main() -> int:
+    pin = os.environ.get("CONN_COST_CPU")
+    if pin and os.environ.get("CONN_COST_PINNED") != "1":
+        os.environ["CONN_COST_PINNED"] = "1"
+        os.execvp("taskset", ["taskset", "-c", pin, sys.executable, *sys.argv])
+    if not ready("conn_cost", "bench-conn-cost", ("redis-server", "redis-benchmark")):
+        return 1
+    chosen = trees()
+    samples: dict[str, dict[str, list[float]]] = {n: {"us": [], "rps": []} for n in chosen}
+    workdir = Path(tempfile.mkdtemp(prefix="meshagent-conn-cost-"))
+    env = make_env()
+    agent = None
+    try:
+        client, server = redis_pods(env, workdir)
+        time.sleep(1.0)
+        for i in range(ROUNDS):
+            names = list(chosen) if i % 2 == 0 else list(chosen)[::-1]
+            for name in names:
+                os.environ["PYTHONPATH"] = str(chosen[name][0] / "agent")
+                agent = start_agent(env, "--datapath", "sockmap", log_name=f"agent-{name}.log")
+                agent.attach(client)
+                benchmark(env, client, server.ip4, 2000)  # warm
+                before = cpu_seconds(agent.proc.pid)
+                rps = benchmark(env, client, server.ip4, REQUESTS)
+                used = cpu_seconds(agent.proc.pid) - before
+                agent.stop()
+                agent = None
+                samples[name]["us"].append(used / REQUESTS * 1e6)
+                samples[name]["rps"].append(rps)
+                print(f"round {i + 1} {name}: {used / REQUESTS * 1e6:.1f} us of agent CPU per"
+                      f" request, {rps:.0f} requests/s", flush=True)  # fmt: skip
+    finally:
+        if agent is not None:
+            agent.stop()
+        env.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = {}
+    for name, figures in samples.items():
+        summary[name] = {"commit": chosen[name][1]}
+        for key, values in figures.items():
+            summary[name][key] = {"median": statistics.median(values), "min": min(values),
+                                  "max": max(values), "values": values}  # fmt: skip
+        print(f"{name} ({chosen[name][1]}): {summary[name]['us']['median']:.1f} us per request"
+              f" (min {summary[name]['us']['min']:.1f}, max {summary[name]['us']['max']:.1f}),"
+              f" {summary[name]['rps']['median']:.0f} requests/s")  # fmt: skip
+    first = next(iter(samples))
+    for name, figures in samples.items():  # round by round: the load drifts between rounds
+        ratios = [a / b for a, b in zip(figures["us"], samples[first]["us"], strict=True)]
+        summary[name]["us_vs_" + first] = {"median": statistics.median(ratios),
+                                           "min": min(ratios), "max": max(ratios)}  # fmt: skip
+    meta = {"rounds": ROUNDS, "requests": REQUESTS, "cpu_model": cpu_model(), "pinned_cpu": pin,
+            "workload": "redis GET, a connection per request, 20 clients, sockmap"}  # fmt: skip
+    path = save_results("conn-cost", meta, {"trees": summary})
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
