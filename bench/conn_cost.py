@@ -22,7 +22,6 @@ import io
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,26 +32,19 @@ sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from meshenv import make_env, start_agent  # noqa: E402
-from run import REDIS_PORT, cpu_model, ready, redis_pods, run_out, save_results  # noqa: E402
+from run import (  # noqa: E402
+    REDIS_PORT,
+    agent_trees,
+    cpu_model,
+    ready,
+    redis_pods,
+    run_out,
+    save_results,
+)
 
 ROUNDS = int(os.environ.get("CONN_COST_ROUNDS", "6"))
 REQUESTS = int(os.environ.get("CONN_COST_REQUESTS", "20000"))
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def trees() -> dict[str, tuple[Path, str]]:
-    """name -> (checkout, its commit), from CONN_COST_TREES (default: this one)."""
-    spec = os.environ.get("CONN_COST_TREES", f"this={ROOT}")
-    out = {}
-    for item in spec.split(","):
-        name, _, path = item.partition("=")
-        tree = Path(path or ".").resolve()
-        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True).stdout.strip()  # fmt: skip
-        if not (tree / "agent" / "meshagent").is_dir() or not commit:
-            raise SystemExit(f"conn_cost: {tree} is not a checkout of this project")
-        out[name.strip()] = (tree, commit)
-    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,7 +69,7 @@ def main() -> int:
         os.execvp("taskset", ["taskset", "-c", pin, sys.executable, *sys.argv])
     if not ready("conn_cost", "bench-conn-cost", ("redis-server", "redis-benchmark")):
         return 1
-    chosen = trees()
+    chosen = agent_trees("CONN_COST_TREES")
     samples: dict[str, dict[str, list[float]]] = {n: {"us": [], "rps": []} for n in chosen}
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-conn-cost-"))
     env = make_env()

@@ -1,12 +1,16 @@
 """Where the sockmap path's bulk ceiling comes from ([P] part 4): one
 iperf3 stream through meshagent's sockmap path (with and without the sk_msg
-fast path) against the direct connection, in interleaved rounds, and how
-much of the stream Python carried (`handoff_bytes` of the path's stats)
-rather than the kernel, with the verdict's decisions (`spliced`: segments
-redirected; `handoff`: passed to Python) and the back-pressure holds.
+fast path), upload and download, against the direct connection, in
+interleaved rounds, and how much of the stream Python carried
+(`handoff_bytes` of the path's stats) rather than the kernel, with the
+verdict's decisions (`spliced`: segments redirected; `handoff`: passed to
+Python) and the back-pressure holds.
 
-Writes bench/results/handoff.json. Run as root: `make bench-handoff`;
-BENCH_ROUNDS (default 4) and BENCH_SECONDS (default 2).
+HANDOFF_TREES="main=.,peek=/tmp/wt-X" compares checkouts (their agent
+packages, in the same rounds: bench/run.py agent_trees). Writes
+bench/results/HANDOFF_RESULT.json (default handoff). Run as root:
+`make bench-handoff`; BENCH_ROUNDS (default 4), BENCH_SECONDS (default 2),
+HANDOFF_DIRECTIONS (default "up,down").
 """
 
 from __future__ import annotations
@@ -31,62 +35,84 @@ STATS = ("handoff_bytes", "bytes", "throttles")
 DECISIONS = ("spliced", "handoff", "throttled", "msg_spliced")
 
 
+RESULT = os.environ.get("HANDOFF_RESULT", "handoff")
+DIRECTIONS = os.environ.get("HANDOFF_DIRECTIONS", "up,down").split(",")
+
+
+def measure(env, agent, pods, server, direction: str, i: int) -> dict:
+    """One round of one path and direction: meshagent and direct, and what
+    the path's stats and the verdict counted meanwhile."""
+    plain, client = pods
+    download = direction == "down"
+    key = "gbps_down" if download else "gbps_1"
+    before = agent.request("status")
+    order = (plain, client) if i % 2 else (client, plain)
+    gbps = {pod.name: bench.bulk(env, pod, server.ip4, 1, download=download)[key]
+            for pod in order}  # fmt: skip
+    after = agent.request("status")
+    stats = {k: after["datapaths"]["sockmap"][k] - before["datapaths"]["sockmap"][k]
+             for k in STATS}  # fmt: skip
+    decided = {k: sum(after["decisions"].get(k, {}).values())
+               - sum(before["decisions"].get(k, {}).values()) for k in DECISIONS}  # fmt: skip
+    return {"direct_gbps": gbps["plain"], "meshagent_gbps": gbps["client"],
+            "vs_direct": gbps["client"] / gbps["plain"],
+            "python_share": stats["handoff_bytes"] / max(1, stats["bytes"]),
+            **stats, **decided}  # fmt: skip
+
+
 def main() -> int:
-    if os.geteuid() != 0:
-        print("handoff: run as root (make bench-handoff)", file=sys.stderr)
+    if not bench.ready("handoff", "bench-handoff", ("iperf3",)):
         return 1
+    trees = bench.agent_trees("HANDOFF_TREES")
     env = make_env()
     agent = None
+    rows: dict[str, list[dict]] = {}
     try:
         plain, client, server = (env.create_pod(n) for n in ("plain", "client", "server"))
         for pod in (plain, client):
             bench.tune_pod(env, pod)
         env.popen(server, ["iperf3", "-s", "-p", str(bench.IPERF_PORT)],
                   stdout=subprocess.DEVNULL)  # fmt: skip
-        agent = start_agent(env, "--datapath", "sockmap")
-        agent.attach(client)
-        msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]
-        time.sleep(1)
-        rows: dict[str, list[dict]] = {}
-        for msg in (True, False) if msg_ok else (False,):
-            agent.request("datapath", set="sockmap", msg=msg)
-            name = "sockmap" if msg else "sockmap-nomsg"
-            for i in range(ROUNDS):
-                before = agent.request("status")
-                order = (plain, client) if i % 2 else (client, plain)
-                gbps = {pod.name: bench.bulk(env, pod, server.ip4, 1)["gbps_1"] for pod in order}
-                after = agent.request("status")
-                stats = {k: after["datapaths"]["sockmap"][k] - before["datapaths"]["sockmap"][k]
-                         for k in STATS}  # fmt: skip
-                decided = {
-                    k: sum(after["decisions"].get(k, {}).values())
-                    - sum(before["decisions"].get(k, {}).values())
-                    for k in DECISIONS
-                }
-                rows.setdefault(name, []).append({
-                    "direct_gbps": gbps["plain"], "meshagent_gbps": gbps["client"],
-                    "vs_direct": gbps["client"] / gbps["plain"],
-                    "python_share": stats["handoff_bytes"] / max(1, stats["bytes"]),
-                    **stats, **decided,
-                })  # fmt: skip
-                print(f"handoff: {name} round {i + 1}: {rows[name][-1]}", file=sys.stderr)
-        summary = {
-            name: {key: statistics.median(r[key] for r in runs)
-                   for key in ("vs_direct", "python_share", "meshagent_gbps", "direct_gbps")}
-            for name, runs in rows.items()
-        }  # fmt: skip
-        status = agent.request("status")
-        meta = {"date": time.strftime("%Y-%m-%d"), "kernel": status["kernel"],
-                "cpus": os.cpu_count(), "cpu_model": bench.cpu_model(), "rounds": ROUNDS,
-                "seconds": bench.SECONDS, "source": bench.source_tree()}  # fmt: skip
-        out = {"meta": meta, "summary": summary, "rounds": rows}
-        (bench.RESULTS / "handoff.json").write_text(json.dumps(out, indent=1) + "\n")
-        print(json.dumps(summary, indent=1))
-        return 0
+        for i in range(ROUNDS):
+            for tree in list(trees) if i % 2 == 0 else list(trees)[::-1]:
+                os.environ["PYTHONPATH"] = str(trees[tree][0] / "agent")
+                agent = start_agent(env, "--datapath", "sockmap", log_name=f"agent-{tree}.log")
+                agent.attach(client)
+                msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]
+                time.sleep(1)
+                for msg in (True, False) if msg_ok else (False,):
+                    agent.request("datapath", set="sockmap", msg=msg)
+                    path = "sockmap" if msg else "sockmap-nomsg"
+                    for direction in DIRECTIONS:
+                        name = (
+                            f"{path} {direction}"
+                            if len(trees) == 1
+                            else f"{tree} {path} {direction}"
+                        )
+                        rows.setdefault(name, []).append(
+                            measure(env, agent, (plain, client), server, direction, i)
+                        )
+                        print(f"handoff: {name} round {i + 1}: {rows[name][-1]}", file=sys.stderr)
+                kernel = agent.request("status")["kernel"]
+                agent.stop()
+                agent = None
     finally:
         if agent is not None:
             agent.stop()
         env.cleanup()
+    summary = {
+        name: {key: statistics.median(r[key] for r in runs)
+               for key in ("vs_direct", "python_share", "meshagent_gbps", "direct_gbps")}
+        for name, runs in rows.items()
+    }  # fmt: skip
+    meta = {"date": time.strftime("%Y-%m-%d"), "kernel": kernel, "cpus": os.cpu_count(),
+            "cpu_model": bench.cpu_model(), "rounds": ROUNDS, "seconds": bench.SECONDS,
+            "source": bench.source_tree(), "cpus_used": sorted(os.sched_getaffinity(0)),
+            "trees": {name: commit for name, (_tree, commit) in trees.items()}}  # fmt: skip
+    out = {"meta": meta, "summary": summary, "rounds": rows}
+    (bench.RESULTS / f"{RESULT}.json").write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -139,6 +139,22 @@ def redis_pods(env: MeshEnv, workdir: Path) -> tuple:
     return client, server
 
 
+def agent_trees(variable: str) -> dict[str, tuple[Path, str]]:
+    """Checkouts whose agent package a bench runs, named: "name=DIR,..." in
+    the environment variable (default: this checkout); name -> (DIR, its
+    commit). Older commits: `git worktree add DIR COMMIT`."""
+    out = {}
+    for item in os.environ.get(variable, f"this={ROOT}").split(","):
+        name, _, path = item.partition("=")
+        tree = Path(path or ".").resolve()
+        commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+        if not (tree / "agent" / "meshagent").is_dir() or not commit:
+            raise SystemExit(f"{variable}: {tree} is not a checkout of this project")
+        out[name.strip()] = (tree, commit)
+    return out
+
+
 def machine_cpu() -> float:
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = parts[3] + parts[4]
