@@ -49,3 +49,31 @@ def test_an_event_of_a_closed_fd_never_reaches_the_socket_that_reuses_its_number
     for sock in mine + fresh:
         sock.close()
     loop.close()
+
+
+def test_a_forgotten_fd_leaves_the_epoll_set_when_closed():
+    """Loop.forget drops an fd without EPOLL_CTL_DEL: closing it (its only
+    fd) must take it out of the epoll set, so the number it frees can be
+    registered again and its new file's events arrive. If the old file
+    were still registered, epoll.register would fail with EEXIST."""
+    loop = Loop()
+    a, b = socket.socketpair()
+    loop.add(a.fileno(), 1, lambda _ev: None)  # EPOLLIN
+    number = a.fileno()
+    loop.forget(number)
+    a.close()
+    b.close()
+    c, d = socket.socketpair()
+    if c.fileno() != number:  # take the freed number, as accept() would
+        os.dup2(c.fileno(), number)
+        c.close()
+        c = socket.socket(fileno=number)
+    called: list[int] = []
+    loop.add(number, 1, called.append)
+    d.send(b"x")
+    loop.call_later(0.2, loop.stop)
+    loop.run()
+    assert called, "the new file's event never arrived"
+    for sock in (c, d):
+        sock.close()
+    loop.close()
