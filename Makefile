@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels test-vagrant kube-prepare bench-profile bench-syscalls bench-conn-cost cluster cluster-down
+.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels test-vagrant kube-prepare bench-profile bench-syscalls bench-conn-cost bench-budget-cost cluster cluster-down
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -101,6 +101,9 @@ bench-syscalls: bootstrap
 bench-conn-cost: bootstrap
 	scripts/bootstrap bench
 	$(PY) bench/conn_cost.py
+
+bench-budget-cost: bootstrap
+	$(PY) bench/budget_cost.py
 
 bench-footprint: bootstrap
 	$(PY) bench/footprint.py

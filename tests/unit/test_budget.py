@@ -16,6 +16,7 @@ from meshagent.forwarder.budget import (
     BUFFER_MAX,
     BUFFER_MIN,
     FEW,
+    Members,
     Shares,
     buffer_for,
     cgroup_memory_limit,
@@ -133,3 +134,32 @@ def test_the_v1_memory_controller_wins_on_a_hybrid_host(tmp_path):
         "unified/agent/memory.max": "max",
     })  # fmt: skip
     assert cgroup_memory_limit(proc, table) == 512 << 20
+
+
+def test_shares_kept_up_for_a_members_table_agree_with_a_recount():
+    """With a Members table, Shares keeps what the pods hold within their
+    shares up to date as they hold and give back, and counts again only
+    when pods attach or detach: every answer must be the one a full recount
+    (a plain list of the same pods) gives."""
+    import random
+
+    rng = random.Random(7)
+    kept, counted = Shares(10_000), Shares(10_000)
+    members = Members()
+    for step in range(3000):
+        action = rng.random()
+        if action < 0.05:
+            members[rng.randrange(20)] = None  # attach (or attach again)
+        elif action < 0.08 and members:
+            del members[rng.choice(list(members))]  # detach
+        else:
+            pod = rng.randrange(25)  # some never attached, some detached
+            amount = rng.randrange(-300, 600)
+            amount = max(amount, -kept.mine(pod))
+            kept.hold(pod, amount)
+            counted.hold(pod, amount)
+        pods = list(members)
+        pod = rng.randrange(25)
+        assert kept.room(pod, members) == counted.room(pod, pods), step
+        assert kept.lent(members) == counted.lent(pods), step
+        assert kept.over(members) == counted.over(pods), step

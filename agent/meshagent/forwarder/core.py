@@ -15,7 +15,15 @@ from meshagent import log
 from meshagent.addrs import format_endpoint, is_local_destination
 from meshagent.config import AgentConfig
 from meshagent.errors import MeshError
-from meshagent.forwarder.budget import Shares, buffer_for, cost, memory_max_auto, set_buffers, tier
+from meshagent.forwarder.budget import (
+    Members,
+    Shares,
+    buffer_for,
+    cost,
+    memory_max_auto,
+    set_buffers,
+    tier,
+)
 from meshagent.forwarder.copy import linger_reset, reset_close, writable_now
 from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.forwarder.pod_series import PodSeries
@@ -84,7 +92,7 @@ class Forwarder:
         self.port = port
         self.paths = paths
         self.mode = mode
-        self.pods: dict[int, PodSlot] = {}  # pod_id -> slot, for pods with listeners
+        self.pods: Members = Members()  # pod_id -> PodSlot, for pods with listeners
         self.pod_names: dict[int, str] = {}  # pod_id -> name, also after its slot went
         self.kernel = None  # kernel_conns.KernelConns: kernel-mode pods' connections
         self.conns: dict[Connection, tuple[PodSlot, ConnRecord]] = {}
