@@ -64,7 +64,12 @@ class Server:
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
+            try:
+                self.lines.put(json.loads(line))
+            except ValueError:
+                # Say so at next() instead of dying here and leaving next()
+                # to time out with nothing to say.
+                self.lines.put({"unparsable": line})
         self.lines.put(None)
 
     def next(self, timeout: float = 60) -> dict:
@@ -73,6 +78,7 @@ class Server:
         except queue.Empty:
             raise AssertionError(f"server printed nothing within {timeout}s") from None
         assert item is not None, f"server exited {self.proc.poll()}"
+        assert "unparsable" not in item, f"server printed a line that is not JSON: {item}"
         return item
 
 

@@ -73,6 +73,7 @@ import json, socket, struct, sys, threading
 port = int(sys.argv[1])
 srv = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
 print(json.dumps({"listening": port}), flush=True)
+lock = threading.Lock()  # print() from threads interleaves without it
 def handle(conn, peer):
     # Every connection gets its line, whatever happened to it (the pod's
     # abort may come before this thread reads a byte).
@@ -99,8 +100,9 @@ def handle(conn, peer):
     except OSError:
         pass
     conn.close()
-    print(json.dumps({"how": how.decode(), "got": got, "sent": sent,
-                      "peer_port": peer[1]}), flush=True)
+    with lock:
+        print(json.dumps({"how": how.decode(), "got": got, "sent": sent,
+                          "peer_port": peer[1]}), flush=True)
 while True:
     c, p = srv.accept()
     threading.Thread(target=handle, args=(c, p), daemon=True).start()

@@ -27,12 +27,14 @@ l = socket.socket(family)
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 l.bind((sys.argv[1], int(sys.argv[2]))); l.listen(64); l.settimeout(120)
 print("ready", flush=True)
+lock = threading.Lock()  # print() from threads interleaves without it
 def serve(c, peer):
     with c:
         c.settimeout(60)
         while data := c.recv(1 << 16):
             c.sendall(data)
-    print(peer[0], flush=True)
+    with lock:
+        print(peer[0], flush=True)
 for _ in range(int(sys.argv[3])):
     c, peer = l.accept()
     threading.Thread(target=serve, args=(c, peer)).start()
