@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels test-vagrant kube-prepare bench-profile bench-syscalls bench-conn-cost bench-budget-cost cluster cluster-down
+.PHONY: bootstrap demo test unit lint bench bench-mesh bench-mesh-profile bench-policy bench-kernel bench-handoff bench-scrape bench-footprint soak clean test-kernels test-vagrant kube-prepare bench-profile bench-syscalls bench-pycalls bench-conn-cost bench-budget-cost cluster cluster-down
 
 # The kernels `make test` also runs the kernel-matrix suite on, in QEMU
 # guests (vagrant/); `make test-kernels` runs it on every kernel of
@@ -97,6 +97,12 @@ bench-profile: bootstrap
 bench-syscalls: bootstrap
 	scripts/bootstrap bench
 	$(PY) bench/syscalls.py
+
+# Python calls the agent's loop makes per request (cProfile counts; same
+# load as bench-syscalls): bench/results/pycalls.json.
+bench-pycalls: bootstrap
+	scripts/bootstrap bench
+	$(PY) bench/pycalls.py
 
 bench-conn-cost: bootstrap
 	scripts/bootstrap bench
