@@ -45,7 +45,13 @@ def is_local_destination(ip: str) -> bool:
     """Where a connect() to ip goes to this host: loopback, or the
     unspecified 0.0.0.0 / :: (also v4-mapped), which Linux connects to a
     local address. (For a bind, the unspecified address means every one:
-    is_loopback says no to it.)"""
+    is_loopback says no to it.) Asked for every forwarded connection: the
+    forms inet_ntop writes are answered without ipaddress (a dozen calls)."""
+    if ":" not in ip:
+        if ip[:1].isdigit() and ip[:3] != "127" and ip[:2] != "0.":  # 10.1.2.3
+            return False
+    elif ip[:1] not in (":", "0"):  # fd00::1: not ::, ::1 or ::ffff:
+        return False
     import ipaddress
 
     address = ipaddress.ip_address(ip.split("%", 1)[0])

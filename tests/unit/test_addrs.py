@@ -22,6 +22,9 @@ def test_endpoint_format():
         ("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("::ffff:127.0.0.1", True),
         ("0.0.0.0", True), ("::", True), ("::ffff:0.0.0.0", True),  # connect() goes local
         ("10.0.0.1", False), ("fd00::1", False), ("::ffff:10.0.0.1", False), ("::2", False),
+        # the forms answered without ipaddress, and their neighbours that are not
+        ("12.7.0.1", False), ("1.2.3.4", False), ("0.1.2.3", False), ("0:0::1", True),
+        ("0::", True), ("2001:db8::127", False), ("127.255.255.255", True),
     ],
 )  # fmt: skip
 def test_a_local_destination_is_loopback_or_unspecified(ip, local):

@@ -202,7 +202,9 @@ class MapFd:
             ctypes.addressof(self._key),
             ctypes.addressof(self._value),
         )
+        self._elem_at = ctypes.addressof(self._elem)
         self._u64 = self.key_size == 8
+        self._value_mask = (1 << 8 * min(self.value_size, 8)) - 1  # a value under 8 bytes
 
     # -- bytes (safe from any thread: buffers of their own per call) ---------
     def _call_elem(self, cmd: int, key: bytes, value: bytes | None = None, flags: int = 0):
@@ -317,10 +319,21 @@ class MapFd:
             ctypes.memmove(token_in, token_out, len(token_out))
             first = False
 
+    def lookup_loop(self, key: bytes) -> bytes | None:
+        """lookup() on the preallocated buffers (the loop's only, like the
+        u64 methods): once per forwarded connection."""
+        if len(key) != self.key_size:
+            raise ValueError(f"map {self.name}: key of {len(key)} bytes, the map's is "
+                             f"{self.key_size}")  # fmt: skip
+        self._key.raw = key
+        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, self._elem_at, 32) < 0:
+            return None
+        return self._value.raw[: self.value_size]
+
     # -- u64 keys (socket cookies) ------------------------------------------
     def update_u64(self, key: int, value: int) -> None:
-        """key and value as u64 (a 4-byte value, e.g. a sockhash fd, takes
-        the low half: little-endian)."""
+        """key and value as u64 (a smaller value, e.g. a sockhash fd or a
+        flag byte, takes the low bytes: little-endian)."""
         self._need_u64()
         struct.pack_into("=Q", self._key, 0, key)
         struct.pack_into("=Q", self._value, 0, value)
@@ -329,9 +342,9 @@ class MapFd:
     def lookup_u64(self, key: int) -> int | None:
         self._need_u64()
         struct.pack_into("=Q", self._key, 0, key)
-        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, ctypes.addressof(self._elem), 32) < 0:
+        if _libc.syscall(SYS_BPF, BPF_MAP_LOOKUP_ELEM, self._elem_at, 32) < 0:
             return None
-        return struct.unpack_from("=Q", self._value, 0)[0]
+        return struct.unpack_from("=Q", self._value, 0)[0] & self._value_mask
 
     def delete_u64(self, key: int) -> bool:
         self._need_u64()
@@ -374,21 +387,21 @@ class MapFd:
 
     # -- internals ----------------------------------------------------------
     def _need_u64(self) -> None:
-        if not self._u64 or self.value_size not in (4, 8):
+        if not self._u64 or self.value_size not in (1, 2, 4, 8):
             raise ValueError(
                 f"map {self.name}: key {self.key_size} / value {self.value_size} bytes is not u64"
             )
 
     def _update(self, flags: int) -> None:
         struct.pack_into("=Q", self._elem, 24, flags)
-        if _libc.syscall(SYS_BPF, BPF_MAP_UPDATE_ELEM, ctypes.addressof(self._elem), 32) < 0:
+        if _libc.syscall(SYS_BPF, BPF_MAP_UPDATE_ELEM, self._elem_at, 32) < 0:
             err = ctypes.get_errno()
             raise BpfError(err, f"{self.name} update: {os.strerror(err)}")
 
     def _delete(self) -> bool:
         # Only map_fd and key: the kernel refuses (EINVAL) a delete whose
         # attr has anything after the key, and _elem holds the value pointer.
-        return _libc.syscall(SYS_BPF, BPF_MAP_DELETE_ELEM, ctypes.addressof(self._elem), 16) == 0
+        return _libc.syscall(SYS_BPF, BPF_MAP_DELETE_ELEM, self._elem_at, 16) == 0
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -13,7 +13,6 @@ stream. Only an orderly close clears it first (orderly_close).
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
 import struct
@@ -60,8 +59,10 @@ def linger_reset(sock: socket.socket) -> None:
 
 
 def _close_lingering(sock: socket.socket, linger: bytes) -> None:
-    with contextlib.suppress(OSError):
+    try:  # not contextlib.suppress: three calls fewer, twice per connection
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    except OSError:
+        pass
     sock.close()
 
 
@@ -129,25 +130,27 @@ class Leg:
         self.buf = bytearray(data)
 
     def read(self) -> None:
-        data = recv_scratch(self.src, self.most)
-        if data is None:
+        try:  # recv_scratch(), inline: every event of every connection
+            got = self.src.recv_into(_SCRATCH, self.most)
+        except BlockingIOError:
             self.full = False
             return
-        self.full = len(data) == self.most
-        if not data:
+        self.full = got == self.most
+        if not got:
             self.eof = True
-        else:
-            self.nbytes += len(data)
-            if self.buf:
-                self.buf += data
-            else:
-                try:
-                    sent = self.dst.send(data)
-                except BlockingIOError:
-                    sent = 0
-                if sent < len(data):
-                    self.buf += data[sent:]
-        self._maybe_shut()
+            self._maybe_shut()
+            return
+        self.nbytes += got
+        data = _SCRATCH[:got]
+        if self.buf:
+            self.buf += data
+            return
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < got:
+            self.buf += data[sent:]
 
     def flush(self) -> None:
         if self.buf:
@@ -160,12 +163,14 @@ class Leg:
 
     def _maybe_shut(self) -> None:
         """Pass the half-close on once everything read has been written."""
-        if self.eof and not self.waiting and not self.shut:
+        if self.eof and not self.shut and not self.waiting:
             self.shut = True
             if self.twin is not None and self.twin.shut:
                 return  # the last direction: the relay closes both next, close() sends the FIN
-            with contextlib.suppress(OSError):
+            try:
                 self.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
 
 class Relay:
@@ -175,8 +180,8 @@ class Relay:
     handoff_bytes = 0
     settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
-    __slots__ = ("back", "client", "closed", "closed_by", "loop", "mode", "on_done", "out",
-                 "upstream")  # fmt: skip
+    __slots__ = ("back", "cfd", "client", "closed", "closed_by", "loop", "mode", "on_done",
+                 "out", "ufd", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -197,6 +202,7 @@ class Relay:
         self.back = leg(upstream, client)  # destination -> pod
         self.out.twin, self.back.twin = self.back, self.out
         self.closed = False
+        self.cfd, self.ufd = client.fileno(), upstream.fileno()  # theirs while open
         for sock in (client, upstream):
             loop.add(sock.fileno(), self._mask(sock), self._handler(sock))
 
@@ -264,11 +270,15 @@ class Relay:
         return handle
 
     def _update(self) -> None:
-        if self.out.shut and self.back.shut:
+        """After an event: end once both directions are done, else watch
+        what each socket waits for (_mask, inline: every event)."""
+        out, back = self.out, self.back
+        if out.shut and back.shut:
             self.finish(None)
             return
-        for sock in (self.client, self.upstream):
-            self.loop.modify(sock.fileno(), self._mask(sock))
+        modify = self.loop.modify
+        modify(self.cfd, (EPOLLIN if out.wants_read() else 0) | (EPOLLOUT if back.waiting else 0))
+        modify(self.ufd, (EPOLLIN if back.wants_read() else 0) | (EPOLLOUT if out.waiting else 0))
 
     def abort(self, failed: socket.socket, exc: OSError) -> None:
         """An error on one side: reset the other side too."""

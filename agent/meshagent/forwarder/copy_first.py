@@ -54,7 +54,7 @@ class CopyFirst:
     life of the connection; after the move it passes everything to the
     SockmapRelay."""
 
-    __slots__ = ("app", "buffer", "client", "copy", "inner", "on_done", "path", "reads",
+    __slots__ = ("app", "buffer", "client", "copy", "inner", "now", "on_done", "path", "reads",
                  "upstream")  # fmt: skip
 
     def __init__(self, path: SplicingPath, client, upstream, app: AppSocket | None,
@@ -65,10 +65,9 @@ class CopyFirst:
         self.reads = 0
         self.buffer = 0  # the forwarder's limit (budget.py), for the relay it moves to
         self.copy = _CopyPhase(self, path.loop, client, upstream, self._copied)
-
-    @property
-    def now(self) -> Connection:
-        return self.inner if self.inner is not None else self.copy
+        # What carries it now: inner once it moved, else copy (a slot, not a
+        # property: the forwarder asks it several times per connection).
+        self.now: Connection = self.copy
 
     @property
     def settled(self) -> bool:
@@ -160,7 +159,7 @@ class CopyFirst:
             path.stats.fallbacks += 1
             copy.cookies = tuple(cookies)
             path.copying(copy, cookies)
-            self.inner = copy
+            self.inner = self.now = copy
             copy.resume()
             return
         relay = path.spliced(self.client, self.upstream, (cookies[0], cookies[1]), self.app,
@@ -170,7 +169,7 @@ class CopyFirst:
         if self.app is not None:  # P counts from A's start: so must its Y
             relay.client.y_base = copy.out.nbytes  # what copy read (sent or held)
         relay.owner = self
-        self.inner = relay
+        self.inner = self.now = relay
         if self.buffer:  # enter() gave the sockets the path's own send buffer
             relay.limit(self.buffer)
         try:

@@ -227,13 +227,17 @@ class Forwarder:
     ) -> None:
         """closing: the listener goes next, so what waits in its queue (steered
         before the pod was detached) is taken whatever the pod's limit."""
+        family = listener.family
         for _ in range(limit):
             why = self._no_room(slot, closing)
             if why:
                 self._pause(slot, why)
                 return
             try:
-                client, peer = listener.accept()
+                # listener.accept() less its enum conversions (family and
+                # type, asked of the listener per call): the same socket.
+                fd, peer = listener._accept()
+                client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

@@ -67,8 +67,14 @@ def entered(fd: int) -> Iterator[None]:
 
 
 def socket_in(fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    with entered(fd):
+    """A socket made inside the netns fd (entered() without the context
+    manager's calls: once per forwarded connection)."""
+    home = _home_fd()
+    setns(fd)
+    try:
         return socket.socket(family, kind)
+    finally:
+        setns(home)
 
 
 def cookie_of(sock: socket.socket) -> int:

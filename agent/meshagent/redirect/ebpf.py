@@ -198,7 +198,7 @@ class EbpfSteering:
 
     def orig_dst(self, _sock: socket.socket, ip: str, port: int) -> Orig | None:
         key = abi.client_key(self.cookie, ip, port)
-        raw = self.backend.orig_tup.lookup(key)
+        raw = self.backend.orig_tup.lookup_loop(key)
         if raw is None:  # the client closed before we accepted: its entry moved
             raw = self.backend.orig_cls.lookup(key)
             if raw is None:
@@ -211,4 +211,4 @@ class EbpfSteering:
     def prepare_upstream(self, sock: socket.socket) -> None:
         """The connect hook passes sockets whose cookie is in mesh_own (and
         removes the entry): something a pod cannot forge, unlike a mark."""
-        self.backend.own.update(abi.U64.pack(socket_cookie(sock)), _ONE)
+        self.backend.own.update_u64(socket_cookie(sock), 1)
