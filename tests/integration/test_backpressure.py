@@ -290,9 +290,10 @@ class Peer:
     """PEER in a pod, `listen`ing on PORT or `connect`ing to host:PORT with
     conns connections; told ops as JSON lines, its JSON lines on a queue."""
 
-    def __init__(self, env: MeshEnv, pod, role: str, host: str, conns: int) -> None:
+    def __init__(self, env: MeshEnv, pod, role: str, host: str, conns: int,
+                 port: int = PORT) -> None:  # fmt: skip
         self.proc = env.popen(
-            pod, [sys.executable, "-c", PEER, role, host, str(PORT), str(conns)],
+            pod, [sys.executable, "-c", PEER, role, host, str(port), str(conns)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.lines: queue.Queue[dict | None] = queue.Queue()
@@ -812,6 +813,38 @@ def test_a_smaller_sockmap_send_buffer_stays_under_the_budget(mesh_env):
         # the pair (ss lists no listener without -l): receive buffers from
         # the budget (a lone connection: 4 MiB), send buffers 2 x 64 KiB
         assert bufs == [(4 << 20, 2 * 65536)] * 2, out
+    finally:
+        for peer in peers:
+            end(peer.proc)
+        assert agent.stop() == 0, agent.log()
+
+
+def test_sockets_a_listener_accepts_have_the_budgets_buffers(mesh_env):
+    """Once the pod's listeners have the budget's buffer size, the sockets
+    they accept inherit it and are not set again (two system calls fewer per
+    connection): the first connection, then six more, one after another,
+    all have it on both ends, as the kernel counts them."""
+    server = mesh_env.create_pod("srv")
+    client = mesh_env.create_pod("cli")
+    agent = agent_for(mesh_env, "copy")
+    peers: list[Peer] = []
+    try:
+        agent.attach(client)
+        one_connection(mesh_env, server, client, peers)
+        far = Peer(mesh_env, server, "listen", "0.0.0.0", 6, port=PORT + 2)
+        peers.append(far)
+        assert "listening" in far.next("listening")
+        near = Peer(mesh_env, client, "connect", server.ip4, 6, port=PORT + 2)
+        peers.append(near)
+        assert far.next("accepts") == near.next("connects") == {"ready": 6}
+        proc = mesh_env.popen(client, ["ss", "-tmnpHO"], stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=30)
+        bufs = [(int(m[1]), int(m[2])) for line in out.splitlines()
+                if f"pid={agent.proc.pid}," in line and (m := TB.search(line))]  # fmt: skip
+        assert agent.pod_status("cli")["connections_active"] == 7
+        # 7 accepted and 7 upstream sockets, each at the budget's 4 MiB
+        # (a pod's first connections are sized as if it had 32)
+        assert bufs == [(4 << 20, 4 << 20)] * 14, out
     finally:
         for peer in peers:
             end(peer.proc)

@@ -35,6 +35,7 @@ from meshagent.steering import PodHandle, Steering
 
 CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64
+LISTEN_MISSES = 8  # connections of another buffer size before the listeners take it
 RECENT_MAX = 256
 FD_RESERVE = 64  # fds kept for maps, listeners, control clients, netns
 PAUSE_FIRST = 0.05  # seconds a listener rests when there is no room, doubling
@@ -239,6 +240,7 @@ class Forwarder:
                 fd, peer = listener._accept()
                 client = socket.socket(family, socket.SOCK_STREAM, 0, fd)
             except (BlockingIOError, InterruptedError):
+                slot.listen_drained.add(listener.fileno())
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
@@ -247,7 +249,8 @@ class Forwarder:
                     return
                 continue
             slot.backoff = PAUSE_FIRST
-            self._forward(slot, client, peer[0], peer[1])
+            inherited = slot.listen_buffer if listener.fileno() in slot.listen_drained else 0
+            self._forward(slot, client, peer[0], peer[1], inherited)
 
     # -- room: fds, bytes and the per-pod limit -------------------------------
     @property
@@ -406,7 +409,10 @@ class Forwarder:
                        entry.path, entry.state)  # fmt: skip
 
     # -- one connection ----------------------------------------------------
-    def _forward(self, slot: PodSlot, client: socket.socket, peer_ip: str, peer_port: int) -> None:
+    def _forward(self, slot: PodSlot, client: socket.socket, peer_ip: str, peer_port: int,
+                 inherited: int = 0) -> None:  # fmt: skip
+        """inherited: the buffer size client has from its listener (0: not
+        known)."""
         client.setblocking(False)
         conn = format_endpoint(peer_ip, peer_port)
         orig = slot.steering.orig_dst(client, peer_ip, peer_port)
@@ -461,11 +467,20 @@ class Forwarder:
         self._hold(slot, record)
         slot.stats.connections_total += 1
         slot.stats.connections_active += 1
-        try:
-            set_buffers(client, record.buffer)
-        except OSError as exc:
-            self._fail(slot, record, client, None, f"buffers: {exc.strerror}", path, None)
-            return
+        if record.buffer != inherited:
+            try:
+                set_buffers(client, record.buffer)
+            except OSError as exc:
+                self._fail(slot, record, client, None, f"buffers: {exc.strerror}", path, None)
+                return
+            if record.buffer != slot.listen_buffer:
+                # Not for every change: under memory pressure the size
+                # moves with the pod's connections.
+                slot.listen_misses += 1
+                if slot.listen_misses >= LISTEN_MISSES or not slot.listen_buffer:
+                    self._listen_buffers(slot, record.buffer)
+        else:
+            slot.listen_misses = 0
         if node is None:
             state = path.accepted(client, orig.app)
             to_port = orig_port
@@ -474,6 +489,21 @@ class Forwarder:
             record.mtls = {"direction": "out", "node": node.name}
             to_port = self.mesh.port
         self._connect_upstream(slot, record, client, path, state, orig_ip, to_port)
+
+    def _listen_buffers(self, slot: PodSlot, buffer: int) -> None:
+        """Give the pod's listeners buffer, so that the sockets they accept
+        have it already (two system calls fewer per connection, and their
+        window scale fits it from the handshake on). Until a listener's
+        queue has been empty once, what it accepts may predate this."""
+        slot.listen_drained.clear()
+        slot.listen_misses = 0
+        try:
+            for sock in slot.listeners:
+                set_buffers(sock, buffer)
+        except OSError:
+            slot.listen_buffer = 0  # every accepted socket gets its own again
+            return
+        slot.listen_buffer = buffer
 
     def _policy_denies(self, slot: PodSlot, ip: str, port: int) -> str | None:
         """The rule that denies this connection, or None. Egress here only

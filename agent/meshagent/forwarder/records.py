@@ -45,6 +45,12 @@ class PodSlot:
     backoff: float = 0.05  # how long the next pause lasts
     listeners: list[socket.socket] = field(default_factory=list)
     stats: PodStats = field(default_factory=PodStats)
+    # The buffer size the listeners give the sockets they accept (they
+    # inherit it), and the listeners (by fd) whose queue has been empty
+    # since it was set: what they accept now was made with it.
+    listen_buffer: int = 0
+    listen_drained: set[int] = field(default_factory=set)
+    listen_misses: int = 0  # connections since, of another size than listen_buffer
 
 
 @dataclass(slots=True)
