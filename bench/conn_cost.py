@@ -1,8 +1,8 @@
 """What a forwarded connection costs the agent ([P] part 1), commit against
 commit: redis GET with a connection per request, 20 clients, from an
 attached pod through the sockmap path, and the agent's own CPU time
-(utime + stime of its process, every thread) per request, with the
-requests per second. The trees are measured in interleaved rounds in the
+(utime + stime of its process, every thread, and each of them) per
+request, with the requests per second. The trees are measured in interleaved rounds in the
 same minutes, so a change's before and after meet the same machine.
 
     CONN_COST_TREES="before=/tmp/wt-OLD,after=." bench/conn_cost.py
@@ -47,9 +47,10 @@ REQUESTS = int(os.environ.get("CONN_COST_REQUESTS", "20000"))
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process, every thread."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def benchmark(env, pod, target: str, requests: int) -> float:
@@ -70,7 +71,9 @@ def main() -> int:
     if not ready("conn_cost", "bench-conn-cost", ("redis-server", "redis-benchmark")):
         return 1
     chosen = agent_trees("CONN_COST_TREES")
-    samples: dict[str, dict[str, list[float]]] = {n: {"us": [], "rps": []} for n in chosen}
+    samples: dict[str, dict[str, list[float]]] = {
+        n: {"us": [], "user_us": [], "sys_us": [], "rps": []} for n in chosen
+    }
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-conn-cost-"))
     env = make_env()
     agent = None
@@ -84,15 +87,19 @@ def main() -> int:
                 agent = start_agent(env, "--datapath", "sockmap", log_name=f"agent-{name}.log")
                 agent.attach(client)
                 benchmark(env, client, server.ip4, 2000)  # warm
-                before = cpu_seconds(agent.proc.pid)
+                user0, sys0 = cpu_seconds(agent.proc.pid)
                 rps = benchmark(env, client, server.ip4, REQUESTS)
-                used = cpu_seconds(agent.proc.pid) - before
+                user1, sys1 = cpu_seconds(agent.proc.pid)
                 agent.stop()
                 agent = None
-                samples[name]["us"].append(used / REQUESTS * 1e6)
+                user, system = (user1 - user0) / REQUESTS * 1e6, (sys1 - sys0) / REQUESTS * 1e6
+                samples[name]["us"].append(user + system)
+                samples[name]["user_us"].append(user)
+                samples[name]["sys_us"].append(system)
                 samples[name]["rps"].append(rps)
-                print(f"round {i + 1} {name}: {used / REQUESTS * 1e6:.1f} us of agent CPU per"
-                      f" request, {rps:.0f} requests/s", flush=True)  # fmt: skip
+                print(f"round {i + 1} {name}: {user + system:.1f} us of agent CPU per request"
+                      f" ({user:.1f} user, {system:.1f} system), {rps:.0f} requests/s",
+                      flush=True)  # fmt: skip
     finally:
         if agent is not None:
             agent.stop()
