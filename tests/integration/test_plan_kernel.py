@@ -149,5 +149,19 @@ def test_every_python_struct_matches_the_compiled_c():
         peer.update_u64(3, 4)
         peer.delete_many_u64([1, 99, 3])  # a missing key in the middle
         assert peer.count() == 0
+        # The loop's fast paths: a u64 key with a 1-byte value (mesh_own), a
+        # 32-byte key on the preallocated buffers (mesh_orig_tup).
+        own = maps["mesh_own"]
+        own.update_u64(1 << 40 | 9, 1)
+        assert own.lookup(abi.U64.pack(1 << 40 | 9)) == b"\x01"
+        assert own.lookup_u64(1 << 40 | 9) == 1 and own.delete_u64(1 << 40 | 9)
+        key, value = abi.client_key(11, "10.1.2.3", 4567), bytes(range(tup.value_size))
+        tup_map = maps["mesh_orig_tup"]
+        tup_map.update(key, value)
+        assert tup_map.lookup_loop(key) == value
+        assert tup_map.lookup_loop(abi.client_key(11, "10.1.2.3", 4568)) is None
+        assert tup_map.lookup_loop(key) == value and tup_map.delete(key)
+        with pytest.raises(ValueError, match="key of 8 bytes"):
+            tup_map.lookup_loop(abi.U64.pack(1))
     finally:
         loader.release(maps, fds)
