@@ -90,6 +90,7 @@ def main() -> int:
         if with_haproxy:
             plain, proxy = env.create_pod("plain"), env.create_pod("proxy")
             tune_pod(env, plain)
+            tune_pod(env, proxy)  # its upstream connects: the ports and TIME_WAIT reuse
             haproxy = env.popen(proxy, ["haproxy", "-db", "-f",
                                         str(haproxy_conf(workdir, server.ip4, False))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
