@@ -111,15 +111,14 @@ static __always_inline void mesh_stale_drop(struct mesh_tuple *key)
 
 /* Established and not steered: a direct connect to the pod's own forwarder
  * listener must not inherit an earlier connection's destination. */
-static __always_inline void mesh_direct(struct bpf_sock_ops *skops)
+static __always_inline void mesh_direct(struct bpf_sock_ops *skops, __u64 netns,
+					struct mesh_pod *pod)
 {
 	struct mesh_tuple key = {};
-	struct mesh_pod *pod;
 
-	key.netns = bpf_get_netns_cookie(skops);
-	pod = mesh_pods.lookup(&key.netns);
-	if (!pod || !mesh_peer_is_listener(skops, pod->port))
+	if (!mesh_peer_is_listener(skops, pod->port))
 		return;
+	key.netns = netns;
 	mesh_client_key(skops, &key);
 	mesh_stale_drop(&key);
 }
@@ -138,7 +137,9 @@ static __always_inline void mesh_pod_count(__u64 netns, __s64 delta)
 		__sync_fetch_and_add(mine, delta);
 }
 
-static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
+/* ACTIVE_ESTABLISHED_CB of an attached pod's socket (netns, pod). */
+static __always_inline void mesh_rekey(struct bpf_sock_ops *skops, __u64 netns,
+				       struct mesh_pod *pod)
 {
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	struct mesh_tuple key = {};
@@ -149,8 +150,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops)
 	cookie = bpf_get_socket_cookie(skops);
 	found = mesh_orig_sk.lookup(&cookie);
 	if (!found) {
-		if (!mesh_kernel_up(skops, cookie))
-			mesh_direct(skops);
+		if (!mesh_kernel_up(skops, cookie))  /* by its entry, whatever the pod's mode now */
+			mesh_direct(skops, netns, pod);
 		return;
 	}
 	orig = *found;
@@ -205,15 +206,29 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 
 int mesh_sockops(struct bpf_sock_ops *skops)
 {
+	struct mesh_pod *pod;
+	__u64 netns;
+
 #if MESH_TEST_REFUSE
 	bpf_sk_redirect_hash((void *)skops, (void *)0, (void *)0, 0);
 #endif
+
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		mesh_kernel_syn(skops);
-		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		mesh_rekey(skops);
+		/* Every connect of every socket under the attach point comes here
+		 * (on a node: all of its TCP): one lookup in the small pod table
+		 * sends away all but the attached pods' own, before any lookup in
+		 * the large per-connection maps (a pod detached meanwhile: its
+		 * connect hook's entries are LRU). */
+		netns = bpf_get_netns_cookie(skops);
+		pod = mesh_pods.lookup(&netns);
+		if (!pod)
+			break;
+		if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+			mesh_rekey(skops, netns, pod);
+		else
+			mesh_kernel_syn(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (!mesh_kernel_state(skops) && skops->args[1] == BPF_TCP_CLOSE)
