@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,12 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from meshenv import make_env, start_agent, wait_for  # noqa: E402
-from run import REDIS_PORT, RESULTS, cpu_model, ready, redis_pods, source_tree  # noqa: E402
+from meshenv import wait_for  # noqa: E402
+from run import REDIS_PORT, ready  # noqa: E402
+from syscalls import REQUESTS, count_runs  # noqa: E402
 
-REQUESTS = int(os.environ.get("PYCALLS_REQUESTS", "2000"))
-DATAPATHS = ("sockmap", "copy")
-WORKLOADS = {"conn": "0", "ka": "1"}  # redis-benchmark -k
 SHOWN = int(os.environ.get("PYCALLS_SHOWN", "40"))  # functions listed per workload
 
 # Loaded by the agent's interpreter at start (site imports sitecustomize).
@@ -81,59 +77,24 @@ def per_request(env, pod, target: str, pid: int, keep: str, out: Path) -> dict[s
     return {name: n / REQUESTS for name, n in after.most_common() if n > 0}
 
 
-def measured_tree() -> tuple[dict, Path | None]:
-    tree = os.environ.get("PYCALLS_AGENT_TREE")
-    if not tree:
-        return source_tree(), None
-    path = Path(tree).resolve()
-    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return {"commit": commit, "agent_code_changed": None}, path / "agent"
+def count_calls(env, pod, target: str, pid: int, keep: str, workdir: Path) -> dict:
+    calls = per_request(env, pod, target, pid, keep, workdir / "calls.json")
+    top = {name: round(n, 2) for name, n in list(calls.items())[:SHOWN]}
+    return {"total": round(sum(calls.values()), 1), "top": top}
+
+
+def prepare(workdir: Path, agent_dir: Path | None) -> None:
+    """The agent loads cProfile from workdir's sitecustomize.py."""
+    (workdir / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    paths = [str(workdir)] + ([str(agent_dir)] if agent_dir is not None else [])
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    os.environ["MESHAGENT_PYCALLS_OUT"] = str(workdir / "calls.json")
 
 
 def main() -> int:
     if not ready("pycalls", "bench-pycalls", ("redis-server", "redis-benchmark")):
         return 1
-    source, agent_dir = measured_tree()
-    label = os.environ.get("PYCALLS_LABEL") or source["commit"]
-    workdir = Path(tempfile.mkdtemp(prefix="meshagent-pycalls-"))
-    (workdir / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    paths = [str(workdir)] + ([str(agent_dir)] if agent_dir is not None else [])
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    out = workdir / "calls.json"
-    os.environ["MESHAGENT_PYCALLS_OUT"] = str(out)
-    env = make_env()
-    agent = None
-    entry: dict = {}
-    try:
-        client, server = redis_pods(env, workdir)
-        for datapath in DATAPATHS:
-            agent = start_agent(env, "--datapath", datapath, log_name=f"agent-{datapath}.log")
-            agent.attach(client)
-            time.sleep(1.0)
-            for workload, keep in WORKLOADS.items():
-                calls = per_request(env, client, server.ip4, agent.proc.pid, keep, out)
-                total = sum(calls.values())
-                entry[f"{workload}-{datapath}"] = {
-                    "total": round(total, 1),
-                    "top": {name: round(n, 2) for name, n in list(calls.items())[:SHOWN]},
-                }
-                print(f"{label} {workload}-{datapath}: {total:.1f} Python calls per request")
-            agent.stop()
-            agent = None
-    finally:
-        if agent is not None:
-            agent.stop()
-        env.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
-    path = RESULTS / "pycalls.json"
-    data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
-    data["runs"][label] = {"date": time.strftime("%Y-%m-%d"), "kernel": os.uname().release,
-                           "cpu_model": cpu_model(), "requests": REQUESTS, **source,
-                           "workload": "redis GET, 20 clients", **entry}  # fmt: skip
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"wrote {path.relative_to(ROOT)} ({label})")
-    return 0
+    return count_runs("pycalls", count_calls, prepare)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,19 @@ def agent_trees(variable: str) -> dict[str, tuple[Path, str]]:
     return out
 
 
+def measured_tree(variable: str) -> tuple[dict, Path | None]:
+    """The agent tree a counting bench measures: (its commit fields, its
+    agent package dir or None for this checkout), from the environment
+    variable (a worktree of an older commit: `git worktree add`)."""
+    tree = os.environ.get(variable)
+    if not tree:
+        return source_tree(), None
+    path = Path(tree).resolve()
+    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return {"commit": commit, "agent_code_changed": None}, path / "agent"
+
+
 def machine_cpu() -> float:
     parts = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = parts[3] + parts[4]

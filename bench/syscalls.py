@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from meshenv import make_env, start_agent  # noqa: E402
-from run import REDIS_PORT, RESULTS, cpu_model, ready, redis_pods, source_tree  # noqa: E402
+from run import REDIS_PORT, RESULTS, cpu_model, measured_tree, ready, redis_pods  # noqa: E402
 
-REQUESTS = int(os.environ.get("SYSCALLS_REQUESTS", "2000"))
+REQUESTS = int(os.environ.get("SYSCALLS_REQUESTS", "2000"))  # also bench/pycalls.py's
 DATAPATHS = ("sockmap", "copy")
 WORKLOADS = {"conn": "0", "ka": "1"}  # redis-benchmark -k
 
@@ -62,24 +62,21 @@ def table(counts: dict[str, float]) -> list[str]:
             f" {sum(counts.values()):.0f} in all, every thread)", *rows]  # fmt: skip
 
 
-def measured_tree() -> tuple[dict, Path | None]:
-    tree = os.environ.get("SYSCALLS_AGENT_TREE")
-    if not tree:
-        return source_tree(), None
-    path = Path(tree).resolve()
-    commit = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return {"commit": commit, "agent_code_changed": None}, path / "agent"
-
-
-def main() -> int:
-    if not ready("syscalls", "bench-syscalls", ("strace", "redis-server", "redis-benchmark")):
-        return 1
-    source, agent_dir = measured_tree()
-    if agent_dir is not None:
+def count_runs(name: str, count, prepare=None) -> int:
+    """The counting benches' run (this one and bench/pycalls.py): for each
+    data path an agent with the client pod attached, for each workload
+    count(env, pod, target, agent pid, keep-alive, workdir) -> {what: per
+    request}; one entry, named by NAME_LABEL (default: the commit), added
+    to bench/results/NAME.json. The agent tree: NAME_AGENT_TREE. prepare
+    (workdir, agent package dir or None) sets the agent's environment."""
+    var = name.upper()
+    source, agent_dir = measured_tree(f"{var}_AGENT_TREE")
+    label = os.environ.get(f"{var}_LABEL") or source["commit"]
+    workdir = Path(tempfile.mkdtemp(prefix=f"meshagent-{name}-"))
+    if prepare is not None:
+        prepare(workdir, agent_dir)
+    elif agent_dir is not None:
         os.environ["PYTHONPATH"] = str(agent_dir)  # the agent's `python -m meshagent`
-    label = os.environ.get("SYSCALLS_LABEL") or source["commit"]
-    workdir = Path(tempfile.mkdtemp(prefix="meshagent-syscalls-"))
     env = make_env()
     agent = None
     entry: dict = {}
@@ -90,10 +87,10 @@ def main() -> int:
             agent.attach(client)
             time.sleep(1.0)
             for workload, keep in WORKLOADS.items():
-                counts = per_request(env, client, server.ip4, agent.proc.pid, keep, workdir)
-                entry[f"{workload}-{datapath}"] = {"total": round(sum(counts.values()), 1),
-                                                   "by_call": counts}  # fmt: skip
-                print(f"{label} {workload}-{datapath}: {sum(counts.values()):.1f} per request")
+                entry[f"{workload}-{datapath}"] = count(env, client, server.ip4, agent.proc.pid,
+                                                        keep, workdir)  # fmt: skip
+                total = entry[f"{workload}-{datapath}"]["total"]
+                print(f"{label} {workload}-{datapath}: {total:.1f} per request")
             agent.stop()
             agent = None
     finally:
@@ -101,7 +98,7 @@ def main() -> int:
             agent.stop()
         env.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
-    path = RESULTS / "syscalls.json"
+    path = RESULTS / f"{name}.json"
     data = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     data["runs"][label] = {"date": time.strftime("%Y-%m-%d"), "kernel": os.uname().release,
                            "cpu_model": cpu_model(), "requests": REQUESTS, **source,
@@ -109,6 +106,17 @@ def main() -> int:
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"wrote {path.relative_to(ROOT)} ({label})")
     return 0
+
+
+def count_syscalls(env, pod, target: str, pid: int, keep: str, workdir: Path) -> dict:
+    counts = per_request(env, pod, target, pid, keep, workdir)
+    return {"total": round(sum(counts.values()), 1), "by_call": counts}
+
+
+def main() -> int:
+    if not ready("syscalls", "bench-syscalls", ("strace", "redis-server", "redis-benchmark")):
+        return 1
+    return count_runs("syscalls", count_syscalls)
 
 
 if __name__ == "__main__":
