@@ -204,10 +204,11 @@ class _CopyPhase(CopiedPair):
         super().__init__(loop, client, upstream, on_done)
 
     def _update(self) -> None:
-        self.owner.reads += 1
-        self.rearm()
-        if self.owner.worth_moving():
-            self.owner.move()
+        owner = self.owner
+        owner.reads += 1
+        CopiedPair._update(self)  # rearm(), one call fewer: every event
+        if owner.worth_moving():
+            owner.move()
 
     def rearm(self) -> None:
         """What the copy relay does after an event (end once both

@@ -722,11 +722,12 @@ class Forwarder:
         if slot.paused:
             slot.backoff = PAUSE_FIRST
             self._resume(slot)
-        slot.stats.bytes_out += conn.bytes_out
-        slot.stats.bytes_in += conn.bytes_in
-        record.bytes_out, record.bytes_in = conn.bytes_out, conn.bytes_in
-        self.moved[(slot.name, "out", record.datapath)] += conn.bytes_out
-        self.moved[(slot.name, "in", record.datapath)] += conn.bytes_in
+        out, back = conn.bytes_out, conn.bytes_in  # properties: asked once
+        slot.stats.bytes_out += out
+        slot.stats.bytes_in += back
+        record.bytes_out, record.bytes_in = out, back
+        self.moved[(slot.name, "out", record.datapath)] += out
+        self.moved[(slot.name, "in", record.datapath)] += back
         if reason is not None:
             slot.stats.resets += 1
         self._end(record, "reset" if reason else "closed", reason, closed_by=conn.closed_by,
