@@ -20,9 +20,14 @@ LOOPBACK_CONNECT = "import socket; socket.socket().connect_ex(('127.0.0.1', 1))"
 
 
 def start_trace(env, *args: str) -> subprocess.Popen:
+    """The tracer, stopped by SIGINT as a user's Ctrl-C stops it: with SIGINT
+    at its default even when this suite runs where it is ignored (a
+    background job of a script: Python then leaves Ctrl-C ignored and the
+    tracer never stops)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "meshagent", "trace", "-o", "json", *args],
         env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     env.procs.append(proc)
     return proc
