@@ -362,6 +362,25 @@ def held_back(agent) -> dict:
             "decisions": status["decisions"]}  # fmt: skip
 
 
+def sockets_of(*pods) -> str:
+    """The pods' TCP sockets as ss sees them (queues, windows, memory): what
+    a failure message needs to say where bytes stopped."""
+    out = []
+    for pod in pods:
+        for argv in (["ss", "-tnmieo"], ["nstat", "-az", "TcpExt*Drop*", "TcpExt*Prune*",
+                                          "TcpExtTCPTimeouts", "TcpRetransSegs"]):  # fmt: skip
+            shown = subprocess.run(["ip", "netns", "exec", pod.netns, *argv],
+                                   capture_output=True, text=True, timeout=10)  # fmt: skip
+            out.append(f"pod {pod.name}, {argv[0]}:\n{shown.stdout.strip()}")
+    return "\n".join(out)
+
+
+def stall_lines(agent) -> list[str]:
+    """The agent's log lines about stalls and the hand-off's order checks."""
+    keys = ("stall", "order check", "never saw")
+    return [line for line in agent.log().splitlines() if any(k in line for k in keys)][:20]
+
+
 def order_warnings(agent) -> list[str]:
     """The agent's log lines about the sockmap hand-off's order checks."""
     return [line for line in agent.log().splitlines() if "order check" in line][:20]
@@ -611,6 +630,8 @@ def echo_through(mesh_env, datapath: str, pod_sndbuf: int) -> None:
               f" before blocking; {held}")  # fmt: skip
         pod.tell("run", send_to=ECHO_TOTAL, recv_to=ECHO_TOTAL, stall=60)
         seen = pod.next("the pod's counts")
+        # where bytes stopped, while the sockets still hold them
+        stuck = "" if seen["got"] == [ECHO_TOTAL] else sockets_of(client, server)
         pod.tell("shut")
         assert pod.next("the pod's FIN") == {"shut": 1}
         echoed = echo.next("the server's counts")
@@ -623,7 +644,9 @@ def echo_through(mesh_env, datapath: str, pod_sndbuf: int) -> None:
             f"misplaced bytes ({datapath}): the pod read {seen['bad']},"
             f" the server read {echoed['bad']}; {after}"
         )
-        assert seen["sent"] == seen["got"] == [ECHO_TOTAL], seen
+        assert seen["sent"] == seen["got"] == [ECHO_TOTAL], (
+            f"{seen}; the server: {echoed}; {after}\n{stuck}\n" + "\n".join(stall_lines(agent))
+        )
         assert echoed["got"] == echoed["echoed"] == ECHO_TOTAL, echoed
         assert blocked["echoed"] < ECHO_TOTAL, blocked
         assert first < ECHO_TOTAL, f"the pod's sends never blocked ({datapath})"

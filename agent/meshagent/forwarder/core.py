@@ -644,16 +644,16 @@ class Forwarder:
         if not conn.closed:
             self.conns[conn] = (slot, record)
 
-    def _stalled(self, conn: Connection) -> None:
+    def _stalled(self, conn: Connection, detail: str) -> None:
         slot, record = self.conns.get(conn, (None, None))
         self.limited.warning(
             slot.name if slot else None,
             "handoff_stall",
-            "hand-off stalled: passed bytes not yet readable",
+            "hand-off stalled",
             {
                 "pod": slot.name if slot else None,
                 "conn": record.client if record else None,
-                "reason": "handoff_stall",
+                "reason": f"handoff_stall: {detail}",
             },
         )
 

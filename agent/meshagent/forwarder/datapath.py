@@ -93,7 +93,7 @@ class DataPath(ABC):
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
         self.stats = DataPathStats()
-        self.on_stall: Callable[[Connection], None] = lambda _conn: None
+        self.on_stall: Callable[[Connection, str], None] = lambda _conn, _detail: None
         self.on_throttle: Callable[[Connection], None] = lambda _conn: None
 
     def accepted(self, client: socket.socket, app: Any = None) -> Any:

@@ -156,9 +156,9 @@ class SockmapPath(DataPath):
         self.relays.add(relay)
         return relay
 
-    def _stalled(self, relay: SockmapRelay) -> None:
+    def _stalled(self, conn: Connection, detail: str) -> None:
         self.stats.stalls += 1
-        self.on_stall(relay.owner)
+        self.on_stall(conn, detail)
 
     def _untrack(self, on_done: Done) -> Done:
         return Untracked(self.relays, on_done)

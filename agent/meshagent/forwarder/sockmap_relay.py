@@ -44,7 +44,7 @@ from meshagent.forwarder.budget import SO_SNDBUFFORCE, kernel_holds, set_buffers
 from meshagent.forwarder.copy import CHUNK, orderly_close, recv_scratch, reset_close
 from meshagent.forwarder.datapath import Connection, Done, Exported
 from meshagent.forwarder.sockmap_maps import SockmapMaps
-from meshagent.forwarder.sockmap_side import Side
+from meshagent.forwarder.sockmap_side import Side, unsent
 from meshagent.host.loop import Loop, Timer
 from meshagent.modes import DataPathMode
 from meshagent.steering import AppSocket
@@ -79,7 +79,7 @@ class SockmapRelay:
         upstream: socket.socket,
         upstream_cookie: int,
         on_done: Done,
-        on_stall: Callable[[SockmapRelay], None],
+        on_stall: Callable[[Connection, str], None],
         app: AppSocket | None = None,
         on_throttle: Callable[[SockmapRelay], None] | None = None,
     ) -> None:
@@ -349,6 +349,7 @@ class SockmapRelay:
             if side.pending:
                 if side.base >= 0 and not self._in_order(side):
                     side.out_blocked = False
+                    self._waiting_order(side)
                     return True  # the psock worker is on it: the timer rechecks
                 try:
                     sent = side.peer.sock.send(side.pending)
@@ -414,9 +415,39 @@ class SockmapRelay:
 
     def _waiting(self, side: Side) -> bool:
         if not self.stalled and time.monotonic() - self.progress_at > STALL_SECONDS:
-            self.stalled = True
-            self.on_stall(self)
+            self._stall(side, "passed bytes not yet readable")
         return True
+
+    def _waiting_order(self, side: Side) -> None:
+        """Python holds bytes that must follow redirected ones still on their
+        way into the peer. A stall only when the peer's send queue is empty
+        all the same (its reader is not the one holding them up)."""
+        if self.stalled or time.monotonic() - self.progress_at <= STALL_SECONDS:
+            return
+        try:
+            idle = unsent(side.peer.sock) == 0
+        except OSError:
+            return
+        if idle:
+            self._stall(side, "redirected bytes never reached the peer's stream")
+
+    def _stall(self, side: Side, what: str) -> None:
+        """Say once what this pair waits for, with the counts the hand-off
+        rests on (a stall is a defect: its numbers say which)."""
+        self.stalled = True
+        maps = self.maps
+        try:
+            acked, into = side.peer.stream()
+            stream = f"{into} ({into - acked} unacked)"
+        except OSError:
+            stream = "unknown (closed)"
+        which = "pod" if side is self.client else "upstream"
+        self.on_stall(self.owner, (
+            f"{what}: {which} socket (cookie {side.cookie}) X {maps.x(side.cookie)}"
+            f" Y {max(side.sent_y, 0) + side.y_base} R {maps.redirected(side.cookie)}"
+            f" B {side.base}, its peer's stream {stream}, holding {len(side.pending)},"
+            f" throttled {side.throttled}, for {time.monotonic() - self.progress_at:.1f} s"
+        ))  # fmt: skip
 
     def _forward_fin(self, side: Side) -> bool:
         """Propagate side's EOF once its peer has sent all side received."""
@@ -481,7 +512,7 @@ class SockmapRelay:
     @classmethod
     def restore(
         cls, loop: Loop, maps: SockmapMaps, client, upstream, on_done: Done,
-        on_stall: Callable[[SockmapRelay], None], state: dict, blobs: list[bytes],
+        on_stall: Callable[[Connection, str], None], state: dict, blobs: list[bytes],
         on_throttle: Callable[[SockmapRelay], None] | None = None,
     ) -> SockmapRelay:  # fmt: skip
         """A pair taken over: both sockets are in the (pinned) sockhash and
