@@ -588,8 +588,26 @@ def test_after_a_hold_back_the_kernel_splices_again(mesh_env, datapath):
 ECHO_TOTAL = 2 * BOUND  # the pod's sends fill both ways' queues: up to BOUND each
 
 
+# Without sk_msg both directions go through the verdict, and a hold-back's
+# passes can wait uncharged behind the other direction's redirects in the
+# accepted socket's psock queue; charged all at once, they take it past its
+# receive buffer, the kernel retracts the window to 0 (NOMEM) and drops what
+# is in flight, and the pod's TCP waits out its retransmission backoff
+# (seen: rto 26 s, backoff 7; 2 runs in about 200 with a QEMU guest beside
+# it, and once in CI). bench/results/echo-stall.md has the sockets' state.
+ECHO_NOMSG_STALL = pytest.mark.xfail(
+    strict=False,
+    reason="open: on sockmap without sk_msg, under CPU load, a two-way hold-back can stall "
+    "for tens of seconds (window retracted by NOMEM, the pod's retransmission backoff); "
+    "bench/results/echo-stall.md",
+)
+
+
 @pytest.mark.kernel_matrix
-@pytest.mark.parametrize("datapath", DATAPATHS)
+@pytest.mark.parametrize(
+    "datapath",
+    [p if p != "sockmap-nomsg" else pytest.param(p, marks=ECHO_NOMSG_STALL) for p in DATAPATHS],
+)
 def test_a_pod_that_stops_reading_replies_stops_its_own_sends(mesh_env, datapath):
     """The pod sends ECHO_TOTAL to a server that sends back all it reads,
     and reads nothing: the server's send blocks, so it stops reading, so the
