@@ -508,7 +508,10 @@ def main() -> int:
             "cpu_model": cpu_model(),
             "rounds": ROUNDS,
             "seconds": SECONDS,
+            # at the end: its "msg" is the last path's setting (False after a
+            # sockmap-nomsg round); msg_available says whether sk_msg could be on
             "sockmap": status["datapaths"]["sockmap"],
+            "msg_available": msg_ok,
         }
         summary = summarise(samples)
         RESULTS.mkdir(exist_ok=True)
