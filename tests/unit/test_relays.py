@@ -604,3 +604,49 @@ def test_splice_stops_reading_when_the_pipe_is_full_by_slots():
         leg.close()
         for sock in (src_peer, src, dst, dst_peer):
             sock.close()
+
+
+class ClaimNeverReadable(FakeMaps):
+    """X is always 100 past what Python can read: a claim that never lands."""
+
+    def x(self, cookie: int) -> int:
+        return super().x(cookie) + 100
+
+
+class RedirectedNeverArrives(FakeMaps):
+    """The verdict says it redirected bytes from the pod's socket that never
+    enter the upstream socket's stream (R + B stays past the stream)."""
+
+    def redirected(self, cookie: int) -> int:
+        return 4096 if cookie in self.peers and cookie == self.client else 0
+
+
+@pytest.mark.parametrize(
+    ("maps", "what"),
+    [(ClaimNeverReadable, "passed bytes not yet readable"),
+     (RedirectedNeverArrives, "redirected bytes never reached the peer's stream")],
+)  # fmt: skip
+def test_a_stalled_hand_off_says_once_what_it_waits_for(monkeypatch, maps, what):
+    """A stall is a defect: its warning names the socket and the counts the
+    hand-off rests on (X, Y, R, B, the peer's stream), once per pair."""
+    from meshagent.forwarder import sockmap_relay
+
+    monkeypatch.setattr(sockmap_relay, "STALL_SECONDS", 0.2)
+    fake = maps()
+    # bytes queued before the splice: Python reads and holds them (for the
+    # second fake, R says more came first)
+    pair = Pair(DataPathMode.SOCKMAP, fake, early=b"b" * 1000, copy_first=False)
+    seen: list[str] = []
+    pair.path.on_stall = lambda _conn, detail: seen.append(detail)
+    try:
+        fake.client = pair.state.cookie
+        pair.join()
+        pair.run_until(lambda: seen, "the stall")
+        later = time.monotonic() + 0.5
+        pair.run_until(lambda: time.monotonic() > later, "more rechecks")
+        assert len(seen) == 1, seen
+        assert seen[0].startswith(what), seen
+        assert f"pod socket (cookie {fake.client})" in seen[0] and " Y " in seen[0], seen
+        assert pair.path.stats.stalls == 1
+    finally:
+        pair.close()
