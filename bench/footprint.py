@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import tables  # noqa: E402
+import doctables  # noqa: E402
 from meshenv import make_env, start_agent, wait_for  # noqa: E402
 from run import (  # noqa: E402
     CLK_TCK,
@@ -225,7 +225,7 @@ def main() -> int:
         keys = ("figure", "meshagent", "target", "haproxy", "met")
         table = [dict(zip(keys, row, strict=True)) for row in rows]
         path = save_results("footprint", meta, {"rows": table})
-        tables.update("footprint")  # docs/benchmarks.md's table, from the file
+        doctables.update("footprint")  # docs/benchmarks.md's table, from the file
         print(f"\nwritten to {path.relative_to(ROOT)}")
         return 0
     finally:

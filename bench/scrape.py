@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import tables  # noqa: E402
+import doctables  # noqa: E402
 from meshenv import make_env, start_agent, wait_for  # noqa: E402
 from run import save_results  # noqa: E402
 
@@ -135,7 +135,7 @@ def main() -> int:
             print(summary(name, row))
         meta = {"connections": CONNS, "pings": PINGS, "rounds": ROUNDS}
         path = save_results("scrape", meta, {"rows": results})
-        tables.update("scrape")  # docs/benchmarks.md's table, from the file
+        doctables.update("scrape")  # docs/benchmarks.md's table, from the file
         print(f"\nwritten to {path.relative_to(ROOT)}")
         return 0
     finally:

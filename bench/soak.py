@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import tables  # noqa: E402
+import doctables  # noqa: E402
 from meshenv import make_env, start_agent, wait_for  # noqa: E402
 from run import save_results  # noqa: E402
 
@@ -211,7 +211,7 @@ def main() -> int:
                 "short_per_second": SHORT_RATE, "agent_args": AGENT_ARGS}  # fmt: skip
         path = save_results("soak", meta, {"samples": rows, "load": totals, "warnings": warnings,
                                            "entries_left": left, "passed": not (bad or left)})  # fmt: skip
-        tables.update("soak")  # docs/benchmarks.md's table, from the file
+        doctables.update("soak")  # docs/benchmarks.md's table, from the file
         print(f"written to {path.relative_to(ROOT)}")
         return 1 if bad or left else 0
     finally:

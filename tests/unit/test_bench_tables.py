@@ -1,5 +1,5 @@
 """The docs' footprint, scrape and soak tables are made from their committed
-result files (bench/tables.py): a figure in docs/benchmarks.md is the one
+result files (bench/doctables.py): a figure in docs/benchmarks.md is the one
 its result file holds."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import tables  # noqa: E402
+import doctables as tables  # noqa: E402
 
 
 def test_the_committed_docs_tables_are_their_result_files():
-    assert tables.stale() == [], "python3 bench/tables.py rewrites them"
+    assert tables.stale() == [], "python3 bench/doctables.py rewrites them"
 
 
 def test_a_changed_result_changes_the_table_and_the_check_says_which(tmp_path, monkeypatch):

@@ -3,8 +3,8 @@
 their committed result files, so a figure in docs/benchmarks.md is always
 the one its result file holds.
 
-    python3 bench/tables.py          rewrite every table from bench/results
-    python3 bench/tables.py --check  exit 1 if a table differs from its file
+    python3 bench/doctables.py          rewrite every table from bench/results
+    python3 bench/doctables.py --check  exit 1 if a table differs from its file
 
 Each table sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in
 docs/benchmarks.md; the bench that writes NAME.json calls update(NAME).
@@ -155,10 +155,10 @@ def main(argv: list[str]) -> int:
         names = stale()
         for name in names:
             print(f"docs/benchmarks.md: the {name} table differs from bench/results/{name}.json"
-                  " (python3 bench/tables.py rewrites it)", file=sys.stderr)  # fmt: skip
+                  " (python3 bench/doctables.py rewrites it)", file=sys.stderr)  # fmt: skip
         return 1 if names else 0
     if argv[1:]:
-        print("usage: bench/tables.py [--check]", file=sys.stderr)
+        print("usage: bench/doctables.py [--check]", file=sys.stderr)
         return 2
     for name in TABLES:
         if not update(name):
