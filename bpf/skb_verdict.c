@@ -72,6 +72,32 @@ static __always_inline int mesh_over_budget(__u64 cookie, __u64 *peer, __u64 len
 	return wmem + (__s64)need > sndbuf;
 }
 
+/* Is the peer T itself passing, i.e. does Python hold bytes of T's own
+ * stream (T's X != Y)? Then no redirect into T: what this program
+ * redirects waits in T's psock list, and T's own passes queue behind it
+ * there uncharged (tcp_read_skb orphaned them), so T's window stays open
+ * while T's receive memory is due; charged all at once they take T past
+ * its buffer, the kernel retracts T's window (NOMEM, 6.12.y+) and drops
+ * what is in flight, and T's sender waits out its retransmission backoff
+ * (bench/results/echo-stall.md). Holding back here lets T's list drain, so
+ * T's passes are charged as they come and T's window closes in time. An
+ * instant's claim on T's X (a redirect in flight on another CPU) may hold
+ * one segment back for nothing: Python carries it, in order. */
+static __always_inline int mesh_peer_passing(__u64 *peer)
+{
+	__u64 *x, *y;
+
+	/* a T without a peer of its own (sk_msg's accepted socket, whose Y
+	 * starts at what Python carried) is not redirected from: not this */
+	if (!mesh_peer.lookup(peer))
+		return 0;
+	x = mesh_passed.lookup(peer);
+	if (!x)
+		return 0;
+	y = mesh_sent.lookup(peer);
+	return *x != (y ? *y : 0);
+}
+
 /* TCP may queue a segment that begins before rcv_nxt, when a retransmission
  * overlaps bytes already received (tcp_data_queue's partial packet);
  * tcp_recvmsg skips the old bytes, but tcp_read_skb (6.0+) hands the verdict
@@ -207,7 +233,7 @@ int mesh_verdict(struct __sk_buff *skb)
 		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
-	if (mesh_over_budget(cookie, peer, len)) {
+	if (mesh_peer_passing(peer) || mesh_over_budget(cookie, peer, len)) {
 		mesh_count(MESH_REASON_THROTTLED);
 		mesh_wake_up(cookie);
 		return SK_PASS;  /* keeps the claim: Python carries it, in order */
