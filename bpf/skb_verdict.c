@@ -13,7 +13,8 @@
  * mesh_sockhash, so every socket seen here is one of its own.
  * Back-pressure: a redirect is held back (passed, and Python told through
  * mesh_wake) while the bytes on their way to the peer's other end are at
- * MESH_FLIGHT_MAX (mesh_over_budget; the formula is in maps.h).
+ * MESH_FLIGHT_MAX (mesh_over_budget; the formula is in maps.h), and while
+ * the peer is itself passing (mesh_peer_passing).
  * Must never: reorder bytes, redirect a zero-length skb (a FIN: the psock
  * backlog treats a 0-byte delivery as an error), or drop data; every
  * failure passes the segment to Python. The one drop of new bytes
