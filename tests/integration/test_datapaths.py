@@ -342,9 +342,18 @@ def test_many_short_connections_leave_nothing_behind(mesh_env, path_agent):
     out, _ = proc.communicate(timeout=120)
     assert json.loads(out.splitlines()[-1]) == {"done": conns, "stuck": 0}
     for _ in range(conns):
-        assert srv.next()["sent_bytes"] == 64
+        seen = srv.next()
+        assert seen["sent_bytes"] == 64
+        # From the pod's own address: the upstream socket was made in its
+        # netns (in batches: forwarder/upstreams.py).
+        assert seen["peer"] == client.ip6, seen
     wait_for(lambda: drained(agent), what="map entries to go")
     assert agent.pod_status("client")["connections_total"] == conns
+    made = agent.request("status")["upstreams"]
+    assert made["made"] >= conns and made["batches"] < made["made"] // 2, made
+    # An idle pod's spare sockets are closed (after upstreams.IDLE, at a tick).
+    wait_for(lambda: agent.request("status")["upstreams"]["spare"] == 0, timeout=10,
+             what="the pod's spare upstream sockets to close")  # fmt: skip
 
 
 def test_the_kill_switch_moves_new_connections_to_copy(mesh_env):

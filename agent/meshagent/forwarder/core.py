@@ -28,6 +28,7 @@ from meshagent.forwarder.copy import linger_reset, reset_close, writable_now
 from meshagent.forwarder.datapath import Connection, DataPath
 from meshagent.forwarder.pod_series import PodSeries
 from meshagent.forwarder.records import ConnRecord, Pending, PodSlot, PodStats
+from meshagent.forwarder.upstreams import Upstreams
 from meshagent.host import netns
 from meshagent.host.loop import Loop
 from meshagent.modes import DataPathMode
@@ -43,7 +44,6 @@ PAUSE_MAX = 1.0
 LOG_EVERY = 5.0  # seconds between two warnings of one pod for one reason
 LOG_KEYS_MAX = 4096  # (pod, reason) pairs remembered; past it, quiet ones are forgotten
 LISTEN_TRIES = 8  # kernel-picked ports tried when the agent's port is the pod's
-NONBLOCK = socket.SOCK_NONBLOCK  # made non-blocking: no ioctl(FIONBIO) after
 
 
 class _PortTaken(Exception):
@@ -103,6 +103,7 @@ class Forwarder:
         # By forwarded connections, by each path's real cost: fds, and bytes
         # (budget.py); both shared fairly by the attached pods.
         self.fds = Shares(fd_budget if fd_budget is not None else _fd_budget())
+        self.upstreams = Upstreams()  # upstream sockets made in the pods ahead of need
         self.memory_from = "--memory-max"
         if memory_max is None:
             memory_max, self.memory_from = memory_max_auto()
@@ -209,6 +210,7 @@ class Forwarder:
         if self.pods.get(slot.pod_id) is not slot:
             return
         del self.pods[slot.pod_id]
+        self.upstreams.drop_pod(slot.pod_id)
         if self.mesh is not None:
             self.mesh.close_pod(slot)
         for sock in slot.listeners:
@@ -282,6 +284,8 @@ class Forwarder:
         if slot.stats.connections_active >= self.pod_conns_max and not closing:
             return f"the pod has {slot.stats.connections_active} connections open (--pod-conns-max)"
         fds = self.paths[self.mode].fds_per_connection
+        if self.fds.used + fds + self.upstreams.spare > self.fds.budget:
+            self.upstreams.shed()  # spare upstream sockets go before a pod waits
         if self.fds.used + fds > self.fds.budget:
             return f"forwarded connections hold {self.fds.used} of {self.fds.budget} fds"
         if not closing and fds > self.fds.room(slot.pod_id, self.pods):
@@ -544,16 +548,18 @@ class Forwarder:
             upstream = None
             if self.mesh is not None and port != self.mesh.port:
                 upstream = self.mesh.local_upstream(slot, ip, family)
-            if upstream is None:
-                upstream = netns.socket_in(slot.netns_fd, family, socket.SOCK_STREAM | NONBLOCK)
+            if upstream is not None:
+                upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                linger_reset(upstream)  # a crash resets, never FINs, a cut stream
+            else:  # made in the pod, as its pool's are: TCP_NODELAY, linger_reset
+                room = self.fds.budget - self.fds.used - self.upstreams.spare
+                upstream = self.upstreams.take(slot.pod_id, slot.netns_fd, family, room)
         except (OSError, MeshError) as exc:
-            self._fail(slot, record, client, None, f"upstream socket: {exc}", path, state)
+            self._fail(slot, record, client, upstream, f"upstream socket: {exc}", path, state)
             return
         try:
             set_buffers(upstream, record.buffer)  # before connect: its window scale fits
             slot.steering.prepare_upstream(upstream)
-            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            linger_reset(upstream)  # a crash resets, never FINs, a cut stream
             err = upstream.connect_ex((ip, port))
         except OSError as exc:
             self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}", path,
@@ -675,6 +681,7 @@ class Forwarder:
         if self.mesh is not None:
             self.mesh.tick()
         self._settle_memory()
+        self.upstreams.tick()
         live = {slot.name for slot in self.pods.values()}
         live.update(record.pod for _slot, record in self.conns.values())
         live.update(entry.record.pod for entry in self.pending.values())
@@ -914,6 +921,7 @@ class Forwarder:
             "fd_budget": self.fd_budget,
             "pod_conns_max": self.pod_conns_max,
             "fd_share": self.fd_share(),
+            "upstreams": self.upstreams.snapshot(),
             "memory": {
                 "max": self.memory.budget,
                 "from": self.memory_from,
@@ -932,6 +940,7 @@ class Forwarder:
             self.mesh.close()
         for slot in list(self.pods.values()):
             self.close_pod(slot)
+        self.upstreams.close()
         # Connections no successor takes over end with an RST, never a FIN:
         # a client must not mistake a cut stream for a whole one.
         for conn in list(self.conns):

@@ -77,6 +77,27 @@ def socket_in(fd: int, family: int, kind: int = socket.SOCK_STREAM) -> socket.so
         setns(home)
 
 
+def sockets_in(fd: int, family: int, kind: int, count: int) -> list[socket.socket]:
+    """count sockets made inside the netns fd, for one pair of setns (about
+    5 us a pair: forwarder/upstreams.py makes a pod's upstream sockets in
+    batches). Fewer than count only when one could not be made after the
+    first; none: the error."""
+    made: list[socket.socket] = []
+    home = _home_fd()
+    setns(fd)
+    try:
+        for _ in range(count):
+            try:
+                made.append(socket.socket(family, kind))
+            except OSError:
+                if not made:
+                    raise
+                break
+    finally:
+        setns(home)
+    return made
+
+
 def cookie_of(sock: socket.socket) -> int:
     """The netns cookie of the namespace a socket lives in (kernel 5.14+)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
