@@ -14,7 +14,8 @@ CONN_COST_CPU: run everything on this CPU only (taskset), e.g. when
 something else keeps the other one busy. HAProxy (at its defaults, in a
 pod of its own, between a pod `plain` and the same redis-server) is
 measured in the same rounds the same way, its process's CPU per request
-(CONN_COST_HAPROXY=0: not). Writes bench/results/conn-cost.json. Run as
+(CONN_COST_HAPROXY=0: not). Writes bench/results/conn-cost.json
+(CONN_COST_RESULT=NAME: NAME.json). Run as
 root: `make bench-conn-cost`.
 """
 
@@ -148,7 +149,7 @@ def main() -> int:
         )
     meta = {"rounds": ROUNDS, "requests": REQUESTS, "cpu_model": cpu_model(), "pinned_cpu": pin,
             "workload": "redis GET, a connection per request, 20 clients, sockmap"}  # fmt: skip
-    path = save_results("conn-cost", meta, {"trees": summary})
+    path = save_results(os.environ.get("CONN_COST_RESULT", "conn-cost"), meta, {"trees": summary})
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

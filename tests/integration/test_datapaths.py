@@ -351,9 +351,11 @@ def test_many_short_connections_leave_nothing_behind(mesh_env, path_agent):
     assert agent.pod_status("client")["connections_total"] == conns
     made = agent.request("status")["upstreams"]
     assert made["made"] >= conns and made["batches"] < made["made"] // 2, made
-    # An idle pod's spare sockets are closed (after upstreams.IDLE, at a tick).
-    wait_for(lambda: agent.request("status")["upstreams"]["spare"] == 0, timeout=10,
-             what="the pod's spare upstream sockets to close")  # fmt: skip
+    # An idle pod's spare sockets are closed (after upstreams.IDLE, at a
+    # tick): on one path, which has no say in it (3 s each).
+    if agent.request("status")["datapath"] == "copy":
+        spares = lambda: agent.request("status")["upstreams"]["spare"]  # noqa: E731
+        wait_for(lambda: spares() == 0, timeout=10, what="the pod's spare sockets to close")
 
 
 def test_the_kill_switch_moves_new_connections_to_copy(mesh_env):
