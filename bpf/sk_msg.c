@@ -51,6 +51,132 @@ static __always_inline int mesh_app_stream(struct sk_msg_md *msg, __u64 *stream)
 	return 1;
 }
 
+/* A socket's TCP stream from its own tcp_sock: the bytes it has put into
+ * its TCP (bytes_acked, plus sent or queued and not acked), less syn (1
+ * for a socket that connected: its bytes_acked counts its SYN; 0 for an
+ * accepted one). 0: not known. */
+static __always_inline int mesh_stream_of(struct bpf_sock *sk, __u64 syn, __u64 *stream)
+{
+	__u64 acked;
+	void *tp;
+
+	if (MESH_TCP_BYTES_ACKED == 0 || MESH_TCP_WRITE_SEQ == 0 || !sk)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	acked = *(__u64 *)(tp + MESH_TCP_BYTES_ACKED);
+	if (acked < syn)
+		return 0;
+	*stream = acked - syn + (__u32)(*(__u32 *)(tp + MESH_TCP_WRITE_SEQ) -
+					*(__u32 *)(tp + MESH_TCP_SND_UNA));
+	return 1;
+}
+
+/* A sends (the request of a request/response, typically): arm its
+ * server's replies for A's receive queue if every byte of V's TCP stream
+ * that V last reported has reached A (bytes_received: the forwarder relays
+ * V's stream to A byte for byte) and A's application has read all A
+ * received by TCP (copied_seq == rcv_nxt: A's recvmsg reads its psock
+ * queue first, so nothing there may be newer than a byte in A's TCP
+ * queue). A stale report only keeps it unarmed: V checks its own stream
+ * against what A armed at. The budget is A's free receive memory. */
+static __always_inline void mesh_reply_arm(struct sk_msg_md *msg, __u64 app)
+{
+	struct mesh_rarm *arm;
+	struct bpf_sock *sk = msg->sk;
+	__u64 rcvd, seen;
+	__u32 nxt, copied;
+	int rmem, rcvbuf;
+	void *tp;
+
+	if (MESH_TCP_BYTES_RECEIVED == 0 || MESH_TCP_RCV_NXT == 0 || MESH_SK_RMEM_ALLOC == 0 ||
+	    MESH_SK_RCVBUF == 0 || MESH_TCP_COPIED_SEQ == 0 || !sk)
+		return;
+	arm = mesh_rarm.lookup(&app);
+	if (!arm)
+		return;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	rcvd = *(__u64 *)(tp + MESH_TCP_BYTES_RECEIVED);
+	nxt = *(__u32 *)(tp + MESH_TCP_RCV_NXT);
+	copied = *(__u32 *)(tp + MESH_TCP_COPIED_SEQ);
+	rmem = *(int *)(tp + MESH_SK_RMEM_ALLOC);
+	rcvbuf = *(int *)(tp + MESH_SK_RCVBUF);
+	seen = arm->v_stream;
+	if (rcvd != seen || nxt != copied || rmem >= rcvbuf)
+		return;
+	arm->budget = rcvbuf - rmem;
+	arm->armed = seen;  /* after the budget: V reads armed first */
+}
+
+/* A send of the server's socket V (not a pod's: no P for it). */
+static __always_inline int mesh_reply_msg(struct sk_msg_md *msg)
+{
+	struct mesh_pair key = {};
+	struct mesh_reply *reply;
+	struct mesh_rarm *arm;
+	__u64 app, stream = 0, len = msg->size;
+	__s64 left;
+
+	if (msg->family == MESH_AF_INET) {
+		__u32 l4 = msg->local_ip4, r4 = msg->remote_ip4;
+
+		barrier_var(r4);
+		mesh_addr_from4(&key.local, l4);
+		mesh_addr_from4(&key.remote, r4);
+	} else {
+		__u32 l0 = msg->local_ip6[0], l1 = msg->local_ip6[1];
+		__u32 l2 = msg->local_ip6[2], l3 = msg->local_ip6[3];
+		__u32 r0 = msg->remote_ip6[0], r1 = msg->remote_ip6[1];
+		__u32 r2 = msg->remote_ip6[2], r3 = msg->remote_ip6[3];
+
+		barrier_var(r3);
+		key.local.a[0] = l0;
+		key.local.a[1] = l1;
+		key.local.a[2] = l2;
+		key.local.a[3] = l3;
+		key.remote.a[0] = r0;
+		key.remote.a[1] = r1;
+		key.remote.a[2] = r2;
+		key.remote.a[3] = r3;
+	}
+	key.lport = (__u16)msg->local_port;
+	key.rport = bpf_ntohl(msg->remote_port) & 0xffff;
+	reply = mesh_reply.lookup(&key);
+	if (!reply) {
+		mesh_count(MESH_REASON_UNTRACKED);
+		return SK_PASS;
+	}
+	app = reply->app;
+	arm = app ? mesh_rarm.lookup(&app) : 0;
+	if (!arm || !mesh_stream_of(msg->sk, 0, &stream)) {
+		mesh_count(MESH_REASON_REPLY_HELD);
+		return SK_PASS;  /* A not named yet, or V's stream unknown */
+	}
+	if (arm->armed == stream) {
+		left = __sync_fetch_and_add(&arm->budget, -(__s64)len);
+		if (left >= (__s64)len) {
+			if (mesh_apphash.msg_redirect_hash(msg, &app, BPF_F_INGRESS) == SK_PASS) {
+				__sync_fetch_and_add(&reply->ingress, len);
+				mesh_count(MESH_REASON_MSG_INGRESS);
+				return SK_PASS;
+			}
+			mesh_count(MESH_REASON_REDIR_FAIL);
+		} else {
+			mesh_count(MESH_REASON_REPLY_HELD);
+		}
+		__sync_fetch_and_add(&arm->budget, (__s64)len);
+	} else {
+		mesh_count(MESH_REASON_REPLY_HELD);
+	}
+	/* The TCP path: V's stream moves past what A armed at (no reply goes
+	 * A's way again until A arms once more). */
+	arm->v_stream = stream + len;
+	return SK_PASS;
+}
+
 int mesh_msg(struct sk_msg_md *msg)
 {
 	struct mesh_tuple key = {};
@@ -77,10 +203,8 @@ int mesh_msg(struct sk_msg_md *msg)
 	}
 	key.port = (__u16)msg->local_port;
 	pass = mesh_msg_pass.lookup(&key);
-	if (!pass) {
-		mesh_count(MESH_REASON_UNTRACKED);
-		return SK_PASS;  /* no P (evicted, or A closing): never redirect */
-	}
+	if (!pass)  /* a server's socket, or no P (evicted, or A closing): never this way */
+		return mesh_reply_msg(msg);
 	before = __sync_fetch_and_add(&pass->passed, len);
 	if (mesh_app_stream(msg, &stream) && stream != before) {
 		/* The counter missed a send (or counted one the kernel cut short):
@@ -94,6 +218,7 @@ int mesh_msg(struct sk_msg_md *msg)
 		mesh_count(MESH_REASON_HANDOFF);
 		return SK_PASS;
 	}
+	mesh_reply_arm(msg, tgt->app);
 	upstream = tgt->upstream;
 	sent = mesh_sent.lookup(&tgt->via);
 	y = sent ? *sent : 0;

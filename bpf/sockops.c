@@ -71,6 +71,95 @@ static __always_inline void mesh_msg_enter(struct bpf_sock_ops *skops, struct me
 #endif
 }
 
+/* The connection as skops's socket sees it: its own end first (local),
+ * then its peer's (remote); swap: the other way round, as the other end
+ * sees it. */
+static __always_inline void mesh_pair_of(struct bpf_sock_ops *skops, struct mesh_pair *key,
+					 int swap)
+{
+	struct mesh_addr local, remote;
+	__u16 lport = (__u16)skops->local_port;
+	__u16 rport = bpf_ntohl(skops->remote_port) & 0xffff;
+
+	if (skops->family == MESH_AF_INET) {
+		__u32 l4 = skops->local_ip4, r4 = skops->remote_ip4;
+
+		barrier_var(r4);
+		mesh_addr_from4(&local, l4);
+		mesh_addr_from4(&remote, r4);
+	} else {
+		__u32 l0 = skops->local_ip6[0], l1 = skops->local_ip6[1];
+		__u32 l2 = skops->local_ip6[2], l3 = skops->local_ip6[3];
+		__u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1];
+		__u32 r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
+
+		barrier_var(r3);
+		local.a[0] = l0;
+		local.a[1] = l1;
+		local.a[2] = l2;
+		local.a[3] = l3;
+		remote.a[0] = r0;
+		remote.a[1] = r1;
+		remote.a[2] = r2;
+		remote.a[3] = r3;
+	}
+	if (swap) {
+		key->local = remote;
+		key->remote = local;
+		key->lport = rport;
+		key->rport = lport;
+	} else {
+		key->local = local;
+		key->remote = remote;
+		key->lport = lport;
+		key->rport = rport;
+	}
+}
+
+/* The forwarder's upstream socket U, marked for replies straight into the
+ * pod (maps.h, mesh_reply), is established: its entry, keyed as the
+ * server's end will see it. 1: it was such a socket. */
+static __always_inline int mesh_upstream_up(struct bpf_sock_ops *skops, __u64 cookie)
+{
+#if MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS
+	struct mesh_reply reply = {};
+	struct mesh_pair key = {};
+
+	if (!mesh_upsk.lookup(&cookie))
+		return 0;
+	mesh_upsk.delete(&cookie);
+	mesh_pair_of(skops, &key, 1);
+	mesh_reply.update(&key, &reply);
+	return 1;
+#else
+	return 0;
+#endif
+}
+
+/* A server's end V of a connection is established: if the forwarder's
+ * upstream socket is its other end (mesh_reply), V enters mesh_apphash, so
+ * that its sends meet sk_msg.c (mesh_reply_msg). */
+static __always_inline void mesh_server_up(struct bpf_sock_ops *skops)
+{
+#if MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS
+	__u32 on_idx = MESH_STATE_MSG_ON;
+	struct mesh_pair key = {};
+	__u64 cookie, *on;
+	long err;
+
+	on = mesh_state.lookup(&on_idx);
+	if (!on || !*on)
+		return;
+	mesh_pair_of(skops, &key, 0);
+	if (!mesh_reply.lookup(&key))
+		return;
+	cookie = bpf_get_socket_cookie(skops);
+	err = mesh_apphash.sock_hash_update(skops, &cookie, BPF_ANY);
+	if (err)
+		mesh_count(MESH_REASON_MAP_FULL);
+#endif
+}
+
 /* Is this socket's peer loopback:port (the pod's forwarder listener)? */
 static __always_inline int mesh_peer_is_listener(struct bpf_sock_ops *skops, __u16 port)
 {
@@ -150,6 +239,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops, __u64 netns,
 	cookie = bpf_get_socket_cookie(skops);
 	found = mesh_orig_sk.lookup(&cookie);
 	if (!found) {
+		if (mesh_upstream_up(skops, cookie))
+			return;
 		if (!mesh_kernel_up(skops, cookie))  /* by its entry, whatever the pod's mode now */
 			mesh_direct(skops, netns, pod);
 		return;
@@ -229,6 +320,9 @@ int mesh_sockops(struct bpf_sock_ops *skops)
 			mesh_rekey(skops, netns, pod);
 		else
 			mesh_kernel_syn(skops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		mesh_server_up(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (!mesh_kernel_state(skops) && skops->args[1] == BPF_TCP_CLOSE)

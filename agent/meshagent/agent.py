@@ -354,7 +354,8 @@ class Agent:
 
         def paths(loop: Loop, wake: bool = True):
             msg = self.plan.msg and self.cfg.sockmap_msg
-            return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf, msg, wake)
+            return build_paths(loop, modes, maps, self.cfg.sockmap_sndbuf, msg, wake,
+                               self.cfg.sockmap_replies)  # fmt: skip
 
         mode, reason = self._choose_datapath(lambda loop: paths(loop, wake=False))
         self.forwarder = Forwarder(

@@ -37,6 +37,9 @@ class AgentConfig:
     # end, not yet acked, before the kernel holds the rest back (bpf/skb_verdict.c).
     sockmap_budget: int = 4 << 20
     sockmap_msg: bool = True  # the sockmap path uses sk_msg for ebpf pods where it can
+    # ... and with it a same-node server's replies go straight into the pod's
+    # socket when it has read all before (bpf/sk_msg.c, mesh_reply_msg).
+    sockmap_replies: bool = True
     redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
     iptables: IptablesFlavour | None = None  # None: detect

@@ -34,8 +34,10 @@ class Steering(Protocol):
         """Where the accepted connection from (ip, port) was going."""
         ...
 
-    def prepare_upstream(self, sock: socket.socket) -> None:
-        """Make the forwarder's upstream socket pass the redirect (before connect)."""
+    def prepare_upstream(self, sock: socket.socket, replies: bool = False) -> None:
+        """Make the forwarder's upstream socket pass the redirect (before
+        connect). replies: its server's replies may go straight into the
+        pod's socket (the sockmap path with sk_msg; redirect/ebpf.py)."""
         ...
 
 

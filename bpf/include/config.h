@@ -47,6 +47,18 @@
 #ifndef MESH_TCP_COPIED_SEQ
 #define MESH_TCP_COPIED_SEQ 0
 #endif
+#ifndef MESH_TCP_RCV_NXT
+#define MESH_TCP_RCV_NXT 0
+#endif
+#ifndef MESH_TCP_BYTES_RECEIVED
+#define MESH_TCP_BYTES_RECEIVED 0
+#endif
+#ifndef MESH_SK_RMEM_ALLOC
+#define MESH_SK_RMEM_ALLOC 0
+#endif
+#ifndef MESH_SK_RCVBUF
+#define MESH_SK_RCVBUF 0
+#endif
 #ifndef MESH_SK_WMEM_QUEUED
 #define MESH_SK_WMEM_QUEUED 0
 #endif

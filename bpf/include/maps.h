@@ -271,6 +271,47 @@ struct mesh_msg_tgt {
 	__u64 app;              /* A's cookie, as Python read it from mesh_orig */
 };
 
+/* Replies straight into the pod's receive queue ([P] part 3, sk_msg.c):
+ * the forwarder marks an upstream socket U it connects for the sk_msg path
+ * (mesh_own value MESH_OWN_REPLIES); the connect hook moves the mark to
+ * mesh_upsk, and at U's established sock_ops makes U's mesh_reply entry,
+ * keyed as the server's end V sees the connection. When V is established
+ * under the attach point (a server pod of this node), sock_ops puts V into
+ * mesh_apphash. Python names the pod's socket A in the entry and makes A's
+ * mesh_rarm. An sk_msg program cannot look a socket up (no bpf_sk_release
+ * there), so each end reads only its own tcp_sock: A, when it sends, arms
+ * (mesh_rarm) if every byte of V's TCP stream V last reported has reached A
+ * and A's application has read all it received by TCP, with a budget of
+ * A's free receive memory; V's send goes into A's receive queue while V's
+ * TCP stream is still what A armed at and the budget lasts; otherwise it
+ * takes the TCP path through U as before (and reports its stream). */
+#define MESH_OWN_REPLIES 2
+
+struct mesh_pair {
+	struct mesh_addr local;   /* V's address (the server) */
+	struct mesh_addr remote;  /* U's (the pod's address) */
+	__u16 lport;              /* host order */
+	__u16 rport;              /* host order */
+	__u32 pad;
+};
+
+struct mesh_reply {
+	__u64 app;      /* A's cookie in mesh_apphash (Python sets it); 0: not yet */
+	__u64 ingress;  /* bytes of V's sends that went into A's receive queue */
+};
+
+/* By A's cookie: written by A's sends (armed, budget) and V's (the rest). */
+struct mesh_rarm {
+	__u64 armed;     /* V's TCP stream when A armed; MESH_RARM_OFF: not armed */
+	__s64 budget;    /* bytes V may still put into A's receive queue */
+	__u64 v_stream;  /* V's TCP stream as of its last send this program saw */
+};
+#define MESH_RARM_OFF (~0ULL)
+
+BPF_TABLE("lru_hash", __u64, __u8, mesh_upsk, MESH_OWN_MAX);
+BPF_TABLE("lru_hash", __u64, struct mesh_rarm, mesh_rarm, MESH_CONNS_MAX);
+BPF_TABLE("lru_hash", struct mesh_pair, struct mesh_reply, mesh_reply, MESH_CONNS_MAX);
+
 BPF_SOCKHASH(mesh_apphash, __u64, MESH_CONNS_MAX);
 BPF_TABLE("lru_hash", struct mesh_tuple, struct mesh_msg_pass, mesh_msg_pass, MESH_CONNS_MAX);
 BPF_TABLE("lru_hash", struct mesh_tuple, struct mesh_msg_tgt, mesh_msg_tgt, MESH_CONNS_MAX);

@@ -43,6 +43,9 @@
 #define MESH_REASON_KERNEL       27  /* kernel mode: the connect goes direct; sock_ops accounts it (kernel.h) */
 #define MESH_REASON_ACCT_LOST    28  /* kernel mode: a connection's record found mesh_kdone full */
 
-#define MESH_REASON_MAX          29  /* one past the last reason */
+#define MESH_REASON_MSG_INGRESS  29  /* sk_msg: a server's reply went straight into the pod's receive queue */
+#define MESH_REASON_REPLY_HELD   30  /* sk_msg: a reply took the TCP path (earlier bytes on their way, or the pod's receive buffer full) */
+
+#define MESH_REASON_MAX          31  /* one past the last reason */
 
 #endif /* MESH_REASONS_H */

@@ -100,7 +100,7 @@ static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
 	struct mesh_lpm_key lpm = {};
 	struct mesh_orig orig = {};
 	struct mesh_pod *pod;
-	__u8 *excl;
+	__u8 *excl, *own;
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	__u64 netns, cookie, *live;
 	__u32 rule;
@@ -112,7 +112,13 @@ static __always_inline int mesh_steer(struct bpf_sock_addr *ctx,
 	pod = mesh_pods.lookup(&netns);
 	if (!pod)
 		return mesh_decided(MESH_REASON_NOT_ATTACHED, netns, cookie, dst, dport);
-	if (mesh_own.lookup(&cookie)) {
+	own = mesh_own.lookup(&cookie);
+	if (own) {
+		if (*own == MESH_OWN_REPLIES) {
+			__u8 one = 1;
+
+			mesh_upsk.update(&cookie, &one);  /* sock_ops takes it at established */
+		}
 		mesh_own.delete(&cookie);
 		return mesh_decided(MESH_REASON_OWN_SOCKET, netns, cookie, dst, dport);
 	}

@@ -113,6 +113,18 @@ OWN = MapSpec("mesh_own", U64, BYTE)
 MSG_PASS_VALUE = CStruct("mesh_msg_pass", ("passed", "Q"), ("app", "Q"))
 MSG_TGT_VALUE = CStruct("mesh_msg_tgt", ("upstream", "Q"), ("via", "Q"), ("app", "Q"))
 APPHASH = MapSpec("mesh_apphash", U64, FD)
+# A mesh_own value: the server's replies may go straight into the pod (MESH_OWN_REPLIES).
+OWN_REPLIES = 2
+PAIR = CStruct("mesh_pair", ("local", "16s"), ("remote", "16s"), ("lport", "H"), ("rport", "H"),
+               ("pad", "I"))  # fmt: skip
+REPLY_VALUE = CStruct("mesh_reply", ("app", "Q"), ("ingress", "Q"))
+RARM_VALUE = CStruct("mesh_rarm", ("armed", "Q"), ("budget", "q"), ("v_stream", "Q"))
+RARM_OFF = (1 << 64) - 1  # MESH_RARM_OFF
+RARM = MapSpec("mesh_rarm", U64, RARM_VALUE)  # the pod's socket's cookie -> its replies' arming
+# Upstream sockets marked OWN_REPLIES, from connect to established.
+UPSK = MapSpec("mesh_upsk", U64, BYTE)
+# A server's end of a forwarded connection -> the pod's socket, the bytes put there.
+REPLY = MapSpec("mesh_reply", PAIR, REPLY_VALUE)
 MSG_PASS = MapSpec("mesh_msg_pass", TUPLE, MSG_PASS_VALUE)
 MSG_TGT = MapSpec("mesh_msg_tgt", TUPLE, MSG_TGT_VALUE)
 TRACE = MapSpec("mesh_trace", U32, TRACE_CFG)
@@ -145,7 +157,7 @@ MAPS: tuple[MapSpec, ...] = (
     PODS, ORIG_SK, ORIG_TUP, ORIG_CLS, EXCL_PORT, EXCL_CIDR, STATE, METRICS,
     SOCKHASH, PEER, PASSED, SENT, OWN, TRACE, EVENTS, APPHASH, MSG_PASS, MSG_TGT, REDIR,
     FLIGHT, WAKE, LSN4, LSN6, POD_LIVE, POD_SHARE, SEQ, POL_CIDR, POL_GEN, KCONN, KDONE,
-    KFWD, KLIVE,
+    KFWD, KLIVE, UPSK, REPLY, RARM,
 )  # fmt: skip
 MAP_NAMES = tuple(spec.name for spec in MAPS)
 
@@ -234,6 +246,8 @@ REASONS = (
     "denied_policy",
     "kernel",
     "acct_lost",
+    "msg_ingress",
+    "reply_held",
 )
 MAPS_BY_NAME = {spec.name: spec for spec in MAPS}
 # mesh_metrics counts by reason (index = MESH_REASON_*); every decision is of

@@ -108,6 +108,10 @@ CFLAGS = {
     "write_seq": "MESH_TCP_WRITE_SEQ",
     "snd_una": "MESH_TCP_SND_UNA",
     "copied_seq": "MESH_TCP_COPIED_SEQ",
+    "rcv_nxt": "MESH_TCP_RCV_NXT",
+    "bytes_received": "MESH_TCP_BYTES_RECEIVED",
+    "sk_rmem_alloc": "MESH_SK_RMEM_ALLOC",
+    "sk_rcvbuf": "MESH_SK_RCVBUF",
     "sk_wmem_queued": "MESH_SK_WMEM_QUEUED",
     "sk_sndbuf": "MESH_SK_SNDBUF",
     "sk_flags": "MESH_SK_FLAGS",
@@ -121,12 +125,15 @@ def tcp_sock_offsets() -> dict[str, int]:
     tcp_sock's own fields, and struct sock's, which tcp_sock embeds first
     (tcp_sock.inet_conn.icsk_inet.sk; each checked to be at offset 0)."""
     out = member_offsets("tcp_sock", ("inet_conn", "bytes_acked", "write_seq", "snd_una",
-                                      "copied_seq"))  # fmt: skip
+                                      "copied_seq", "rcv_nxt", "bytes_received"))  # fmt: skip
     chain = (out.pop("inet_conn"), member_offsets("inet_connection_sock", ("icsk_inet",))["icsk_inet"],
              member_offsets("inet_sock", ("sk",))["sk"])  # fmt: skip
     if any(chain):
         raise BtfError("struct sock is not at the start of struct tcp_sock in this kernel's BTF")
-    out.update(member_offsets("sock", ("__sk_common", "sk_wmem_queued", "sk_sndbuf", "sk_err")))
+    out.update(member_offsets("sock", ("__sk_common", "sk_wmem_queued", "sk_sndbuf", "sk_err",
+                                       "sk_rcvbuf", "sk_backlog")))  # fmt: skip
+    # sk_rmem_alloc is sk_backlog.rmem_alloc, its first member (since 2.6)
+    out["sk_rmem_alloc"] = out.pop("sk_backlog")
     if out.pop("__sk_common"):
         raise BtfError("struct sock_common is not at the start of struct sock in this kernel's BTF")
     out["sk_flags"] = member_offsets("sock_common", ("skc_flags",))["skc_flags"]

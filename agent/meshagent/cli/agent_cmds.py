@@ -88,6 +88,14 @@ Examples:
     " Replies go as without it (spliced to the forwarder's socket facing the pod).",
 )
 @click.option(
+    "--sockmap-replies/--no-sockmap-replies",
+    envvar="MESHAGENT_SOCKMAP_REPLIES",
+    default=AgentConfig.sockmap_replies,
+    help="With --sockmap-msg, a server of this node (under the attach point) sends its"
+    " replies straight into the pod's socket once the pod has read all that came before,"
+    " within the pod's free receive memory; otherwise they go the usual way.",
+)
+@click.option(
     "--takeover",
     type=click.Choice(["always", "auto"]),
     is_flag=False,
@@ -182,6 +190,7 @@ def run(
     sockmap_sndbuf: int,
     sockmap_budget: int,
     sockmap_msg: bool,
+    sockmap_replies: bool,
     takeover: str | None,
     after_handover: str,
     kube: str,
@@ -220,6 +229,7 @@ def run(
         sockmap_sndbuf=sockmap_sndbuf,
         sockmap_budget=sockmap_budget,
         sockmap_msg=sockmap_msg,
+        sockmap_replies=sockmap_replies,
         redirect=redirect,
         without=tuple(without),
         iptables=iptables_flavour,

@@ -21,17 +21,20 @@ def build_paths(
     sndbuf: int = 0,
     msg: bool = False,
     wake: bool = True,
+    replies: bool = True,
 ) -> dict[DataPathMode, DataPath]:
     """One object per data path in modes (copy always: it is the fallback);
     msg: the sockmap path uses sk_msg where sock_ops gave the pod's socket;
     wake: it reads the kernel's hold-backs from mesh_wake (the start
-    self-test's does not: the running agent's would lose them)."""
+    self-test's does not: the running agent's would lose them); replies:
+    with msg, a same-node server's replies may go straight into the pod."""
     copy = CopyPath(loop)
     paths: dict[DataPathMode, DataPath] = {DataPathMode.COPY: copy}
     if DataPathMode.SPLICE in modes:
         paths[DataPathMode.SPLICE] = SplicePath(loop)
     if DataPathMode.SOCKMAP in modes and maps is not None:
-        paths[DataPathMode.SOCKMAP] = SockmapPath(loop, maps, copy, sndbuf, msg, wake=wake)
+        paths[DataPathMode.SOCKMAP] = SockmapPath(loop, maps, copy, sndbuf, msg, wake=wake,
+                                                   replies=replies)  # fmt: skip
     return paths
 
 

@@ -559,7 +559,7 @@ class Forwarder:
             return
         try:
             set_buffers(upstream, record.buffer)  # before connect: its window scale fits
-            slot.steering.prepare_upstream(upstream)
+            slot.steering.prepare_upstream(upstream, path.replies_direct(state))
             err = upstream.connect_ex((ip, port))
         except OSError as exc:
             self._fail(slot, record, client, upstream, f"upstream connect: {exc.strerror}", path,

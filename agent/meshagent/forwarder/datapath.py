@@ -102,6 +102,11 @@ class DataPath(ABC):
         into mesh_apphash, else None."""
         return None
 
+    def replies_direct(self, state: Any) -> bool:
+        """May the server's replies on this connection go straight into the
+        pod's socket (the sockmap path's sk_msg, maps.h mesh_reply)?"""
+        return False
+
     def selected(self, on: bool) -> None:  # noqa: B027 (most paths keep nothing)
         """New connections now take this path (on) or another one (off)."""
 

@@ -62,11 +62,12 @@ class SockmapPath(DataPath):
 
     def __init__(
         self, loop: Loop, maps: SockmapMaps, fallback: CopyPath, sndbuf: int = 0, msg: bool = False,
-        copy_first: bool = True, wake: bool = True,
+        copy_first: bool = True, wake: bool = True, replies: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(loop)
         self.maps = maps
         self.msg = msg  # use sk_msg where sock_ops gave the pod's socket
+        self.replies = replies  # ... and a same-node server's replies into it (sk_msg.c)
         self.copy_first = copy_first  # start on copy, move after UPGRADE_READS/BYTES
         self.fallback = fallback
         self.sndbuf = sndbuf
@@ -119,6 +120,9 @@ class SockmapPath(DataPath):
         if cookie is None:
             return Accepted(Start.COPY)
         return Accepted(Start.SPLICE, cookie, app)
+
+    def replies_direct(self, state: Accepted) -> bool:
+        return self.msg and self.replies and state.app is not None
 
     def selected(self, on: bool) -> None:
         self.maps.msg_on(on and self.msg)

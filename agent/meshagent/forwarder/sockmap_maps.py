@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from meshagent.bpf import abi
 from meshagent.bpf.ringbuf import RingBuf
 
+BPF_EXIST = 2  # update only an entry that is there
+
 if TYPE_CHECKING:
     from meshagent.forwarder.sockmap_side import Side
 
@@ -28,6 +30,8 @@ class SockmapMaps:
         self.passed = loaded.map(abi.PASSED)
         self.sent = loaded.map(abi.SENT)
         self.msg_tgt = loaded.map(abi.MSG_TGT)
+        self.reply = loaded.map(abi.REPLY)
+        self.rarm = loaded.map(abi.RARM)
         self.redir = loaded.map(abi.REDIR)
         self.flight = loaded.map(abi.FLIGHT)
         self.seq = loaded.map(abi.SEQ)
@@ -99,6 +103,36 @@ class SockmapMaps:
                 if attempt == 2:
                     raise
                 self.flush()
+
+    def set_reply(self, upstream: socket.socket, app: int) -> bytes | None:
+        """Name the pod's socket `app` as where the server's replies on this
+        upstream socket may go straight (maps.h, mesh_reply): only if sock_ops
+        made the entry (the server's end is a socket of this node, under the
+        attach point). The entry's key, or None."""
+        try:
+            local, remote = upstream.getsockname(), upstream.getpeername()
+        except OSError:
+            return None
+        key = abi.PAIR.pack(abi.to_addr16(remote[0]), abi.to_addr16(local[0]), remote[1],
+                            local[1], 0)  # fmt: skip
+        try:
+            # Unarmed, and V's stream seen as 0: a server that sent first
+            # gets no reply that way until its next send reports its stream.
+            self.rarm.update(abi.U64.pack(app), abi.RARM_VALUE.pack(abi.RARM_OFF, 0, 0))
+            self.reply.update(key, abi.REPLY_VALUE.pack(app, 0), BPF_EXIST)
+        except OSError:
+            self.rarm.delete(abi.U64.pack(app))
+            return None  # no entry: the server is elsewhere (or a map is full)
+        return key
+
+    def reply_ingress(self, key: bytes, app: int = 0, forget: bool = False) -> int:
+        """Bytes of the server's replies that went straight into the pod's
+        socket; forget: the entries go too (the connection ended)."""
+        raw = self.reply.lookup(key)
+        if forget:
+            self.reply.delete(key)
+            self.rarm.delete(abi.U64.pack(app))
+        return abi.REPLY_VALUE.unpack(raw)[1] if raw else 0
 
     def msg_on(self, on: bool) -> None:
         """Whether sock_ops puts pods' new sockets into mesh_apphash."""

@@ -67,8 +67,8 @@ class SockmapRelay:
     settled = True
     # Thousands live at once: no per-instance dict (memory per connection).
     __slots__ = ("_final", "app", "backoff", "client", "closed", "closed_by", "loop", "maps",
-                 "most", "on_done", "on_stall", "on_throttle", "owner", "progress_at", "sndbuf",
-                 "stalled", "suspended", "timer", "upstream")  # fmt: skip
+                 "most", "on_done", "on_stall", "on_throttle", "owner", "progress_at",
+                 "reply_key", "sndbuf", "stalled", "suspended", "timer", "upstream")  # fmt: skip
 
     def __init__(
         self,
@@ -106,6 +106,9 @@ class SockmapRelay:
         self.closed_by: str | None = None  # "pod" or "upstream": whose FIN came first
         self.most = CHUNK  # bytes one hand-off read takes at most
         self.sndbuf = 0  # --sockmap-sndbuf (SockmapPath sets it): a smaller one stays
+        # mesh_reply's key where the server's replies may go straight into
+        # the pod's socket (sk_msg.c, mesh_reply_msg); None: they never do.
+        self.reply_key: bytes | None = None
 
     def limit(self, buffer: int, sockets: bool = True) -> None:
         """Hold at most budget.cost(buffer): both sockets' buffers (the send
@@ -146,6 +149,7 @@ class SockmapRelay:
                     # before any target: P counted what Python carried
                     self.maps.store_y(self.client.cookie, self.client.y_base)
                 self.maps.set_msg(self.client.cookie, self.upstream.cookie, *self.app)
+                self.reply_key = self.maps.set_reply(self.upstream.sock, self.app.cookie)
             else:
                 self.maps.set_peers(self.client.cookie, self.upstream.cookie)
         except OSError:  # a map is full: no peer, no redirect, no budgets
@@ -248,7 +252,10 @@ class SockmapRelay:
 
     @property
     def bytes_in(self) -> int:
-        return self._bytes(self.upstream) if not self.closed else self._final[1]
+        if self.closed:
+            return self._final[1]
+        ingress = self.maps.reply_ingress(self.reply_key) if self.reply_key else 0
+        return self._bytes(self.upstream) + ingress
 
     @staticmethod
     def _bytes(side: Side) -> int:
@@ -540,7 +547,10 @@ class SockmapRelay:
 
     # -- endings -----------------------------------------------------------
     def _cleanup(self) -> None:
-        self._final = (self._bytes(self.client), self._bytes(self.upstream))
+        self._final = (self.bytes_out, self.bytes_in)
+        if self.reply_key is not None:
+            self.maps.reply_ingress(self.reply_key, self.app.cookie, forget=True)
+            self.reply_key = None
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()

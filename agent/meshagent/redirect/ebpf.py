@@ -208,7 +208,9 @@ class EbpfSteering:
         app = abi.orig_app(raw)
         return Orig(*abi.orig_dst(raw), AppSocket(key, app) if app is not None else None)
 
-    def prepare_upstream(self, sock: socket.socket) -> None:
+    def prepare_upstream(self, sock: socket.socket, replies: bool = False) -> None:
         """The connect hook passes sockets whose cookie is in mesh_own (and
-        removes the entry): something a pod cannot forge, unlike a mark."""
-        self.backend.own.update_u64(socket_cookie(sock), 1)
+        removes the entry): something a pod cannot forge, unlike a mark.
+        replies: the value says so too (abi.OWN_REPLIES: bpf/include/maps.h,
+        mesh_reply), in the same system call."""
+        self.backend.own.update_u64(socket_cookie(sock), abi.OWN_REPLIES if replies else 1)

@@ -248,7 +248,7 @@ class IptablesSteering:
         found = original_dst(sock)
         return Orig(*found) if found is not None else None
 
-    def prepare_upstream(self, sock: socket.socket) -> None:
+    def prepare_upstream(self, sock: socket.socket, replies: bool = False) -> None:
         """Nothing to do: the nat rules RETURN for the agent's own cgroup,
         which the upstream socket was made in (own_cgroup.py). A mark would
         not do: a pod can set one (CAP_NET_RAW since 5.17)."""
