@@ -141,23 +141,24 @@ static __always_inline int mesh_upstream_up(struct bpf_sock_ops *skops, __u64 co
  * that its sends meet sk_msg.c (mesh_reply_msg). */
 static __always_inline void mesh_server_up(struct bpf_sock_ops *skops)
 {
-#if MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS
 	__u32 on_idx = MESH_STATE_MSG_ON;
 	struct mesh_pair key = {};
 	__u64 cookie, *on;
-	long err;
+	long err = 0;
 
 	on = mesh_state.lookup(&on_idx);
 	if (!on || !*on)
 		return;
 	mesh_pair_of(skops, &key, 0);
 	if (!mesh_reply.lookup(&key))
-		return;
+		return;  /* entries are made only where the insert below exists */
 	cookie = bpf_get_socket_cookie(skops);
+#if MESH_HAVE_SOCK_HASH_UPDATE_SOCK_OPS
+	/* A statement of its own: BCC's rewrite of this call ends in ';'. */
 	err = mesh_apphash.sock_hash_update(skops, &cookie, BPF_ANY);
+#endif
 	if (err)
 		mesh_count(MESH_REASON_MAP_FULL);
-#endif
 }
 
 /* Is this socket's peer loopback:port (the pod's forwarder listener)? */

@@ -495,6 +495,9 @@ class SockmapRelay:
             "kind": "sockmap",
             "closed_by": self.closed_by,
             "app": [self.app.key.hex(), self.app.cookie] if self.app is not None else None,
+            # mesh_reply's key: the successor counts (and at the end drops)
+            # the replies that go straight into the pod's socket.
+            "reply_key": self.reply_key.hex() if self.reply_key is not None else None,
             "client": self.client.export(),
             "upstream": self.upstream.export(),
         }
@@ -533,6 +536,8 @@ class SockmapRelay:
                                      (relay.upstream, state["upstream"], blobs[1])):  # fmt: skip
             side.restore(saved, pending)
         relay.closed_by = state["closed_by"]
+        reply_key = state.get("reply_key")  # an older agent's: none
+        relay.reply_key = bytes.fromhex(reply_key) if reply_key else None
         for side in relay._redirecting():
             # A pair from an agent without budgets stays without one: what
             # its psock queues hold is unknown, so B cannot be lined up.
