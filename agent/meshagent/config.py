@@ -38,8 +38,10 @@ class AgentConfig:
     sockmap_budget: int = 4 << 20
     sockmap_msg: bool = True  # the sockmap path uses sk_msg for ebpf pods where it can
     # ... and with it a same-node server's replies go straight into the pod's
-    # socket when it has read all before (bpf/sk_msg.c, mesh_reply_msg).
-    sockmap_replies: bool = True
+    # socket when it has read all before (bpf/sk_msg.c, mesh_reply_msg). Off
+    # by default: the server's socket joins a sockmap, where a blocking read
+    # can return EAGAIN (docs/architecture.md).
+    sockmap_replies: bool = False
     redirect: Redirect = Redirect.AUTO
     without: tuple[str, ...] = ()  # kernel features turned off (see probe-kernel)
     iptables: IptablesFlavour | None = None  # None: detect

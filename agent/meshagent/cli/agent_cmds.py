@@ -93,7 +93,10 @@ Examples:
     default=AgentConfig.sockmap_replies,
     help="With --sockmap-msg, a server of this node (under the attach point) sends its"
     " replies straight into the pod's socket once the pod has read all that came before,"
-    " within the pod's free receive memory; otherwise they go the usual way.",
+    " within the pod's free receive memory; otherwise they go the usual way. Off by"
+    " default: the server's socket then joins a sockmap, where the kernel can return"
+    " EAGAIN to a blocking read (non-blocking servers such as redis and nginx are not"
+    " affected).",
 )
 @click.option(
     "--takeover",

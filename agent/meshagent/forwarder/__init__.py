@@ -21,7 +21,7 @@ def build_paths(
     sndbuf: int = 0,
     msg: bool = False,
     wake: bool = True,
-    replies: bool = True,
+    replies: bool = False,
 ) -> dict[DataPathMode, DataPath]:
     """One object per data path in modes (copy always: it is the fallback);
     msg: the sockmap path uses sk_msg where sock_ops gave the pod's socket;

@@ -62,7 +62,7 @@ class SockmapPath(DataPath):
 
     def __init__(
         self, loop: Loop, maps: SockmapMaps, fallback: CopyPath, sndbuf: int = 0, msg: bool = False,
-        copy_first: bool = True, wake: bool = True, replies: bool = True,
+        copy_first: bool = True, wake: bool = True, replies: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(loop)
         self.maps = maps
