@@ -7,7 +7,9 @@ Paths: `direct` (pod `plain`, never attached, to pod `server`), `haproxy`
 `haproxy-splice` (the same with `option splice-auto`, pod `proxys`), and
 meshagent's data paths (pod `client`, attached, to `server`; the data path
 is switched with `datapath set` before each measurement): sockmap (with
-the sk_msg fast path where the kernel has it), sockmap-nomsg, splice, copy;
+the sk_msg fast path where the kernel has it), sockmap-nomsg,
+sockmap-replies (with sk_msg, and the server's replies straight into the
+pod's socket: `datapath set sockmap --replies`), splice, copy;
 and `meshagent kernel` (pod `kclient`, attached in kernel mode: direct, with
 the policy hook and sock_ops's accounting).
 
@@ -60,7 +62,7 @@ from pgserver import missing_tools, pg_bin, postgres_in  # noqa: E402
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "2"))
 RR_PORT, IPERF_PORT, REDIS_PORT = 7000, 5201, 6379
-MESH_PATHS = ("sockmap", "sockmap-nomsg", "splice", "copy")
+MESH_PATHS = ("sockmap", "sockmap-nomsg", "sockmap-replies", "splice", "copy")
 ONLY_PATHS = [p for p in os.environ.get("BENCH_PATHS", "").split(",") if p]
 ALL_WORKLOADS = ("bulk", "rr", "redis", "pg")
 WORKLOADS = [w for w in os.environ.get("BENCH_WORKLOADS", ",".join(ALL_WORKLOADS)).split(",") if w]
@@ -481,8 +483,10 @@ def main() -> int:
             for name in order:
                 pod, target, datapath = paths[name]
                 if datapath:
-                    mode, _, nomsg = datapath.partition("-")
-                    extra = {"msg": not nomsg} if mode == "sockmap" and msg_ok else {}
+                    mode, _, variant = datapath.partition("-")
+                    extra = {}
+                    if mode == "sockmap" and msg_ok:
+                        extra = {"msg": variant != "nomsg", "replies": variant == "replies"}
                     agent.request("datapath", set=mode, **extra)
                 figures = {}
                 if "bulk" in WORKLOADS:

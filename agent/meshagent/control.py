@@ -57,7 +57,7 @@ READ_ONLY = frozenset({"ping", "status", "connections"})
 def reads_only(op: str, data: dict) -> bool:
     """A request that changes nothing (any root peer may send it)."""
     if op == "datapath":
-        return data.get("set") is None and data.get("msg") is None
+        return all(data.get(key) is None for key in ("set", "msg", "replies"))
     if op == "policy":
         return data.get("action") in ("show", "check")
     return op in READ_ONLY

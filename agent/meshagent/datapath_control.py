@@ -19,11 +19,19 @@ class DataPathControl:
     def __call__(self, request: Request) -> Reply:
         mode = request.choice("set", DataPathMode, optional=True)
         msg = request.optional_bool("msg")
+        replies = request.optional_bool("replies")
         if mode is None:
             return Reply({"datapath": self.forwarder.mode.value, "reason": self.reason})
-        return Reply(self.set(mode, msg))
+        return Reply(self.set(mode, msg, replies))
 
-    def set(self, mode: DataPathMode, msg: bool | None = None) -> dict:
+    def set(self, mode: DataPathMode, msg: bool | None = None, replies: bool | None = None) -> dict:
+        if replies is not None:
+            sockmap = self.forwarder.paths.get(DataPathMode.SOCKMAP)
+            if mode is not DataPathMode.SOCKMAP or sockmap is None:
+                raise MeshError("--replies/--no-replies: only with `datapath set sockmap`")
+            if replies and not (self.has_msg and (msg or (msg is None and sockmap.msg))):
+                raise MeshError("--replies: needs the sk_msg path (--msg)")
+            sockmap.replies = replies
         if msg is not None:
             sockmap = self.forwarder.paths.get(DataPathMode.SOCKMAP)
             if mode is not DataPathMode.SOCKMAP or sockmap is None:

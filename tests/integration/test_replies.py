@@ -204,6 +204,11 @@ def test_replies_reach_the_pod_whole_and_in_order_and_are_counted(mesh_env, repl
         "mesh_reply": 0,
         "mesh_rarm": 0,
     }
+    if not replies:  # switched on while the agent runs: the next connection's replies
+        agent.request("datapath", set="sockmap", replies=True)
+        mesh_env.script(client, CLIENT, server.ip4, str(PORT))
+        proc.stdout.readline()
+        assert agent.decisions().get("msg_ingress", 0) > 0
 
 
 def entries(env, spec) -> int:

@@ -147,7 +147,8 @@ def test_a_client_that_does_not_read_never_blocks_the_server(server):
     "data,reads",
     [({"op": "ping"}, True), ({"op": "status"}, True), ({"op": "connections"}, True),
      ({"op": "datapath"}, True), ({"op": "datapath", "set": "copy"}, False),
-     ({"op": "datapath", "msg": True}, False), ({"op": "attach"}, False),
+     ({"op": "datapath", "msg": True}, False), ({"op": "datapath", "replies": False}, False),
+     ({"op": "attach"}, False),
      ({"op": "trace"}, False), ({"op": "handover"}, False), ({"op": "cni-add"}, False)],
 )  # fmt: skip
 def test_what_only_reads(data, reads):

@@ -470,14 +470,24 @@ def datapath(ctx: click.Context, output: str) -> None:
     show_default="unchanged",
     help="sockmap only: the sk_msg fast path for pods' sends on or off.",
 )
+@click.option(
+    "--replies/--no-replies",
+    default=None,
+    show_default="unchanged",
+    help="sockmap with sk_msg only: a same-node server's replies straight into the pod's"
+    " socket (see run --sockmap-replies).",
+)
 @click.pass_obj
-def datapath_set(app: App, mode: str, msg: bool | None) -> None:
+def datapath_set(app: App, mode: str, msg: bool | None, replies: bool | None) -> None:
     """Use MODE for new connections; open ones keep theirs."""
     from meshagent.client import request
 
-    extra = {} if msg is None else {"msg": msg}
+    extra = {key: value for key, value in (("msg", msg), ("replies", replies))
+             if value is not None}  # fmt: skip
     request(app.socket_path, "datapath", set=mode, **extra)
-    note = "" if msg is None else f" (sk_msg {'on' if msg else 'off'})"
+    notes = [f"{name} {'on' if value else 'off'}" for name, value in
+             (("sk_msg", msg), ("replies into the pod", replies)) if value is not None]  # fmt: skip
+    note = f" ({', '.join(notes)})" if notes else ""
     click.echo(f"data path {mode} for new connections{note}")
 
 

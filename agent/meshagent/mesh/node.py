@@ -73,8 +73,9 @@ class Inbound:
 
 class TlsPath:
     """The forwarder's data path for a connection that crosses the hop
-    (it asks only join, abandon and fds_per_connection): OpenSSL in this
-    process ("tls"), or the kernel's TLS, spliced ("ktls": two pipes more)."""
+    (it asks only join, abandon, replies_direct and fds_per_connection):
+    OpenSSL in this process ("tls"), or the kernel's TLS, spliced ("ktls":
+    two pipes more)."""
 
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
@@ -86,6 +87,10 @@ class TlsPath:
 
     def abandon(self, state: object) -> None:
         pass
+
+    def replies_direct(self, state: object) -> bool:
+        """Never: what comes back on the wire is TLS records for this node to open."""
+        return False
 
 
 class Mesh:
