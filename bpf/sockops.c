@@ -129,11 +129,28 @@ static __always_inline int mesh_upstream_up(struct bpf_sock_ops *skops, __u64 co
 		return 0;
 	mesh_upsk.delete(&cookie);
 	mesh_pair_of(skops, &key, 1);
-	mesh_reply.update(&key, &reply);
+	if (mesh_reply.update(&key, &reply))
+		return 1;
+	/* Its close drops the entry if Python never named A (mesh_reply_drop). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
 #else
 	return 0;
 #endif
+}
+
+/* U closes: its mesh_reply entry goes, unless Python named A in it (then
+ * Python reads what went A's way, and drops it, when the pair ends). A
+ * connection carried by copy to its end never gets that far. */
+static __always_inline void mesh_reply_drop(struct bpf_sock_ops *skops)
+{
+	struct mesh_pair key = {};
+	struct mesh_reply *reply;
+
+	mesh_pair_of(skops, &key, 1);
+	reply = mesh_reply.lookup(&key);
+	if (reply && !reply->app)
+		mesh_reply.delete(&key);
 }
 
 /* A server's end V of a connection is established: if the forwarder's
@@ -268,7 +285,8 @@ static __always_inline void mesh_rekey(struct bpf_sock_ops *skops, __u64 netns,
 		   orig.port);
 }
 
-static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
+/* 1: it was a steered pod socket's. */
+static __always_inline int mesh_forget(struct bpf_sock_ops *skops)
 {
 	__u32 live_idx = MESH_STATE_TUP_LIVE;
 	struct mesh_tuple key = {};
@@ -280,13 +298,13 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 	mesh_client_key(skops, &key);
 	found = mesh_orig_tup.lookup(&key);
 	if (!found)
-		return;
+		return 0;
 	orig = *found;
 	mesh_msg_pass.delete(&key);  /* the sk_msg path's state of this socket */
 	mesh_msg_tgt.delete(&key);
 	mesh_orig_cls.update(&key, &orig);  /* the forwarder may not have accepted yet */
 	if (mesh_orig_tup.delete(&key))
-		return;
+		return 1;
 	live = mesh_state.lookup(&live_idx);
 	if (live)
 		__sync_fetch_and_add(live, -1);
@@ -294,6 +312,7 @@ static __always_inline void mesh_forget(struct bpf_sock_ops *skops)
 	mesh_count(MESH_REASON_CLOSED);
 	mesh_event(MESH_EV_CLOSED, MESH_REASON_CLOSED, key.netns, bpf_get_socket_cookie(skops),
 		   &key.addr, key.port);
+	return 1;
 }
 
 int mesh_sockops(struct bpf_sock_ops *skops)
@@ -326,8 +345,10 @@ int mesh_sockops(struct bpf_sock_ops *skops)
 		mesh_server_up(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		if (!mesh_kernel_state(skops) && skops->args[1] == BPF_TCP_CLOSE)
-			mesh_forget(skops);
+		if (!mesh_kernel_state(skops) && skops->args[1] == BPF_TCP_CLOSE) {
+			if (!mesh_forget(skops))
+				mesh_reply_drop(skops);
+		}
 		break;
 	}
 	return 1;
