@@ -76,7 +76,7 @@ def main() -> int:
         for i in range(ROUNDS):
             for tree in list(trees) if i % 2 == 0 else list(trees)[::-1]:
                 os.environ["PYTHONPATH"] = str(trees[tree][0] / "agent")
-                agent = start_agent(env, "--datapath", "sockmap", *bench.AGENT_ARGS,
+                agent = start_agent(env, "--datapath", "sockmap", "--sockmap-msg", *bench.AGENT_ARGS,
                                     log_name=f"agent-{tree}.log")  # fmt: skip
                 agent.attach(client)
                 msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]

@@ -461,7 +461,9 @@ def main() -> int:
         for pod, splice in ((proxy, False), (proxys, True)):
             env.popen(pod, ["haproxy", "-db", "-f", str(haproxy_conf(workdir, server.ip4, splice))],
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        agent = start_agent(env, "--datapath", "copy", *AGENT_ARGS)
+        # sk_msg on where the kernel has it (off by default): the sockmap
+        # paths switch it per round.
+        agent = start_agent(env, "--datapath", "copy", "--sockmap-msg", *AGENT_ARGS)
         agent.attach(client)
         agent.request("attach", pod=kclient.name, mode="kernel")
         msg_ok = agent.request("status")["datapaths"]["sockmap"]["msg"]

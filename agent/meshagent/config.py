@@ -36,7 +36,11 @@ class AgentConfig:
     # Back-pressure: bytes a spliced socket may have on their way to the other
     # end, not yet acked, before the kernel holds the rest back (bpf/skb_verdict.c).
     sockmap_budget: int = 4 << 20
-    sockmap_msg: bool = True  # the sockmap path uses sk_msg for ebpf pods where it can
+    # The sockmap path uses sk_msg for ebpf pods where it can. Off by default:
+    # a pod's socket then sits in a sockmap, where the kernel returns EAGAIN
+    # to a blocking read woken by the socket's own writes (tcp_bpf_recvmsg;
+    # tests/integration/test_blocking_reads.py, docs/architecture.md).
+    sockmap_msg: bool = False
     # ... and with it a same-node server's replies go straight into the pod's
     # socket when it has read all before (bpf/sk_msg.c, mesh_reply_msg). Off
     # by default: the server's socket joins a sockmap, where a blocking read

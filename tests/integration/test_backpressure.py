@@ -79,7 +79,8 @@ def test_a_client_that_stops_reading_stops_its_server(mesh_env, datapath):
     server = mesh_env.create_pod("srv")
     client = mesh_env.create_pod("cli")
     mode, _, nomsg = datapath.partition("-")
-    agent = start_agent(mesh_env, "--datapath", mode, *(["--no-sockmap-msg"] if nomsg else []))
+    msg = ["--sockmap-msg"] if mode == "sockmap" and not nomsg else []
+    agent = start_agent(mesh_env, "--datapath", mode, *msg)
     procs: list[subprocess.Popen] = []
     try:
         agent.attach(client)
@@ -325,7 +326,8 @@ def agent_for(env: MeshEnv, datapath: str, *args: str):
     """An agent on a DATAPATHS entry, with the default --sockmap-budget (4 MiB)
     unless args say otherwise."""
     mode, _, nomsg = datapath.partition("-")
-    agent = start_agent(env, "--datapath", mode, *(["--no-sockmap-msg"] if nomsg else []), *args)
+    msg = ["--sockmap-msg"] if mode == "sockmap" and not nomsg else []
+    agent = start_agent(env, "--datapath", mode, *msg, *args)
     assert agent.request("status")["datapath"] == mode
     return agent
 

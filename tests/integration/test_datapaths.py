@@ -25,8 +25,8 @@ def agent_args(param: str) -> list[str]:
     """`meshagent run` options for a DATAPATHS entry."""
     datapath, *flags = param.split("-")
     args = ["--datapath", datapath]
-    if "nomsg" in flags:
-        args.append("--no-sockmap-msg")
+    if datapath == "sockmap" and "nomsg" not in flags:
+        args.append("--sockmap-msg")  # off by default (test_blocking_reads.py)
     if "tight" in flags:
         args += ["--sockmap-budget", str(TIGHT)]
     return args

@@ -92,7 +92,8 @@ def redis_pods(request, mesh_env, tmp_path):
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     datapath, _, nomsg = request.param.partition("-")
-    agent = start_agent(mesh_env, "--datapath", datapath, *(["--no-sockmap-msg"] if nomsg else []))
+    msg = ["--sockmap-msg"] if datapath == "sockmap" and not nomsg else []
+    agent = start_agent(mesh_env, "--datapath", datapath, *msg)
     try:
         agent.attach(client)
         yield agent, client, server

@@ -177,7 +177,7 @@ sock.close()
 def replies_agent(request, mesh_env):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
-    extra = ["--sockmap-replies"] if request.param == "replies" else []
+    extra = ["--sockmap-msg", *(["--sockmap-replies"] if request.param == "replies" else [])]
     agent = start_agent(mesh_env, "--datapath", "sockmap", *extra)
     status = agent.request("status")
     if not status["datapaths"]["sockmap"]["msg"]:

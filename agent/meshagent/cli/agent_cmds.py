@@ -85,7 +85,10 @@ Examples:
     default=AgentConfig.sockmap_msg,
     help="On the sockmap path, an ebpf pod's sends skip the hop to the forwarder's socket:"
     " sk_msg puts them from the pod's socket onto the upstream socket (kernel 5.15+)."
-    " Replies go as without it (spliced to the forwarder's socket facing the pod).",
+    " Replies go as without it (spliced to the forwarder's socket facing the pod). Off by"
+    " default: the pod's socket then joins a sockmap, where the kernel can return EAGAIN"
+    " to a blocking read while the same socket writes (non-blocking applications are not"
+    " affected).",
 )
 @click.option(
     "--sockmap-replies/--no-sockmap-replies",
