@@ -26,31 +26,6 @@
 #include "include/metrics.h"
 #include "include/addr.h"
 
-/* A's stream: the bytes it has put into its own TCP (acked, plus sent or
- * queued and not acked), exact whatever became of earlier messages. A
- * connected, so its bytes_acked counts its SYN too (1 on a connection that
- * has sent nothing: measured on 6.18; an accepted socket's starts at 0).
- * A is locked while this runs (tcp_bpf_sendmsg), so its ACKs wait in its
- * backlog. 0 when the offsets or A's tcp_sock are not there. */
-static __always_inline int mesh_app_stream(struct sk_msg_md *msg, __u64 *stream)
-{
-	struct bpf_sock *sk = msg->sk;
-	__u64 acked;
-	void *tp;
-
-	if (MESH_TCP_BYTES_ACKED == 0 || MESH_TCP_WRITE_SEQ == 0 || !sk)
-		return 0;
-	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
-		return 0;
-	acked = *(__u64 *)(tp + MESH_TCP_BYTES_ACKED);
-	if (acked == 0)
-		return 0;  /* no SYN counted: not the kernel this was measured on */
-	*stream = acked - 1 + (__u32)(*(__u32 *)(tp + MESH_TCP_WRITE_SEQ) -
-				      *(__u32 *)(tp + MESH_TCP_SND_UNA));
-	return 1;
-}
-
 /* A socket's TCP stream from its own tcp_sock: the bytes it has put into
  * its TCP (bytes_acked, plus sent or queued and not acked), less syn (1
  * for a socket that connected: its bytes_acked counts its SYN; 0 for an
@@ -71,6 +46,18 @@ static __always_inline int mesh_stream_of(struct bpf_sock *sk, __u64 syn, __u64 
 	*stream = acked - syn + (__u32)(*(__u32 *)(tp + MESH_TCP_WRITE_SEQ) -
 					*(__u32 *)(tp + MESH_TCP_SND_UNA));
 	return 1;
+}
+
+/* A's stream: the bytes it has put into its own TCP (acked, plus sent or
+ * queued and not acked), exact whatever became of earlier messages. A
+ * connected, so its bytes_acked counts its SYN too (1 on a connection that
+ * has sent nothing: measured on 6.18; an accepted socket's starts at 0:
+ * none counted means not the kernel this was measured on). A is locked
+ * while this runs (tcp_bpf_sendmsg), so its ACKs wait in its backlog. 0
+ * when the offsets or A's tcp_sock are not there. */
+static __always_inline int mesh_app_stream(struct sk_msg_md *msg, __u64 *stream)
+{
+	return mesh_stream_of(msg->sk, 1, stream);
 }
 
 /* A sends (the request of a request/response, typically): arm its
