@@ -204,12 +204,12 @@ def test_out_of_fds_the_agent_rests_instead_of_spinning(mesh_env, tmp_path):
     client = mesh_env.create_pod("client")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
-    agent = start_agent(mesh_env, "--datapath", "splice", nofile=128)
+    agent = start_agent(mesh_env, "--datapath", "splice", nofile=160)
     try:
         agent.attach(client)
         status = agent.request("status")
         budget = status["fd_budget"]
-        assert budget == 128 - 64
+        assert budget == 160 - 96
         go = tmp_path / "go"
         fits = budget // 6
         procs = hold(mesh_env, client, server, fits, go)
@@ -424,7 +424,7 @@ def test_a_pod_past_its_fd_share_waits_and_leaves_the_other_pods_theirs(mesh_env
     other = mesh_env.create_pod("other")
     server = mesh_env.create_pod("server")
     srv = mesh_env.server(server, PORT)
-    agent = start_agent(mesh_env, "--datapath", "splice", nofile=128)
+    agent = start_agent(mesh_env, "--datapath", "splice", nofile=160)
     go = tmp_path / "go"
     procs: list = []
     try:

@@ -65,6 +65,8 @@ class Upstreams:
                 pool.batch = min(pool.batch * 2, BATCH_MAX)
             else:
                 pool.batch = 1
+            # The one taken is in the fd budget already (its connection
+            # holds it); room is what the spares may add.
             made = netns.sockets_in(netns_fd, family, KIND, max(1, min(pool.batch, room + 1)))
             self.batches += 1
             self.made += len(made)
