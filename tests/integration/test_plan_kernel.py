@@ -63,7 +63,8 @@ def test_a_program_the_kernel_refuses_makes_auto_fall_through(mesh_env):
         )
         assert "bpf_sk_redirect_hash" in reason  # the verifier's own words
         assert status["refused"] == {"mesh_sockops": reason.removeprefix("ebpf unavailable: ")}
-        assert status["datapath"] == "sockmap", status["datapath_reason"]  # the verdict still loaded
+        # the verdict still loaded
+        assert status["datapath"] == "sockmap", status["datapath_reason"]
         assert not cgroup_programs(mesh_env.cgroup_path)  # nothing half-attached
         assert agent.attach(client)["backend"] == "iptables"
         out = mesh_env.client(client, server.ip4, PORT, "--send", "100")
