@@ -63,8 +63,9 @@ def test_a_program_the_kernel_refuses_makes_auto_fall_through(mesh_env):
         )
         assert "bpf_sk_redirect_hash" in reason  # the verifier's own words
         assert status["refused"] == {"mesh_sockops": reason.removeprefix("ebpf unavailable: ")}
-        # the verdict still loaded
-        assert status["datapath"] == "sockmap", status["datapath_reason"]
+        # The verdict still loaded: the sockmap path is there (auto takes it
+        # when its start self-test passes, which a busy machine can fail).
+        assert "sockmap" in status["datapaths"], status["datapath_reason"]
         assert not cgroup_programs(mesh_env.cgroup_path)  # nothing half-attached
         assert agent.attach(client)["backend"] == "iptables"
         out = mesh_env.client(client, server.ip4, PORT, "--send", "100")
