@@ -80,7 +80,7 @@ sys.exit(1 if bad else 0)
 """
 
 
-@pytest.fixture(params=("sockmap", "sockmap-nomsg", "copy"))
+@pytest.fixture(params=("sockmap", "sockmap-nomsg", "sockmap-replies", "copy"))
 def redis_pods(request, mesh_env, tmp_path):
     if not shutil.which(REDIS):
         pytest.fail("redis-server is missing: run scripts/bootstrap")
@@ -91,9 +91,11 @@ def redis_pods(request, mesh_env, tmp_path):
                  "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    datapath, _, nomsg = request.param.partition("-")
-    msg = ["--sockmap-msg"] if datapath == "sockmap" and not nomsg else []
-    agent = start_agent(mesh_env, "--datapath", datapath, *msg)
+    datapath, _, variant = request.param.partition("-")
+    msg = ["--sockmap-msg"] if datapath == "sockmap" and variant != "nomsg" else []
+    replies = ["--sockmap-replies"] if variant == "replies" else []
+    agent = start_agent(mesh_env, "--datapath", datapath, *msg, *replies)
+    agent.replies = bool(replies)
     try:
         agent.attach(client)
         yield agent, client, server
@@ -129,6 +131,9 @@ def test_redis_values_come_back_whole_and_benchmark_clients_all_finish(mesh_env,
     assert path["stalls"] == 0
     if status["datapath"] == "sockmap":
         assert path["connections_total"] > 0
-        assert status["decisions"]["spliced"]["egress"] > 0  # the replies, by the verdict
+        if agent.replies:  # the replies, straight into the app's socket
+            assert status["decisions"]["msg_ingress"]["egress"] > 0
+        else:  # the replies, by the verdict
+            assert status["decisions"]["spliced"]["egress"] > 0
         if path["msg"]:
             assert status["decisions"]["msg_spliced"]["egress"] > 0  # the commands, by sk_msg

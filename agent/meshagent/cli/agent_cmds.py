@@ -98,7 +98,7 @@ Examples:
     " replies straight into the pod's socket once the pod has read all that came before,"
     " within the pod's free receive memory; otherwise they go the usual way. Off by"
     " default: the server's socket then joins a sockmap, where the kernel can return"
-    " EAGAIN to a blocking read (non-blocking servers such as redis and nginx are not"
+    " EAGAIN to a blocking read (non-blocking servers such as redis are not"
     " affected).",
 )
 @click.option(
