@@ -90,6 +90,8 @@ class AgentConfig:
             raise MeshError("--sockmap-sndbuf must be between 0 and 1 GiB")
         if not 4096 <= self.sockmap_budget <= 1 << 30:
             raise MeshError("--sockmap-budget must be between 4096 bytes and 1 GiB")
+        if self.sockmap_replies and not self.sockmap_msg:
+            raise MeshError("--sockmap-replies needs --sockmap-msg (the replies go by sk_msg)")
         check_socket_path(self.socket_path)
         from meshagent.addrs import parse_addr
 

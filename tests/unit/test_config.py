@@ -71,6 +71,7 @@ def test_cflags_have_defaults_in_the_c():
         ({"port": 0}, "not a TCP port"),
         ({"log_format": "xml"}, "--log-format"),
         ({"conns_max": 4}, "conns_max"),
+        ({"sockmap_replies": True}, "--sockmap-replies needs --sockmap-msg"),
     ],
 )
 def test_bad_agent_config(kwargs, message):
